@@ -1,0 +1,463 @@
+"""What ``doit plan | serve | status | stop | logs`` do. The doit tasks only call these.
+
+Each function takes the settings and the process environment explicitly, prints its report,
+and raises :class:`~pipeline.errors.PipelineError` subclasses for anything a user can fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TextIO
+
+from pipeline.envs import resolve_runtime
+from pipeline.errors import ConfigError, ServeError
+from pipeline.serve.config import ServeConfig, load_config
+from pipeline.serve.plan import Plan, build_plan
+from pipeline.serve.preflight import host_problems
+from pipeline.serve.state import (
+    InstanceState,
+    ServeState,
+    StateStore,
+    held_lock,
+    process_alive,
+    stop_group,
+    supervisor_alive,
+)
+from pipeline.serve.supervisor import Supervisor, tail
+from pipeline.settings import Settings
+
+Say = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load(
+    settings: Settings, config_path: str | Path | None, environ: Mapping[str, str], *, check: bool
+) -> tuple[ServeConfig, Plan]:
+    """Config file -> validated config -> plan. ``check``: the environment must exist."""
+    path = Path(config_path) if config_path else settings.serve_config
+    if path is None:
+        raise ConfigError(
+            "no serve config: pass --config FILE or set AUTO_INFER_VLLM_CONFIG "
+            "(examples in model-configs/)"
+        )
+    config = load_config(path, settings.serve_overrides)
+    master = config.master
+    runtime = resolve_runtime(
+        launcher=master.launcher,
+        env_prefix=master.env_prefix,
+        project_dir=master.pixi_project_dir or settings.pixi_project_dir,
+        environment=master.pixi_environment,
+        environ=environ,
+        source=str(path),
+        check=check,
+    )
+    return config, build_plan(config, runtime, environ)
+
+
+def plan_command(
+    settings: Settings,
+    config_path: str | None,
+    environ: Mapping[str, str],
+    *,
+    check: bool = False,
+    out: TextIO = sys.stdout,
+    say: Say = _stderr,
+) -> Plan:
+    """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``)."""
+    config, plan = load(settings, config_path, environ, check=check)
+    problems = host_problems(config, plan, environ)
+    out.write(json.dumps(plan.to_display(), indent=2) + "\n")
+    out.flush()
+    for problem in problems:
+        say(f"warning: {problem}")
+    if check and problems:
+        raise ServeError(problems[0] + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
+    return plan
+
+
+# ---- serve ------------------------------------------------------------------------------------
+
+
+def serve_command(
+    settings: Settings,
+    config_path: str | None,
+    environ: Mapping[str, str],
+    *,
+    foreground: bool | None = None,
+    say: Say = _stderr,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Start every enabled instance; see the module and README for the two modes.
+
+    Background: returns once every instance is ready or failed, leaving a detached supervisor.
+    Foreground: blocks until the instances end or a signal stops them (PID 1 safe).
+    Raises ServeError when an instance failed, or when nothing could start.
+    """
+    config, plan = load(settings, config_path, environ, check=True)
+    if not plan.enable:
+        say(f"serve: {config.source}: master.enable = false, nothing to start")
+        return 0
+    if not plan.instances:
+        say(f"serve: {config.source}: every instance has control.enabled = false")
+        return 0
+    store = StateStore(settings.serve_state)
+    store.ensure()
+    previous = store.read()
+    if supervisor_alive(previous):
+        assert previous is not None
+        raise ServeError(
+            f"already serving {previous.supervisor.source} (supervisor pid "
+            f"{previous.supervisor.pid}); run `doit status`, or `doit stop` first"
+        )
+    _stop_orphans(previous, say)
+    problems = host_problems(config, plan, environ)
+    if problems:
+        for problem in problems[1:]:
+            say(f"error: {problem}")
+        raise ServeError(problems[0])
+    for inst in plan.instances:
+        Path(inst.log_file).parent.mkdir(parents=True, exist_ok=True)
+
+    background = plan.background if foreground is None else not foreground
+    if background:
+        return _serve_background(plan, store, environ, say, out)
+    return _serve_foreground(plan, store, environ, say)
+
+
+def _stop_orphans(previous: ServeState | None, say: Say) -> None:
+    """Instances left by a supervisor that died (SIGKILL, OOM): stop them before starting."""
+    if previous is None:
+        return
+    for rec in previous.instances.values():
+        if rec.pgid and process_alive(rec.pid, rec.proc_start):
+            say(f"serve: stopping {rec.name} (pid {rec.pid}) left by an earlier supervisor")
+            stop_group(rec.pgid, rec.stop_grace)
+
+
+def _serve_foreground(plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say) -> int:
+    with held_lock(store.lock_file, wait=2.0) as ok:
+        if not ok:
+            raise ServeError(f"another supervisor holds {store.lock_file}; run `doit status`")
+        supervisor = Supervisor(
+            plan, store, base_env=environ, mode="foreground", reap_all=True, say=say
+        )
+        supervisor.install_signal_handlers()
+        code = supervisor.run()
+    if code:
+        failed = [p.record for p in supervisor.procs.values() if p.record.state == "failed"]
+        raise ServeError(
+            "failed: " + "; ".join(f"{r.name}: {r.reason} (doit logs {r.name})" for r in failed)
+        )
+    return 0
+
+
+def settle_bound(plan: Plan) -> float:
+    """Upper bound on how long a supervisor can take before every instance is settled."""
+    total = 0.0
+    for inst in plan.instances:
+        attempts = inst.max_restarts + 1 if inst.restart == "on-failure" else 1
+        total += attempts * (inst.ready_timeout + inst.stop_grace + inst.backoff_max)
+    return total + 30.0
+
+
+def _serve_background(
+    plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say, out: TextIO
+) -> int:
+    session = uuid.uuid4().hex
+    log = store.supervisor_log.open("ab")
+    try:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.serve.daemon", str(store.root), session],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(environ),
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        log.close()
+    assert daemon.stdin is not None
+    # The plan travels over a pipe: the secrets in it never touch the disk.
+    daemon.stdin.write(plan.to_secret_json().encode())
+    daemon.stdin.close()
+    say(
+        f"serve: supervisor started in the background (pid {daemon.pid}, "
+        f"log {store.supervisor_log})"
+    )
+
+    deadline = time.monotonic() + settle_bound(plan)
+    seen: dict[str, str] = {}
+    state: ServeState | None = None
+    while True:
+        state = store.read()
+        mine = state is not None and state.supervisor.session == session
+        if mine:
+            assert state is not None
+            for rec in state.instances.values():
+                if seen.get(rec.name) != rec.state:
+                    seen[rec.name] = rec.state
+                    detail = f": {rec.reason}" if rec.reason and not rec.state.settled else ""
+                    say(f"serve: {rec.name}: {rec.state}{detail}")
+            if state.supervisor.settled or state.supervisor.exited:
+                break
+        if daemon.poll() is not None and not (mine and state and state.supervisor.exited):
+            lines = "\n".join(tail(store.supervisor_log))
+            raise ServeError(
+                f"the supervisor exited with code {daemon.returncode} before the instances "
+                f"were ready; see {store.supervisor_log}:\n{lines}"
+            )
+        if time.monotonic() > deadline:
+            raise ServeError(
+                f"instances not settled after {settle_bound(plan):.0f}s; the supervisor keeps "
+                "trying: `doit status`"
+            )
+        time.sleep(0.2)
+    assert state is not None
+    print_status(state, out, alive=not state.supervisor.exited)
+    return _report_failures(state, say)
+
+
+def _report_failures(state: ServeState, say: Say) -> int:
+    failed = [r for r in state.instances.values() if r.state is InstanceState.FAILED]
+    if not failed:
+        return 0
+    for rec in failed:
+        say(f"--- last lines of {rec.log_file} ---")
+        for line in tail(rec.log_file):
+            say(f"    {line}")
+    names = ", ".join(f"{r.name} ({r.reason})" for r in failed)
+    running = [r.name for r in state.instances.values() if r.state is InstanceState.RUNNING]
+    others = f"; still running: {', '.join(running)}" if running else ""
+    raise ServeError(f"failed to start: {names}{others}")
+
+
+# ---- status / stop / logs -------------------------------------------------------------------
+
+
+def _uptime(since: float | None) -> str:
+    if not since:
+        return "-"
+    secs = int(time.time() - since)
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
+
+
+def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
+    rows = []
+    for rec in sorted(state.instances.values(), key=lambda r: r.name):
+        live = process_alive(rec.pid, rec.proc_start)
+        shown = rec.state.value
+        if not alive and live:
+            shown = f"{shown} (unsupervised)"
+        elif not live and rec.state in (InstanceState.RUNNING, InstanceState.STARTING):
+            shown = "dead"
+        rows.append(
+            {
+                "name": rec.name,
+                "state": shown,
+                "pid": rec.pid if live else None,
+                "port": rec.port,
+                "gpus": rec.gpu_ids,
+                "restarts": rec.restarts,
+                "uptime": _uptime(rec.ready_at or rec.started_at) if live else "-",
+                "models": rec.model_names,
+                "url": rec.base_url,
+                "log": rec.log_file,
+                "reason": rec.reason,
+            }
+        )
+    return rows
+
+
+def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
+    if state is None:
+        out.write("nothing served yet: no serve state\n")
+        return
+    sup = state.supervisor
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup.started_at))
+    if alive:
+        out.write(f"supervisor: pid {sup.pid} ({sup.mode}) since {when}, config {sup.source}\n")
+    else:
+        code = "" if sup.exit_code is None else f", exit code {sup.exit_code}"
+        out.write(f"supervisor: not running (started {when}{code}), config {sup.source}\n")
+    headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "UP", "MODEL", "URL"]
+    table = [headers]
+    for row in status_rows(state, alive):
+        gpus = row["gpus"]
+        table.append(
+            [
+                str(row["name"]),
+                str(row["state"]),
+                str(row["pid"] or "-"),
+                str(row["port"]),
+                ",".join(str(g) for g in gpus) if isinstance(gpus, list) and gpus else "cpu",
+                str(row["restarts"]),
+                str(row["uptime"]),
+                ",".join(row["models"]) if isinstance(row["models"], list) else "",
+                str(row["url"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    for r in table:
+        out.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
+        )
+    for row in status_rows(state, alive):
+        if row["reason"] and str(row["state"]).startswith(("failed", "backoff", "exited")):
+            out.write(f"{row['name']}: {row['reason']}\n")
+    out.flush()
+
+
+def status_command(settings: Settings, *, as_json: bool = False, out: TextIO = sys.stdout) -> int:
+    """Print the instances' state (a table, or JSON). Reads the state file only: fast."""
+    store = StateStore(settings.serve_state)
+    state = store.read()
+    alive = supervisor_alive(state)
+    if as_json:
+        data: dict[str, object] = {"supervisor": None, "instances": []}
+        if state is not None:
+            data["supervisor"] = {**state.supervisor.model_dump(), "alive": alive}
+            data["instances"] = status_rows(state, alive)
+        out.write(json.dumps(data, indent=2) + "\n")
+        out.flush()
+    else:
+        print_status(state, out, alive=alive)
+    return 0
+
+
+def stop_command(settings: Settings, names: list[str] | None = None, *, say: Say = _stderr) -> int:
+    """Stop the named instances (all when empty) and wait until they are gone (bounded)."""
+    store = StateStore(settings.serve_state)
+    state = store.read()
+    if state is None:
+        say("stop: nothing is being served")
+        return 0
+    names = list(names or [])
+    unknown = [n for n in names if n not in state.instances]
+    if unknown:
+        raise ServeError(
+            f"stop: no instance named {unknown[0]!r} "
+            f"(instances: {', '.join(sorted(state.instances))})"
+        )
+    targets = names or sorted(state.instances)
+    grace = max((state.instances[n].stop_grace for n in targets), default=30.0)
+    if supervisor_alive(state):
+        store.request_stop(names or None)
+        deadline = time.monotonic() + grace + 30.0
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            state = store.read()
+            assert state is not None
+            if names and all(state.instances[n].state.terminal for n in names):
+                break
+            if not names and (state.supervisor.exited or not supervisor_alive(state)):
+                break
+        else:
+            raise ServeError(
+                f"stop: the supervisor (pid {state.supervisor.pid}) did not stop "
+                f"{', '.join(targets)} within {grace + 30:.0f}s; see {store.supervisor_log}"
+            )
+        for name in targets:
+            say(f"stop: {name}: {state.instances[name].state}")
+        return 0
+    # No supervisor: stop what it left running, and record that under its lock.
+    with held_lock(store.lock_file, wait=5.0) as ok:
+        if not ok:
+            raise ServeError(f"stop: a supervisor is starting ({store.lock_file}); try again")
+        for name in targets:
+            rec = state.instances[name]
+            if rec.pgid and process_alive(rec.pid, rec.proc_start):
+                killed = stop_group(rec.pgid, rec.stop_grace)
+                say(f"stop: {name}: stopped pid {rec.pid}" + (" (SIGKILL)" if killed else ""))
+            if not rec.state.terminal:
+                rec.state = InstanceState.STOPPED
+                rec.reason = "stopped on request"
+            rec.pid = rec.pgid = None
+        store.write(state)
+    return 0
+
+
+def log_path(
+    settings: Settings, name: str | None, config_path: str | None, environ: Mapping[str, str]
+) -> Path:
+    store = StateStore(settings.serve_state)
+    state = store.read()
+    if name in (None, "", "supervisor"):
+        if name == "supervisor" or state is None or len(state.instances) != 1:
+            if name != "supervisor" and state is not None:
+                raise ServeError(
+                    "logs: name an instance: "
+                    + ", ".join(sorted(state.instances))
+                    + " (or `supervisor`)"
+                )
+            return store.supervisor_log
+        return Path(next(iter(state.instances.values())).log_file)
+    if state is not None and name in state.instances:
+        return Path(state.instances[name].log_file)
+    if config_path or settings.serve_config:
+        _, plan = load(settings, config_path, environ, check=False)
+        return Path(plan.instance(name).log_file)
+    known = ", ".join(sorted(state.instances)) if state else "none served yet"
+    raise ServeError(f"logs: no instance named {name!r} (instances: {known})")
+
+
+def logs_command(
+    settings: Settings,
+    name: str | None,
+    environ: Mapping[str, str],
+    *,
+    lines: int = 50,
+    follow: bool = False,
+    config_path: str | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the last ``lines`` of an instance's log; ``follow`` keeps printing until Ctrl-C."""
+    path = log_path(settings, name, config_path, environ)
+    if not path.exists():
+        raise ServeError(f"logs: {path} does not exist yet (the instance never started)")
+    for line in tail(path, lines):
+        out.write(line + "\n")
+    out.flush()
+    if not follow:
+        return 0
+    with contextlib.suppress(KeyboardInterrupt):
+        _follow(path, out)
+    return 0
+
+
+def _follow(path: Path, out: TextIO) -> None:
+    fh = path.open("rb")
+    fh.seek(0, 2)
+    inode = path.stat().st_ino
+    try:
+        while True:
+            chunk = fh.read()
+            if chunk:
+                out.write(chunk.decode("utf-8", "replace"))
+                out.flush()
+                continue
+            time.sleep(0.5)
+            try:
+                if path.stat().st_ino != inode:  # rotated: reopen from the start
+                    fh.close()
+                    fh = path.open("rb")
+                    inode = path.stat().st_ino
+            except FileNotFoundError:
+                pass
+    finally:
+        fh.close()

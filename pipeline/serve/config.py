@@ -1,0 +1,647 @@
+"""The serve TOML: load, merge, validate. Pure: no process, socket or environment variable.
+
+Contract (docs/serve-config.md is the reference; docs/serve-config.schema.json is generated from
+the models here by :func:`json_schema`)::
+
+    [master]                 shared: enable, pixi_project_dir, pixi_environment, env_prefix, …
+    [instance.control]       defaults for every instance: how the process runs
+    [instance.server]        defaults for every instance: what vLLM is told
+    [instance.<name>.control] / [instance.<name>.server]   one instance; overrides the defaults
+
+Merge order: built-in defaults < ``[instance.control]`` / ``[instance.server]`` <
+``[instance.<name>.*]``, all after ``AUTO_INFER_VLLM_OVERRIDES`` (a JSON object) has been
+deep-merged into the document (tables merge key by key; lists and scalars replace). With no named
+instance, the defaults are one instance called ``default``.
+
+Every problem raises :class:`~pipeline.errors.ConfigError` with one line naming the file, the
+dotted key and the instance, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+RESERVED_NAMES = ("control", "server")
+DEFAULT_INSTANCE = "default"
+# vLLM's own default when --gpu-memory-utilization is not given; used for the shared-GPU sum.
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Flags the launcher sets from typed keys; repeating them in extra_args would contradict them.
+MANAGED_FLAGS = {
+    "--model": "server.model",
+    "--host": "server.host",
+    "--port": "server.port",
+    "--served-model-name": "server.served_model_name",
+    "--dtype": "server.dtype",
+    "--tensor-parallel-size": "server.tensor_parallel_size",
+    "-tp": "server.tensor_parallel_size",
+    "--max-model-len": "server.max_model_len",
+    "--gpu-memory-utilization": "server.gpu_memory_utilization",
+    "--api-key": "server.api_key or server.api_key_env (kept out of argv)",
+}
+
+
+class Launcher(StrEnum):
+    """Which environment runs vLLM.
+
+    ``auto``: ``env_prefix`` when set, else the installed pixi project (``pixi run`` when pixi
+    is on PATH, else its ``.pixi/envs/<env>`` prefix activated directly), else ``python`` on
+    PATH. The other values force one of those.
+    """
+
+    AUTO = "auto"
+    PIXI = "pixi"
+    PREFIX = "prefix"
+    PATH = "path"
+
+
+class RestartPolicy(StrEnum):
+    NO = "no"
+    ON_FAILURE = "on-failure"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Master(_Strict):
+    """What all instances share."""
+
+    enable: bool = Field(True, description="`false`: `doit serve` starts nothing and says so.")
+    pixi_project_dir: Path | None = Field(
+        None,
+        description=(
+            "Installed pixi project whose environment runs vLLM "
+            "(default: `AUTO_INFER_VLLM_PIXI_PROJECT_DIR`)."
+        ),
+    )
+    pixi_environment: str = Field("default", description="Environment of that project.")
+    env_prefix: Path | None = Field(
+        None, description="A conda prefix or venv to run vLLM from instead of the pixi project."
+    )
+    launcher: Launcher = Field(
+        Launcher.AUTO,
+        description=(
+            "`auto`, `pixi`, `prefix` or `path`: how vLLM is started "
+            "(see the reference for what `auto` picks)."
+        ),
+    )
+
+
+class Control(_Strict):
+    """How one instance's process runs."""
+
+    enabled: bool = Field(True, description="`false`: the instance is planned but not started.")
+    background: bool = Field(
+        True,
+        description=(
+            "`true`: `doit serve` returns once all instances are ready and a detached "
+            "supervisor keeps them running; `false`: it blocks in the foreground."
+        ),
+    )
+    log_dir: Path = Field(Path("/tmp/vllm-logs"), description="Logs go to `<log_dir>/<name>.log`.")
+    gpu_ids: list[int] = Field(
+        [0],
+        description=(
+            "GPUs of the instance (`CUDA_VISIBLE_DEVICES`); `[]` means no GPU "
+            "(the CPU build of vLLM): no pinning, no tensor-parallel check."
+        ),
+    )
+    env: dict[str, str] = Field(
+        {}, description="Extra environment variables for the instance (a table)."
+    )
+    ready_timeout: float = Field(
+        900.0, gt=0, description="Seconds to wait for `/health` to answer 200 after a start."
+    )
+    stop_grace: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds between SIGTERM and SIGKILL when stopping; must exceed vLLM's "
+            "`--shutdown-timeout` if you set one."
+        ),
+    )
+    restart: RestartPolicy = Field(
+        RestartPolicy.ON_FAILURE,
+        description="`on-failure` (restart a crashed or failed start) or `no`.",
+    )
+    max_restarts: int = Field(3, ge=0, description="Restarts before the instance is marked failed.")
+    backoff_initial: float = Field(
+        2.0, gt=0, description="Seconds before the first restart; doubles each time."
+    )
+    backoff_max: float = Field(60.0, gt=0, description="Upper bound of the restart delay.")
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _gpu_ids(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("GPU ids are indices >= 0")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a GPU twice: {value}")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if key in ("VLLM_API_KEY", "CUDA_VISIBLE_DEVICES"):
+                where = "server.api_key_env" if key == "VLLM_API_KEY" else "control.gpu_ids"
+                raise ValueError(f"{key} is set by the launcher: use {where}")
+        return value
+
+
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+class Server(_Strict):
+    """What vLLM is told."""
+
+    model: str = Field(
+        ..., min_length=1, description="Model directory (or hub id, with a populated cache)."
+    )
+    host: str = Field("0.0.0.0", description="Address vLLM binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the instance.")
+    served_model_name: str | None = Field(
+        None,
+        description=(
+            "Name clients use in `model` (default: vLLM's, the model path). "
+            "No `/` if Claude Code is a client."
+        ),
+    )
+    dtype: Dtype = Field("auto", description="Weights and activations dtype.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs per instance; must equal the number of `gpu_ids`."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (default: the model's)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (vLLM: 0.9)."
+    )
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Key clients must send; reaches vLLM as `VLLM_API_KEY`, never argv.",
+    )
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding the key (keeps it out of the file).",
+    )
+    extra_args: list[str] = Field([], description="More vLLM flags, passed as given.")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_managed_flags(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise ValueError(f"{flag} is set from {MANAGED_FLAGS[flag]}; remove it here")
+        return value
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names clients may use for this instance's model."""
+        return (self.served_model_name or self.model,)
+
+
+class Instance(BaseModel):
+    """One resolved instance: defaults merged with its own tables."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    control: Control
+    server: Server
+
+
+class ServeConfig(BaseModel):
+    """A validated serve config: the instances sorted by name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    master: Master
+    instances: tuple[Instance, ...]
+
+    @property
+    def enabled(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.control.enabled)
+
+    def instance(self, name: str) -> Instance:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise ConfigError(
+            f"{self.source}: no instance named {name!r} "
+            f"(instances: {', '.join(i.name for i in self.instances)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path, overrides: str | None = None) -> ServeConfig:
+    """Read, merge and validate the serve TOML at ``path``.
+
+    ``overrides`` is the raw ``AUTO_INFER_VLLM_OVERRIDES`` text (a JSON object) or None.
+    Raises ConfigError for a missing file, bad TOML, bad overrides or an invalid value.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: serve config not found; pass --config or set AUTO_INFER_VLLM_CONFIG"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
+    return parse_config(text, source=str(path), overrides=overrides)
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", overrides: str | None = None
+) -> ServeConfig:
+    """Like :func:`load_config`, from TOML text; ``source`` names it in errors."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    patch = parse_overrides(overrides) if overrides else {}
+    document = deep_merge(document, patch)
+    return build_config(document, source=source, overridden=_paths(patch))
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``AUTO_INFER_VLLM_OVERRIDES``: a JSON object, or ConfigError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"AUTO_INFER_VLLM_OVERRIDES: invalid JSON at line {exc.lineno} column {exc.colno}: "
+            f"{exc.msg}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            "AUTO_INFER_VLLM_OVERRIDES: must be a JSON object such as "
+            '{"instance": {"server": {"port": 8001}}}, got ' + type(value).__name__
+        )
+    return value
+
+
+def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; lists and scalars in ``patch`` replace. Inputs are not changed."""
+    merged: dict[str, Any] = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _paths(tree: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    out: set[str] = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out.add(dotted)
+        if isinstance(value, Mapping):
+            out |= _paths(value, dotted + ".")
+    return frozenset(out)
+
+
+class _Located:
+    """Builds error messages that name the file, the dotted key and the instance."""
+
+    def __init__(self, source: str, overridden: frozenset[str]) -> None:
+        self.source = source
+        self.overridden = overridden
+        # instance name -> section -> function from key to the dotted key the user wrote
+        self.origins: dict[str, dict[str, Callable[[str], str]]] = {}
+
+    def key(self, instance: str, section: str, key: str) -> str:
+        """Where ``instance``'s ``section.key`` was written (defaults table or its own)."""
+        origin = self.origins.get(instance, {}).get(section)
+        return origin(key) if origin else f"instance.{instance}.{section}.{key}"
+
+    def error(self, key: str, message: str, instance: str | None = None) -> ConfigError:
+        where = f"{self.source}: {key}"
+        own = f"instance.{instance}"
+        if instance is not None and key != own and not key.startswith(own + "."):
+            where += f" (instance {instance!r})"
+        if key in self.overridden:
+            where += " (set by AUTO_INFER_VLLM_OVERRIDES)"
+        return ConfigError(f"{where}: {message}")
+
+
+def _check_table(value: Any, key: str, loc: _Located, instance: str | None = None) -> dict:
+    if not isinstance(value, Mapping):
+        raise loc.error(key, f"must be a table, got {_type_name(value)}", instance)
+    return dict(value)
+
+
+def _check_keys(
+    table: Mapping[str, Any],
+    allowed: Iterable[str],
+    prefix: str,
+    loc: _Located,
+    instance: str | None = None,
+) -> None:
+    allowed = list(allowed)
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise loc.error(
+                f"{prefix}{key}",
+                f"unknown key{did_you_mean} (allowed: {', '.join(allowed)})",
+                instance,
+            )
+
+
+def build_config(
+    document: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    overridden: frozenset[str] = frozenset(),
+) -> ServeConfig:
+    """Validate a parsed (and already overridden) document into a :class:`ServeConfig`."""
+    loc = _Located(source, overridden)
+    _check_keys(document, ("master", "instance"), "", loc)
+    master_raw = _check_table(document.get("master", {}), "master", loc)
+    _check_keys(master_raw, Master.model_fields, "master.", loc)
+    master = _validate(Master, master_raw, "master.", loc)
+
+    instance_root = _check_table(document.get("instance", {}), "instance", loc)
+    default_control = _check_table(instance_root.get("control", {}), "instance.control", loc)
+    default_server = _check_table(instance_root.get("server", {}), "instance.server", loc)
+    for section, table in (("control", default_control), ("server", default_server)):
+        for key, value in table.items():
+            if key in RESERVED_NAMES and isinstance(value, Mapping):
+                raise loc.error(
+                    f"instance.{section}.{key}",
+                    f"{section!r} cannot be an instance name: [instance.control] and "
+                    "[instance.server] hold the defaults; rename the instance",
+                )
+    _check_keys(default_control, Control.model_fields, "instance.control.", loc)
+    _check_keys(default_server, Server.model_fields, "instance.server.", loc)
+
+    names = sorted(k for k in instance_root if k not in RESERVED_NAMES)
+    if not names:
+        names = [DEFAULT_INSTANCE]
+    instances = []
+    for name in names:
+        own = _check_table(instance_root.get(name, {}), f"instance.{name}", loc, name)
+        if not _NAME_RE.match(name):
+            raise loc.error(
+                f"instance.{name}",
+                "instance names use letters, digits, '.', '_' and '-' (at most 63), "
+                "starting with a letter or digit",
+                name,
+            )
+        _check_keys(own, RESERVED_NAMES, f"instance.{name}.", loc, name)
+        own_control = _check_table(own.get("control", {}), f"instance.{name}.control", loc, name)
+        own_server = _check_table(own.get("server", {}), f"instance.{name}.server", loc, name)
+        _check_keys(own_control, Control.model_fields, f"instance.{name}.control.", loc, name)
+        _check_keys(own_server, Server.model_fields, f"instance.{name}.server.", loc, name)
+
+        implicit = name not in instance_root
+        origin_of = {
+            section: _origin(name, section, own_table, default_table, implicit)
+            for section, own_table, default_table in (
+                ("control", own_control, default_control),
+                ("server", own_server, default_server),
+            )
+        }
+        loc.origins[name] = origin_of
+
+        control = _validate(
+            Control,
+            deep_merge(default_control, own_control),
+            "",
+            loc,
+            name,
+            origin_of["control"],
+        )
+        server = _validate(
+            Server,
+            deep_merge(default_server, own_server),
+            "",
+            loc,
+            name,
+            origin_of["server"],
+        )
+        instances.append(Instance(name=name, control=control, server=server))
+
+    config = ServeConfig(source=source, master=master, instances=tuple(instances))
+    check_instances(config, loc)
+    return config
+
+
+def _origin(
+    name: str, section: str, own: Mapping[str, Any], defaults: Mapping[str, Any], implicit: bool
+) -> Callable[[str], str]:
+    """Maps a key of a merged instance table to the dotted key where the user wrote it."""
+
+    def where(key: str) -> str:
+        if key in own:
+            return f"instance.{name}.{section}.{key}"
+        if key in defaults or implicit:
+            return f"instance.{section}.{key}"
+        return f"instance.{name}.{section}.{key}"
+
+    return where
+
+
+def _validate(
+    model: type[BaseModel],
+    data: Mapping[str, Any],
+    prefix: str,
+    loc: _Located,
+    instance: str | None = None,
+    origin: Callable[[str], str] | None = None,
+) -> Any:
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        parts = [str(p) for p in err["loc"]]
+        top = parts[0] if parts else ""
+        key = origin(top) if origin is not None else f"{prefix}{top}"
+        key = ".".join([key, *parts[1:]])
+        if err["type"] == "missing":
+            section = "server" if model is Server else "control"
+            raise loc.error(
+                key,
+                f"required; set it in [instance.{section}] or [instance.{instance}.{section}]",
+                instance,
+            ) from None
+        message = _describe(err, model, top)
+        raise loc.error(key, message, instance) from None
+
+
+def _describe(err: Mapping[str, Any], model: type[BaseModel], field: str) -> str:
+    message = str(err["msg"])
+    message = message.removeprefix("Value error, ")
+    got = err.get("input")
+    if err["type"] in ("literal_error", "enum"):
+        return f"{message} (got {got!r})"
+    if not isinstance(got, Mapping) and err["type"] != "value_error":
+        message += f" (got {got!r})"
+    info = model.model_fields.get(field)
+    if info is not None and info.description and err["type"].endswith("_type"):
+        message += f"; {info.description}"
+    return message
+
+
+def _type_name(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+    }.get(type(value), type(value).__name__)
+
+
+def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
+    """Cross-instance rules: ports and names unique, GPUs consistent, one run mode."""
+    loc = loc or _Located(config.source, frozenset())
+    enabled = config.enabled
+    seen_ports: dict[int, str] = {}
+    seen_names: dict[str, str] = {}
+    for inst in enabled:
+        srv, ctl = inst.server, inst.control
+        other = seen_ports.get(srv.port)
+        if other is not None:
+            raise loc.error(
+                loc.key(inst.name, "server", "port"),
+                f"port {srv.port} is also used by instance {other!r}; give each instance its own",
+                inst.name,
+            )
+        seen_ports[srv.port] = inst.name
+        for model_name in srv.model_names:
+            other = seen_names.get(model_name)
+            if other is not None:
+                raise loc.error(
+                    loc.key(inst.name, "server", "served_model_name"),
+                    f"model name {model_name!r} is also served by instance {other!r}; "
+                    "set a distinct served_model_name",
+                    inst.name,
+                )
+            seen_names[model_name] = inst.name
+        if srv.api_key and srv.api_key_env:
+            raise loc.error(
+                loc.key(inst.name, "server", "api_key_env"),
+                "set either api_key or api_key_env, not both",
+                inst.name,
+            )
+        if ctl.gpu_ids and srv.tensor_parallel_size != len(ctl.gpu_ids):
+            raise loc.error(
+                loc.key(inst.name, "server", "tensor_parallel_size"),
+                f"is {srv.tensor_parallel_size} but gpu_ids {ctl.gpu_ids} lists "
+                f"{len(ctl.gpu_ids)} GPU(s); they must match",
+                inst.name,
+            )
+        if ctl.backoff_max < ctl.backoff_initial:
+            raise loc.error(
+                loc.key(inst.name, "control", "backoff_max"),
+                f"must be >= backoff_initial ({ctl.backoff_initial})",
+                inst.name,
+            )
+
+    usage: dict[int, list[tuple[str, float]]] = {}
+    for inst in enabled:
+        share = inst.server.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        for gpu in inst.control.gpu_ids:
+            usage.setdefault(gpu, []).append((inst.name, share))
+    for gpu, users in sorted(usage.items()):
+        total = sum(share for _, share in users)
+        if len(users) > 1 and total > 1.0 + 1e-9:
+            detail = ", ".join(f"{name}={share:g}" for name, share in users)
+            raise loc.error(
+                loc.key(users[-1][0], "server", "gpu_memory_utilization"),
+                f"GPU {gpu} is shared ({detail}; unset means {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION})"
+                f" and the sum {total:g} exceeds 1; lower gpu_memory_utilization",
+                users[-1][0],
+            )
+
+    modes = {inst.control.background for inst in enabled}
+    if len(modes) > 1:
+        fg = [i.name for i in enabled if not i.control.background]
+        raise loc.error(
+            loc.key(fg[0], "control", "background"),
+            "all enabled instances must agree on background (one supervisor runs them all); "
+            "set it in [instance.control]",
+            fg[0],
+        )
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the serve TOML, generated from the models (docs/serve-config.schema.json)."""
+    control = Control.model_json_schema()
+    server = Server.model_json_schema()
+    master = Master.model_json_schema()
+    defs: dict[str, Any] = {}
+    for schema in (control, server, master):
+        defs.update(schema.pop("$defs", {}))
+    # Defaults tables may leave out `model`: only the merged instance must have it.
+    server_defaults = dict(server)
+    server_defaults.pop("required", None)
+    server_defaults["title"] = "ServerDefaults"
+    instance = {
+        "type": "object",
+        "title": "Instance",
+        "additionalProperties": False,
+        "properties": {
+            "control": {"$ref": "#/$defs/Control"},
+            "server": {"$ref": "#/$defs/ServerDefaults"},
+        },
+    }
+    defs.update(
+        {
+            "Control": control,
+            "Server": server,
+            "ServerDefaults": server_defaults,
+            "Master": master,
+            "Instance": instance,
+        }
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://infer-vllm.local/serve-config.schema.json",
+        "title": "vLLM serve config",
+        "description": (
+            "[instance.control]/[instance.server] are defaults for every instance; "
+            "[instance.<name>.control]/[instance.<name>.server] override them. "
+            "Each resolved instance needs server.model."
+        ),
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "master": {"$ref": "#/$defs/Master"},
+            "instance": {
+                "type": "object",
+                "properties": {
+                    "control": {"$ref": "#/$defs/Control"},
+                    "server": {"$ref": "#/$defs/ServerDefaults"},
+                },
+                "propertyNames": {"pattern": _NAME_RE.pattern},
+                "additionalProperties": {"$ref": "#/$defs/Instance"},
+            },
+        },
+        "$defs": dict(sorted(defs.items())),
+    }

@@ -1,0 +1,103 @@
+"""Checks of the host that serving needs and planning does not: run before anything starts.
+
+``doit plan`` works on any machine (configs get checked on laptops and build hosts) and only
+reports these as warnings; ``doit serve`` refuses to start anything when one fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.plan import Plan
+
+
+def count_gpus(environ: Mapping[str, str]) -> int | None:
+    """NVIDIA GPUs this host shows: ``nvidia-smi -L`` when present, else ``/proc``; None when
+    neither exists (no driver)."""
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0:
+            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return sum(1 for _ in proc.iterdir())
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something accepts connections on ``port`` or it cannot be bound on ``host``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as vLLM's server sets it: a TIME_WAIT leftover is not "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~"))
+
+
+def host_problems(
+    config: ServeConfig,
+    plan: Plan,
+    environ: Mapping[str, str],
+    *,
+    gpus: Callable[[Mapping[str, str]], int | None] = count_gpus,
+    in_use: Callable[[str, int], bool] = port_in_use,
+) -> list[str]:
+    """Every reason the plan cannot start here, one line each (empty: go)."""
+    problems: list[str] = []
+    src = config.source
+    by_name = {i.name: i for i in config.instances}
+    needed = sorted({g for inst in plan.instances for g in inst.gpu_ids})
+    available = gpus(environ) if needed else None
+    for inst in plan.instances:
+        cfg = by_name[inst.name]
+        where = f"{src}: instance {inst.name!r}"
+        for var, name in inst.missing_secrets.items():
+            problems.append(
+                f"{where}: server.api_key_env names {name}, which is not set; export it or "
+                f"use server.api_key (it reaches vLLM as {var})"
+            )
+        model = cfg.server.model
+        if looks_like_path(model) and not Path(model).expanduser().exists():
+            problems.append(f"{where}: server.model {model} does not exist on this host")
+        if inst.gpu_ids:
+            if available is None:
+                problems.append(
+                    f"{where}: control.gpu_ids {list(inst.gpu_ids)} but no NVIDIA driver is "
+                    "visible (no nvidia-smi, no /proc/driver/nvidia); set gpu_ids = [] for "
+                    "the CPU build of vLLM"
+                )
+            elif max(inst.gpu_ids) >= available:
+                problems.append(
+                    f"{where}: control.gpu_ids {list(inst.gpu_ids)} but this host shows "
+                    f"{available} GPU(s) (ids 0..{available - 1})"
+                )
+        if in_use(inst.host, inst.port):
+            problems.append(
+                f"{where}: port {inst.port} is already in use on {inst.host}; stop what holds "
+                "it or change server.port"
+            )
+        python = inst.argv[0]
+        if python.startswith("/") and not Path(python).exists():
+            problems.append(f"{where}: {python} does not exist; run `doit install`")
+    return problems

@@ -1,0 +1,228 @@
+"""The doit task definitions, and only those: every action calls a function of a stage module.
+
+``dodo.py`` does ``globals().update(dodo_namespace())``. Which tasks exist depends on
+``PIPELINE_ROLE``: the runtime side (the container) has no task that produces a bundle, so a
+container with a fresh doit database never tries to lock or pack.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import reporting
+from pipeline.errors import PipelineError
+from pipeline.settings import Role, Settings, load_settings, process_environ
+
+TaskDict = dict[str, Any]
+
+_CONFIG_PARAM = {
+    "name": "config",
+    "short": "c",
+    "long": "config",
+    "type": str,
+    "default": "",
+    "help": "serve TOML (default: $AUTO_INFER_VLLM_CONFIG)",
+}
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except PipelineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+SETTINGS = _settings()
+reporting.DEBUG = SETTINGS.debug
+
+
+def _doit_config(settings: Settings) -> dict[str, Any]:
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"error: PIPELINE_STATE_DIR {settings.state_dir}: cannot create it ({exc.strerror})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return {
+        # sqlite3: readable across Python builds, unlike the default dbm.
+        "dep_file": str(settings.doit_db),
+        "backend": "sqlite3",
+        # Stream actions' output as it comes (progress, server logs), never captured.
+        "verbosity": 2,
+        "reporter": reporting.Reporter,
+        "default_tasks": [],
+    }
+
+
+DOIT_CONFIG = _doit_config(SETTINGS)
+
+
+# ---- serve side -----------------------------------------------------------------------------
+
+
+def task_plan() -> TaskDict:
+    """Print the resolved launch plan as JSON; nothing starts (--check: host checks fail it)."""
+
+    @reporting.action
+    def run(config: str, check: bool) -> None:
+        from pipeline.serve.commands import plan_command
+
+        plan_command(SETTINGS, config or None, process_environ(), check=check)
+
+    return {
+        "actions": [run],
+        "params": [
+            _CONFIG_PARAM,
+            {
+                "name": "check",
+                "long": "check",
+                "type": bool,
+                "default": False,
+                "help": "fail on host problems (missing model, port in use, GPUs)",
+            },
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
+def task_serve() -> TaskDict:
+    """Start the vLLM instances of the serve TOML (background or foreground, as configured)."""
+
+    @reporting.action
+    def run(config: str, foreground: bool, background: bool) -> None:
+        from pipeline.serve.commands import serve_command
+
+        mode = True if foreground else (False if background else None)
+        serve_command(SETTINGS, config or None, process_environ(), foreground=mode)
+
+    return {
+        "actions": [run],
+        "params": [
+            _CONFIG_PARAM,
+            {
+                "name": "foreground",
+                "long": "foreground",
+                "type": bool,
+                "default": False,
+                "help": "block and supervise here (container PID 1)",
+            },
+            {
+                "name": "background",
+                "long": "background",
+                "type": bool,
+                "default": False,
+                "help": "return once ready; a detached supervisor keeps them running",
+            },
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
+def task_status() -> TaskDict:
+    """Show the served instances (--json for scripts)."""
+
+    @reporting.action
+    def run(json: bool) -> None:
+        from pipeline.serve.commands import status_command
+
+        status_command(SETTINGS, as_json=json)
+
+    return {
+        "actions": [run],
+        "params": [
+            {"name": "json", "long": "json", "type": bool, "default": False, "help": "JSON"}
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
+def task_stop() -> TaskDict:
+    """Stop instances: `doit stop` (all) or `doit stop NAME...`."""
+
+    @reporting.action
+    def run(names: list[str]) -> None:
+        from pipeline.serve.commands import stop_command
+
+        stop_command(SETTINGS, names)
+
+    return {
+        "actions": [run],
+        "pos_arg": "names",
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
+def task_logs() -> TaskDict:
+    """Print an instance's log: `doit logs [-n N] [-f] NAME` (NAME `supervisor` too)."""
+
+    @reporting.action
+    def run(names: list[str], lines: int, follow: bool, config: str) -> None:
+        from pipeline.serve.commands import logs_command
+
+        if len(names) > 1:
+            raise PipelineError(f"logs: one instance at a time, got {' '.join(names)}")
+        logs_command(
+            SETTINGS,
+            names[0] if names else None,
+            process_environ(),
+            lines=lines,
+            follow=follow,
+            config_path=config or None,
+        )
+
+    return {
+        "actions": [run],
+        "pos_arg": "names",
+        "params": [
+            {
+                "name": "lines",
+                "short": "n",
+                "long": "lines",
+                "type": int,
+                "default": 50,
+                "help": "lines to show",
+            },
+            {
+                "name": "follow",
+                "short": "f",
+                "long": "follow",
+                "type": bool,
+                "default": False,
+                "help": "keep printing new lines (Ctrl-C ends)",
+            },
+            _CONFIG_PARAM,
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
+SERVE_TASKS: dict[str, Callable[[], TaskDict]] = {
+    "task_plan": task_plan,
+    "task_serve": task_serve,
+    "task_status": task_status,
+    "task_stop": task_stop,
+    "task_logs": task_logs,
+}
+
+
+def dodo_namespace(settings: Settings = SETTINGS) -> dict[str, Any]:
+    """The task functions ``dodo.py`` exposes, by ``PIPELINE_ROLE``, plus ``DOIT_CONFIG``."""
+    tasks: dict[str, Any] = {"DOIT_CONFIG": DOIT_CONFIG}
+    if settings.role in (Role.ALL, Role.RUNTIME):
+        tasks.update(SERVE_TASKS)
+    return tasks

@@ -1,0 +1,358 @@
+"""Serve config: merge order, validation messages, cross-instance rules. Pure and fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.serve.config import (
+    DEFAULT_INSTANCE,
+    deep_merge,
+    json_schema,
+    load_config,
+    parse_config,
+)
+
+BASE = """
+[instance.control]
+gpu_ids = []
+[instance.server]
+model = "/models/m"
+"""
+
+
+def error_of(text: str, overrides: str | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="serve.toml", overrides=overrides)
+    message = str(info.value)
+    assert "\n" not in message, "errors are one line"
+    assert message.startswith(("serve.toml", "AUTO_INFER_VLLM_OVERRIDES"))
+    return message
+
+
+def test_no_named_instance_makes_the_defaults_one_instance():
+    config = parse_config(BASE)
+    assert [i.name for i in config.instances] == [DEFAULT_INSTANCE]
+    inst = config.instances[0]
+    assert inst.server.model == "/models/m"
+    assert inst.server.port == 8000
+    assert inst.server.host == "0.0.0.0"
+    assert inst.control.gpu_ids == []
+
+
+def test_the_users_example_merges_defaults_then_instance():
+    text = """
+[master]
+enable = true
+pixi_project_dir = "/hard/volume/workspace/vllm-pixi-offline"
+pixi_environment = "default"
+
+[instance.control]
+log_dir = "/tmp/vllm-logs"
+background = true
+gpu_ids = [0]
+
+[instance.server]
+host = "0.0.0.0"
+port = 8000
+model = "/models/Qwen2-VL-7B-Instruct"
+dtype = "bfloat16"
+tensor_parallel_size = 1
+max_model_len = 8192
+api_key = "secret"
+extra_args = ["--trust-remote-code"]
+
+[instance.qwen.server]
+port = 8001
+[instance.qwen.control]
+gpu_ids = [1]
+"""
+    config = parse_config(text)
+    assert [i.name for i in config.instances] == ["qwen"]
+    qwen = config.instance("qwen")
+    assert qwen.server.port == 8001
+    assert qwen.control.gpu_ids == [1]
+    assert qwen.server.dtype == "bfloat16"
+    assert qwen.server.extra_args == ["--trust-remote-code"]
+    assert qwen.control.log_dir == Path("/tmp/vllm-logs")
+    assert config.master.pixi_project_dir == Path("/hard/volume/workspace/vllm-pixi-offline")
+
+
+def test_instances_are_sorted_by_name():
+    text = BASE + "[instance.b.server]\nport = 2\nserved_model_name = 'b'\n"
+    text += "[instance.a.server]\nport = 1\nserved_model_name = 'a'\n"
+    assert [i.name for i in parse_config(text).instances] == ["a", "b"]
+
+
+def test_env_tables_merge_key_by_key_and_lists_replace():
+    text = """
+[instance.control]
+gpu_ids = []
+env = { A = "1", B = "2" }
+[instance.server]
+model = "/m"
+extra_args = ["--x"]
+[instance.one.control]
+env = { B = "3", C = "4" }
+[instance.one.server]
+extra_args = ["--y"]
+"""
+    inst = parse_config(text).instance("one")
+    assert inst.control.env == {"A": "1", "B": "3", "C": "4"}
+    assert inst.server.extra_args == ["--y"]
+
+
+def test_overrides_deep_merge_into_the_document():
+    text = BASE + "[instance.a.server]\nport = 8001\nserved_model_name = 'a'\n"
+    text += "[instance.b.server]\nport = 8002\nserved_model_name = 'b'\n"
+    overrides = json.dumps(
+        {"instance": {"a": {"server": {"port": 9001}}, "control": {"ready_timeout": 5}}}
+    )
+    config = parse_config(text, overrides=overrides)
+    assert config.instance("a").server.port == 9001
+    assert config.instance("b").server.port == 8002
+    assert config.instance("b").control.ready_timeout == 5
+    assert config.instance("a").server.model == "/models/m"
+
+
+def test_overrides_can_add_an_instance_and_replace_lists():
+    overrides = json.dumps(
+        {"instance": {"extra": {"server": {"port": 9100, "extra_args": ["--a", "--b"]}}}}
+    )
+    config = parse_config(BASE, overrides=overrides)
+    assert [i.name for i in config.instances] == ["extra"]
+    assert config.instance("extra").server.extra_args == ["--a", "--b"]
+
+
+def test_deep_merge_does_not_modify_its_inputs():
+    base = {"a": {"b": 1, "c": [1]}}
+    patch = {"a": {"b": 2, "c": [2, 3]}}
+    assert deep_merge(base, patch) == {"a": {"b": 2, "c": [2, 3]}}
+    assert base == {"a": {"b": 1, "c": [1]}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ("{not json", "AUTO_INFER_VLLM_OVERRIDES: invalid JSON at line 1 column 2"),
+        ("[1, 2]", "AUTO_INFER_VLLM_OVERRIDES: must be a JSON object"),
+    ],
+)
+def test_malformed_overrides(overrides, expected):
+    assert error_of(BASE, overrides).startswith(expected)
+
+
+def test_an_override_error_says_the_override_set_it():
+    message = error_of(BASE, json.dumps({"instance": {"server": {"port": "high"}}}))
+    assert "instance.server.port" in message
+    assert "set by AUTO_INFER_VLLM_OVERRIDES" in message
+    assert "'high'" in message
+
+
+def test_toml_syntax_error_has_line_and_column():
+    message = error_of("[instance.server]\nmodel = \n")
+    assert message.startswith("serve.toml: invalid TOML")
+    assert "line 2" in message and "column" in message
+
+
+def test_unknown_key_says_did_you_mean_and_lists_allowed():
+    message = error_of(BASE + "[instance.a.server]\nprot = 8001\n")
+    assert message.startswith("serve.toml: instance.a.server.prot: unknown key")
+    assert "did you mean 'port'?" in message
+    assert "allowed: model, host, port" in message
+
+
+def test_unknown_top_level_table():
+    assert "did you mean 'instance'" in error_of(BASE + "[instances.a]\nx = 1\n")
+
+
+def test_unknown_control_key_in_defaults():
+    message = error_of(BASE.replace("gpu_ids = []", "gpu_ids = []\nbackgrond = true"))
+    assert "instance.control.backgrond: unknown key; did you mean 'background'?" in message
+
+
+@pytest.mark.parametrize("reserved", ["control", "server"])
+def test_control_and_server_cannot_name_instances(reserved):
+    message = error_of(BASE + f"[instance.{reserved}.{reserved}]\nport = 1\n")
+    assert f"{reserved!r} cannot be an instance name" in message
+
+
+def test_bad_instance_name():
+    message = error_of(BASE + '[instance."bad name".server]\nport = 1\n')
+    assert "instance.bad name: instance names use letters" in message
+
+
+def test_wrong_type_names_the_key_where_it_was_written_and_the_instance():
+    message = error_of(
+        BASE.replace('model = "/models/m"', 'model = "/models/m"\nport = "x"')
+        + "[instance.a.server]\n"
+    )
+    assert message.startswith("serve.toml: instance.server.port (instance 'a'):")
+    assert "valid integer" in message
+
+
+def test_out_of_range_port():
+    message = error_of(BASE + "[instance.a.server]\nport = 70000\n")
+    assert message.startswith("serve.toml: instance.a.server.port:")
+    assert "65535" in message and "70000" in message
+
+
+def test_literal_values_are_listed():
+    message = error_of(BASE + '[instance.a.server]\ndtype = "fp8"\n')
+    assert "'bfloat16'" in message and "got 'fp8'" in message
+
+
+def test_restart_policy_values():
+    message = error_of(BASE + '[instance.a.control]\nrestart = "always"\n')
+    assert "instance.a.control.restart" in message and "'on-failure'" in message
+
+
+def test_missing_model():
+    message = error_of("[instance.control]\ngpu_ids = []\n[instance.a.server]\nport = 1\n")
+    assert "instance.a.server.model: required" in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("gpu_memory_utilization = 1.5", "instance.a.server.gpu_memory_utilization"),
+        ("gpu_memory_utilization = 0", "greater than 0"),
+        ("tensor_parallel_size = 0", "greater than or equal to 1"),
+        ("max_model_len = 3", "greater than or equal to 16"),
+        ('api_key_env = "1BAD"', "should match pattern"),
+        ('served_model_name = 3', "valid string"),
+    ],
+)
+def test_server_ranges(bad, expected):
+    assert expected in error_of(BASE + f"[instance.a.server]\n{bad}\n")
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("gpu_ids = [-1]", "GPU ids are indices >= 0"),
+        ("gpu_ids = [1, 1]", "lists a GPU twice"),
+        ("ready_timeout = 0", "greater than 0"),
+        ("max_restarts = -1", "greater than or equal to 0"),
+        ('env = { "1X" = "a" }', "not a valid environment variable name"),
+        ('env = { VLLM_API_KEY = "a" }', "use server.api_key_env"),
+        ('env = { CUDA_VISIBLE_DEVICES = "0" }', "use control.gpu_ids"),
+        ("env = { A = 1 }", "valid string"),
+    ],
+)
+def test_control_values(bad, expected):
+    assert expected in error_of(BASE + f"[instance.a.control]\n{bad}\n")
+
+
+def test_extra_args_may_not_repeat_managed_flags():
+    message = error_of(BASE + '[instance.a.server]\nextra_args = ["--api-key", "x"]\n')
+    assert "--api-key is set from server.api_key" in message
+    message = error_of(BASE + '[instance.a.server]\nextra_args = ["--port=9"]\n')
+    assert "--port is set from server.port" in message
+
+
+def test_duplicate_ports():
+    message = error_of(BASE + "[instance.a.server]\nport = 1\n[instance.b.server]\nport = 1\n")
+    assert "instance.b.server.port: port 1 is also used by instance 'a'" in message
+
+
+def test_inherited_duplicate_port_points_at_the_defaults_table():
+    text = BASE.replace('model = "/models/m"', 'model = "/models/m"\nport = 8100')
+    text += '[instance.a.server]\nserved_model_name = "a"\n'
+    text += '[instance.b.server]\nserved_model_name = "b"\n'
+    message = error_of(text)
+    assert "instance.server.port (instance 'b'): port 8100 is also used by instance 'a'" in (
+        message
+    )
+
+
+def test_duplicate_builtin_default_port_points_at_the_instance():
+    text = BASE + '[instance.a.server]\nserved_model_name = "a"\n'
+    text += '[instance.b.server]\nserved_model_name = "b"\n'
+    assert "instance.b.server.port: port 8000 is also used by instance 'a'" in error_of(text)
+
+
+def test_duplicate_served_model_names():
+    text = BASE + '[instance.a.server]\nport = 1\nserved_model_name = "x"\n'
+    text += '[instance.b.server]\nport = 2\nserved_model_name = "x"\n'
+    assert "model name 'x' is also served by instance 'a'" in error_of(text)
+
+
+def test_same_model_without_served_names_collides():
+    text = BASE + "[instance.a.server]\nport = 1\n[instance.b.server]\nport = 2\n"
+    assert "model name '/models/m' is also served" in error_of(text)
+
+
+def test_disabled_instances_do_not_collide():
+    text = BASE + "[instance.a.server]\nport = 1\n[instance.b.server]\nport = 1\n"
+    text += "[instance.b.control]\nenabled = false\n"
+    config = parse_config(text)
+    assert [i.name for i in config.enabled] == ["a"]
+
+
+def test_tensor_parallel_must_match_gpu_count():
+    text = BASE + "[instance.a.server]\ntensor_parallel_size = 2\n[instance.a.control]\n"
+    text += "gpu_ids = [0]\n"
+    assert "tensor_parallel_size: is 2 but gpu_ids [0] lists 1 GPU(s)" in error_of(text)
+
+
+def test_no_tensor_parallel_check_without_gpus():
+    text = BASE + "[instance.a.server]\ntensor_parallel_size = 2\n"
+    assert parse_config(text).instance("a").server.tensor_parallel_size == 2
+
+
+def test_shared_gpu_memory_must_fit():
+    text = """
+[instance.control]
+gpu_ids = [0]
+[instance.server]
+model = "/m"
+[instance.a.server]
+port = 1
+served_model_name = "a"
+gpu_memory_utilization = 0.6
+[instance.b.server]
+port = 2
+served_model_name = "b"
+gpu_memory_utilization = 0.5
+"""
+    message = error_of(text)
+    assert "GPU 0 is shared (a=0.6, b=0.5" in message and "sum 1.1 exceeds 1" in message
+    assert parse_config(text.replace("0.5", "0.4")).instance("b").server.port == 2
+
+
+def test_unset_utilization_counts_as_vllms_default():
+    text = BASE.replace("gpu_ids = []", "gpu_ids = [0]")
+    text += '[instance.a.server]\nport = 1\nserved_model_name = "a"\n'
+    text += '[instance.b.server]\nport = 2\nserved_model_name = "b"\ngpu_memory_utilization = 0.2\n'
+    assert "unset means 0.9" in error_of(text)
+
+
+def test_api_key_and_api_key_env_are_exclusive():
+    text = BASE + '[instance.a.server]\napi_key = "k"\napi_key_env = "K"\n'
+    assert "either api_key or api_key_env" in error_of(text)
+
+
+def test_background_must_agree():
+    text = BASE + "[instance.a.server]\nport = 1\nserved_model_name = 'a'\n"
+    text += "[instance.b.server]\nport = 2\nserved_model_name = 'b'\n"
+    text += "[instance.b.control]\nbackground = false\n"
+    assert "instance.b.control.background: all enabled instances must agree" in error_of(text)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="serve config not found; pass --config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_schema_rejects_what_the_models_reject():
+    schema = json_schema()
+    assert schema["$defs"]["Server"]["required"] == ["model"]
+    assert "required" not in schema["$defs"]["ServerDefaults"]
+    assert schema["$defs"]["Control"]["additionalProperties"] is False
+    assert schema["properties"]["instance"]["additionalProperties"] == {
+        "$ref": "#/$defs/Instance"
+    }
