@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -53,9 +54,11 @@ def kill_recorded_groups(serve_root: Path) -> None:
         state = store.read()
         if state is None:
             return
-        if state.supervisor.pid and not state.supervisor.exited:
+        # A supervisor run inside the test process records the test process itself.
+        sup = state.supervisor.pid
+        if sup and sup != os.getpid() and not state.supervisor.exited:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(state.supervisor.pid, signal.SIGKILL)
+                os.kill(sup, signal.SIGKILL)
         for rec in state.instances.values():
             if rec.pgid and group_alive(rec.pgid):
                 with contextlib.suppress(ProcessLookupError):
@@ -95,36 +98,76 @@ def standin_config(
     instances: dict[str, dict],
     *,
     background: bool = True,
-    defaults: str = "",
+    control: dict[str, object] | None = None,
+    server: dict[str, object] | None = None,
 ) -> str:
-    """A serve TOML for stand-in instances: ``instances`` maps name -> {port, env, ...}."""
-    lines = [
-        "[master]",
-        f'env_prefix = "{prefix}"',
-        "[instance.control]",
-        f'log_dir = "{log_dir}"',
-        f"background = {'true' if background else 'false'}",
-        "gpu_ids = []",
-        "ready_timeout = 20",
-        "stop_grace = 3",
-        "backoff_initial = 0.2",
-        "backoff_max = 1",
-        defaults,
-        "[instance.server]",
-        'model = "standin-model"',
-        'host = "127.0.0.1"',
-    ]
+    """A serve TOML for stand-in instances: ``instances`` maps name -> {port, env, ...};
+    ``control`` / ``server`` add to (or replace) the defaults tables."""
+    control_defaults: dict[str, object] = {
+        "log_dir": str(log_dir),
+        "background": background,
+        "gpu_ids": [],
+        "ready_timeout": 20,
+        "stop_grace": 3,
+        "backoff_initial": 0.2,
+        "backoff_max": 1,
+        **(control or {}),
+    }
+    server_defaults: dict[str, object] = {
+        "model": "standin-model",
+        "host": "127.0.0.1",
+        **(server or {}),
+    }
+    lines = ["[master]", f"env_prefix = {_toml(str(prefix))}", "[instance.control]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in control_defaults.items()]
+    lines.append("[instance.server]")
+    lines += [f"{k} = {_toml(v)}" for k, v in server_defaults.items()]
     for name, spec in instances.items():
         lines.append(f"[instance.{name}.server]")
         lines.append(f"port = {spec['port']}")
-        lines.append(f'served_model_name = "{spec.get("served", name)}"')
+        lines.append(f"served_model_name = {_toml(spec.get('served', name))}")
         for key in ("api_key", "api_key_env"):
             if key in spec:
-                lines.append(f'{key} = "{spec[key]}"')
+                lines.append(f"{key} = {_toml(spec[key])}")
         lines.append(f"[instance.{name}.control]")
         for key, value in spec.get("control", {}).items():
-            lines.append(f"{key} = {value}")
+            lines.append(f"{key} = {_toml(value)}")
         if spec.get("env"):
-            env = ", ".join(f'{k} = "{v}"' for k, v in spec["env"].items())
+            env = ", ".join(f"{k} = {_toml(v)}" for k, v in spec["env"].items())
             lines.append(f"env = {{ {env} }}")
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def doit_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `doit` subprocess: this one plus a private state dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTO_INFER_", "PIPELINE_"))}
+    env["PIPELINE_STATE_DIR"] = str(state_dir)
+    env.update(extra)
+    return env
+
+
+def run_doit(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `doit ARGS` from the repository as a user would; bounded by ``timeout``."""
+    return subprocess.run(
+        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

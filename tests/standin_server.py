@@ -49,12 +49,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if env.get("STANDIN_GRANDCHILD"):
-        if os.fork() == 0:
-            # The grandchild: same process group, holds stdout (the log) open.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            while True:
-                time.sleep(1)
+    if env.get("STANDIN_GRANDCHILD") and os.fork() == 0:
+        # The grandchild: same process group, holds stdout (the log) open.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(1)
     time.sleep(float(env.get("STANDIN_SLOW_START", "0")))
 
     crash_after = env.get("STANDIN_CRASH_AFTER")

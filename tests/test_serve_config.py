@@ -223,7 +223,7 @@ def test_missing_model():
         ("tensor_parallel_size = 0", "greater than or equal to 1"),
         ("max_model_len = 3", "greater than or equal to 16"),
         ('api_key_env = "1BAD"', "should match pattern"),
-        ('served_model_name = 3', "valid string"),
+        ("served_model_name = 3", "valid string"),
     ],
 )
 def test_server_ranges(bad, expected):
@@ -353,6 +353,4 @@ def test_schema_rejects_what_the_models_reject():
     assert schema["$defs"]["Server"]["required"] == ["model"]
     assert "required" not in schema["$defs"]["ServerDefaults"]
     assert schema["$defs"]["Control"]["additionalProperties"] is False
-    assert schema["properties"]["instance"]["additionalProperties"] == {
-        "$ref": "#/$defs/Instance"
-    }
+    assert schema["properties"]["instance"]["additionalProperties"] == {"$ref": "#/$defs/Instance"}

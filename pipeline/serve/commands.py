@@ -70,10 +70,11 @@ def plan_command(
     environ: Mapping[str, str],
     *,
     check: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     say: Say = _stderr,
 ) -> Plan:
     """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``)."""
+    out = out or sys.stdout
     config, plan = load(settings, config_path, environ, check=check)
     problems = host_problems(config, plan, environ)
     out.write(json.dumps(plan.to_display(), indent=2) + "\n")
@@ -95,7 +96,7 @@ def serve_command(
     *,
     foreground: bool | None = None,
     say: Say = _stderr,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """Start every enabled instance; see the module and README for the two modes.
 
@@ -103,6 +104,7 @@ def serve_command(
     Foreground: blocks until the instances end or a signal stops them (PID 1 safe).
     Raises ServeError when an instance failed, or when nothing could start.
     """
+    out = out or sys.stdout
     config, plan = load(settings, config_path, environ, check=True)
     if not plan.enable:
         say(f"serve: {config.source}: master.enable = false, nothing to start")
@@ -208,7 +210,8 @@ def _serve_background(
             for rec in state.instances.values():
                 if seen.get(rec.name) != rec.state:
                     seen[rec.name] = rec.state
-                    detail = f": {rec.reason}" if rec.reason and not rec.state.settled else ""
+                    shows_reason = rec.state in (InstanceState.BACKOFF, InstanceState.FAILED)
+                    detail = f": {rec.reason}" if rec.reason and shows_reason else ""
                     say(f"serve: {rec.name}: {rec.state}{detail}")
             if state.supervisor.settled or state.supervisor.exited:
                 break
@@ -323,8 +326,9 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
     out.flush()
 
 
-def status_command(settings: Settings, *, as_json: bool = False, out: TextIO = sys.stdout) -> int:
+def status_command(settings: Settings, *, as_json: bool = False, out: TextIO | None = None) -> int:
     """Print the instances' state (a table, or JSON). Reads the state file only: fast."""
+    out = out or sys.stdout
     store = StateStore(settings.serve_state)
     state = store.read()
     alive = supervisor_alive(state)
@@ -365,7 +369,7 @@ def stop_command(settings: Settings, names: list[str] | None = None, *, say: Say
             assert state is not None
             if names and all(state.instances[n].state.terminal for n in names):
                 break
-            if not names and (state.supervisor.exited or not supervisor_alive(state)):
+            if not names and not process_alive(state.supervisor.pid, state.supervisor.proc_start):
                 break
         else:
             raise ServeError(
@@ -424,9 +428,10 @@ def logs_command(
     lines: int = 50,
     follow: bool = False,
     config_path: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """Print the last ``lines`` of an instance's log; ``follow`` keeps printing until Ctrl-C."""
+    out = out or sys.stdout
     path = log_path(settings, name, config_path, environ)
     if not path.exists():
         raise ServeError(f"logs: {path} does not exist yet (the instance never started)")

@@ -1,0 +1,651 @@
+"""The supervisor against a stand-in server: readiness, restarts, limits, stopping, modes.
+
+Every test runs its servers on free loopback ports with a private state dir; the ``state_dir``
+fixture kills every process group recorded there afterwards, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import (
+    REPO,
+    doit_env,
+    free_port,
+    run_doit,
+    standin_config,
+    wait_for,
+)
+
+from pipeline.errors import ServeError
+from pipeline.serve.commands import load, serve_command, status_command, stop_command
+from pipeline.serve.state import InstanceState, StateStore, group_alive, process_alive
+from pipeline.serve.supervisor import Supervisor
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    return path
+
+
+def read_state(settings):
+    return StateStore(settings.serve_state).read()
+
+
+def test_background_serve_two_instances_status_and_stop(settings, standin_prefix, tmp_path, capsys):
+    ports = [free_port(), free_port()]
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "alpha": {"port": ports[0], "api_key_env": "ALPHA_KEY"},
+                "beta": {"port": ports[1], "api_key": "beta-secret", "env": {"EXTRA": "x"}},
+            },
+        ),
+    )
+    environ = {**os.environ, "ALPHA_KEY": "alpha-secret"}
+    assert serve_command(settings, str(config), environ) == 0
+
+    state = read_state(settings)
+    assert {r.name: r.state for r in state.instances.values()} == {
+        "alpha": InstanceState.RUNNING,
+        "beta": InstanceState.RUNNING,
+    }
+    alpha, beta = state.instances["alpha"], state.instances["beta"]
+    # The key reaches the server in its environment, never in argv.
+    _, env = get_json(f"{alpha.base_url}/env?names=VLLM_API_KEY,EXTRA,CUDA_VISIBLE_DEVICES")
+    assert env == {"VLLM_API_KEY": "alpha-secret", "EXTRA": None, "CUDA_VISIBLE_DEVICES": None}
+    _, env = get_json(f"{beta.base_url}/env?names=VLLM_API_KEY,EXTRA")
+    assert env == {"VLLM_API_KEY": "beta-secret", "EXTRA": "x"}
+    for rec in (alpha, beta):
+        cmdline = Path(f"/proc/{rec.pid}/cmdline").read_bytes().decode()
+        assert "secret" not in cmdline
+        assert "vllm.entrypoints.openai.api_server" in cmdline
+    assert "secret" not in (tmp_path / "logs" / "alpha.log").read_text()
+    assert get_json(f"{alpha.base_url}/v1/models")[0] == 401
+    code, models = get_json(f"{alpha.base_url}/v1/models", {"Authorization": "Bearer alpha-secret"})
+    assert code == 200 and models["data"][0]["id"] == "alpha"
+
+    capsys.readouterr()
+    status_command(settings)
+    table = capsys.readouterr().out
+    assert "supervisor: pid" in table and "(background)" in table
+    assert [line.split()[:2] for line in table.splitlines()[2:4]] == [
+        ["alpha", "running"],
+        ["beta", "running"],
+    ]
+    status_command(settings, as_json=True)
+    data = json.loads(capsys.readouterr().out)
+    assert data["supervisor"]["alive"] is True
+    assert [(i["name"], i["state"], i["port"]) for i in data["instances"]] == [
+        ("alpha", "running", ports[0]),
+        ("beta", "running", ports[1]),
+    ]
+
+    pgids = [alpha.pgid, beta.pgid]
+    stop_command(settings, [])
+    state = read_state(settings)
+    assert state.supervisor.exited and state.supervisor.exit_code == 0
+    assert all(r.state is InstanceState.STOPPED for r in state.instances.values())
+    assert not any(group_alive(p) for p in pgids)
+    assert not process_alive(state.supervisor.pid, state.supervisor.proc_start)
+
+
+def test_stop_one_instance_keeps_the_other(settings, standin_prefix, tmp_path):
+    ports = [free_port(), free_port()]
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": ports[0]}, "b": {"port": ports[1]}},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    pgid_a = read_state(settings).instances["a"].pgid
+    stop_command(settings, ["a"])
+    state = read_state(settings)
+    assert state.instances["a"].state is InstanceState.STOPPED
+    assert state.instances["b"].state is InstanceState.RUNNING
+    assert not group_alive(pgid_a)
+    assert get_json(f"{state.instances['b'].base_url}/health")[0] == 200
+    with pytest.raises(ServeError, match="no instance named 'c'"):
+        stop_command(settings, ["c"])
+    stop_command(settings)
+    assert read_state(settings).supervisor.exited
+
+
+def test_a_failing_start_is_retried_then_failed_and_the_others_keep_running(
+    settings, standin_prefix, tmp_path, capsys
+):
+    ports = [free_port(), free_port()]
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "bad": {"port": ports[0], "env": {"STANDIN_FAIL": "1"}},
+                "good": {"port": ports[1]},
+            },
+            control={"max_restarts": 2},
+        ),
+    )
+    with pytest.raises(ServeError) as info:
+        serve_command(settings, str(config), os.environ)
+    message = str(info.value)
+    assert (
+        "failed to start: bad (exited during startup (exit code 1); gave up after 2 restarts)"
+        in (message)
+    )
+    assert "still running: good" in message
+    # The log's last lines are shown with the failure.
+    assert "cannot load model (STANDIN_FAIL)" in capsys.readouterr().err
+    state = read_state(settings)
+    assert state.instances["bad"].state is InstanceState.FAILED
+    assert state.instances["bad"].restarts == 2
+    assert state.instances["good"].state is InstanceState.RUNNING
+    log = (tmp_path / "logs" / "bad.log").read_text()
+    assert log.count("supervisor: start bad (attempt") == 3
+    stop_command(settings)
+
+
+def test_a_crash_after_ready_is_restarted(settings, standin_prefix, tmp_path):
+    port = free_port()
+    counter = tmp_path / "starts"
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "flaky": {
+                    "port": port,
+                    "env": {
+                        "STANDIN_CRASH_AFTER": "0.5",
+                        "STANDIN_CRASH_TIMES": "1",
+                        "STANDIN_COUNTER": str(counter),
+                    },
+                }
+            },
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    wait_for(
+        lambda: (
+            read_state(settings).instances["flaky"].restarts == 1
+            and read_state(settings).instances["flaky"].state is InstanceState.RUNNING
+        ),
+        timeout=20,
+        what="the crashed instance to be restarted and ready",
+    )
+    rec = read_state(settings).instances["flaky"]
+    assert rec.last_exit == "exit code 3"
+    assert counter.read_text() == "2"
+    assert get_json(f"{rec.base_url}/health")[0] == 200
+    stop_command(settings)
+
+
+def test_restart_limit_marks_failed_with_backoff(settings, standin_prefix, tmp_path):
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"crashy": {"port": port, "env": {"STANDIN_CRASH_AFTER": "1.0"}}},
+            control={"max_restarts": 2, "backoff_initial": 0.3},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    state = wait_for(
+        lambda: (s := read_state(settings)).supervisor.exited and s,
+        timeout=30,
+        what="the supervisor to give up",
+    )
+    rec = state.instances["crashy"]
+    assert rec.state is InstanceState.FAILED
+    assert rec.restarts == 2
+    assert rec.reason == "exited (exit code 3); gave up after 2 restarts"
+    assert state.supervisor.exit_code == 1
+    supervisor_log = (settings.serve_state / "supervisor.log").read_text()
+    assert "restart 1/2 in 0.3s" in supervisor_log
+    assert "restart 2/2 in 0.6s" in supervisor_log
+
+
+def test_sigterm_ignored_escalates_to_sigkill(settings, standin_prefix, tmp_path):
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"stubborn": {"port": port, "env": {"STANDIN_IGNORE_SIGTERM": "1"}}},
+            control={"stop_grace": 1},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    pgid = read_state(settings).instances["stubborn"].pgid
+    started = time.monotonic()
+    stop_command(settings)
+    took = time.monotonic() - started
+    assert not group_alive(pgid)
+    assert 1.0 <= took < 6.0
+    assert "sent SIGKILL" in (settings.serve_state / "supervisor.log").read_text()
+
+
+def test_regression_grandchild_holding_the_log_does_not_survive_stop(
+    settings, standin_prefix, tmp_path
+):
+    # A wrapper's grandchild that keeps the log open (and ignores SIGTERM) must die with its
+    # group: stop is not done while any process of the group lives.
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"wrapped": {"port": port, "env": {"STANDIN_GRANDCHILD": "1"}}},
+            control={"stop_grace": 1},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    pgid = read_state(settings).instances["wrapped"].pgid
+    members = [
+        p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid_of(int(p.name)) == pgid
+    ]
+    assert len(members) >= 2, "the stand-in forked its grandchild"
+    stop_command(settings)
+    assert not group_alive(pgid)
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_a_crashed_leader_leaves_no_grandchild_before_the_restart(
+    settings, standin_prefix, tmp_path
+):
+    port = free_port()
+    counter = tmp_path / "starts"
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "w": {
+                    "port": port,
+                    "env": {
+                        "STANDIN_GRANDCHILD": "1",
+                        "STANDIN_CRASH_AFTER": "1.0",
+                        "STANDIN_CRASH_TIMES": "1",
+                        "STANDIN_COUNTER": str(counter),
+                    },
+                }
+            },
+            control={"stop_grace": 1},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    first = read_state(settings).instances["w"].pgid
+    wait_for(
+        lambda: (
+            read_state(settings).instances["w"].restarts == 1
+            and read_state(settings).instances["w"].state is InstanceState.RUNNING
+        ),
+        timeout=20,
+        what="restart",
+    )
+    assert not group_alive(first), "the first attempt's grandchild was killed"
+    stop_command(settings)
+
+
+def test_ready_timeout_fails_the_start(settings, standin_prefix, tmp_path):
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"slow": {"port": port, "env": {"STANDIN_NEVER_READY": "1"}}},
+            control={"restart": "no", "ready_timeout": 1},
+        ),
+    )
+    with pytest.raises(ServeError, match=r"not ready within 1s \(ready_timeout\)"):
+        serve_command(settings, str(config), os.environ)
+    state = wait_for(lambda: (s := read_state(settings)).supervisor.exited and s, timeout=10)
+    assert state.instances["slow"].state is InstanceState.FAILED
+    assert "gave up after restart: no" in state.instances["slow"].reason
+
+
+def test_gpu_sharing_instances_start_one_after_another(settings, standin_prefix, tmp_path):
+    """Serial start on a shared GPU; disjoint GPUs start at once. The supervisor runs in
+    this process (no GPU here, so the preflight that `doit serve` does is skipped)."""
+    ports = [free_port() for _ in range(3)]
+    text = standin_config(
+        standin_prefix,
+        tmp_path / "logs",
+        {
+            "a": {"port": ports[0], "control": {"gpu_ids": [0]}},
+            "b": {"port": ports[1], "control": {"gpu_ids": [0]}},
+            "c": {"port": ports[2], "control": {"gpu_ids": [1]}},
+        },
+        server={"gpu_memory_utilization": 0.4},
+    ).replace("gpu_ids = []", 'gpu_ids = []\nenv = { STANDIN_SLOW_START = "1" }')
+    config_path = write_config(tmp_path, text)
+    _, plan = load(settings, str(config_path), os.environ, check=True)
+    assert [(i.name, i.start_after) for i in plan.instances] == [
+        ("a", None),
+        ("b", "a"),
+        ("c", None),
+    ]
+    store = StateStore(settings.serve_state)
+    store.ensure()
+    events: list[str] = []
+    supervisor = Supervisor(plan, store, base_env=os.environ, say=events.append)
+    try:
+        deadline = time.monotonic() + 30
+        while not supervisor.settled and time.monotonic() < deadline:
+            supervisor.tick()
+            time.sleep(0.05)
+        assert supervisor.settled
+        recs = supervisor.state.instances
+        assert recs["b"].started_at >= recs["a"].ready_at
+        assert recs["c"].started_at < recs["a"].ready_at
+        order = [e.split(":")[1].strip() for e in events if "starting" in e]
+        assert order == ["a", "c", "b"]
+    finally:
+        supervisor.request_stop()
+        deadline = time.monotonic() + 15
+        while not supervisor.finished and time.monotonic() < deadline:
+            supervisor.tick()
+            time.sleep(0.05)
+        supervisor._kill_all_now()
+    assert supervisor.finished
+    assert all(r.state is InstanceState.STOPPED for r in supervisor.state.instances.values())
+
+
+def test_nothing_starts_when_a_port_is_taken_or_a_secret_missing(
+    settings, standin_prefix, tmp_path
+):
+    import socket
+
+    ports = [free_port(), free_port()]
+    text = standin_config(
+        standin_prefix,
+        tmp_path / "logs",
+        {"a": {"port": ports[0]}, "b": {"port": ports[1], "api_key_env": "NOT_SET_ANYWHERE"}},
+    )
+    config = write_config(tmp_path, text)
+    environ = {k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE"}
+    with pytest.raises(ServeError, match="api_key_env names NOT_SET_ANYWHERE, which is not set"):
+        serve_command(settings, str(config), environ)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", ports[0]))
+    holder.listen()
+    try:
+        environ["NOT_SET_ANYWHERE"] = "k"
+        with pytest.raises(ServeError, match=f"port {ports[0]} is already in use"):
+            serve_command(settings, str(config), environ)
+    finally:
+        holder.close()
+    assert read_state(settings) is None, "nothing was started"
+
+
+def test_serving_twice_is_refused(settings, standin_prefix, tmp_path):
+    config = write_config(
+        tmp_path,
+        standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}}),
+    )
+    serve_command(settings, str(config), os.environ)
+    with pytest.raises(ServeError, match="already serving"):
+        serve_command(settings, str(config), os.environ)
+    stop_command(settings)
+
+
+def test_orphans_of_a_killed_supervisor_show_and_stop(settings, standin_prefix, tmp_path, capsys):
+    config = write_config(
+        tmp_path,
+        standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}}),
+    )
+    serve_command(settings, str(config), os.environ)
+    state = read_state(settings)
+    os.kill(state.supervisor.pid, signal.SIGKILL)
+    wait_for(
+        lambda: not process_alive(state.supervisor.pid, state.supervisor.proc_start),
+        timeout=10,
+    )
+    capsys.readouterr()
+    status_command(settings)
+    out = capsys.readouterr().out
+    assert "supervisor: not running" in out
+    assert "running (unsupervised)" in out
+    # A new serve first stops what the dead supervisor left (it holds the port).
+    serve_command(settings, str(config), os.environ)
+    assert not process_alive(state.instances["a"].pid, state.instances["a"].proc_start)
+    new = read_state(settings)
+    os.kill(new.supervisor.pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(new.supervisor.pid, new.supervisor.proc_start), 10)
+    stop_command(settings)
+    assert not group_alive(new.instances["a"].pgid)
+    assert read_state(settings).instances["a"].state is InstanceState.STOPPED
+
+
+# ---- through doit, as users run it ----------------------------------------------------------
+
+
+def test_doit_plan_prints_json_with_secrets_masked(state_dir, standin_prefix, tmp_path):
+    ports = [free_port(), free_port()]
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": ports[0], "api_key": "plain-secret"}, "b": {"port": ports[1]}},
+        ),
+    )
+    result = run_doit(["plan", "--config", str(config)], doit_env(state_dir))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert "plain-secret" not in result.stdout + result.stderr
+    a = plan["instances"][0]
+    assert a["env"]["VLLM_API_KEY"] == "***"
+    assert a["argv"][-14:] == [
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "standin-model",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports[0]),
+        "--served-model-name",
+        "a",
+        "--dtype",
+        "auto",
+        "--tensor-parallel-size",
+        "1",
+    ]
+    assert a["health_url"] == f"http://127.0.0.1:{ports[0]}/health"
+    assert a["log_file"] == str(tmp_path / "logs" / "a.log")
+    assert [i["start_order"] for i in plan["instances"]] == [0, 1]
+    assert not (state_dir / "serve" / "state.json").exists()
+
+
+def test_doit_errors_are_one_line(state_dir, tmp_path):
+    bad = write_config(tmp_path, "[instance.server]\nmodel = '/m'\nprot = 1\n")
+    result = run_doit(["plan", "--config", str(bad)], doit_env(state_dir))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad}: instance.server.prot: unknown key; did you mean 'port'? (allowed: "
+        "model, host, port, served_model_name, dtype, tensor_parallel_size, max_model_len, "
+        "gpu_memory_utilization, api_key, api_key_env, extra_args)"
+    ]
+    result = run_doit(["serve"], doit_env(state_dir))
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error: no serve config: pass --config FILE")
+    result = run_doit(["status"], doit_env(state_dir, PIPELINE_ROLE="nonsense"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: environment variable PIPELINE_ROLE='nonsense': Input should be 'all', "
+        "'build' or 'runtime'"
+    )
+
+
+def test_doit_serve_foreground_forwards_sigterm_and_leaves_nothing(
+    state_dir, standin_prefix, tmp_path
+):
+    ports = [free_port(), free_port()]
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": ports[0]}, "b": {"port": ports[1], "env": {"STANDIN_GRANDCHILD": "1"}}},
+            background=False,
+        ),
+    )
+    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    store = StateStore(state_dir / "serve")
+    try:
+        wait_for(
+            lambda: (s := store.read()) is not None and s.supervisor.settled,
+            timeout=30,
+            what="both instances ready",
+        )
+        state = store.read()
+        assert state.supervisor.mode == "foreground"
+        assert state.supervisor.pid == proc.pid
+        pgids = [r.pgid for r in state.instances.values()]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM received, stopping all instances" in err
+    assert not any(group_alive(p) for p in pgids)
+    final = store.read()
+    assert all(r.state is InstanceState.STOPPED for r in final.instances.values())
+
+
+def test_doit_serve_foreground_as_pid_1_reaps_and_stops(state_dir, standin_prefix, tmp_path):
+    """In a new PID namespace `doit serve` is PID 1, as in a container entrypoint."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root for unshare --pid (the CI machines run as root)")
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": port, "env": {"STANDIN_GRANDCHILD": "1"}}},
+            background=False,
+        ),
+    )
+    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            sys.executable,
+            "-m",
+            "doit",
+            "-f",
+            str(REPO / "dodo.py"),
+            "serve",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    store = StateStore(state_dir / "serve")
+    try:
+        wait_for(
+            lambda: (s := store.read()) is not None and s.supervisor.settled,
+            timeout=30,
+            what="ready",
+        )
+        # The state records pids as seen inside the namespace; the one that matters here is
+        # that the supervisor is PID 1 there.
+        assert store.read().supervisor.pid == 1
+        assert get_json(f"http://127.0.0.1:{port}/health")[0] == 200
+        # SIGTERM to the namespace's PID 1, from outside: find it as unshare's child.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err
+    assert store.read().instances["a"].state is InstanceState.STOPPED
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_doit_logs_status_and_stop(state_dir, standin_prefix, tmp_path):
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        standin_config(standin_prefix, tmp_path / "logs", {"one": {"port": port}}),
+    )
+    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
+    result = run_doit(["serve"], env)
+    assert result.returncode == 0, result.stderr
+    assert "serve: one: running" in result.stderr
+    assert result.stdout.splitlines()[1].split()[:2] == ["NAME", "STATE"]
+    result = run_doit(["logs", "-n", "5", "one"], env)
+    assert result.returncode == 0, result.stderr
+    assert "standin: listening on 127.0.0.1" in result.stdout
+    result = run_doit(["logs", "nope"], env)
+    assert result.returncode != 0
+    assert "no enabled instance named 'nope' (enabled: one)" in result.stderr
+    result = run_doit(["status", "--json"], env)
+    assert json.loads(result.stdout)["instances"][0]["state"] == "running"
+    result = run_doit(["stop"], env)
+    assert result.returncode == 0, result.stderr
+    assert "stop: one: stopped" in result.stderr
+    result = run_doit(["status", "--json"], env)
+    assert json.loads(result.stdout)["instances"][0]["state"] == "stopped"
