@@ -1,0 +1,587 @@
+"""Lock a pixi project: ``pixi lock`` when pixi is available, else a py-rattler solve.
+
+:func:`lock` is what the doit ``lock`` task calls. With a pixi binary it runs
+``pixi lock --manifest-path <dir>/pixi.toml`` and nothing else (pixi decides whether the lock
+is current). Without one it:
+
+1. parses ``pixi.toml`` (:mod:`pipeline.manifest`) and turns every (environment, platform)
+   into a solve job: channel URLs, match specs, virtual packages;
+2. keeps an existing ``pixi.lock`` that already satisfies the manifest (:func:`stale_reason`
+   says why it does not) -- the file is not touched, not even its mtime;
+3. refuses a manifest with PyPI or source dependencies (only pixi can lock those);
+4. solves in a child process (``python -m pipeline.lock --worker``) that writes the lock with
+   py-rattler's ``LockFile`` into a temporary file beside ``pixi.lock``; the parent renames it
+   into place (atomic on POSIX).
+
+Why a child process: py-rattler 0.28.0 crashes at interpreter exit (``Fatal Python error:
+PyGILState_Release`` / SIGABRT, sometimes SIGSEGV) in roughly a third of the processes that
+called its async API -- seen here with ``solve`` and ``index_fs``. The worker flushes its output
+and leaves with ``os._exit``; the calling (doit) process only uses rattler's synchronous API
+(reading the lock, match specs, versions), which exits cleanly.
+
+The written lock is rattler's current format (``version: 7``, channels as URLs, package URLs
+as locations) and reads back with ``rattler.LockFile.from_path``; pixi reads it when its
+rattler-lock knows that version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import LockError, PipelineError
+from pipeline.manifest import (
+    DEFAULT_FEATURE,
+    MANIFEST_NAME,
+    Manifest,
+    ResolvedEnvironment,
+    VirtualPackage,
+    load_manifest,
+    pypi_name,
+)
+from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
+
+LOCK_NAME = "pixi.lock"
+PIXI_HINT = (
+    "install pixi (https://pixi.sh: `curl -fsSL https://pixi.sh/install.sh | sh`) so it is on "
+    "PATH or in $PIXI_HOME/bin, or lock on a machine that has it and commit pixi.lock"
+)
+DEFAULT_TIMEOUT = 1800.0
+
+Outcome = Literal["solved", "up-to-date", "pixi"]
+
+
+@dataclass(frozen=True)
+class SolveJob:
+    """One (environment, platform) to solve: what the worker receives."""
+
+    environment: str
+    platform: str
+    channels: tuple[str, ...]  # URLs, highest priority first
+    channel_priority: str
+    specs: tuple[str, ...]
+    virtual_packages: tuple[VirtualPackage, ...]
+
+
+@dataclass(frozen=True)
+class LockPlan:
+    """Everything the worker needs to write a lock, derived from the manifest alone."""
+
+    environments: tuple[tuple[str, tuple[str, ...]], ...]  # (name, channel URLs)
+    platforms: tuple[tuple[str, tuple[str, ...]], ...]  # (name, virtual packages as strings)
+    jobs: tuple[SolveJob, ...]
+
+
+@dataclass(frozen=True)
+class LockResult:
+    """What :func:`lock` did.
+
+    ``outcome``: ``solved`` (py-rattler wrote a new lock), ``up-to-date`` (the existing lock
+    satisfies the manifest; the file was not touched) or ``pixi`` (``pixi lock`` ran).
+    ``changed`` tells whether the bytes of ``pixi.lock`` changed. ``packages`` counts the conda
+    packages per (environment, platform) of a solve.
+    """
+
+    lock_path: Path
+    outcome: Outcome
+    changed: bool
+    reason: str
+    packages: tuple[tuple[str, str, int], ...] = field(default=())
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.outcome == "up-to-date"
+
+    def summary(self) -> str:
+        """One line for the task output."""
+        if self.outcome == "up-to-date":
+            return f"{self.lock_path}: up to date ({self.reason})"
+        if self.outcome == "pixi":
+            what = "changed" if self.changed else "unchanged"
+            return f"{self.lock_path}: {what} by `pixi lock`"
+        count = sum(n for _, _, n in self.packages)
+        return (
+            f"{self.lock_path}: solved with py-rattler because {self.reason} "
+            f"({len(self.packages)} environment/platform pairs, {count} conda packages)"
+        )
+
+
+# ---- finding pixi ----------------------------------------------------------------------------
+
+
+def find_pixi(
+    settings: Settings, *, path: str | None = None, home: Path | None = None
+) -> Path | None:
+    """The pixi binary to use, or ``None``: ``PATH``, then ``$PIXI_HOME/bin/pixi``, then
+    ``~/.pixi/bin/pixi``.
+
+    ``path`` is a ``PATH``-style string (default: this process's ``PATH``); ``home`` replaces
+    the home directory (for tests). Only executable files count.
+    """
+    if path is None:
+        path = process_environ().get("PATH", os.defpath)
+    found = shutil.which("pixi", path=path)
+    if found:
+        return Path(found)
+    candidates = []
+    if settings.pixi_home is not None:
+        candidates.append(settings.pixi_home / "bin" / "pixi")
+    candidates.append((home or Path.home()) / ".pixi" / "bin" / "pixi")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# ---- planning (pure, plus rattler's synchronous channel parser) -------------------------------
+
+
+def channel_url(channel: str, project_dir: Path, where: str) -> str:
+    """``channel`` (name, URL or path relative to ``project_dir``) as a URL ending in ``/``.
+
+    Names use conda's default alias (``https://conda.anaconda.org/<name>/``), as pixi does.
+    """
+    from rattler import Channel, ChannelConfig
+
+    try:
+        url = Channel(channel, ChannelConfig(root_dir=str(project_dir))).base_url
+    except Exception as exc:
+        raise LockError(
+            f"{where}: channel {channel!r} is not a name, URL or path ({exc}); fix the channel"
+        ) from None
+    return url if url.endswith("/") else url + "/"
+
+
+def plan_lock(manifest: Manifest, project_dir: Path) -> LockPlan:
+    """The solve jobs for every environment and platform of ``manifest``. No I/O."""
+    jobs: list[SolveJob] = []
+    environments: list[tuple[str, tuple[str, ...]]] = []
+    for env in manifest.environment_names:
+        urls: tuple[str, ...] | None = None
+        for platform in manifest.platforms_for(env):
+            resolved = manifest.resolve(env, platform)
+            urls = tuple(
+                channel_url(c, project_dir, f"{manifest.path}: environment {env!r}")
+                for c in resolved.channels
+            )
+            jobs.append(_job(resolved, urls))
+        if urls is None:  # an environment without platforms still lists its channels
+            urls = tuple(
+                channel_url(c.channel, project_dir, str(manifest.path)) for c in manifest.channels
+            )
+        environments.append((env, urls))
+    default = manifest.feature(DEFAULT_FEATURE).system_requirements
+    platforms = tuple(
+        (p, tuple(str(vp) for vp in default.virtual_packages(p))) for p in manifest.platforms
+    )
+    return LockPlan(environments=tuple(environments), platforms=platforms, jobs=tuple(jobs))
+
+
+def _job(resolved: ResolvedEnvironment, urls: tuple[str, ...]) -> SolveJob:
+    # A `channel::` spec may name a channel the environment does not list; solve with it too.
+    from rattler import MatchSpec
+
+    extra: list[str] = []
+    for spec in resolved.match_specs:
+        channel = MatchSpec(spec).channel
+        if channel is not None:
+            url = channel.base_url if channel.base_url.endswith("/") else channel.base_url + "/"
+            if url not in urls and url not in extra:
+                extra.append(url)
+    return SolveJob(
+        environment=resolved.environment,
+        platform=resolved.platform,
+        channels=(*urls, *extra),
+        channel_priority=resolved.channel_priority,
+        specs=resolved.match_specs,
+        virtual_packages=resolved.virtual_packages,
+    )
+
+
+# ---- is the existing lock current? ------------------------------------------------------------
+
+
+def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str | None:
+    """Why ``lock_path`` does not satisfy ``manifest``, or ``None`` when it does.
+
+    Current means: the lock can be read; it holds exactly the manifest's environments; each
+    has the manifest's channels (as URLs, same order); every platform of the environment is
+    locked; every conda spec is matched by a locked package; every locked conda package is
+    reachable from the specs (a removed dependency makes the lock stale); every virtual
+    package a locked package depends on is provided by the manifest's system requirements;
+    every PyPI and source dependency has a locked package of that name; and the virtual
+    packages recorded per platform (when the lock records them) equal the workspace's.
+    Uses only py-rattler's synchronous API.
+    """
+    from rattler import LockFile
+
+    if not lock_path.is_file():
+        return f"no {lock_path.name}"
+    try:
+        lock_file = LockFile.from_path(lock_path)
+    except Exception as exc:
+        return f"{lock_path.name} cannot be read ({' '.join(str(exc).split())})"
+
+    plan = plan_lock(manifest, project_dir)
+    locked_envs = {name for name, _ in lock_file.environments()}
+    wanted_envs = {name for name, _ in plan.environments}
+    if locked_envs != wanted_envs:
+        return (
+            f"environments differ (lock: {', '.join(sorted(locked_envs)) or 'none'}; "
+            f"manifest: {', '.join(sorted(wanted_envs))})"
+        )
+    recorded = {p.name: list(p.virtual_packages) for p in lock_file.platforms()}
+    for platform, vps in plan.platforms:
+        if platform not in recorded:
+            return f"platform {platform} is not in the lock"
+        if recorded[platform] and sorted(recorded[platform]) != sorted(vps):
+            return f"virtual packages of {platform} changed"
+
+    for name, urls in plan.environments:
+        env = lock_file.environment(name)
+        if env is None:  # pragma: no cover - names checked above
+            return f"environment {name!r} is not in the lock"
+        locked_urls = tuple(_norm_url(str(c)) for c in env.channels())
+        if locked_urls != tuple(_norm_url(u) for u in urls):
+            return f"channels of environment {name!r} changed"
+        env_platforms = {p.name: p for p in env.platforms()}
+        wanted = set(manifest.platforms_for(name))
+        extra = sorted(set(env_platforms) - wanted)
+        if extra:
+            return f"environment {name!r} has platforms the manifest dropped: {', '.join(extra)}"
+        for platform in manifest.platforms_for(name):
+            resolved = manifest.resolve(name, platform)
+            lock_platform = env_platforms.get(platform)
+            # The platform object must come from this environment (py-rattler panics on a
+            # fresh LockPlatform here).
+            packages = env.packages(lock_platform) if lock_platform is not None else None
+            reason = _environment_stale(resolved, packages or [])
+            if reason:
+                return f"environment {name!r} on {platform}: {reason}"
+    return None
+
+
+def _environment_stale(resolved: ResolvedEnvironment, packages: Sequence[Any]) -> str | None:
+    from rattler import CondaLockedPackage, MatchSpec, PypiLockedPackage, Version, VersionSpec
+
+    conda = [p for p in packages if isinstance(p, CondaLockedPackage)]
+    pypi = {pypi_name(p.name) for p in packages if isinstance(p, PypiLockedPackage)}
+    by_name = {p.name: p for p in conda}
+    vps = {vp.name: vp for vp in resolved.virtual_packages}
+
+    roots: list[str] = []
+    for spec in resolved.match_specs:
+        if not any(p.satisfies(spec) for p in conda):
+            return f"no locked package matches {spec!r}"
+        roots.append(MatchSpec(spec).name.normalized)
+    for source in resolved.source_dependencies:
+        if source not in by_name:
+            return f"source dependency {source!r} is not locked"
+        roots.append(source)
+    missing = [name for name in resolved.pypi_dependencies if name not in pypi]
+    if missing:
+        return f"PyPI dependency {missing[0]!r} is not locked"
+
+    reached: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in by_name:
+            continue
+        reached.add(name)
+        record = by_name[name].package_record
+        for dep in record.depends if record is not None else []:
+            spec = MatchSpec(dep)
+            dep_name = spec.name.normalized
+            if not dep_name.startswith("__"):
+                todo.append(dep_name)
+                continue
+            vp = vps.get(dep_name)
+            if vp is None:
+                return f"{name} needs {dep!r}, which the system requirements do not provide"
+            if spec.version and not VersionSpec(str(spec.version)).matches(Version(vp.version)):
+                return f"{name} needs {dep!r}, but the system requirements give {vp.version}"
+    unused = sorted(set(by_name) - reached)
+    if unused:
+        return f"{unused[0]} is locked but no longer required"
+    return None
+
+
+def _norm_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+# ---- locking ---------------------------------------------------------------------------------
+
+
+def lock(
+    project_dir: Path,
+    *,
+    pixi: Path | None,
+    cache_dir: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> LockResult:
+    """Make ``project_dir/pixi.lock`` satisfy ``project_dir/pixi.toml``.
+
+    With ``pixi``: runs ``pixi lock --manifest-path <dir>/pixi.toml`` (blocks up to
+    ``timeout`` seconds). Without: solves with py-rattler in a child process, unless the lock
+    is already current (then nothing is written). ``cache_dir`` is the repodata cache of the
+    solve (default: rattler's). Never deletes the lock; a failed solve leaves it as it was.
+
+    Raises :class:`LockError`: no manifest; a malformed manifest; PyPI or source dependencies
+    and no pixi; an unsolvable environment (named, with its platform); pixi failing.
+    """
+    project_dir = project_dir.resolve()
+    manifest_path = project_dir / MANIFEST_NAME
+    lock_path = project_dir / LOCK_NAME
+    if not manifest_path.is_file():
+        raise LockError(
+            f"{manifest_path}: no pixi manifest there; point PIPELINE_PROJECT at a pixi project"
+        )
+    if pixi is not None:
+        return _pixi_lock(pixi, manifest_path, lock_path, timeout)
+
+    manifest = load_manifest(manifest_path)
+    reason = stale_reason(manifest, lock_path, project_dir)
+    if reason is None:
+        return LockResult(
+            lock_path, "up-to-date", changed=False, reason="satisfies pixi.toml; not rewritten"
+        )
+    for resolved in manifest.resolve_all():
+        if resolved.pypi_dependencies or resolved.source_dependencies:
+            kind = "PyPI" if resolved.pypi_dependencies else "source (path/git/url)"
+            names = resolved.pypi_dependencies or resolved.source_dependencies
+            raise LockError(
+                f"{manifest_path}: environment {resolved.environment!r} has {kind} "
+                f"dependencies ({', '.join(names)}), which only pixi can lock; {PIXI_HINT}"
+            )
+    plan = plan_lock(manifest, project_dir)
+    counts = _solve_in_child(plan, manifest_path, lock_path, cache_dir, timeout)
+    return LockResult(lock_path, "solved", changed=True, reason=reason, packages=counts)
+
+
+def _pixi_lock(pixi: Path, manifest_path: Path, lock_path: Path, timeout: float) -> LockResult:
+    before = lock_path.read_bytes() if lock_path.is_file() else None
+    cmd = [str(pixi), "lock", "--manifest-path", str(manifest_path)]
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=manifest_path.parent,
+            env=process_environ(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except OSError as exc:
+        raise LockError(f"cannot run {pixi} ({exc}); {PIXI_HINT}") from None
+    except subprocess.TimeoutExpired:
+        raise LockError(
+            f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s; check the network"
+        ) from None
+    if proc.returncode != 0:
+        raise LockError(
+            f"`pixi lock` failed for {manifest_path} (exit {proc.returncode}): "
+            f"{_last_line(proc.stderr or proc.stdout)}; run `{' '.join(cmd)}` to see it all"
+        )
+    if not lock_path.is_file():
+        raise LockError(f"`pixi lock` wrote no {lock_path}; run `{' '.join(cmd)}` by hand")
+    changed = before != lock_path.read_bytes()
+    return LockResult(lock_path, "pixi", changed=changed, reason=f"{pixi} lock")
+
+
+def _solve_in_child(
+    plan: LockPlan,
+    manifest_path: Path,
+    lock_path: Path,
+    cache_dir: Path | None,
+    timeout: float,
+) -> tuple[tuple[str, str, int], ...]:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", suffix=".tmp", dir=lock_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    request = {
+        "output": str(tmp),
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        "plan": asdict(plan),
+    }
+    env = process_environ()
+    # The worker imports this package; make that work from a plain checkout too.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    try:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.lock", "--worker"],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise LockError(
+                f"{manifest_path}: the solve did not finish in {timeout:.0f} s; "
+                "check the channels and the network"
+            ) from None
+        reply = _reply(proc.stdout)
+        if reply is None or proc.returncode != 0 or not reply.get("ok"):
+            if reply and reply.get("error"):
+                raise LockError(f"{manifest_path}: {reply['error']}")
+            raise LockError(
+                f"{manifest_path}: the solver process failed (exit {proc.returncode}): "
+                f"{_last_line(proc.stderr)}"
+            )
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(lock_path)
+        _fsync_dir(lock_path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tuple((e, p, int(n)) for e, p, n in reply["packages"])
+
+
+def _reply(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.strip().splitlines()):
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- the worker (child process) ---------------------------------------------------------------
+
+
+async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """Solve every job of the plan concurrently and write the lock to ``request['output']``."""
+    from rattler import (
+        BuildString,
+        Channel,
+        ChannelPriority,
+        Gateway,
+        GenericVirtualPackage,
+        LockChannel,
+        LockFile,
+        LockPlatform,
+        PackageName,
+        Version,
+        solve,
+    )
+
+    plan = request["plan"]
+    cache_dir = request.get("cache_dir")
+    gateway = Gateway(cache_dir=Path(cache_dir) if cache_dir else None)
+
+    async def one(job: Mapping[str, Any]) -> list[Any]:
+        try:
+            return await solve(
+                [Channel(url) for url in job["channels"]],
+                job["specs"],
+                gateway=gateway,
+                platforms=[job["platform"], "noarch"],
+                virtual_packages=[
+                    GenericVirtualPackage(
+                        PackageName(vp["name"]), Version(vp["version"]), BuildString(vp["build"])
+                    )
+                    for vp in job["virtual_packages"]
+                ],
+                channel_priority=ChannelPriority.Strict
+                if job["channel_priority"] == "strict"
+                else ChannelPriority.Disabled,
+            )
+        except Exception as exc:
+            where = f"environment {job['environment']!r} on {job['platform']}"
+            kind = type(exc).__name__
+            text = " ".join(str(exc).split()).rstrip(".")
+            if kind == "SolverError":
+                raise PipelineError(
+                    f"cannot solve {where}: {text}; adjust its dependencies or "
+                    "[system-requirements]"
+                ) from None
+            raise PipelineError(
+                f"cannot solve {where} ({kind}: {text}); check the channels and the network"
+            ) from None
+
+    jobs = [job for job in plan["jobs"] if job["specs"]]
+    solved = await asyncio.gather(*(one(job) for job in jobs))
+
+    lock_file = LockFile(
+        [LockPlatform(name, virtual_packages=list(vps)) for name, vps in plan["platforms"]]
+    )
+    platforms = {p.name: p for p in lock_file.platforms()}
+    for name, urls in plan["environments"]:
+        lock_file.set_channels(name, [LockChannel(url) for url in urls])
+    counts: list[tuple[str, str, int]] = []
+    for job, records in zip(jobs, solved, strict=True):
+        for record in sorted(records, key=lambda r: r.name.normalized):
+            lock_file.add_conda_package(job["environment"], platforms[job["platform"]], record)
+        counts.append((job["environment"], job["platform"], len(records)))
+    lock_file.to_path(Path(request["output"]))
+    return counts
+
+
+def _worker() -> int:
+    """Entry of ``python -m pipeline.lock --worker``: JSON request on stdin, reply on stdout."""
+    try:
+        request = json.loads(sys.stdin.read())
+        counts = asyncio.run(_solve_and_write(request))
+        reply: dict[str, Any] = {"ok": True, "packages": counts}
+    except PipelineError as exc:
+        reply = {"ok": False, "error": exc.message}
+    except Exception as exc:
+        reply = {"ok": False, "error": f"solver process error ({type(exc).__name__}: {exc})"}
+    print(json.dumps(reply))
+    return 0 if reply["ok"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.lock [PROJECT_DIR] [--no-pixi]``: lock and print one line."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.lock", description=__doc__)
+    parser.add_argument("project", nargs="?", type=Path, help="pixi project directory")
+    parser.add_argument("--no-pixi", action="store_true", help="solve with py-rattler")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker()
+    try:
+        settings = load_settings()
+        pixi = None if args.no_pixi else find_pixi(settings)
+        result = lock(args.project or settings.project, pixi=pixi)
+    except PipelineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # py-rattler's async runtime can crash the interpreter at exit: flush, then leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,843 @@
+"""Read a pixi manifest (``pixi.toml``) into frozen objects.
+
+:func:`load_manifest` parses the file once and checks its shape; :meth:`Manifest.resolve`
+then answers, for one environment and one platform, what a solver needs: the channels in
+priority order, the conda match specs, the virtual packages implied by
+``[system-requirements]`` (with pixi's defaults), the PyPI requirements and the tasks.
+
+The rules follow pixi's own (``pixi_manifest``):
+
+- ``[workspace]`` (or the legacy ``[project]``) holds ``name``, ``channels``, ``platforms``.
+- Dependencies come from ``[dependencies]``, ``[host-dependencies]`` and
+  ``[build-dependencies]`` (pixi installs all three into an environment), at the top level
+  (the *default feature*), under ``[target.<selector>]`` and under ``[feature.<f>]`` (with its
+  own ``target`` tables). Within one feature a target-specific spec replaces the feature's spec
+  for the same package; across features every spec is kept, so the solver must satisfy all.
+- Target selectors are a platform (``linux-64``) or a family (``linux``, ``osx``, ``win``,
+  ``unix``); the more specific selector wins.
+- An environment uses its features in the order listed, then the default feature (unless
+  ``no-default-feature = true``). Channels: each feature's ``channels`` (or the workspace's),
+  de-duplicated in that order, then stably sorted by ``priority`` (highest first).
+- System requirements of the features are combined by taking the highest version of each.
+
+Nothing here touches the network or a process; the only import from py-rattler is its
+synchronous version and match-spec parsers, used to reject malformed specs early. Errors are
+:class:`~pipeline.errors.LockError` with one line: the file, the dotted key, what to do.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rattler import MatchSpec, Version
+
+from pipeline.errors import LockError
+
+MANIFEST_NAME = "pixi.toml"
+DEFAULT_ENVIRONMENT = "default"
+DEFAULT_FEATURE = "default"
+
+# Defaults pixi assumes when [system-requirements] says nothing (pixi_default_versions).
+DEFAULT_LINUX_VERSION = "5.10"
+DEFAULT_GLIBC_VERSION = "2.28"
+DEFAULT_MACOS_VERSION = "13.0"
+
+KNOWN_PLATFORMS = (
+    "linux-64",
+    "linux-aarch64",
+    "linux-ppc64le",
+    "linux-s390x",
+    "linux-riscv64",
+    "linux-armv6l",
+    "linux-armv7l",
+    "linux-32",
+    "osx-64",
+    "osx-arm64",
+    "win-64",
+    "win-32",
+    "win-arm64",
+    "emscripten-wasm32",
+    "wasi-wasm32",
+    "zos-z",
+)
+TARGET_FAMILIES = ("unix", "linux", "osx", "win")
+
+# Conda's `__archspec` build string per platform, as rattler's Archspec::from_platform.
+_ARCHSPEC = {
+    "linux-64": "x86_64",
+    "linux-aarch64": "aarch64",
+    "linux-ppc64le": "ppc64le",
+    "linux-s390x": "s390x",
+    "linux-riscv64": "riscv64",
+    "linux-armv6l": "armv6l",
+    "linux-armv7l": "armv7l",
+    "linux-32": "x86",
+    "osx-64": "x86_64",
+    "osx-arm64": "m1",
+    "win-64": "x86_64",
+    "win-32": "x86",
+    "win-arm64": "arm64",
+}
+
+_DEPENDENCY_TABLES = ("dependencies", "host-dependencies", "build-dependencies")
+_SPEC_TABLE_KEYS = {
+    "version": "version",
+    "build": "build",
+    "build-number": "build_number",
+    "channel": None,  # rendered as the `channel::` prefix
+    "subdir": "subdir",
+    "md5": "md5",
+    "sha256": "sha256",
+    "file-name": "fn",
+    "license": "license",
+}
+_SOURCE_SPEC_KEYS = ("path", "git", "url", "branch", "tag", "rev", "subdirectory")
+_SYSTEM_REQUIREMENT_KEYS = ("linux", "cuda", "macos", "libc", "archspec")
+_ENV_NAME = re.compile(r"^[a-z0-9-]+$")
+_TOML_POSITION = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+_PYPI_NAME = re.compile(r"[-_.]+")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VirtualPackage:
+    """A virtual package the solver may assume (``__glibc 2.28 0``)."""
+
+    name: str
+    version: str
+    build: str = "0"
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.version}={self.build}"
+
+
+@dataclass(frozen=True)
+class ChannelEntry:
+    """One entry of a ``channels`` list: a name, URL or path, and its priority (default 0)."""
+
+    channel: str
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class CondaDependency:
+    """One conda requirement as written in the manifest.
+
+    ``spec`` is the match-spec string (``python 3.12.*``); ``None`` for a source or URL
+    dependency (``path``/``git``/``url``), which only pixi can lock.
+    """
+
+    name: str
+    spec: str | None
+    key: str  # dotted key in the manifest, for messages
+
+    @property
+    def is_source(self) -> bool:
+        return self.spec is None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A pixi task. ``cmd`` is a string, a list of arguments, or ``None`` for an alias."""
+
+    name: str
+    cmd: str | tuple[str, ...] | None = None
+    depends_on: tuple[str, ...] = ()
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class SystemRequirements:
+    """``[system-requirements]`` of one feature (pixi's keys: linux, cuda, macos, libc)."""
+
+    linux: str | None = None
+    cuda: str | None = None
+    macos: str | None = None
+    libc_family: str | None = None
+    libc_version: str | None = None
+    archspec: str | None = None
+
+    def union(self, other: SystemRequirements, where: str) -> SystemRequirements:
+        """Combine two features' requirements: the highest version of each wins.
+
+        Raises :class:`LockError` when the libc families or archspecs differ.
+        """
+        mine, theirs = self.libc_family or "glibc", other.libc_family or "glibc"
+        if self.libc_version and other.libc_version and mine != theirs:
+            raise LockError(
+                f"{where}: features ask for different libc families ({mine} and {theirs}); "
+                "use one family in every [system-requirements] libc"
+            )
+        if self.archspec and other.archspec and self.archspec != other.archspec:
+            raise LockError(
+                f"{where}: features ask for different archspecs "
+                f"({self.archspec} and {other.archspec}); use one"
+            )
+        libc_version = _max_version(self.libc_version, other.libc_version)
+        libc_family = self.libc_family or other.libc_family
+        return SystemRequirements(
+            linux=_max_version(self.linux, other.linux),
+            cuda=_max_version(self.cuda, other.cuda),
+            macos=_max_version(self.macos, other.macos),
+            libc_family=libc_family if libc_version else None,
+            libc_version=libc_version,
+            archspec=self.archspec or other.archspec,
+        )
+
+    def virtual_packages(self, platform: str) -> tuple[VirtualPackage, ...]:
+        """The virtual packages pixi assumes when solving for ``platform``.
+
+        As pixi's ``get_minimal_virtual_packages``: ``__unix`` on unix platforms; ``__linux``
+        and ``__glibc`` (or ``__<family>``) on linux with pixi's defaults (5.10, 2.28) unless
+        set; ``__osx`` (default 13.0) on macOS; ``__win`` on Windows; ``__cuda`` only when
+        set (never on macOS); ``__archspec`` from the platform.
+        """
+        family = platform_family(platform)
+        result: list[VirtualPackage] = []
+        if family in ("linux", "osx") or platform == "zos-z":
+            result.append(VirtualPackage("__unix", "0"))
+        if family == "linux":
+            result.append(VirtualPackage("__linux", self.linux or DEFAULT_LINUX_VERSION))
+            libc = self.libc_family or "glibc"
+            result.append(VirtualPackage(f"__{libc}", self.libc_version or DEFAULT_GLIBC_VERSION))
+        if family == "win":
+            result.append(VirtualPackage("__win", "0"))
+        if family == "osx":
+            result.append(VirtualPackage("__osx", self.macos or DEFAULT_MACOS_VERSION))
+        if self.cuda and family != "osx":
+            result.append(VirtualPackage("__cuda", self.cuda))
+        if platform in _ARCHSPEC:
+            result.append(VirtualPackage("__archspec", "1", _ARCHSPEC[platform]))
+        return tuple(result)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one ``[target.<selector>]`` table (or a feature's top level) declares."""
+
+    conda: tuple[CondaDependency, ...] = ()
+    pypi: tuple[str, ...] = ()  # normalized PyPI names
+    tasks: tuple[Task, ...] = ()
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A pixi feature; the top-level tables form the feature named ``default``."""
+
+    name: str
+    channels: tuple[ChannelEntry, ...] | None = None
+    platforms: tuple[str, ...] | None = None
+    channel_priority: str | None = None
+    system_requirements: SystemRequirements = field(default_factory=SystemRequirements)
+    default_target: Target = field(default_factory=Target)
+    targets: tuple[tuple[str, Target], ...] = ()  # (selector, target)
+
+    def targets_for(self, platform: str) -> tuple[Target, ...]:
+        """The targets that apply to ``platform``, least specific first."""
+        ranked = sorted(
+            (_selector_rank(selector), target)
+            for selector, target in self.targets
+            if selector_matches(selector, platform)
+        )
+        return (self.default_target, *(target for _, target in ranked))
+
+
+@dataclass(frozen=True)
+class EnvironmentDefinition:
+    """One entry of ``[environments]`` (``default`` exists even when not written)."""
+
+    name: str
+    features: tuple[str, ...] = ()
+    no_default_feature: bool = False
+    solve_group: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedEnvironment:
+    """Everything needed to solve one environment for one platform.
+
+    ``channels`` are as written (names, URLs or paths), highest priority first; turning them
+    into URLs needs a channel alias and a root directory (see :mod:`pipeline.lock`).
+    """
+
+    manifest: Path
+    environment: str
+    platform: str
+    channels: tuple[str, ...]
+    channel_priority: str
+    match_specs: tuple[str, ...]
+    source_dependencies: tuple[str, ...]
+    pypi_dependencies: tuple[str, ...]
+    virtual_packages: tuple[VirtualPackage, ...]
+    tasks: tuple[Task, ...]
+
+    @property
+    def has_pypi_dependencies(self) -> bool:
+        return bool(self.pypi_dependencies)
+
+    def task(self, name: str) -> Task | None:
+        return next((t for t in self.tasks if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``pixi.toml``. Build with :func:`load_manifest` or :func:`parse_manifest`."""
+
+    path: Path
+    name: str
+    channels: tuple[ChannelEntry, ...]
+    platforms: tuple[str, ...]
+    channel_priority: str
+    features: tuple[Feature, ...]  # the default feature first
+    environments: tuple[EnvironmentDefinition, ...]  # `default` first
+
+    @property
+    def environment_names(self) -> tuple[str, ...]:
+        return tuple(env.name for env in self.environments)
+
+    def feature(self, name: str) -> Feature:
+        return next(f for f in self.features if f.name == name)
+
+    def environment(self, name: str) -> EnvironmentDefinition:
+        """The environment called ``name``; :class:`LockError` listing the others if none."""
+        for env in self.environments:
+            if env.name == name:
+                return env
+        raise LockError(
+            f"{self.path}: unknown environment {name!r}; available: "
+            f"{', '.join(self.environment_names)} (defined under [environments])"
+        )
+
+    def environment_features(self, name: str) -> tuple[Feature, ...]:
+        """The features of environment ``name`` in pixi's order (default feature last)."""
+        env = self.environment(name)
+        names = list(env.features)
+        if not env.no_default_feature:
+            names.append(DEFAULT_FEATURE)
+        return tuple(self.feature(n) for n in names)
+
+    def platforms_for(self, environment: str) -> tuple[str, ...]:
+        """The workspace platforms that every feature of ``environment`` supports."""
+        features = self.environment_features(environment)
+        allowed = set(self.platforms)
+        for feature in features:
+            if feature.platforms is not None:
+                allowed &= set(feature.platforms)
+        return tuple(p for p in self.platforms if p in allowed)
+
+    def system_requirements_for(self, environment: str) -> SystemRequirements:
+        """The union of the environment's features' ``[system-requirements]``."""
+        result = SystemRequirements()
+        for feature in self.environment_features(environment):
+            result = result.union(
+                feature.system_requirements, f"{self.path}: environment {environment!r}"
+            )
+        return result
+
+    def resolve(self, environment: str, platform: str) -> ResolvedEnvironment:
+        """What ``environment`` needs on ``platform``.
+
+        Pure; raises :class:`LockError` for an unknown environment or a platform the
+        environment does not support.
+        """
+        features = self.environment_features(environment)
+        platforms = self.platforms_for(environment)
+        if platform not in platforms:
+            raise LockError(
+                f"{self.path}: environment {environment!r} does not support platform "
+                f"{platform!r}; its platforms: {', '.join(platforms) or 'none'} "
+                "(set by workspace.platforms and the features' platforms)"
+            )
+
+        channels: list[ChannelEntry] = []
+        for feature in features:
+            for entry in feature.channels if feature.channels is not None else self.channels:
+                if entry.channel not in (c.channel for c in channels):
+                    channels.append(entry)
+        channels.sort(key=lambda c: -c.priority)  # stable: manifest order within a priority
+
+        priorities = {f.channel_priority for f in features if f.channel_priority is not None}
+        if len(priorities) > 1:
+            raise LockError(
+                f"{self.path}: environment {environment!r} mixes channel-priority values "
+                f"{sorted(priorities)}; set one value in its features"
+            )
+        channel_priority = priorities.pop() if priorities else self.channel_priority
+
+        specs: list[str] = []
+        sources: list[str] = []
+        pypi: list[str] = []
+        tasks: dict[str, Task] = {}
+        for feature in features:
+            conda: dict[str, CondaDependency] = {}
+            feature_tasks: dict[str, Task] = {}
+            for target in feature.targets_for(platform):
+                conda.update((dep.name, dep) for dep in target.conda)
+                pypi.extend(name for name in target.pypi if name not in pypi)
+                feature_tasks.update((task.name, task) for task in target.tasks)
+            for dep in conda.values():
+                if dep.spec is None:
+                    if dep.name not in sources:
+                        sources.append(dep.name)
+                elif dep.spec not in specs:
+                    specs.append(dep.spec)
+            for name, task in feature_tasks.items():
+                tasks.setdefault(name, task)  # the first feature that defines a task wins
+
+        return ResolvedEnvironment(
+            manifest=self.path,
+            environment=environment,
+            platform=platform,
+            channels=tuple(c.channel for c in channels),
+            channel_priority=channel_priority,
+            match_specs=tuple(specs),
+            source_dependencies=tuple(sources),
+            pypi_dependencies=tuple(pypi),
+            virtual_packages=self.system_requirements_for(environment).virtual_packages(platform),
+            tasks=tuple(tasks.values()),
+        )
+
+    def resolve_all(self) -> tuple[ResolvedEnvironment, ...]:
+        """Every (environment, platform) pair, environments in manifest order."""
+        return tuple(
+            self.resolve(env, platform)
+            for env in self.environment_names
+            for platform in self.platforms_for(env)
+        )
+
+
+# ---- platforms -------------------------------------------------------------------------------
+
+
+def platform_family(platform: str) -> str:
+    """``linux``, ``osx``, ``win`` or the platform itself (``emscripten-wasm32``)."""
+    return platform.split("-", 1)[0] if "-" in platform else platform
+
+
+def selector_matches(selector: str, platform: str) -> bool:
+    """Whether a ``[target.<selector>]`` table applies to ``platform``."""
+    if selector == platform:
+        return True
+    family = platform_family(platform)
+    if selector == "unix":
+        return family in ("linux", "osx") or platform == "zos-z"
+    return selector in ("linux", "osx", "win") and selector == family
+
+
+def _selector_rank(selector: str) -> int:
+    return {"unix": 1, "linux": 2, "osx": 2, "win": 2}.get(selector, 3)
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and check ``path`` (a ``pixi.toml``, or a directory holding one).
+
+    Raises :class:`LockError`: a missing file; a TOML syntax error (``file:line:col``); a
+    manifest whose shape pixi would refuse (the dotted key is named).
+    """
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(
+            f"{path}: no pixi manifest there; create it or point PIPELINE_PROJECT at a "
+            "directory holding pixi.toml"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LockError(f"{path}: cannot read the manifest ({exc}); check the file") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str, path: Path) -> Manifest:
+    """Parse manifest ``text``; ``path`` is only used in messages and for :attr:`Manifest.path`.
+
+    Same errors as :func:`load_manifest`.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LockError(_toml_error(path, str(exc))) from None
+    return _Parser(path).manifest(data)
+
+
+def _toml_error(path: Path, message: str) -> str:
+    # Python 3.11's TOMLDecodeError has no line/column attributes: they live in the message.
+    match = _TOML_POSITION.match(message.strip())
+    if match:
+        return (
+            f"{path}:{match['line']}:{match['col']}: invalid TOML: {match['msg']}; "
+            "fix the syntax there"
+        )
+    return f"{path}: invalid TOML: {message}; fix the syntax"
+
+
+class _Parser:
+    """Turns the TOML data into a :class:`Manifest`; every error names its dotted key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> LockError:
+        return LockError(f"{self.path}: {key}: {problem}")
+
+    # -- top level
+    def manifest(self, data: Mapping[str, Any]) -> Manifest:
+        if "workspace" in data and "project" in data:
+            raise self.fail("[workspace]", "both [workspace] and [project] are present; keep one")
+        table_name = "workspace" if "workspace" in data else "project"
+        if table_name not in data:
+            raise LockError(
+                f"{self.path}: no [workspace] table; add one with name, channels and platforms"
+            )
+        workspace = self.table(data[table_name], table_name)
+        name = workspace.get("name", self.path.parent.name)
+        if not isinstance(name, str) or not name:
+            raise self.fail(f"{table_name}.name", "must be a non-empty string")
+        channels = self.channels(workspace.get("channels"), f"{table_name}.channels")
+        if channels is None:
+            raise self.fail(f"{table_name}.channels", "missing; list at least one channel")
+        platforms = self.platforms(workspace.get("platforms"), f"{table_name}.platforms")
+        if platforms is None:
+            raise self.fail(f"{table_name}.platforms", "missing; list platforms like linux-64")
+        channel_priority = self.channel_priority(
+            workspace.get("channel-priority"), f"{table_name}.channel-priority"
+        )
+
+        default = self.feature(DEFAULT_FEATURE, data, prefix="", top_level=True)
+        features = [default]
+        feature_tables = self.table(data.get("feature", {}), "feature")
+        for fname, ftable in feature_tables.items():
+            if fname == DEFAULT_FEATURE:
+                raise self.fail(
+                    "feature.default", "the name 'default' is reserved; rename the feature"
+                )
+            features.append(
+                self.feature(fname, self.table(ftable, f"feature.{fname}"), f"feature.{fname}.")
+            )
+        environments = self.environments(data.get("environments", {}), features)
+        return Manifest(
+            path=self.path,
+            name=name,
+            channels=channels,
+            platforms=platforms,
+            channel_priority=channel_priority or "strict",
+            features=tuple(features),
+            environments=environments,
+        )
+
+    # -- features and targets
+    def feature(
+        self, name: str, table: Mapping[str, Any], prefix: str, *, top_level: bool = False
+    ) -> Feature:
+        targets: list[tuple[str, Target]] = []
+        for selector, ttable in self.table(table.get("target", {}), f"{prefix}target").items():
+            if selector not in KNOWN_PLATFORMS and selector not in TARGET_FAMILIES:
+                raise self.fail(
+                    f"{prefix}target.{selector}",
+                    "unknown platform selector; use a platform like linux-64 "
+                    "or one of unix, linux, osx, win",
+                )
+            key = f"{prefix}target.{selector}"
+            targets.append((selector, self.target(self.table(ttable, key), f"{key}.")))
+        return Feature(
+            name=name,
+            channels=None
+            if top_level
+            else self.channels(table.get("channels"), prefix + "channels"),
+            platforms=None
+            if top_level
+            else self.platforms(table.get("platforms"), prefix + "platforms"),
+            channel_priority=None
+            if top_level
+            else self.channel_priority(table.get("channel-priority"), prefix + "channel-priority"),
+            system_requirements=self.system_requirements(
+                table.get("system-requirements", {}), prefix + "system-requirements"
+            ),
+            default_target=self.target(table, prefix),
+            targets=tuple(targets),
+        )
+
+    def target(self, table: Mapping[str, Any], prefix: str) -> Target:
+        conda: list[CondaDependency] = []
+        for kind in _DEPENDENCY_TABLES:
+            deps = self.table(table.get(kind, {}), prefix + kind)
+            for dep_name, value in deps.items():
+                conda.append(self.conda_dependency(dep_name, value, f"{prefix}{kind}.{dep_name}"))
+        pypi = self.table(table.get("pypi-dependencies", {}), prefix + "pypi-dependencies")
+        tasks = self.table(table.get("tasks", {}), prefix + "tasks")
+        return Target(
+            conda=tuple(conda),
+            pypi=tuple(pypi_name(n) for n in pypi),
+            tasks=tuple(self.task(n, v, f"{prefix}tasks.{n}") for n, v in tasks.items()),
+        )
+
+    def conda_dependency(self, name: str, value: Any, key: str) -> CondaDependency:
+        try:
+            MatchSpec(name)
+        except Exception as exc:  # rattler raises its own InvalidMatchSpecError
+            raise self.fail(
+                key, f"invalid package name ({exc}); use a conda package name"
+            ) from None
+        if isinstance(value, str):
+            version = "".join(value.split())
+            spec = name if version in ("", "*") else f"{name} {version}"
+        elif isinstance(value, Mapping):
+            if any(k in value for k in _SOURCE_SPEC_KEYS):
+                return CondaDependency(name=name, spec=None, key=key)
+            unknown = sorted(set(value) - set(_SPEC_TABLE_KEYS))
+            if unknown:
+                raise self.fail(
+                    f"{key}.{unknown[0]}",
+                    f"unknown key; allowed: {', '.join([*_SPEC_TABLE_KEYS, *_SOURCE_SPEC_KEYS])}",
+                )
+            spec = self.table_spec(name, value, key)
+        else:
+            raise self.fail(
+                key, 'must be a version string like "3.12.*" or a table like {version = "..."}'
+            )
+        try:
+            MatchSpec(spec)
+        except Exception as exc:
+            raise self.fail(
+                key, f'invalid match spec {spec!r} ({exc}); write a conda spec like ">=1.2,<2"'
+            ) from None
+        return CondaDependency(name=name, spec=spec, key=key)
+
+    def table_spec(self, name: str, value: Mapping[str, Any], key: str) -> str:
+        attrs: list[str] = []
+        for toml_key, spec_key in _SPEC_TABLE_KEYS.items():
+            if toml_key not in value or spec_key is None:
+                continue
+            item = value[toml_key]
+            if not isinstance(item, str | int) or isinstance(item, bool):
+                raise self.fail(f"{key}.{toml_key}", "must be a string")
+            text = "".join(str(item).split()) if toml_key in ("version", "build-number") else item
+            if toml_key == "version" and text in ("", "*"):
+                continue
+            attrs.append(f'{spec_key}="{text}"')
+        channel = value.get("channel")
+        if channel is not None and (not isinstance(channel, str) or not channel):
+            raise self.fail(f"{key}.channel", "must be a channel name or URL")
+        prefix = f"{channel}::" if channel else ""
+        return f"{prefix}{name}[{', '.join(attrs)}]" if attrs else f"{prefix}{name}"
+
+    def task(self, name: str, value: Any, key: str) -> Task:
+        if isinstance(value, str):
+            return Task(name=name, cmd=value)
+        if isinstance(value, list):  # pixi's shorthand for an alias: a list of task names
+            return Task(name=name, depends_on=self.task_names(value, key))
+        if not isinstance(value, Mapping):
+            raise self.fail(key, 'must be a command string or a table like {cmd = "..."}')
+        cmd = value.get("cmd")
+        if isinstance(cmd, list) and all(isinstance(c, str) for c in cmd):
+            cmd = tuple(cmd)
+        elif cmd is not None and not isinstance(cmd, str):
+            raise self.fail(f"{key}.cmd", "must be a string or a list of strings")
+        depends = value.get("depends-on", value.get("depends_on", []))
+        if isinstance(depends, str):
+            depends = [depends]
+        if not isinstance(depends, list):
+            raise self.fail(f"{key}.depends-on", "must be a list of task names")
+        env = value.get("env", {})
+        if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
+            raise self.fail(f"{key}.env", "must be a table of strings")
+        cwd = value.get("cwd")
+        description = value.get("description")
+        for sub, item in (("cwd", cwd), ("description", description)):
+            if item is not None and not isinstance(item, str):
+                raise self.fail(f"{key}.{sub}", "must be a string")
+        return Task(
+            name=name,
+            cmd=cmd,
+            depends_on=self.task_names(depends, f"{key}.depends-on"),
+            cwd=cwd,
+            env=tuple(sorted(env.items())),
+            description=description,
+        )
+
+    def task_names(self, items: Sequence[Any], key: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                names.append(item)
+            elif isinstance(item, Mapping) and isinstance(item.get("task"), str):
+                names.append(item["task"])
+            else:
+                raise self.fail(key, 'entries must be task names or tables like {task = "..."}')
+        return tuple(names)
+
+    # -- workspace-level values
+    def channels(self, value: Any, key: str) -> tuple[ChannelEntry, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self.fail(key, 'must be a list like ["conda-forge"]')
+        entries: list[ChannelEntry] = []
+        for index, item in enumerate(value):
+            if isinstance(item, str) and item:
+                entries.append(ChannelEntry(item))
+            elif isinstance(item, Mapping) and isinstance(item.get("channel"), str):
+                priority = item.get("priority", 0)
+                if not isinstance(priority, int) or isinstance(priority, bool):
+                    raise self.fail(f"{key}[{index}].priority", "must be an integer")
+                entries.append(ChannelEntry(item["channel"], priority))
+            else:
+                raise self.fail(
+                    f"{key}[{index}]",
+                    'must be a channel name, URL or path, or {channel = "...", priority = N}',
+                )
+        return tuple(entries)
+
+    def platforms(self, value: Any, key: str) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise self.fail(key, 'must be a list like ["linux-64"]')
+        for platform in value:
+            if platform not in KNOWN_PLATFORMS:
+                raise self.fail(
+                    key, f"unknown platform {platform!r}; use one of {', '.join(KNOWN_PLATFORMS)}"
+                )
+        return tuple(dict.fromkeys(value))
+
+    def channel_priority(self, value: Any, key: str) -> str | None:
+        if value is None:
+            return None
+        if value not in ("strict", "disabled"):
+            raise self.fail(key, f"{value!r} is not one of 'strict', 'disabled'")
+        return str(value)
+
+    def system_requirements(self, value: Any, key: str) -> SystemRequirements:
+        table = self.table(value, key)
+        for name in table:
+            if name not in _SYSTEM_REQUIREMENT_KEYS:
+                hint = ' (glibc is written libc = "2.28")' if name == "glibc" else ""
+                raise self.fail(
+                    f"{key}.{name}",
+                    f"unknown system requirement{hint}; allowed: "
+                    f"{', '.join(_SYSTEM_REQUIREMENT_KEYS)}",
+                )
+        versions: dict[str, str | None] = {
+            name: self.version(table.get(name), f"{key}.{name}")
+            for name in ("linux", "cuda", "macos")
+        }
+        libc_family: str | None = None
+        libc = table.get("libc")
+        if isinstance(libc, Mapping):
+            unknown = sorted(set(libc) - {"family", "version"})
+            if unknown:
+                raise self.fail(f"{key}.libc.{unknown[0]}", "unknown key; allowed: family, version")
+            family = libc.get("family", "glibc")
+            if not isinstance(family, str) or not re.fullmatch(r"[a-z0-9_]+", family):
+                raise self.fail(f"{key}.libc.family", "must be a libc family like glibc or musl")
+            libc_family = family
+            libc_version = self.version(libc.get("version"), f"{key}.libc.version")
+            if libc_version is None:
+                raise self.fail(f"{key}.libc.version", 'missing; write version = "2.28"')
+        else:
+            libc_version = self.version(libc, f"{key}.libc")
+            libc_family = "glibc" if libc_version else None
+        archspec = table.get("archspec")
+        if archspec is not None and not isinstance(archspec, str):
+            raise self.fail(f"{key}.archspec", "must be a string")
+        return SystemRequirements(
+            linux=versions["linux"],
+            cuda=versions["cuda"],
+            macos=versions["macos"],
+            libc_family=libc_family,
+            libc_version=libc_version,
+            archspec=archspec,
+        )
+
+    def version(self, value: Any, key: str) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise self.fail(key, 'must be a version string like "12.4"')
+        try:
+            Version(value)
+        except Exception as exc:
+            raise self.fail(
+                key, f'invalid version {value!r} ({exc}); write one like "12.4"'
+            ) from None
+        return value
+
+    # -- environments
+    def environments(
+        self, value: Any, features: Sequence[Feature]
+    ) -> tuple[EnvironmentDefinition, ...]:
+        table = self.table(value, "environments")
+        known = [f.name for f in features if f.name != DEFAULT_FEATURE]
+        result: dict[str, EnvironmentDefinition] = {
+            DEFAULT_ENVIRONMENT: EnvironmentDefinition(DEFAULT_ENVIRONMENT)
+        }
+        for name, item in table.items():
+            key = f"environments.{name}"
+            if not _ENV_NAME.match(name):
+                raise self.fail(key, "environment names use lowercase letters, digits and '-'")
+            if isinstance(item, list):
+                feats, no_default, group = item, False, None
+                feats_key = key
+            elif isinstance(item, Mapping):
+                unknown = sorted(set(item) - {"features", "solve-group", "no-default-feature"})
+                if unknown:
+                    raise self.fail(
+                        f"{key}.{unknown[0]}",
+                        "unknown key; allowed: features, solve-group, no-default-feature",
+                    )
+                feats = item.get("features", [])
+                no_default = item.get("no-default-feature", False)
+                group = item.get("solve-group")
+                feats_key = f"{key}.features"
+                if not isinstance(no_default, bool):
+                    raise self.fail(f"{key}.no-default-feature", "must be true or false")
+                if group is not None and not isinstance(group, str):
+                    raise self.fail(f"{key}.solve-group", "must be a string")
+            else:
+                raise self.fail(
+                    key, 'must be a list of features or a table like {features = ["..."]}'
+                )
+            if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
+                raise self.fail(feats_key, "must be a list of feature names")
+            for feat in feats:
+                if feat not in known:
+                    raise self.fail(
+                        feats_key,
+                        f"unknown feature {feat!r}; defined features: "
+                        f"{', '.join(known) or 'none'} (add a [feature.{feat}] table)",
+                    )
+            result[name] = EnvironmentDefinition(
+                name=name, features=tuple(feats), no_default_feature=no_default, solve_group=group
+            )
+        return tuple(result.values())
+
+    # -- helpers
+    def table(self, value: Any, key: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "must be a table")
+        return value
+
+
+def _max_version(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a or b
+    return a if Version(a) >= Version(b) else b
+
+
+def pypi_name(name: str) -> str:
+    """A PyPI project name normalized as PEP 503 (``Foo_Bar`` -> ``foo-bar``)."""
+    return _PYPI_NAME.sub("-", name).lower()
