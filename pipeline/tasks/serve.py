@@ -1,21 +1,13 @@
-"""The doit task definitions, and only those: every action calls a function of a stage module.
-
-``dodo.py`` does ``globals().update(dodo_namespace())``. Which tasks exist depends on
-``PIPELINE_ROLE``: the runtime side (the container) has no task that produces a bundle, so a
-container with a fresh doit database never tries to lock or pack.
-"""
+"""doit tasks of the serve side: plan, serve, status, stop, logs (always run)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from typing import Any
 
 from pipeline import reporting
 from pipeline.errors import PipelineError
-from pipeline.settings import Role, Settings, load_settings, process_environ
-
-TaskDict = dict[str, Any]
+from pipeline.settings import process_environ
+from pipeline.tasks.common import SETTINGS, TaskDict
 
 _CONFIG_PARAM = {
     "name": "config",
@@ -25,41 +17,6 @@ _CONFIG_PARAM = {
     "default": "",
     "help": "serve TOML (default: $AUTO_INFER_VLLM_CONFIG)",
 }
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except PipelineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-SETTINGS = _settings()
-reporting.DEBUG = SETTINGS.debug
-
-
-def _doit_config(settings: Settings) -> dict[str, Any]:
-    try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(
-            f"error: PIPELINE_STATE_DIR {settings.state_dir}: cannot create it ({exc.strerror})",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
-    return {
-        # sqlite3: readable across Python builds, unlike the default dbm.
-        "dep_file": str(settings.doit_db),
-        "backend": "sqlite3",
-        # Stream actions' output as it comes (progress, server logs), never captured.
-        "verbosity": 2,
-        "reporter": reporting.Reporter,
-        "default_tasks": [],
-    }
-
-
-DOIT_CONFIG = _doit_config(SETTINGS)
 
 
 # ---- serve side -----------------------------------------------------------------------------
@@ -211,18 +168,10 @@ def task_logs() -> TaskDict:
     }
 
 
-SERVE_TASKS: dict[str, Callable[[], TaskDict]] = {
+TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_plan": task_plan,
     "task_serve": task_serve,
     "task_status": task_status,
     "task_stop": task_stop,
     "task_logs": task_logs,
 }
-
-
-def dodo_namespace(settings: Settings = SETTINGS) -> dict[str, Any]:
-    """The task functions ``dodo.py`` exposes, by ``PIPELINE_ROLE``, plus ``DOIT_CONFIG``."""
-    tasks: dict[str, Any] = {"DOIT_CONFIG": DOIT_CONFIG}
-    if settings.role in (Role.ALL, Role.RUNTIME):
-        tasks.update(SERVE_TASKS)
-    return tasks
