@@ -74,6 +74,14 @@ class RestartPolicy(StrEnum):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Any) -> Any:
+        # `~` in a path key means the home of whoever runs `doit serve`.
+        if isinstance(value, Path) and str(value).startswith("~"):
+            return value.expanduser()
+        return value
+
 
 class Master(_Strict):
     """What all instances share."""
@@ -211,6 +219,11 @@ class Server(_Strict):
             if flag in MANAGED_FLAGS:
                 raise ValueError(f"{flag} is set from {MANAGED_FLAGS[flag]}; remove it here")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_home(cls, value: str) -> str:
+        return str(Path(value).expanduser()) if value.startswith("~/") else value
 
     @property
     def model_names(self) -> tuple[str, ...]:
