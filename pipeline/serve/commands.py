@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
+import os
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from pipeline.envs import resolve_runtime
 from pipeline.errors import ConfigError, ServeError
-from pipeline.serve.config import ServeConfig, load_config
-from pipeline.serve.plan import Plan, build_plan
-from pipeline.serve.preflight import host_problems
+from pipeline.serve.logfiles import follow as follow_log
+from pipeline.serve.logfiles import tail
 from pipeline.serve.state import (
     InstanceState,
     ServeState,
@@ -30,8 +29,12 @@ from pipeline.serve.state import (
     stop_group,
     supervisor_alive,
 )
-from pipeline.serve.supervisor import Supervisor, tail
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    # status, stop and logs must start fast: config, plan and supervisor load on demand.
+    from pipeline.serve.config import ServeConfig
+    from pipeline.serve.plan import Plan
 
 Say = Callable[[str], None]
 
@@ -44,6 +47,10 @@ def load(
     settings: Settings, config_path: str | Path | None, environ: Mapping[str, str], *, check: bool
 ) -> tuple[ServeConfig, Plan]:
     """Config file -> validated config -> plan. ``check``: the environment must exist."""
+    from pipeline.envs import resolve_runtime
+    from pipeline.serve.config import load_config
+    from pipeline.serve.plan import build_plan
+
     path = Path(config_path) if config_path else settings.serve_config
     if path is None:
         raise ConfigError(
@@ -75,6 +82,8 @@ def plan_command(
 ) -> Plan:
     """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``)."""
     out = out or sys.stdout
+    from pipeline.serve.preflight import host_problems
+
     config, plan = load(settings, config_path, environ, check=check)
     problems = host_problems(config, plan, environ)
     out.write(json.dumps(plan.to_display(), indent=2) + "\n")
@@ -105,6 +114,8 @@ def serve_command(
     Raises ServeError when an instance failed, or when nothing could start.
     """
     out = out or sys.stdout
+    from pipeline.serve.preflight import host_problems
+
     config, plan = load(settings, config_path, environ, check=True)
     if not plan.enable:
         say(f"serve: {config.source}: master.enable = false, nothing to start")
@@ -147,6 +158,8 @@ def _stop_orphans(previous: ServeState | None, say: Say) -> None:
 
 
 def _serve_foreground(plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say) -> int:
+    from pipeline.serve.supervisor import Supervisor
+
     with held_lock(store.lock_file, wait=2.0) as ok:
         if not ok:
             raise ServeError(f"another supervisor holds {store.lock_file}; run `doit status`")
@@ -176,31 +189,19 @@ def _serve_background(
     plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say, out: TextIO
 ) -> int:
     session = uuid.uuid4().hex
-    log = store.supervisor_log.open("ab")
-    try:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.serve.daemon", str(store.root), session],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(environ),
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
-    finally:
-        log.close()
-    assert daemon.stdin is not None
-    # The plan travels over a pipe: the secrets in it never touch the disk.
-    daemon.stdin.write(plan.to_secret_json().encode())
-    daemon.stdin.close()
-    say(
-        f"serve: supervisor started in the background (pid {daemon.pid}, "
-        f"log {store.supervisor_log})"
-    )
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked process, checked by its effects
+        _become_daemon(plan, store, environ, session)
+    # The intermediate child exits as soon as it has forked the supervisor (double fork: the
+    # supervisor is adopted by init, so no caller is left with a zombie to reap).
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise ServeError(f"could not start the supervisor; see {store.supervisor_log}")
+    say(f"serve: supervisor started in the background (log {store.supervisor_log})")
 
     deadline = time.monotonic() + settle_bound(plan)
     seen: dict[str, str] = {}
+    started = time.monotonic()
     state: ServeState | None = None
     while True:
         state = store.read()
@@ -215,21 +216,88 @@ def _serve_background(
                     say(f"serve: {rec.name}: {rec.state}{detail}")
             if state.supervisor.settled or state.supervisor.exited:
                 break
-        if daemon.poll() is not None and not (mine and state and state.supervisor.exited):
-            lines = "\n".join(tail(store.supervisor_log))
+            if not process_alive(state.supervisor.pid, state.supervisor.proc_start):
+                raise ServeError(
+                    f"the supervisor (pid {state.supervisor.pid}) died before the instances "
+                    f"were ready; see {store.supervisor_log}"
+                )
+        elif time.monotonic() - started > 30:
             raise ServeError(
-                f"the supervisor exited with code {daemon.returncode} before the instances "
-                f"were ready; see {store.supervisor_log}:\n{lines}"
+                f"the supervisor did not report within 30s; see {store.supervisor_log}"
             )
         if time.monotonic() > deadline:
             raise ServeError(
                 f"instances not settled after {settle_bound(plan):.0f}s; the supervisor keeps "
                 "trying: `doit status`"
             )
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert state is not None
     print_status(state, out, alive=not state.supervisor.exited)
     return _report_failures(state, say)
+
+
+def _become_daemon(
+    plan: Plan, store: StateStore, environ: Mapping[str, str], session: str
+) -> None:  # pragma: no cover - runs in forked processes
+    """In the first fork's child: detach, fork the supervisor, exit. Never returns.
+
+    Forking the already-loaded process (rather than starting a new interpreter) makes the
+    supervisor start at once and keeps the plan's secrets in memory: they never cross a pipe
+    or touch the disk.
+    """
+    code = 70
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            code = 0
+            return
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(store.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        # The caller's Python-level streams may be captures (doit, pytest): use the log.
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        code = _run_supervisor(plan, store, environ, session)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_supervisor(
+    plan: Plan, store: StateStore, environ: Mapping[str, str], session: str
+) -> int:  # pragma: no cover - runs in the forked supervisor
+    from pipeline.serve.supervisor import Supervisor
+
+    def say(line: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+
+    with held_lock(store.lock_file, wait=5.0) as ok:
+        if not ok:
+            say(f"another supervisor holds {store.lock_file}; exiting")
+            return 3
+        supervisor = Supervisor(
+            plan,
+            store,
+            base_env=environ,
+            mode="background",
+            session=session,
+            reap_all=True,
+            say=say,
+        )
+        supervisor.install_signal_handlers()
+        say(f"supervising {len(plan.instances)} instance(s) from {plan.source}")
+        code = supervisor.run()
+        say(f"all instances ended; exit code {code}")
+        return code
 
 
 def _report_failures(state: ServeState, say: Say) -> int:
@@ -441,28 +509,5 @@ def logs_command(
     if not follow:
         return 0
     with contextlib.suppress(KeyboardInterrupt):
-        _follow(path, out)
+        follow_log(path, out)
     return 0
-
-
-def _follow(path: Path, out: TextIO) -> None:
-    fh = path.open("rb")
-    fh.seek(0, 2)
-    inode = path.stat().st_ino
-    try:
-        while True:
-            chunk = fh.read()
-            if chunk:
-                out.write(chunk.decode("utf-8", "replace"))
-                out.flush()
-                continue
-            time.sleep(0.5)
-            try:
-                if path.stat().st_ino != inode:  # rotated: reopen from the start
-                    fh.close()
-                    fh = path.open("rb")
-                    inode = path.stat().st_ino
-            except FileNotFoundError:
-                pass
-    finally:
-        fh.close()

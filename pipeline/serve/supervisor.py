@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import urlsplit
 
+from pipeline.serve.logfiles import LOG_ROTATE_BYTES
 from pipeline.serve.plan import InstancePlan, Plan
 from pipeline.serve.state import (
     InstanceRecord,
@@ -43,11 +44,9 @@ from pipeline.serve.state import (
 
 # An instance that stayed up this long starts a fresh count of consecutive restarts.
 STABLE_AFTER = 300.0
-# Logs are rotated (one `.1` kept) when an instance starts and its log exceeds this.
-LOG_ROTATE_BYTES = 256 << 20
 PROBE_INTERVAL = 0.5
+FAST_PROBE_PERIOD = 5.0
 TICK = 0.1
-LOG_TAIL_LINES = 20
 
 
 class Spawner(Protocol):
@@ -83,19 +82,6 @@ def http_probe(url: str, timeout: float = 1.0) -> bool:
         return False
     finally:
         conn.close()
-
-
-def tail(path: Path | str, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of a text file (reads at most 64 KiB from its end)."""
-    try:
-        with Path(path).open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            data = fh.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
 @dataclass
@@ -286,7 +272,10 @@ class Supervisor:
             elif now >= proc.deadline:
                 self._failed(proc, now, f"not ready within {plan.ready_timeout:g}s (ready_timeout)")
             elif now >= proc.next_probe:
-                proc.next_probe = now + PROBE_INTERVAL
+                # Probe often at first (a fast start is seen at once), then every 0.5 s:
+                # a refused connection costs next to nothing while vLLM loads.
+                early = now - proc.started_mono < FAST_PROBE_PERIOD
+                proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
                 if self.probe(plan.health_url, self.probe_timeout):
                     rec.state = InstanceState.RUNNING
                     rec.ready_at = time.time()
