@@ -171,3 +171,7 @@ def run_doit(
         timeout=timeout,
         check=False,
     )
+
+
+# Real-vLLM fixtures (session-scoped; only the slow tests ask for them).
+from vllm_runtime import tiny_model, vllm_cpu_python  # noqa: E402, F401
