@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import PipelineError
 
@@ -39,25 +38,15 @@ def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
-class Settings(BaseSettings):
-    """The pipeline's environment variables. Field descriptions feed the README table."""
+class Settings(BaseModel):
+    """The pipeline's environment variables. Field descriptions feed the README table.
 
-    model_config = SettingsConfigDict(
-        frozen=True, extra="ignore", populate_by_name=True, case_sensitive=True
-    )
+    A plain pydantic model rather than pydantic-settings: :func:`load_settings` maps the
+    environment itself (tests pass their own mapping; an empty variable counts as unset), and
+    pydantic-settings' import alone cost a quarter of `doit status`'s time budget.
+    """
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load_settings() maps the environment itself (so tests can pass their own mapping
-        # and an empty variable counts as unset); the model only validates.
-        return (init_settings,)
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
     xdg_cache_home: Path = Field(
         default=Path.home() / ".cache",
@@ -104,6 +93,14 @@ class Settings(BaseSettings):
         default=False,
         validation_alias=_env("PIPELINE_SKIP_SDISTS"),
         description="Leave PyPI source distributions out of the bundle instead of failing.",
+    )
+    skip_verify: bool = Field(
+        default=False,
+        validation_alias=_env("PIPELINE_SKIP_VERIFY"),
+        description=(
+            "`doit pack` without running the project's `verify` task first (a quick pack, or "
+            "a bundle for another platform)."
+        ),
     )
     state_dir: Path = Field(
         default_factory=lambda data: data["xdg_state_home"] / "infer-vllm",
@@ -192,6 +189,14 @@ class Settings(BaseSettings):
         validation_alias=_env("CONDA_OVERRIDE_GLIBC"),
         description="glibc version to assume for `__glibc`, as conda and pixi do.",
     )
+    install_verify: str | None = Field(
+        default=None,
+        validation_alias=_env("AUTO_INFER_VLLM_VERIFY"),
+        description=(
+            "Shell command run in a newly installed environment before it is switched in "
+            "(default: the project's `verify` task, if any; `none`: no check)."
+        ),
+    )
 
     @field_validator("bundle_sha256")
     @classmethod
@@ -225,6 +230,10 @@ class Settings(BaseSettings):
         return self.pixi_cache_dir or self.xdg_cache_home / "rattler" / "cache"
 
 
+# Fields whose variable set to "" is a value, not "unset".
+_EMPTY_IS_A_VALUE = frozenset({"conda_override_cuda"})
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from ``environ`` (default: the process environment).
 
@@ -237,7 +246,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         alias = field.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [name]
         for choice in choices:
-            if isinstance(choice, str) and source.get(choice, "") != "":
+            if not isinstance(choice, str) or choice not in source:
+                continue
+            # An empty variable counts as unset, except where empty has a meaning of its own
+            # (CONDA_OVERRIDE_CUDA="" says "no CUDA", as in conda and pixi).
+            if source[choice] != "" or name in _EMPTY_IS_A_VALUE:
                 data[name] = source[choice]
                 break
     try:

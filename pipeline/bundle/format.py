@@ -61,3 +61,6 @@ class BundleExtras(BaseModel):
     conda_packages: int
     pypi_packages: int
     package_bytes: int
+    # PyPI source distributions left out by PIPELINE_SKIP_SDISTS ("name==version"); the
+    # installed environment lacks them.
+    skipped_sdists: tuple[str, ...] = ()

@@ -1,0 +1,859 @@
+"""Pack one locked environment into a pixi-pack bundle: fetch, then a deterministic tar.
+
+:func:`pack` reads ``<project>/pixi.lock`` for one environment and platform, refuses what cannot
+be installed offline (source packages; PyPI sdists unless ``skip_sdists``), fetches every conda
+package and wheel into the pack cache (:mod:`pipeline.fetch`: hashes checked, cache reused), and
+writes the bundle (:mod:`pipeline.bundle.format`)::
+
+    channel/<subdir>/<file>            the locked conda packages
+    channel/<subdir>/repodata.json     their records; only subdirs that have packages
+    environment.yml                    pixi-pack's text, byte for byte in its shape
+    infer-vllm-bundle.json             our extras (tool, env, lock sha256, pixi.toml, pixi.lock)
+    pixi-pack.json                     {"version": "1", "pixi-pack-version": ..., "platform": ...}
+    pypi/<wheel>                       the locked wheels, when there are any
+
+What matches pixi-pack (read from Quantco/pixi-pack ``src/pack.rs``, ``src/lib.rs``,
+``src/unpack.rs``): the member names (``channel``, ``pypi``), ``pixi-pack.json`` as pretty JSON
+with kebab-case keys, the ``environment.yml`` text (``./channel``, ``nodefaults``,
+``name=version=build``, then ``- pip:`` with ``--no-index``, ``--find-links ./pypi`` and
+``name==version``), ``repodata.json`` with ``info.subdir`` and ``repodata_version: 2`` written
+only for subdirs that have packages (pixi-pack writes no empty ``noarch``), directory entries in
+the tar, members in a depth-first walk sorted by name, and an uncompressed GNU-format tar.
+Where we differ, on purpose: pixi-pack lists every file under ``packages.conda``; we put
+``.tar.bz2`` files under ``packages`` and ``.conda`` files under ``packages.conda``, as conda's
+own indexers do (pixi-unpack merges both maps, so it reads either). Our fixed mtime is
+``TAR_MTIME`` (pixi-pack's tar crate uses its own constant) and we add the extras file, which
+pixi-unpack ignores. Nothing else may be in ``pypi/``: pixi-unpack parses every file there as a
+wheel name.
+
+Determinism: members sorted, fixed mtime/uid/gid/mode, empty user and group names, record
+padding as Python's ``tarfile``; the same lock and pixi.toml give the same bytes.
+
+Speed and memory: package files are streamed into the tar with ``copy_file_range`` (in-kernel
+copy; read/write fallback), never loaded whole. Two hashes run on threads while the copy goes on
+(``hashlib`` and ``preadv`` release the GIL): the tar's own sha256, in stream order, so the
+bundle is never read back; and the lock's sha256 (or md5) of every file reused from the cache, so
+a warm pack reads each cached file once instead of twice. A cached file that fails its hash
+makes the tar be discarded; the entry is evicted, fetched again (counted as downloaded) and the
+tar written again. The tar goes through :func:`pipeline.fsutil.atomic_output`: Ctrl-C or a full
+disk leaves no partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import queue
+import sys
+import tarfile
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline import __version__
+from pipeline.bundle.format import (
+    CHANNEL_DIR,
+    ENVIRONMENT_FILE,
+    EXTRAS_FILE,
+    METADATA_FILE,
+    PIXI_PACK_COMPAT_VERSION,
+    PYPI_DIR,
+    REPODATA_FILE,
+    TAR_DIR_MODE,
+    TAR_FILE_MODE,
+    TAR_GID,
+    TAR_MTIME,
+    TAR_UID,
+    BundleExtras,
+    PixiPackMetadata,
+)
+from pipeline.errors import BundleError
+from pipeline.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
+from pipeline.fsutil import CHUNK, atomic_output, atomic_write_text
+from pipeline.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
+from pipeline.progress import Progress, human_bytes
+
+LOCK_NAME = "pixi.lock"
+MANIFEST_NAME = "pixi.toml"
+TAR_FORMAT = tarfile.GNU_FORMAT  # the tar crate (pixi-pack) writes GNU headers too
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_COPY_CHUNK = 64 * CHUNK  # per copy_file_range call: big enough to be fast, small enough for ^C
+_HASH_QUEUE = 64
+_NO_COPY_RANGE = {
+    errno.EXDEV,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EINVAL,
+    errno.EBADF,
+    errno.EPERM,
+}
+
+
+# ---- what goes in -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    """The packages of one bundle, decided from the lock alone (no I/O).
+
+    ``conda`` and ``wheels`` are what gets packed; ``skipped_sdists`` the PyPI source
+    distributions left out (only with ``skip_sdists``).
+    """
+
+    locked: LockedEnvironment
+    conda: tuple[CondaPackage, ...]
+    wheels: tuple[PypiPackage, ...]
+    skipped_sdists: tuple[PypiPackage, ...]
+
+
+def plan_bundle(locked: LockedEnvironment, *, skip_sdists: bool = False) -> BundlePlan:
+    """Check that ``locked`` can be packed and split its PyPI files into wheels and sdists.
+
+    Raises BundleError (one line) for source packages, and for sdists unless ``skip_sdists``.
+    Pure.
+    """
+    where = f"environment '{locked.environment}' ({locked.platform}) in {locked.path}"
+    if locked.source_packages:
+        raise BundleError(
+            f"{where} has source packages, which have no archive to pack: "
+            f"{', '.join(locked.source_packages)}; publish them as conda packages or wheels "
+            "and lock again"
+        )
+    wheels = tuple(p for p in locked.pypi if p.is_wheel)
+    sdists = tuple(p for p in locked.pypi if not p.is_wheel)
+    if sdists and not skip_sdists:
+        raise BundleError(
+            f"{where} has PyPI source distributions, which would have to be built offline: "
+            f"{', '.join(p.filename for p in sdists)}; lock wheels only (pixi: "
+            "`[pypi-options] no-build = true`), or set PIPELINE_SKIP_SDISTS=1 to leave them out"
+        )
+    return BundlePlan(locked=locked, conda=locked.conda, wheels=wheels, skipped_sdists=sdists)
+
+
+def fetch_items(plan: BundlePlan, cache: Path) -> list[FetchItem]:
+    """The cache entries the bundle needs: conda packages, then wheels."""
+    return [conda_item(p, cache) for p in plan.conda] + [pypi_item(p, cache) for p in plan.wheels]
+
+
+# ---- generated files ------------------------------------------------------------------------
+
+
+def pixi_pack_json(platform: str) -> bytes:
+    """``pixi-pack.json`` as pixi-pack writes it (serde pretty JSON, no trailing newline)."""
+    metadata = PixiPackMetadata(
+        version="1", pixi_pack_version=PIXI_PACK_COMPAT_VERSION, platform=platform
+    )
+    return json.dumps(metadata.model_dump(by_alias=True), indent=2).encode()
+
+
+def environment_yml(conda: Iterable[CondaPackage], wheels: Iterable[PypiPackage]) -> str:
+    """``environment.yml`` in pixi-pack's exact shape; packages sorted by name for stability."""
+    lines = ["channels:", f"  - ./{CHANNEL_DIR}", "  - nodefaults", "dependencies:"]
+    for pkg in sorted(conda, key=lambda p: (p.name, p.version, p.build, p.subdir)):
+        lines.append(f"  - {pkg.name}={pkg.version}={pkg.build}")
+    wheel_list = sorted(wheels, key=lambda p: (p.name.lower(), p.version))
+    if wheel_list:
+        lines += ["  - pip:", "    - --no-index", f"    - --find-links ./{PYPI_DIR}"]
+        lines += [f"    - {p.name}=={p.version}" for p in wheel_list]
+    return "\n".join(lines) + "\n"
+
+
+def repodata_json(subdir: str, packages: Iterable[CondaPackage]) -> bytes:
+    """``channel/<subdir>/repodata.json``: the lock's records, keyed by file name.
+
+    ``.tar.bz2`` files go under ``packages``, ``.conda`` files under ``packages.conda``; keys
+    sorted; ``repodata_version`` 2.
+    """
+    tar_bz2: dict[str, Any] = {}
+    conda: dict[str, Any] = {}
+    for pkg in sorted(packages, key=lambda p: p.filename):
+        target = conda if pkg.filename.endswith(".conda") else tar_bz2
+        target[pkg.filename] = pkg.repodata
+    document = {
+        "info": {"subdir": subdir},
+        "packages": tar_bz2,
+        "packages.conda": conda,
+        "repodata_version": 2,
+    }
+    return (json.dumps(document, indent=2, sort_keys=False) + "\n").encode()
+
+
+def extras_json(extras: BundleExtras) -> bytes:
+    """``infer-vllm-bundle.json``: the extras model as pretty JSON, fields in model order."""
+    return (json.dumps(extras.model_dump(mode="json"), indent=2) + "\n").encode()
+
+
+# ---- the tar --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tar member: a directory, generated bytes (``data``) or a file streamed from
+    ``source`` (``size`` bytes, checked when it is opened)."""
+
+    name: str
+    data: bytes | None = None
+    source: Path | None = None
+    size: int = 0
+    directory: bool = False
+
+    @classmethod
+    def dir(cls, name: str) -> Member:
+        return cls(name=name, directory=True)
+
+    @classmethod
+    def text(cls, name: str, data: bytes) -> Member:
+        return cls(name=name, data=data, size=len(data))
+
+    @classmethod
+    def file(cls, name: str, source: Path, size: int) -> Member:
+        return cls(name=name, source=source, size=size)
+
+
+@dataclass(frozen=True)
+class TarResult:
+    """The written tar: its path, sha256 (hex) and size in bytes."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def member_order(name: str) -> tuple[str, ...]:
+    """Sort key: a depth-first walk with names sorted in each directory (as pixi-pack)."""
+    return tuple(name.split("/"))
+
+
+def tar_header(member: Member) -> bytes:
+    """The member's header block(s): fixed mtime, uid, gid and mode; empty user/group."""
+    info = tarfile.TarInfo(member.name)
+    info.mtime = TAR_MTIME
+    info.uid, info.gid = TAR_UID, TAR_GID
+    info.uname = info.gname = ""
+    if member.directory:
+        info.type = tarfile.DIRTYPE
+        info.mode = TAR_DIR_MODE
+        info.size = 0
+    else:
+        info.type = tarfile.REGTYPE
+        info.mode = TAR_FILE_MODE
+        info.size = member.size
+    return info.tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
+
+
+class MemberMismatch(BundleError):
+    """Files whose hash differs from the expected one, found while writing the tar (which
+    was then discarded). ``mismatches`` maps member name -> (algo, expected, actual)."""
+
+    def __init__(self, output: Path, mismatches: dict[str, tuple[str, str, str]]) -> None:
+        self.mismatches = mismatches
+        names = ", ".join(sorted(mismatches))
+        super().__init__(f"bundle {output}: {names} do not match the lock; nothing was written")
+
+
+def write_tar(
+    output: Path,
+    members: Sequence[Member],
+    *,
+    checks: Mapping[str, tuple[str, str]] | None = None,
+    progress_stream: TextIO | None = None,
+    label: str | None = None,
+) -> TarResult:
+    """Write ``members`` (any order; written sorted) as an uncompressed tar at ``output``.
+
+    Atomic: a temp file beside ``output`` renamed into place only when complete; on any error
+    (KeyboardInterrupt and a full disk included) it is removed and ``output`` left as it was.
+    The tar's sha256 is computed while writing. ``checks`` maps member names to
+    ``(algo, expected hex)``: those files are hashed while they are copied (in parallel), and
+    any mismatch raises :class:`MemberMismatch` before the rename. Raises BundleError for a
+    source file that cannot be read or changed size, for duplicate names, and for write
+    failures.
+    """
+    checks = dict(checks or {})
+    ordered = sorted(members, key=lambda m: member_order(m.name))
+    names = [m.name for m in ordered]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise BundleError(f"bundle {output}: duplicate members {', '.join(dupes)}")
+    headers = [tar_header(m) for m in ordered]
+    body = sum(len(h) + m.size + _padding(m.size) for h, m in zip(headers, ordered, strict=True))
+    end = 2 * _BLOCK
+    end += -(body + end) % _RECORD
+    total = body + end
+    progress = Progress(label or f"write {output.name}", total, stream=progress_stream)
+    try:
+        with (
+            atomic_output(output) as fh,
+            _StreamHasher() as hasher,
+            _Verifier() as verifier,
+        ):
+            fh.flush()
+            fd = fh.fileno()
+            copier = _Copier()
+            for header, member in zip(headers, ordered, strict=True):
+                _write_all(fd, header)
+                hasher.add_bytes(header)
+                if member.data is not None:
+                    _write_all(fd, member.data)
+                    hasher.add_bytes(member.data)
+                elif member.source is not None:
+                    copier.copy(member, fd, hasher, verifier, checks.get(member.name), progress)
+                pad = b"\0" * _padding(member.size)
+                if pad:
+                    _write_all(fd, pad)
+                    hasher.add_bytes(pad)
+                progress.update(len(header) + (0 if member.source else member.size) + len(pad))
+            _write_all(fd, b"\0" * end)
+            hasher.add_bytes(b"\0" * end)
+            progress.update(end)
+            digest = hasher.hexdigest()
+            mismatches = verifier.mismatches()
+            if mismatches:
+                raise MemberMismatch(output, mismatches)
+    except OSError as exc:
+        progress.done(None)
+        raise BundleError(
+            f"cannot write bundle {output} ({exc.strerror or exc}); free disk space there or "
+            "set PIPELINE_BUNDLE to another path"
+        ) from None
+    except BaseException:
+        progress.done(None)
+        raise
+    progress.done(
+        f"wrote {output} ({human_bytes(total)}, {len(ordered)} members) in {progress.elapsed:.1f} s"
+    )
+    return TarResult(path=output, sha256=digest, size=total)
+
+
+def _padding(size: int) -> int:
+    return -size % _BLOCK
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _hash_fd(fd: int, size: int, algo: str, stop: threading.Event, buffer: bytearray) -> str:
+    """Hash ``size`` bytes of ``fd`` from offset 0 with ``preadv`` (the fd's offset is left
+    alone). BundleError when the file is shorter; returns early (garbage) when ``stop``."""
+    digest = hashlib.new(algo)
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size and not stop.is_set():
+        got = os.preadv(fd, [view[: min(len(buffer), size - offset)]], offset)
+        if got == 0:
+            raise BundleError("a package file shrank while it was being packed; run again")
+        digest.update(view[:got])
+        offset += got
+    return digest.hexdigest()
+
+
+class _Copier:
+    """Copies file members into the tar: ``copy_file_range`` until the kernel refuses."""
+
+    def __init__(self) -> None:
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def copy(
+        self,
+        member: Member,
+        out_fd: int,
+        hasher: _StreamHasher,
+        verifier: _Verifier,
+        check: tuple[str, str] | None,
+        progress: Progress,
+    ) -> None:
+        assert member.source is not None
+        try:
+            src = os.open(member.source, os.O_RDONLY)
+        except OSError as exc:
+            raise BundleError(
+                f"cannot read {member.source} for {member.name} ({exc.strerror}); "
+                "run the pack again to fetch it"
+            ) from None
+        try:
+            size = os.fstat(src).st_size
+            if size != member.size:
+                raise _changed(member)
+            # Both readers get their own fd of the same open file: same bytes as copied.
+            hasher.add_file(os.dup(src), size)
+            if check is not None:
+                verifier.submit(member.name, os.dup(src), size, check)
+            remaining = size
+            while remaining:
+                count = self._copy_some(src, out_fd, min(remaining, _COPY_CHUNK))
+                if count == 0:
+                    raise _changed(member)
+                remaining -= count
+                progress.update(count)
+        finally:
+            os.close(src)
+
+    def _copy_some(self, src: int, out_fd: int, count: int) -> int:
+        if self.kernel_copy:
+            try:
+                copied = os.copy_file_range(src, out_fd, count)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                copied = 0
+            if copied:
+                return copied
+            # 0 before the end: this file system does not support it; read/write from now on.
+            self.kernel_copy = False
+        data = os.read(src, min(count, CHUNK))
+        _write_all(out_fd, data)
+        return len(data)
+
+
+def _changed(member: Member) -> BundleError:
+    return BundleError(
+        f"{member.source} changed size while packing {member.name}; is another pack running "
+        "on the same cache? run the pack again"
+    )
+
+
+class _Verifier:
+    """Checks files' hashes on worker threads while the main thread copies them.
+
+    Each job owns an fd (closed when done, also when aborted). At most ``_HASH_QUEUE`` jobs
+    are pending, which bounds the open fds. Leaving the ``with`` block on an error stops the
+    jobs at their next chunk and waits for them.
+    """
+
+    def __init__(self) -> None:
+        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify")
+        self._slots = threading.BoundedSemaphore(_HASH_QUEUE)
+        self._stop = threading.Event()
+        self._jobs: list[tuple[str, tuple[str, str], Future[str]]] = []
+
+    def __enter__(self) -> _Verifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+    def submit(self, name: str, fd: int, size: int, check: tuple[str, str]) -> None:
+        """Hash ``size`` bytes of ``fd`` with ``check[0]``; the verifier owns ``fd``."""
+        try:
+            self._slots.acquire()
+            future = self._pool.submit(self._job, fd, size, check[0])
+        except BaseException:
+            os.close(fd)
+            raise
+        self._jobs.append((name, check, future))
+
+    def mismatches(self) -> dict[str, tuple[str, str, str]]:
+        """Wait for every job; ``{name: (algo, expected, actual)}`` for the files that differ.
+        Re-raises a job's error (unreadable file)."""
+        found: dict[str, tuple[str, str, str]] = {}
+        for name, (algo, expected), future in self._jobs:
+            actual = future.result()
+            if actual != expected:
+                found[name] = (algo, expected, actual)
+        return found
+
+    def _job(self, fd: int, size: int, algo: str) -> str:
+        try:
+            return _hash_fd(fd, size, algo, self._stop, bytearray(4 * CHUNK))
+        finally:
+            os.close(fd)
+            self._slots.release()
+
+
+class _StreamHasher:
+    """sha256 of the tar stream, computed by a background thread in stream order.
+
+    The writer hands it byte strings and (fd, size) pairs for file members; the thread reads
+    those files with ``preadv`` (from the page cache the copy just warmed) and closes the fds.
+    A bounded queue keeps the thread at most ``_HASH_QUEUE`` members behind. Leaving the
+    ``with`` block stops the thread and closes every fd it still holds.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[tuple[bytes | None, int, int] | None] = queue.Queue(_HASH_QUEUE)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tar-sha256", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _StreamHasher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._abort.set()
+        self._finish()
+
+    def add_bytes(self, data: bytes) -> None:
+        self._put((data, -1, 0))
+
+    def add_file(self, fd: int, size: int) -> None:
+        """Hash ``size`` bytes of ``fd`` from offset 0; the hasher owns (and closes) ``fd``."""
+        try:
+            self._put((None, fd, size))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def hexdigest(self) -> str:
+        """Wait for the thread and return the digest; BundleError if it failed."""
+        self._finish()
+        if self._error is not None:
+            if isinstance(self._error, BundleError):
+                raise self._error
+            raise BundleError(f"cannot hash the bundle while writing it ({self._error})")
+        return self._digest.hexdigest()
+
+    def _put(self, item: tuple[bytes | None, int, int]) -> None:
+        while True:
+            if not self._thread.is_alive():
+                raise BundleError("the bundle hashing thread stopped unexpectedly")
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            while self._thread.is_alive():
+                try:
+                    self._queue.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
+        while True:  # fds left behind by an aborted run
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[0] is None:
+                os.close(item[1])
+
+    def _run(self) -> None:
+        buffer = bytearray(4 * CHUNK)
+        view = memoryview(buffer)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, fd, size = item
+            if data is not None:
+                if self._error is None and not self._abort.is_set():
+                    self._digest.update(data)
+                continue
+            try:
+                offset = 0
+                while offset < size and self._error is None and not self._abort.is_set():
+                    want = min(len(buffer), size - offset)
+                    got = os.preadv(fd, [view[:want]], offset)
+                    if got == 0:
+                        raise BundleError("a package file shrank while it was being packed")
+                    self._digest.update(view[:got])
+                    offset += got
+            except BaseException as exc:
+                if self._error is None:
+                    self._error = exc
+            finally:
+                os.close(fd)
+
+
+# ---- the whole pack -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What :func:`pack` did and wrote.
+
+    ``downloaded``/``reused`` count package files; ``downloaded_bytes`` is what came over the
+    network (or from ``file://``) this time; ``package_bytes`` the size of all packed package
+    files; ``bundle_bytes`` and ``sha256`` describe the tar.
+    """
+
+    bundle: Path
+    sha256: str
+    bundle_bytes: int
+    downloaded: int
+    reused: int
+    downloaded_bytes: int
+    package_bytes: int
+    conda_packages: int
+    pypi_packages: int
+    skipped_sdists: tuple[str, ...]
+    lock_sha256: str
+
+    def values(self) -> dict[str, Any]:
+        """The doit values of the pack task: ``downloaded``, ``reused``, ``bytes`` (downloaded
+        bytes) and, for information, the bundle's sha256 and sizes."""
+        return {
+            "downloaded": self.downloaded,
+            "reused": self.reused,
+            "bytes": self.downloaded_bytes,
+            "package_bytes": self.package_bytes,
+            "bundle_bytes": self.bundle_bytes,
+            "sha256": self.sha256,
+            "conda_packages": self.conda_packages,
+            "pypi_packages": self.pypi_packages,
+        }
+
+    def summary(self) -> str:
+        """One line for the task output."""
+        return (
+            f"packed {self.conda_packages} conda packages and {self.pypi_packages} wheels into "
+            f"{self.bundle} ({human_bytes(self.bundle_bytes)}): {self.downloaded} downloaded "
+            f"({human_bytes(self.downloaded_bytes)}), {self.reused} reused from the pack cache"
+        )
+
+
+def pack(
+    project_dir: Path,
+    output: Path,
+    cache: Path,
+    *,
+    environment: str = "default",
+    platform: str = "linux-64",
+    skip_sdists: bool = False,
+    fetcher: Fetcher | None = None,
+    progress_stream: TextIO | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> PackResult:
+    """Pack ``environment`` on ``platform`` of ``project_dir/pixi.lock`` into ``output``.
+
+    Blocks while downloading and writing. Reuses and fills ``cache`` (pixi-pack's cache
+    layout). Deterministic: the same lock and pixi.toml give a byte-identical tar whatever the
+    cache state. ``output`` is replaced atomically; on failure it is left as it was.
+
+    Cached files are checked by size when fetched and by hash while they are copied into the
+    tar; a corrupt one is evicted, fetched again (counted as downloaded) and the tar rewritten.
+    ``fetcher`` (default: a :class:`~pipeline.fetch.Fetcher` with default retries) does the
+    downloads; ``warn`` gets one-line warnings (default: stderr; a given fetcher keeps its own);
+    ``progress_stream`` gets the progress lines (default: stderr).
+
+    Raises LockError (unreadable lock, unknown environment or platform: the message lists what
+    is available), BundleError (source packages, sdists without ``skip_sdists``, missing
+    pixi.toml, write failures) and FetchError (download failures, hash mismatches).
+    """
+    project_dir = Path(project_dir).absolute()
+    lock_path = project_dir / LOCK_NAME
+    locked = read_environment(lock_path, environment, platform)
+    plan = plan_bundle(locked, skip_sdists=skip_sdists)
+    say = warn or _warn_stderr
+    for sdist in plan.skipped_sdists:
+        say(
+            f"leaving PyPI source distribution {sdist.filename} out of the bundle "
+            "(PIPELINE_SKIP_SDISTS=1): the installed environment will not have "
+            f"{sdist.name} {sdist.version}"
+        )
+    lock_bytes = lock_path.read_bytes()
+    manifest_path = project_dir / MANIFEST_NAME
+    try:
+        manifest_text = manifest_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"cannot read {manifest_path} ({exc}); the bundle carries a copy of the project's "
+            "pixi.toml: point PIPELINE_PROJECT at the pixi project"
+        ) from None
+
+    cache = Path(cache).absolute()
+    items = fetch_items(plan, cache)
+    fetcher = fetcher or Fetcher(progress_stream=progress_stream, warn=warn)
+    # Cached files are hashed while the tar is written (one read less on a warm pack).
+    stats: FetchStats = fetcher.fetch_all(
+        items, label=f"fetch {len(items)} packages", verify_cached=False
+    )
+    names = _member_names(plan)
+    by_name = dict(zip(names, items, strict=True))
+    lock_sha256 = hashlib.sha256(lock_bytes).hexdigest()
+    output = Path(output).absolute()
+    for attempt in (1, 2):
+        unverified = {item.cache_path for item in stats.unverified}
+        checks = {
+            name: item.check
+            for name, item in by_name.items()
+            if item.cache_path in unverified and item.check is not None
+        }
+        members, package_bytes = _package_members(names, items)
+        extras = BundleExtras(
+            tool_version=__version__,
+            environment=environment,
+            platform=platform,
+            lock_sha256=lock_sha256,
+            pixi_toml=manifest_text,
+            pixi_lock=lock_bytes.decode("utf-8"),
+            conda_packages=len(plan.conda),
+            pypi_packages=len(plan.wheels),
+            package_bytes=package_bytes,
+            skipped_sdists=tuple(f"{p.name}=={p.version}" for p in plan.skipped_sdists),
+        )
+        members += _generated_members(plan, platform, extras)
+        try:
+            tar = write_tar(output, members, checks=checks, progress_stream=progress_stream)
+            break
+        except MemberMismatch as exc:
+            if attempt == 2:
+                raise
+            # Corrupt cache entries: evict, fetch again (they count as downloaded), rewrite.
+            bad = [by_name[name] for name in sorted(exc.mismatches)]
+            for name, (algo, expected, actual) in sorted(exc.mismatches.items()):
+                fetcher.evict(by_name[name], f"{algo} {actual}, the lock says {expected}")
+            stats = stats.refetched(fetcher.fetch_all(bad, label=f"fetch {len(bad)} again"))
+    return PackResult(
+        bundle=tar.path,
+        sha256=tar.sha256,
+        bundle_bytes=tar.size,
+        downloaded=stats.downloaded,
+        reused=stats.reused,
+        downloaded_bytes=stats.bytes,
+        package_bytes=package_bytes,
+        conda_packages=len(plan.conda),
+        pypi_packages=len(plan.wheels),
+        skipped_sdists=extras.skipped_sdists,
+        lock_sha256=lock_sha256,
+    )
+
+
+def _member_names(plan: BundlePlan) -> list[str]:
+    """Tar names of the package files, in the order of :func:`fetch_items`."""
+    names = [f"{CHANNEL_DIR}/{p.subdir}/{p.filename}" for p in plan.conda]
+    return names + [f"{PYPI_DIR}/{p.filename}" for p in plan.wheels]
+
+
+def _package_members(names: Sequence[str], items: Sequence[FetchItem]) -> tuple[list[Member], int]:
+    """Directory and file members for the fetched packages, and their total size."""
+    members: list[Member] = []
+    dirs: set[str] = set()
+    total = 0
+    for name, item in zip(names, items, strict=True):
+        try:
+            size = item.cache_path.stat().st_size
+        except OSError as exc:
+            raise BundleError(
+                f"pack cache entry {item.cache_path} vanished after the fetch ({exc.strerror}); "
+                "is something cleaning the cache? run the pack again"
+            ) from None
+        members.append(Member.file(name, item.cache_path, size))
+        total += size
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            dirs.add("/".join(parts[:depth]))
+    members += [Member.dir(d) for d in sorted(dirs)]
+    return members, total
+
+
+def _generated_members(plan: BundlePlan, platform: str, extras: BundleExtras) -> list[Member]:
+    """pixi-pack.json, environment.yml, our extras and one repodata.json per subdir."""
+    members = [
+        Member.text(METADATA_FILE, pixi_pack_json(platform)),
+        Member.text(ENVIRONMENT_FILE, environment_yml(plan.conda, plan.wheels).encode()),
+        Member.text(EXTRAS_FILE, extras_json(extras)),
+    ]
+    for subdir in sorted({p.subdir for p in plan.conda}):
+        in_subdir = [p for p in plan.conda if p.subdir == subdir]
+        members.append(
+            Member.text(f"{CHANNEL_DIR}/{subdir}/{REPODATA_FILE}", repodata_json(subdir, in_subdir))
+        )
+    return members
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---- the doit side: a small stamp instead of the big tar ------------------------------------
+
+
+def write_stamp(result: PackResult, stamp: Path) -> None:
+    """Record the bundle's sha256, size and mtime in ``stamp`` (small JSON, atomic).
+
+    The ``sha256`` task reads the digest from here, so the multi-GB tar is in no ``file_dep``
+    list; :func:`bundle_unchanged` compares the tar's size and mtime with it.
+    """
+    st = result.bundle.stat()
+    document = {
+        "bundle": str(result.bundle),
+        "sha256": result.sha256,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "lock_sha256": result.lock_sha256,
+    }
+    atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
+
+
+def read_stamp(stamp: Path) -> dict[str, Any] | None:
+    """The stamp's content, or None when it is missing or unreadable."""
+    try:
+        value = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def bundle_unchanged(stamp: Path, bundle: Path) -> bool:
+    """True when ``bundle`` still has the size and mtime recorded in ``stamp``.
+
+    Reads only metadata (one ``stat``), never the tar: a no-op ``doit pack`` stays fast with
+    a multi-GB bundle, yet a replaced or truncated tar is packed again.
+    """
+    recorded = read_stamp(stamp)
+    if recorded is None:
+        return False
+    try:
+        st = bundle.stat()
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns"))
+
+
+def write_checksum(stamp: Path, bundle: Path) -> Path:
+    """Write ``<bundle>.sha256`` (``<hex>  <file name>``, as ``sha256sum``) from ``stamp``.
+
+    Raises BundleError when the stamp is missing or does not describe ``bundle``.
+    """
+    recorded = read_stamp(stamp)
+    digest = recorded.get("sha256") if recorded else None
+    if not isinstance(digest, str) or recorded is None or recorded.get("bundle") != str(bundle):
+        raise BundleError(
+            f"no pack record for {bundle} in {stamp}; run `doit pack` (or `doit forget pack` "
+            "first if the bundle was changed by hand)"
+        )
+    out = checksum_path(bundle)
+    atomic_write_text(out, f"{digest}  {bundle.name}\n")
+    return out
+
+
+def checksum_path(bundle: Path) -> Path:
+    """``<bundle>.sha256`` beside the bundle."""
+    return bundle.with_name(bundle.name + ".sha256")
+
+
+__all__ = [
+    "BundlePlan",
+    "Member",
+    "MemberMismatch",
+    "PackResult",
+    "TarResult",
+    "bundle_unchanged",
+    "checksum_path",
+    "environment_yml",
+    "pack",
+    "pixi_pack_json",
+    "plan_bundle",
+    "read_stamp",
+    "repodata_json",
+    "write_checksum",
+    "write_stamp",
+    "write_tar",
+]

@@ -1,0 +1,304 @@
+"""doit tasks of the build host: lock -> verify -> pack -> sha256, and check-cache.
+
+=================  ===================================  ==========================================
+task               file_dep -> target                   notes
+=================  ===================================  ==========================================
+``lock``           pixi.toml -> pixi.lock                ``pixi lock``, else a py-rattler solve; an
+                                                         up-to-date lock is kept; never cleaned
+``verify``         pixi.toml, pixi.lock -> verify stamp  the project's ``verify`` task in the env
+``pack``           (group)                               what users run: ``pack:tar`` then
+                                                         ``pack:sha256``
+``pack:tar``       pixi.toml, pixi.lock -> bundle tar    + pack stamp; task_dep ``verify``; values
+                   (+ pack stamp)                        ``{"downloaded", "reused", "bytes", ...}``
+``pack:sha256``    pack stamp -> ``<tar>.sha256``        ``sha256sum`` format, from the stamp
+``sha256``         (alias)                               runs ``pack:sha256``
+``check-cache``    getargs pack:tar's values             fails when the last pack downloaded
+                                                         anything; always runs
+=================  ===================================  ==========================================
+
+``doit pack`` runs the whole chain: ``pack`` is a group of ``pack:tar`` and ``pack:sha256``;
+``pack:tar`` depends on ``verify`` (task_dep) and, through its ``pixi.lock`` file_dep, on
+``lock``. Each stage is skipped when its inputs did not change. ``doit forget pack`` forgets
+both subtasks, so the next ``doit pack`` rebuilds the tar (from the warm pack cache:
+``doit pack check-cache`` then passes). "Run the builder twice and assert the second run hits
+the cache" is ``doit forget pack && doit pack check-cache``.
+
+``pack:tar``'s values: ``downloaded`` and ``reused`` (package files), ``bytes`` (bytes
+downloaded this time), and for information ``package_bytes``, ``bundle_bytes``, ``sha256``,
+``conda_packages``, ``pypi_packages``. When ``pack:tar`` is up to date doit hands out the
+values of its last real run, which is what ``check-cache`` judges.
+
+Skipping verify: ``PIPELINE_SKIP_VERIFY=1 doit pack`` drops the ``verify`` prerequisite (a
+quick pack, or a bundle for another platform than this host's, which cannot be run here).
+The bundle's bytes do not depend on it, so switching it on or off does not repack.
+
+The multi-GB tar is in no ``file_dep`` list (doit would md5 it again for each dependent task
+whenever its mtime moves). ``pack:tar`` writes a small stamp, a second target
+(``<state>/stamps/pack-<tar name>-<hash>.json``: sha256 computed while writing, size, mtime);
+``pack:sha256`` depends on that stamp, and ``pack:tar``'s ``uptodate`` compares the tar's
+``stat`` with it, so a replaced or truncated tar is rebuilt while a no-op ``doit pack`` reads
+nothing but metadata. ``config_changed`` covers the settings that shape the bundle
+(environment, platform, skip-sdists, tool and format versions).
+
+Every action calls a stage module (:mod:`pipeline.lock`, :mod:`pipeline.verify`,
+:mod:`pipeline.bundle.pack`); they are imported inside the actions so ``doit list`` and no-op
+runs stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from doit.tools import config_changed
+
+from pipeline import __version__, reporting
+from pipeline.bundle.format import EXTRAS_FORMAT, PIXI_PACK_COMPAT_VERSION
+from pipeline.errors import BundleError
+from pipeline.settings import Settings
+from pipeline.tasks.common import SETTINGS, TaskDict
+
+MANIFEST_NAME = "pixi.toml"
+LOCK_NAME = "pixi.lock"
+
+
+# ---- paths ----------------------------------------------------------------------------------
+
+
+def project_dir(settings: Settings) -> Path:
+    return settings.project.absolute()
+
+
+def bundle_path(settings: Settings) -> Path:
+    return settings.bundle.absolute()
+
+
+def _key(path: Path) -> str:
+    """A short, stable tag of an absolute path: stamps of two projects never collide."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:10]
+
+
+def verify_stamp(settings: Settings) -> Path:
+    """``<state>/stamps/verify-<env>-<project hash>.json``: the target of ``verify``."""
+    project = project_dir(settings)
+    return settings.state_dir / "stamps" / f"verify-{settings.environment}-{_key(project)}.json"
+
+
+def verify_log(settings: Settings) -> Path:
+    project = project_dir(settings)
+    return settings.state_dir / "logs" / f"verify-{settings.environment}-{_key(project)}.log"
+
+
+def pack_stamp(settings: Settings) -> Path:
+    """``<state>/stamps/pack-<tar name>-<tar path hash>.json``: written with the tar."""
+    bundle = bundle_path(settings)
+    return settings.state_dir / "stamps" / f"pack-{bundle.name}-{_key(bundle)}.json"
+
+
+def rattler_packages(settings: Settings) -> Path:
+    """py-rattler's package cache, where pixi keeps it: ``<PIXI_CACHE_DIR>/pkgs``."""
+    return settings.rattler_cache / "pkgs"
+
+
+def rattler_repodata(settings: Settings) -> Path:
+    """py-rattler's repodata cache, where pixi keeps it: ``<PIXI_CACHE_DIR>/repodata``."""
+    return settings.rattler_cache / "repodata"
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---- tasks ----------------------------------------------------------------------------------
+
+
+def task_lock() -> TaskDict:
+    """Lock pixi.toml into pixi.lock (pixi when found, else py-rattler; conda-only then)."""
+    settings = SETTINGS
+    manifest = project_dir(settings) / MANIFEST_NAME
+
+    @reporting.action
+    def run() -> None:
+        from pipeline.lock import find_pixi, lock
+
+        result = lock(
+            project_dir(settings), pixi=find_pixi(settings), cache_dir=rattler_repodata(settings)
+        )
+        _say(result.summary())
+
+    exists = manifest.is_file()
+    return {
+        "actions": [run],
+        # A missing pixi.toml is reported by lock() in one line, not by doit's dep checker.
+        "file_dep": [str(manifest)] if exists else [],
+        "targets": [str(project_dir(settings) / LOCK_NAME)],
+        "uptodate": [] if exists else [False],
+        "verbosity": 2,
+    }
+
+
+def task_verify() -> TaskDict:
+    """Run the project's `verify` task in the locked environment (pixi, else a rattler install)."""
+    settings = SETTINGS
+    project = project_dir(settings)
+    stamp = verify_stamp(settings)
+
+    @reporting.action
+    def run() -> None:
+        from pipeline.lock import find_pixi
+        from pipeline.verify import log_tail, verify, write_stamp
+
+        result = verify(
+            project,
+            settings.environment,
+            pixi=find_pixi(settings),
+            cache_dir=rattler_packages(settings),
+            log_path=verify_log(settings),
+            platform=settings.platform,
+            skip_sdists=settings.skip_sdists,
+        )
+        tail = log_tail(result.log, 10)
+        if tail:
+            _say(tail)
+        write_stamp(result, stamp)
+        _say(result.summary())
+
+    return {
+        "actions": [run],
+        "file_dep": [str(project / MANIFEST_NAME), str(project / LOCK_NAME)],
+        "targets": [str(stamp)],
+        "uptodate": [
+            config_changed(
+                {
+                    "environment": settings.environment,
+                    "platform": settings.platform,
+                    "skip_sdists": settings.skip_sdists,
+                }
+            )
+        ],
+        "verbosity": 2,
+    }
+
+
+def task_pack() -> Any:
+    """Build the offline bundle: lock, verify, pack the tar, write its .sha256."""
+    settings = SETTINGS
+    project = project_dir(settings)
+    bundle = bundle_path(settings)
+    stamp = pack_stamp(settings)
+
+    yield {
+        "name": None,
+        "doc": "Build the offline bundle: lock -> verify -> pack:tar -> pack:sha256.",
+    }
+
+    @reporting.action
+    def tar() -> dict[str, Any]:
+        from pipeline.bundle.pack import pack, write_stamp
+
+        result = pack(
+            project,
+            bundle,
+            settings.pack_cache,
+            environment=settings.environment,
+            platform=settings.platform,
+            skip_sdists=settings.skip_sdists,
+        )
+        write_stamp(result, stamp)
+        _say(result.summary())
+        return result.values()
+
+    def tar_intact() -> bool:
+        from pipeline.bundle.pack import bundle_unchanged
+
+        return bundle_unchanged(stamp, bundle)
+
+    yield {
+        "name": "tar",
+        "doc": "Fetch the locked packages into the pack cache and write the bundle tar.",
+        "actions": [tar],
+        "file_dep": [str(project / MANIFEST_NAME), str(project / LOCK_NAME)],
+        "targets": [str(bundle), str(stamp)],
+        "task_dep": [] if settings.skip_verify else ["verify"],
+        "uptodate": [
+            config_changed(
+                {
+                    "environment": settings.environment,
+                    "platform": settings.platform,
+                    "skip_sdists": settings.skip_sdists,
+                    "tool_version": __version__,
+                    "pixi_pack_version": PIXI_PACK_COMPAT_VERSION,
+                    "extras_format": EXTRAS_FORMAT,
+                }
+            ),
+            tar_intact,
+        ],
+        "verbosity": 2,
+    }
+
+    @reporting.action
+    def checksum() -> None:
+        from pipeline.bundle.pack import write_checksum
+
+        out = write_checksum(stamp, bundle)
+        _say(f"wrote {out}")
+
+    yield {
+        "name": "sha256",
+        "doc": "Write <bundle>.sha256 (sha256sum format) from the pack stamp.",
+        "actions": [checksum],
+        "file_dep": [str(stamp)],
+        "targets": [str(bundle.with_name(bundle.name + ".sha256"))],
+        "verbosity": 2,
+    }
+
+
+def task_sha256() -> TaskDict:
+    """Write <bundle>.sha256 (runs pack:sha256, packing first when needed)."""
+    return {"actions": None, "task_dep": ["pack:sha256"]}
+
+
+def task_check_cache() -> TaskDict:
+    """Fail when the last pack downloaded anything (run after a second `doit pack`)."""
+    settings = SETTINGS
+
+    @reporting.action
+    def run(values: dict[str, Any]) -> None:
+        check_cache(values, settings)
+
+    return {
+        "basename": "check-cache",
+        "actions": [run],
+        "getargs": {"values": ("pack:tar", None)},
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def check_cache(values: dict[str, Any], settings: Settings) -> None:
+    """Raise BundleError when pack's ``values`` say it downloaded anything; else say so."""
+    from pipeline.progress import human_bytes
+
+    downloaded = int(values.get("downloaded", 0) or 0)
+    reused = int(values.get("reused", 0) or 0)
+    if downloaded:
+        raise BundleError(
+            f"check-cache: the last pack downloaded {downloaded} package files "
+            f"({human_bytes(int(values.get('bytes', 0) or 0))}) and reused {reused} from "
+            f"{settings.pack_cache}; on a rebuild everything should come from the cache: keep "
+            "PIPELINE_PACK_CACHE on a persistent disk, then `doit forget pack && doit pack "
+            "check-cache`"
+        )
+    _say(f"check-cache: the last pack reused all {reused} package files from the pack cache")
+
+
+TASKS: dict[str, Callable[[], Any]] = {
+    "task_lock": task_lock,
+    "task_verify": task_verify,
+    "task_pack": task_pack,
+    "task_sha256": task_sha256,
+    "task_check_cache": task_check_cache,
+}

@@ -1,0 +1,474 @@
+"""Run the project's ``verify`` task inside its locked environment, before anything is packed.
+
+:func:`verify` runs the ``verify`` task of ``pixi.toml`` (``[tasks]``, with its ``depends-on``
+chain) in the environment exactly as locked:
+
+- **with pixi** (on PATH, in ``$PIXI_HOME/bin`` or ``~/.pixi/bin``): ``pixi run --manifest-path
+  <dir>/pixi.toml --environment <env> --frozen verify``. ``--frozen`` installs what the lock
+  says and never rewrites ``pixi.lock`` (the file the pack stage depends on);
+- **without pixi**: installs the locked conda packages into ``<project>/.pixi/envs/<env>``
+  (pixi's own layout, so a later ``pixi run`` finds it) with ``rattler.install`` in a child
+  process (``python -m pipeline.verify --install-worker``: py-rattler can crash the interpreter
+  at exit after async calls, so the child leaves with ``os._exit``; the package cache is
+  ``<Settings.rattler_cache>/pkgs``, as pixi's), installs the locked wheels with pip (``--no-deps``,
+  hashes required when the lock has them), then runs each task's command with ``bash -c`` with
+  the environment activated: ``PATH=<prefix>/bin:...``, ``CONDA_PREFIX``, the prefix's
+  ``etc/conda/activate.d`` scripts sourced (:func:`pipeline.envs.prefix_runtime`), the task's
+  ``env`` and ``cwd``, and pixi's ``PIXI_PROJECT_ROOT`` / ``PIXI_ENVIRONMENT_NAME``.
+
+The environment is the one of this host's platform; verifying a bundle for another platform
+is refused (skip verify for such packs, see :mod:`pipeline.tasks.build`).
+
+Every child runs in its own session with its output in a log file (never a pipe) and a bounded
+wait; a child that overruns is killed as a group. Failures raise
+:class:`~pipeline.errors.PipelineError` with one line: the command, the exit code, the last
+line of output and the log path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline import __version__
+from pipeline.envs import pixi_env_prefix, prefix_runtime
+from pipeline.errors import LockError, PipelineError
+from pipeline.fsutil import atomic_write_text
+from pipeline.manifest import MANIFEST_NAME, Task, load_manifest
+from pipeline.settings import REPO_ROOT, process_environ
+
+LOCK_NAME = "pixi.lock"
+VERIFY_TASK = "verify"
+DEFAULT_TIMEOUT = 1800.0  # the verify command (importing vLLM and torch is slow)
+INSTALL_TIMEOUT = 3600.0  # downloading a CUDA environment is slower still
+_KILL_GRACE = 5.0
+_SKIP_HINT = "or set PIPELINE_SKIP_VERIFY=1 to pack without verifying"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A successful verify: how it ran (``pixi`` or ``prefix``), what, where, how long."""
+
+    via: Literal["pixi", "prefix"]
+    environment: str
+    platform: str
+    commands: tuple[str, ...]
+    prefix: Path | None
+    seconds: float
+    log: Path
+    lock_sha256: str
+
+    def summary(self) -> str:
+        where = "through pixi" if self.via == "pixi" else f"in {self.prefix}"
+        return (
+            f"verify passed for environment '{self.environment}' ({self.platform}) {where} "
+            f"in {self.seconds:.1f} s; output in {self.log}"
+        )
+
+
+def host_platform() -> str:
+    """This machine's conda platform (``linux-64``...), as rattler names it."""
+    from rattler import Subdir
+
+    return str(Subdir.current())
+
+
+def task_chain(tasks: Sequence[Task], name: str, where: str) -> list[Task]:
+    """``name`` and its ``depends-on`` tasks, dependencies first, each once.
+
+    Raises PipelineError for an unknown task name or a dependency cycle. Pure.
+    """
+    by_name = {t.name: t for t in tasks}
+    order: list[Task] = []
+    visiting: list[str] = []
+
+    def visit(task_name: str) -> None:
+        if any(t.name == task_name for t in order):
+            return
+        if task_name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(task_name) :], task_name])
+            raise PipelineError(f"{where}: tasks depend on each other in a cycle ({cycle})")
+        task = by_name.get(task_name)
+        if task is None:
+            if task_name == name:
+                raise PipelineError(
+                    f"{where}: no `{name}` task; add one under [tasks] (for example "
+                    f"{name} = \"python -c 'import vllm; print(vllm.__version__)'\"), "
+                    f"{_SKIP_HINT}"
+                )
+            raise PipelineError(
+                f"{where}: task `{visiting[-1]}` depends on unknown task `{task_name}`"
+            )
+        visiting.append(task_name)
+        for dep in task.depends_on:
+            visit(dep)
+        visiting.pop()
+        order.append(task)
+
+    visit(name)
+    return order
+
+
+def command_text(task: Task) -> str | None:
+    """The shell text of a task's ``cmd`` (a list is quoted and joined); None for an alias."""
+    if task.cmd is None:
+        return None
+    if isinstance(task.cmd, str):
+        return task.cmd
+    return shlex.join(task.cmd)
+
+
+def verify(
+    project_dir: Path,
+    environment: str,
+    *,
+    pixi: Path | None,
+    cache_dir: Path,
+    log_path: Path,
+    platform: str | None = None,
+    skip_sdists: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    install_timeout: float = INSTALL_TIMEOUT,
+    environ: Mapping[str, str] | None = None,
+) -> VerifyResult:
+    """Run the ``verify`` task of ``project_dir/pixi.toml`` in ``environment`` (see module).
+
+    ``platform`` is the platform being packed: it must be this host's. ``log_path`` receives
+    all output (truncated first). Blocks for the install and the command, each bounded by its
+    timeout. Idempotent: a second run reuses the installed environment.
+
+    Raises LockError (manifest, lock, environment or platform problems) and PipelineError
+    (no verify task, install or command failure, timeout).
+    """
+    project_dir = Path(project_dir).absolute()
+    manifest_path = project_dir / MANIFEST_NAME
+    lock_path = project_dir / LOCK_NAME
+    host = host_platform()
+    if platform is not None and platform != host:
+        raise PipelineError(
+            f"cannot verify the {platform} environment on this {host} host: verify runs the "
+            f"environment here; verify on a {platform} machine, {_SKIP_HINT}"
+        )
+    manifest = load_manifest(manifest_path)
+    resolved = manifest.resolve(environment, host)
+    chain = task_chain(resolved.tasks, VERIFY_TASK, f"{manifest_path}: environment '{environment}'")
+    if not lock_path.is_file():
+        raise LockError(f"{lock_path} does not exist: run `doit lock` first")
+    lock_sha256 = hashlib.sha256(lock_path.read_bytes()).hexdigest()
+    base_env = dict(process_environ() if environ is None else environ)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    started = time.monotonic()
+
+    if pixi is not None:
+        argv = [
+            str(pixi),
+            "run",
+            "--manifest-path",
+            str(manifest_path),
+            "--environment",
+            environment,
+            "--frozen",
+            VERIFY_TASK,
+        ]
+        _run(argv, cwd=project_dir, env=base_env, log_path=log_path, timeout=timeout)
+        return VerifyResult(
+            via="pixi",
+            environment=environment,
+            platform=host,
+            commands=(shlex.join(argv),),
+            prefix=None,
+            seconds=time.monotonic() - started,
+            log=log_path,
+            lock_sha256=lock_sha256,
+        )
+
+    prefix = pixi_env_prefix(project_dir, environment)
+    install_environment(
+        lock_path,
+        environment,
+        host,
+        prefix,
+        cache_dir,
+        log_path=log_path,
+        skip_sdists=skip_sdists,
+        timeout=install_timeout,
+        environ=base_env,
+    )
+    runtime = prefix_runtime(prefix, base_env, f"prefix {prefix}")
+    bash = shutil.which("bash", path=base_env.get("PATH")) or "/bin/bash"
+    commands: list[str] = []
+    for task in chain:
+        text = command_text(task)
+        if text is None:
+            continue
+        env = {
+            **base_env,
+            **runtime.env,
+            "PIXI_PROJECT_ROOT": str(project_dir),
+            "PIXI_PROJECT_MANIFEST": str(manifest_path),
+            "PIXI_ENVIRONMENT_NAME": environment,
+            **dict(task.env),
+        }
+        cwd = project_dir / task.cwd if task.cwd else project_dir
+        argv = [*runtime.wrapper, bash, "-c", text]
+        _append(log_path, f"$ {text}\n")
+        _run(argv, cwd=cwd, env=env, log_path=log_path, timeout=timeout, label=f"`{text}`")
+        commands.append(text)
+    return VerifyResult(
+        via="prefix",
+        environment=environment,
+        platform=host,
+        commands=tuple(commands),
+        prefix=prefix,
+        seconds=time.monotonic() - started,
+        log=log_path,
+        lock_sha256=lock_sha256,
+    )
+
+
+def install_environment(
+    lock_path: Path,
+    environment: str,
+    platform: str,
+    prefix: Path,
+    cache_dir: Path,
+    *,
+    log_path: Path,
+    skip_sdists: bool = False,
+    timeout: float = INSTALL_TIMEOUT,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Install the locked conda packages (py-rattler, child process) and wheels (pip) into
+    ``prefix``; return the number of conda packages.
+
+    Downloads from the lock's URLs into ``cache_dir`` (rattler's package cache). Idempotent:
+    rattler links only what differs from the prefix, pip skips installed wheels. Raises
+    LockError / PipelineError with one line; the child's output goes to ``log_path``.
+    """
+    from pipeline.bundle.pack import plan_bundle
+    from pipeline.lockfile import read_environment
+
+    locked = read_environment(lock_path, environment, platform)
+    wheels = plan_bundle(locked, skip_sdists=skip_sdists).wheels
+    base_env = dict(process_environ() if environ is None else environ)
+    request = {
+        "lock": str(lock_path),
+        "environment": environment,
+        "platform": platform,
+        "prefix": str(prefix),
+        "cache_dir": str(cache_dir),
+    }
+    child_env = dict(base_env)
+    # The worker imports this package; make that work from a plain checkout too.
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH")) if p
+    )
+    _append(log_path, f"$ rattler install {len(locked.conda)} packages into {prefix}\n")
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        request_path = Path(tmp) / "request.json"
+        request_path.write_text(json.dumps(request), encoding="utf-8")
+        _run(
+            [sys.executable, "-m", "pipeline.verify", "--install-worker", str(request_path)],
+            cwd=prefix.parent if prefix.parent.is_dir() else Path(tmp),
+            env=child_env,
+            log_path=log_path,
+            timeout=timeout,
+            label=f"installing environment '{environment}' into {prefix}",
+        )
+        if wheels:
+            python = prefix / "bin" / "python"
+            if not python.exists():
+                raise PipelineError(
+                    f"environment '{environment}' in {lock_path} has PyPI packages but no "
+                    f"python in {prefix}; add python to the conda dependencies and re-lock"
+                )
+            hashed = all(w.sha256 for w in wheels)
+            requirements = Path(tmp) / "requirements.txt"
+            requirements.write_text(
+                "".join(
+                    f"{w.name} @ {w.url}" + (f" --hash=sha256:{w.sha256}" if hashed else "") + "\n"
+                    for w in wheels
+                ),
+                encoding="utf-8",
+            )
+            argv = [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(python),
+                "install",
+                "--no-deps",
+                "--no-input",
+                "--disable-pip-version-check",
+                "--no-warn-script-location",
+                "-r",
+                str(requirements),
+            ]
+            if hashed:
+                argv.append("--require-hashes")
+            _append(log_path, f"$ pip install {len(wheels)} wheels into {prefix}\n")
+            _run(
+                argv,
+                cwd=Path(tmp),
+                env=base_env,
+                log_path=log_path,
+                timeout=timeout,
+                label=f"installing {len(wheels)} wheels into {prefix}",
+            )
+    return len(locked.conda)
+
+
+def write_stamp(result: VerifyResult, stamp: Path) -> None:
+    """Record a passed verify in ``stamp`` (JSON, atomic): the doit target of ``verify``."""
+    document: dict[str, Any] = {
+        "environment": result.environment,
+        "platform": result.platform,
+        "via": result.via,
+        "commands": list(result.commands),
+        "prefix": str(result.prefix) if result.prefix else None,
+        "lock_sha256": result.lock_sha256,
+        "tool_version": __version__,
+        "seconds": round(result.seconds, 1),
+    }
+    atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
+
+
+def log_tail(log_path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of ``log_path`` ('' when unreadable)."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---- running children ----------------------------------------------------------------------
+
+
+def _append(log_path: Path, text: str) -> None:
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(text)
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log_path: Path,
+    timeout: float,
+    label: str | None = None,
+) -> None:
+    """Run ``argv`` in its own session, output appended to ``log_path``; bounded by
+    ``timeout`` (then the group gets SIGTERM, and SIGKILL after a grace). PipelineError on a
+    non-zero exit, a timeout or a command that cannot start."""
+    what = label or f"`{shlex.join(argv)}`"
+    with log_path.open("ab") as log:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise PipelineError(f"cannot start {what} ({exc.strerror}): {argv[0]}") from None
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise PipelineError(
+                f"{what} did not finish in {timeout:.0f} s and was stopped; output in {log_path}"
+            ) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if code != 0:
+        last = _last_line(log_tail(log_path, 5))
+        raise PipelineError(
+            f"{what} failed (exit {code}): {last}; full output in {log_path}, {_SKIP_HINT}"
+        )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=_KILL_GRACE)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+# ---- the install worker (child process) -------------------------------------------------------
+
+
+async def _install(request: Mapping[str, Any]) -> int:
+    import rattler
+
+    from pipeline.lockfile import rattler_records, read_environment
+
+    locked = read_environment(Path(request["lock"]), request["environment"], request["platform"])
+    records = rattler_records(locked)
+    await rattler.install(
+        records,
+        target_prefix=Path(request["prefix"]),
+        cache_dir=Path(request["cache_dir"]),
+        show_progress=False,
+    )
+    return len(records)
+
+
+def _worker(request_path: Path) -> int:
+    """``python -m pipeline.verify --install-worker REQUEST.json``: install, print one line."""
+    try:
+        request = json.loads(request_path.read_text(encoding="utf-8"))
+        count = asyncio.run(_install(request))
+        print(f"installed {count} conda packages into {request['prefix']}")
+        return 0
+    except PipelineError as exc:
+        print(f"error: {exc.message}")
+    except Exception as exc:
+        print(f"error: rattler install failed ({type(exc).__name__}: {' '.join(str(exc).split())})")
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__)
+    parser.add_argument("--install-worker", type=Path, required=True, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return _worker(args.install_worker)
+
+
+if __name__ == "__main__":
+    code = main()
+    # py-rattler's async runtime can crash the interpreter at exit: flush, then leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
