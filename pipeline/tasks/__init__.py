@@ -4,6 +4,8 @@
 ``PIPELINE_ROLE``: the runtime side (the container) has no task that produces a bundle, so a
 container with a fresh doit database never tries to lock or pack.
 
+- :mod:`pipeline.tasks.build`: lock, verify, pack (pack:tar, pack:sha256), sha256, check-cache
+- :mod:`pipeline.tasks.runtime`: extract, patch-channels, frozen-install, install
 - :mod:`pipeline.tasks.serve`: plan, serve, status, stop, logs
 """
 
@@ -17,9 +19,12 @@ from pipeline.tasks.common import SETTINGS, doit_config
 
 def dodo_namespace() -> dict[str, Any]:
     """The task functions ``dodo.py`` exposes, by ``PIPELINE_ROLE``, plus ``DOIT_CONFIG``."""
-    from pipeline.tasks import serve
+    from pipeline.tasks import build, runtime, serve
 
     namespace: dict[str, Any] = {"DOIT_CONFIG": doit_config(SETTINGS)}
+    if SETTINGS.role in (Role.ALL, Role.BUILD):
+        namespace.update(build.TASKS)
     if SETTINGS.role in (Role.ALL, Role.RUNTIME):
+        namespace.update(runtime.TASKS)
         namespace.update(serve.TASKS)
     return namespace

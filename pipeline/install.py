@@ -1,0 +1,658 @@
+"""Install exactly the locked environment from the extracted bundle: the ``frozen-install`` stage.
+
+:func:`frozen_install` works on a project that ``extract`` and ``patch-channels`` prepared
+(:mod:`pipeline.bundle.unpack`, :mod:`pipeline.patch`) and never touches the network:
+
+1. **Up to date?** ``.pixi/envs/<env>/.installed-from.json`` names the bundle sha256, lock
+   sha256, environment and platform of the installed generation: when they are the current
+   extraction's, there is nothing to do (a few small reads).
+2. **Preflight** (:mod:`pipeline.preflight_host`): the virtual packages the locked packages
+   depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
+   warning when a CUDA environment is installed on a host without a GPU driver.
+3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
+   ``file://`` packages). A file whose ``(size, mtime, inode)`` is still what the extraction
+   recorded keeps the sha256 computed from the verified tar; any other file is hashed again.
+4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
+   records, pointed at the local channel, with ``rattler.install`` in a child process
+   (:mod:`pipeline.install_worker`: py-rattler can crash the interpreter at exit after its
+   async calls, so the child leaves with ``os._exit``); the package cache is
+   ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
+   --no-index --no-deps`` (exactly those files).
+5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
+   packages' ``etc/conda/activate.d`` scripts); it names the stable ``.pixi/envs/<env>`` path.
+6. **Runtime verify** inside the new generation: ``AUTO_INFER_VLLM_VERIFY`` when set (``none``
+   skips it), else the project's ``verify`` task with its ``depends-on`` chain (for vLLM:
+   ``python -c 'import vllm; print(vllm.__version__)'``), else nothing.
+7. **Switch**: ``.installed-from.json`` is written into the generation, then the symlink
+   ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``; older generations (and
+   any crash leftovers) are removed afterwards.
+
+A failure or a SIGKILL at any step before the switch leaves ``.pixi/envs/<env>`` as it was
+(the half-built generation is removed by the next run); nothing after the switch can leave
+the environment unusable. The whole stage holds the project's install lock, so two installs
+at once run one after the other. Errors are :class:`~pipeline.errors.InstallError` (or
+BundleError for bundle content), one line each; the children's output is in
+``.infer-vllm/install-<env>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.bundle.contents import check_lock_against_channel, read_repodata
+from pipeline.bundle.unpack import load_record, record_files
+from pipeline.envs import prefix_runtime
+from pipeline.errors import InstallError, LockError, PipelineError
+from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.installdir import (
+    INSTALLED_FROM,
+    ProjectPaths,
+    fsync_dir,
+    install_lock,
+    read_json,
+    write_json,
+)
+from pipeline.lockfile import LockedEnvironment
+from pipeline.patch import patch_is_current
+from pipeline.preflight_host import HostFacts, check_virtual_packages, detect_host
+from pipeline.settings import REPO_ROOT, process_environ
+
+INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
+VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
+VERIFY_TASK = "verify"
+RECORD_FORMAT = 1
+_KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`frozen_install` did (``installed`` False: the environment was current)."""
+
+    environment: str
+    prefix: Path
+    generation: Path | None
+    installed: bool
+    reason: str
+    conda_packages: int = 0
+    pypi_packages: int = 0
+    rehashed: int = 0
+    seconds: float = 0.0
+    verify_output: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        if not self.installed:
+            return f"environment '{self.environment}' at {self.prefix} is current ({self.reason})"
+        checked = f"; verify: {self.verify_output}" if self.verify_output else ""
+        return (
+            f"installed environment '{self.environment}' ({self.conda_packages} conda "
+            f"packages, {self.pypi_packages} wheels) at {self.prefix} -> "
+            f"{self.generation.name if self.generation else '?'} in {self.seconds:.1f} s"
+            f"{checked}"
+        )
+
+
+# ---- is it current? ---------------------------------------------------------------------------
+
+
+def installed_record(project_dir: Path, environment: str) -> dict[str, Any] | None:
+    """The ``.installed-from.json`` of the environment's current generation, or None."""
+    return read_json(ProjectPaths.of(project_dir).installed_from(environment))
+
+
+def install_is_current(project_dir: Path, environment: str) -> bool:
+    """True when ``.pixi/envs/<env>`` is a complete install of the current extraction (same
+    bundle sha256, lock sha256, environment and platform). Small reads only; never raises.
+    The doit ``uptodate`` check of ``frozen-install``."""
+    paths = ProjectPaths.of(project_dir)
+    record = load_record(paths)
+    return record is not None and _current_reason(paths, environment, record) is None
+
+
+def _current_reason(paths: ProjectPaths, environment: str, record: Mapping[str, Any]) -> str | None:
+    installed = read_json(paths.installed_from(environment))
+    if installed is None:
+        return "not installed yet"
+    want = {
+        "bundle_sha256": record.get("sha256"),
+        "lock_sha256": record.get("lock_sha256"),
+        "environment": environment,
+        "platform": record.get("platform"),
+    }
+    for key, value in want.items():
+        if installed.get(key) != value:
+            return f"{key.replace('_', ' ')} changed"
+    if not (paths.env_link(environment) / "conda-meta").is_dir():
+        return "the installed environment is damaged"
+    return None
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def frozen_install(
+    project_dir: Path,
+    environment: str,
+    *,
+    cache_dir: Path,
+    verify_command: str | None = None,
+    override_cuda: str | None = None,
+    override_glibc: str | None = None,
+    facts: HostFacts | None = None,
+    environ: Mapping[str, str] | None = None,
+    say: Callable[[str], None] | None = None,
+    timeout: float = INSTALL_TIMEOUT,
+    verify_timeout: float = VERIFY_TIMEOUT,
+) -> InstallResult:
+    """Install ``environment`` of the extracted, patched project (see the module docstring).
+
+    ``cache_dir`` is rattler's package cache (``<rattler cache>/pkgs``); ``verify_command`` is
+    ``AUTO_INFER_VLLM_VERIFY``; ``override_cuda`` / ``override_glibc`` are the
+    ``CONDA_OVERRIDE_*`` settings, and ``facts`` replaces host detection altogether (tests).
+    Idempotent: the same extraction and environment again returns at once. Blocks on the
+    install lock, then on the children (each bounded by ``timeout`` / ``verify_timeout``).
+    Raises InstallError or BundleError; the previous environment is then untouched.
+    """
+    say = say or _say
+    paths = ProjectPaths.of(project_dir)
+    base_env = dict(process_environ() if environ is None else environ)
+    started = time.monotonic()
+    warnings: list[str] = []
+    with install_lock(paths, say=say):
+        record = load_record(paths)
+        if record is None:
+            raise InstallError(
+                f"{paths.root} holds no finished extraction; run `doit install` (extract and "
+                "patch-channels come first)"
+            )
+        if not patch_is_current(paths.root, environment):
+            raise InstallError(
+                f"{paths.root}: pixi.toml/pixi.lock are not patched for this extraction and "
+                f"environment '{environment}'; run `doit install` (patch-channels comes first)"
+            )
+        link = paths.env_link(environment)
+        reason = _current_reason(paths, environment, record)
+        if reason is None:
+            return InstallResult(environment, link, _link_target(link), False, "nothing changed")
+        platform = str(record["platform"])
+        locked = _locked(paths, environment, platform)
+
+        # 1. what the host must offer
+        host = facts or detect_host(
+            override_cuda=override_cuda, override_glibc=override_glibc, environ=base_env
+        )
+        needs = [
+            (pkg.name, dep)
+            for pkg in locked.conda
+            for dep in pkg.repodata.get("depends", [])
+            if isinstance(dep, str) and dep.startswith("__")
+        ]
+        preflight = check_virtual_packages(needs, host, where=f"environment '{environment}'")
+        for message in preflight.warnings:
+            warnings.append(message)
+            say(f"warning: {message}")
+        if preflight.errors:
+            raise InstallError(
+                f"environment '{environment}' cannot run on this host: "
+                f"{'; '.join(preflight.errors)}"
+            )
+
+        # 2. every file against the lock
+        files = record_files(record)
+        rehashed: list[str] = []
+
+        def file_sha256(rel: str) -> str | None:
+            path = paths.root / rel
+            try:
+                st = path.lstat()
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            facts_ = files.get(rel)
+            if facts_ is not None and facts_.matches(st):
+                return facts_.sha256
+            rehashed.append(rel)
+            return sha256_file(path)
+
+        check_lock_against_channel(
+            paths.lock,
+            environment,
+            platform,
+            read_repodata(paths.channel),
+            file_sha256,
+            lock_label=str(paths.lock),
+            skipped_sdists=record.get("skipped_sdists") or (),
+        )
+        if rehashed:
+            say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
+
+        # 3. a new generation, built at its final path
+        _remove_generations(paths, environment, keep=_link_target(link))
+        generation = paths.envs / (
+            f"{paths.generation_prefix(environment)}{str(record['sha256'])[:12]}."
+            f"{uuid.uuid4().hex[:6]}"
+        )
+        log = paths.install_log(environment)
+        log.write_bytes(b"")
+        try:
+            say(f"installing {len(locked.conda)} conda packages into {generation}")
+            _install_conda(paths, locked, generation, cache_dir, log, base_env, timeout)
+            wheels = [w for w in locked.pypi if w.is_wheel]
+            if wheels:
+                say(f"installing {len(wheels)} wheels")
+                _install_wheels(paths, environment, wheels, generation, log, base_env, timeout)
+            write_activation_script(paths, environment)
+            verify = _verify(
+                paths,
+                environment,
+                platform,
+                generation,
+                configured=verify_command,
+                log=log,
+                base_env=base_env,
+                timeout=verify_timeout,
+                say=say,
+            )
+            write_json(
+                generation / INSTALLED_FROM,
+                {
+                    "format": RECORD_FORMAT,
+                    "bundle": record.get("bundle", {}).get("path"),
+                    "bundle_sha256": record["sha256"],
+                    "lock_sha256": record.get("lock_sha256"),
+                    "environment": environment,
+                    "platform": platform,
+                    "source": record.get("source"),
+                    "tool": "infer-vllm-pipeline",
+                    "tool_version": __version__,
+                    "conda_packages": len(locked.conda),
+                    "pypi_packages": len(wheels),
+                    "prefix": str(generation),
+                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.monotonic() - started, 2),
+                    "verify": verify,
+                    "host": {
+                        "glibc": host.glibc,
+                        "cuda": host.cuda,
+                        "cuda_source": host.cuda_source,
+                    },
+                    "warnings": warnings,
+                },
+            )
+            fsync_dir(generation)
+        except BaseException:
+            shutil.rmtree(generation, ignore_errors=True)
+            raise
+
+        # 4. the switch: one rename, then the garbage
+        switch_link(link, generation)
+        _remove_generations(paths, environment, keep=generation)
+        return InstallResult(
+            environment=environment,
+            prefix=link,
+            generation=generation,
+            installed=True,
+            reason=reason,
+            conda_packages=len(locked.conda),
+            pypi_packages=len(wheels),
+            rehashed=len(rehashed),
+            seconds=time.monotonic() - started,
+            verify_output=verify["output"] if verify else None,
+            warnings=tuple(warnings),
+        )
+
+
+def switch_link(link: Path, generation: Path) -> None:
+    """Point ``link`` (``.pixi/envs/<env>``) at ``generation`` (a sibling dir) atomically.
+
+    A relative symlink is created beside it and renamed over it (``rename(2)`` replaces a
+    symlink atomically). A real directory there (an environment pixi made, or an older
+    layout) is first renamed aside as a generation, to be removed afterwards: that one step is
+    not atomic, but the new environment is complete by then.
+    """
+    tmp = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
+    tmp.symlink_to(generation.name)
+    try:
+        if link.is_dir() and not link.is_symlink():
+            link.rename(link.with_name(f".{link.name}.replaced-{uuid.uuid4().hex[:6]}"))
+        tmp.replace(link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(link.parent)
+
+
+def write_activation_script(paths: ProjectPaths, environment: str) -> Path:
+    """Write ``<project>/activate-<env>.sh`` (atomic) and return its path. Its content names
+    only the stable ``.pixi/envs/<env>`` path, so it stays valid across installs."""
+    prefix = paths.env_link(environment)
+    q = shlex.quote
+    text = "\n".join(
+        [
+            f"# Activate environment '{environment}' of {paths.root} (written by `doit install`).",
+            f"# Use it with: . {q(str(paths.activation_script(environment)))}",
+            f"export CONDA_PREFIX={q(str(prefix))}",
+            f"export CONDA_DEFAULT_ENV={q(environment)}",
+            f"export PIXI_PROJECT_ROOT={q(str(paths.root))}",
+            f"export PIXI_PROJECT_MANIFEST={q(str(paths.manifest))}",
+            f"export PIXI_ENVIRONMENT_NAME={q(environment)}",
+            'export PATH="$CONDA_PREFIX/bin${PATH:+:$PATH}"',
+            'for __infer_vllm_f in "$CONDA_PREFIX"/etc/conda/activate.d/*.sh; do',
+            '    [ -r "$__infer_vllm_f" ] && . "$__infer_vllm_f"',
+            "done",
+            "unset __infer_vllm_f",
+            "",
+        ]
+    )
+    path = paths.activation_script(environment)
+    atomic_write_text(path, text)
+    return path
+
+
+# ---- steps --------------------------------------------------------------------------------------
+
+
+def _locked(paths: ProjectPaths, environment: str, platform: str) -> LockedEnvironment:
+    from pipeline.lockfile import read_environment
+
+    try:
+        return read_environment(paths.lock, environment, platform)
+    except LockError as exc:
+        raise InstallError(f"cannot install from {paths.lock}: {exc.message}") from None
+
+
+def _link_target(link: Path) -> Path | None:
+    try:
+        target = link.readlink()
+    except OSError:
+        return link if link.is_dir() else None
+    return target if target.is_absolute() else link.parent / target
+
+
+def _remove_generations(paths: ProjectPaths, environment: str, *, keep: Path | None) -> None:
+    """Remove every generation of ``environment`` but ``keep`` (and leftover temp links)."""
+    if not paths.envs.is_dir():
+        return
+    prefix = paths.generation_prefix(environment)
+    keep_name = keep.name if keep is not None else None
+    for entry in paths.envs.iterdir():
+        if not entry.name.startswith(prefix) or entry.name == keep_name:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+    link_prefix = f".{environment}.link-"
+    for entry in paths.envs.glob(f"{link_prefix}*"):
+        entry.unlink(missing_ok=True)
+
+
+def _install_conda(
+    paths: ProjectPaths,
+    locked: LockedEnvironment,
+    generation: Path,
+    cache_dir: Path,
+    log: Path,
+    base_env: Mapping[str, str],
+    timeout: float,
+) -> None:
+    request = {
+        "lock": str(paths.lock),
+        "environment": locked.environment,
+        "platform": locked.platform,
+        "channel_dir": str(paths.channel),
+        "prefix": str(generation),
+        "cache_dir": str(cache_dir),
+    }
+    request_path = paths.state / f"install-request-{uuid.uuid4().hex[:8]}.json"
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    env = dict(base_env)
+    # The worker imports this package; make that work from a plain checkout too.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH")) if p
+    )
+    try:
+        run_logged(
+            [sys.executable, "-m", "pipeline.install_worker", str(request_path)],
+            cwd=paths.state,
+            env=env,
+            log=log,
+            timeout=timeout,
+            label=f"installing {len(locked.conda)} conda packages into {generation}",
+        )
+    finally:
+        request_path.unlink(missing_ok=True)
+
+
+def uv_binary() -> Path:
+    """The ``uv`` executable installed with this package (PyPI ``uv``), else ``uv`` on PATH."""
+    with contextlib.suppress(ImportError, FileNotFoundError):
+        from uv import find_uv_bin
+
+        return Path(find_uv_bin())
+    found = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise InstallError(
+            "the bundle has wheels but `uv` is not installed; install this package with its "
+            "dependencies (pip install -e .) so that uv comes with it"
+        )
+    return Path(found)
+
+
+def _install_wheels(
+    paths: ProjectPaths,
+    environment: str,
+    wheels: Sequence[Any],
+    generation: Path,
+    log: Path,
+    base_env: Mapping[str, str],
+    timeout: float,
+) -> None:
+    python = generation / "bin" / "python"
+    if not python.exists():
+        raise InstallError(
+            f"environment '{environment}' has PyPI packages but no python in {generation}; add "
+            "python to the conda dependencies and lock again"
+        )
+    argv = [
+        str(uv_binary()),
+        "pip",
+        "install",
+        "--python",
+        str(python),
+        "--offline",
+        "--no-index",
+        "--no-deps",
+        "--no-config",
+        "--no-cache",
+        "--link-mode",
+        "copy",
+        *(str(paths.pypi / w.filename) for w in wheels),
+    ]
+    env = {k: v for k, v in base_env.items() if not k.startswith(("UV_", "PIP_"))}
+    run_logged(
+        argv,
+        cwd=paths.root,
+        env=env,
+        log=log,
+        timeout=timeout,
+        label=f"installing {len(wheels)} wheels into {generation}",
+    )
+
+
+def _verify_commands(
+    paths: ProjectPaths, environment: str, platform: str, configured: str | None
+) -> list[tuple[str, Mapping[str, str], Path]]:
+    """``[(shell text, task env, cwd)]`` to run; empty when there is nothing to check."""
+    if configured is not None:
+        if configured.strip().lower() == "none":
+            return []
+        return [(configured, {}, paths.root)]
+    from pipeline.manifest import load_manifest
+    from pipeline.verify import command_text, task_chain
+
+    try:
+        resolved = load_manifest(paths.manifest).resolve(environment, platform)
+    except LockError as exc:
+        raise InstallError(
+            f"cannot read the verify task: {exc.message}; or set AUTO_INFER_VLLM_VERIFY"
+        ) from None
+    if resolved.task(VERIFY_TASK) is None:
+        return []
+    try:
+        chain = task_chain(resolved.tasks, VERIFY_TASK, f"{paths.manifest}")
+    except PipelineError as exc:
+        raise InstallError(f"{exc.message}; or set AUTO_INFER_VLLM_VERIFY") from None
+    commands: list[tuple[str, Mapping[str, str], Path]] = []
+    for task in chain:
+        text = command_text(task)
+        if text is not None:
+            cwd = paths.root / task.cwd if task.cwd else paths.root
+            commands.append((text, dict(task.env), cwd))
+    return commands
+
+
+def _verify(
+    paths: ProjectPaths,
+    environment: str,
+    platform: str,
+    generation: Path,
+    *,
+    configured: str | None,
+    log: Path,
+    base_env: Mapping[str, str],
+    timeout: float,
+    say: Callable[[str], None],
+) -> dict[str, Any] | None:
+    commands = _verify_commands(paths, environment, platform, configured)
+    if not commands:
+        say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")
+        return None
+    runtime = prefix_runtime(generation, base_env, f"prefix {generation}")
+    shell = shutil.which("bash", path=base_env.get("PATH", "")) or "/bin/sh"
+    outputs: list[str] = []
+    for text, task_env, cwd in commands:
+        env = {
+            **base_env,
+            **runtime.env,
+            "PIXI_PROJECT_ROOT": str(paths.root),
+            "PIXI_PROJECT_MANIFEST": str(paths.manifest),
+            "PIXI_ENVIRONMENT_NAME": environment,
+            **task_env,
+        }
+        say(f"verify: {text}")
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write(f"$ {text}\n")
+        start = log.stat().st_size
+        run_logged(
+            [*runtime.wrapper, shell, "-c", text],
+            cwd=cwd,
+            env=env,
+            log=log,
+            timeout=timeout,
+            label=f"the verify command `{text}` in the new environment",
+            hint="the new environment was not switched in; fix the bundle or set "
+            "AUTO_INFER_VLLM_VERIFY",
+        )
+        with log.open("rb") as fh:
+            fh.seek(start)
+            outputs.append(fh.read().decode("utf-8", "replace"))
+    last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
+    return {"commands": [c[0] for c in commands], "output": last[-1] if last else ""}
+
+
+# ---- children -----------------------------------------------------------------------------------
+
+
+def run_logged(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    label: str,
+    hint: str = "see the log",
+) -> None:
+    """Run ``argv`` in its own session with its output appended to ``log``; bounded by
+    ``timeout`` (then SIGTERM to its group, SIGKILL after a grace). Ctrl-C kills it too.
+    Raises InstallError on a non-zero exit, a timeout, or a command that cannot start."""
+    with log.open("ab") as out:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise InstallError(f"cannot start {label} ({exc.strerror}): {argv[0]}") from None
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise InstallError(
+                f"{label} did not finish in {timeout:.0f} s and was stopped; output in {log}"
+            ) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if code != 0:
+        raise InstallError(f"{label} failed (exit {code}): {_last_line(log)}; {hint} ({log})")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=_KILL_GRACE)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 4096))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "no output"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "InstallResult",
+    "frozen_install",
+    "install_is_current",
+    "installed_record",
+    "run_logged",
+    "switch_link",
+    "uv_binary",
+    "write_activation_script",
+]

@@ -1,0 +1,142 @@
+"""doit tasks of the container side: extract -> patch-channels -> frozen-install, and `install`.
+
+No task here produces the bundle tar: the container has no pack task, so a fresh doit database
+never tries to lock or pack. Each stage has a target inside the project dir and an
+``uptodate`` callable that reads the real state (stamps and records, a few ``stat`` calls);
+none has the multi-GB tar as a ``file_dep``, so doit never hashes it (its md5 check would,
+on every fresh database and every touched tar). The stages are also idempotent themselves and
+take the project's install lock, so running them again, or two ``doit install`` at once, is
+safe.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from pipeline import reporting
+from pipeline.installdir import ProjectPaths
+from pipeline.settings import Settings, process_environ
+from pipeline.tasks.common import SETTINGS, TaskDict
+
+
+def _paths(settings: Settings) -> ProjectPaths:
+    return ProjectPaths.of(settings.pixi_project_dir)
+
+
+def task_extract() -> TaskDict:
+    """Check the bundle (sha256, members, platform) and extract it into the project dir."""
+    settings = SETTINGS
+    paths = _paths(settings)
+    env = settings.install_env_name
+
+    def current() -> bool:
+        from pipeline.bundle.unpack import extract_is_current
+
+        return extract_is_current(
+            settings.install_bundle,
+            paths.root,
+            environment=env,
+            configured_sha256=settings.bundle_sha256,
+        )
+
+    @reporting.action
+    def run() -> None:
+        from pipeline.bundle.unpack import extract_bundle
+
+        result = extract_bundle(
+            settings.install_bundle,
+            paths.root,
+            environment=env,
+            configured_sha256=settings.bundle_sha256,
+            template_dir=settings.project,
+        )
+        _say(result.summary())
+
+    return {
+        "actions": [run],
+        "targets": [str(paths.extract_stamp)],
+        "uptodate": [current],
+        "verbosity": 2,
+    }
+
+
+def task_patch_channels() -> TaskDict:
+    """Point pixi.toml channels and pixi.lock package URLs at the extracted channel."""
+    settings = SETTINGS
+    paths = _paths(settings)
+    env = settings.install_env_name
+
+    def current() -> bool:
+        from pipeline.patch import patch_is_current
+
+        return patch_is_current(paths.root, env)
+
+    @reporting.action
+    def run() -> None:
+        from pipeline.patch import patch_project
+
+        _say(patch_project(paths.root, env).summary())
+
+    return {
+        "basename": "patch-channels",
+        "actions": [run],
+        "task_dep": ["extract"],
+        "targets": [str(paths.patch_stamp)],
+        "uptodate": [current],
+        "verbosity": 2,
+    }
+
+
+def task_frozen_install() -> TaskDict:
+    """Install exactly the locked environment, offline, verified, switched in atomically."""
+    settings = SETTINGS
+    paths = _paths(settings)
+    env = settings.install_env_name
+
+    def current() -> bool:
+        from pipeline.install import install_is_current
+
+        return install_is_current(paths.root, env)
+
+    @reporting.action
+    def run() -> None:
+        from pipeline.install import frozen_install
+
+        result = frozen_install(
+            paths.root,
+            env,
+            cache_dir=settings.rattler_cache / "pkgs",
+            verify_command=settings.install_verify,
+            override_cuda=settings.conda_override_cuda,
+            override_glibc=settings.conda_override_glibc,
+            environ=process_environ(),
+        )
+        _say(result.summary())
+
+    return {
+        "basename": "frozen-install",
+        "actions": [run],
+        "task_dep": ["patch-channels"],
+        "targets": [str(paths.installed_from(env))],
+        "uptodate": [current],
+        "verbosity": 2,
+    }
+
+
+def task_install() -> TaskDict:
+    """Extract, patch and install the bundle's environment (offline; nothing if current)."""
+    return {"actions": None, "task_dep": ["extract", "patch-channels", "frozen-install"]}
+
+
+def _say(message: str) -> None:
+    """One progress line on stderr (stdout stays for data)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+TASKS: dict[str, Callable[[], TaskDict]] = {
+    "task_extract": task_extract,
+    "task_patch_channels": task_patch_channels,
+    "task_frozen_install": task_frozen_install,
+    "task_install": task_install,
+}

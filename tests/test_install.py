@@ -1,0 +1,499 @@
+"""The frozen install and `doit install` as a whole: roundtrip, safety, idempotency, crashes,
+concurrency and a run with no network at all.
+
+The environment's ``python`` is the test channel's venv-style package wrapping this machine's
+interpreter, so wheels install into it (uv) and the verify task runs for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytool, write_lock
+from conftest import doit_env, run_doit, wait_for
+
+from pipeline.bundle.unpack import extract_bundle
+from pipeline.errors import BundleError, InstallError
+from pipeline.install import frozen_install, install_is_current, switch_link
+from pipeline.installdir import ProjectPaths
+from pipeline.patch import patch_project
+from pipeline.preflight_host import HostFacts, check_virtual_packages, detect_host
+from pipeline.settings import load_settings
+
+HOST = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
+TOOL_OUTPUT = "tinytool 1.0: hello from libtiny 1.0"
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
+    return shared_kit(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rattler package cache for the module, as a container keeps one on its volume."""
+    return tmp_path_factory.mktemp("rattler-cache")
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def install(project: Path, bundle: Path, cache: Path, **kwargs):
+    """extract -> patch-channels -> frozen-install through the API (no doit)."""
+    extract_bundle(bundle, project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    kwargs.setdefault("facts", HOST)
+    return frozen_install(project, "default", cache_dir=cache / "pkgs", say=quiet, **kwargs)
+
+
+def run_in_env(project: Path, *argv: str) -> str:
+    prefix = ProjectPaths.of(project).env_link("default")
+    out = subprocess.run(
+        [str(prefix / "bin" / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def current_generation(project: Path) -> str:
+    return str(ProjectPaths.of(project).env_link("default").readlink())
+
+
+def generations(project: Path) -> list[str]:
+    return sorted(p.name for p in ProjectPaths.of(project).envs.glob(".default.*"))
+
+
+def install_env(tmp_path: Path, bundle: Path, cache: Path, **extra: str) -> dict[str, str]:
+    return doit_env(
+        tmp_path / "state",
+        PIPELINE_ROLE="runtime",
+        AUTO_INFER_VLLM_BUNDLE_PATH=str(bundle),
+        AUTO_INFER_VLLM_PIXI_PROJECT_DIR=str(tmp_path / "project"),
+        PIXI_CACHE_DIR=str(cache),
+        PIPELINE_PROJECT=str(tmp_path / "no-template"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
+        **extra,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# ---- settings and host checks ------------------------------------------------------------------
+
+
+def test_empty_conda_override_cuda_means_no_cuda():
+    assert load_settings({"CONDA_OVERRIDE_CUDA": ""}).conda_override_cuda == ""
+    assert load_settings({}).conda_override_cuda is None
+    assert load_settings({"CONDA_OVERRIDE_CUDA": "12.4"}).conda_override_cuda == "12.4"
+    # Other empty variables still count as unset.
+    settings = load_settings({"CONDA_OVERRIDE_GLIBC": "", "AUTO_INFER_VLLM_BUNDLE_SHA256": ""})
+    assert (settings.conda_override_glibc, settings.bundle_sha256) == (None, None)
+
+
+def test_detect_host_honours_the_overrides():
+    never = [lambda _env: pytest.fail("probed a driver despite CONDA_OVERRIDE_CUDA")]
+    facts = detect_host(override_cuda="", override_glibc="2.17", environ={}, cuda_probes=never)
+    assert (facts.cuda, facts.cuda_source, facts.glibc) == (None, "CONDA_OVERRIDE_CUDA", "2.17")
+    facts = detect_host(override_cuda="12.4", override_glibc=None, environ={}, cuda_probes=never)
+    assert facts.cuda == "12.4" and facts.glibc  # this host's glibc
+
+
+def test_detect_host_takes_the_first_probe_that_finds_a_driver():
+    def nvml(_env):
+        return None
+
+    def smi(_env):
+        return "12.2"
+
+    smi.source = "nvidia-smi"  # type: ignore[attr-defined]
+    facts = detect_host(
+        override_cuda=None, override_glibc=None, environ={}, cuda_probes=[nvml, smi]
+    )
+    assert (facts.cuda, facts.cuda_source) == ("12.2", "nvidia-smi")
+
+
+def test_virtual_package_checks():
+    needs = [
+        ("tinytool", "__glibc >=2.17"),
+        ("libc-new", "__glibc >=2.40"),
+        ("kernel", "__linux >=7"),
+        ("cu", "__cuda >=12"),
+        ("win", "__win"),
+        ("odd", "__mystery"),
+        ("plain", "libtiny >=1.0"),
+    ]
+    result = check_virtual_packages(needs, HOST)
+    assert len(result.errors) == 3
+    assert "libc-new needs '__glibc >=2.40', but this host has glibc 2.36" in result.errors[0]
+    assert "Linux 6.1.0" in result.errors[1] and "linux-64 host" in result.errors[2]
+    assert any("cu in the lock need CUDA" in w and "no NVIDIA driver" in w for w in result.warnings)
+    assert any("__mystery" in w for w in result.warnings)
+
+    old_driver = HostFacts("linux-64", "2.36", "6.1", cuda="11.8", cuda_source="NVML")
+    errors = check_virtual_packages([("cu", "__cuda >=12")], old_driver).errors
+    assert errors and "supports CUDA 11.8 (from NVML)" in errors[0]
+    good = HostFacts("linux-64", "2.36", "6.1", cuda="12.4", cuda_source="NVML")
+    assert check_virtual_packages([("cu", "__cuda >=12")], good).errors == ()
+    declared = HostFacts("linux-64", "2.36", "6.1", cuda=None, cuda_source="CONDA_OVERRIDE_CUDA")
+    warnings = check_virtual_packages([("cu", "__cuda")], declared).warnings
+    assert warnings and "CONDA_OVERRIDE_CUDA is empty" in warnings[0]
+
+
+# ---- the frozen install through the API ------------------------------------------------------
+
+
+def test_install_switches_a_symlink_to_a_complete_generation(tmp_path, kit: Kit, cache: Path):
+    project = tmp_path / "project"
+    result = install(project, make_bundle(tmp_path, kit), cache)
+
+    assert result.installed and result.verify_output == "tinywheel 0.1"
+    assert (result.conda_packages, result.pypi_packages) == (4, 1)
+    link = ProjectPaths.of(project).env_link("default")
+    assert link.is_symlink() and current_generation(project) == result.generation.name
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+    assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+    record = json.loads((link / ".installed-from.json").read_text())
+    assert record["environment"] == "default" and record["platform"] == "linux-64"
+    assert record["conda_packages"] == 4 and record["pypi_packages"] == 1
+    assert len(record["bundle_sha256"]) == 64 and len(record["lock_sha256"]) == 64
+    assert install_is_current(project, "default")
+    again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+    assert not again.installed
+
+
+def test_a_new_bundle_replaces_the_environment_and_the_old_generation(tmp_path, kit, cache):
+    project = tmp_path / "project"
+    first = install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    second = install(project, make_bundle(tmp_path / "b", kit), cache)
+    assert first.generation != second.generation
+    assert generations(project) == [second.generation.name]
+    assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+
+
+def test_file_swapped_after_extraction_is_caught_by_its_hash(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    bundle = make_bundle(tmp_path / "b", kit)
+    extract_bundle(bundle, project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    tool = project / "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"
+    tool.write_bytes((project / "channel/linux-64/libtiny-1.0-h1a2b3c4_0.conda").read_bytes())
+
+    with pytest.raises(BundleError) as info:
+        frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    assert "tinytool-1.0-h5d6e7f8_0.conda does not match the lock" in info.value.message
+    assert current_generation(project) == before and generations(project) == [before]
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_host_too_old_for_glibc_keeps_the_previous_environment(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    old = HostFacts("linux-64", glibc="2.12", linux="6.1", cuda=None)
+    with pytest.raises(InstallError) as info:
+        install(project, make_bundle(tmp_path / "b", kit), cache, facts=old)
+    message = info.value.message
+    assert "cannot run on this host" in message and "glibc 2.12" in message
+    assert "\n" not in message
+    assert current_generation(project) == before and generations(project) == [before]
+
+
+def test_cuda_package_without_a_gpu_installs_with_a_warning(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    bundle = make_bundle(tmp_path, kit, names=("tinycuda",), wheel=False, verify=None)
+    result = install(project, bundle, cache)
+    assert result.installed
+    assert any("tinycuda" in w and "need CUDA" in w for w in result.warnings)
+    with pytest.raises(InstallError, match=r"supports CUDA 11\.8"):
+        project2 = tmp_path / "project2"
+        install(project2, bundle, cache, facts=HostFacts("linux-64", "2.36", "6.1", "11.8"))
+    assert generations(tmp_path / "project2") == []
+
+
+def test_failing_verify_is_not_switched_in(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    with pytest.raises(InstallError) as info:
+        install(project, make_bundle(tmp_path / "b", kit), cache, verify_command="exit 3")
+    message = info.value.message
+    assert "the verify command `exit 3`" in message and "exit 3" in message
+    assert "not switched in" in message and "\n" not in message
+    assert current_generation(project) == before and generations(project) == [before]
+
+
+def test_verify_none_skips_the_check(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    result = install(
+        project, make_bundle(tmp_path, kit, verify="exit 1"), cache, verify_command="none"
+    )
+    assert result.installed and result.verify_output is None
+
+
+def test_a_real_directory_at_the_env_path_is_replaced(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    link = ProjectPaths.of(project).env_link("default")
+    (link / "conda-meta").mkdir(parents=True)  # as `pixi install` would have left it
+    install(project, make_bundle(tmp_path, kit), cache)
+    assert link.is_symlink() and len(generations(project)) == 1
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_switch_link_is_one_rename(tmp_path):
+    envs = tmp_path / "envs"
+    (envs / ".default.a").mkdir(parents=True)
+    (envs / ".default.b").mkdir()
+    link = envs / "default"
+    switch_link(link, envs / ".default.a")
+    inode = link.lstat().st_ino
+    switch_link(link, envs / ".default.b")
+    assert str(link.readlink()) == ".default.b" and link.lstat().st_ino != inode
+    assert sorted(p.name for p in envs.iterdir()) == [".default.a", ".default.b", "default"]
+
+
+def test_frozen_install_needs_extract_and_patch_first(tmp_path, kit: Kit, cache):
+    with pytest.raises(InstallError, match="no finished extraction"):
+        frozen_install(tmp_path / "p", "default", cache_dir=cache, facts=HOST, say=quiet)
+    project = tmp_path / "project"
+    extract_bundle(make_bundle(tmp_path, kit), project, environment="default", say=quiet)
+    with pytest.raises(InstallError, match="not patched"):
+        frozen_install(project, "default", cache_dir=cache, facts=HOST, say=quiet)
+
+
+# ---- `doit install` --------------------------------------------------------------------------
+
+
+def test_doit_install_roundtrip_then_all_up_to_date(tmp_path, kit: Kit, cache):
+    bundle = make_bundle(tmp_path, kit)
+    env = install_env(tmp_path, bundle, cache)
+    project = tmp_path / "project"
+
+    first = run_doit(["install"], env)
+    assert first.returncode == 0, first.stderr
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+    assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+    script = ProjectPaths.of(project).activation_script("default")
+    shell = subprocess.run(
+        ["bash", "-c", f". {script} && tinytool && python -c 'import sys; print(sys.prefix)'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout.split("\n")[0] == TOOL_OUTPUT
+    assert "example.org" not in (project / "pixi.lock").read_text()
+
+    started = time.monotonic()
+    second = run_doit(["install"], env)
+    elapsed = time.monotonic() - started
+    assert second.returncode == 0, second.stderr
+    for task in ("extract", "patch-channels", "frozen-install"):
+        assert f"-- {task} (up to date)" in second.stderr
+    assert elapsed < 5, f"a no-op install took {elapsed:.1f} s"
+
+    # A fresh doit database (state dir lost with the container) changes nothing either.
+    third = run_doit(["install"], {**env, "PIPELINE_STATE_DIR": str(tmp_path / "state2")})
+    assert third.returncode == 0 and third.stderr.count("(up to date)") == 3, third.stderr
+
+
+def test_doit_bad_bundle_is_one_error_line_and_keeps_the_environment(tmp_path, kit, cache):
+    good = make_bundle(tmp_path / "good", kit)
+    assert run_doit(["install"], install_env(tmp_path, good, cache)).returncode == 0
+    project = tmp_path / "project"
+    before = current_generation(project)
+    bad = make_bundle(tmp_path / "bad", kit, tamper=swap_tinytool)
+
+    result = run_doit(["install"], install_env(tmp_path, bad, cache))
+
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "does not match the lock" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert current_generation(project) == before
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_doit_sha_mismatch_is_one_error_line(tmp_path, kit: Kit, cache):
+    bundle = make_bundle(tmp_path, kit)
+    env = install_env(tmp_path, bundle, cache, AUTO_INFER_VLLM_BUNDLE_SHA256="ab" * 32)
+    result = run_doit(["install"], env)
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "expected " + "ab" * 32 in errors[0], result.stderr
+    assert not (tmp_path / "project" / "channel").exists()
+
+
+def test_pixi_pack_bundle_without_extras_installs(tmp_path, kit: Kit, cache):
+    bundle = make_bundle(tmp_path, kit, extras=False, pixi_pack_exact=True)
+    result = run_doit(["install"], install_env(tmp_path, bundle, cache))
+    assert result.returncode == 0, result.stderr
+    assert "from channel" in result.stderr  # pixi.toml/pixi.lock generated from the channel
+    project = tmp_path / "project"
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+    assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+
+
+def test_sigkill_in_the_middle_then_rerun_completes(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
+    assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
+    before = current_generation(project)
+    new = make_bundle(tmp_path / "new", kit)
+    pidfile = tmp_path / "verify.pid"
+    # The verify step hangs, so the kill lands after the new generation is built and before
+    # the switch: the worst moment.
+    env = install_env(
+        tmp_path, new, cache, AUTO_INFER_VLLM_VERIFY=f"echo $$ > {pidfile}; exec sleep 60"
+    )
+    log = (tmp_path / "doit.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "doit",
+            "-f",
+            str(Path(__file__).parent.parent / "dodo.py"),
+            "install",
+        ],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, what="verify")
+        assert len(generations(project)) == 2  # the old one and the half-done new one
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if pidfile.exists():  # the verify child runs in its own session: end it too
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+    assert current_generation(project) == before
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+    rerun = run_doit(["install"], install_env(tmp_path, new, cache))
+    assert rerun.returncode == 0, rerun.stderr
+    assert current_generation(project) != before
+    assert generations(project) == [current_generation(project)]
+    assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+
+
+def test_two_installs_at_once_both_succeed_one_after_the_other(tmp_path, kit: Kit, cache):
+    bundle = make_bundle(tmp_path, kit)
+    env = install_env(tmp_path, bundle, cache)
+    paths = ProjectPaths.of(tmp_path / "project")
+    paths.state.mkdir(parents=True)
+    dodo = Path(__file__).parent.parent / "dodo.py"
+    holder = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # both must queue behind it, then behind each other
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = []
+    try:
+        for log in logs:
+            with log.open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "doit", "-f", str(dodo), "install"],
+                        cwd=dodo.parent,
+                        env=env,
+                        stdout=out,
+                        stderr=out,
+                    )
+                )
+        wait_for(
+            lambda: all("waiting for another install" in p.read_text() for p in logs),
+            60,
+            what="both installs to wait for the lock",
+        )
+    finally:
+        os.close(holder)
+    codes = [p.wait(timeout=120) for p in procs]
+    outputs = [p.read_text() for p in logs]
+    assert codes == [0, 0], outputs
+    assert sum(o.count("installed environment 'default'") for o in outputs) == 1, outputs
+    assert len(generations(tmp_path / "project")) == 1
+    assert run_in_env(tmp_path / "project", "tinywheel") == "tinywheel 0.1"
+
+
+def _no_network_here() -> bool:
+    probe = "import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)"
+    try:
+        proc = subprocess.run(
+            ["unshare", "-n", sys.executable, "-c", probe], capture_output=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode != 0 and b"Network is unreachable" in proc.stderr
+
+
+def test_doit_install_in_a_network_namespace_without_interfaces(tmp_path, kit: Kit, cache):
+    if not _no_network_here():
+        pytest.skip("`unshare -n` is not available here (needs root or user namespaces)")
+    bundle = make_bundle(tmp_path, kit)
+    env = install_env(tmp_path, bundle, tmp_path / "fresh-cache")
+    dodo = Path(__file__).parent.parent / "dodo.py"
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "doit", "-f", str(dodo), "install"],
+        cwd=dodo.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert run_in_env(tmp_path / "project", "tinytool") == TOOL_OUTPUT
+    assert run_in_env(tmp_path / "project", "tinywheel") == "tinywheel 0.1"
+
+
+def test_roundtrip_with_the_real_pack(tmp_path, kit: Kit, cache):
+    pack_module = pytest.importorskip("pipeline.bundle.pack")
+    fetch_module = pytest.importorskip("pipeline.fetch")
+    from conda_channel import serve_directory
+
+    project = tmp_path / "src"
+    names = ("python", "libtiny", "tinytool", "tinydata")
+    with serve_directory(kit.channel.root.parent) as base:
+        write_lock(
+            project / "pixi.lock",
+            kit.channel,
+            names,
+            channel_url=f"{base}channel/",
+            wheel=kit.wheel,
+            wheel_url=f"{base}wheels/{kit.wheel.name}",
+        )
+        (project / "pixi.toml").write_text(pixi_toml(names, pypi=True, channel_url=base))
+        fetcher = fetch_module.Fetcher(progress_stream=io.StringIO(), warn=quiet, sleep=quiet)
+        result = pack_module.pack(
+            project, tmp_path / "bundle.tar", tmp_path / "pack-cache", fetcher=fetcher
+        )
+    (tmp_path / "bundle.tar.sha256").write_text(f"{result.sha256}  bundle.tar\n")
+
+    done = run_doit(["install"], install_env(tmp_path, tmp_path / "bundle.tar", cache))
+
+    assert done.returncode == 0, done.stderr
+    assert run_in_env(tmp_path / "project", "tinytool") == TOOL_OUTPUT

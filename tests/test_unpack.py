@@ -1,0 +1,437 @@
+"""The extract stage: a verified, safe, atomic and idempotent extraction of a bundle.
+
+Bundles come from :mod:`bundle_factory` (pixi-pack's layout from the local test channel), so
+these tests do not depend on the pack side and can build bundles no honest packer writes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from bundle_factory import Entry, Kit, make_bundle, shared_kit, swap_tinytool, write_bundle
+
+from pipeline.bundle import unpack
+from pipeline.bundle.unpack import extract_bundle, extract_is_current
+from pipeline.errors import BundleError
+from pipeline.installdir import ProjectPaths
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
+    return shared_kit(tmp_path_factory)
+
+
+def extract(bundle: Path, project: Path, **kwargs):
+    kwargs.setdefault("environment", "default")
+    return extract_bundle(bundle, project, say=lambda _m: None, **kwargs)
+
+
+def assert_nothing_extracted(project: Path) -> None:
+    paths = ProjectPaths.of(project)
+    assert not paths.extract_stamp.exists()
+    assert not (project / "channel").exists()
+    assert not (project / "pixi.lock").exists()
+    leftovers = list(paths.state.glob("staging-*")) + list(paths.state.glob("trash-*"))
+    assert leftovers == []
+
+
+def assert_one_line(error: BundleError, *needles: str) -> None:
+    message = error.message
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+# ---- the good path --------------------------------------------------------------------------
+
+
+def test_extract_places_the_bundle_and_the_project_files(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+
+    result = extract(bundle, project)
+
+    assert result.extracted and result.source == "extras"
+    digest = bundle.with_name("bundle.tar.sha256").read_text().split()[0]
+    assert result.sha256 == digest
+    paths = ProjectPaths.of(project)
+    assert paths.extract_stamp.read_text() == f"{digest}\n"
+    assert (project / "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda").is_file()
+    assert (project / "channel/noarch/tinydata-1.0-pyh0_0.tar.bz2").is_file()
+    assert (project / "pypi/tinywheel-0.1-py3-none-any.whl").is_file()
+    assert "the tiny test project" in (project / "pixi.toml").read_text()
+    assert (project / "pixi.lock").read_text().startswith("version: 7")
+    record = json.loads(paths.extract_record.read_text())
+    assert record["sha256"] == digest and record["source"] == "extras"
+    assert record["files"]["channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"][1] == (
+        kit.channel.get("tinytool").sha256
+    )
+    assert extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    assert list(paths.state.glob("staging-*")) == []
+
+
+def test_same_bundle_again_reads_nothing(tmp_path, kit: Kit, monkeypatch):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+
+    def no_hashing(*_args, **_kwargs):
+        raise AssertionError("the tar was read again")
+
+    monkeypatch.setattr(unpack, "hash_pass", no_hashing)
+    again = extract(bundle, project)
+    assert (again.extracted, again.reason) == (False, "nothing changed")
+
+
+def test_touched_bundle_is_hashed_again_but_not_extracted(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    stamp_before = ProjectPaths.of(project).extract_stamp.stat().st_mtime_ns
+    os.utime(bundle, ns=(1_000_000_000, 1_000_000_000))
+    assert not extract_is_current(bundle, project, environment="default", configured_sha256=None)
+
+    again = extract(bundle, project)
+
+    assert not again.extracted and "same content" in again.reason
+    assert ProjectPaths.of(project).extract_stamp.stat().st_mtime_ns == stamp_before
+    assert extract_is_current(bundle, project, environment="default", configured_sha256=None)
+
+
+def test_damaged_extraction_is_extracted_again(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    (project / "channel/noarch/tinydata-1.0-pyh0_0.tar.bz2").unlink()
+    assert not extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    again = extract(bundle, project)
+    assert again.extracted and (project / "channel/noarch/tinydata-1.0-pyh0_0.tar.bz2").is_file()
+
+
+def test_hashing_across_many_small_chunks_gives_the_lock_hashes(tmp_path, kit: Kit, monkeypatch):
+    # Members straddle chunk boundaries; every per-member sha256 must still match the lock.
+    monkeypatch.setattr(unpack, "_HASH_CHUNK", 777)
+    bundle = make_bundle(tmp_path, kit)
+    assert extract(bundle, tmp_path / "project").extracted
+
+
+def test_a_new_bundle_replaces_the_old_names(tmp_path, kit: Kit):
+    project = tmp_path / "project"
+    extract(make_bundle(tmp_path / "a", kit), project)
+    (project / "unrelated.txt").write_text("mine")
+    extract(make_bundle(tmp_path / "b", kit, names=("tinydata",), wheel=False), project)
+    assert not (project / "pypi").exists()
+    assert not (project / "channel/linux-64").exists()
+    assert (project / "unrelated.txt").read_text() == "mine"  # only our names are touched
+
+
+def test_unknown_top_level_members_are_skipped(tmp_path, kit: Kit):
+    messages: list[str] = []
+    bundle = make_bundle(tmp_path, kit, tamper=lambda p: p.add(Entry.file("README", "hi")))
+    extract_bundle(bundle, tmp_path / "project", environment="default", say=messages.append)
+    assert not (tmp_path / "project" / "README").exists()
+    assert any("not extracted" in m and "README" in m for m in messages)
+
+
+# ---- where pixi.toml and pixi.lock come from ------------------------------------------------
+
+
+def test_pixi_pack_bundle_without_extras_gets_a_lock_from_its_channel(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit, extras=False, pixi_pack_exact=True)
+    project = tmp_path / "project"
+
+    result = extract(bundle, project)
+
+    assert result.source == "channel"
+    from pipeline.lockfile import read_environment
+
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    assert sorted(p.name for p in locked.conda) == ["libtiny", "python", "tinydata", "tinytool"]
+    assert all(p.url.startswith((project / "channel").as_uri()) for p in locked.conda)
+    assert [w.filename for w in locked.pypi] == ["tinywheel-0.1-py3-none-any.whl"]
+    assert "pixi-pack" in (project / "pixi.toml").read_text()
+
+
+def test_bundle_without_extras_uses_a_matching_template(tmp_path, kit: Kit):
+    from bundle_factory import pixi_toml, write_lock
+
+    template = tmp_path / "template"
+    write_lock(template / "pixi.lock", kit.channel, ("tinydata",))
+    (template / "pixi.toml").write_text(pixi_toml(["tinydata"], verify=None))
+    bundle = make_bundle(tmp_path, kit, names=("tinydata",), wheel=False, extras=False)
+
+    result = extract(bundle, tmp_path / "project", template_dir=template)
+
+    assert result.source == "template"
+    assert (tmp_path / "project/pixi.lock").read_bytes() == (template / "pixi.lock").read_bytes()
+
+
+def test_template_that_does_not_match_falls_back_to_the_channel(tmp_path, kit: Kit):
+    from bundle_factory import pixi_toml, write_lock
+
+    template = tmp_path / "template"
+    write_lock(template / "pixi.lock", kit.channel, ("tinydata", "libtiny"))
+    (template / "pixi.toml").write_text(pixi_toml(["tinydata", "libtiny"]))
+    bundle = make_bundle(tmp_path, kit, names=("tinydata",), wheel=False, extras=False)
+    messages: list[str] = []
+
+    result = extract_bundle(
+        bundle,
+        tmp_path / "project",
+        environment="default",
+        template_dir=template,
+        say=messages.append,
+    )
+
+    assert result.source == "channel"
+    assert any("does not describe it" in m for m in messages)
+
+
+# ---- bad input: one line, nothing written --------------------------------------------------
+
+
+def test_sha256_mismatch_is_refused_before_anything_is_written(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    with pytest.raises(BundleError) as info:
+        extract(bundle, project, configured_sha256="0" * 64)
+    assert_one_line(info.value, "expected " + "0" * 64, "AUTO_INFER_VLLM_BUNDLE_SHA256")
+    assert_nothing_extracted(project)
+
+
+def test_sha256_file_beside_the_tar_is_checked(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    bundle.with_name("bundle.tar.sha256").write_text("1" * 64 + "  bundle.tar\n")
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "bundle.tar.sha256")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_malformed_sha256_file_is_an_error(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    bundle.with_name("bundle.tar.sha256").write_text("not a digest\n")
+    with pytest.raises(BundleError, match="does not start with a sha256"):
+        extract(bundle, tmp_path / "project")
+
+
+@pytest.mark.parametrize("where", ["in a member", "in the end marker"])
+def test_truncated_tar_without_a_checksum(tmp_path, kit: Kit, where: str):
+    bundle = make_bundle(tmp_path, kit, checksum=False)
+    data = bundle.read_bytes()
+    with tarfile.open(bundle) as tar:
+        tar.getmembers()
+        end = tar.offset  # where the two zero blocks that end the archive start
+    cut = len(data) // 2 if where == "in a member" else end + 512
+    bundle.write_bytes(data[:cut])
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "truncated")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_truncated_tar_with_a_checksum_is_a_mismatch(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    data = bundle.read_bytes()
+    bundle.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "truncated, corrupt", "expected")
+
+
+def test_compressed_bundle_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit, checksum=False)
+    gz = tmp_path / "bundle.tar.gz"
+    gz.write_bytes(gzip.compress(bundle.read_bytes()))
+    with pytest.raises(BundleError) as info:
+        extract(gz, tmp_path / "project")
+    assert_one_line(info.value, "not a readable uncompressed tar")
+
+
+def test_missing_bundle_names_the_variable(tmp_path):
+    with pytest.raises(BundleError, match="AUTO_INFER_VLLM_BUNDLE_PATH"):
+        extract(tmp_path / "nope.tar", tmp_path / "project")
+
+
+UNSAFE = {
+    "absolute path": (Entry.file("/tmp/evil.txt", "x"), "absolute path"),
+    "dot-dot": (Entry.file("channel/../../evil.txt", "x"), "'..'"),
+    "absolute symlink": (Entry.symlink("channel/passwd", "/etc/passwd"), "outside the bundle"),
+    "escaping symlink": (Entry.symlink("channel/up", "../../.."), "outside the bundle"),
+    "symlink into the project": (Entry.symlink("channel/envs", "../.pixi/envs"), "outside"),
+    "hardlink outside": (Entry.hardlink("channel/h", "/etc/passwd"), "absolute path"),
+    "hardlink to nothing": (Entry.hardlink("channel/h", "channel/none"), "hard link"),
+    "fifo": (Entry.fifo("channel/fifo"), "a FIFO"),
+    "device": (Entry.chrdev("channel/null"), "a device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE), ids=lambda c: c.replace(" ", "-"))
+def test_unsafe_members_are_refused(tmp_path, kit: Kit, case: str):
+    entry, needle = UNSAFE[case]
+    bundle = make_bundle(tmp_path, kit, tamper=lambda parts: parts.add(entry))
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, needle)
+    assert_nothing_extracted(tmp_path / "project")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_member_below_a_symlink_is_refused(tmp_path, kit: Kit):
+    def tamper(parts):
+        parts.add(Entry.symlink("channel/link", "linux-64"))
+        parts.add(Entry.file("channel/link/sneaky.txt", "x"))
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "below the symbolic link")
+
+
+def test_duplicate_members_are_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    entries = [Entry.file("pixi-pack.json", "{}"), Entry.file("./pixi-pack.json", "{}")]
+    write_bundle(bundle, entries)
+    with pytest.raises(BundleError, match="twice"):
+        extract(bundle, tmp_path / "project")
+
+
+def test_inside_symlink_and_hardlink_are_extracted(tmp_path, kit: Kit):
+    def tamper(parts):
+        parts.add(Entry.symlink("channel/current", "linux-64"))
+        parts.add(Entry.hardlink("channel/zz-copy.json", "channel/linux-64/repodata.json"))
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    assert (project / "channel/current").resolve() == (project / "channel/linux-64").resolve()
+    assert (project / "channel/zz-copy.json").read_bytes() == (
+        project / "channel/linux-64/repodata.json"
+    ).read_bytes()
+
+
+def test_wrong_platform_is_refused(tmp_path, kit: Kit):
+    meta = {"version": "1", "pixi-pack-version": "0.7.0", "platform": "linux-aarch64"}
+
+    def tamper(parts):
+        parts.replace_data("pixi-pack.json", json.dumps(meta).encode())
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project", host="linux-64")
+    assert_one_line(info.value, "for platform linux-aarch64", "this host is linux-64")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_unknown_format_version_is_refused(tmp_path, kit: Kit):
+    meta = {"version": "2", "platform": "linux-64"}
+    bundle = make_bundle(
+        tmp_path, kit, tamper=lambda p: p.replace_data("pixi-pack.json", json.dumps(meta).encode())
+    )
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "format version '2'", "reads version '1'")
+
+
+def test_not_a_pixi_pack_bundle(tmp_path):
+    bundle = tmp_path / "bundle.tar"
+    write_bundle(bundle, [Entry.file("channel/x", "x")])
+    with pytest.raises(BundleError, match=r"no pixi-pack\.json"):
+        extract(bundle, tmp_path / "project")
+
+
+def test_swapped_package_archive_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit, tamper=swap_tinytool)
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(
+        info.value, "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda does not match the lock"
+    )
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_missing_package_file_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(
+        tmp_path, kit, tamper=lambda p: p.remove("channel/noarch/tinydata-1.0-pyh0_0.tar.bz2")
+    )
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "channel/noarch/tinydata-1.0-pyh0_0.tar.bz2", "is missing")
+
+
+def test_missing_wheel_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(
+        tmp_path, kit, tamper=lambda p: p.remove("pypi/tinywheel-0.1-py3-none-any.whl")
+    )
+    with pytest.raises(
+        BundleError, match=r"wheel pypi/tinywheel-0\.1-py3-none-any\.whl .* missing"
+    ):
+        extract(bundle, tmp_path / "project")
+
+
+def test_environment_not_in_the_lock_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project", environment="gpu")
+    assert_one_line(info.value, "environment 'gpu' is not in", "available: default")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_lock_that_does_not_match_the_channel_is_refused(tmp_path, kit: Kit):
+    def tamper(parts):
+        # The channel lost tinydata's record: the bundle was not packed from this lock.
+        document = json.loads(parts.entries["channel/noarch/repodata.json"].data)
+        document["packages"].pop("tinydata-1.0-pyh0_0.tar.bz2")
+        parts.replace_data("channel/noarch/repodata.json", json.dumps(document).encode())
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, "does not match the bundle's channel", "noarch/tinydata")
+
+
+def test_extras_whose_lock_was_altered_are_refused(tmp_path, kit: Kit):
+    def tamper(parts):
+        document = json.loads(parts.entries["infer-vllm-bundle.json"].data)
+        document["pixi_lock"] += "\n# altered\n"
+        parts.replace_data("infer-vllm-bundle.json", json.dumps(document).encode())
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    with pytest.raises(BundleError, match="does not have its recorded sha256"):
+        extract(bundle, tmp_path / "project")
+
+
+def test_a_bad_bundle_leaves_the_previous_extraction_in_place(tmp_path, kit: Kit):
+    project = tmp_path / "project"
+    good = make_bundle(tmp_path / "good", kit)
+    first = extract(good, project)
+    bad = make_bundle(tmp_path / "bad", kit, tamper=swap_tinytool)
+
+    with pytest.raises(BundleError):
+        extract(bad, project)
+
+    paths = ProjectPaths.of(project)
+    assert paths.extract_stamp.read_text() == f"{first.sha256}\n"
+    assert extract_is_current(good, project, environment="default", configured_sha256=None)
+    assert list(paths.state.glob("staging-*")) == []
+
+
+def test_crash_leftovers_are_cleaned_and_extraction_redone(tmp_path, kit: Kit):
+    project = tmp_path / "project"
+    bundle = make_bundle(tmp_path, kit)
+    extract(bundle, project)
+    paths = ProjectPaths.of(project)
+    # As a SIGKILL in the middle of the switch leaves it: no stamp, a staging dir, half moved.
+    paths.extract_stamp.unlink()
+    (paths.state / "staging-dead").mkdir()
+    shutil.rmtree(project / "channel")
+    assert not extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    assert extract(bundle, project).extracted
+    assert not (paths.state / "staging-dead").exists()
+    assert (project / "channel/linux-64/repodata.json").is_file()
