@@ -24,8 +24,9 @@
    skips it), else the project's ``verify`` task with its ``depends-on`` chain (for vLLM:
    ``python -c 'import vllm; print(vllm.__version__)'``), else nothing.
 7. **Switch**: ``.installed-from.json`` is written into the generation, then the symlink
-   ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``; older generations (and
-   any crash leftovers) are removed afterwards.
+   ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``. The generation it
+   replaced is kept until the next install (a server still running from it keeps its files;
+   a rollback is one ``ln -sfn``); older ones and crash leftovers are removed.
 
 A failure or a SIGKILL at any step before the switch leaves ``.pixi/envs/<env>`` as it was
 (the half-built generation is removed by the next run); nothing after the switch can leave
@@ -243,7 +244,7 @@ def frozen_install(
             say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
 
         # 3. a new generation, built at its final path
-        _remove_generations(paths, environment, keep=_link_target(link))
+        _remove_generations(paths, environment, keep=(_link_target(link),))
         generation = paths.envs / (
             f"{paths.generation_prefix(environment)}{str(record['sha256'])[:12]}."
             f"{uuid.uuid4().hex[:6]}"
@@ -300,9 +301,11 @@ def frozen_install(
             shutil.rmtree(generation, ignore_errors=True)
             raise
 
-        # 4. the switch: one rename, then the garbage
+        # 4. the switch: one rename, then the garbage. The generation the link pointed at
+        # until now is kept until the next install: a server started from it keeps its files.
+        previous = _link_target(link)
         switch_link(link, generation)
-        _remove_generations(paths, environment, keep=generation)
+        _remove_generations(paths, environment, keep=(generation, previous))
         return InstallResult(
             environment=environment,
             prefix=link,
@@ -385,14 +388,16 @@ def _link_target(link: Path) -> Path | None:
     return target if target.is_absolute() else link.parent / target
 
 
-def _remove_generations(paths: ProjectPaths, environment: str, *, keep: Path | None) -> None:
-    """Remove every generation of ``environment`` but ``keep`` (and leftover temp links)."""
+def _remove_generations(
+    paths: ProjectPaths, environment: str, *, keep: tuple[Path | None, ...]
+) -> None:
+    """Remove every generation of ``environment`` but those in ``keep`` (and temp links)."""
     if not paths.envs.is_dir():
         return
     prefix = paths.generation_prefix(environment)
-    keep_name = keep.name if keep is not None else None
+    keep_names = {k.name for k in keep if k is not None}
     for entry in paths.envs.iterdir():
-        if not entry.name.startswith(prefix) or entry.name == keep_name:
+        if not entry.name.startswith(prefix) or entry.name in keep_names:
             continue
         if entry.is_symlink() or not entry.is_dir():
             entry.unlink(missing_ok=True)

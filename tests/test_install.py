@@ -177,13 +177,18 @@ def test_install_switches_a_symlink_to_a_complete_generation(tmp_path, kit: Kit,
     assert not again.installed
 
 
-def test_a_new_bundle_replaces_the_environment_and_the_old_generation(tmp_path, kit, cache):
+def test_a_new_bundle_replaces_the_environment_and_keeps_one_previous(tmp_path, kit, cache):
     project = tmp_path / "project"
     first = install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
     second = install(project, make_bundle(tmp_path / "b", kit), cache)
     assert first.generation != second.generation
-    assert generations(project) == [second.generation.name]
+    assert current_generation(project) == second.generation.name
+    # The replaced generation stays until the next install: a server started from it keeps
+    # its files.
+    assert sorted(generations(project)) == sorted([first.generation.name, second.generation.name])
     assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+    third = install(project, make_bundle(tmp_path / "c", kit, wheel=False, verify=None), cache)
+    assert sorted(generations(project)) == sorted([second.generation.name, third.generation.name])
 
 
 def test_file_swapped_after_extraction_is_caught_by_its_hash(tmp_path, kit: Kit, cache):
@@ -399,7 +404,8 @@ def test_sigkill_in_the_middle_then_rerun_completes(tmp_path, kit: Kit, cache):
     rerun = run_doit(["install"], install_env(tmp_path, new, cache))
     assert rerun.returncode == 0, rerun.stderr
     assert current_generation(project) != before
-    assert generations(project) == [current_generation(project)]
+    # The half-built generation is gone; the replaced one is kept until the next install.
+    assert sorted(generations(project)) == sorted([before, current_generation(project)])
     assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
 
 
