@@ -77,3 +77,19 @@ def test_the_multi_instance_example_plans_parallel_and_tensor_parallel():
     assert by_name["big"].env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert all(i.start_after is None for i in plan.instances), "disjoint GPUs start at once"
     assert "--enable-auto-tool-choice" in by_name["coder"].argv
+
+
+def test_the_vllm_pixi_template_is_conda_forge_cuda_12_with_a_verify_task():
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(REPO_ROOT / "vllm-pixi" / "pixi.toml")
+    env = manifest.resolve("default", "linux-64")
+    assert env.channels == ("conda-forge",)
+    assert manifest.platforms_for("default") == ("linux-64",)
+    assert "python 3.12.*" in env.match_specs
+    assert "cuda-version 12.9.*" in env.match_specs
+    assert 'vllm[build="cuda*"]' in env.match_specs
+    assert ("__cuda", "12") in {(v.name, v.version) for v in env.virtual_packages}
+    assert not env.has_pypi_dependencies
+    verify = env.task("verify")
+    assert verify is not None and "import torch, vllm" in verify.cmd
