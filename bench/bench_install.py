@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from backports import zstd  # noqa: E402
 from bundle_factory import REMOTE, bundle_entries, write_bundle  # noqa: E402
-from conda_channel import LocalChannel, index_channel, run_rattler_child  # noqa: E402
+
+from pipeline.demo.channel import LocalChannel, index_channel, run_rattler_child  # noqa: E402
 
 MiB = 1024 * 1024
 _BLOCK = 64 * 1024

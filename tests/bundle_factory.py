@@ -3,7 +3,7 @@
 The install side must not depend on how the pack side writes bundles, and it must refuse bundles
 no honest packer writes. So tests build their own:
 
-- :func:`write_lock` locks chosen packages of a :class:`~conda_channel.LocalChannel` by hand
+- :func:`write_lock` locks chosen packages of a :class:`~pipeline.demo.channel.LocalChannel` by hand
   (py-rattler's ``LockFile``, no solve, no server), as if from a remote channel
   (``https://conda.example.org/tiny/``): an install that tried to download would fail here.
 - :func:`bundle_entries` turns a lock into pixi-pack's members: ``pixi-pack.json``,
@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 import tomlkit
-from conda_channel import WHEEL_NAME, LocalChannel, build_channel, build_wheel
 
 from pipeline.bundle.format import BundleExtras
+from pipeline.demo.channel import WHEEL_NAME, LocalChannel, build_channel, build_wheel
 from pipeline.lockfile import read_environment
 
 REMOTE = "https://conda.example.org/tiny/"
@@ -53,7 +53,7 @@ class Kit:
 
 
 def shared_kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
-    """The test channel (``conda_channel.build_channel``) and ``tinywheel``'s wheel, built
+    """The test channel (``pipeline.demo.channel.build_channel``) and ``tinywheel``'s wheel, built
     once per session whichever test module asks first (each module wraps it in a fixture)."""
     if "kit" not in _CACHE:
         root = tmp_path_factory.mktemp("kit")

@@ -15,9 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conda_channel import LocalChannel, build_channel, build_wheel, serve_directory, write_pixi_toml
 from conftest import doit_env, run_doit
 
+from pipeline.demo.channel import (
+    LocalChannel,
+    build_channel,
+    build_wheel,
+    serve_directory,
+    write_pixi_toml,
+)
 from pipeline.errors import BundleError, PipelineError
 from pipeline.manifest import Task
 from pipeline.settings import load_settings

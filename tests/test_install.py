@@ -479,7 +479,7 @@ def test_doit_install_in_a_network_namespace_without_interfaces(tmp_path, kit: K
 def test_roundtrip_with_the_real_pack(tmp_path, kit: Kit, cache):
     pack_module = pytest.importorskip("pipeline.bundle.pack")
     fetch_module = pytest.importorskip("pipeline.fetch")
-    from conda_channel import serve_directory
+    from pipeline.demo.channel import serve_directory
 
     project = tmp_path / "src"
     names = ("python", "libtiny", "tinytool", "tinydata")

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conda_channel import (
+from rattler import LockFile, LockPlatform
+
+from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
     LocalChannel,
     build_channel,
@@ -24,8 +26,6 @@ from conda_channel import (
     serve_directory,
     write_pixi_toml,
 )
-from rattler import LockFile, LockPlatform
-
 from pipeline.errors import LockError
 from pipeline.lock import find_pixi, lock, stale_reason
 from pipeline.manifest import load_manifest

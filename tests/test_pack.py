@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import yaml
-from conda_channel import LocalChannel, build_channel, build_wheel, serve_directory, write_pixi_toml
 
 from pipeline import __version__
 from pipeline.bundle.format import TAR_MTIME, BundleExtras
@@ -33,6 +32,13 @@ from pipeline.bundle.pack import (
     pack,
     plan_bundle,
     repodata_json,
+)
+from pipeline.demo.channel import (
+    LocalChannel,
+    build_channel,
+    build_wheel,
+    serve_directory,
+    write_pixi_toml,
 )
 from pipeline.errors import BundleError, FetchError, LockError
 from pipeline.fetch import Fetcher

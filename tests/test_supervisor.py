@@ -416,14 +416,26 @@ def test_nothing_starts_when_a_port_is_taken_or_a_secret_missing(
     assert read_state(settings) is None, "nothing was started"
 
 
-def test_serving_twice_is_refused(settings, standin_prefix, tmp_path):
+def test_serving_twice_is_a_no_op_unless_the_plan_changed(
+    settings, standin_prefix, tmp_path, capsys
+):
     config = write_config(
         tmp_path,
         standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}}),
     )
     serve_command(settings, str(config), os.environ)
-    with pytest.raises(ServeError, match="already serving"):
-        serve_command(settings, str(config), os.environ)
+    pid = read_state(settings).supervisor.pid
+    capsys.readouterr()
+    # The same plan again (a boot script run twice) is a no-op success.
+    assert serve_command(settings, str(config), os.environ) == 0
+    assert "already serving this plan" in capsys.readouterr().err
+    assert read_state(settings).supervisor.pid == pid
+    changed = write_config(
+        tmp_path,
+        standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}}),
+    )
+    with pytest.raises(ServeError, match=r"already serving .* with a different plan"):
+        serve_command(settings, str(changed), os.environ)
     stop_command(settings)
 
 

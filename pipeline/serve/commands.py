@@ -95,6 +95,31 @@ def plan_command(
     return plan
 
 
+def clients_command(
+    settings: Settings,
+    config_path: str | None,
+    environ: Mapping[str, str],
+    *,
+    litellm_config: str | None = None,
+    env_file: str | None = None,
+    out: TextIO | None = None,
+    say: Say = _stderr,
+) -> None:
+    """Print how clients reach each instance; optionally write a LiteLLM config and an env file."""
+    from pipeline.fsutil import atomic_write_text
+    from pipeline.serve import clients
+
+    out = out or sys.stdout
+    config, plan = load(settings, config_path, environ, check=False)
+    out.write(clients.instructions(config, plan))
+    out.flush()
+    for target, text in ((litellm_config, clients.litellm_config), (env_file, clients.env_file)):
+        if target:
+            body = text(config, plan) if text is clients.litellm_config else text(plan)
+            atomic_write_text(Path(target), body)
+            say(f"clients: wrote {target}")
+
+
 # ---- serve ------------------------------------------------------------------------------------
 
 
@@ -128,9 +153,15 @@ def serve_command(
     previous = store.read()
     if supervisor_alive(previous):
         assert previous is not None
+        sup = previous.supervisor
+        if sup.plan_digest == plan.digest():
+            # Boot scripts may run twice: the same plan already running is success.
+            say(f"serve: already serving this plan (supervisor pid {sup.pid}); nothing to do")
+            print_status(previous, out or sys.stdout, alive=True)
+            return 0
         raise ServeError(
-            f"already serving {previous.supervisor.source} (supervisor pid "
-            f"{previous.supervisor.pid}); run `doit status`, or `doit stop` first"
+            f"already serving {sup.source} with a different plan (supervisor pid {sup.pid}); "
+            "`doit stop` first to apply the change, or `doit status`"
         )
     _stop_orphans(previous, say)
     problems = host_problems(config, plan, environ)

@@ -7,6 +7,7 @@ apart, masked when shown), working directory, log file, port, GPUs, health URL a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -109,6 +110,11 @@ class Plan(BaseModel):
             item["start_order"] = order
             out["instances"].append(item)
         return out
+
+    def digest(self) -> str:
+        """sha256 of what the plan starts (secrets masked): equal plans, equal digests."""
+        text = json.dumps(self.to_display(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def to_secret_json(self) -> str:
         """The plan with secrets revealed: only for handing to the detached supervisor."""

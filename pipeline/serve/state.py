@@ -77,6 +77,7 @@ class SupervisorRecord(BaseModel):
     mode: str
     source: str
     runtime: str = ""
+    plan_digest: str = ""
     started_at: float
     settled: bool = False
     exited: bool = False

@@ -168,6 +168,7 @@ class Supervisor:
                 mode=mode,
                 source=plan.source,
                 runtime=plan.runtime,
+                plan_digest=plan.digest(),
                 started_at=time.time(),
             ),
             instances={name: p.record for name, p in self.procs.items()},

@@ -168,7 +168,48 @@ def task_logs() -> TaskDict:
     }
 
 
+def task_clients() -> TaskDict:
+    """How OpenAI SDKs, Claude Code and LiteLLM reach the instances (--litellm-config FILE)."""
+
+    @reporting.action
+    def run(config: str, litellm_config: str, env_file: str) -> None:
+        from pipeline.serve.commands import clients_command
+
+        clients_command(
+            SETTINGS,
+            config or None,
+            process_environ(),
+            litellm_config=litellm_config or None,
+            env_file=env_file or None,
+        )
+
+    return {
+        "actions": [run],
+        "params": [
+            _CONFIG_PARAM,
+            {
+                "name": "litellm_config",
+                "long": "litellm-config",
+                "type": str,
+                "default": "",
+                "help": "also write a LiteLLM proxy config (YAML) for all instances here",
+            },
+            {
+                "name": "env_file",
+                "long": "env-file",
+                "type": str,
+                "default": "",
+                "help": "also write AUTO_INFER_LITELLM_BACKEND_BASE & co. for other services",
+            },
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
 TASKS: dict[str, Callable[[], TaskDict]] = {
+    "task_clients": task_clients,
     "task_plan": task_plan,
     "task_serve": task_serve,
     "task_status": task_status,

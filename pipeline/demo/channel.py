@@ -1,7 +1,8 @@
-"""A tiny conda channel, an HTTP server for it and a hand-made wheel, for offline tests.
+"""A tiny conda channel, an HTTP server for it and a hand-made wheel: the CPU demo's embedded
+default, and the tests' channel.
 
-conda-forge is out of reach here, so tests build their own channel with
-conda-package-handling and index it with py-rattler:
+conda-forge is out of reach on the machines this runs on, so the demo and the tests build
+their own channel with conda-package-handling (the ``demo`` extra) and index it with py-rattler:
 
 ============  =========  ===========  ======================================================
 package       subdir     format       content
@@ -446,7 +447,7 @@ def build_wheel(out_dir: Path) -> Path:
             b"Summary: A wheel for offline install tests\n"
         ),
         "tinywheel-0.1.dist-info/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: conda_channel.py\n"
+            b"Wheel-Version: 1.0\nGenerator: infer-vllm-pipeline demo\n"
             b"Root-Is-Purelib: true\nTag: py3-none-any\n"
         ),
         "tinywheel-0.1.dist-info/entry_points.txt": (
