@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
 import uuid
@@ -71,13 +68,13 @@ from pipeline.installdir import (
 from pipeline.lockfile import LockedEnvironment
 from pipeline.patch import patch_is_current
 from pipeline.preflight_host import HostFacts, check_virtual_packages, detect_host
-from pipeline.settings import REPO_ROOT, process_environ
+from pipeline.procs import rattler_install_command, run_logged, worker_env
+from pipeline.settings import process_environ
 
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
 VERIFY_TASK = "verify"
 RECORD_FORMAT = 1
-_KILL_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -427,16 +424,12 @@ def _install_conda(
     }
     request_path = paths.state / f"install-request-{uuid.uuid4().hex[:8]}.json"
     request_path.write_text(json.dumps(request), encoding="utf-8")
-    env = dict(base_env)
-    # The worker imports this package; make that work from a plain checkout too.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH")) if p
-    )
     try:
         run_logged(
-            [sys.executable, "-m", "pipeline.install_worker", str(request_path)],
+            rattler_install_command(request_path),
+            error=InstallError,
             cwd=paths.state,
-            env=env,
+            env=worker_env(base_env),
             log=log,
             timeout=timeout,
             label=f"installing {len(locked.conda)} conda packages into {generation}",
@@ -493,6 +486,7 @@ def _install_wheels(
     env = {k: v for k, v in base_env.items() if not k.startswith(("UV_", "PIP_"))}
     run_logged(
         argv,
+        error=InstallError,
         cwd=paths.root,
         env=env,
         log=log,
@@ -567,6 +561,7 @@ def _verify(
         start = log.stat().st_size
         run_logged(
             [*runtime.wrapper, shell, "-c", text],
+            error=InstallError,
             cwd=cwd,
             env=env,
             log=log,
@@ -585,68 +580,6 @@ def _verify(
 # ---- children -----------------------------------------------------------------------------------
 
 
-def run_logged(
-    argv: Sequence[str],
-    *,
-    cwd: Path,
-    env: Mapping[str, str],
-    log: Path,
-    timeout: float,
-    label: str,
-    hint: str = "see the log",
-) -> None:
-    """Run ``argv`` in its own session with its output appended to ``log``; bounded by
-    ``timeout`` (then SIGTERM to its group, SIGKILL after a grace). Ctrl-C kills it too.
-    Raises InstallError on a non-zero exit, a timeout, or a command that cannot start."""
-    with log.open("ab") as out:
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise InstallError(f"cannot start {label} ({exc.strerror}): {argv[0]}") from None
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise InstallError(
-                f"{label} did not finish in {timeout:.0f} s and was stopped; output in {log}"
-            ) from None
-        except BaseException:
-            _kill_group(proc)
-            raise
-    if code != 0:
-        raise InstallError(f"{label} failed (exit {code}): {_last_line(log)}; {hint} ({log})")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=_KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=_KILL_GRACE)
-
-
-def _last_line(log: Path) -> str:
-    try:
-        with log.open("rb") as fh:
-            fh.seek(max(0, log.stat().st_size - 4096))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return "no output"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -656,7 +589,6 @@ __all__ = [
     "frozen_install",
     "install_is_current",
     "installed_record",
-    "run_logged",
     "switch_link",
     "uv_binary",
     "write_activation_script",

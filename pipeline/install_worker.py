@@ -1,13 +1,14 @@
 """The child process of the frozen install: ``rattler.install`` of the locked records.
 
 ``python -m pipeline.install_worker REQUEST.json`` reads the request written by
-:func:`pipeline.install.frozen_install` (lock, environment, platform, channel dir, target
-prefix, package cache), builds the records with :func:`pipeline.lockfile.rattler_records`
-pointed at the extracted channel, installs them, prints one line and leaves with ``os._exit``:
-py-rattler 0.28 can crash the interpreter at exit after its async calls. The parent has
-checked every package file against the lock before starting it (rattler does not check
-``file://`` packages). A module of its own so the child imports only rattler and the lock
-reader, not the whole pipeline (a quarter of a second saved on every install).
+:func:`pipeline.install.frozen_install` or :func:`pipeline.verify.install_environment` (lock,
+environment, platform, target prefix, package cache, and ``channel_dir``: an extracted channel
+the records are pointed at, or null to use the lock's own URLs), builds the records with
+:func:`pipeline.lockfile.rattler_records`, installs them, prints one line and leaves with
+``os._exit``: py-rattler 0.28 can crash the interpreter at exit after its async calls. For an
+extracted channel, the parent has checked every package file against the lock before
+starting it (rattler does not check ``file://`` packages). A module of its own so the child
+imports only rattler and the lock reader, not the whole pipeline.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ async def _install(request: Mapping[str, Any]) -> int:
     from pipeline.lockfile import rattler_records, read_environment
 
     locked = read_environment(Path(request["lock"]), request["environment"], request["platform"])
-    records = rattler_records(locked, channel_dir=Path(request["channel_dir"]))
+    channel_dir = request.get("channel_dir")
+    records = rattler_records(locked, channel_dir=Path(channel_dir) if channel_dir else None)
     await rattler.install(
         records,
         target_prefix=Path(request["prefix"]),

@@ -8,7 +8,7 @@ chain) in the environment exactly as locked:
   says and never rewrites ``pixi.lock`` (the file the pack stage depends on);
 - **without pixi**: installs the locked conda packages into ``<project>/.pixi/envs/<env>``
   (pixi's own layout, so a later ``pixi run`` finds it) with ``rattler.install`` in a child
-  process (``python -m pipeline.verify --install-worker``: py-rattler can crash the interpreter
+  process (``python -m pipeline.install_worker``: py-rattler can crash the interpreter
   at exit after async calls, so the child leaves with ``os._exit``; the package cache is
   ``<Settings.rattler_cache>/pkgs``, as pixi's), installs the locked wheels with pip (``--no-deps``,
   hashes required when the lock has them), then runs each task's command with ``bash -c`` with
@@ -27,16 +27,10 @@ line of output and the log path.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,13 +44,13 @@ from pipeline.envs import pixi_env_prefix, prefix_runtime
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text
 from pipeline.manifest import MANIFEST_NAME, Task, load_manifest
-from pipeline.settings import REPO_ROOT, process_environ
+from pipeline.procs import rattler_install_command, run_logged, worker_env
+from pipeline.settings import process_environ
 
 LOCK_NAME = "pixi.lock"
 VERIFY_TASK = "verify"
 DEFAULT_TIMEOUT = 1800.0  # the verify command (importing vLLM and torch is slow)
 INSTALL_TIMEOUT = 3600.0  # downloading a CUDA environment is slower still
-_KILL_GRACE = 5.0
 _SKIP_HINT = "or set PIPELINE_SKIP_VERIFY=1 to pack without verifying"
 
 
@@ -273,18 +267,15 @@ def install_environment(
         "platform": platform,
         "prefix": str(prefix),
         "cache_dir": str(cache_dir),
+        "channel_dir": None,  # install from the lock's own URLs (downloads, on a build host)
     }
-    child_env = dict(base_env)
-    # The worker imports this package; make that work from a plain checkout too.
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH")) if p
-    )
+    child_env = worker_env(base_env)
     _append(log_path, f"$ rattler install {len(locked.conda)} packages into {prefix}\n")
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         request_path = Path(tmp) / "request.json"
         request_path.write_text(json.dumps(request), encoding="utf-8")
         _run(
-            [sys.executable, "-m", "pipeline.verify", "--install-worker", str(request_path)],
+            rattler_install_command(request_path),
             cwd=prefix.parent if prefix.parent.is_dir() else Path(tmp),
             env=child_env,
             log_path=log_path,
@@ -376,99 +367,13 @@ def _run(
     timeout: float,
     label: str | None = None,
 ) -> None:
-    """Run ``argv`` in its own session, output appended to ``log_path``; bounded by
-    ``timeout`` (then the group gets SIGTERM, and SIGKILL after a grace). PipelineError on a
-    non-zero exit, a timeout or a command that cannot start."""
-    what = label or f"`{shlex.join(argv)}`"
-    with log_path.open("ab") as log:
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise PipelineError(f"cannot start {what} ({exc.strerror}): {argv[0]}") from None
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise PipelineError(
-                f"{what} did not finish in {timeout:.0f} s and was stopped; output in {log_path}"
-            ) from None
-        except BaseException:
-            _kill_group(proc)
-            raise
-    if code != 0:
-        last = _last_line(log_tail(log_path, 5))
-        raise PipelineError(
-            f"{what} failed (exit {code}): {last}; full output in {log_path}, {_SKIP_HINT}"
-        )
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=_KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=_KILL_GRACE)
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-# ---- the install worker (child process) -------------------------------------------------------
-
-
-async def _install(request: Mapping[str, Any]) -> int:
-    import rattler
-
-    from pipeline.lockfile import rattler_records, read_environment
-
-    locked = read_environment(Path(request["lock"]), request["environment"], request["platform"])
-    records = rattler_records(locked)
-    await rattler.install(
-        records,
-        target_prefix=Path(request["prefix"]),
-        cache_dir=Path(request["cache_dir"]),
-        show_progress=False,
+    """:func:`pipeline.procs.run_logged`, with verify's hint for skipping it."""
+    run_logged(
+        argv,
+        cwd=cwd,
+        env=env,
+        log=log_path,
+        timeout=timeout,
+        label=label or f"`{shlex.join(argv)}`",
+        hint=f"full output in the log, {_SKIP_HINT}",
     )
-    return len(records)
-
-
-def _worker(request_path: Path) -> int:
-    """``python -m pipeline.verify --install-worker REQUEST.json``: install, print one line."""
-    try:
-        request = json.loads(request_path.read_text(encoding="utf-8"))
-        count = asyncio.run(_install(request))
-        print(f"installed {count} conda packages into {request['prefix']}")
-        return 0
-    except PipelineError as exc:
-        print(f"error: {exc.message}")
-    except Exception as exc:
-        print(f"error: rattler install failed ({type(exc).__name__}: {' '.join(str(exc).split())})")
-    return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__)
-    parser.add_argument("--install-worker", type=Path, required=True, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    return _worker(args.install_worker)
-
-
-if __name__ == "__main__":
-    code = main()
-    # py-rattler's async runtime can crash the interpreter at exit: flush, then leave at once.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
