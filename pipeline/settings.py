@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from pipeline.errors import PipelineError
 
@@ -228,6 +236,19 @@ class Settings(BaseModel):
     @property
     def rattler_cache(self) -> Path:
         return self.pixi_cache_dir or self.xdg_cache_home / "rattler" / "cache"
+
+    # ---- internal: set by the pipeline for its own children, never by users ----------------
+    # (Marked `internal`: the README's variable table leaves it out.)
+    gateway_config: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("PIPELINE_GATEWAY_CONFIG"),
+        description=(
+            "Internal: the gateway's whole configuration (routes, instance and client keys, "
+            "state file) as JSON, put in the gateway process's environment by the supervisor. "
+            "A secret: never on argv, on disk or in logs."
+        ),
+        json_schema_extra={"internal": True},
+    )
 
 
 # Fields whose variable set to "" is a value, not "unset".

@@ -16,14 +16,32 @@ behaves as the ``STANDIN_*`` environment variables say:
 ``GET /health`` answers 200 once ready; ``GET /v1/models`` lists the served name and requires
 ``Authorization: Bearer $VLLM_API_KEY`` when that is set; ``GET /env`` returns the environment
 variables named in ``?names=A,B`` (for tests of what the supervisor passes).
+
+For the gateway's tests it also speaks HTTP/1.1 with keep-alive and takes ``POST`` on the
+OpenAI, Anthropic and vLLM JSON endpoints (``/v1/*`` needs the key, as in vLLM; ``x-api-key``
+is not accepted, as in vLLM). The body's ``model`` must be one of the ``--served-model-name``
+values (404 otherwise). Without ``"stream": true`` it answers JSON echoing what it received:
+``served_by`` (its first name), ``path``, ``query``, ``headers`` (lower-case), ``body_sha256``.
+With it, an SSE stream in chunked encoding: ``standin_chunks`` events (default 5), each
+``data: {...}`` carrying ``index`` and ``sent_at`` (``time.time()`` when written), with
+``standin_delay`` seconds between them, then ``data: [DONE]``. ``GET /stats`` (no key) counts
+``requests``, ``streams_started``, ``streams_completed`` and ``streams_aborted`` (the peer went
+away mid-stream), for tests of disconnects.
+
+``STANDIN_FAST=1`` runs a minimal asyncio server instead (for bench/bench_gateway.py): keep-alive,
+``GET /health``, ``GET /v1/models``, and any ``POST`` answered with a fixed chat completion, or
+with ``STANDIN_FAST_CHUNKS`` (default 64) SSE chunks when the body asks for ``"stream": true``,
+``STANDIN_FAST_CHUNK_DELAY`` seconds apart (default 0: written back to back).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,8 +57,26 @@ def _arg(argv: list[str], flag: str, default: str) -> str:
     return default
 
 
+def _names(argv: list[str]) -> list[str]:
+    """Every value of ``--served-model-name`` (vLLM takes several), else ``--model``."""
+    for i, arg in enumerate(argv):
+        if arg == "--served-model-name":
+            names = []
+            for value in argv[i + 1 :]:
+                if value.startswith("--"):
+                    break
+                names.append(value)
+            if names:
+                return names
+        if arg.startswith("--served-model-name="):
+            return [arg.split("=", 1)[1]]
+    return [_arg(argv, "--model", "standin")]
+
+
 def main(argv: list[str]) -> int:
     env = os.environ
+    if env.get("STANDIN_FAST"):
+        return fast_main(argv)
     print(f"standin: pid {os.getpid()} pgid {os.getpgid(0)} argv {argv}", flush=True)
     if env.get("STANDIN_FAIL"):
         print("standin: error: cannot load model (STANDIN_FAIL)", flush=True)
@@ -66,11 +102,21 @@ def main(argv: list[str]) -> int:
 
     host = _arg(argv, "--host", "127.0.0.1")
     port = int(_arg(argv, "--port", "8000"))
-    name = _arg(argv, "--served-model-name", _arg(argv, "--model", "standin"))
+    names = _names(argv)
+    name = names[0]
     key = env.get("VLLM_API_KEY")
     never_ready = bool(env.get("STANDIN_NEVER_READY"))
+    stats = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0}
+    lock = threading.Lock()
+
+    def count(what: str) -> None:
+        with lock:
+            stats[what] += 1
 
     class Handler(BaseHTTPRequestHandler):
+        # Keep-alive, as vLLM (uvicorn): the gateway pools its connections.
+        protocol_version = "HTTP/1.1"
+
         def log_message(self, fmt: str, *args: object) -> None:
             print("standin: " + fmt % args, flush=True)
 
@@ -87,17 +133,113 @@ def main(argv: list[str]) -> int:
             if url.path == "/health":
                 self._send(503 if never_ready else 200, {})
             elif url.path == "/env":
-                names = parse_qs(url.query).get("names", [""])[0].split(",")
-                self._send(200, {n: os.environ.get(n) for n in names if n})
+                wanted = parse_qs(url.query).get("names", [""])[0].split(",")
+                self._send(200, {n: os.environ.get(n) for n in wanted if n})
             elif url.path == "/v1/models":
                 if key and self.headers.get("Authorization") != f"Bearer {key}":
                     self._send(401, {"error": "Unauthorized"})
                 else:
-                    self._send(200, {"object": "list", "data": [{"id": name}]})
+                    self._send(200, {"object": "list", "data": [{"id": n} for n in names]})
+            elif url.path == "/stats":
+                with lock:
+                    self._send(200, dict(stats))
             else:
                 self._send(404, {"error": "not found"})
 
-    server = ThreadingHTTPServer((host, port), Handler)
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def do_POST(self) -> None:
+            url = urlsplit(self.path)
+            body = self._body()
+            count("requests")
+            unauthorized = key and self.headers.get("Authorization") != f"Bearer {key}"
+            if url.path.startswith("/v1/") and unauthorized:
+                self._send(401, {"error": "Unauthorized"})
+                return
+            try:
+                data = json.loads(body)
+            except ValueError:
+                self._send(400, {"error": "body is not JSON"})
+                return
+            if data.get("model") not in names:
+                message = f"The model `{data.get('model')}` does not exist."
+                self._send(404, {"error": {"message": message, "code": 404}})
+                return
+            if data.get("stream"):
+                self._stream(data)
+                return
+            self._send(
+                200,
+                {
+                    "id": "standin-1",
+                    "object": "chat.completion",
+                    "model": name,
+                    "served_by": name,
+                    "path": url.path,
+                    "query": url.query,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hi"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
+
+        def _stream(self, data: dict) -> None:
+            chunks = int(data.get("standin_chunks", 5))
+            delay = float(data.get("standin_delay", 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            count("streams_started")
+
+            def chunk(payload: bytes) -> None:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+
+            try:
+                for index in range(chunks):
+                    event = {
+                        "id": "standin-1",
+                        "object": "chat.completion.chunk",
+                        "model": name,
+                        "index": index,
+                        "sent_at": time.time(),
+                        "choices": [{"index": 0, "delta": {"content": f"tok{index} "}}],
+                    }
+                    chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    if delay:
+                        time.sleep(delay)
+                chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                count("streams_completed")
+            except (BrokenPipeError, ConnectionResetError):
+                count("streams_aborted")
+                self.close_connection = True
+
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            # A client that hangs up on a keep-alive connection is normal, not an error.
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+    server = Server((host, port), Handler)
     print(f"standin: listening on {host}:{port}", flush=True)
     if crash_after:
         deadline = time.monotonic() + float(crash_after)
@@ -107,6 +249,146 @@ def main(argv: list[str]) -> int:
         print("standin: crashing (STANDIN_CRASH_AFTER)", flush=True)
         return 3
     server.serve_forever()
+    return 0
+
+
+def fast_main(argv: list[str]) -> int:
+    """A minimal keep-alive HTTP/1.1 server on asyncio with canned answers (the benchmark's
+    upstream: it must not be the bottleneck)."""
+    import asyncio
+
+    host = _arg(argv, "--host", "127.0.0.1")
+    port = int(_arg(argv, "--port", "8000"))
+    name = _names(argv)[0]
+    chunks = int(os.environ.get("STANDIN_FAST_CHUNKS", "64"))
+    delay = float(os.environ.get("STANDIN_FAST_CHUNK_DELAY", "0"))
+
+    def response(status: str, body: bytes, ctype: bytes = b"application/json") -> bytes:
+        return (
+            b"HTTP/1.1 "
+            + status.encode()
+            + b"\r\ncontent-type: "
+            + ctype
+            + b"\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    completion = json.dumps(
+        {
+            "id": "chatcmpl-standin",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello from the stand-in."},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14},
+        }
+    ).encode()
+    fixed = response("200 OK", completion)
+    health = response("200 OK", b"{}")
+    models = response("200 OK", json.dumps({"object": "list", "data": [{"id": name}]}).encode())
+    missing = response("404 Not Found", b'{"error": "not found"}')
+    events = []
+    for index in range(chunks):
+        event = {
+            "id": "chatcmpl-standin",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": name,
+            "choices": [{"index": 0, "delta": {"content": f"tok{index} "}, "finish_reason": None}],
+        }
+        if index == 0:
+            event["choices"][0]["delta"]["role"] = "assistant"
+        payload = b"data: " + json.dumps(event).encode() + b"\n\n"
+        events.append(b"%x\r\n%s\r\n" % (len(payload), payload))
+    last = {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": name,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    tail = b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n"
+    events.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+    sse_head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+
+    class Fast(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.buf = b""
+            self.busy = False
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while not self.busy:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = self.buf[:end].lower()
+                at = head.find(b"content-length:")
+                length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+                if len(self.buf) < end + 4 + length:
+                    return
+                body = self.buf[end + 4 : end + 4 + length]
+                self.buf = self.buf[end + 4 + length :]
+                if head.startswith(b"get /health"):
+                    self.transport.write(health)
+                elif head.startswith(b"get /v1/models"):
+                    self.transport.write(models)
+                elif not head.startswith(b"post "):
+                    self.transport.write(missing)
+                elif b'"stream":true' in body.replace(b" ", b""):
+                    self.stream()
+                else:
+                    self.transport.write(fixed)
+
+        def stream(self) -> None:
+            if not delay:
+                # One write per event: each is its own chunk on the wire.
+                self.transport.write(sse_head)
+                for event in events:
+                    self.transport.write(event)
+                return
+            self.busy = True
+            loop = asyncio.get_running_loop()
+            self.transport.write(sse_head)
+
+            def send(index: int) -> None:
+                if self.transport.is_closing():
+                    return
+                self.transport.write(events[index])
+                if index + 1 < len(events):
+                    loop.call_later(delay, send, index + 1)
+                else:
+                    self.busy = False
+                    if self.buf:
+                        self.data_received(b"")
+
+            send(0)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.busy = True
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Fast, host, port, reuse_address=True, backlog=1024)
+        print(f"standin: fast mode listening on {host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        server.close()
+
+    asyncio.run(run())
     return 0
 
 

@@ -68,7 +68,8 @@ def load(
         source=str(path),
         check=check,
     )
-    return config, build_plan(config, runtime, environ)
+    state_file = StateStore(settings.serve_state).state_file
+    return config, build_plan(config, runtime, environ, state_file=state_file)
 
 
 def plan_command(
@@ -169,7 +170,7 @@ def serve_command(
         for problem in problems[1:]:
             say(f"error: {problem}")
         raise ServeError(problems[0])
-    for inst in plan.instances:
+    for inst in plan.processes:
         Path(inst.log_file).parent.mkdir(parents=True, exist_ok=True)
 
     background = plan.background if foreground is None else not foreground
@@ -210,7 +211,7 @@ def _serve_foreground(plan: Plan, store: StateStore, environ: Mapping[str, str],
 def settle_bound(plan: Plan) -> float:
     """Upper bound on how long a supervisor can take before every instance is settled."""
     total = 0.0
-    for inst in plan.instances:
+    for inst in plan.processes:
         attempts = inst.max_restarts + 1 if inst.restart == "on-failure" else 1
         total += attempts * (inst.ready_timeout + inst.stop_grace + inst.backoff_max)
     return total + 30.0
@@ -325,7 +326,8 @@ def _run_supervisor(
             say=say,
         )
         supervisor.install_signal_handlers()
-        say(f"supervising {len(plan.instances)} instance(s) from {plan.source}")
+        gateway = " and the gateway" if plan.gateway is not None else ""
+        say(f"supervising {len(plan.instances)} instance(s){gateway} from {plan.source}")
         code = supervisor.run()
         say(f"all instances ended; exit code {code}")
         return code
@@ -371,6 +373,7 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
         rows.append(
             {
                 "name": rec.name,
+                "kind": rec.kind,
                 "state": shown,
                 "pid": rec.pid if live else None,
                 "port": rec.port,
@@ -400,17 +403,22 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
     headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "UP", "MODEL", "URL"]
     table = [headers]
     for row in status_rows(state, alive):
-        gpus = row["gpus"]
+        gpus, models = row["gpus"], row["models"]
+        if row["kind"] == "gateway":
+            gpu_cell, model_cell = "-", "(gateway: all models)"
+        else:
+            gpu_cell = ",".join(str(g) for g in gpus) if isinstance(gpus, list) and gpus else "cpu"
+            model_cell = ",".join(models) if isinstance(models, list) else ""
         table.append(
             [
                 str(row["name"]),
                 str(row["state"]),
                 str(row["pid"] or "-"),
                 str(row["port"]),
-                ",".join(str(g) for g in gpus) if isinstance(gpus, list) and gpus else "cpu",
+                gpu_cell,
                 str(row["restarts"]),
                 str(row["uptime"]),
-                ",".join(row["models"]) if isinstance(row["models"], list) else "",
+                model_cell,
                 str(row["url"]),
             ]
         )

@@ -7,6 +7,8 @@ the models here by :func:`json_schema`)::
     [instance.control]       defaults for every instance: how the process runs
     [instance.server]        defaults for every instance: what vLLM is told
     [instance.<name>.control] / [instance.<name>.server]   one instance; overrides the defaults
+    [gateway]                one port in front of every instance, routing by model name
+    [gateway.aliases]        <instance> = ["more", "names"]: extra model names of an instance
 
 Merge order: built-in defaults < ``[instance.control]`` / ``[instance.server]`` <
 ``[instance.<name>.*]``, all after ``AUTO_INFER_VLLM_OVERRIDES`` (a JSON object) has been
@@ -34,6 +36,8 @@ from pipeline.errors import ConfigError
 
 RESERVED_NAMES = ("control", "server")
 DEFAULT_INSTANCE = "default"
+# The gateway is supervised, stopped and logged under this name: no instance may take it.
+GATEWAY_NAME = "gateway"
 # vLLM's own default when --gpu-memory-utilization is not given; used for the shared-GPU sum.
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -231,6 +235,88 @@ class Server(_Strict):
         return (self.served_model_name or self.model,)
 
 
+def _visible_ascii(value: str) -> bool:
+    return bool(value) and all("!" <= c <= "~" for c in value)
+
+
+class Gateway(_Strict):
+    """One port in front of every instance, routing requests by their body's ``model``."""
+
+    enable: bool = Field(
+        False,
+        description=(
+            "`true`: start the gateway with the instances; instances then bind 127.0.0.1 on "
+            "their own ports and only the gateway is exposed. `false`: the table has no effect."
+        ),
+    )
+    host: str = Field("0.0.0.0", description="Address the gateway binds.")
+    port: int = Field(
+        8000, ge=1, le=65535, description="The one exposed port (container 8000, host 11981)."
+    )
+    api_keys: list[str] = Field(
+        [],
+        description=(
+            "Keys clients must send to the gateway (`Authorization: Bearer` or `x-api-key`). "
+            "With neither this nor `api_keys_env`, the gateway asks for no key."
+        ),
+    )
+    api_keys_env: list[str] = Field(
+        [],
+        description=(
+            "Names of environment variables holding more gateway keys (keeps them out of "
+            "the file); each must be set when `doit serve` runs."
+        ),
+    )
+    aliases: dict[str, list[str]] = Field(
+        {},
+        description=(
+            "A table: instance name = list of extra model names routed to it (they also "
+            "become extra `--served-model-name`s, so the body reaches vLLM unchanged)."
+        ),
+    )
+    log_dir: Path | None = Field(
+        None, description="The log is `<log_dir>/gateway.log` (default: `[instance.control]`'s)."
+    )
+    access_log: bool = Field(
+        False,
+        description="One log line per request (method, path, model, status, time; never keys).",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for index, key in enumerate(value):
+            # The value is a secret: the message must not show it.
+            if not _visible_ascii(key):
+                raise ValueError(
+                    f"key #{index + 1} is empty or holds spaces or non-ASCII characters "
+                    "(the value is not shown)"
+                )
+        return value
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _key_vars(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for instance, names in value.items():
+            for name in names:
+                if not _visible_ascii(name) or len(name) > 256:
+                    raise ValueError(
+                        f"alias {name!r} of {instance!r}: aliases are 1 to 256 visible ASCII "
+                        "characters, no spaces"
+                    )
+            if len(set(names)) != len(names):
+                raise ValueError(f"{instance!r} lists an alias twice: {names}")
+        return value
+
+
 class Instance(BaseModel):
     """One resolved instance: defaults merged with its own tables."""
 
@@ -249,10 +335,21 @@ class ServeConfig(BaseModel):
     source: str
     master: Master
     instances: tuple[Instance, ...]
+    gateway: Gateway = Gateway()
 
     @property
     def enabled(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.control.enabled)
+
+    def aliases(self, name: str) -> tuple[str, ...]:
+        """Extra model names of instance ``name``: its gateway aliases, when the gateway is on."""
+        if not self.gateway.enable:
+            return ()
+        return tuple(self.gateway.aliases.get(name, ()))
+
+    def model_names(self, inst: Instance) -> tuple[str, ...]:
+        """Every name clients may use for ``inst``'s model: its served name, then its aliases."""
+        return (*inst.server.model_names, *self.aliases(inst.name))
 
     def instance(self, name: str) -> Instance:
         for inst in self.instances:
@@ -393,10 +490,15 @@ def build_config(
 ) -> ServeConfig:
     """Validate a parsed (and already overridden) document into a :class:`ServeConfig`."""
     loc = _Located(source, overridden)
-    _check_keys(document, ("master", "instance"), "", loc)
+    _check_keys(document, ("master", "instance", "gateway"), "", loc)
     master_raw = _check_table(document.get("master", {}), "master", loc)
     _check_keys(master_raw, Master.model_fields, "master.", loc)
     master = _validate(Master, master_raw, "master.", loc)
+    gateway_raw = _check_table(document.get("gateway", {}), "gateway", loc)
+    _check_keys(gateway_raw, Gateway.model_fields, "gateway.", loc)
+    if "aliases" in gateway_raw:
+        _check_table(gateway_raw["aliases"], "gateway.aliases", loc)
+    gateway = _validate(Gateway, gateway_raw, "gateway.", loc)
 
     instance_root = _check_table(document.get("instance", {}), "instance", loc)
     default_control = _check_table(instance_root.get("control", {}), "instance.control", loc)
@@ -418,6 +520,13 @@ def build_config(
     instances = []
     for name in names:
         own = _check_table(instance_root.get(name, {}), f"instance.{name}", loc, name)
+        if name == GATEWAY_NAME:
+            raise loc.error(
+                f"instance.{name}",
+                f"{name!r} is reserved for the gateway process (`doit stop {name}`, "
+                f"`doit logs {name}`); rename the instance",
+                name,
+            )
         if not _NAME_RE.match(name):
             raise loc.error(
                 f"instance.{name}",
@@ -459,8 +568,15 @@ def build_config(
         )
         instances.append(Instance(name=name, control=control, server=server))
 
-    config = ServeConfig(source=source, master=master, instances=tuple(instances))
+    if gateway.log_dir is None:
+        # Beside the instances' logs: the defaults table's log_dir (validated with them).
+        default_log_dir = Control.model_fields["log_dir"].default
+        written = default_control.get("log_dir")
+        log_dir = Path(written).expanduser() if isinstance(written, str) else default_log_dir
+        gateway = gateway.model_copy(update={"log_dir": log_dir})
+    config = ServeConfig(source=source, master=master, instances=tuple(instances), gateway=gateway)
     check_instances(config, loc)
+    check_gateway(config, loc)
     return config
 
 
@@ -603,13 +719,56 @@ def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
         )
 
 
+def check_gateway(config: ServeConfig, loc: _Located | None = None) -> None:
+    """The gateway against the instances: aliases name instances, and with the gateway on,
+    every model name and alias routes to one instance and no instance takes its port."""
+    loc = loc or _Located(config.source, frozenset())
+    gateway = config.gateway
+    known = [i.name for i in config.instances]
+    for name in gateway.aliases:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise loc.error(
+                f"gateway.aliases.{name}",
+                f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})",
+            )
+    if not gateway.enable:
+        return
+    owner: dict[str, str] = {}
+    for inst in config.enabled:
+        for model_name in inst.server.model_names:
+            owner[model_name] = inst.name
+    for inst in config.enabled:
+        for alias in config.aliases(inst.name):
+            other = owner.get(alias)
+            if other is not None:
+                what = "is also an alias of" if alias in config.aliases(other) else "is served by"
+                raise loc.error(
+                    f"gateway.aliases.{inst.name}",
+                    f"alias {alias!r} {what} instance {other!r}; a model name routes to one "
+                    "instance",
+                    inst.name,
+                )
+            owner[alias] = inst.name
+        if inst.server.port == gateway.port:
+            raise loc.error(
+                loc.key(inst.name, "server", "port"),
+                f"port {gateway.port} is the gateway's (gateway.port); with the gateway on, "
+                "instances listen on 127.0.0.1 on ports of their own: move the instance or "
+                "the gateway",
+                inst.name,
+            )
+
+
 def json_schema() -> dict[str, Any]:
     """JSON schema of the serve TOML, generated from the models (docs/serve-config.schema.json)."""
     control = Control.model_json_schema()
     server = Server.model_json_schema()
     master = Master.model_json_schema()
+    gateway = Gateway.model_json_schema()
     defs: dict[str, Any] = {}
-    for schema in (control, server, master):
+    for schema in (control, server, master, gateway):
         defs.update(schema.pop("$defs", {}))
     # Defaults tables may leave out `model`: only the merged instance must have it.
     server_defaults = dict(server)
@@ -630,6 +789,7 @@ def json_schema() -> dict[str, Any]:
             "Server": server,
             "ServerDefaults": server_defaults,
             "Master": master,
+            "Gateway": gateway,
             "Instance": instance,
         }
     )
@@ -640,19 +800,24 @@ def json_schema() -> dict[str, Any]:
         "description": (
             "[instance.control]/[instance.server] are defaults for every instance; "
             "[instance.<name>.control]/[instance.<name>.server] override them. "
-            "Each resolved instance needs server.model."
+            "Each resolved instance needs server.model. [gateway] puts one port in front "
+            "of them all."
         ),
         "type": "object",
         "additionalProperties": False,
         "properties": {
             "master": {"$ref": "#/$defs/Master"},
+            "gateway": {"$ref": "#/$defs/Gateway"},
             "instance": {
                 "type": "object",
                 "properties": {
                     "control": {"$ref": "#/$defs/Control"},
                     "server": {"$ref": "#/$defs/ServerDefaults"},
                 },
-                "propertyNames": {"pattern": _NAME_RE.pattern},
+                "propertyNames": {
+                    "pattern": _NAME_RE.pattern,
+                    "not": {"const": GATEWAY_NAME},
+                },
                 "additionalProperties": {"$ref": "#/$defs/Instance"},
             },
         },

@@ -3,6 +3,11 @@
 A plan says, per instance, exactly what will run: argv, the environment it adds (secrets kept
 apart, masked when shown), working directory, log file, port, GPUs, health URL and start order.
 ``doit plan`` prints it as JSON; the supervisor only executes it.
+
+With ``[gateway] enable = true`` the plan also holds a :class:`GatewayPlan`: one more process
+(``python -m pipeline.gateway``) that the supervisor runs like an instance, started at once
+with them. Its routing table, the instances' keys and its own keys travel in one secret
+environment variable (``PIPELINE_GATEWAY_CONFIG``), and every instance is forced onto 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -10,17 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from pipeline.envs import Runtime
 from pipeline.errors import ConfigError
-from pipeline.serve.config import Instance, RestartPolicy, ServeConfig
+from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
+from pipeline.serve.config import GATEWAY_NAME, Instance, RestartPolicy, ServeConfig
+from pipeline.settings import REPO_ROOT
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+GATEWAY_MODULE = "pipeline.gateway"
+LOOPBACK = "127.0.0.1"
+# The gateway starts in well under a second and holds no model: short limits, quick restarts.
+GATEWAY_READY_TIMEOUT = 30.0
+GATEWAY_STOP_GRACE = 10.0
+GATEWAY_MAX_RESTARTS = 5
+GATEWAY_BACKOFF = (0.5, 10.0)
 MASK = "***"
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
@@ -51,6 +66,9 @@ class InstancePlan(BaseModel):
     max_restarts: int
     backoff_initial: float
     backoff_max: float
+    kind: Literal["vllm", "gateway"] = "vllm"
+    # What the planner changed from the config, said in `doit plan` (e.g. a forced host).
+    notes: tuple[str, ...] = ()
 
     def display_env(self) -> dict[str, str]:
         """The added environment as shown to people: secrets masked."""
@@ -72,8 +90,20 @@ class InstancePlan(BaseModel):
         return env
 
 
+class GatewayPlan(InstancePlan):
+    """The gateway process: an :class:`InstancePlan` (so the supervisor runs, probes, restarts
+    and stops it like an instance) plus what ``doit plan`` shows of its routing."""
+
+    kind: Literal["vllm", "gateway"] = "gateway"
+    # model name or alias -> instance name
+    routes: dict[str, str]
+    # How many keys clients may use (0: no auth), and api_keys_env names unset when planning.
+    key_count: int
+    missing_keys: tuple[str, ...]
+
+
 class Plan(BaseModel):
-    """The launch plan of every enabled instance, in start order."""
+    """The launch plan of every enabled instance, in start order, and the gateway if enabled."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -83,12 +113,18 @@ class Plan(BaseModel):
     runtime: str
     instances: tuple[InstancePlan, ...]
     disabled: tuple[str, ...]
+    gateway: GatewayPlan | None = None
+
+    @property
+    def processes(self) -> tuple[InstancePlan, ...]:
+        """Everything the supervisor runs: the instances, then the gateway (it waits for none)."""
+        return self.instances if self.gateway is None else (*self.instances, self.gateway)
 
     def instance(self, name: str) -> InstancePlan:
-        for inst in self.instances:
+        for inst in self.processes:
             if inst.name == name:
                 return inst
-        known = ", ".join(i.name for i in self.instances) or "none"
+        known = ", ".join(i.name for i in self.processes) or "none"
         raise ConfigError(f"{self.source}: no enabled instance named {name!r} (enabled: {known})")
 
     def to_display(self) -> dict[str, Any]:
@@ -109,6 +145,20 @@ class Plan(BaseModel):
             item["env"] = inst.display_env()
             item["start_order"] = order
             out["instances"].append(item)
+        if self.gateway is not None:
+            gw = self.gateway
+            item = gw.model_dump(
+                mode="json",
+                exclude={"secret_env", "missing_secrets", "env", "gpu_ids", "model_names"},
+            )
+            item["env"] = gw.display_env()
+            item["auth"] = (
+                f"{gw.key_count} key(s): Authorization: Bearer or x-api-key"
+                if gw.key_count or gw.missing_keys
+                else "none (no api_keys set: any client may call)"
+            )
+            item["start_order"] = 0
+            out["gateway"] = item
         return out
 
     def digest(self) -> str:
@@ -121,6 +171,10 @@ class Plan(BaseModel):
         data = self.model_dump(mode="json")
         for item, inst in zip(data["instances"], self.instances, strict=True):
             item["secret_env"] = {k: v.get_secret_value() for k, v in inst.secret_env.items()}
+        if self.gateway is not None:
+            data["gateway"]["secret_env"] = {
+                k: v.get_secret_value() for k, v in self.gateway.secret_env.items()
+            }
         return json.dumps(data)
 
 
@@ -132,7 +186,7 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _vllm_args(inst: Instance) -> list[str]:
+def _vllm_args(inst: Instance, host: str, aliases: tuple[str, ...]) -> list[str]:
     srv = inst.server
     args = [
         "-m",
@@ -140,11 +194,14 @@ def _vllm_args(inst: Instance) -> list[str]:
         "--model",
         srv.model,
         "--host",
-        srv.host,
+        host,
         "--port",
         str(srv.port),
     ]
-    if srv.served_model_name:
+    if aliases:
+        # vLLM answers to every name given; the first stays the one it reports.
+        args += ["--served-model-name", *srv.model_names, *aliases]
+    elif srv.served_model_name:
         args += ["--served-model-name", srv.served_model_name]
     args += ["--dtype", srv.dtype, "--tensor-parallel-size", str(srv.tensor_parallel_size)]
     if srv.max_model_len is not None:
@@ -178,13 +235,21 @@ def build_plan(
     config: ServeConfig,
     runtime: Runtime,
     environ: Mapping[str, str],
+    *,
+    state_file: Path | None = None,
+    python: str | None = None,
 ) -> Plan:
     """The launch plan. Pure: reads ``environ`` only for ``api_key_env`` values.
 
     Secrets reach vLLM through ``VLLM_API_KEY`` in its environment, never argv (``ps`` shows
     argv to every user) and never the plan's display.
+
+    With the gateway enabled: ``state_file`` is the supervisor's ``state.json`` the gateway
+    follows (None: it treats every instance as running; for tests of the planner), and
+    ``python`` runs it (default: this interpreter, which has the pipeline importable).
     """
     enabled = config.enabled
+    gateway_on = config.gateway.enable
     # Instances come sorted by name and a chain always waits for an earlier name, so this
     # order is also a valid start order.
     after = start_order(enabled)
@@ -206,23 +271,31 @@ def build_plan(
                 secret_env["VLLM_API_KEY"] = SecretStr(value)
             else:
                 missing["VLLM_API_KEY"] = srv.api_key_env
-        connect = _connect_host(srv.host)
+        host = LOOPBACK if gateway_on else srv.host
+        notes: tuple[str, ...] = ()
+        if host != srv.host:
+            notes = (
+                f"host {srv.host} -> {LOOPBACK}: the gateway "
+                f"({config.gateway.host}:{config.gateway.port}) is the only exposed port",
+            )
+        aliases = config.aliases(inst.name)
+        connect = _connect_host(host)
         log_dir = Path(ctl.log_dir)
         instances.append(
             InstancePlan(
                 name=inst.name,
-                argv=runtime.command(*_vllm_args(inst)),
+                argv=runtime.command(*_vllm_args(inst, host, aliases)),
                 env=env,
                 secret_env=secret_env,
                 missing_secrets=missing,
                 cwd=str(log_dir),
                 log_file=str(log_dir / f"{inst.name}.log"),
-                host=srv.host,
+                host=host,
                 port=srv.port,
                 health_url=f"http://{connect}:{srv.port}/health",
                 base_url=f"http://{connect}:{srv.port}",
                 gpu_ids=tuple(ctl.gpu_ids),
-                model_names=srv.model_names,
+                model_names=config.model_names(inst),
                 start_after=after[inst.name],
                 ready_timeout=ctl.ready_timeout,
                 stop_grace=ctl.stop_grace,
@@ -230,9 +303,13 @@ def build_plan(
                 max_restarts=ctl.max_restarts,
                 backoff_initial=ctl.backoff_initial,
                 backoff_max=ctl.backoff_max,
+                notes=notes,
             )
         )
     background = all(i.control.background for i in enabled) if enabled else True
+    gateway = None
+    if gateway_on:
+        gateway = gateway_plan(config, tuple(instances), environ, state_file, python)
     return Plan(
         source=config.source,
         enable=config.master.enable,
@@ -240,4 +317,80 @@ def build_plan(
         runtime=runtime.description,
         instances=tuple(instances),
         disabled=tuple(i.name for i in config.instances if not i.control.enabled),
+        gateway=gateway,
+    )
+
+
+def gateway_plan(
+    config: ServeConfig,
+    instances: tuple[InstancePlan, ...],
+    environ: Mapping[str, str],
+    state_file: Path | None,
+    python: str | None,
+) -> GatewayPlan:
+    """The gateway process of a plan whose ``instances`` are already planned. Pure.
+
+    Its whole configuration (listen address, routes, the instances' keys, its own keys, the
+    state file) is one JSON value in ``PIPELINE_GATEWAY_CONFIG``: a secret, so it is masked in
+    every display and never on argv or disk.
+    """
+    gw = config.gateway
+    keys = list(gw.api_keys)
+    missing = []
+    for var in gw.api_keys_env:
+        value = environ.get(var)
+        if value:
+            keys.append(value)
+        else:
+            missing.append(var)
+    upstreams = []
+    routes: dict[str, str] = {}
+    for inst in instances:
+        key = inst.secret_env.get("VLLM_API_KEY")
+        upstreams.append(
+            Upstream(
+                name=inst.name,
+                host=LOOPBACK,
+                port=inst.port,
+                key=key.get_secret_value() if key is not None else None,
+                models=inst.model_names,
+            )
+        )
+        routes.update(dict.fromkeys(inst.model_names, inst.name))
+    runtime_config = GatewayConfig(
+        host=gw.host,
+        port=gw.port,
+        keys=tuple(keys),
+        instances=tuple(upstreams),
+        state_file=str(state_file) if state_file is not None else "",
+        access_log=gw.access_log,
+    )
+    assert gw.log_dir is not None, "build_config fills gateway.log_dir"
+    log_dir = Path(gw.log_dir)
+    connect = _connect_host(gw.host)
+    return GatewayPlan(
+        name=GATEWAY_NAME,
+        argv=(python or sys.executable, "-m", GATEWAY_MODULE),
+        # The pipeline's own package, importable whatever the working directory.
+        env={"PYTHONPATH": str(REPO_ROOT)},
+        secret_env={CONFIG_VAR: SecretStr(runtime_config.to_json())},
+        missing_secrets={},
+        cwd=str(log_dir),
+        log_file=str(log_dir / f"{GATEWAY_NAME}.log"),
+        host=gw.host,
+        port=gw.port,
+        health_url=f"http://{connect}:{gw.port}/health",
+        base_url=f"http://{connect}:{gw.port}",
+        gpu_ids=(),
+        model_names=(),
+        start_after=None,
+        ready_timeout=GATEWAY_READY_TIMEOUT,
+        stop_grace=GATEWAY_STOP_GRACE,
+        restart=RestartPolicy.ON_FAILURE,
+        max_restarts=GATEWAY_MAX_RESTARTS,
+        backoff_initial=GATEWAY_BACKOFF[0],
+        backoff_max=GATEWAY_BACKOFF[1],
+        routes=dict(sorted(routes.items())),
+        key_count=len(keys),
+        missing_keys=tuple(missing),
     )

@@ -100,4 +100,17 @@ def host_problems(
         python = inst.argv[0]
         if python.startswith("/") and not Path(python).exists():
             problems.append(f"{where}: {python} does not exist; run `doit install`")
+    gateway = plan.gateway
+    if gateway is not None:
+        where = f"{src}: gateway"
+        for name in gateway.missing_keys:
+            problems.append(
+                f"{where}: gateway.api_keys_env names {name}, which is not set; export it or "
+                "use gateway.api_keys (the gateway would otherwise accept fewer keys)"
+            )
+        if in_use(gateway.host, gateway.port):
+            problems.append(
+                f"{where}: port {gateway.port} is already in use on {gateway.host}; stop what "
+                "holds it or change gateway.port"
+            )
     return problems

@@ -49,6 +49,7 @@ class InstanceRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str
+    kind: str = "vllm"  # or "gateway"
     state: InstanceState = InstanceState.PENDING
     pid: int | None = None
     pgid: int | None = None

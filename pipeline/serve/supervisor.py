@@ -1,5 +1,10 @@
 """Runs a :class:`~pipeline.serve.plan.Plan`: spawn, watch, restart and stop vLLM instances.
 
+The gateway, when the plan has one, is just one more process here: same states, same
+readiness probe (its ``/health``), same restarts and stops. It waits for no instance (it
+answers 503 for models whose instance is not ready yet) and follows their states by reading
+the ``state.json`` this supervisor writes.
+
 The supervisor owns every child: each instance runs in its own session (process group), its
 output appended to its log file (never a pipe), and every wait is bounded. All state transitions
 happen in :meth:`Supervisor.tick`, one place, driven by a loop that also reaps children, so a
@@ -77,7 +82,10 @@ def http_probe(url: str, timeout: float = 1.0) -> bool:
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/")
-        return conn.getresponse().status == 200
+        response = conn.getresponse()
+        # Read the (tiny) body so the close is orderly, not a reset the server logs.
+        response.read(65536)
+        return response.status == 200
     except (OSError, http.client.HTTPException):
         return False
     finally:
@@ -147,9 +155,11 @@ class Supervisor:
         self.last_signal = ""
         self.killing = False
         self.dirty = True
-        for inst in plan.instances:
+        # The gateway (if any) is one more process in the same state machine.
+        for inst in plan.processes:
             record = InstanceRecord(
                 name=inst.name,
+                kind=inst.kind,
                 host=inst.host,
                 port=inst.port,
                 base_url=inst.base_url,

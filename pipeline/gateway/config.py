@@ -1,0 +1,114 @@
+"""What the gateway process is told: one JSON value in ``PIPELINE_GATEWAY_CONFIG``.
+
+The planner (:func:`pipeline.serve.plan.gateway_plan`) writes it with :meth:`GatewayConfig.to_json`
+and the gateway reads it back with :meth:`GatewayConfig.from_json`: one module owns the format.
+It holds secrets (the instances' keys and the gateway's own), so it travels only in the
+gateway's environment: never argv, never disk, never a log. ``repr`` leaves the keys out.
+
+Pure and light: dataclasses and ``json`` only (the gateway starts in well under a second).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VAR = "PIPELINE_GATEWAY_CONFIG"
+FORMAT_VERSION = 1
+
+
+class GatewayConfigError(ValueError):
+    """The JSON value is not a gateway config this version understands."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One vLLM instance behind the gateway."""
+
+    name: str
+    host: str
+    port: int
+    key: str | None = field(default=None, repr=False)
+    models: tuple[str, ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Listen address, client keys, instances (with their keys and model names), state file.
+
+    ``state_file`` is the supervisor's ``state.json``; empty means "no supervisor": every
+    instance counts as running (tests and ad-hoc use).
+    """
+
+    host: str
+    port: int
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    instances: tuple[Upstream, ...] = ()
+    state_file: str = ""
+    access_log: bool = False
+
+    def routes(self) -> dict[str, Upstream]:
+        """Model name or alias -> instance (the planner has checked they are unique)."""
+        return {model: up for up in self.instances for model in up.models}
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "version": FORMAT_VERSION,
+            "host": self.host,
+            "port": self.port,
+            "keys": list(self.keys),
+            "state_file": self.state_file,
+            "access_log": self.access_log,
+            "instances": [
+                {
+                    "name": up.name,
+                    "host": up.host,
+                    "port": up.port,
+                    "key": up.key,
+                    "models": list(up.models),
+                }
+                for up in self.instances
+            ],
+        }
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> GatewayConfig:
+        """Parse :meth:`to_json`'s output; GatewayConfigError (never showing a key) otherwise."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GatewayConfigError(f"{CONFIG_VAR} is not JSON ({exc.msg})") from None
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            raise GatewayConfigError(
+                f"{CONFIG_VAR}: not a version {FORMAT_VERSION} gateway config; "
+                "it is written by `doit serve`, not by hand"
+            )
+        try:
+            instances = tuple(
+                Upstream(
+                    name=str(item["name"]),
+                    host=str(item["host"]),
+                    port=int(item["port"]),
+                    key=None if item.get("key") is None else str(item["key"]),
+                    models=tuple(str(m) for m in item["models"]),
+                )
+                for item in data["instances"]
+            )
+            return cls(
+                host=str(data["host"]),
+                port=int(data["port"]),
+                keys=tuple(str(k) for k in data["keys"]),
+                instances=instances,
+                state_file=str(data.get("state_file") or ""),
+                access_log=bool(data.get("access_log", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GatewayConfigError(
+                f"{CONFIG_VAR}: malformed gateway config ({type(exc).__name__}: {exc})"
+            ) from None

@@ -1,0 +1,1203 @@
+"""The gateway: a pass-through HTTP/1.1 reverse proxy on asyncio protocols.
+
+One :class:`Gateway` owns the listening socket, the routing table, a pool of keep-alive
+connections per instance, the :class:`~pipeline.gateway.states.StateFollower` and the metrics.
+Each client connection is a :class:`ClientConn`; each proxied request an :class:`Exchange`
+between it and one :class:`UpstreamConn`.
+
+What passes through untouched: the request body (read whole, to find ``model``, then sent as
+received), the request target with its query, every end-to-end header except the
+credentials, and the response (status line, headers, and body bytes as they arrive, chunk
+framing included). What changes: hop-by-hop headers are dropped, ``Host`` and
+``Content-Length`` are set, the client's ``Authorization`` / ``x-api-key`` are replaced by the
+instance's own ``Authorization: Bearer`` (vLLM rejects ``x-api-key``), and ``X-Forwarded-For``
+gets the client's address.
+
+Concurrency: everything runs on one event loop thread; callbacks never block. The only races
+are with the peers, and each is handled where it lands: the client leaving (the upstream
+connection is aborted, which vLLM sees as a disconnect and cancels the request), an instance
+closing a pooled keep-alive connection just as it is reused (retried once on a fresh
+connection when nothing came back), an instance dying mid-response (the client's connection is
+closed, so it sees a truncated response rather than a clean end).
+
+Flow control: a client that reads slowly pauses reading from its instance (``pause_writing``),
+so nothing is buffered without bound; pipelined requests wait in the client's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import cast
+
+from pipeline.gateway.config import GatewayConfig, Upstream
+from pipeline.gateway.metrics import Metrics
+from pipeline.gateway.states import StateFollower, unavailable
+from pipeline.gateway.wire import (
+    HOP_BY_HOP,
+    MAX_HEAD,
+    ChunkedReader,
+    HttpError,
+    RequestHead,
+    ResponseHead,
+    find_model,
+    parse_request_head,
+    parse_response_head,
+)
+
+# Requests routed by the body's "model": OpenAI, Anthropic and vLLM's own JSON endpoints.
+ROUTED = frozenset(
+    {
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/responses",
+        b"/v1/messages",
+        b"/v1/messages/count_tokens",
+        b"/tokenize",
+        b"/detokenize",
+        b"/pooling",
+        b"/classify",
+        b"/score",
+        b"/v1/score",
+        b"/rerank",
+        b"/v1/rerank",
+        b"/v2/rerank",
+    }
+)
+MAX_BODY = 256 * 1024 * 1024
+# Bytes of a pipelined next request buffered while one is in flight, before reading pauses.
+MAX_PIPELINED = 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+# vLLM (uvicorn) closes idle keep-alive connections after 5 s: drop ours before that.
+UPSTREAM_IDLE = 4.0
+MAX_IDLE_PER_INSTANCE = 64
+CLIENT_IDLE = 300.0
+HEAD_TIMEOUT = 60.0
+HOUSEKEEPING = 1.0
+DRAIN_SECONDS = 5.0
+
+# Client request headers the gateway sets itself, or that belong to the client's connection.
+_DROP_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"authorization",
+    b"x-api-key",
+    b"x-forwarded-for",
+}
+# Upstream response headers that belong to the upstream connection.
+_DROP_RESPONSE = HOP_BY_HOP - {b"transfer-encoding", b"trailer"}
+_DROP_RESPONSE_DECHUNKED = HOP_BY_HOP
+
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
+
+# One read buffer for every connection of the process. With a plain Protocol, asyncio's recv
+# allocates a fresh 256 KiB bytes per read (mmap, mremap, munmap: three syscalls for each
+# streamed chunk); a BufferedProtocol reads into memory it is given. Sharing one buffer is
+# safe because the event loop calls get_buffer() and buffer_updated() back to back for one
+# read, on one thread, and buffer_updated() copies the bytes out before returning.
+_READ_SIZE = 256 * 1024
+_READ_VIEW = memoryview(bytearray(_READ_SIZE))
+
+
+class _Reader(asyncio.BufferedProtocol):
+    """Reads through the shared buffer and hands each read to :meth:`data_received`."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_VIEW[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "Status"
+    return f"HTTP/1.1 {code} {phrase}\r\n".encode()
+
+
+def error_body(path: bytes, code: int, message: str, *, param: str | None = None) -> bytes:
+    """An error in the client's dialect: Anthropic's for /v1/messages, OpenAI's otherwise."""
+    if path.startswith(b"/v1/messages"):
+        kind = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "request_too_large",
+        }.get(code, "api_error")
+        data: dict[str, object] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        kind = {
+            401: "authentication_error",
+            404: "invalid_request_error",
+            400: "invalid_request_error",
+            413: "invalid_request_error",
+        }.get(code, "server_error" if code >= 500 else "invalid_request_error")
+        code_name = {401: "invalid_api_key", 404: "model_not_found" if param else "not_found"}
+        data = {
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": param,
+                "code": code_name.get(code, HTTPStatus(code).phrase.lower().replace(" ", "_")),
+            }
+        }
+    return json.dumps(data).encode()
+
+
+class Pool:
+    """Idle keep-alive connections to one instance; most recently used first."""
+
+    __slots__ = ("gateway", "idle", "upstream")
+
+    def __init__(self, gateway: Gateway, upstream: Upstream) -> None:
+        self.gateway = gateway
+        self.upstream = upstream
+        self.idle: list[UpstreamConn] = []
+
+    def acquire(self) -> UpstreamConn | None:
+        """An idle connection younger than UPSTREAM_IDLE, or None (open a new one)."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if now - conn.idle_since > UPSTREAM_IDLE:
+                conn.transport.close()
+                continue
+            return conn
+        return None
+
+    def release(self, conn: UpstreamConn) -> None:
+        """Keep ``conn`` for reuse (or close it when the pool is full)."""
+        transport = conn.transport
+        if conn.closed or transport is None or len(self.idle) >= MAX_IDLE_PER_INSTANCE:
+            if transport is not None:
+                transport.close()
+            return
+        if not transport.is_reading():
+            # A slow client paused this connection on the read that ended the response: the
+            # next request must not wait for that client's resume_writing.
+            transport.resume_reading()
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamConn) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if now - conn.idle_since > UPSTREAM_IDLE and conn.transport is not None:
+                conn.transport.close()
+            elif not conn.closed:
+                keep.append(conn)
+        self.idle = keep
+
+    async def connect(self) -> UpstreamConn:
+        """A new connection. Raises OSError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        up = self.upstream
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConn(self), up.host, up.port),
+            CONNECT_TIMEOUT,
+        )
+        return conn
+
+
+class UpstreamConn(_Reader):
+    """One connection to an instance: sends one request at a time and frames its response."""
+
+    __slots__ = (
+        "buf",
+        "chunks",
+        "closed",
+        "exchange",
+        "idle_since",
+        "pool",
+        "received",
+        "remaining",
+        "reusable",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.state = _IDLE
+        self.buf = b""
+        self.remaining = 0
+        self.chunks: ChunkedReader | None = None
+        self.closed = False
+        self.received = 0
+        self.reusable = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: other event loops' transports are not subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def begin(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.state = _HEAD
+        self.buf = b""
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes nobody asked for: the connection cannot be trusted any more.
+            self.closed = True
+            self.pool.discard(self)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.received += len(data)
+        if self.state == _CHUNKED and ex.dechunk is None:
+            # The streaming hot path, inlined: one relayed piece per read.
+            try:
+                end = self.chunks.feed(data)  # type: ignore[union-attr]
+            except HttpError:
+                self._broken(ex)
+                return
+            if end < 0:
+                ex.body_pieces += 1
+                ex.client.write(data)
+            else:
+                self._finish(ex, data, end)
+        elif self.state == _HEAD:
+            self._head(ex, data)
+        else:
+            self._body(ex, data)
+
+    def _body(self, ex: Exchange, data: bytes) -> None:
+        state = self.state
+        if state == _CHUNKED:
+            assert self.chunks is not None
+            try:
+                end = self.chunks.feed(data)
+            except HttpError:
+                self._broken(ex)
+                return
+            if end < 0:
+                ex.on_body(data)
+            else:
+                self._finish(ex, data, end)
+        elif state == _LENGTH:
+            if len(data) < self.remaining:
+                self.remaining -= len(data)
+                ex.on_body(data)
+            else:
+                self._finish(ex, data, self.remaining)
+        else:
+            ex.on_body(data)
+
+    def _head(self, ex: Exchange, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._broken(ex)
+                    return
+                self.buf = buf
+                return
+            try:
+                resp = parse_response_head(buf[:end])
+            except HttpError:
+                self._broken(ex)
+                return
+            buf = buf[end + 4 :]
+            if 100 <= resp.status < 200:
+                # Interim responses (100 Continue, 103 Early Hints) are not relayed.
+                continue
+            break
+        self.buf = b""
+        self.reusable = resp.keep_alive
+        # Only POST is proxied, so no HEAD: 204 and 304 are the bodiless answers.
+        if resp.status in (204, 304):
+            ex.on_head(resp, chunked=False, until_close=False)
+            self._finish(ex, buf, 0)
+            return
+        if resp.chunked:
+            self.state = _CHUNKED
+            self.chunks = ChunkedReader(status=502)
+        elif resp.content_length is not None:
+            self.state = _LENGTH
+            self.remaining = resp.content_length
+        else:
+            self.state = _UNTIL_CLOSE
+            self.reusable = False
+        ex.on_head(resp, chunked=resp.chunked, until_close=self.state == _UNTIL_CLOSE)
+        if self.state == _LENGTH and self.remaining == 0:
+            self._finish(ex, buf, 0)
+        elif buf and self.exchange is ex:
+            self._body(ex, buf)
+
+    def _finish(self, ex: Exchange, data: bytes, end: int) -> None:
+        if end:
+            ex.on_body(data[:end] if end < len(data) else data)
+        # Bytes past the end of the response would be a protocol error upstream.
+        reusable = self.reusable and end == len(data)
+        self.state = _IDLE
+        self.exchange = None
+        self.chunks = None
+        ex.on_complete(self, reusable)
+
+    def _broken(self, ex: Exchange) -> None:
+        self.exchange = None
+        self.closed = True
+        assert self.transport is not None
+        self.transport.close()
+        ex.on_upstream_lost(None, protocol_error=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        ex = self.exchange
+        if ex is None:
+            return
+        self.exchange = None
+        if self.state == _UNTIL_CLOSE:
+            ex.on_complete(self, False)
+        else:
+            ex.on_upstream_lost(exc, protocol_error=False)
+
+
+class Exchange:
+    """One proxied request, from its routing to the last byte of its response."""
+
+    __slots__ = (
+        "body_pieces",
+        "client",
+        "dechunk",
+        "done",
+        "first_byte",
+        "gateway",
+        "head_sent",
+        "model",
+        "path",
+        "pool",
+        "request",
+        "retried",
+        "reused",
+        "started",
+        "status",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        client: ClientConn,
+        pool: Pool,
+        model: str,
+        path: bytes,
+        request: bytes,
+    ) -> None:
+        self.gateway = gateway
+        self.client = client
+        self.pool = pool
+        self.model = model
+        self.path = path
+        self.request = request
+        self.started = time.perf_counter()
+        self.first_byte: float | None = None
+        self.upstream: UpstreamConn | None = None
+        self.head_sent = False
+        self.done = False
+        self.status = 0
+        self.retried = False
+        self.reused = False
+        self.dechunk: ChunkedReader | None = None
+        self.body_pieces = 0
+
+    @property
+    def instance(self) -> str:
+        return self.pool.upstream.name
+
+    def start(self) -> None:
+        conn = self.pool.acquire()
+        if conn is not None:
+            self._send(conn, reused=True)
+        else:
+            self.gateway.spawn(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.pool.connect()
+        except (OSError, TimeoutError) as exc:
+            if self.done:
+                return
+            why = getattr(exc, "strerror", None) or type(exc).__name__
+            up = self.pool.upstream
+            self.gateway.say(f"instance {up.name}: cannot connect to {up.host}:{up.port}: {why}")
+            self.gateway.metrics.error(self.model, self.instance, "connect_failed")
+            self.fail(
+                503,
+                f"model {self.model!r} is unavailable: instance {up.name!r} does not accept "
+                f"connections ({why})",
+                retry_after=5,
+            )
+            return
+        if self.done:  # the client left while we connected
+            self.pool.release(conn)
+            return
+        self._send(conn, reused=False)
+
+    def _send(self, conn: UpstreamConn, *, reused: bool) -> None:
+        self.upstream = conn
+        self.reused = reused
+        conn.begin(self)
+        assert conn.transport is not None
+        conn.transport.write(self.request)
+        if self.client.writing_paused:
+            conn.transport.pause_reading()
+
+    # ---- from the upstream connection --------------------------------------------------
+    def on_head(self, resp: ResponseHead, *, chunked: bool, until_close: bool) -> None:
+        self.first_byte = time.perf_counter()
+        self.status = resp.status
+        client = self.client
+        drop = _DROP_RESPONSE
+        if chunked and client.http10:
+            # An HTTP/1.0 client knows no chunked coding: send the payload, end by closing.
+            self.dechunk = ChunkedReader(collect=True, status=502)
+            drop = _DROP_RESPONSE_DECHUNKED
+            client.keep_alive = False
+        if until_close:
+            client.keep_alive = False
+        parts = [resp.status_line, b"\r\n"]
+        for name, line, _ in resp.headers:
+            if name not in drop:
+                parts.append(line)
+                parts.append(b"\r\n")
+        if not client.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif client.http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.head_sent = True
+        client.write(b"".join(parts))
+
+    def on_body(self, data: bytes) -> None:
+        self.body_pieces += 1
+        if self.dechunk is None:
+            self.client.write(data)
+            return
+        with contextlib.suppress(HttpError):
+            self.dechunk.feed(data)
+        if self.dechunk.parts:
+            self.client.write(b"".join(self.dechunk.parts))
+            self.dechunk.parts.clear()
+
+    def on_complete(self, conn: UpstreamConn, reusable: bool) -> None:
+        self.upstream = None
+        if self.done:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self.done = True
+        if reusable:
+            self.pool.release(conn)
+        else:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+        self.gateway.finished(self)
+        self.client.exchange_done()
+
+    def on_upstream_lost(self, exc: Exception | None, *, protocol_error: bool) -> None:
+        conn, self.upstream = self.upstream, None
+        if self.done:
+            return
+        nothing_back = conn is not None and conn.received == 0
+        if not self.head_sent and self.reused and nothing_back and not self.retried:
+            # A pooled connection the instance closed as we reused it: try a fresh one.
+            self.retried = True
+            self.gateway.spawn(self._connect())
+            return
+        name = self.instance
+        if not self.head_sent:
+            what = "sent a malformed response" if protocol_error else "closed the connection"
+            self.gateway.metrics.error(self.model, name, "upstream_closed")
+            self.gateway.say(f"instance {name}: {what} before answering")
+            self.fail(502, f"instance {name!r} {what} before answering (did it crash?)")
+            return
+        # Mid-response: the client must see a truncated message, not a clean end.
+        self.done = True
+        self.gateway.metrics.error(self.model, name, "upstream_closed")
+        self.gateway.say(f"instance {name}: connection lost in the middle of a response")
+        self.status = 502 if not self.status else self.status
+        self.gateway.finished(self)
+        self.client.abort()
+
+    # ---- from the client -----------------------------------------------------------------
+    def client_gone(self) -> None:
+        """The client disconnected: abort the upstream request (vLLM cancels it)."""
+        if self.done:
+            return
+        self.done = True
+        self.status = 499  # nginx's "client closed request"
+        self.gateway.metrics.error(self.model, self.instance, "client_disconnected")
+        self.gateway.finished(self)
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def fail(self, code: int, message: str, *, retry_after: int | None = None) -> None:
+        """Answer the client with an error instead of the instance's response."""
+        self.done = True
+        self.status = code
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+        self.gateway.finished(self)
+        self.client.respond(
+            code, error_body(self.path, code, message), retry_after=retry_after, model=None
+        )
+        self.client.exchange_done()
+
+
+class ClientConn(_Reader):
+    """One client connection: reads requests (one at a time, pipelining buffered), answers
+    local endpoints itself and hands routed requests to an :class:`Exchange`."""
+
+    __slots__ = (
+        "body_reader",
+        "buf",
+        "closing",
+        "current",
+        "exchange",
+        "gateway",
+        "head_since",
+        "http10",
+        "keep_alive",
+        "last_active",
+        "peer",
+        "reading_paused",
+        "req",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.req: RequestHead | None = None
+        self.body_reader: ChunkedReader | None = None
+        self.exchange: Exchange | None = None
+        self.keep_alive = True
+        self.http10 = False
+        self.closing = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.peer = b""
+        self.last_active = time.monotonic()
+        self.head_since = 0.0
+        self.current = b"-"  # method and path of the request being answered, for the log
+
+    # ---- asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: other event loops' transports are not subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.gateway.clients.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode() if isinstance(peer, tuple) else b"unix"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.gateway.clients.discard(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.client_gone()
+
+    def eof_received(self) -> bool:
+        if self.exchange is not None:
+            # Half-closed after sending its request: answer it, then close.
+            self.keep_alive = False
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.exchange is None:
+            self.process()
+        elif len(self.buf) > MAX_PIPELINED and not self.reading_paused:
+            self.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    # ---- writing -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.closing = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def respond(
+        self,
+        code: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"application/json",
+        retry_after: int | None = None,
+        extra: bytes = b"",
+        model: str | None = "",
+        instance: str = "",
+        head_only: bool = False,
+    ) -> None:
+        """Answer the current request locally; closes afterwards unless keep-alive.
+
+        ``model`` labels the request in the metrics (None: not counted, e.g. /health)."""
+        parts = [
+            _status_line(code),
+            b"content-type: ",
+            content_type,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
+        if retry_after is not None:
+            parts.append(f"retry-after: {retry_after}\r\n".encode())
+        if code == 401:
+            parts.append(b'www-authenticate: Bearer realm="gateway"\r\n')
+        parts.append(extra)
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if not head_only:
+            parts.append(body)
+        self.write(b"".join(parts))
+        if model is not None:
+            self.gateway.metrics.request(model, instance, code)
+            if self.gateway.access_log:
+                self.gateway.say(
+                    f'{self.peer.decode()} "{self.current.decode("utf-8", "replace")}" '
+                    f"model={model or '-'} instance={instance or '-'} {code} (gateway)"
+                )
+        if not self.keep_alive:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def exchange_done(self) -> None:
+        self.exchange = None
+        self.last_active = time.monotonic()
+        if not self.keep_alive:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.buf:
+            self.process()
+
+    # ---- reading requests -------------------------------------------------------------------
+    def process(self) -> None:
+        """Parse and dispatch every complete request in the buffer, one at a time."""
+        gateway = self.gateway
+        while self.buf and not self.closing and self.exchange is None:
+            req = self.req
+            if req is None:
+                buf = self.buf
+                while buf[:2] == b"\r\n":  # stray CRLF between requests (RFC 9112 2.2)
+                    del buf[:2]
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        self._reject(431, "request head too large")
+                    elif buf and not self.head_since:
+                        self.head_since = time.monotonic()
+                    return
+                try:
+                    req = parse_request_head(bytes(buf[:end]))
+                except HttpError as exc:
+                    self._reject(exc.status, exc.message)
+                    return
+                del buf[: end + 4]
+                self.req = req
+                self.http10 = req.http10
+                self.keep_alive = req.keep_alive and not gateway.draining
+                if req.content_length is not None and req.content_length > MAX_BODY:
+                    self._reject(413, "request body too large")
+                    return
+                if req.chunked:
+                    self.body_reader = ChunkedReader(collect=True, limit=MAX_BODY)
+                if req.expect_continue and (req.chunked or req.content_length):
+                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # The body.
+            if req.chunked:
+                reader = self.body_reader
+                assert reader is not None
+                try:
+                    end = reader.feed(bytes(self.buf))
+                except HttpError as exc:
+                    self._reject(exc.status, exc.message)
+                    return
+                if end < 0:
+                    self.buf.clear()
+                    return
+                del self.buf[:end]
+                body = reader.payload()
+                self.body_reader = None
+            else:
+                length = req.content_length or 0
+                if len(self.buf) < length:
+                    return
+                body = bytes(self.buf[:length])
+                del self.buf[:length]
+            self.req = None
+            self.head_since = 0.0
+            self.current = req.method + b" " + req.path
+            gateway.handle(self, req, body)
+            if not self.keep_alive and self.exchange is None and not self.closing:
+                self.closing = True
+                assert self.transport is not None
+                self.transport.close()
+
+    def _reject(self, code: int, message: str) -> None:
+        self.keep_alive = False
+        self.buf.clear()
+        self.respond(code, error_body(b"", code, message))
+
+
+class Gateway:
+    """Routing, auth, local endpoints and bookkeeping for every connection of one process."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        say: Callable[[str], None] | None = None,
+        state_interval: float = 0.02,
+    ) -> None:
+        self.config = config
+        self.say = say or _stderr
+        self.keys = tuple(k.encode() for k in config.keys)
+        self.pools = {up.name: Pool(self, up) for up in config.instances}
+        self.routes = {
+            model.encode(): self.pools[up.name] for up in config.instances for model in up.models
+        }
+        self.route_names = {model: up.name for up in config.instances for model in up.models}
+        self.auth_lines = {
+            up.name: (f"authorization: Bearer {up.key}\r\n".encode() if up.key else b"")
+            for up in config.instances
+        }
+        self.host_lines = {
+            up.name: f"host: {up.host}:{up.port}\r\n".encode() for up in config.instances
+        }
+        self.states = StateFollower(
+            config.state_file,
+            [up.name for up in config.instances],
+            min_interval=state_interval,
+            say=self.say,
+        )
+        self.metrics = Metrics()
+        self.clients: set[ClientConn] = set()
+        self.inflight: dict[str, int] = dict.fromkeys(self.pools, 0)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.access_log = config.access_log
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen. Raises OSError when the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConn(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.states.refresh(force=True)
+        self.spawn(self._housekeeping())
+
+    def spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _housekeeping(self) -> None:
+        """Once a second: follow the state file, drop stale connections. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING)
+            now = time.monotonic()
+            self.states.refresh(force=True)
+            for pool in self.pools.values():
+                pool.sweep(now)
+            for conn in list(self.clients):
+                if conn.exchange is not None or conn.transport is None:
+                    continue
+                stuck = conn.head_since and now - conn.head_since > HEAD_TIMEOUT
+                if stuck or (not conn.buf and now - conn.last_active > CLIENT_IDLE):
+                    conn.closing = True
+                    conn.transport.close()
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Stop accepting, close idle connections, wait (bounded) for requests in flight."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for conn in list(self.clients):
+                if conn.exchange is None and conn.transport is not None:
+                    conn.closing = True
+                    conn.transport.close()
+            if not any(c.exchange is not None for c in self.clients):
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.clients):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for pool in self.pools.values():
+            for conn in pool.idle:
+                if conn.transport is not None:
+                    conn.transport.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def handle(self, client: ClientConn, req: RequestHead, body: bytes) -> None:
+        path = req.path
+        method = req.method
+        if method == b"POST" and path in ROUTED:
+            self.proxy(client, req, body)
+        elif path == b"/health" and method in (b"GET", b"HEAD"):
+            client.respond(200, self.health_body(), model=None, head_only=method == b"HEAD")
+        elif path == b"/metrics" and method in (b"GET", b"HEAD"):
+            client.respond(
+                200,
+                self.metrics_body(),
+                content_type=b"text/plain; version=0.0.4; charset=utf-8",
+                model=None,
+                head_only=method == b"HEAD",
+            )
+        elif path == b"/v1/models" and method in (b"GET", b"HEAD"):
+            if self.authorized(req):
+                body = self.models_body(None) or b""
+                client.respond(200, body, model=None, head_only=method == b"HEAD")
+            else:
+                self.unauthorized(client, req)
+        elif path.startswith(b"/v1/models/") and method in (b"GET", b"HEAD"):
+            if not self.authorized(req):
+                self.unauthorized(client, req)
+                return
+            name = path[len(b"/v1/models/") :].decode("utf-8", "replace")
+            found = self.models_body(name)
+            if found is None:
+                message = f"model {name!r} is not served here (ready: {self._ready_list()})"
+                client.respond(404, error_body(path, 404, message, param="model"), model=None)
+            else:
+                client.respond(200, found, model=None, head_only=method == b"HEAD")
+        elif path in ROUTED or path == b"/v1/models":
+            client.respond(
+                405,
+                error_body(path, 405, f"{method.decode()} is not allowed on {path.decode()}"),
+                extra=b"allow: POST\r\n" if path in ROUTED else b"allow: GET\r\n",
+                model=None,
+            )
+        else:
+            routed = ", ".join(sorted(p.decode() for p in ROUTED if p.startswith(b"/v1/")))
+            message = (
+                f"{path.decode('utf-8', 'replace')} is not served by the gateway: POST to "
+                f"{routed} (routed by model); GET /v1/models, /health, /metrics"
+            )
+            client.respond(404, error_body(path, 404, message), model=None)
+
+    def authorized(self, req: RequestHead) -> bool:
+        keys = self.keys
+        if not keys:
+            return True
+        tokens = []
+        auth = req.authorization
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            tokens.append(auth[7:].strip())
+        if req.x_api_key is not None:
+            tokens.append(req.x_api_key)
+        # compare_digest: the time taken does not tell how much of a key was right.
+        return any(hmac.compare_digest(t, k) for t in tokens for k in keys)
+
+    def unauthorized(self, client: ClientConn, req: RequestHead) -> None:
+        given = req.authorization is not None or req.x_api_key is not None
+        message = (
+            "invalid API key" if given else "missing API key"
+        ) + " (send Authorization: Bearer <key> or x-api-key: <key>)"
+        client.respond(401, error_body(req.path, 401, message), model="")
+        self.metrics.error("", "", "unauthorized")
+
+    def proxy(self, client: ClientConn, req: RequestHead, body: bytes) -> None:
+        if not self.authorized(req):
+            self.unauthorized(client, req)
+            return
+        is_object, model = find_model(body)
+        if model is None:
+            if len(self.pools) == 1 and is_object:
+                pool = next(iter(self.pools.values()))
+                model = ""
+            else:
+                what = 'has no "model"' if is_object else "is not a JSON object"
+                message = (
+                    f"the request body {what}; the gateway routes by it "
+                    f"(models: {', '.join(sorted(self.route_names))})"
+                )
+                client.respond(400, error_body(req.path, 400, message, param="model"))
+                return
+        else:
+            pool = self.routes.get(model.encode())
+            if pool is None:
+                message = (
+                    f"model {model!r} does not exist here; known models: "
+                    f"{', '.join(sorted(self.route_names)) or 'none'}"
+                )
+                client.respond(
+                    404, error_body(req.path, 404, message, param="model"), model="(unknown)"
+                )
+                self.metrics.error("(unknown)", "", "unknown_model")
+                return
+        up = pool.upstream
+        self.states.refresh()
+        status = self.states.status(up.name)
+        if not status.ready:
+            why, retry_after = unavailable(up.name, status)
+            client.respond(
+                503,
+                error_body(req.path, 503, f"model {model!r} is unavailable: {why}"),
+                retry_after=retry_after,
+                model=model,
+                instance=up.name,
+            )
+            self.metrics.error(model, up.name, "not_ready")
+            return
+        exchange = Exchange(
+            self, client, pool, model, req.path, self._request(client, req, body, up)
+        )
+        self.inflight[up.name] += 1
+        client.exchange = exchange
+        exchange.start()
+
+    def _request(self, client: ClientConn, req: RequestHead, body: bytes, up: Upstream) -> bytes:
+        """The request as the instance gets it: same target and body, our connection headers
+        and the instance's own key."""
+        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", self.host_lines[up.name]]
+        drop = _DROP_REQUEST
+        if req.connection_tokens - {b"close", b"keep-alive"}:
+            drop = drop | req.connection_tokens
+        for name, line, _ in req.headers:
+            if name not in drop:
+                parts.append(line)
+                parts.append(b"\r\n")
+        parts.append(self.auth_lines[up.name])
+        peer = client.peer
+        if req.x_forwarded_for:
+            peer = req.x_forwarded_for + b", " + peer
+        parts.append(b"x-forwarded-for: " + peer + b"\r\n")
+        parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+        parts.append(body)
+        return b"".join(parts)
+
+    def finished(self, ex: Exchange) -> None:
+        """Bookkeeping once an exchange has its outcome (exactly once per exchange)."""
+        name = ex.instance
+        self.inflight[name] -= 1
+        now = time.perf_counter()
+        total = now - ex.started
+        first = ex.first_byte - ex.started if ex.first_byte is not None else None
+        self.metrics.request(ex.model, name, ex.status)
+        self.metrics.timing(ex.model, name, total, first, ex.body_pieces)
+        if self.access_log:
+            first_ms = f"{first * 1000:.1f}ms" if first is not None else "-"
+            self.say(
+                f'{ex.client.peer.decode()} "POST {ex.path.decode("utf-8", "replace")}" '
+                f"model={ex.model} instance={name} {ex.status} {total * 1000:.1f}ms "
+                f"first={first_ms} pieces={ex.body_pieces}"
+            )
+
+    # ---- local endpoints -------------------------------------------------------------------
+    def _ready_list(self) -> str:
+        ready = [m for m, n in sorted(self.route_names.items()) if self.states.status(n).ready]
+        return ", ".join(ready) or "none"
+
+    def health_body(self) -> bytes:
+        self.states.refresh()
+        instances = []
+        for up in self.config.instances:
+            status = self.states.status(up.name)
+            instances.append(
+                {
+                    "name": up.name,
+                    "state": status.state,
+                    "ready": status.ready,
+                    "models": list(up.models),
+                    "reason": None if status.ready else status.reason,
+                    "restarts": status.restarts,
+                    "inflight": self.inflight[up.name],
+                }
+            )
+        ready = all(i["ready"] for i in instances)
+        data = {
+            "status": "ok" if ready else "degraded",
+            "gateway": {
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started_mono, 3),
+                "connections": len(self.clients),
+                "auth": bool(self.keys),
+            },
+            "instances": instances,
+        }
+        return json.dumps(data).encode()
+
+    def models_body(self, only: str | None) -> bytes | None:
+        self.states.refresh()
+        data = []
+        for up in self.config.instances:
+            status = self.states.status(up.name)
+            if not status.ready:
+                continue
+            created = int(status.ready_at or self.started)
+            for model in up.models:
+                if only is not None and model != only:
+                    continue
+                item = {
+                    "id": model,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vllm",
+                    "root": up.models[0],
+                    "parent": None,
+                }
+                if only is not None:
+                    return json.dumps(item).encode()
+                data.append(item)
+        if only is not None:
+            return None
+        return json.dumps({"object": "list", "data": data}).encode()
+
+    def metrics_body(self) -> bytes:
+        self.states.refresh()
+        gauges: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]] = [
+            (
+                "gateway_instance_ready",
+                "gauge",
+                "1 when the instance is running (requests for its models are forwarded).",
+                [
+                    ({"instance": name}, 1.0 if self.states.status(name).ready else 0.0)
+                    for name in self.pools
+                ],
+            ),
+            (
+                "gateway_inflight_requests",
+                "gauge",
+                "Requests being forwarded, by instance.",
+                [({"instance": name}, float(n)) for name, n in self.inflight.items()],
+            ),
+            (
+                "gateway_idle_upstream_connections",
+                "gauge",
+                "Keep-alive connections to instances waiting for reuse.",
+                [({"instance": name}, float(len(p.idle))) for name, p in self.pools.items()],
+            ),
+            (
+                "gateway_client_connections",
+                "gauge",
+                "Open client connections.",
+                [({}, float(len(self.clients)))],
+            ),
+            (
+                "gateway_start_time_seconds",
+                "gauge",
+                "When the gateway started (Unix time).",
+                [({}, self.started)],
+            ),
+        ]
+        return self.metrics.render(gauges).encode()
+
+
+def _stderr(line: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} gateway: {line}", file=sys.stderr, flush=True)
+
+
+async def serve(config: GatewayConfig, *, say: Callable[[str], None] | None = None) -> int:
+    """Run the gateway until SIGTERM or SIGINT; then drain (bounded) and return 0.
+
+    Returns 1 when the address cannot be bound (the supervisor's restart policy applies).
+    """
+    gateway = Gateway(config, say=say)
+    say = gateway.say
+    try:
+        await gateway.start()
+    except OSError as exc:
+        say(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models = sum(len(up.models) for up in config.instances)
+    auth = f"{len(config.keys)} key(s)" if config.keys else "none (no api_keys configured)"
+    follow = config.state_file or "none (every instance counts as running)"
+    loop_name = type(loop).__module__.split(".")[0]
+    say(
+        f"listening on {config.host}:{config.port} (pid {os.getpid()}, {loop_name} loop): "
+        f"{models} model name(s) on {len(config.instances)} instance(s); auth: {auth}; "
+        f"state: {follow}"
+    )
+    await stop.wait()
+    say(f"stopping: draining requests in flight (at most {DRAIN_SECONDS:g}s)")
+    await gateway.drain()
+    say("stopped")
+    return 0

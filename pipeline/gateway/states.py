@@ -1,0 +1,128 @@
+"""The instances' states as the supervisor last wrote them in ``state.json``.
+
+The supervisor is the only writer and replaces the file atomically (write + rename), so a read
+never sees half a file and every write gets a new inode. :meth:`StateFollower.refresh` costs one
+``stat`` when nothing changed, and re-reads the file only when (inode, mtime, size) moved; it is
+called at most every ``min_interval`` seconds from the request path and once a second by the
+gateway's housekeeping, so a state change is seen within that time without restarting anything.
+
+Plain ``json`` on purpose: the gateway stays light (no pydantic model of the state here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    state: str
+    reason: str | None = None
+    restarts: int = 0
+    ready_at: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == RUNNING
+
+
+ALWAYS_READY = InstanceStatus(RUNNING, None)
+NOT_YET = InstanceStatus("pending", "the supervisor has not reported this instance yet")
+
+
+def unavailable(instance: str, status: InstanceStatus) -> tuple[str, int | None]:
+    """Why ``instance`` cannot take a request, and the Retry-After seconds if it will recover."""
+    reason = f": {status.reason}" if status.reason else ""
+    state = status.state
+    if state == "pending":
+        return f"instance {instance!r} is waiting to start{reason}", 10
+    if state == "starting":
+        return f"instance {instance!r} is starting (loading the model)", 5
+    if state == "backoff":
+        return f"instance {instance!r} is restarting after a failure{reason}", 10
+    if state in ("stopping", "stopped"):
+        return (
+            f"instance {instance!r} is {state}{reason}; `doit serve` starts it again",
+            None,
+        )
+    if state == "exited":
+        return f"instance {instance!r} exited{reason}", None
+    if state == "failed":
+        return f"instance {instance!r} failed{reason}; see `doit logs {instance}`", None
+    return f"instance {instance!r} is {state}{reason}", None
+
+
+class StateFollower:
+    """Per-instance :class:`InstanceStatus` from the supervisor's state file.
+
+    ``path`` empty: no supervisor, every instance is running. A missing or unreadable file
+    keeps the last known states (or ``pending`` before the first read): a reader never fails.
+    ``say`` gets one line per state change. Not thread-safe: the event loop owns it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        names: Iterable[str],
+        *,
+        min_interval: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.names = tuple(names)
+        self.min_interval = min_interval
+        self.clock = clock
+        self.say = say
+        self._checked = -1e9
+        self._signature: tuple[int, int, int] | None = None
+        default = ALWAYS_READY if not path else NOT_YET
+        self.statuses: dict[str, InstanceStatus] = dict.fromkeys(self.names, default)
+
+    def status(self, name: str) -> InstanceStatus:
+        return self.statuses.get(name, NOT_YET)
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the file if it changed; at most every ``min_interval`` unless ``force``."""
+        if not self.path:
+            return
+        now = self.clock()
+        if not force and now - self._checked < self.min_interval:
+            return
+        self._checked = now
+        try:
+            st = os.stat(self.path)  # noqa: PTH116 - hot path, no Path object
+        except OSError:
+            return
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if signature == self._signature:
+            return
+        try:
+            with open(self.path, "rb") as fh:  # noqa: PTH123 - hot path, no Path object
+                data = json.loads(fh.read())
+            records = data["instances"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        self._signature = signature
+        for name in self.names:
+            rec = records.get(name)
+            if not isinstance(rec, dict):
+                continue
+            status = InstanceStatus(
+                state=str(rec.get("state", "pending")),
+                reason=rec.get("reason"),
+                restarts=int(rec.get("restarts") or 0),
+                ready_at=rec.get("ready_at"),
+            )
+            before = self.statuses.get(name)
+            if (before is None or before.state != status.state) and self.say is not None:
+                was = before.state if before is not None else "unknown"
+                why = f" ({status.reason})" if status.reason and not status.ready else ""
+                self.say(f"instance {name}: {was} -> {status.state}{why}")
+            self.statuses[name] = status

@@ -1,0 +1,230 @@
+"""Real vLLM (the CPU build) behind the gateway, started by `doit serve`, used by real SDKs.
+
+Slow (under a minute here): the example config's two instances, with the gateway switched on
+through ``AUTO_INFER_VLLM_OVERRIDES`` (its own key, an alias for ``tiny-a``). Clients only talk
+to the gateway's port; the instances sit on loopback with their own key. Everything runs on
+free ports with private state and log dirs; teardown stops every process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from conftest import REPO, doit_env, free_port, kill_recorded_groups, run_doit
+from vllm_runtime import vllm_cache_root, vllm_venv
+
+from pipeline.serve.state import StateStore, group_alive
+
+pytestmark = pytest.mark.slow
+
+INSTANCE_KEY = "instance-key-123"
+GATEWAY_KEY = "gateway-key-456"
+EXAMPLE = REPO / "model-configs" / "vllm-cpu-tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`doit serve` of the example with the gateway on; stopped (and checked) at the end."""
+    root = tmp_path_factory.mktemp("vllm-gateway")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vg-{os.getpid()}"
+    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
+    gateway_port = free_port()
+    overrides = {
+        "master": {"env_prefix": str(vllm_venv())},
+        "gateway": {
+            "enable": True,
+            "host": "127.0.0.1",
+            "port": gateway_port,
+            "api_keys_env": ["GATEWAY_KEY"],
+            "aliases": {"tiny-a": ["tiny-a-alias"]},
+            "access_log": True,
+        },
+        "instance": {
+            "control": {
+                "log_dir": str(root / "logs"),
+                "ready_timeout": 400,
+                "env": {"VLLM_CACHE_ROOT": str(vllm_cache_root())},
+            },
+            "server": {"model": str(tiny_model)},
+            **{
+                name: {
+                    "server": {"port": port},
+                    "control": {"env": {"TMPDIR": f"{tmp}-{name}"}},
+                }
+                for name, port in ports.items()
+            },
+        },
+    }
+    for name in ports:
+        Path(f"{tmp}-{name}").mkdir(parents=True, exist_ok=True)
+    state = root / "state"
+    env = doit_env(
+        state,
+        AUTO_INFER_VLLM_CONFIG=str(EXAMPLE),
+        AUTO_INFER_VLLM_OVERRIDES=json.dumps(overrides),
+        VLLM_API_KEY_TINY=INSTANCE_KEY,
+        GATEWAY_KEY=GATEWAY_KEY,
+    )
+    result = run_doit(["serve"], env, timeout=600)
+    store = StateStore(state / "serve")
+    try:
+        assert result.returncode == 0, result.stderr + result.stdout
+        yield {
+            "env": env,
+            "url": f"http://127.0.0.1:{gateway_port}",
+            "ports": ports,
+            "store": store,
+            "root": root,
+        }
+    finally:
+        stopped = run_doit(["stop"], env, timeout=120)
+        kill_recorded_groups(store.root)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def openai_client(served: dict, key: str = GATEWAY_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served['url']}/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def test_serve_starts_the_gateway_with_the_instances(served):
+    data = json.loads(run_doit(["status", "--json"], served["env"]).stdout)
+    rows = {i["name"]: i for i in data["instances"]}
+    assert {name: row["state"] for name, row in rows.items()} == {
+        "gateway": "running",
+        "tiny-a": "running",
+        "tiny-b": "running",
+    }
+    assert rows["gateway"]["kind"] == "gateway"
+    assert rows["tiny-a"]["models"] == ["tiny-a", "tiny-a-alias"]
+    # The instances listen on loopback only.
+    assert rows["tiny-a"]["url"].startswith("http://127.0.0.1:")
+
+
+def test_openai_sdk_reaches_each_instance_by_model_name(served):
+    client = openai_client(served)
+    assert [m.id for m in client.models.list()] == ["tiny-a", "tiny-a-alias", "tiny-b"]
+    for asked, answered in (("tiny-a", "tiny-a"), ("tiny-b", "tiny-b"), ("tiny-a-alias", "tiny-a")):
+        reply = client.chat.completions.create(
+            model=asked,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        # vLLM reports its first served name: the instance that answered.
+        assert reply.model == answered
+        assert reply.usage.completion_tokens > 0
+
+
+def test_streaming_arrives_incrementally(served):
+    client = openai_client(served)
+    started = time.monotonic()
+    stream = client.chat.completions.create(
+        model="tiny-b",
+        messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    arrivals = [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(arrivals) >= 16, "one event per token or so"
+    # Tokens are generated one after another: if the gateway buffered, all would land at once.
+    assert arrivals[-1] - arrivals[0] > 0.05
+    assert arrivals[0] - started < arrivals[-1] - started
+
+
+def test_anthropic_sdk_with_either_header(served):
+    for client in (
+        anthropic.Anthropic(base_url=served["url"], api_key=GATEWAY_KEY, timeout=60),
+        anthropic.Anthropic(base_url=served["url"], auth_token=GATEWAY_KEY, timeout=60),
+    ):
+        message = client.messages.create(
+            model="tiny-b",
+            max_tokens=8,
+            messages=[{"role": "user", "content": "Hello"}],
+        )
+        assert message.type == "message" and message.model == "tiny-b"
+
+
+def test_a_claude_code_like_stream_passes_through(served):
+    client = anthropic.Anthropic(base_url=served["url"], api_key=GATEWAY_KEY, timeout=120)
+    tools = [
+        {
+            "name": "read_file",
+            "description": "Reads a file.",
+            "input_schema": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}},
+                "required": ["path"],
+            },
+        }
+    ]
+    with client.messages.stream(
+        model="tiny-b",
+        max_tokens=32000,
+        tools=tools,
+        tool_choice={"type": "auto"},
+        messages=[{"role": "user", "content": "Read README.md please."}],
+    ) as stream:
+        events = [event.type for event in stream]
+    assert events[0] == "message_start" and "message_stop" in events
+
+
+def test_bad_keys_get_401_and_unknown_models_404(served):
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(served, key=INSTANCE_KEY).models.list()
+    bad = anthropic.Anthropic(base_url=served["url"], api_key="wrong", timeout=30, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(
+            model="tiny-b", max_tokens=4, messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client(served).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=4
+        )
+    assert "known models: tiny-a, tiny-a-alias, tiny-b" in str(info.value)
+
+
+def test_zz_a_stopped_instance_gives_503_while_the_other_answers(served):
+    """Runs late (name order): stops tiny-a for good."""
+    result = run_doit(["stop", "tiny-a"], served["env"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    client = openai_client(served)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(
+            model="tiny-a-alias", messages=[{"role": "user", "content": "x"}], max_tokens=4
+        )
+    assert info.value.status_code == 503
+    assert "instance 'tiny-a' is stopped" in str(info.value)
+    reply = client.chat.completions.create(
+        model="tiny-b", messages=[{"role": "user", "content": "x"}], max_tokens=4
+    )
+    assert reply.model == "tiny-b"
+    assert [m.id for m in client.models.list()] == ["tiny-b"]
+    with urllib.request.urlopen(f"{served['url']}/health", timeout=10) as resp:
+        health = json.loads(resp.read())
+    assert {i["name"]: i["state"] for i in health["instances"]} == {
+        "tiny-a": "stopped",
+        "tiny-b": "running",
+    }
+
+
+def test_zzz_the_gateway_log_has_requests_and_no_key_then_stop_leaves_nothing(served):
+    result = run_doit(["logs", "-n", "200", "gateway"], served["env"])
+    assert result.returncode == 0, result.stderr
+    assert "listening on 127.0.0.1" in result.stdout
+    assert "model=tiny-a-alias instance=tiny-a 200" in result.stdout
+    assert GATEWAY_KEY not in result.stdout and INSTANCE_KEY not in result.stdout
+    state = served["store"].read()
+    pgids = [r.pgid for r in state.instances.values() if r.pgid]
+    assert run_doit(["stop"], served["env"], timeout=120).returncode == 0
+    assert not any(group_alive(p) for p in pgids)
+    final = json.loads(run_doit(["status", "--json"], served["env"]).stdout)
+    assert {i["state"] for i in final["instances"]} == {"stopped"}
