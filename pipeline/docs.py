@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pipeline.serve.config import Control, Gateway, Master, Server, json_schema
-from pipeline.settings import REPO_ROOT, Settings, variables_markdown
+from pipeline.settings import REPO_ROOT, variables_markdown
 
 SCHEMA = REPO_ROOT / "docs" / "serve-config.schema.json"
 REFERENCE = REPO_ROOT / "docs" / "serve-config.md"
@@ -87,19 +87,6 @@ def keys_markdown() -> str:
     )
 
 
-def readme_variables() -> str:
-    """The README's variable table, without the internal variables the pipeline sets for
-    its own children (``json_schema_extra={"internal": True}`` on the field)."""
-    internal = []
-    for field in Settings.model_fields.values():
-        extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("internal"):
-            alias = getattr(field.validation_alias, "choices", [])
-            internal += [f"| `{name}` |" for name in alias if isinstance(name, str)]
-    rows = variables_markdown().splitlines()
-    return "\n".join(row for row in rows if not row.startswith(tuple(internal)))
-
-
 def _replace_region(text: str, name: str, body: str, path: Path) -> str:
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     if begin not in text or end not in text:
@@ -117,7 +104,7 @@ def expected() -> dict[Path, str]:
             REFERENCE.read_text(encoding="utf-8"), "keys", keys_markdown(), REFERENCE
         ),
         README: _replace_region(
-            README.read_text(encoding="utf-8"), "variables", readme_variables(), README
+            README.read_text(encoding="utf-8"), "variables", variables_markdown(), README
         ),
     }
 

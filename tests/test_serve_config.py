@@ -354,3 +354,54 @@ def test_schema_rejects_what_the_models_reject():
     assert "required" not in schema["$defs"]["ServerDefaults"]
     assert schema["$defs"]["Control"]["additionalProperties"] is False
     assert schema["properties"]["instance"]["additionalProperties"] == {"$ref": "#/$defs/Instance"}
+
+
+# ---- settings (every environment variable) ---------------------------------------------------
+
+
+def test_settings_defaults_derive_from_xdg_dirs(tmp_path):
+    from pipeline.settings import Role, load_settings
+
+    settings = load_settings({"XDG_CACHE_HOME": str(tmp_path / "c"), "XDG_STATE_HOME": "/s"})
+    assert settings.pack_cache == tmp_path / "c" / "pixi-pack"
+    assert settings.state_dir == Path("/s/infer-vllm")
+    assert settings.doit_db == Path("/s/infer-vllm/doit.sqlite3")
+    assert settings.serve_state == Path("/s/infer-vllm/serve")
+    assert settings.role is Role.ALL and settings.debug is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PIPELINE_DEBUG": "maybe"}, "PIPELINE_DEBUG='maybe': must be 1/true/yes/on or 0/f"),
+        ({"PIPELINE_ROLE": "server"}, "PIPELINE_ROLE='server': must be one of all, build"),
+        ({"AUTO_INFER_VLLM_BUNDLE_SHA256": "abc"}, "must be 64 hexadecimal characters"),
+    ],
+)
+def test_settings_errors_name_the_variable(environ, message):
+    from pipeline.errors import PipelineError
+    from pipeline.settings import load_settings
+
+    with pytest.raises(PipelineError, match="environment variable ") as info:
+        load_settings(environ)
+    assert message in str(info.value)
+
+
+def test_settings_flags_empty_values_and_secrets():
+    from pipeline.settings import load_settings
+
+    settings = load_settings(
+        {
+            "PIPELINE_SKIP_VERIFY": "Yes",
+            "PIPELINE_PROJECT": "",
+            "RATTLER_CACHE_DIR": "/r",
+            "PIPELINE_GATEWAY_CONFIG": '{"keys": ["secret-key"]}',
+        }
+    )
+    assert settings.skip_verify is True
+    assert settings.project.name == "vllm-pixi", "empty means unset"
+    assert settings.rattler_cache == Path("/r")
+    assert "secret-key" not in repr(settings)
+    assert load_settings({"PIXI_CACHE_DIR": "/p", "RATTLER_CACHE_DIR": "/r"}).rattler_cache == (
+        Path("/p")
+    )

@@ -524,8 +524,7 @@ def test_doit_errors_are_one_line(state_dir, tmp_path):
     result = run_doit(["status"], doit_env(state_dir, PIPELINE_ROLE="nonsense"))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: environment variable PIPELINE_ROLE='nonsense': Input should be 'all', "
-        "'build' or 'runtime'"
+        "error: environment variable PIPELINE_ROLE='nonsense': must be one of all, build, runtime"
     )
 
 

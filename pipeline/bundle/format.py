@@ -6,15 +6,14 @@ An uncompressed tar, members sorted, fixed mtime/uid/gid/mode (same inputs, same
     environment.yml          channels [./channel, nodefaults]; name=version=build; pip: section
     channel/<subdir>/        package files + repodata.json, only for subdirs that have packages
     pypi/*.whl               wheels, when the lock has PyPI packages
-    infer-vllm-bundle.json   our extras (pixi-unpack ignores it): see :class:`BundleExtras`
+    infer-vllm-bundle.json   our extras (pixi-unpack ignores it): see
+                             :class:`pipeline.bundle.metadata.BundleExtras`
 
 Bundles from pixi-pack itself carry no extras file; the install side then takes ``pixi.toml``
 and ``pixi.lock`` from the ``vllm-pixi/`` template, or rebuilds what it needs from the channel.
 """
 
 from __future__ import annotations
-
-from pydantic import BaseModel, ConfigDict, Field
 
 # pixi-pack.json
 METADATA_FILE = "pixi-pack.json"
@@ -33,34 +32,3 @@ TAR_MTIME = 0
 TAR_UID = TAR_GID = 0
 TAR_FILE_MODE = 0o644
 TAR_DIR_MODE = 0o755
-
-
-class PixiPackMetadata(BaseModel):
-    """``pixi-pack.json``; unknown keys are kept so newer pixi-pack files still read."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    version: str
-    pixi_pack_version: str | None = Field(None, alias="pixi-pack-version")
-    platform: str
-
-
-class BundleExtras(BaseModel):
-    """``infer-vllm-bundle.json``: what pixi-pack's metadata does not say."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    format: int = EXTRAS_FORMAT
-    tool: str = "infer-vllm-pipeline"
-    tool_version: str
-    environment: str
-    platform: str
-    lock_sha256: str
-    pixi_toml: str
-    pixi_lock: str
-    conda_packages: int
-    pypi_packages: int
-    package_bytes: int
-    # PyPI source distributions left out by PIPELINE_SKIP_SDISTS ("name==version"); the
-    # installed environment lacks them.
-    skipped_sdists: tuple[str, ...] = ()

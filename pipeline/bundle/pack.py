@@ -69,9 +69,8 @@ from pipeline.bundle.format import (
     TAR_GID,
     TAR_MTIME,
     TAR_UID,
-    BundleExtras,
-    PixiPackMetadata,
 )
+from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
 from pipeline.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.fsutil import CHUNK, atomic_output, atomic_write_text

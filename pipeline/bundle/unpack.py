@@ -74,9 +74,8 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
-    BundleExtras,
-    PixiPackMetadata,
 )
+from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, atomic_write_text
 from pipeline.installdir import (

@@ -34,7 +34,7 @@ def main() -> int:
         )
         return 2
     try:
-        config = GatewayConfig.from_json(settings.gateway_config.get_secret_value())
+        config = GatewayConfig.from_json(settings.gateway_config)
     except GatewayConfigError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -7,6 +7,7 @@ and raises :class:`~pipeline.errors.PipelineError` subclasses for anything a use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -442,7 +443,7 @@ def status_command(settings: Settings, *, as_json: bool = False, out: TextIO | N
     if as_json:
         data: dict[str, object] = {"supervisor": None, "instances": []}
         if state is not None:
-            data["supervisor"] = {**state.supervisor.model_dump(), "alive": alive}
+            data["supervisor"] = {**dataclasses.asdict(state.supervisor), "alive": alive}
             data["instances"] = status_rows(state, alive)
         out.write(json.dumps(data, indent=2) + "\n")
         out.flush()

@@ -8,14 +8,16 @@ or a long uptime is never mistaken for one of ours.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, ValidationError
+from typing import Any
 
 from pipeline.errors import ServeError
 from pipeline.fsutil import atomic_write_text
@@ -45,8 +47,9 @@ class InstanceState(StrEnum):
         return self is InstanceState.RUNNING or self.terminal
 
 
-class InstanceRecord(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+@dataclass
+class InstanceRecord:
+    """One instance (or the gateway) as the supervisor last wrote it."""
 
     name: str
     kind: str = "vllm"  # or "gateway"
@@ -58,8 +61,8 @@ class InstanceRecord(BaseModel):
     port: int = 0
     base_url: str = ""
     health_url: str = ""
-    gpu_ids: list[int] = []
-    model_names: list[str] = []
+    gpu_ids: list[int] = field(default_factory=list)
+    model_names: list[str] = field(default_factory=list)
     log_file: str = ""
     restarts: int = 0
     started_at: float | None = None
@@ -69,29 +72,56 @@ class InstanceRecord(BaseModel):
     stop_grace: float = 30.0
 
 
-class SupervisorRecord(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+@dataclass
+class SupervisorRecord:
+    """The supervising process: who it is, what it runs, whether it is done."""
 
     pid: int
     proc_start: int | None
     session: str
     mode: str
     source: str
+    started_at: float
     runtime: str = ""
     plan_digest: str = ""
-    started_at: float
     settled: bool = False
     exited: bool = False
     exit_code: int | None = None
 
 
-class ServeState(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+@dataclass
+class ServeState:
+    """``state.json``. Plain dataclasses (not pydantic): `doit status` reads this file and
+    must start fast; unknown keys are ignored so older and newer files still read."""
 
-    version: int = STATE_VERSION
     supervisor: SupervisorRecord
     instances: dict[str, InstanceRecord]
+    version: int = STATE_VERSION
     updated_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeState:
+        """Parse ``state.json``; ValueError (or KeyError/TypeError) when it is not one."""
+        data = json.loads(text)
+        instances = {}
+        for name, raw in data["instances"].items():
+            rec = InstanceRecord(**_known(InstanceRecord, raw))
+            rec.state = InstanceState(rec.state)
+            instances[name] = rec
+        return cls(
+            supervisor=SupervisorRecord(**_known(SupervisorRecord, data["supervisor"])),
+            instances=instances,
+            version=int(data.get("version", STATE_VERSION)),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -206,8 +236,8 @@ class StateStore:
         except OSError as exc:
             raise ServeError(f"{self.state_file}: cannot read serve state: {exc}") from None
         try:
-            return ServeState.model_validate_json(raw)
-        except ValidationError:
+            return ServeState.from_json(raw)
+        except (ValueError, KeyError, TypeError):
             raise ServeError(
                 f"{self.state_file}: unreadable serve state; stop the instances by hand and "
                 "delete the file"
@@ -216,7 +246,7 @@ class StateStore:
     def write(self, state: ServeState) -> None:
         """Atomically replace ``state.json`` (readers never see a half-written file)."""
         state.updated_at = time.time()
-        atomic_write_text(self.state_file, state.model_dump_json(indent=1))
+        atomic_write_text(self.state_file, state.to_json())
 
     # --- stop requests: a file per instance, picked up by the supervisor's loop ------------
     def request_stop(self, names: list[str] | None) -> None:

@@ -1,0 +1,42 @@
+"""The bundle's two metadata files as models: ``pixi-pack.json`` and our extras file.
+
+Apart from :mod:`pipeline.bundle.format` (names and constants only) so the doit task
+definitions, which every `doit` command loads, need no pydantic.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.bundle.format import EXTRAS_FORMAT
+
+
+class PixiPackMetadata(BaseModel):
+    """``pixi-pack.json``; unknown keys are kept so newer pixi-pack files still read."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    version: str
+    pixi_pack_version: str | None = Field(None, alias="pixi-pack-version")
+    platform: str
+
+
+class BundleExtras(BaseModel):
+    """``infer-vllm-bundle.json``: what pixi-pack's metadata does not say."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    format: int = EXTRAS_FORMAT
+    tool: str = "infer-vllm-pipeline"
+    tool_version: str
+    environment: str
+    platform: str
+    lock_sha256: str
+    pixi_toml: str
+    pixi_lock: str
+    conda_packages: int
+    pypi_packages: int
+    package_bytes: int
+    # PyPI source distributions left out by PIPELINE_SKIP_SDISTS ("name==version"); the
+    # installed environment lacks them.
+    skipped_sdists: tuple[str, ...] = ()
