@@ -15,6 +15,9 @@ import pytest
 from bundle_factory import Kit, make_bundle, shared_kit
 from conftest import REPO, free_port, kill_recorded_groups, run_doit
 
+from pipeline.demo.cpu_vllm import tiny_overrides
+from pipeline.settings import load_settings
+
 SCRIPTS = sorted(
     [
         *REPO.glob("container/*.sh"),
@@ -233,22 +236,15 @@ def test_hook_installs_a_bundle_offline_and_again_is_a_no_op(tmp_path, kit):
 def test_hook_installs_then_serves_the_cpu_tiny_model(tmp_path, kit, tiny_model):
     """The whole boot: install a bundle, serve one CPU tiny-model instance in the
     background, write the clients env file; then stop it."""
-    from vllm_runtime import vllm_cache_root, vllm_venv
-
     bundle = make_bundle(tmp_path / "b", kit)
     port = free_port()
-    overrides = {
-        "master": {"env_prefix": str(vllm_venv())},
-        "instance": {
-            "control": {
-                "log_dir": str(tmp_path / "vllm-logs"),
-                "env": {"VLLM_CACHE_ROOT": str(vllm_cache_root())},
-            },
-            "server": {"model": str(tiny_model)},
-            "tiny-a": {"server": {"port": port}},
-            "tiny-b": {"control": {"enabled": False}},
-        },
-    }
+    overrides = tiny_overrides(
+        load_settings(),
+        model=tiny_model,
+        log_dir=tmp_path / "vllm-logs",
+        ports={"tiny-a": port},
+        disabled=["tiny-b"],
+    )
     env = {
         "AUTO_INFER_VLLM_BUNDLE_ON_BOOT": "1",
         "AUTO_INFER_VLLM_BUNDLE_PATH": str(bundle),

@@ -18,9 +18,10 @@ import anthropic
 import openai
 import pytest
 from conftest import REPO, doit_env, free_port, kill_recorded_groups, run_doit
-from vllm_runtime import vllm_cache_root, vllm_venv
 
+from pipeline.demo.cpu_vllm import tiny_overrides
 from pipeline.serve.state import StateStore, group_alive
+from pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -33,37 +34,23 @@ EXAMPLE = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """`doit serve` of the example with the gateway on; stopped (and checked) at the end."""
     root = tmp_path_factory.mktemp("vllm-gateway")
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vg-{os.getpid()}"
     ports = {"tiny-a": free_port(), "tiny-b": free_port()}
     gateway_port = free_port()
-    overrides = {
-        "master": {"env_prefix": str(vllm_venv())},
-        "gateway": {
-            "enable": True,
-            "host": "127.0.0.1",
-            "port": gateway_port,
-            "api_keys_env": ["GATEWAY_KEY"],
-            "aliases": {"tiny-a": ["tiny-a-alias"]},
-            "access_log": True,
-        },
-        "instance": {
-            "control": {
-                "log_dir": str(root / "logs"),
-                "ready_timeout": 400,
-                "env": {"VLLM_CACHE_ROOT": str(vllm_cache_root())},
-            },
-            "server": {"model": str(tiny_model)},
-            **{
-                name: {
-                    "server": {"port": port},
-                    "control": {"env": {"TMPDIR": f"{tmp}-{name}"}},
-                }
-                for name, port in ports.items()
-            },
-        },
+    overrides = tiny_overrides(
+        load_settings(),
+        model=tiny_model,
+        log_dir=root / "logs",
+        ports=ports,
+        tmp_root=Path(os.environ.get("TMPDIR", "/tmp")) / f"vg-{os.getpid()}",
+    )
+    overrides["gateway"] = {
+        "enable": True,
+        "host": "127.0.0.1",
+        "port": gateway_port,
+        "api_keys_env": ["GATEWAY_KEY"],
+        "aliases": {"tiny-a": ["tiny-a-alias"]},
+        "access_log": True,
     }
-    for name in ports:
-        Path(f"{tmp}-{name}").mkdir(parents=True, exist_ok=True)
     state = root / "state"
     env = doit_env(
         state,

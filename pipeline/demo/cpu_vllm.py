@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.settings import REPO_ROOT, Settings, process_environ
@@ -73,3 +75,37 @@ def tiny_model_dir(settings: Settings) -> Path:
 def vllm_cache_root(settings: Settings) -> Path:
     """vLLM's cache (model-class inspection), shared across runs: a cold one costs ~10 s."""
     return settings.xdg_cache_home / "infer-vllm" / "vllm-cache-0.32.0"
+
+
+def tiny_overrides(
+    settings: Settings,
+    *,
+    model: Path,
+    log_dir: Path,
+    ports: Mapping[str, int],
+    disabled: Iterable[str] = (),
+    tmp_root: Path | None = None,
+) -> dict[str, Any]:
+    """``AUTO_INFER_VLLM_OVERRIDES`` pointing ``model-configs/vllm-cpu-tiny.toml`` at this
+    machine: the CPU venv, the tiny ``model``, a private ``log_dir``, the instances' ``ports``
+    (name -> port), ``disabled`` instances, and with ``tmp_root`` a private TMPDIR per instance
+    (created here; keep it short: vLLM's AF_UNIX socket paths live in it)."""
+    instances: dict[str, Any] = {name: {"server": {"port": port}} for name, port in ports.items()}
+    for name in disabled:
+        instances[name] = {"control": {"enabled": False}}
+    if tmp_root is not None:
+        for name in ports:
+            tmp = Path(f"{tmp_root}-{name}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            instances[name]["control"] = {"env": {"TMPDIR": str(tmp)}}
+    return {
+        "master": {"env_prefix": str(vllm_venv(settings))},
+        "instance": {
+            "control": {
+                "log_dir": str(log_dir),
+                "env": {"VLLM_CACHE_ROOT": str(vllm_cache_root(settings))},
+            },
+            "server": {"model": str(model)},
+            **instances,
+        },
+    }

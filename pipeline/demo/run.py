@@ -121,7 +121,7 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
     }
     report = Report()
     total = 6
-    venv = cpu_vllm.vllm_venv(settings)  # fail early, before any work, when it is missing
+    cpu_vllm.vllm_venv(settings)  # fail early, before any work, when it is missing
     project = workdir / "vllm-pixi"
     bundle = workdir / "bundles" / "vllm-offline-bundle.tar"
     build_env = {
@@ -193,18 +193,13 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
         print(f"tiny Llama model at {model}")
 
     port = free_port()
-    overrides = {
-        "master": {"env_prefix": str(venv)},
-        "instance": {
-            "control": {
-                "log_dir": str(workdir / "vllm-logs"),
-                "env": {"VLLM_CACHE_ROOT": str(cpu_vllm.vllm_cache_root(settings))},
-            },
-            "server": {"model": str(model)},
-            "tiny-a": {"server": {"port": port}},
-            "tiny-b": {"control": {"enabled": False}},
-        },
-    }
+    overrides = cpu_vllm.tiny_overrides(
+        settings,
+        model=model,
+        log_dir=workdir / "vllm-logs",
+        ports={"tiny-a": port},
+        disabled=["tiny-b"],
+    )
     serve_env = {
         **runtime_env,
         "AUTO_INFER_VLLM_CONFIG": str(EXAMPLE),
