@@ -51,7 +51,8 @@ from pipeline.serve.state import (
 STABLE_AFTER = 300.0
 PROBE_INTERVAL = 0.5
 FAST_PROBE_PERIOD = 5.0
-TICK = 0.1
+TICK = 0.05
+IDLE_TICK = 0.5
 
 
 class Spawner(Protocol):
@@ -225,10 +226,13 @@ class Supervisor:
         return all(p.record.state.settled for p in self.procs.values())
 
     @property
+    def _cleaning(self) -> bool:
+        """A failed attempt's leftover group is still being put down."""
+        return any(p.leftover_pgid for p in self.procs.values())
+
+    @property
     def finished(self) -> bool:
-        return all(p.record.state.terminal for p in self.procs.values()) and not any(
-            p.leftover_pgid for p in self.procs.values()
-        )
+        return all(p.record.state.terminal for p in self.procs.values()) and not self._cleaning
 
     def exit_code(self) -> int:
         failed = any(p.record.state is InstanceState.FAILED for p in self.procs.values())
@@ -242,7 +246,9 @@ class Supervisor:
         try:
             while not self.finished:
                 self.tick()
-                self.sleep(TICK)
+                # Quick while anything is in motion; a calm loop when all is settled (a stop
+                # request or a crash is then seen within IDLE_TICK).
+                self.sleep(IDLE_TICK if self.settled and not self._cleaning else TICK)
         finally:
             # Whatever happened (an exception in the loop included), leave no child behind.
             self._kill_all_now()
