@@ -288,8 +288,7 @@ def test_locked_python_package_installs_as_a_venv_of_the_host(
     assert tool.stdout.strip() == "tinytool 1.0: hello from libtiny 1.0"
 
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not installed: wheel install into the env not checked")
+    assert uv is not None, "uv is a dependency of the pipeline (pyproject.toml): reinstall it"
     wheels = build_wheel(tmp_path / "wheels").parent
     subprocess.run(
         [uv, "pip", "install", "--python", prefix / "bin" / "python", "--no-index",
