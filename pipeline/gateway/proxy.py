@@ -113,15 +113,14 @@ class _Reader(asyncio.BufferedProtocol):
     """Reads through the shared buffer and hands each read to :meth:`data_received`."""
 
     __slots__ = ()
+    # Each connection class (upstream, client) defines how it consumes what was read.
+    data_received: Callable[[bytes], None]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_VIEW
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_READ_VIEW[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
-        raise NotImplementedError
 
 
 def _status_line(code: int) -> bytes:
