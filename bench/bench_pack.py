@@ -4,7 +4,7 @@
 
 Prints, from one run on this machine:
 
-- warm-cache pack: :func:`pipeline.bundle.pack.pack` of a synthetic channel of about
+- warm-cache pack: :func:`pipeline.build.pack.pack` of a synthetic channel of about
   ``--size-mb`` MiB (random-content ``.conda`` / ``.tar.bz2`` files of mixed sizes, a hand-written
   v6 pixi.lock with their sha256), everything already in the pack cache. That includes reading
   the lock, checking every cached file's sha256, and writing the tar with its own sha256.
@@ -40,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.bundle.pack import pack  # noqa: E402
-from pipeline.fetch import Fetcher  # noqa: E402
+from pipeline.build.fetch import Fetcher  # noqa: E402
+from pipeline.build.pack import pack  # noqa: E402
 
 MiB = 1024 * 1024
 BASE_URL = "https://bench.invalid/channel"

@@ -89,8 +89,8 @@ def last_line(log: Path) -> str:
 
 
 def rattler_install_command(request: Path) -> list[str]:
-    """argv of :mod:`pipeline.install_worker` for ``request`` (see its docstring)."""
-    return [sys.executable, "-m", "pipeline.install_worker", str(request)]
+    """argv of :mod:`pipeline.install.worker` for ``request`` (see its docstring)."""
+    return [sys.executable, "-m", "pipeline.install.worker", str(request)]
 
 
 def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:

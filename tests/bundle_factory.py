@@ -32,7 +32,7 @@ import tomlkit
 
 from pipeline.bundle.metadata import BundleExtras
 from pipeline.demo.channel import WHEEL_NAME, LocalChannel, build_channel, build_wheel
-from pipeline.lockfile import read_environment
+from pipeline.pixi.lockfile import read_environment
 
 REMOTE = "https://conda.example.org/tiny/"
 WHEEL_URL = f"https://files.example.org/{WHEEL_NAME}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import doit_env, run_doit
 
+from pipeline.build.verify import host_platform, task_chain, verify
 from pipeline.demo.channel import (
     LocalChannel,
     build_channel,
@@ -25,10 +26,9 @@ from pipeline.demo.channel import (
     write_pixi_toml,
 )
 from pipeline.errors import BundleError, PipelineError
-from pipeline.manifest import Task
+from pipeline.pixi.manifest import Task
 from pipeline.settings import load_settings
 from pipeline.tasks.build import check_cache
-from pipeline.verify import host_platform, task_chain, verify
 
 VERIFY_CMD = 'tinytool && test -n "$CONDA_PREFIX" && echo "verified in $PIXI_ENVIRONMENT_NAME"'
 
@@ -258,7 +258,7 @@ def test_verify_without_pixi_installs_conda_packages_and_wheels_then_runs_the_ta
 ):
     from test_pack import add_pypi
 
-    from pipeline.lock import lock
+    from pipeline.build.lock import lock
 
     project = tmp_path / "proj"
     write_pixi_toml(

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from pipeline import docs
-from pipeline.envs import resolve_runtime
+from pipeline.pixi.envs import resolve_runtime
 from pipeline.serve.config import json_schema, load_config
 from pipeline.serve.plan import build_plan
 from pipeline.settings import REPO_ROOT
@@ -80,7 +80,7 @@ def test_the_multi_instance_example_plans_parallel_and_tensor_parallel():
 
 
 def test_the_vllm_pixi_template_is_conda_forge_cuda_12_with_a_verify_task():
-    from pipeline.manifest import load_manifest
+    from pipeline.pixi.manifest import load_manifest
 
     manifest = load_manifest(REPO_ROOT / "vllm-pixi" / "pixi.toml")
     env = manifest.resolve("default", "linux-64")

@@ -1,4 +1,4 @@
-"""pipeline.fetch against a scripted HTTP server on loopback: hashes, cache reuse, retries.
+"""pipeline.build.fetch against a scripted HTTP server on loopback: hashes, cache reuse, retries.
 
 The server answers each path from a script (``500``, ``slow``, ``cut``, ``404``, then ``ok``),
 so retries, timeouts and cut-off bodies run through the real ``requests`` code path.
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.build.fetch import Fetcher, FetchItem, safe_name
 from pipeline.errors import FetchError
-from pipeline.fetch import Fetcher, FetchItem, safe_name
 from pipeline.progress import Progress, human_bytes
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so a body spans several chunks

@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.envs import Runtime
 from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, GatewayConfigError, Upstream
 from pipeline.gateway.wire import ChunkedReader, HttpError, find_model, parse_request_head
+from pipeline.pixi.envs import Runtime
 from pipeline.serve import clients
 from pipeline.serve.config import json_schema, parse_config
 from pipeline.serve.plan import Plan, build_plan

@@ -22,12 +22,12 @@ import pytest
 from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytool, write_lock
 from conftest import doit_env, run_doit, wait_for
 
-from pipeline.bundle.unpack import extract_bundle
 from pipeline.errors import BundleError, InstallError
-from pipeline.install import frozen_install, install_is_current, switch_link
-from pipeline.installdir import ProjectPaths
-from pipeline.patch import patch_project
-from pipeline.preflight_host import HostFacts, check_virtual_packages, detect_host
+from pipeline.install.extract import extract_bundle
+from pipeline.install.frozen import frozen_install, install_is_current, switch_link
+from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
+from pipeline.install.layout import ProjectPaths
+from pipeline.install.patch import patch_project
 from pipeline.settings import load_settings
 
 HOST = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
@@ -477,8 +477,8 @@ def test_doit_install_in_a_network_namespace_without_interfaces(tmp_path, kit: K
 
 
 def test_roundtrip_with_the_real_pack(tmp_path, kit: Kit, cache):
-    pack_module = pytest.importorskip("pipeline.bundle.pack")
-    fetch_module = pytest.importorskip("pipeline.fetch")
+    pack_module = pytest.importorskip("pipeline.build.pack")
+    fetch_module = pytest.importorskip("pipeline.build.fetch")
     from pipeline.demo.channel import serve_directory
 
     project = tmp_path / "src"

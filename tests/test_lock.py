@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from rattler import LockFile, LockPlatform
 
+from pipeline.build.lock import find_pixi, lock, stale_reason
 from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
     LocalChannel,
@@ -27,8 +28,7 @@ from pipeline.demo.channel import (
     write_pixi_toml,
 )
 from pipeline.errors import LockError
-from pipeline.lock import find_pixi, lock, stale_reason
-from pipeline.manifest import load_manifest
+from pipeline.pixi.manifest import load_manifest
 from pipeline.settings import load_settings
 
 

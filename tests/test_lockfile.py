@@ -1,4 +1,4 @@
-"""pipeline.lockfile against real pixi.lock files, checked by an independent pyyaml reader."""
+"""pipeline.pixi.lockfile against real pixi.lock files, checked by an independent pyyaml reader."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 from rattler import RepoDataRecord
 
 from pipeline.errors import LockError
-from pipeline.lockfile import (
+from pipeline.pixi.lockfile import (
     CondaPackage,
     LockedEnvironment,
     environments,

@@ -11,7 +11,7 @@ import pytest
 from rattler import MatchSpec
 
 from pipeline.errors import LockError, PipelineError
-from pipeline.manifest import (
+from pipeline.pixi.manifest import (
     Manifest,
     ResolvedEnvironment,
     Task,

@@ -1,4 +1,4 @@
-"""pipeline.bundle.pack: a real lock of the local test channel, fetched over HTTP, packed.
+"""pipeline.build.pack: a real lock of the local test channel, fetched over HTTP, packed.
 
 The module builds the channel (conda-package-handling), serves it on loopback, locks a project
 with py-rattler (two environments: ``default`` with every package plus a wheel, ``small`` with
@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from pipeline import __version__
-from pipeline.bundle.format import TAR_MTIME
-from pipeline.bundle.metadata import BundleExtras
-from pipeline.bundle.pack import (
+from pipeline.build.fetch import Fetcher
+from pipeline.build.lock import lock
+from pipeline.build.pack import (
     PackResult,
     environment_yml,
     fetch_items,
@@ -34,6 +34,8 @@ from pipeline.bundle.pack import (
     plan_bundle,
     repodata_json,
 )
+from pipeline.bundle.format import TAR_MTIME
+from pipeline.bundle.metadata import BundleExtras
 from pipeline.demo.channel import (
     LocalChannel,
     build_channel,
@@ -42,9 +44,7 @@ from pipeline.demo.channel import (
     write_pixi_toml,
 )
 from pipeline.errors import BundleError, FetchError, LockError
-from pipeline.fetch import Fetcher
-from pipeline.lock import lock
-from pipeline.lockfile import read_environment
+from pipeline.pixi.lockfile import read_environment
 
 REAL_LOCKS = Path(__file__).parent / "data" / "real-locks"
 SDIST = "tinysdist-0.2.tar.gz"

@@ -10,11 +10,10 @@ import pytest
 from bundle_factory import Kit, make_bundle, shared_kit
 from rattler import LockFile
 
-from pipeline.bundle.unpack import extract_bundle
 from pipeline.errors import InstallError
-from pipeline.installdir import ProjectPaths
-from pipeline.lockfile import read_environment
-from pipeline.patch import (
+from pipeline.install.extract import extract_bundle
+from pipeline.install.layout import ProjectPaths
+from pipeline.install.patch import (
     location_form,
     package_key,
     patch_is_current,
@@ -22,6 +21,7 @@ from pipeline.patch import (
     patch_manifest_text,
     patch_project,
 )
+from pipeline.pixi.lockfile import read_environment
 
 REAL_LOCKS = Path(__file__).parent / "data" / "real-locks"
 LOCAL = "file:///srv/project/channel/"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.envs import Runtime
+from pipeline.pixi.envs import Runtime
 from pipeline.serve import clients
 from pipeline.serve.config import parse_config
 from pipeline.serve.plan import build_plan

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.envs import Runtime, resolve_runtime
 from pipeline.errors import ConfigError
+from pipeline.pixi.envs import Runtime, resolve_runtime
 from pipeline.serve.config import parse_config
 from pipeline.serve.plan import MASK, Plan, build_plan, start_order
 

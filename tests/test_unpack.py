@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from bundle_factory import Entry, Kit, make_bundle, shared_kit, swap_tinytool, write_bundle
 
-from pipeline.bundle import unpack
-from pipeline.bundle.unpack import extract_bundle, extract_is_current
 from pipeline.errors import BundleError
-from pipeline.installdir import ProjectPaths
+from pipeline.install import extract as unpack
+from pipeline.install.extract import extract_bundle, extract_is_current
+from pipeline.install.layout import ProjectPaths
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_pixi_pack_bundle_without_extras_gets_a_lock_from_its_channel(tmp_path, 
     result = extract(bundle, project)
 
     assert result.source == "channel"
-    from pipeline.lockfile import read_environment
+    from pipeline.pixi.lockfile import read_environment
 
     locked = read_environment(project / "pixi.lock", "default", "linux-64")
     assert sorted(p.name for p in locked.conda) == ["libtiny", "python", "tinydata", "tinytool"]

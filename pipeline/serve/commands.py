@@ -48,7 +48,7 @@ def load(
     settings: Settings, config_path: str | Path | None, environ: Mapping[str, str], *, check: bool
 ) -> tuple[ServeConfig, Plan]:
     """Config file -> validated config -> plan. ``check``: the environment must exist."""
-    from pipeline.envs import resolve_runtime
+    from pipeline.pixi.envs import resolve_runtime
     from pipeline.serve.config import load_config
     from pipeline.serve.plan import build_plan
 

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from pipeline.envs import Runtime
 from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
+from pipeline.pixi.envs import Runtime
 from pipeline.serve.config import GATEWAY_NAME, Instance, RestartPolicy, ServeConfig
 from pipeline.settings import REPO_ROOT
 

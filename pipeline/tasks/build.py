@@ -40,8 +40,8 @@ whenever its mtime moves). ``pack:tar`` writes a small stamp, a second target
 nothing but metadata. ``config_changed`` covers the settings that shape the bundle
 (environment, platform, skip-sdists, tool and format versions).
 
-Every action calls a stage module (:mod:`pipeline.lock`, :mod:`pipeline.verify`,
-:mod:`pipeline.bundle.pack`); they are imported inside the actions so ``doit list`` and no-op
+Every action calls a stage module (:mod:`pipeline.build.lock`, :mod:`pipeline.build.verify`,
+:mod:`pipeline.build.pack`); they are imported inside the actions so ``doit list`` and no-op
 runs stay fast.
 """
 
@@ -122,7 +122,7 @@ def task_lock() -> TaskDict:
 
     @reporting.action
     def run() -> None:
-        from pipeline.lock import find_pixi, lock
+        from pipeline.build.lock import find_pixi, lock
 
         result = lock(
             project_dir(settings), pixi=find_pixi(settings), cache_dir=rattler_repodata(settings)
@@ -148,8 +148,8 @@ def task_verify() -> TaskDict:
 
     @reporting.action
     def run() -> None:
-        from pipeline.lock import find_pixi
-        from pipeline.verify import log_tail, verify, write_stamp
+        from pipeline.build.lock import find_pixi
+        from pipeline.build.verify import log_tail, verify, write_stamp
 
         result = verify(
             project,
@@ -197,7 +197,7 @@ def task_pack() -> Any:
 
     @reporting.action
     def tar() -> dict[str, Any]:
-        from pipeline.bundle.pack import pack, write_stamp
+        from pipeline.build.pack import pack, write_stamp
 
         result = pack(
             project,
@@ -212,7 +212,7 @@ def task_pack() -> Any:
         return result.values()
 
     def tar_intact() -> bool:
-        from pipeline.bundle.pack import bundle_unchanged
+        from pipeline.build.pack import bundle_unchanged
 
         return bundle_unchanged(stamp, bundle)
 
@@ -241,7 +241,7 @@ def task_pack() -> Any:
 
     @reporting.action
     def checksum() -> None:
-        from pipeline.bundle.pack import write_checksum
+        from pipeline.build.pack import write_checksum
 
         out = write_checksum(stamp, bundle)
         _say(f"wrote {out}")

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline import reporting
-from pipeline.installdir import ProjectPaths
+from pipeline.install.layout import ProjectPaths
 from pipeline.settings import Settings, process_environ
 from pipeline.tasks.common import SETTINGS, TaskDict
 
@@ -31,7 +31,7 @@ def task_extract() -> TaskDict:
     env = settings.install_env_name
 
     def current() -> bool:
-        from pipeline.bundle.unpack import extract_is_current
+        from pipeline.install.extract import extract_is_current
 
         return extract_is_current(
             settings.install_bundle,
@@ -42,7 +42,7 @@ def task_extract() -> TaskDict:
 
     @reporting.action
     def run() -> None:
-        from pipeline.bundle.unpack import extract_bundle
+        from pipeline.install.extract import extract_bundle
 
         result = extract_bundle(
             settings.install_bundle,
@@ -68,13 +68,13 @@ def task_patch_channels() -> TaskDict:
     env = settings.install_env_name
 
     def current() -> bool:
-        from pipeline.patch import patch_is_current
+        from pipeline.install.patch import patch_is_current
 
         return patch_is_current(paths.root, env)
 
     @reporting.action
     def run() -> None:
-        from pipeline.patch import patch_project
+        from pipeline.install.patch import patch_project
 
         _say(patch_project(paths.root, env).summary())
 
@@ -95,13 +95,13 @@ def task_frozen_install() -> TaskDict:
     env = settings.install_env_name
 
     def current() -> bool:
-        from pipeline.install import install_is_current
+        from pipeline.install.frozen import install_is_current
 
         return install_is_current(paths.root, env)
 
     @reporting.action
     def run() -> None:
-        from pipeline.install import frozen_install
+        from pipeline.install.frozen import frozen_install
 
         result = frozen_install(
             paths.root,

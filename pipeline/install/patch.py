@@ -32,11 +32,11 @@ from urllib.parse import unquote, urlsplit
 
 import tomlkit
 
-from pipeline.bundle.unpack import load_record
 from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text
-from pipeline.installdir import ProjectPaths, install_lock, read_stamp
-from pipeline.lockfile import LockedEnvironment, read_environment
+from pipeline.install.extract import load_record
+from pipeline.install.layout import ProjectPaths, install_lock, read_stamp
+from pipeline.pixi.lockfile import LockedEnvironment, read_environment
 
 _DEPENDENCY_TABLES = ("dependencies", "host-dependencies", "build-dependencies")
 _LOCATION_LINE = re.compile(

@@ -266,7 +266,7 @@ class ResolvedEnvironment:
     """Everything needed to solve one environment for one platform.
 
     ``channels`` are as written (names, URLs or paths), highest priority first; turning them
-    into URLs needs a channel alias and a root directory (see :mod:`pipeline.lock`).
+    into URLs needs a channel alias and a root directory (see :mod:`pipeline.build.lock`).
     """
 
     manifest: Path

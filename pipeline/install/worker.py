@@ -1,10 +1,11 @@
 """The child process of the frozen install: ``rattler.install`` of the locked records.
 
-``python -m pipeline.install_worker REQUEST.json`` reads the request written by
-:func:`pipeline.install.frozen_install` or :func:`pipeline.verify.install_environment` (lock,
-environment, platform, target prefix, package cache, and ``channel_dir``: an extracted channel
-the records are pointed at, or null to use the lock's own URLs), builds the records with
-:func:`pipeline.lockfile.rattler_records`, installs them, prints one line and leaves with
+``python -m pipeline.install.worker REQUEST.json`` reads the request written by
+:func:`pipeline.install.frozen.frozen_install` or
+:func:`pipeline.build.verify.install_environment` (lock, environment, platform, target
+prefix, package cache, and ``channel_dir``: an extracted channel the records are pointed
+at, or null to use the lock's own URLs), builds the records with
+:func:`pipeline.pixi.lockfile.rattler_records`, installs them, prints one line and leaves with
 ``os._exit``: py-rattler 0.28 can crash the interpreter at exit after its async calls. For an
 extracted channel, the parent has checked every package file against the lock before
 starting it (rattler does not check ``file://`` packages). A module of its own so the child
@@ -25,7 +26,7 @@ from typing import Any
 async def _install(request: Mapping[str, Any]) -> int:
     import rattler
 
-    from pipeline.lockfile import rattler_records, read_environment
+    from pipeline.pixi.lockfile import rattler_records, read_environment
 
     locked = read_environment(Path(request["lock"]), request["environment"], request["platform"])
     channel_dir = request.get("channel_dir")
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m pipeline.install_worker REQUEST.json", file=sys.stderr)
+        print("usage: python -m pipeline.install.worker REQUEST.json", file=sys.stderr)
         return 2
     try:
         request = json.loads(Path(args[0]).read_text(encoding="utf-8"))

@@ -1,8 +1,8 @@
 """What a bundle holds, checked: its channel's repodata, its lock against that channel, and
 a lock for bundles that carry none (written by pixi-pack itself).
 
-Shared by the ``extract`` stage (:mod:`pipeline.bundle.unpack`, on the staged files) and the
-``frozen-install`` stage (:mod:`pipeline.install`, on the extracted ones): both refuse a
+Shared by the ``extract`` stage (:mod:`pipeline.install.extract`, on the staged files) and the
+``frozen-install`` stage (:mod:`pipeline.install.frozen`, on the extracted ones): both refuse a
 bundle whose lock does not describe exactly the packages in its channel, with the lock's
 hashes. Errors are :class:`~pipeline.errors.BundleError`, one line each.
 """
@@ -23,7 +23,7 @@ from pipeline.bundle.format import (
     REPODATA_FILE,
 )
 from pipeline.errors import BundleError, LockError
-from pipeline.lockfile import LockedEnvironment, environments, read_environment
+from pipeline.pixi.lockfile import LockedEnvironment, environments, read_environment
 
 MANIFEST_NAME = "pixi.toml"
 LOCK_NAME = "pixi.lock"

@@ -8,12 +8,12 @@ chain) in the environment exactly as locked:
   says and never rewrites ``pixi.lock`` (the file the pack stage depends on);
 - **without pixi**: installs the locked conda packages into ``<project>/.pixi/envs/<env>``
   (pixi's own layout, so a later ``pixi run`` finds it) with ``rattler.install`` in a child
-  process (``python -m pipeline.install_worker``: py-rattler can crash the interpreter
+  process (``python -m pipeline.install.worker``: py-rattler can crash the interpreter
   at exit after async calls, so the child leaves with ``os._exit``; the package cache is
   ``<Settings.rattler_cache>/pkgs``, as pixi's), installs the locked wheels with pip (``--no-deps``,
   hashes required when the lock has them), then runs each task's command with ``bash -c`` with
   the environment activated: ``PATH=<prefix>/bin:...``, ``CONDA_PREFIX``, the prefix's
-  ``etc/conda/activate.d`` scripts sourced (:func:`pipeline.envs.prefix_runtime`), the task's
+  ``etc/conda/activate.d`` scripts sourced (:func:`pipeline.pixi.envs.prefix_runtime`), the task's
   ``env`` and ``cwd``, and pixi's ``PIXI_PROJECT_ROOT`` / ``PIXI_ENVIRONMENT_NAME``.
 
 The environment is the one of this host's platform; verifying a bundle for another platform
@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import __version__
-from pipeline.envs import pixi_env_prefix, prefix_runtime
+from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text
-from pipeline.manifest import MANIFEST_NAME, Task, load_manifest
+from pipeline.pixi.manifest import MANIFEST_NAME, Task, load_manifest
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
 
@@ -255,8 +255,8 @@ def install_environment(
     rattler links only what differs from the prefix, pip skips installed wheels. Raises
     LockError / PipelineError with one line; the child's output goes to ``log_path``.
     """
-    from pipeline.bundle.pack import plan_bundle
-    from pipeline.lockfile import read_environment
+    from pipeline.build.pack import plan_bundle
+    from pipeline.pixi.lockfile import read_environment
 
     locked = read_environment(lock_path, environment, platform)
     wheels = plan_bundle(locked, skip_sdists=skip_sdists).wheels

@@ -2,7 +2,7 @@
 
 :func:`pack` reads ``<project>/pixi.lock`` for one environment and platform, refuses what cannot
 be installed offline (source packages; PyPI sdists unless ``skip_sdists``), fetches every conda
-package and wheel into the pack cache (:mod:`pipeline.fetch`: hashes checked, cache reused), and
+package and wheel into the pack cache (:mod:`pipeline.build.fetch`: hashes checked, cache reused), and
 writes the bundle (:mod:`pipeline.bundle.format`)::
 
     channel/<subdir>/<file>            the locked conda packages
@@ -72,9 +72,9 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
+from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.fsutil import CHUNK, atomic_output, atomic_write_text
-from pipeline.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
+from pipeline.pixi.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
 from pipeline.progress import Progress, human_bytes
 
 LOCK_NAME = "pixi.lock"
@@ -637,7 +637,7 @@ def pack(
 
     Cached files are checked by size when fetched and by hash while they are copied into the
     tar; a corrupt one is evicted, fetched again (counted as downloaded) and the tar rewritten.
-    ``fetcher`` (default: a :class:`~pipeline.fetch.Fetcher` with default retries) does the
+    ``fetcher`` (default: a :class:`~pipeline.build.fetch.Fetcher` with default retries) does the
     downloads; ``warn`` gets one-line warnings (default: stderr; a given fetcher keeps its own);
     ``progress_stream`` gets the progress lines (default: stderr).
 

@@ -1,12 +1,12 @@
 """Install exactly the locked environment from the extracted bundle: the ``frozen-install`` stage.
 
 :func:`frozen_install` works on a project that ``extract`` and ``patch-channels`` prepared
-(:mod:`pipeline.bundle.unpack`, :mod:`pipeline.patch`) and never touches the network:
+(:mod:`pipeline.install.extract`, :mod:`pipeline.install.patch`) and never touches the network:
 
 1. **Up to date?** ``.pixi/envs/<env>/.installed-from.json`` names the bundle sha256, lock
    sha256, environment and platform of the installed generation: when they are the current
    extraction's, there is nothing to do (a few small reads).
-2. **Preflight** (:mod:`pipeline.preflight_host`): the virtual packages the locked packages
+2. **Preflight** (:mod:`pipeline.install.host`): the virtual packages the locked packages
    depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
    warning when a CUDA environment is installed on a host without a GPU driver.
 3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
@@ -14,7 +14,7 @@
    recorded keeps the sha256 computed from the verified tar; any other file is hashed again.
 4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
    records, pointed at the local channel, with ``rattler.install`` in a child process
-   (:mod:`pipeline.install_worker`: py-rattler can crash the interpreter at exit after its
+   (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
    async calls, so the child leaves with ``os._exit``); the package cache is
    ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
    --no-index --no-deps`` (exactly those files).
@@ -52,12 +52,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.bundle.contents import check_lock_against_channel, read_repodata
-from pipeline.bundle.unpack import load_record, record_files
-from pipeline.envs import prefix_runtime
 from pipeline.errors import InstallError, LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.installdir import (
+from pipeline.install.contents import check_lock_against_channel, read_repodata
+from pipeline.install.extract import load_record, record_files
+from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
+from pipeline.install.layout import (
     INSTALLED_FROM,
     ProjectPaths,
     fsync_dir,
@@ -65,9 +65,9 @@ from pipeline.installdir import (
     read_json,
     write_json,
 )
-from pipeline.lockfile import LockedEnvironment
-from pipeline.patch import patch_is_current
-from pipeline.preflight_host import HostFacts, check_virtual_packages, detect_host
+from pipeline.install.patch import patch_is_current
+from pipeline.pixi.envs import prefix_runtime
+from pipeline.pixi.lockfile import LockedEnvironment
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
 
@@ -369,7 +369,7 @@ def write_activation_script(paths: ProjectPaths, environment: str) -> Path:
 
 
 def _locked(paths: ProjectPaths, environment: str, platform: str) -> LockedEnvironment:
-    from pipeline.lockfile import read_environment
+    from pipeline.pixi.lockfile import read_environment
 
     try:
         return read_environment(paths.lock, environment, platform)
@@ -503,8 +503,8 @@ def _verify_commands(
         if configured.strip().lower() == "none":
             return []
         return [(configured, {}, paths.root)]
-    from pipeline.manifest import load_manifest
-    from pipeline.verify import command_text, task_chain
+    from pipeline.build.verify import command_text, task_chain
+    from pipeline.pixi.manifest import load_manifest
 
     try:
         resolved = load_manifest(paths.manifest).resolve(environment, platform)

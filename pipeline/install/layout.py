@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.envs import pixi_env_prefix
 from pipeline.errors import InstallError
 from pipeline.fsutil import atomic_write_text
+from pipeline.pixi.envs import pixi_env_prefix
 
 STATE_DIR = ".infer-vllm"
 INSTALLED_FROM = ".installed-from.json"

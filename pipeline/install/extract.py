@@ -24,7 +24,7 @@
    template when its lock matches the bundle's channel, else generated from the channel's
    ``repodata.json`` for bundles written by pixi-pack itself (what pixi-unpack installs: every
    package of the channel, plus every wheel of ``pypi/``). The lock is then checked against the
-   channel (:mod:`pipeline.bundle.contents`): the environment is in it, its packages are
+   channel (:mod:`pipeline.install.contents`): the environment is in it, its packages are
    exactly the channel's, and every package file has the lock's sha256 (a swapped archive is
    refused).
 4. **Switch**: the stamps are removed, the previous bundle's names are moved to a trash dir and
@@ -59,13 +59,6 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from pipeline import __version__
-from pipeline.bundle.contents import (
-    LOCK_NAME,
-    MANIFEST_NAME,
-    check_lock_against_channel,
-    read_repodata,
-    synthesize_project,
-)
 from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
@@ -78,7 +71,15 @@ from pipeline.bundle.format import (
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, atomic_write_text
-from pipeline.installdir import (
+from pipeline.install.contents import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    check_lock_against_channel,
+    read_repodata,
+    synthesize_project,
+)
+from pipeline.install.host import host_platform as _host_platform
+from pipeline.install.layout import (
     ProjectPaths,
     fsync_dir,
     install_lock,
@@ -86,8 +87,7 @@ from pipeline.installdir import (
     read_stamp,
     write_json,
 )
-from pipeline.lockfile import LockedEnvironment
-from pipeline.preflight_host import host_platform as _host_platform
+from pipeline.pixi.lockfile import LockedEnvironment
 
 RECORD_FORMAT = 1
 # Top-level names a bundle may hold; anything else is skipped (never written).

@@ -43,7 +43,7 @@ import urllib3.exceptions
 from pipeline import __version__
 from pipeline.errors import FetchError
 from pipeline.fsutil import CHUNK, atomic_output
-from pipeline.lockfile import CondaPackage, PypiPackage
+from pipeline.pixi.lockfile import CondaPackage, PypiPackage
 from pipeline.progress import Progress, human_bytes
 
 PYPI_CACHE_DIR = "pypi"  # pixi-pack's PYPI_DIRECTORY_NAME, also its cache folder for wheels

@@ -4,12 +4,12 @@
 ``pixi lock --manifest-path <dir>/pixi.toml`` and nothing else (pixi decides whether the lock
 is current). Without one it:
 
-1. parses ``pixi.toml`` (:mod:`pipeline.manifest`) and turns every (environment, platform)
+1. parses ``pixi.toml`` (:mod:`pipeline.pixi.manifest`) and turns every (environment, platform)
    into a solve job: channel URLs, match specs, virtual packages;
 2. keeps an existing ``pixi.lock`` that already satisfies the manifest (:func:`stale_reason`
    says why it does not) -- the file is not touched, not even its mtime;
 3. refuses a manifest with PyPI or source dependencies (only pixi can lock those);
-4. solves in a child process (``python -m pipeline.lock --worker``) that writes the lock with
+4. solves in a child process (``python -m pipeline.build.lock --worker``) that writes the lock with
    py-rattler's ``LockFile`` into a temporary file beside ``pixi.lock``; the parent renames it
    into place (atomic on POSIX).
 
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import LockError, PipelineError
-from pipeline.manifest import (
+from pipeline.pixi.manifest import (
     DEFAULT_FEATURE,
     MANIFEST_NAME,
     Manifest,
@@ -422,7 +422,7 @@ def _solve_in_child(
     try:
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.lock", "--worker"],
+                [sys.executable, "-m", "pipeline.build.lock", "--worker"],
                 input=json.dumps(request),
                 capture_output=True,
                 text=True,
@@ -546,7 +546,7 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
 
 
 def _worker() -> int:
-    """Entry of ``python -m pipeline.lock --worker``: JSON request on stdin, reply on stdout."""
+    """Entry of ``python -m pipeline.build.lock --worker``: JSON request on stdin, reply on stdout."""
     try:
         request = json.loads(sys.stdin.read())
         counts = asyncio.run(_solve_and_write(request))
@@ -560,8 +560,8 @@ def _worker() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.lock [PROJECT_DIR] [--no-pixi]``: lock and print one line."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.lock", description=__doc__)
+    """``python -m pipeline.build.lock [PROJECT_DIR] [--no-pixi]``: lock and print one line."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.build.lock", description=__doc__)
     parser.add_argument("project", nargs="?", type=Path, help="pixi project directory")
     parser.add_argument("--no-pixi", action="store_true", help="solve with py-rattler")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
