@@ -48,7 +48,6 @@ runs stay fast.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,10 +107,6 @@ def rattler_repodata(settings: Settings) -> Path:
     return settings.rattler_cache / "repodata"
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 # ---- tasks ----------------------------------------------------------------------------------
 
 
@@ -127,7 +122,7 @@ def task_lock() -> TaskDict:
         result = lock(
             project_dir(settings), pixi=find_pixi(settings), cache_dir=rattler_repodata(settings)
         )
-        _say(result.summary())
+        reporting.say(result.summary())
 
     exists = manifest.is_file()
     return {
@@ -162,9 +157,9 @@ def task_verify() -> TaskDict:
         )
         tail = log_tail(result.log, 10)
         if tail:
-            _say(tail)
+            reporting.say(tail)
         write_stamp(result, stamp)
-        _say(result.summary())
+        reporting.say(result.summary())
 
     return {
         "actions": [run],
@@ -208,7 +203,7 @@ def task_pack() -> Any:
             skip_sdists=settings.skip_sdists,
         )
         write_stamp(result, stamp)
-        _say(result.summary())
+        reporting.say(result.summary())
         return result.values()
 
     def tar_intact() -> bool:
@@ -244,7 +239,7 @@ def task_pack() -> Any:
         from pipeline.build.pack import write_checksum
 
         out = write_checksum(stamp, bundle)
-        _say(f"wrote {out}")
+        reporting.say(f"wrote {out}")
 
     yield {
         "name": "sha256",
@@ -292,7 +287,9 @@ def check_cache(values: dict[str, Any], settings: Settings) -> None:
             "PIPELINE_PACK_CACHE on a persistent disk, then `doit forget pack && doit pack "
             "check-cache`"
         )
-    _say(f"check-cache: the last pack reused all {reused} package files from the pack cache")
+    reporting.say(
+        f"check-cache: the last pack reused all {reused} package files from the pack cache"
+    )
 
 
 TASKS: dict[str, Callable[[], Any]] = {
