@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pipeline import reporting
 from pipeline.errors import ConfigError, ServeError
+from pipeline.procs import stop_group
 from pipeline.serve.logfiles import follow as follow_log
 from pipeline.serve.logfiles import tail
 from pipeline.serve.state import (
@@ -28,7 +29,6 @@ from pipeline.serve.state import (
     StateStore,
     held_lock,
     process_alive,
-    stop_group,
     supervisor_alive,
 )
 from pipeline.settings import Settings

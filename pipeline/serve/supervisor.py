@@ -34,6 +34,7 @@ from typing import IO, Protocol
 from urllib.parse import urlsplit
 
 from pipeline import reporting
+from pipeline.procs import group_alive, signal_group
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES
 from pipeline.serve.plan import InstancePlan, Plan
 from pipeline.serve.state import (
@@ -42,9 +43,7 @@ from pipeline.serve.state import (
     ServeState,
     StateStore,
     SupervisorRecord,
-    group_alive,
     proc_start_time,
-    signal_group,
 )
 
 # An instance that stayed up this long starts a fresh count of consecutive restarts.
