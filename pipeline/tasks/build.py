@@ -86,6 +86,11 @@ def verify_stamp(settings: Settings) -> Path:
     return settings.state_dir / "stamps" / f"verify-{settings.environment}-{_key(project)}.json"
 
 
+def lock_log(settings: Settings) -> Path:
+    """``<state>/logs/lock-<project hash>.log``: the output of ``pixi lock`` or the solve."""
+    return settings.state_dir / "logs" / f"lock-{_key(project_dir(settings))}.log"
+
+
 def verify_log(settings: Settings) -> Path:
     project = project_dir(settings)
     return settings.state_dir / "logs" / f"verify-{settings.environment}-{_key(project)}.log"
@@ -120,7 +125,10 @@ def task_lock() -> TaskDict:
         from pipeline.build.lock import find_pixi, lock
 
         result = lock(
-            project_dir(settings), pixi=find_pixi(settings), cache_dir=rattler_repodata(settings)
+            project_dir(settings),
+            pixi=find_pixi(settings),
+            cache_dir=rattler_repodata(settings),
+            log=lock_log(settings),
         )
         reporting.say(result.summary())
 
