@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -55,3 +56,27 @@ def sha256_file(path: Path, progress: object | None = None) -> str:
             if progress is not None:
                 progress.update(len(chunk))  # type: ignore[attr-defined]
     return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (best effort: some filesystems refuse)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def os_error_text(exc: OSError, path: Path | str | None = None) -> str:
+    """``exc`` for a message: its strerror, the errno's name and the path, never ``None``.
+
+    ``No space left on device (ENOSPC): /x/y``. An error raised on a file descriptor has no
+    ``filename``; ``path`` (the file being written) names it then.
+    """
+    code = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+    text = exc.strerror or str(exc) or type(exc).__name__
+    if code and code not in text:
+        text = f"{text} ({code})"
+    where = exc.filename if exc.filename is not None else path
+    return f"{text}: {where}" if where is not None else text

@@ -1,24 +1,187 @@
-"""Child processes of the pipeline's stages: one way to run them, logged and bounded.
+"""Child processes of the pipeline: one way to run them, logged and bounded, and one way to
+stop a process group.
 
-Every child runs in its own session with its output appended to a log file (never a pipe),
-under a timeout; on a timeout or Ctrl-C its whole process group gets SIGTERM, then SIGKILL
-after a grace, so nothing it started outlives the stage.
+Every child of a stage runs through :func:`run_logged`: its own session, its output appended
+to a log file, a time limit; on a timeout or Ctrl-C its whole process group gets SIGTERM,
+then SIGKILL after a grace (:func:`stop_group`, the one place that puts a group down), so
+nothing it started outlives the stage. The last lines of its output are kept in memory too,
+so a failure can say what the child said even when the log could not be written (a full
+disk: the log usually lives on the filesystem the child just filled).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.settings import REPO_ROOT
+from pipeline.fsutil import os_error_text
+from pipeline.settings import package_pythonpath
 
-KILL_GRACE = 5.0
+KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for a stage's child
+KILL_WAIT = 10.0  # after SIGKILL: how long to wait for the group to vanish
+DRAIN_GRACE = 2.0  # after the child exits: how long its output may still take to arrive
+TAIL_BYTES = 16 * 1024  # the end of the output kept in memory
+
+
+# ---- process groups ---------------------------------------------------------------------------
+
+
+def group_alive(pgid: int | None) -> bool:
+    """True while any process of the group ``pgid`` exists (zombies included)."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int | None, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group is already gone."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(
+    pgid: int,
+    grace: float,
+    *,
+    leader: subprocess.Popen[bytes] | None = None,
+    poll: float = 0.05,
+    kill_wait: float = KILL_WAIT,
+) -> bool:
+    """SIGTERM the group ``pgid``, wait up to ``grace`` s for it to go, then SIGKILL it.
+
+    Blocks until the group is gone, at most ``grace + kill_wait`` seconds. ``leader`` is the
+    group's leader when it is this process's child: it is reaped on the way (its zombie would
+    keep the group alive). Returns True when SIGKILL was needed. The supervisor's loop cannot
+    block: it uses :func:`signal_group` and :func:`group_alive` tick by tick instead.
+    """
+
+    def gone() -> bool:
+        if leader is not None:
+            leader.poll()
+        return not group_alive(pgid)
+
+    if not signal_group(pgid, signal.SIGTERM):
+        _reap(leader, kill_wait)
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if gone():
+            return False
+        time.sleep(poll)
+    if gone():
+        return False
+    with contextlib.suppress(PermissionError):
+        signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + kill_wait
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(poll)
+    _reap(leader, max(0.0, deadline - time.monotonic()))
+    return True
+
+
+def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> bool:
+    """:func:`stop_group` for ``proc``, a child started with ``start_new_session=True``."""
+    with contextlib.suppress(PermissionError):
+        return stop_group(proc.pid, grace, leader=proc)
+    return False
+
+
+def _reap(leader: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    if leader is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            leader.wait(timeout=timeout)
+
+
+# ---- running a stage's child ------------------------------------------------------------------
+
+
+class _Tee:
+    """Copies a child's output from a pipe to the log file, keeping its end in memory.
+
+    Why a pipe and not the log file alone (the rule elsewhere): on a full disk the log is
+    empty, and the cause with it. The copy is bounded (:data:`TAIL_BYTES` of memory), the
+    thread stops when the pipe closes or :meth:`close` is called, and a failed write to the
+    log is remembered (:attr:`write_error`) while the output keeps being drained, so the
+    child never blocks on a full pipe.
+    """
+
+    def __init__(self, read_fd: int, log: Path, out: int | None) -> None:
+        self.read_fd = read_fd
+        self.log = log
+        self.out = out  # the log's descriptor; None when it could not be opened
+        self.tail = bytearray()
+        self.write_error: OSError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tee {log.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.read_fd], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.tail += chunk
+            del self.tail[:-TAIL_BYTES]
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        if self.out is None or self.write_error is not None:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self.out, view) :]
+        except OSError as exc:
+            self.write_error = exc
+
+    def close(self, wait: float) -> None:
+        """Let the copy finish for up to ``wait`` s (a grandchild may hold the pipe), then
+        stop it and close the pipe and the log. Idempotent."""
+        self._thread.join(wait)
+        self._stop.set()
+        self._thread.join(1.0)
+        with contextlib.suppress(OSError):
+            os.close(self.read_fd)
+        if self.out is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.out)
+            self.out = None
+
+    def last_line(self) -> str:
+        return last_line(self.tail.decode("utf-8", "replace"))
+
+    def where(self) -> str:
+        """The log for a message: its path, and why it is incomplete when it is."""
+        if self.write_error is None:
+            return str(self.log)
+        return f"log incomplete: {os_error_text(self.write_error, self.log)}"
 
 
 def run_logged(
@@ -30,62 +193,75 @@ def run_logged(
     timeout: float,
     label: str,
     hint: str = "see the log",
+    start_hint: str = "",
     error: type[PipelineError] = PipelineError,
 ) -> None:
     """Run ``argv`` with its output appended to ``log``; blocks up to ``timeout`` seconds.
 
-    Raises ``error`` (one line: ``label``, the exit code, the log's last line, ``hint``) on
-    a non-zero exit, a timeout, or a command that cannot start. Ctrl-C kills the group too.
+    Raises ``error``, one line, on a non-zero exit or a timeout (``label``, the exit code or
+    the limit, the child's last line of output, ``hint``, the log; the log's write error when
+    it could not be written, such as ENOSPC) and on a command that cannot start (with
+    ``start_hint``). Ctrl-C kills the group too and re-raises.
     """
-    with log.open("ab") as out:
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise error(f"cannot start {label} ({exc.strerror}): {argv[0]}") from None
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            raise error(
-                f"{label} did not finish in {timeout:.0f} s and was stopped; output in {log}"
-            ) from None
-        except BaseException:
-            kill_group(proc)
-            raise
-    if code != 0:
-        raise error(f"{label} failed (exit {code}): {last_line(log)}; {hint} ({log})")
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM ``proc``'s process group, SIGKILL it after :data:`KILL_GRACE`; reap ``proc``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=KILL_GRACE)
+        out: int | None = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        out, open_error = None, exc
+    else:
+        open_error = None
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        for fd in (read_fd, write_fd, out):
+            if fd is not None:
+                os.close(fd)
+        more = f"; {start_hint}" if start_hint else ""
+        raise error(f"cannot run {label} ({os_error_text(exc, argv[0])}){more}") from None
+    os.close(write_fd)
+    tee = _Tee(read_fd, log, out)
+    if open_error is not None:
+        tee.write_error = open_error
+    try:
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=KILL_GRACE)
+        kill_group(proc)
+        tee.close(DRAIN_GRACE)
+        raise error(
+            f"{label} did not finish in {timeout:.0f} s and was stopped; last output: "
+            f"{tee.last_line()}; {hint} ({tee.where()})"
+        ) from None
+    except BaseException:
+        kill_group(proc)
+        tee.close(DRAIN_GRACE)
+        raise
+    tee.close(DRAIN_GRACE)
+    if code != 0:
+        raise error(f"{label} failed (exit {code}): {tee.last_line()}; {hint} ({tee.where()})")
 
 
-def last_line(log: Path) -> str:
-    """The last non-blank line of ``log`` (reads at most its last 4 KiB)."""
-    try:
-        with log.open("rb") as fh:
-            fh.seek(max(0, log.stat().st_size - 4096))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return "no output"
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text``, stripped; ``no output`` when there is none."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+# ---- how the pipeline's own children start ----------------------------------------------------
+
+
+def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:
+    """``base_env`` with this package importable by a child (:func:`package_pythonpath`)."""
+    env = dict(base_env)
+    env["PYTHONPATH"] = package_pythonpath(base_env.get("PYTHONPATH"))
+    return env
 
 
 def rattler_install_command(request: Path) -> list[str]:
@@ -93,10 +269,24 @@ def rattler_install_command(request: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.install.worker", str(request)]
 
 
-def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:
-    """``base_env`` with this package importable by a child, from a plain checkout too."""
-    env = dict(base_env)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH")) if p
-    )
-    return env
+# ---- host tools --------------------------------------------------------------------------------
+
+
+def nvidia_smi(
+    args: Sequence[str], environ: Mapping[str, str], timeout: float = 20.0
+) -> str | None:
+    """stdout of ``nvidia-smi ARGS`` (found on ``environ``'s PATH), or None when it is not
+    there, fails, or takes longer than ``timeout`` s.
+
+    A query whose output is the answer, so it is captured, not logged.
+    """
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None

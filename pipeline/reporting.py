@@ -22,6 +22,11 @@ from pipeline.errors import PipelineError
 DEBUG = False  # set from Settings.debug when the tasks load
 
 
+def say(message: str) -> None:
+    """One progress line on stderr, flushed at once (stdout stays for data)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def action(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a doit python-action so user errors fail the task with their one-line message."""
 

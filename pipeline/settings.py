@@ -27,6 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _HOME = Path.home()
 
 
+def package_pythonpath(existing: str | None = None) -> str:
+    """``PYTHONPATH`` for a child that imports this package, from a plain checkout too: the
+    repository root, then ``existing`` (what the child would inherit). Pure: the one place
+    that decides it, for :func:`pipeline.procs.worker_env` and the serve plan alike."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), existing) if p)
+
+
 class Role(StrEnum):
     """Which side of the pipeline ``dodo.py`` offers.
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serve.state import StateStore, group_alive
+from pipeline.procs import group_alive
+from pipeline.serve.state import StateStore
 from pipeline.settings import Settings, load_settings
 
 TESTS = Path(__file__).resolve().parent

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import doit_env, free_port, run_doit, standin_config, wait_for
 
+from pipeline.procs import group_alive
 from pipeline.serve.commands import (
     load,
     log_path,
@@ -23,7 +24,7 @@ from pipeline.serve.commands import (
     status_command,
     stop_command,
 )
-from pipeline.serve.state import InstanceState, StateStore, group_alive
+from pipeline.serve.state import InstanceState, StateStore
 from pipeline.serve.supervisor import Supervisor
 
 GW_KEY = "gw-secret-key"

@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO, doit_env, free_port, run_doit
 
 from pipeline.demo.cpu_vllm import tiny_overrides
-from pipeline.serve.state import StateStore, group_alive
+from pipeline.procs import group_alive
+from pipeline.serve.state import StateStore
 from pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,9 @@ from conftest import (
 )
 
 from pipeline.errors import ServeError
+from pipeline.procs import group_alive
 from pipeline.serve.commands import load, serve_command, status_command, stop_command
-from pipeline.serve.state import InstanceState, StateStore, group_alive, process_alive
+from pipeline.serve.state import InstanceState, StateStore, process_alive
 from pipeline.serve.supervisor import Supervisor
 
 

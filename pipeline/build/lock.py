@@ -9,9 +9,10 @@ is current). Without one it:
 2. keeps an existing ``pixi.lock`` that already satisfies the manifest (:func:`stale_reason`
    says why it does not) -- the file is not touched, not even its mtime;
 3. refuses a manifest with PyPI or source dependencies (only pixi can lock those);
-4. solves in a child process (``python -m pipeline.build.lock --worker``) that writes the lock with
-   py-rattler's ``LockFile`` into a temporary file beside ``pixi.lock``; the parent renames it
-   into place (atomic on POSIX).
+4. solves in a child process (``python -m pipeline.build.lock --worker REQUEST.json``, run by
+   :func:`pipeline.procs.run_logged`: a log file, its own process group, a time limit) that
+   writes the lock with py-rattler's ``LockFile`` into a temporary file beside ``pixi.lock``
+   and its reply into a file; the parent renames the lock into place (atomic on POSIX).
 
 Why a child process: py-rattler 0.28.0 crashes at interpreter exit (``Fatal Python error:
 PyGILState_Release`` / SIGABRT, sometimes SIGSEGV) in roughly a third of the processes that
@@ -31,8 +32,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import LockError, PipelineError
+from pipeline.fsutil import atomic_write_text, fsync_dir
 from pipeline.pixi.manifest import (
     DEFAULT_FEATURE,
     MANIFEST_NAME,
@@ -50,7 +52,8 @@ from pipeline.pixi.manifest import (
     load_manifest,
     pypi_name,
 )
-from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
+from pipeline.procs import run_logged, worker_env
+from pipeline.settings import Settings, load_settings, process_environ
 
 LOCK_NAME = "pixi.lock"
 PIXI_HINT = (
@@ -58,6 +61,8 @@ PIXI_HINT = (
     "PATH or in $PIXI_HOME/bin, or lock on a machine that has it and commit pixi.lock"
 )
 DEFAULT_TIMEOUT = 1800.0
+# Where the children's output goes when the caller names no log (the tasks use the state dir).
+DEFAULT_LOG = Path(".pixi") / "lock.log"
 
 Outcome = Literal["solved", "up-to-date", "pixi"]
 
@@ -331,6 +336,7 @@ def lock(
     pixi: Path | None,
     cache_dir: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    log: Path | None = None,
 ) -> LockResult:
     """Make ``project_dir/pixi.lock`` satisfy ``project_dir/pixi.toml``.
 
@@ -338,6 +344,8 @@ def lock(
     ``timeout`` seconds). Without: solves with py-rattler in a child process, unless the lock
     is already current (then nothing is written). ``cache_dir`` is the repodata cache of the
     solve (default: rattler's). Never deletes the lock; a failed solve leaves it as it was.
+    Either child runs through :func:`pipeline.procs.run_logged`; its output goes to ``log``
+    (rewritten each time; default :data:`DEFAULT_LOG` under the project dir).
 
     Raises :class:`LockError`: no manifest; a malformed manifest; PyPI or source dependencies
     and no pixi; an unsolvable environment (named, with its platform); pixi failing.
@@ -349,8 +357,9 @@ def lock(
         raise LockError(
             f"{manifest_path}: no pixi manifest there; point PIPELINE_PROJECT at a pixi project"
         )
+    log = log or project_dir / DEFAULT_LOG
     if pixi is not None:
-        return _pixi_lock(pixi, manifest_path, lock_path, timeout)
+        return _pixi_lock(pixi, manifest_path, lock_path, timeout, log)
 
     manifest = load_manifest(manifest_path)
     reason = stale_reason(manifest, lock_path, project_dir)
@@ -367,36 +376,36 @@ def lock(
                 f"dependencies ({', '.join(names)}), which only pixi can lock; {PIXI_HINT}"
             )
     plan = plan_lock(manifest, project_dir)
-    counts = _solve_in_child(plan, manifest_path, lock_path, cache_dir, timeout)
+    counts = _solve_in_child(plan, manifest_path, lock_path, cache_dir, timeout, log)
     return LockResult(lock_path, "solved", changed=True, reason=reason, packages=counts)
 
 
-def _pixi_lock(pixi: Path, manifest_path: Path, lock_path: Path, timeout: float) -> LockResult:
+def _fresh_log(log: Path) -> None:
+    # A failure here (a full disk, a read-only dir) is reported by run_logged, in one line.
+    with contextlib.suppress(OSError):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")
+
+
+def _pixi_lock(
+    pixi: Path, manifest_path: Path, lock_path: Path, timeout: float, log: Path
+) -> LockResult:
     before = lock_path.read_bytes() if lock_path.is_file() else None
     cmd = [str(pixi), "lock", "--manifest-path", str(manifest_path)]
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=manifest_path.parent,
-            env=process_environ(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except OSError as exc:
-        raise LockError(f"cannot run {pixi} ({exc}); {PIXI_HINT}") from None
-    except subprocess.TimeoutExpired:
-        raise LockError(
-            f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s; check the network"
-        ) from None
-    if proc.returncode != 0:
-        raise LockError(
-            f"`pixi lock` failed for {manifest_path} (exit {proc.returncode}): "
-            f"{_last_line(proc.stderr or proc.stdout)}; run `{' '.join(cmd)}` to see it all"
-        )
+    _fresh_log(log)
+    run_logged(
+        cmd,
+        cwd=manifest_path.parent,
+        env=process_environ(),
+        log=log,
+        timeout=timeout,
+        label="`pixi lock`",
+        hint=f"run `{shlex.join(cmd)}` to see it all",
+        start_hint=PIXI_HINT,
+        error=LockError,
+    )
     if not lock_path.is_file():
-        raise LockError(f"`pixi lock` wrote no {lock_path}; run `{' '.join(cmd)}` by hand")
+        raise LockError(f"`pixi lock` wrote no {lock_path}; run `{shlex.join(cmd)}` by hand")
     changed = before != lock_path.read_bytes()
     return LockResult(lock_path, "pixi", changed=changed, reason=f"{pixi} lock")
 
@@ -407,71 +416,59 @@ def _solve_in_child(
     lock_path: Path,
     cache_dir: Path | None,
     timeout: float,
+    log: Path,
 ) -> tuple[tuple[str, str, int], ...]:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", suffix=".tmp", dir=lock_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    request = {
-        "output": str(tmp),
-        "cache_dir": str(cache_dir) if cache_dir else None,
-        "plan": asdict(plan),
-    }
-    env = process_environ()
-    # The worker imports this package; make that work from a plain checkout too.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    # Request, reply and the new lock live in one private folder beside pixi.lock, so the
+    # final rename stays on one filesystem and a failure leaves nothing behind.
+    work = Path(tempfile.mkdtemp(prefix=f".{LOCK_NAME}.", suffix=".d", dir=lock_path.parent))
     try:
+        tmp, request_path, reply_path = work / LOCK_NAME, work / "request.json", work / "reply.json"
+        request = {
+            "output": str(tmp),
+            "reply": str(reply_path),
+            "cache_dir": str(cache_dir) if cache_dir else None,
+            "plan": asdict(plan),
+        }
+        request_path.write_text(json.dumps(request), encoding="utf-8")
+        _fresh_log(log)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.build.lock", "--worker"],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
+            run_logged(
+                [sys.executable, "-m", "pipeline.build.lock", "--worker", str(request_path)],
+                cwd=lock_path.parent,
+                env=worker_env(process_environ()),
+                log=log,
                 timeout=timeout,
-                env=env,
-                check=False,
+                label=f"the py-rattler solve of {manifest_path}",
+                hint="check the channels and the network",
+                error=LockError,
             )
-        except subprocess.TimeoutExpired:
+        except LockError:
+            reply = _read_reply(reply_path)
+            if reply is not None and reply.get("error"):
+                raise LockError(f"{manifest_path}: {reply['error']}") from None
+            raise
+        reply = _read_reply(reply_path)
+        if reply is None or not reply.get("ok"):
+            why = reply.get("error") if reply else None
             raise LockError(
-                f"{manifest_path}: the solve did not finish in {timeout:.0f} s; "
-                "check the channels and the network"
-            ) from None
-        reply = _reply(proc.stdout)
-        if reply is None or proc.returncode != 0 or not reply.get("ok"):
-            if reply and reply.get("error"):
-                raise LockError(f"{manifest_path}: {reply['error']}")
-            raise LockError(
-                f"{manifest_path}: the solver process failed (exit {proc.returncode}): "
-                f"{_last_line(proc.stderr)}"
+                f"{manifest_path}: the py-rattler solve "
+                f"{why or 'exited without a reply'}; see the log ({log})"
             )
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(lock_path)
-        _fsync_dir(lock_path.parent)
+        fsync_dir(lock_path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return tuple((e, p, int(n)) for e, p, n in reply["packages"])
 
 
-def _reply(stdout: str) -> dict[str, Any] | None:
-    for line in reversed(stdout.strip().splitlines()):
-        with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(line)
-            if isinstance(value, dict):
-                return value
-    return None
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _read_reply(path: Path) -> dict[str, Any] | None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # ---- the worker (child process) ---------------------------------------------------------------
@@ -545,17 +542,27 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
     return counts
 
 
-def _worker() -> int:
-    """Entry of ``python -m pipeline.build.lock --worker``: JSON request on stdin, reply on stdout."""
+def _worker(request_path: Path) -> int:
+    """Entry of ``python -m pipeline.build.lock --worker REQUEST.json``.
+
+    The request names the lock to write (``output``) and the reply file (``reply``): JSON
+    ``{"ok": true, "packages": [...]}`` or ``{"ok": false, "error": "<one line>"}``, also
+    printed as the last line of output (the log). Exit 0 when the lock was written.
+    """
+    reply_path: Path | None = None
     try:
-        request = json.loads(sys.stdin.read())
+        request = json.loads(request_path.read_text(encoding="utf-8"))
+        reply_path = Path(request["reply"])
         counts = asyncio.run(_solve_and_write(request))
         reply: dict[str, Any] = {"ok": True, "packages": counts}
     except PipelineError as exc:
         reply = {"ok": False, "error": exc.message}
     except Exception as exc:
         reply = {"ok": False, "error": f"solver process error ({type(exc).__name__}: {exc})"}
-    print(json.dumps(reply))
+    text = json.dumps(reply)
+    if reply_path is not None:
+        atomic_write_text(reply_path, text)
+    print(reply["error"] if not reply["ok"] else text)
     return 0 if reply["ok"] else 1
 
 
@@ -564,10 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.build.lock", description=__doc__)
     parser.add_argument("project", nargs="?", type=Path, help="pixi project directory")
     parser.add_argument("--no-pixi", action="store_true", help="solve with py-rattler")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return _worker()
+        return _worker(args.worker)
     try:
         settings = load_settings()
         pixi = None if args.no_pixi else find_pixi(settings)

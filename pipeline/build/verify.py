@@ -19,8 +19,9 @@ chain) in the environment exactly as locked:
 The environment is the one of this host's platform; verifying a bundle for another platform
 is refused (skip verify for such packs, see :mod:`pipeline.tasks.build`).
 
-Every child runs in its own session with its output in a log file (never a pipe) and a bounded
-wait; a child that overruns is killed as a group. Failures raise
+Every child runs through :func:`pipeline.procs.run_logged`: its own session, its output in a
+log file (the end of it kept in memory too), a bounded wait; a child that overruns is killed
+as a group. Failures raise
 :class:`~pipeline.errors.PipelineError` with one line: the command, the exit code, the last
 line of output and the log path.
 """

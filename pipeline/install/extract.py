@@ -46,7 +46,6 @@ import posixpath
 import queue
 import re
 import shutil
-import sys
 import tarfile
 import threading
 import time
@@ -58,7 +57,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from pipeline import __version__
+from pipeline import __version__, reporting
 from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
@@ -70,7 +69,7 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, atomic_write_text
+from pipeline.fsutil import CHUNK, atomic_write_text, fsync_dir, os_error_text
 from pipeline.install.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -81,7 +80,6 @@ from pipeline.install.contents import (
 from pipeline.install.host import host_platform as _host_platform
 from pipeline.install.layout import (
     ProjectPaths,
-    fsync_dir,
     install_lock,
     read_json,
     read_stamp,
@@ -502,7 +500,7 @@ def extract_bundle(
     extras; ``host`` replaces this host's platform (tests). Raises BundleError; on any failure
     the project dir keeps its previous extraction (or none) and ``.pixi/envs`` is untouched.
     """
-    say = say or _say
+    say = say or reporting.say
     bundle = Path(bundle).absolute()
     paths = ProjectPaths.of(project_dir)
     host = host or _host_platform()
@@ -644,10 +642,6 @@ def extract_bundle(
 # ---- internals ------------------------------------------------------------------------------
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _bundle_stat(bundle: Path, st: os.stat_result) -> dict[str, Any]:
     return {
         "path": str(bundle),
@@ -759,6 +753,7 @@ def _extract_members(
 ) -> None:
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`check_members`."""
+    target = staging
     try:
         for member in members:
             target = staging / member.name
@@ -778,8 +773,8 @@ def _extract_members(
             target.chmod(mode)
     except OSError as exc:
         raise BundleError(
-            f"cannot extract {bundle} into {staging.parent.parent} ({exc.strerror}: "
-            f"{exc.filename}); free disk space or fix the permissions there"
+            f"cannot extract {bundle} into {staging.parent.parent} "
+            f"({os_error_text(exc, target)}); free disk space or fix the permissions there"
         ) from None
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):

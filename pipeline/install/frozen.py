@@ -51,16 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
+from pipeline import __version__, reporting
 from pipeline.errors import InstallError, LockError, PipelineError
-from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.fsutil import atomic_write_text, fsync_dir, sha256_file
 from pipeline.install.contents import check_lock_against_channel, read_repodata
 from pipeline.install.extract import load_record, record_files
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
     INSTALLED_FROM,
     ProjectPaths,
-    fsync_dir,
     install_lock,
     read_json,
     write_json,
@@ -166,7 +165,7 @@ def frozen_install(
     install lock, then on the children (each bounded by ``timeout`` / ``verify_timeout``).
     Raises InstallError or BundleError; the previous environment is then untouched.
     """
-    say = say or _say
+    say = say or reporting.say
     paths = ProjectPaths.of(project_dir)
     base_env = dict(process_environ() if environ is None else environ)
     started = time.monotonic()
@@ -578,10 +577,6 @@ def _verify(
 
 
 # ---- children -----------------------------------------------------------------------------------
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 __all__ = [

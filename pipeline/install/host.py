@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 from rattler import MatchSpec, Version, VersionSpec
 
+from pipeline.procs import nvidia_smi
+
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*")
 _SMI_CUDA_RE = re.compile(r"CUDA Version:\s*(\d+\.\d+)")
 
@@ -252,15 +254,8 @@ _probe_libcuda.source = "libcuda"  # type: ignore[attr-defined]
 
 
 def _probe_nvidia_smi(environ: Mapping[str, str]) -> str | None:
-    smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _SMI_CUDA_RE.search(out.stdout or "")
-    return match.group(1) if match and out.returncode == 0 else None
+    match = _SMI_CUDA_RE.search(nvidia_smi([], environ) or "")
+    return match.group(1) if match else None
 
 
 _probe_nvidia_smi.source = "nvidia-smi"  # type: ignore[attr-defined]

@@ -146,16 +146,6 @@ def read_stamp(path: Path) -> str | None:
     return first or None
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (best effort: some filesystems refuse)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ---- the install lock -----------------------------------------------------------------------
 
 

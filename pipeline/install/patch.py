@@ -23,7 +23,6 @@ sha256, the project path and the environment.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import tomlkit
 
+from pipeline import reporting
 from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text
 from pipeline.install.extract import load_record
@@ -262,7 +262,7 @@ def patch_project(
     Raises InstallError (nothing extracted, unparsable files, a package left unpatched).
     """
     paths = ProjectPaths.of(project_dir)
-    with install_lock(paths, say=say or _say):
+    with install_lock(paths, say=say or reporting.say):
         record = load_record(paths)
         if record is None:
             raise InstallError(
@@ -365,10 +365,6 @@ def _check_patched(
             f"{paths.lock}: environment '{environment}' still lists channels "
             f"{', '.join(patched.channels)} after patching; report this bug"
         )
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 __all__ = [

@@ -18,7 +18,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from pipeline import reporting
 from pipeline.errors import ConfigError, ServeError
+from pipeline.procs import stop_group
 from pipeline.serve.logfiles import follow as follow_log
 from pipeline.serve.logfiles import tail
 from pipeline.serve.state import (
@@ -27,7 +29,6 @@ from pipeline.serve.state import (
     StateStore,
     held_lock,
     process_alive,
-    stop_group,
     supervisor_alive,
 )
 from pipeline.settings import Settings
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     from pipeline.serve.plan import Plan
 
 Say = Callable[[str], None]
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def load(
@@ -80,7 +77,7 @@ def plan_command(
     *,
     check: bool = False,
     out: TextIO | None = None,
-    say: Say = _stderr,
+    say: Say = reporting.say,
 ) -> Plan:
     """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``)."""
     out = out or sys.stdout
@@ -105,7 +102,7 @@ def clients_command(
     litellm_config: str | None = None,
     env_file: str | None = None,
     out: TextIO | None = None,
-    say: Say = _stderr,
+    say: Say = reporting.say,
 ) -> None:
     """Print how clients reach each instance; optionally write a LiteLLM config and an env file."""
     from pipeline.fsutil import atomic_write_text
@@ -131,7 +128,7 @@ def serve_command(
     environ: Mapping[str, str],
     *,
     foreground: bool | None = None,
-    say: Say = _stderr,
+    say: Say = reporting.say,
     out: TextIO | None = None,
 ) -> int:
     """Start every enabled instance; see the module and README for the two modes.
@@ -452,7 +449,9 @@ def status_command(settings: Settings, *, as_json: bool = False, out: TextIO | N
     return 0
 
 
-def stop_command(settings: Settings, names: list[str] | None = None, *, say: Say = _stderr) -> int:
+def stop_command(
+    settings: Settings, names: list[str] | None = None, *, say: Say = reporting.say
+) -> int:
     """Stop the named instances (all when empty) and wait until they are gone (bounded)."""
     store = StateStore(settings.serve_state)
     state = store.read()

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
 from pipeline.pixi.envs import Runtime
 from pipeline.serve.config import GATEWAY_NAME, Instance, RestartPolicy, ServeConfig
-from pipeline.settings import REPO_ROOT
+from pipeline.settings import package_pythonpath
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 GATEWAY_MODULE = "pipeline.gateway"
@@ -372,7 +372,7 @@ def gateway_plan(
         name=GATEWAY_NAME,
         argv=(python or sys.executable, "-m", GATEWAY_MODULE),
         # The pipeline's own package, importable whatever the working directory.
-        env={"PYTHONPATH": str(REPO_ROOT)},
+        env={"PYTHONPATH": package_pythonpath()},
         secret_env={CONFIG_VAR: SecretStr(runtime_config.to_json())},
         missing_secrets={},
         cwd=str(log_dir),

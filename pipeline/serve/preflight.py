@@ -7,12 +7,11 @@ reports these as warnings; ``doit serve`` refuses to start anything when one fai
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from pipeline.procs import nvidia_smi
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.plan import Plan
 
@@ -20,16 +19,9 @@ from pipeline.serve.plan import Plan
 def count_gpus(environ: Mapping[str, str]) -> int | None:
     """NVIDIA GPUs this host shows: ``nvidia-smi -L`` when present, else ``/proc``; None when
     neither exists (no driver)."""
-    smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            out = None
-        if out is not None and out.returncode == 0:
-            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    listing = nvidia_smi(["-L"], environ)
+    if listing is not None:
+        return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
     proc = Path("/proc/driver/nvidia/gpus")
     if proc.is_dir():
         return sum(1 for _ in proc.iterdir())

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -150,50 +149,6 @@ def process_alive(pid: int | None, proc_start: int | None) -> bool:
     if stat is None or stat[0] == "Z":
         return False
     return proc_start is None or stat[1] == proc_start
-
-
-def group_alive(pgid: int | None) -> bool:
-    """True while any process of the group ``pgid`` exists (zombies included)."""
-    if not pgid:
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def signal_group(pgid: int | None, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid``; False when the group is already gone."""
-    if not pgid:
-        return False
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_group(pgid: int, grace: float, *, poll: float = 0.05) -> bool:
-    """SIGTERM the group, wait up to ``grace`` seconds, then SIGKILL. Blocks until it is gone.
-
-    Returns True when SIGKILL was needed. Only for groups this process did not spawn (an
-    orphan of a dead supervisor): for our own children the supervisor loop reaps instead.
-    """
-    if not signal_group(pgid, signal.SIGTERM):
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return False
-        time.sleep(poll)
-    signal_group(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(poll)
-    return True
 
 
 class StateStore:

@@ -25,7 +25,6 @@ import http.client
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import urlsplit
 
+from pipeline import reporting
+from pipeline.procs import group_alive, signal_group
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES
 from pipeline.serve.plan import InstancePlan, Plan
 from pipeline.serve.state import (
@@ -42,9 +43,7 @@ from pipeline.serve.state import (
     ServeState,
     StateStore,
     SupervisorRecord,
-    group_alive,
     proc_start_time,
-    signal_group,
 )
 
 # An instance that stayed up this long starts a fresh count of consecutive restarts.
@@ -148,7 +147,7 @@ class Supervisor:
         self.clock = clock
         self.sleep = sleep
         self.reap_all = reap_all
-        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = say or reporting.say
         self.probe_timeout = probe_timeout
         self.procs: dict[str, _Proc] = {}
         self.stop_requested = False

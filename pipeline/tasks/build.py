@@ -48,7 +48,6 @@ runs stay fast.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,11 @@ def verify_stamp(settings: Settings) -> Path:
     return settings.state_dir / "stamps" / f"verify-{settings.environment}-{_key(project)}.json"
 
 
+def lock_log(settings: Settings) -> Path:
+    """``<state>/logs/lock-<project hash>.log``: the output of ``pixi lock`` or the solve."""
+    return settings.state_dir / "logs" / f"lock-{_key(project_dir(settings))}.log"
+
+
 def verify_log(settings: Settings) -> Path:
     project = project_dir(settings)
     return settings.state_dir / "logs" / f"verify-{settings.environment}-{_key(project)}.log"
@@ -108,10 +112,6 @@ def rattler_repodata(settings: Settings) -> Path:
     return settings.rattler_cache / "repodata"
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 # ---- tasks ----------------------------------------------------------------------------------
 
 
@@ -125,9 +125,12 @@ def task_lock() -> TaskDict:
         from pipeline.build.lock import find_pixi, lock
 
         result = lock(
-            project_dir(settings), pixi=find_pixi(settings), cache_dir=rattler_repodata(settings)
+            project_dir(settings),
+            pixi=find_pixi(settings),
+            cache_dir=rattler_repodata(settings),
+            log=lock_log(settings),
         )
-        _say(result.summary())
+        reporting.say(result.summary())
 
     exists = manifest.is_file()
     return {
@@ -162,9 +165,9 @@ def task_verify() -> TaskDict:
         )
         tail = log_tail(result.log, 10)
         if tail:
-            _say(tail)
+            reporting.say(tail)
         write_stamp(result, stamp)
-        _say(result.summary())
+        reporting.say(result.summary())
 
     return {
         "actions": [run],
@@ -208,7 +211,7 @@ def task_pack() -> Any:
             skip_sdists=settings.skip_sdists,
         )
         write_stamp(result, stamp)
-        _say(result.summary())
+        reporting.say(result.summary())
         return result.values()
 
     def tar_intact() -> bool:
@@ -244,7 +247,7 @@ def task_pack() -> Any:
         from pipeline.build.pack import write_checksum
 
         out = write_checksum(stamp, bundle)
-        _say(f"wrote {out}")
+        reporting.say(f"wrote {out}")
 
     yield {
         "name": "sha256",
@@ -292,7 +295,9 @@ def check_cache(values: dict[str, Any], settings: Settings) -> None:
             "PIPELINE_PACK_CACHE on a persistent disk, then `doit forget pack && doit pack "
             "check-cache`"
         )
-    _say(f"check-cache: the last pack reused all {reused} package files from the pack cache")
+    reporting.say(
+        f"check-cache: the last pack reused all {reused} package files from the pack cache"
+    )
 
 
 TASKS: dict[str, Callable[[], Any]] = {

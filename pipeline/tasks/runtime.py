@@ -11,7 +11,6 @@ safe.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from pipeline import reporting
@@ -51,7 +50,7 @@ def task_extract() -> TaskDict:
             configured_sha256=settings.bundle_sha256,
             template_dir=settings.project,
         )
-        _say(result.summary())
+        reporting.say(result.summary())
 
     return {
         "actions": [run],
@@ -76,7 +75,7 @@ def task_patch_channels() -> TaskDict:
     def run() -> None:
         from pipeline.install.patch import patch_project
 
-        _say(patch_project(paths.root, env).summary())
+        reporting.say(patch_project(paths.root, env).summary())
 
     return {
         "basename": "patch-channels",
@@ -112,7 +111,7 @@ def task_frozen_install() -> TaskDict:
             override_glibc=settings.conda_override_glibc,
             environ=process_environ(),
         )
-        _say(result.summary())
+        reporting.say(result.summary())
 
     return {
         "basename": "frozen-install",
@@ -127,11 +126,6 @@ def task_frozen_install() -> TaskDict:
 def task_install() -> TaskDict:
     """Extract, patch and install the bundle's environment (offline; nothing if current)."""
     return {"actions": None, "task_dep": ["extract", "patch-channels", "frozen-install"]}
-
-
-def _say(message: str) -> None:
-    """One progress line on stderr (stdout stays for data)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 TASKS: dict[str, Callable[[], TaskDict]] = {

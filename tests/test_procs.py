@@ -1,0 +1,227 @@
+"""The one way to run a child (:func:`pipeline.procs.run_logged`) and to stop a group.
+
+The full-disk cases mount a tiny tmpfs (root on these machines): the log of a child then
+lives on the filesystem the child filled, as it does in a container whose disk ran out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bundle_factory import Kit, make_bundle, shared_kit
+
+from pipeline.errors import BundleError, InstallError
+from pipeline.fsutil import os_error_text
+from pipeline.install import host
+from pipeline.install.extract import extract_bundle
+from pipeline.procs import (
+    DRAIN_GRACE,
+    group_alive,
+    run_logged,
+    signal_group,
+    stop_group,
+    worker_env,
+)
+from pipeline.serve import preflight
+from pipeline.settings import REPO_ROOT, package_pythonpath
+
+
+@contextlib.contextmanager
+def tiny_filesystem(where: Path, size: str = "64k") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` for the duration of the block."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs at {where} (root needed): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def python_child(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def run(argv: list[str], log: Path, *, timeout: float = 30, cwd: Path | None = None) -> None:
+    run_logged(
+        argv,
+        cwd=cwd or log.parent,
+        env=os.environ,
+        log=log,
+        timeout=timeout,
+        label="the step",
+        error=InstallError,
+    )
+
+
+# ---- a full disk ----------------------------------------------------------------------------
+
+
+def test_disk_full_install_names_enospc_the_log_and_the_childs_last_line(tmp_path):
+    # The child fills the disk (its own files and its output, which goes to a log on the same
+    # filesystem), then says why it failed. Before: "failed (exit 1): no output; see the log".
+    with tiny_filesystem(tmp_path / "disk") as disk:
+        log = disk / "install-default.log"
+        child = python_child(
+            f"""
+            import sys
+            for i in range(3000):
+                print(f"linking package {{i}} of 3000 into the prefix", flush=True)
+            try:
+                with open({str(disk / "prefix.bin")!r}, "wb") as fh:
+                    fh.write(b"x" * (1 << 20))
+            except OSError as exc:
+                print(f"error: cannot link libbig.so: {{exc.strerror}}", file=sys.stderr)
+                sys.exit(1)
+            """
+        )
+        with pytest.raises(InstallError) as info:
+            run(child, log, cwd=tmp_path)
+        message = info.value.message
+        assert "\n" not in message
+        assert "the step failed (exit 1): error: cannot link libbig.so: " in message
+        assert "No space left on device (ENOSPC)" in message
+        assert str(log) in message
+        assert "no output" not in message
+
+
+def test_disk_full_during_extract_names_the_file_not_none(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    disk = tmp_path / "disk"
+    with tiny_filesystem(disk, size="16k"), pytest.raises(BundleError) as info:
+        extract_bundle(bundle, disk / "project", environment="default", say=lambda _m: None)
+    message = info.value.message
+    assert "No space left on device (ENOSPC): " in message, message
+    assert f"{disk / 'project'}" in message.split("ENOSPC): ", 1)[1]
+    assert ": None" not in message
+
+
+def test_os_error_text_never_prints_none():
+    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # raised on a descriptor
+    assert os_error_text(exc) == "No space left on device (ENOSPC)"
+    assert os_error_text(exc, "/x/y") == "No space left on device (ENOSPC): /x/y"
+    named = FileNotFoundError(errno.ENOENT, "No such file or directory", "/a")
+    assert os_error_text(named, "/other") == "No such file or directory (ENOENT): /a"
+
+
+# ---- bounded, and the group put down ------------------------------------------------------
+
+
+def test_a_timeout_kills_the_whole_group_and_says_the_last_line(tmp_path):
+    pids = tmp_path / "pids"
+    child = python_child(
+        f"""
+        import os, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pids)!r}, "w").write(f"{{os.getpgid(0)}}")
+        print("waiting for the mirror", flush=True)
+        time.sleep(60)
+        """
+    )
+    started = time.monotonic()
+    with pytest.raises(InstallError) as info:
+        run(child, tmp_path / "step.log", timeout=1.5)
+    assert time.monotonic() - started < 15
+    message = info.value.message
+    assert "did not finish in 2 s and was stopped; last output: waiting for the mirror" in message
+    assert not group_alive(int(pids.read_text())), "the grandchild was killed with its group"
+    assert "waiting for the mirror" in (tmp_path / "step.log").read_text()
+
+
+def test_a_grandchild_holding_the_output_pipe_does_not_hang_the_step(tmp_path):
+    # llama-swap's bug, here: a daemon the child leaves behind keeps the pipe's write end.
+    pgid_file = tmp_path / "pgid"
+    child = python_child(
+        f"""
+        import os, subprocess
+        subprocess.Popen(["sleep", "60"])  # inherits stdout, outlives its parent
+        open({str(pgid_file)!r}, "w").write(f"{{os.getpgid(0)}}")
+        print("done", flush=True)
+        """
+    )
+    started = time.monotonic()
+    try:
+        run(child, tmp_path / "step.log")
+        took = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            signal_group(int(pgid_file.read_text()), signal.SIGKILL)
+    assert took < DRAIN_GRACE + 5
+    assert (tmp_path / "step.log").read_text() == "done\n"
+
+
+def test_stop_group_sigkills_a_group_that_ignores_sigterm(tmp_path):
+    proc = subprocess.Popen(
+        python_child(
+            """
+            import signal, subprocess, sys, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            subprocess.Popen([sys.executable, "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "time.sleep(60)"])
+            print("ready", flush=True)
+            time.sleep(60)
+            """
+        ),
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    assert stop_group(proc.pid, 0.3, leader=proc) is True
+    assert proc.returncode == -signal.SIGKILL
+    assert not group_alive(proc.pid)
+
+
+def test_stop_group_of_a_group_that_obeys_sigterm_needs_no_sigkill():
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    assert stop_group(proc.pid, 5.0, leader=proc) is False
+    assert proc.returncode == -signal.SIGTERM and not group_alive(proc.pid)
+
+
+# ---- one nvidia-smi, one PYTHONPATH ---------------------------------------------------------
+
+
+def test_install_and_serve_ask_the_same_nvidia_smi(tmp_path):
+    calls = tmp_path / "calls"
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{calls}"\n'
+        'if [ "$1" = "-L" ]; then echo "GPU 0: H200 (UUID: a)"; echo "GPU 1: H200 (UUID: b)"\n'
+        'else echo "| NVIDIA-SMI 550.54   Driver Version: 550.54   CUDA Version: 12.4 |"; fi\n'
+    )
+    smi.chmod(0o755)
+    environ = {"PATH": str(smi.parent)}
+    assert host._probe_nvidia_smi(environ) == "12.4"
+    assert preflight.count_gpus(environ) == 2
+    assert calls.read_text().splitlines() == ["", "-L"]
+
+
+def test_every_child_gets_the_same_pythonpath():
+    assert package_pythonpath() == str(REPO_ROOT)
+    env = worker_env({"PYTHONPATH": "/opt/extra", "HOME": "/h"})
+    assert env == {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}/opt/extra", "HOME": "/h"}
+    assert worker_env({})["PYTHONPATH"] == str(REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
+    return shared_kit(tmp_path_factory)
