@@ -2,8 +2,8 @@
 
 :func:`pack` reads ``<project>/pixi.lock`` for one environment and platform, refuses what cannot
 be installed offline (source packages; PyPI sdists unless ``skip_sdists``), fetches every conda
-package and wheel into the pack cache (:mod:`pipeline.build.fetch`: hashes checked, cache reused), and
-writes the bundle (:mod:`pipeline.bundle.format`)::
+package and wheel into the pack cache (:mod:`pipeline.build.fetch`: hashes checked, cache
+reused), and writes the bundle (:mod:`pipeline.bundle.format`)::
 
     channel/<subdir>/<file>            the locked conda packages
     channel/<subdir>/repodata.json     their records; only subdirs that have packages
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import __version__
+from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
@@ -72,7 +73,6 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.fsutil import CHUNK, atomic_output, atomic_write_text
 from pipeline.pixi.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
 from pipeline.progress import Progress, human_bytes

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import __version__
-from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text
+from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
 from pipeline.pixi.manifest import MANIFEST_NAME, Task, load_manifest
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
