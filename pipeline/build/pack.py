@@ -57,7 +57,6 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import atomic_write_text
 from pipeline.pixi.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
 from pipeline.progress import human_bytes
 
@@ -364,84 +363,12 @@ def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-# ---- the doit side: a small stamp instead of the big tar ------------------------------------
-
-
-def write_stamp(result: PackResult, stamp: Path) -> None:
-    """Record the bundle's sha256, size and mtime in ``stamp`` (small JSON, atomic).
-
-    The ``sha256`` task reads the digest from here, so the multi-GB tar is in no ``file_dep``
-    list; :func:`bundle_unchanged` compares the tar's size and mtime with it.
-    """
-    st = result.bundle.stat()
-    document = {
-        "bundle": str(result.bundle),
-        "sha256": result.sha256,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "lock_sha256": result.lock_sha256,
-    }
-    atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
-
-
-def read_stamp(stamp: Path) -> dict[str, Any] | None:
-    """The stamp's content, or None when it is missing or unreadable."""
-    try:
-        value = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def bundle_unchanged(stamp: Path, bundle: Path) -> bool:
-    """True when ``bundle`` still has the size and mtime recorded in ``stamp``.
-
-    Reads only metadata (one ``stat``), never the tar: a no-op ``doit pack`` stays fast with
-    a multi-GB bundle, yet a replaced or truncated tar is packed again.
-    """
-    recorded = read_stamp(stamp)
-    if recorded is None:
-        return False
-    try:
-        st = bundle.stat()
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns"))
-
-
-def write_checksum(stamp: Path, bundle: Path) -> Path:
-    """Write ``<bundle>.sha256`` (``<hex>  <file name>``, as ``sha256sum``) from ``stamp``.
-
-    Raises BundleError when the stamp is missing or does not describe ``bundle``.
-    """
-    recorded = read_stamp(stamp)
-    digest = recorded.get("sha256") if recorded else None
-    if not isinstance(digest, str) or recorded is None or recorded.get("bundle") != str(bundle):
-        raise BundleError(
-            f"no pack record for {bundle} in {stamp}; run `doit pack` (or `doit forget pack` "
-            "first if the bundle was changed by hand)"
-        )
-    out = checksum_path(bundle)
-    atomic_write_text(out, f"{digest}  {bundle.name}\n")
-    return out
-
-
-def checksum_path(bundle: Path) -> Path:
-    """``<bundle>.sha256`` beside the bundle."""
-    return bundle.with_name(bundle.name + ".sha256")
-
-
 __all__ = [
     "BundlePlan",
     "PackResult",
-    "bundle_unchanged",
-    "checksum_path",
     "environment_yml",
     "pack",
     "pixi_pack_json",
     "plan_bundle",
-    "read_stamp",
     "repodata_json",
-    "write_checksum",
-    "write_stamp",
 ]

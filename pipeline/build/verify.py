@@ -37,12 +37,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pipeline import __version__
-from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
 from pipeline.errors import LockError, PipelineError
-from pipeline.fsutil import atomic_write_text
+from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
 from pipeline.pixi.manifest import MANIFEST_NAME, Task, load_manifest
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
@@ -324,21 +322,6 @@ def install_environment(
                 label=f"installing {len(wheels)} wheels into {prefix}",
             )
     return len(locked.conda)
-
-
-def write_stamp(result: VerifyResult, stamp: Path) -> None:
-    """Record a passed verify in ``stamp`` (JSON, atomic): the doit target of ``verify``."""
-    document: dict[str, Any] = {
-        "environment": result.environment,
-        "platform": result.platform,
-        "via": result.via,
-        "commands": list(result.commands),
-        "prefix": str(result.prefix) if result.prefix else None,
-        "lock_sha256": result.lock_sha256,
-        "tool_version": __version__,
-        "seconds": round(result.seconds, 1),
-    }
-    atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
 
 
 def log_tail(log_path: Path, lines: int = 20) -> str:

@@ -67,6 +67,7 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
+    checksum_path,
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
@@ -178,11 +179,6 @@ class ExtractResult:
 # ---- the expected sha256 --------------------------------------------------------------------
 
 
-def checksum_file(bundle: Path) -> Path:
-    """``<tar>.sha256`` beside the bundle (``sha256sum`` format)."""
-    return bundle.with_name(bundle.name + ".sha256")
-
-
 def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, str]:
     """The sha256 the bundle must have, and where it comes from.
 
@@ -192,7 +188,7 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
     """
     if configured:
         return configured.lower(), "AUTO_INFER_VLLM_BUNDLE_SHA256"
-    path = checksum_file(bundle)
+    path = checksum_path(bundle)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -529,7 +525,7 @@ def extract_bundle(
         if expected is None:
             warn(
                 f"no expected sha256 for {bundle} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
-                f"{checksum_file(bundle).name} beside it): its integrity is not checked"
+                f"{checksum_path(bundle).name} beside it): its integrity is not checked"
             )
 
         fd = os.open(bundle, os.O_RDONLY)
@@ -914,7 +910,6 @@ __all__ = [
     "Member",
     "check_members",
     "check_metadata",
-    "checksum_file",
     "expected_sha256",
     "extract_bundle",
     "extract_is_current",
