@@ -79,7 +79,6 @@ from pipeline.install.contents import (
     read_repodata,
     synthesize_project,
 )
-from pipeline.install.host import host_platform as _host_platform
 from pipeline.install.layout import (
     ProjectPaths,
     fsync_dir,
@@ -88,6 +87,7 @@ from pipeline.install.layout import (
     read_stamp,
     write_json,
 )
+from pipeline.pixi.envs import host_platform
 from pipeline.pixi.lockfile import LockedEnvironment
 
 RECORD_FORMAT = 1
@@ -501,7 +501,7 @@ def extract_bundle(
     say = say or _say
     bundle = Path(bundle).absolute()
     paths = ProjectPaths.of(project_dir)
-    host = host or _host_platform()
+    host = host or host_platform()
     started = time.monotonic()
     warnings: list[str] = []
 

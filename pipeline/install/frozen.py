@@ -503,8 +503,7 @@ def _verify_commands(
         if configured.strip().lower() == "none":
             return []
         return [(configured, {}, paths.root)]
-    from pipeline.build.verify import command_text, task_chain
-    from pipeline.pixi.manifest import load_manifest
+    from pipeline.pixi.manifest import command_text, load_manifest, task_chain
 
     try:
         resolved = load_manifest(paths.manifest).resolve(environment, platform)
