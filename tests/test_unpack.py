@@ -19,7 +19,7 @@ from bundle_factory import Entry, Kit, make_bundle, shared_kit, swap_tinytool, w
 from pipeline.errors import BundleError
 from pipeline.install import extract as unpack
 from pipeline.install.extract import extract_bundle, extract_is_current
-from pipeline.install.layout import ProjectPaths
+from pipeline.install.layout import ProjectPaths, read_extract_record
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +435,69 @@ def test_crash_leftovers_are_cleaned_and_extraction_redone(tmp_path, kit: Kit):
     assert extract(bundle, project).extracted
     assert not (paths.state / "staging-dead").exists()
     assert (project / "channel/linux-64/repodata.json").is_file()
+
+
+# ---- the extraction record ------------------------------------------------------------------
+
+
+def test_extraction_record_reads_back_typed(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    result = extract(bundle, project)
+
+    record = read_extract_record(ProjectPaths.of(project))
+
+    assert record is not None
+    assert (record.sha256, record.environment, record.platform) == (
+        result.sha256,
+        "default",
+        "linux-64",
+    )
+    assert record.bundle.path == str(bundle) and record.bundle.size == bundle.stat().st_size
+    assert record.files["channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"].sha256 == (
+        kit.channel.get("tinytool").sha256
+    )
+    assert record.source == "extras" and len(record.lock_sha256) == 64
+
+
+CORRUPT_RECORDS = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "not an object": lambda _text: "[1, 2]",
+    "another format": lambda text: json.dumps({**json.loads(text), "format": 99}),
+    "no platform": lambda text: json.dumps(
+        {k: v for k, v in json.loads(text).items() if k != "platform"}
+    ),
+    "sha256 a number": lambda text: json.dumps({**json.loads(text), "sha256": 7}),
+    "files a list": lambda text: json.dumps({**json.loads(text), "files": []}),
+    "bad file facts": lambda text: json.dumps(
+        {**json.loads(text), "files": {"channel/x": ["big", "sha", 1, 2]}}
+    ),
+    "bundle stat a string": lambda text: json.dumps({**json.loads(text), "bundle": "tar"}),
+    "not utf-8": lambda _text: "\udcff",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_RECORDS), ids=lambda c: c.replace(" ", "-"))
+def test_corrupt_extraction_record_reads_as_none_and_is_extracted_again(
+    tmp_path, kit: Kit, case: str
+):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    paths = ProjectPaths.of(project)
+    text = CORRUPT_RECORDS[case](paths.extract_record.read_text())
+    paths.extract_record.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+    assert read_extract_record(paths) is None
+    assert not extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    assert extract(bundle, project).extracted
+    assert read_extract_record(paths) is not None
+
+
+def test_record_of_another_extraction_than_the_stamp_reads_as_none(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    paths = ProjectPaths.of(project)
+    paths.extract_stamp.write_text("0" * 64 + "\n")
+    assert read_extract_record(paths) is None

@@ -52,7 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +71,7 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, atomic_write_text
+from pipeline.fsutil import CHUNK
 from pipeline.install.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -80,17 +80,20 @@ from pipeline.install.contents import (
     synthesize_project,
 )
 from pipeline.install.layout import (
+    BundleStat,
+    ExtractRecord,
+    FileFacts,
     ProjectPaths,
     fsync_dir,
     install_lock,
-    read_json,
-    read_stamp,
-    write_json,
+    read_extract_record,
+    read_extract_stamp,
+    write_extract_record,
+    write_extract_stamp,
 )
 from pipeline.pixi.envs import host_platform
 from pipeline.pixi.lockfile import LockedEnvironment
 
-RECORD_FORMAT = 1
 # Top-level names a bundle may hold; anything else is skipped (never written).
 BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, CHANNEL_DIR, PYPI_DIR)
 # What an extraction owns in the project dir (replaced as a whole by the next one).
@@ -126,30 +129,6 @@ class Member:
     @property
     def top(self) -> str:
         return self.name.split("/", 1)[0]
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
-    later (same size, mtime and inode: same content, without hashing it again)."""
-
-    size: int
-    sha256: str
-    mtime_ns: int
-    ino: int
-
-    def to_json(self) -> list[Any]:
-        return [self.size, self.sha256, self.mtime_ns, self.ino]
-
-    @classmethod
-    def from_json(cls, value: Any) -> FileFacts | None:
-        if not isinstance(value, list) or len(value) != 4:
-            return None
-        size, sha, mtime_ns, ino = value
-        return cls(int(size), str(sha), int(mtime_ns), int(ino))
-
-    def matches(self, st: os.stat_result) -> bool:
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
 
 
 @dataclass(frozen=True)
@@ -520,7 +499,7 @@ def extract_bundle(
             ) from None
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
-            digest = read_stamp(paths.extract_stamp) or ""
+            digest = read_extract_stamp(paths) or ""
             return ExtractResult(bundle, digest, extracted=False, reason="nothing changed")
         if expected is None:
             warn(
@@ -597,32 +576,30 @@ def extract_bundle(
         finally:
             os.close(fd)
 
-        files: dict[str, list[Any]] = {}
+        files: dict[str, FileFacts] = {}
         total = 0
         for name in sorted(sha_of):
             fst = (paths.root / name).stat()
-            facts = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
-            files[name] = facts.to_json()
+            files[name] = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
             total += fst.st_size
-        write_json(
-            paths.extract_record,
-            {
-                "format": RECORD_FORMAT,
-                "bundle": _bundle_stat(bundle, st),
-                "sha256": digest,
-                "expected_from": expected_from,
-                "environment": environment,
-                "platform": metadata.platform,
-                "pixi_pack_version": metadata.pixi_pack_version,
-                "source": source,
-                "lock_sha256": lock_sha,
-                "skipped_sdists": list(extras.skipped_sdists) if extras else [],
-                "tool_version": __version__,
-                "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files,
-            },
+        write_extract_record(
+            paths,
+            ExtractRecord(
+                bundle=BundleStat.of(bundle, st),
+                sha256=digest,
+                expected_from=expected_from,
+                environment=environment,
+                platform=metadata.platform,
+                pixi_pack_version=metadata.pixi_pack_version,
+                source=source,
+                lock_sha256=lock_sha,
+                skipped_sdists=tuple(extras.skipped_sdists) if extras else (),
+                tool_version=__version__,
+                extracted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                files=files,
+            ),
         )
-        atomic_write_text(paths.extract_stamp, f"{digest}\n")
+        write_extract_stamp(paths, digest)
         fsync_dir(paths.state)
         return ExtractResult(
             bundle,
@@ -644,41 +621,8 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _bundle_stat(bundle: Path, st: os.stat_result) -> dict[str, Any]:
-    return {
-        "path": str(bundle),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ino": st.st_ino,
-        "dev": st.st_dev,
-    }
-
-
-def load_record(paths: ProjectPaths) -> dict[str, Any] | None:
-    """The extraction record when it belongs to the current stamp, else None."""
-    record = read_json(paths.extract_record)
-    stamp = read_stamp(paths.extract_stamp)
-    if record is None or stamp is None or record.get("sha256") != stamp:
-        return None
-    if record.get("format") != RECORD_FORMAT:
-        return None
-    return record
-
-
-def record_files(record: Mapping[str, Any]) -> dict[str, FileFacts]:
-    """The record's file table as :class:`FileFacts` (malformed entries dropped)."""
-    table = record.get("files")
-    result: dict[str, FileFacts] = {}
-    if isinstance(table, dict):
-        for name, value in table.items():
-            facts = FileFacts.from_json(value)
-            if facts is not None:
-                result[name] = facts
-    return result
-
-
-def _files_intact(paths: ProjectPaths, record: Mapping[str, Any]) -> bool:
-    for name, facts in record_files(record).items():
+def _files_intact(paths: ProjectPaths, record: ExtractRecord) -> bool:
+    for name, facts in record.files.items():
         try:
             st = (paths.root / name).lstat()
         except OSError:
@@ -692,15 +636,14 @@ def _stale_reason(
     paths: ProjectPaths, bundle: Path, expected: str | None, environment: str
 ) -> str | None:
     """Why the extraction must run again, or None when it is current. Metadata only."""
-    record = load_record(paths)
+    record = read_extract_record(paths)
     if record is None:
         return "nothing extracted yet"
-    st = bundle.stat()
-    if record.get("bundle") != _bundle_stat(bundle, st):
+    if record.bundle != BundleStat.of(bundle, bundle.stat()):
         return "the bundle file changed"
-    if expected is not None and record.get("sha256") != expected:
+    if expected is not None and record.sha256 != expected:
         return "a different bundle is expected"
-    if record.get("environment") != environment:
+    if record.environment != environment:
         return f"environment changed to '{environment}'"
     if not _files_intact(paths, record):
         return "extracted files were changed or removed"
@@ -708,20 +651,19 @@ def _stale_reason(
 
 
 def _same_content(paths: ProjectPaths, digest: str, environment: str) -> bool:
-    record = load_record(paths)
+    record = read_extract_record(paths)
     return (
         record is not None
-        and record.get("sha256") == digest
-        and record.get("environment") == environment
+        and record.sha256 == digest
+        and record.environment == environment
         and _files_intact(paths, record)
     )
 
 
 def _refresh_bundle_stat(paths: ProjectPaths, bundle: Path, st: os.stat_result) -> None:
-    record = load_record(paths)
+    record = read_extract_record(paths)
     if record is not None:
-        record["bundle"] = _bundle_stat(bundle, st)
-        write_json(paths.extract_record, record)
+        write_extract_record(paths, replace(record, bundle=BundleStat.of(bundle, st)))
 
 
 def _read_extras(
@@ -906,7 +848,6 @@ def _commit(paths: ProjectPaths, staging: Path) -> None:
 __all__ = [
     "BUNDLE_NAMES",
     "ExtractResult",
-    "FileFacts",
     "Member",
     "check_members",
     "check_metadata",
@@ -914,7 +855,5 @@ __all__ = [
     "extract_bundle",
     "extract_is_current",
     "hash_pass",
-    "load_record",
-    "record_files",
     "scan_members",
 ]

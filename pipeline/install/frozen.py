@@ -55,15 +55,18 @@ from pipeline import __version__
 from pipeline.errors import InstallError, LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.install.contents import check_lock_against_channel, read_repodata
-from pipeline.install.extract import load_record, record_files
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
-    INSTALLED_FROM,
+    ExtractRecord,
+    InstalledHost,
+    InstallRecord,
+    InstallVerify,
     ProjectPaths,
     fsync_dir,
     install_lock,
-    read_json,
-    write_json,
+    read_extract_record,
+    read_install_record,
+    write_install_record,
 )
 from pipeline.install.patch import patch_is_current
 from pipeline.pixi.envs import prefix_runtime
@@ -74,7 +77,6 @@ from pipeline.settings import process_environ
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
 VERIFY_TASK = "verify"
-RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,9 @@ class InstallResult:
 # ---- is it current? ---------------------------------------------------------------------------
 
 
-def installed_record(project_dir: Path, environment: str) -> dict[str, Any] | None:
+def installed_record(project_dir: Path, environment: str) -> InstallRecord | None:
     """The ``.installed-from.json`` of the environment's current generation, or None."""
-    return read_json(ProjectPaths.of(project_dir).installed_from(environment))
+    return read_install_record(ProjectPaths.of(project_dir).installed_from(environment))
 
 
 def install_is_current(project_dir: Path, environment: str) -> bool:
@@ -118,22 +120,22 @@ def install_is_current(project_dir: Path, environment: str) -> bool:
     bundle sha256, lock sha256, environment and platform). Small reads only; never raises.
     The doit ``uptodate`` check of ``frozen-install``."""
     paths = ProjectPaths.of(project_dir)
-    record = load_record(paths)
+    record = read_extract_record(paths)
     return record is not None and _current_reason(paths, environment, record) is None
 
 
-def _current_reason(paths: ProjectPaths, environment: str, record: Mapping[str, Any]) -> str | None:
-    installed = read_json(paths.installed_from(environment))
+def _current_reason(paths: ProjectPaths, environment: str, record: ExtractRecord) -> str | None:
+    installed = read_install_record(paths.installed_from(environment))
     if installed is None:
         return "not installed yet"
     want = {
-        "bundle_sha256": record.get("sha256"),
-        "lock_sha256": record.get("lock_sha256"),
-        "environment": environment,
-        "platform": record.get("platform"),
+        "bundle_sha256": (installed.bundle_sha256, record.sha256),
+        "lock_sha256": (installed.lock_sha256, record.lock_sha256),
+        "environment": (installed.environment, environment),
+        "platform": (installed.platform, record.platform),
     }
-    for key, value in want.items():
-        if installed.get(key) != value:
+    for key, (have, wanted) in want.items():
+        if have != wanted:
             return f"{key.replace('_', ' ')} changed"
     if not (paths.env_link(environment) / "conda-meta").is_dir():
         return "the installed environment is damaged"
@@ -172,7 +174,7 @@ def frozen_install(
     started = time.monotonic()
     warnings: list[str] = []
     with install_lock(paths, say=say):
-        record = load_record(paths)
+        record = read_extract_record(paths)
         if record is None:
             raise InstallError(
                 f"{paths.root} holds no finished extraction; run `doit install` (extract and "
@@ -187,7 +189,7 @@ def frozen_install(
         reason = _current_reason(paths, environment, record)
         if reason is None:
             return InstallResult(environment, link, _link_target(link), False, "nothing changed")
-        platform = str(record["platform"])
+        platform = record.platform
         locked = _locked(paths, environment, platform)
 
         # 1. what the host must offer
@@ -211,7 +213,7 @@ def frozen_install(
             )
 
         # 2. every file against the lock
-        files = record_files(record)
+        files = record.files
         rehashed: list[str] = []
 
         def file_sha256(rel: str) -> str | None:
@@ -235,7 +237,7 @@ def frozen_install(
             read_repodata(paths.channel),
             file_sha256,
             lock_label=str(paths.lock),
-            skipped_sdists=record.get("skipped_sdists") or (),
+            skipped_sdists=record.skipped_sdists,
         )
         if rehashed:
             say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
@@ -243,8 +245,7 @@ def frozen_install(
         # 3. a new generation, built at its final path
         _remove_generations(paths, environment, keep=(_link_target(link),))
         generation = paths.envs / (
-            f"{paths.generation_prefix(environment)}{str(record['sha256'])[:12]}."
-            f"{uuid.uuid4().hex[:6]}"
+            f"{paths.generation_prefix(environment)}{record.sha256[:12]}.{uuid.uuid4().hex[:6]}"
         )
         log = paths.install_log(environment)
         log.write_bytes(b"")
@@ -267,31 +268,27 @@ def frozen_install(
                 timeout=verify_timeout,
                 say=say,
             )
-            write_json(
-                generation / INSTALLED_FROM,
-                {
-                    "format": RECORD_FORMAT,
-                    "bundle": record.get("bundle", {}).get("path"),
-                    "bundle_sha256": record["sha256"],
-                    "lock_sha256": record.get("lock_sha256"),
-                    "environment": environment,
-                    "platform": platform,
-                    "source": record.get("source"),
-                    "tool": "infer-vllm-pipeline",
-                    "tool_version": __version__,
-                    "conda_packages": len(locked.conda),
-                    "pypi_packages": len(wheels),
-                    "prefix": str(generation),
-                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "seconds": round(time.monotonic() - started, 2),
-                    "verify": verify,
-                    "host": {
-                        "glibc": host.glibc,
-                        "cuda": host.cuda,
-                        "cuda_source": host.cuda_source,
-                    },
-                    "warnings": warnings,
-                },
+            write_install_record(
+                generation,
+                InstallRecord(
+                    bundle=record.bundle.path,
+                    bundle_sha256=record.sha256,
+                    lock_sha256=record.lock_sha256,
+                    environment=environment,
+                    platform=platform,
+                    source=record.source,
+                    tool_version=__version__,
+                    conda_packages=len(locked.conda),
+                    pypi_packages=len(wheels),
+                    prefix=str(generation),
+                    installed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    seconds=round(time.monotonic() - started, 2),
+                    verify=verify,
+                    host=InstalledHost(
+                        glibc=host.glibc, cuda=host.cuda, cuda_source=host.cuda_source
+                    ),
+                    warnings=tuple(warnings),
+                ),
             )
             fsync_dir(generation)
         except BaseException:
@@ -313,7 +310,7 @@ def frozen_install(
             pypi_packages=len(wheels),
             rehashed=len(rehashed),
             seconds=time.monotonic() - started,
-            verify_output=verify["output"] if verify else None,
+            verify_output=verify.output if verify else None,
             warnings=tuple(warnings),
         )
 
@@ -537,7 +534,7 @@ def _verify(
     base_env: Mapping[str, str],
     timeout: float,
     say: Callable[[str], None],
-) -> dict[str, Any] | None:
+) -> InstallVerify | None:
     commands = _verify_commands(paths, environment, platform, configured)
     if not commands:
         say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")
@@ -573,7 +570,7 @@ def _verify(
             fh.seek(start)
             outputs.append(fh.read().decode("utf-8", "replace"))
     last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
-    return {"commands": [c[0] for c in commands], "output": last[-1] if last else ""}
+    return InstallVerify(commands=tuple(c[0] for c in commands), output=last[-1] if last else "")
 
 
 # ---- children -----------------------------------------------------------------------------------
