@@ -111,7 +111,7 @@ Source = Literal["extras", "template", "channel"]
 
 
 @dataclass(frozen=True)
-class Member:
+class BundleMember:
     """One tar member as the extraction sees it.
 
     ``name`` is normalized (no leading ``./``, no empty or ``.`` parts). ``offset`` is where its
@@ -187,13 +187,13 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
 # ---- reading the tar ------------------------------------------------------------------------
 
 
-def scan_members(bundle: Path, size: int) -> list[Member]:
+def scan_members(bundle: Path, size: int) -> list[BundleMember]:
     """Parse the tar's headers (no data is read) and return its members in tar order.
 
     Raises BundleError for a file that is not an uncompressed tar, a truncated one (a member's
     data or the end-of-archive blocks past the end of the file) or a corrupt header.
     """
-    members: list[Member] = []
+    members: list[BundleMember] = []
     try:
         with tarfile.open(bundle, mode="r:") as tar:
             while True:
@@ -224,7 +224,7 @@ def scan_members(bundle: Path, size: int) -> list[Member]:
     return members
 
 
-def _member(info: tarfile.TarInfo) -> Member:
+def _member(info: tarfile.TarInfo) -> BundleMember:
     if info.isdir():
         kind: Literal["file", "dir", "symlink", "hardlink"] = "dir"
     elif info.issym():
@@ -247,7 +247,7 @@ def _member(info: tarfile.TarInfo) -> Member:
             f"bundle member {info.name!r} is {what}; bundles hold only files, directories and "
             "links: the bundle is unsafe, refusing it"
         )
-    return Member(
+    return BundleMember(
         name=info.name,
         kind=kind,
         size=info.size if kind == "file" else 0,
@@ -257,7 +257,9 @@ def _member(info: tarfile.TarInfo) -> Member:
     )
 
 
-def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member], list[str]]:
+def check_members(
+    members: Iterable[BundleMember], bundle: Path
+) -> tuple[list[BundleMember], list[str]]:
     """Normalize and check every member; return the members to extract and the names skipped.
 
     Refuses (BundleError, naming the member): absolute paths, ``..``, NUL or backslash in a
@@ -265,15 +267,15 @@ def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member]
     anything but an earlier regular file, members below a symlink. Members outside
     :data:`BUNDLE_NAMES` are skipped (never written). Pure.
     """
-    kept: list[Member] = []
+    kept: list[BundleMember] = []
     skipped: list[str] = []
-    seen: dict[str, Member] = {}
+    seen: dict[str, BundleMember] = {}
     links: set[str] = set()
     for raw in members:
         name = _normalize(raw.name, bundle)
         if name == "":
             continue  # the "./" entry of the root
-        member = Member(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
+        member = BundleMember(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
         if name in seen:
             raise BundleError(
                 f"bundle {bundle} holds {name!r} twice; a bundle must not overwrite its own "
@@ -306,7 +308,9 @@ def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member]
                     f"bundle member {name!r} is a hard link to {member.target!r}, which is not "
                     "an earlier file of the bundle: the bundle is unsafe, refusing it"
                 )
-            member = Member(name, "hardlink", original.size, original.offset, original.mode, target)
+            member = BundleMember(
+                name, "hardlink", original.size, original.offset, original.mode, target
+            )
         seen[name] = member
         if member.top not in BUNDLE_NAMES:
             skipped.append(name)
@@ -333,7 +337,7 @@ def _normalize(name: str, bundle: Path) -> str:
     return "/".join(parts)
 
 
-def hash_pass(fd: int, size: int, members: Iterable[Member]) -> tuple[str, dict[int, str]]:
+def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str, dict[int, str]]:
     """Read the tar once, start to end: its sha256, and the sha256 of each file member's data
     keyed by the member's data offset (names are not normalized yet at this point).
 
@@ -408,7 +412,7 @@ def hash_pass(fd: int, size: int, members: Iterable[Member]) -> tuple[str, dict[
     return total.hexdigest(), {start: h.hexdigest() for start, h in hashers.items()}
 
 
-def read_member(fd: int, member: Member, bundle: Path) -> bytes:
+def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
     """The data of a small member (metadata, extras), size-capped against memory blow-ups."""
     limit = _MAX_SMALL.get(member.name, 64 << 20)
     if member.size > limit:
@@ -510,7 +514,7 @@ def extract_bundle(
         fd = os.open(bundle, os.O_RDONLY)
         try:
             scan_error: BundleError | None = None
-            members: list[Member] = []
+            members: list[BundleMember] = []
             try:
                 members = scan_members(bundle, st.st_size)
             except BundleError as exc:
@@ -667,7 +671,7 @@ def _refresh_bundle_stat(paths: ProjectPaths, bundle: Path, st: os.stat_result) 
 
 
 def _read_extras(
-    fd: int, member: Member | None, bundle: Path, metadata: PixiPackMetadata
+    fd: int, member: BundleMember | None, bundle: Path, metadata: PixiPackMetadata
 ) -> BundleExtras | None:
     if member is None:
         return None
@@ -693,7 +697,7 @@ def _read_extras(
 
 
 def _extract_members(
-    fd: int, members: Iterable[Member], staging: Path, bundle: Path, st: os.stat_result
+    fd: int, members: Iterable[BundleMember], staging: Path, bundle: Path, st: os.stat_result
 ) -> None:
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`check_members`."""
@@ -847,8 +851,8 @@ def _commit(paths: ProjectPaths, staging: Path) -> None:
 
 __all__ = [
     "BUNDLE_NAMES",
+    "BundleMember",
     "ExtractResult",
-    "Member",
     "check_members",
     "check_metadata",
     "expected_sha256",
