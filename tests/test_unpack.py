@@ -294,6 +294,65 @@ def test_member_below_a_symlink_is_refused(tmp_path, kit: Kit):
     assert_one_line(info.value, "below the symbolic link")
 
 
+# Each link of the chain is inside channel/ when read lexically; followed by the file system,
+# `deep/up` lands at channel/a and the 5 `..` after it climb out of the project dir.
+DEEP = "channel/a/b/c/d/e"
+CLIMB = "up/" + "../" * 6 + "outside"
+
+
+def assert_chain_refused(tmp_path: Path, kit: Kit, entries: list[Entry], member: str) -> None:
+    def tamper(parts):
+        for entry in entries:
+            parts.add(entry)
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    project = tmp_path / "project"
+    with pytest.raises(BundleError) as info:
+        extract(bundle, project)
+    assert_one_line(info.value, repr(member), "unsafe")
+    assert_nothing_extracted(project)
+    assert not [p for p in tmp_path.parent.rglob("outside")]
+
+
+def test_symlink_chain_through_earlier_link_is_refused(tmp_path, kit: Kit):
+    entries = [Entry.symlink(f"{DEEP}/up", "../../../.."), Entry.symlink(f"{DEEP}/z", CLIMB)]
+    assert_chain_refused(tmp_path, kit, entries, f"{DEEP}/z")
+
+
+def test_symlink_chain_through_later_link_is_refused(tmp_path, kit: Kit):
+    # The link that goes through `up` comes first in the tar; the file system does not care.
+    entries = [Entry.symlink(f"{DEEP}/up", "../../../.."), Entry.symlink(f"{DEEP}/0z", CLIMB)]
+    assert_chain_refused(tmp_path, kit, entries, f"{DEEP}/0z")
+
+
+def test_symlink_loop_is_refused(tmp_path, kit: Kit):
+    entries = [Entry.symlink("channel/l1", "l2"), Entry.symlink("channel/l2", "l1/x")]
+    assert_chain_refused(tmp_path, kit, entries, "channel/l1")
+
+
+def test_member_below_a_later_symlink_is_refused():
+    # Sorted bundles put a link before what lies below it; a tar need not be sorted.
+    members = [
+        unpack.BundleMember("channel/a-dir/x.txt", "file", 1, 512, 0o644),
+        unpack.BundleMember("channel/a-dir", "symlink", 0, 1024, 0o777, "linux-64"),
+    ]
+    with pytest.raises(BundleError) as info:
+        unpack.check_members(members, Path("bundle.tar"))
+    assert_one_line(info.value, "'channel/a-dir/x.txt'", "below the symbolic link")
+
+
+def test_symlink_chain_that_stays_inside_is_extracted(tmp_path, kit: Kit):
+    def tamper(parts):
+        parts.add(Entry.symlink("channel/current", "linux-64"))
+        parts.add(Entry.symlink("channel/latest", "current/repodata.json"))
+
+    project = tmp_path / "project"
+    extract(make_bundle(tmp_path, kit, tamper=tamper), project)
+    assert (project / "channel/latest").read_bytes() == (
+        project / "channel/linux-64/repodata.json"
+    ).read_bytes()
+
+
 def test_duplicate_members_are_refused(tmp_path, kit: Kit):
     bundle = make_bundle(tmp_path, kit)
     entries = [Entry.file("pixi-pack.json", "{}"), Entry.file("./pixi-pack.json", "{}")]

@@ -102,6 +102,7 @@ _HASH_CHUNK = 4 * CHUNK
 _COPY_CHUNK = 64 * CHUNK
 _MAX_SMALL = {METADATA_FILE: 1 << 20, ENVIRONMENT_FILE: 64 << 20, EXTRAS_FILE: 512 << 20}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_LINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 Source = Literal["extras", "template", "channel"]
@@ -263,14 +264,19 @@ def check_members(
     """Normalize and check every member; return the members to extract and the names skipped.
 
     Refuses (BundleError, naming the member): absolute paths, ``..``, NUL or backslash in a
-    name, duplicates, symlinks whose target is absolute or leaves the bundle, hardlinks to
-    anything but an earlier regular file, members below a symlink. Members outside
-    :data:`BUNDLE_NAMES` are skipped (never written). Pure.
+    name, duplicates, symlinks whose target is absolute or leaves the link's top-level
+    directory, hardlinks to anything but an earlier regular file, members below a symlink.
+    Members outside :data:`BUNDLE_NAMES` are skipped (never written). Pure.
+
+    Symlinks are checked twice: lexically, one by one, then as the file system will follow
+    them once everything is extracted (:func:`_check_link_tree`): a link whose target goes
+    through another link member is resolved through that link, whichever comes first in the
+    tar, so a chain of links that are each harmless alone cannot climb out.
     """
     kept: list[BundleMember] = []
     skipped: list[str] = []
     seen: dict[str, BundleMember] = {}
-    links: set[str] = set()
+    links: dict[str, str] = {}  # symlink member -> its target, as written
     for raw in members:
         name = _normalize(raw.name, bundle)
         if name == "":
@@ -299,7 +305,7 @@ def check_members(
                     f"bundle member {name!r} is a symbolic link to {target!r}, outside the "
                     f"bundle's {top}/: the bundle is unsafe, refusing it"
                 )
-            links.add(name)
+            links[name] = target
         elif member.kind == "hardlink":
             target = _normalize(member.target, bundle)
             original = seen.get(target)
@@ -316,7 +322,77 @@ def check_members(
             skipped.append(name)
             continue
         kept.append(member)
+    _check_link_tree(seen, links, bundle)
     return kept, skipped
+
+
+def _check_link_tree(
+    members: Mapping[str, BundleMember], links: Mapping[str, str], bundle: Path
+) -> None:
+    """Refuse what the lexical checks of :func:`check_members` cannot see, because the file
+    system resolves links and the order of the members does not matter to it: a member below a
+    link that comes after it, and a link that, followed through the other link members (as
+    ``open`` will follow it), leaves its top-level directory or loops. Every step of the walk
+    must stay inside that directory: outside it lie the project's own files and links
+    (``.pixi/envs``...), which the bundle does not describe. Pure."""
+    for name in members:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in links:
+                raise BundleError(
+                    f"bundle member {name!r} lies below the symbolic link {parent!r}: the "
+                    "bundle is unsafe, refusing it"
+                )
+    for name, target in links.items():
+        top = name.split("/", 1)[0]
+        try:
+            resolved = _follow(name.split("/")[:-1], target, links, budget=[_MAX_LINK_HOPS])
+        except _LinkLoop:
+            raise BundleError(
+                f"bundle member {name!r} is a symbolic link to {target!r} in a loop of links: "
+                "the bundle is unsafe, refusing it"
+            ) from None
+        if resolved is None or len(resolved) < 2:
+            raise BundleError(
+                f"bundle member {name!r} is a symbolic link to {target!r}, which leaves the "
+                f"bundle's {top}/ once the links it goes through are followed: the bundle is "
+                "unsafe, refusing it"
+            )
+
+
+class _LinkLoop(Exception):
+    """More than :data:`_MAX_LINK_HOPS` links followed for one link (the kernel's ELOOP)."""
+
+
+def _follow(
+    parent: list[str], target: str, links: Mapping[str, str], *, budget: list[int]
+) -> list[str] | None:
+    """Where ``target``, a link's text read in directory ``parent`` (path parts from the
+    extraction root, with no link in them), ends up when every link member on the way is
+    followed. None when a step leaves ``parent[0]`` (the link's top-level directory); raises
+    _LinkLoop when more than :data:`_MAX_LINK_HOPS` links are followed in all. Pure."""
+    parts = list(parent)
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if len(parts) <= 1:
+                return None
+            parts.pop()
+            continue
+        here = "/".join([*parts, comp])
+        if here not in links:
+            parts.append(comp)
+            continue
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _LinkLoop(here)
+        followed = _follow(parts, links[here], links, budget=budget)
+        if followed is None:
+            return None
+        parts = followed
+    return parts
 
 
 def _normalize(name: str, bundle: Path) -> str:
