@@ -15,8 +15,9 @@
    The bundle's sha256 must equal ``AUTO_INFER_VLLM_BUNDLE_SHA256``, else the one in
    ``<tar>.sha256`` beside it (when neither exists the sha256 is recorded, with a warning).
    Every member must be safe: no absolute path, no ``..``, no link pointing outside its own
-   top-level directory (``channel/``, ``pypi/``) or a path through a link, no device, FIFO or
-   sparse file, no duplicate; names outside the bundle layout are skipped. ``pixi-pack.json``
+   top-level directory (``channel/``, ``pypi/``), also when followed through the other link
+   members as the file system will, no path through a link, no device, FIFO or sparse file,
+   no duplicate; names outside the bundle layout are skipped. ``pixi-pack.json``
    must say version ``1`` and this host's platform.
 3. **Staging**: members are copied (``copy_file_range`` from the verified tar, no second hash)
    into ``.infer-vllm/staging-*`` inside the project dir, with ``pixi.toml`` and ``pixi.lock``

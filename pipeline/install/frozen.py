@@ -186,13 +186,14 @@ def frozen_install(
                 f"environment '{environment}'; run `doit install` (patch-channels comes first)"
             )
         link = paths.env_link(environment)
+        # 1. up to date?
         reason = _current_reason(paths, environment, record)
         if reason is None:
             return InstallResult(environment, link, _link_target(link), False, "nothing changed")
         platform = record.platform
         locked = _locked(paths, environment, platform)
 
-        # 1. what the host must offer
+        # 2. preflight: what the host must offer
         host = facts or detect_host(
             override_cuda=override_cuda, override_glibc=override_glibc, environ=base_env
         )
@@ -212,7 +213,7 @@ def frozen_install(
                 f"{'; '.join(preflight.errors)}"
             )
 
-        # 2. every file against the lock
+        # 3. hashes: every file against the lock
         files = record.files
         rehashed: list[str] = []
 
@@ -242,7 +243,7 @@ def frozen_install(
         if rehashed:
             say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
 
-        # 3. a new generation, built at its final path
+        # 4. install into a new generation, built at its final path
         _remove_generations(paths, environment, keep=(_link_target(link),))
         generation = paths.envs / (
             f"{paths.generation_prefix(environment)}{record.sha256[:12]}.{uuid.uuid4().hex[:6]}"
@@ -256,6 +257,7 @@ def frozen_install(
             if wheels:
                 say(f"installing {len(wheels)} wheels")
                 _install_wheels(paths, environment, wheels, generation, log, base_env, timeout)
+            # 5. the activation script; 6. the runtime verify, inside the new generation
             write_activation_script(paths, environment)
             verify = _verify(
                 paths,
@@ -268,6 +270,7 @@ def frozen_install(
                 timeout=verify_timeout,
                 say=say,
             )
+            # 7. the switch, first half: the record goes into the generation
             write_install_record(
                 generation,
                 InstallRecord(
@@ -295,8 +298,9 @@ def frozen_install(
             shutil.rmtree(generation, ignore_errors=True)
             raise
 
-        # 4. the switch: one rename, then the garbage. The generation the link pointed at
-        # until now is kept until the next install: a server started from it keeps its files.
+        # 7. the switch, second half: one rename, then the garbage. The generation the link
+        # pointed at until now is kept until the next install: a server started from it keeps
+        # its files.
         previous = _link_target(link)
         switch_link(link, generation)
         _remove_generations(paths, environment, keep=(generation, previous))
