@@ -1,4 +1,4 @@
-"""doit entry point. The tasks live in pipeline/tasks.py; `doit list` shows them.
+"""doit entry point. The tasks live in the pipeline/tasks/ package; `doit list` shows them.
 
 Build host: `doit pack`. Container: `doit install serve`. See README.md.
 """

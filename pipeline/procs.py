@@ -266,6 +266,8 @@ def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:
 
 def rattler_install_command(request: Path) -> list[str]:
     """argv of :mod:`pipeline.install.worker` for ``request`` (see its docstring)."""
+    # A module path, not an import: the build side (verify) spawns the install side's worker
+    # this way; nothing under pipeline/build imports pipeline.install, nor the reverse.
     return [sys.executable, "-m", "pipeline.install.worker", str(request)]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import doit_env, run_doit
 
-from pipeline.build.verify import host_platform, task_chain, verify
+from pipeline.build.verify import verify
 from pipeline.demo.channel import (
     LocalChannel,
     build_channel,
@@ -26,7 +26,8 @@ from pipeline.demo.channel import (
     write_pixi_toml,
 )
 from pipeline.errors import BundleError, PipelineError
-from pipeline.pixi.manifest import Task
+from pipeline.pixi.envs import host_platform
+from pipeline.pixi.manifest import Task, task_chain
 from pipeline.settings import load_settings
 from pipeline.tasks.build import check_cache
 

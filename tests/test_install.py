@@ -24,7 +24,12 @@ from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import BundleError, InstallError
 from pipeline.install.extract import extract_bundle
-from pipeline.install.frozen import frozen_install, install_is_current, switch_link
+from pipeline.install.frozen import (
+    frozen_install,
+    install_is_current,
+    installed_record,
+    switch_link,
+)
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import ProjectPaths
 from pipeline.install.patch import patch_project
@@ -175,6 +180,24 @@ def test_install_switches_a_symlink_to_a_complete_generation(tmp_path, kit: Kit,
     assert install_is_current(project, "default")
     again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
     assert not again.installed
+
+
+def test_corrupt_install_record_reads_as_none_and_installs_again(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    first = install(project, make_bundle(tmp_path, kit), cache)
+    record = installed_record(project, "default")
+    assert record is not None and record.prefix == str(first.generation)
+    assert record.verify is not None and record.verify.output == "tinywheel 0.1"
+    assert (record.conda_packages, record.pypi_packages, record.host.glibc) == (4, 1, "2.36")
+
+    path = ProjectPaths.of(project).installed_from("default")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "conda_packages": "4"}))
+    assert installed_record(project, "default") is None
+    assert not install_is_current(project, "default")
+
+    again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+    assert again.installed and again.reason == "not installed yet"
+    assert installed_record(project, "default") is not None
 
 
 def test_a_new_bundle_replaces_the_environment_and_keeps_one_previous(tmp_path, kit, cache):

@@ -19,7 +19,7 @@ from bundle_factory import Entry, Kit, make_bundle, shared_kit, swap_tinytool, w
 from pipeline.errors import BundleError
 from pipeline.install import extract as unpack
 from pipeline.install.extract import extract_bundle, extract_is_current
-from pipeline.install.layout import ProjectPaths
+from pipeline.install.layout import ProjectPaths, read_extract_record
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,65 @@ def test_member_below_a_symlink_is_refused(tmp_path, kit: Kit):
     assert_one_line(info.value, "below the symbolic link")
 
 
+# Each link of the chain is inside channel/ when read lexically; followed by the file system,
+# `deep/up` lands at channel/a and the 5 `..` after it climb out of the project dir.
+DEEP = "channel/a/b/c/d/e"
+CLIMB = "up/" + "../" * 6 + "outside"
+
+
+def assert_chain_refused(tmp_path: Path, kit: Kit, entries: list[Entry], member: str) -> None:
+    def tamper(parts):
+        for entry in entries:
+            parts.add(entry)
+
+    bundle = make_bundle(tmp_path, kit, tamper=tamper)
+    project = tmp_path / "project"
+    with pytest.raises(BundleError) as info:
+        extract(bundle, project)
+    assert_one_line(info.value, repr(member), "unsafe")
+    assert_nothing_extracted(project)
+    assert not [p for p in tmp_path.parent.rglob("outside")]
+
+
+def test_symlink_chain_through_earlier_link_is_refused(tmp_path, kit: Kit):
+    entries = [Entry.symlink(f"{DEEP}/up", "../../../.."), Entry.symlink(f"{DEEP}/z", CLIMB)]
+    assert_chain_refused(tmp_path, kit, entries, f"{DEEP}/z")
+
+
+def test_symlink_chain_through_later_link_is_refused(tmp_path, kit: Kit):
+    # The link that goes through `up` comes first in the tar; the file system does not care.
+    entries = [Entry.symlink(f"{DEEP}/up", "../../../.."), Entry.symlink(f"{DEEP}/0z", CLIMB)]
+    assert_chain_refused(tmp_path, kit, entries, f"{DEEP}/0z")
+
+
+def test_symlink_loop_is_refused(tmp_path, kit: Kit):
+    entries = [Entry.symlink("channel/l1", "l2"), Entry.symlink("channel/l2", "l1/x")]
+    assert_chain_refused(tmp_path, kit, entries, "channel/l1")
+
+
+def test_member_below_a_later_symlink_is_refused():
+    # Sorted bundles put a link before what lies below it; a tar need not be sorted.
+    members = [
+        unpack.BundleMember("channel/a-dir/x.txt", "file", 1, 512, 0o644),
+        unpack.BundleMember("channel/a-dir", "symlink", 0, 1024, 0o777, "linux-64"),
+    ]
+    with pytest.raises(BundleError) as info:
+        unpack.check_members(members, Path("bundle.tar"))
+    assert_one_line(info.value, "'channel/a-dir/x.txt'", "below the symbolic link")
+
+
+def test_symlink_chain_that_stays_inside_is_extracted(tmp_path, kit: Kit):
+    def tamper(parts):
+        parts.add(Entry.symlink("channel/current", "linux-64"))
+        parts.add(Entry.symlink("channel/latest", "current/repodata.json"))
+
+    project = tmp_path / "project"
+    extract(make_bundle(tmp_path, kit, tamper=tamper), project)
+    assert (project / "channel/latest").read_bytes() == (
+        project / "channel/linux-64/repodata.json"
+    ).read_bytes()
+
+
 def test_duplicate_members_are_refused(tmp_path, kit: Kit):
     bundle = make_bundle(tmp_path, kit)
     entries = [Entry.file("pixi-pack.json", "{}"), Entry.file("./pixi-pack.json", "{}")]
@@ -435,3 +494,69 @@ def test_crash_leftovers_are_cleaned_and_extraction_redone(tmp_path, kit: Kit):
     assert extract(bundle, project).extracted
     assert not (paths.state / "staging-dead").exists()
     assert (project / "channel/linux-64/repodata.json").is_file()
+
+
+# ---- the extraction record ------------------------------------------------------------------
+
+
+def test_extraction_record_reads_back_typed(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    result = extract(bundle, project)
+
+    record = read_extract_record(ProjectPaths.of(project))
+
+    assert record is not None
+    assert (record.sha256, record.environment, record.platform) == (
+        result.sha256,
+        "default",
+        "linux-64",
+    )
+    assert record.bundle.path == str(bundle) and record.bundle.size == bundle.stat().st_size
+    assert record.files["channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"].sha256 == (
+        kit.channel.get("tinytool").sha256
+    )
+    assert record.source == "extras" and len(record.lock_sha256) == 64
+
+
+CORRUPT_RECORDS = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "not an object": lambda _text: "[1, 2]",
+    "another format": lambda text: json.dumps({**json.loads(text), "format": 99}),
+    "no platform": lambda text: json.dumps(
+        {k: v for k, v in json.loads(text).items() if k != "platform"}
+    ),
+    "sha256 a number": lambda text: json.dumps({**json.loads(text), "sha256": 7}),
+    "files a list": lambda text: json.dumps({**json.loads(text), "files": []}),
+    "bad file facts": lambda text: json.dumps(
+        {**json.loads(text), "files": {"channel/x": ["big", "sha", 1, 2]}}
+    ),
+    "bundle stat a string": lambda text: json.dumps({**json.loads(text), "bundle": "tar"}),
+    "not utf-8": lambda _text: "\udcff",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_RECORDS), ids=lambda c: c.replace(" ", "-"))
+def test_corrupt_extraction_record_reads_as_none_and_is_extracted_again(
+    tmp_path, kit: Kit, case: str
+):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    paths = ProjectPaths.of(project)
+    text = CORRUPT_RECORDS[case](paths.extract_record.read_text())
+    paths.extract_record.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+    assert read_extract_record(paths) is None
+    assert not extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    assert extract(bundle, project).extracted
+    assert read_extract_record(paths) is not None
+
+
+def test_record_of_another_extraction_than_the_stamp_reads_as_none(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    project = tmp_path / "project"
+    extract(bundle, project)
+    paths = ProjectPaths.of(project)
+    paths.extract_stamp.write_text("0" * 64 + "\n")
+    assert read_extract_record(paths) is None

@@ -38,13 +38,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pipeline import __version__
 from pipeline.errors import LockError, PipelineError
-from pipeline.fsutil import atomic_write_text
-from pipeline.pixi.envs import pixi_env_prefix, prefix_runtime
-from pipeline.pixi.manifest import MANIFEST_NAME, Task, load_manifest
+from pipeline.pixi.envs import host_platform, pixi_env_prefix, prefix_runtime
+from pipeline.pixi.manifest import MANIFEST_NAME, command_text, load_manifest, task_chain
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
 
@@ -74,58 +72,6 @@ class VerifyResult:
             f"verify passed for environment '{self.environment}' ({self.platform}) {where} "
             f"in {self.seconds:.1f} s; output in {self.log}"
         )
-
-
-def host_platform() -> str:
-    """This machine's conda platform (``linux-64``...), as rattler names it."""
-    from rattler import Subdir
-
-    return str(Subdir.current())
-
-
-def task_chain(tasks: Sequence[Task], name: str, where: str) -> list[Task]:
-    """``name`` and its ``depends-on`` tasks, dependencies first, each once.
-
-    Raises PipelineError for an unknown task name or a dependency cycle. Pure.
-    """
-    by_name = {t.name: t for t in tasks}
-    order: list[Task] = []
-    visiting: list[str] = []
-
-    def visit(task_name: str) -> None:
-        if any(t.name == task_name for t in order):
-            return
-        if task_name in visiting:
-            cycle = " -> ".join([*visiting[visiting.index(task_name) :], task_name])
-            raise PipelineError(f"{where}: tasks depend on each other in a cycle ({cycle})")
-        task = by_name.get(task_name)
-        if task is None:
-            if task_name == name:
-                raise PipelineError(
-                    f"{where}: no `{name}` task; add one under [tasks] (for example "
-                    f"{name} = \"python -c 'import vllm; print(vllm.__version__)'\"), "
-                    f"{_SKIP_HINT}"
-                )
-            raise PipelineError(
-                f"{where}: task `{visiting[-1]}` depends on unknown task `{task_name}`"
-            )
-        visiting.append(task_name)
-        for dep in task.depends_on:
-            visit(dep)
-        visiting.pop()
-        order.append(task)
-
-    visit(name)
-    return order
-
-
-def command_text(task: Task) -> str | None:
-    """The shell text of a task's ``cmd`` (a list is quoted and joined); None for an alias."""
-    if task.cmd is None:
-        return None
-    if isinstance(task.cmd, str):
-        return task.cmd
-    return shlex.join(task.cmd)
 
 
 def verify(
@@ -161,7 +107,8 @@ def verify(
         )
     manifest = load_manifest(manifest_path)
     resolved = manifest.resolve(environment, host)
-    chain = task_chain(resolved.tasks, VERIFY_TASK, f"{manifest_path}: environment '{environment}'")
+    where = f"{manifest_path}: environment '{environment}'"
+    chain = task_chain(resolved.tasks, VERIFY_TASK, where, hint=_SKIP_HINT)
     if not lock_path.is_file():
         raise LockError(f"{lock_path} does not exist: run `doit lock` first")
     lock_sha256 = hashlib.sha256(lock_path.read_bytes()).hexdigest()
@@ -325,21 +272,6 @@ def install_environment(
                 label=f"installing {len(wheels)} wheels into {prefix}",
             )
     return len(locked.conda)
-
-
-def write_stamp(result: VerifyResult, stamp: Path) -> None:
-    """Record a passed verify in ``stamp`` (JSON, atomic): the doit target of ``verify``."""
-    document: dict[str, Any] = {
-        "environment": result.environment,
-        "platform": result.platform,
-        "via": result.via,
-        "commands": list(result.commands),
-        "prefix": str(result.prefix) if result.prefix else None,
-        "lock_sha256": result.lock_sha256,
-        "tool_version": __version__,
-        "seconds": round(result.seconds, 1),
-    }
-    atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
 
 
 def log_tail(log_path: Path, lines: int = 20) -> str:

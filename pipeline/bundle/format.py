@@ -15,6 +15,8 @@ and ``pixi.lock`` from the ``vllm-pixi/`` template, or rebuilds what it needs fr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # pixi-pack.json
 METADATA_FILE = "pixi-pack.json"
 FORMAT_VERSION = "1"
@@ -32,3 +34,9 @@ TAR_MTIME = 0
 TAR_UID = TAR_GID = 0
 TAR_FILE_MODE = 0o644
 TAR_DIR_MODE = 0o755
+
+
+def checksum_path(bundle: Path) -> Path:
+    """``<bundle>.sha256`` beside the bundle (``sha256sum`` format): written by the pack side,
+    read by the extract side."""
+    return bundle.with_name(bundle.name + ".sha256")

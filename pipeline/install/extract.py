@@ -15,8 +15,9 @@
    The bundle's sha256 must equal ``AUTO_INFER_VLLM_BUNDLE_SHA256``, else the one in
    ``<tar>.sha256`` beside it (when neither exists the sha256 is recorded, with a warning).
    Every member must be safe: no absolute path, no ``..``, no link pointing outside its own
-   top-level directory (``channel/``, ``pypi/``) or a path through a link, no device, FIFO or
-   sparse file, no duplicate; names outside the bundle layout are skipped. ``pixi-pack.json``
+   top-level directory (``channel/``, ``pypi/``), also when followed through the other link
+   members as the file system will, no path through a link, no device, FIFO or sparse file,
+   no duplicate; names outside the bundle layout are skipped. ``pixi-pack.json``
    must say version ``1`` and this host's platform.
 3. **Staging**: members are copied (``copy_file_range`` from the verified tar, no second hash)
    into ``.infer-vllm/staging-*`` inside the project dir, with ``pixi.toml`` and ``pixi.lock``
@@ -51,7 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,10 +67,11 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
+    checksum_path,
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, atomic_write_text, fsync_dir, os_error_text
+from pipeline.fsutil import CHUNK, fsync_dir, os_error_text
 from pipeline.install.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -77,17 +79,20 @@ from pipeline.install.contents import (
     read_repodata,
     synthesize_project,
 )
-from pipeline.install.host import host_platform as _host_platform
 from pipeline.install.layout import (
+    BundleStat,
+    ExtractRecord,
+    FileFacts,
     ProjectPaths,
     install_lock,
-    read_json,
-    read_stamp,
-    write_json,
+    read_extract_record,
+    read_extract_stamp,
+    write_extract_record,
+    write_extract_stamp,
 )
+from pipeline.pixi.envs import host_platform
 from pipeline.pixi.lockfile import LockedEnvironment
 
-RECORD_FORMAT = 1
 # Top-level names a bundle may hold; anything else is skipped (never written).
 BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, CHANNEL_DIR, PYPI_DIR)
 # What an extraction owns in the project dir (replaced as a whole by the next one).
@@ -96,6 +101,7 @@ _HASH_CHUNK = 4 * CHUNK
 _COPY_CHUNK = 64 * CHUNK
 _MAX_SMALL = {METADATA_FILE: 1 << 20, ENVIRONMENT_FILE: 64 << 20, EXTRAS_FILE: 512 << 20}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_LINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 Source = Literal["extras", "template", "channel"]
@@ -105,7 +111,7 @@ Source = Literal["extras", "template", "channel"]
 
 
 @dataclass(frozen=True)
-class Member:
+class BundleMember:
     """One tar member as the extraction sees it.
 
     ``name`` is normalized (no leading ``./``, no empty or ``.`` parts). ``offset`` is where its
@@ -123,30 +129,6 @@ class Member:
     @property
     def top(self) -> str:
         return self.name.split("/", 1)[0]
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
-    later (same size, mtime and inode: same content, without hashing it again)."""
-
-    size: int
-    sha256: str
-    mtime_ns: int
-    ino: int
-
-    def to_json(self) -> list[Any]:
-        return [self.size, self.sha256, self.mtime_ns, self.ino]
-
-    @classmethod
-    def from_json(cls, value: Any) -> FileFacts | None:
-        if not isinstance(value, list) or len(value) != 4:
-            return None
-        size, sha, mtime_ns, ino = value
-        return cls(int(size), str(sha), int(mtime_ns), int(ino))
-
-    def matches(self, st: os.stat_result) -> bool:
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
 
 
 @dataclass(frozen=True)
@@ -176,11 +158,6 @@ class ExtractResult:
 # ---- the expected sha256 --------------------------------------------------------------------
 
 
-def checksum_file(bundle: Path) -> Path:
-    """``<tar>.sha256`` beside the bundle (``sha256sum`` format)."""
-    return bundle.with_name(bundle.name + ".sha256")
-
-
 def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, str]:
     """The sha256 the bundle must have, and where it comes from.
 
@@ -190,7 +167,7 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
     """
     if configured:
         return configured.lower(), "AUTO_INFER_VLLM_BUNDLE_SHA256"
-    path = checksum_file(bundle)
+    path = checksum_path(bundle)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -210,13 +187,13 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
 # ---- reading the tar ------------------------------------------------------------------------
 
 
-def scan_members(bundle: Path, size: int) -> list[Member]:
+def scan_members(bundle: Path, size: int) -> list[BundleMember]:
     """Parse the tar's headers (no data is read) and return its members in tar order.
 
     Raises BundleError for a file that is not an uncompressed tar, a truncated one (a member's
     data or the end-of-archive blocks past the end of the file) or a corrupt header.
     """
-    members: list[Member] = []
+    members: list[BundleMember] = []
     try:
         with tarfile.open(bundle, mode="r:") as tar:
             while True:
@@ -247,7 +224,7 @@ def scan_members(bundle: Path, size: int) -> list[Member]:
     return members
 
 
-def _member(info: tarfile.TarInfo) -> Member:
+def _member(info: tarfile.TarInfo) -> BundleMember:
     if info.isdir():
         kind: Literal["file", "dir", "symlink", "hardlink"] = "dir"
     elif info.issym():
@@ -270,7 +247,7 @@ def _member(info: tarfile.TarInfo) -> Member:
             f"bundle member {info.name!r} is {what}; bundles hold only files, directories and "
             "links: the bundle is unsafe, refusing it"
         )
-    return Member(
+    return BundleMember(
         name=info.name,
         kind=kind,
         size=info.size if kind == "file" else 0,
@@ -280,23 +257,30 @@ def _member(info: tarfile.TarInfo) -> Member:
     )
 
 
-def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member], list[str]]:
+def check_members(
+    members: Iterable[BundleMember], bundle: Path
+) -> tuple[list[BundleMember], list[str]]:
     """Normalize and check every member; return the members to extract and the names skipped.
 
     Refuses (BundleError, naming the member): absolute paths, ``..``, NUL or backslash in a
-    name, duplicates, symlinks whose target is absolute or leaves the bundle, hardlinks to
-    anything but an earlier regular file, members below a symlink. Members outside
-    :data:`BUNDLE_NAMES` are skipped (never written). Pure.
+    name, duplicates, symlinks whose target is absolute or leaves the link's top-level
+    directory, hardlinks to anything but an earlier regular file, members below a symlink.
+    Members outside :data:`BUNDLE_NAMES` are skipped (never written). Pure.
+
+    Symlinks are checked twice: lexically, one by one, then as the file system will follow
+    them once everything is extracted (:func:`_check_link_tree`): a link whose target goes
+    through another link member is resolved through that link, whichever comes first in the
+    tar, so a chain of links that are each harmless alone cannot climb out.
     """
-    kept: list[Member] = []
+    kept: list[BundleMember] = []
     skipped: list[str] = []
-    seen: dict[str, Member] = {}
-    links: set[str] = set()
+    seen: dict[str, BundleMember] = {}
+    links: dict[str, str] = {}  # symlink member -> its target, as written
     for raw in members:
         name = _normalize(raw.name, bundle)
         if name == "":
             continue  # the "./" entry of the root
-        member = Member(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
+        member = BundleMember(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
         if name in seen:
             raise BundleError(
                 f"bundle {bundle} holds {name!r} twice; a bundle must not overwrite its own "
@@ -320,7 +304,7 @@ def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member]
                     f"bundle member {name!r} is a symbolic link to {target!r}, outside the "
                     f"bundle's {top}/: the bundle is unsafe, refusing it"
                 )
-            links.add(name)
+            links[name] = target
         elif member.kind == "hardlink":
             target = _normalize(member.target, bundle)
             original = seen.get(target)
@@ -329,13 +313,85 @@ def check_members(members: Iterable[Member], bundle: Path) -> tuple[list[Member]
                     f"bundle member {name!r} is a hard link to {member.target!r}, which is not "
                     "an earlier file of the bundle: the bundle is unsafe, refusing it"
                 )
-            member = Member(name, "hardlink", original.size, original.offset, original.mode, target)
+            member = BundleMember(
+                name, "hardlink", original.size, original.offset, original.mode, target
+            )
         seen[name] = member
         if member.top not in BUNDLE_NAMES:
             skipped.append(name)
             continue
         kept.append(member)
+    _check_link_tree(seen, links, bundle)
     return kept, skipped
+
+
+def _check_link_tree(
+    members: Mapping[str, BundleMember], links: Mapping[str, str], bundle: Path
+) -> None:
+    """Refuse what the lexical checks of :func:`check_members` cannot see, because the file
+    system resolves links and the order of the members does not matter to it: a member below a
+    link that comes after it, and a link that, followed through the other link members (as
+    ``open`` will follow it), leaves its top-level directory or loops. Every step of the walk
+    must stay inside that directory: outside it lie the project's own files and links
+    (``.pixi/envs``...), which the bundle does not describe. Pure."""
+    for name in members:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in links:
+                raise BundleError(
+                    f"bundle member {name!r} lies below the symbolic link {parent!r}: the "
+                    "bundle is unsafe, refusing it"
+                )
+    for name, target in links.items():
+        top = name.split("/", 1)[0]
+        try:
+            resolved = _follow(name.split("/")[:-1], target, links, budget=[_MAX_LINK_HOPS])
+        except _LinkLoop:
+            raise BundleError(
+                f"bundle member {name!r} is a symbolic link to {target!r} in a loop of links: "
+                "the bundle is unsafe, refusing it"
+            ) from None
+        if resolved is None or len(resolved) < 2:
+            raise BundleError(
+                f"bundle member {name!r} is a symbolic link to {target!r}, which leaves the "
+                f"bundle's {top}/ once the links it goes through are followed: the bundle is "
+                "unsafe, refusing it"
+            )
+
+
+class _LinkLoop(Exception):
+    """More than :data:`_MAX_LINK_HOPS` links followed for one link (the kernel's ELOOP)."""
+
+
+def _follow(
+    parent: list[str], target: str, links: Mapping[str, str], *, budget: list[int]
+) -> list[str] | None:
+    """Where ``target``, a link's text read in directory ``parent`` (path parts from the
+    extraction root, with no link in them), ends up when every link member on the way is
+    followed. None when a step leaves ``parent[0]`` (the link's top-level directory); raises
+    _LinkLoop when more than :data:`_MAX_LINK_HOPS` links are followed in all. Pure."""
+    parts = list(parent)
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if len(parts) <= 1:
+                return None
+            parts.pop()
+            continue
+        here = "/".join([*parts, comp])
+        if here not in links:
+            parts.append(comp)
+            continue
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _LinkLoop(here)
+        followed = _follow(parts, links[here], links, budget=budget)
+        if followed is None:
+            return None
+        parts = followed
+    return parts
 
 
 def _normalize(name: str, bundle: Path) -> str:
@@ -356,7 +412,7 @@ def _normalize(name: str, bundle: Path) -> str:
     return "/".join(parts)
 
 
-def hash_pass(fd: int, size: int, members: Iterable[Member]) -> tuple[str, dict[int, str]]:
+def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str, dict[int, str]]:
     """Read the tar once, start to end: its sha256, and the sha256 of each file member's data
     keyed by the member's data offset (names are not normalized yet at this point).
 
@@ -431,7 +487,7 @@ def hash_pass(fd: int, size: int, members: Iterable[Member]) -> tuple[str, dict[
     return total.hexdigest(), {start: h.hexdigest() for start, h in hashers.items()}
 
 
-def read_member(fd: int, member: Member, bundle: Path) -> bytes:
+def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
     """The data of a small member (metadata, extras), size-capped against memory blow-ups."""
     limit = _MAX_SMALL.get(member.name, 64 << 20)
     if member.size > limit:
@@ -503,7 +559,7 @@ def extract_bundle(
     say = say or reporting.say
     bundle = Path(bundle).absolute()
     paths = ProjectPaths.of(project_dir)
-    host = host or _host_platform()
+    host = host or host_platform()
     started = time.monotonic()
     warnings: list[str] = []
 
@@ -522,18 +578,18 @@ def extract_bundle(
             ) from None
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
-            digest = read_stamp(paths.extract_stamp) or ""
+            digest = read_extract_stamp(paths) or ""
             return ExtractResult(bundle, digest, extracted=False, reason="nothing changed")
         if expected is None:
             warn(
                 f"no expected sha256 for {bundle} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
-                f"{checksum_file(bundle).name} beside it): its integrity is not checked"
+                f"{checksum_path(bundle).name} beside it): its integrity is not checked"
             )
 
         fd = os.open(bundle, os.O_RDONLY)
         try:
             scan_error: BundleError | None = None
-            members: list[Member] = []
+            members: list[BundleMember] = []
             try:
                 members = scan_members(bundle, st.st_size)
             except BundleError as exc:
@@ -599,32 +655,30 @@ def extract_bundle(
         finally:
             os.close(fd)
 
-        files: dict[str, list[Any]] = {}
+        files: dict[str, FileFacts] = {}
         total = 0
         for name in sorted(sha_of):
             fst = (paths.root / name).stat()
-            facts = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
-            files[name] = facts.to_json()
+            files[name] = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
             total += fst.st_size
-        write_json(
-            paths.extract_record,
-            {
-                "format": RECORD_FORMAT,
-                "bundle": _bundle_stat(bundle, st),
-                "sha256": digest,
-                "expected_from": expected_from,
-                "environment": environment,
-                "platform": metadata.platform,
-                "pixi_pack_version": metadata.pixi_pack_version,
-                "source": source,
-                "lock_sha256": lock_sha,
-                "skipped_sdists": list(extras.skipped_sdists) if extras else [],
-                "tool_version": __version__,
-                "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files,
-            },
+        write_extract_record(
+            paths,
+            ExtractRecord(
+                bundle=BundleStat.of(bundle, st),
+                sha256=digest,
+                expected_from=expected_from,
+                environment=environment,
+                platform=metadata.platform,
+                pixi_pack_version=metadata.pixi_pack_version,
+                source=source,
+                lock_sha256=lock_sha,
+                skipped_sdists=tuple(extras.skipped_sdists) if extras else (),
+                tool_version=__version__,
+                extracted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                files=files,
+            ),
         )
-        atomic_write_text(paths.extract_stamp, f"{digest}\n")
+        write_extract_stamp(paths, digest)
         fsync_dir(paths.state)
         return ExtractResult(
             bundle,
@@ -642,41 +696,8 @@ def extract_bundle(
 # ---- internals ------------------------------------------------------------------------------
 
 
-def _bundle_stat(bundle: Path, st: os.stat_result) -> dict[str, Any]:
-    return {
-        "path": str(bundle),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ino": st.st_ino,
-        "dev": st.st_dev,
-    }
-
-
-def load_record(paths: ProjectPaths) -> dict[str, Any] | None:
-    """The extraction record when it belongs to the current stamp, else None."""
-    record = read_json(paths.extract_record)
-    stamp = read_stamp(paths.extract_stamp)
-    if record is None or stamp is None or record.get("sha256") != stamp:
-        return None
-    if record.get("format") != RECORD_FORMAT:
-        return None
-    return record
-
-
-def record_files(record: Mapping[str, Any]) -> dict[str, FileFacts]:
-    """The record's file table as :class:`FileFacts` (malformed entries dropped)."""
-    table = record.get("files")
-    result: dict[str, FileFacts] = {}
-    if isinstance(table, dict):
-        for name, value in table.items():
-            facts = FileFacts.from_json(value)
-            if facts is not None:
-                result[name] = facts
-    return result
-
-
-def _files_intact(paths: ProjectPaths, record: Mapping[str, Any]) -> bool:
-    for name, facts in record_files(record).items():
+def _files_intact(paths: ProjectPaths, record: ExtractRecord) -> bool:
+    for name, facts in record.files.items():
         try:
             st = (paths.root / name).lstat()
         except OSError:
@@ -690,15 +711,14 @@ def _stale_reason(
     paths: ProjectPaths, bundle: Path, expected: str | None, environment: str
 ) -> str | None:
     """Why the extraction must run again, or None when it is current. Metadata only."""
-    record = load_record(paths)
+    record = read_extract_record(paths)
     if record is None:
         return "nothing extracted yet"
-    st = bundle.stat()
-    if record.get("bundle") != _bundle_stat(bundle, st):
+    if record.bundle != BundleStat.of(bundle, bundle.stat()):
         return "the bundle file changed"
-    if expected is not None and record.get("sha256") != expected:
+    if expected is not None and record.sha256 != expected:
         return "a different bundle is expected"
-    if record.get("environment") != environment:
+    if record.environment != environment:
         return f"environment changed to '{environment}'"
     if not _files_intact(paths, record):
         return "extracted files were changed or removed"
@@ -706,24 +726,23 @@ def _stale_reason(
 
 
 def _same_content(paths: ProjectPaths, digest: str, environment: str) -> bool:
-    record = load_record(paths)
+    record = read_extract_record(paths)
     return (
         record is not None
-        and record.get("sha256") == digest
-        and record.get("environment") == environment
+        and record.sha256 == digest
+        and record.environment == environment
         and _files_intact(paths, record)
     )
 
 
 def _refresh_bundle_stat(paths: ProjectPaths, bundle: Path, st: os.stat_result) -> None:
-    record = load_record(paths)
+    record = read_extract_record(paths)
     if record is not None:
-        record["bundle"] = _bundle_stat(bundle, st)
-        write_json(paths.extract_record, record)
+        write_extract_record(paths, replace(record, bundle=BundleStat.of(bundle, st)))
 
 
 def _read_extras(
-    fd: int, member: Member | None, bundle: Path, metadata: PixiPackMetadata
+    fd: int, member: BundleMember | None, bundle: Path, metadata: PixiPackMetadata
 ) -> BundleExtras | None:
     if member is None:
         return None
@@ -749,7 +768,7 @@ def _read_extras(
 
 
 def _extract_members(
-    fd: int, members: Iterable[Member], staging: Path, bundle: Path, st: os.stat_result
+    fd: int, members: Iterable[BundleMember], staging: Path, bundle: Path, st: os.stat_result
 ) -> None:
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`check_members`."""
@@ -904,17 +923,13 @@ def _commit(paths: ProjectPaths, staging: Path) -> None:
 
 __all__ = [
     "BUNDLE_NAMES",
+    "BundleMember",
     "ExtractResult",
-    "FileFacts",
-    "Member",
     "check_members",
     "check_metadata",
-    "checksum_file",
     "expected_sha256",
     "extract_bundle",
     "extract_is_current",
     "hash_pass",
-    "load_record",
-    "record_files",
     "scan_members",
 ]

@@ -55,14 +55,17 @@ from pipeline import __version__, reporting
 from pipeline.errors import InstallError, LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir, sha256_file
 from pipeline.install.contents import check_lock_against_channel, read_repodata
-from pipeline.install.extract import load_record, record_files
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
-    INSTALLED_FROM,
+    ExtractRecord,
+    InstalledHost,
+    InstallRecord,
+    InstallVerify,
     ProjectPaths,
     install_lock,
-    read_json,
-    write_json,
+    read_extract_record,
+    read_install_record,
+    write_install_record,
 )
 from pipeline.install.patch import patch_is_current
 from pipeline.pixi.envs import prefix_runtime
@@ -73,7 +76,6 @@ from pipeline.settings import process_environ
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
 VERIFY_TASK = "verify"
-RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,9 @@ class InstallResult:
 # ---- is it current? ---------------------------------------------------------------------------
 
 
-def installed_record(project_dir: Path, environment: str) -> dict[str, Any] | None:
+def installed_record(project_dir: Path, environment: str) -> InstallRecord | None:
     """The ``.installed-from.json`` of the environment's current generation, or None."""
-    return read_json(ProjectPaths.of(project_dir).installed_from(environment))
+    return read_install_record(ProjectPaths.of(project_dir).installed_from(environment))
 
 
 def install_is_current(project_dir: Path, environment: str) -> bool:
@@ -117,22 +119,22 @@ def install_is_current(project_dir: Path, environment: str) -> bool:
     bundle sha256, lock sha256, environment and platform). Small reads only; never raises.
     The doit ``uptodate`` check of ``frozen-install``."""
     paths = ProjectPaths.of(project_dir)
-    record = load_record(paths)
+    record = read_extract_record(paths)
     return record is not None and _current_reason(paths, environment, record) is None
 
 
-def _current_reason(paths: ProjectPaths, environment: str, record: Mapping[str, Any]) -> str | None:
-    installed = read_json(paths.installed_from(environment))
+def _current_reason(paths: ProjectPaths, environment: str, record: ExtractRecord) -> str | None:
+    installed = read_install_record(paths.installed_from(environment))
     if installed is None:
         return "not installed yet"
     want = {
-        "bundle_sha256": record.get("sha256"),
-        "lock_sha256": record.get("lock_sha256"),
-        "environment": environment,
-        "platform": record.get("platform"),
+        "bundle_sha256": (installed.bundle_sha256, record.sha256),
+        "lock_sha256": (installed.lock_sha256, record.lock_sha256),
+        "environment": (installed.environment, environment),
+        "platform": (installed.platform, record.platform),
     }
-    for key, value in want.items():
-        if installed.get(key) != value:
+    for key, (have, wanted) in want.items():
+        if have != wanted:
             return f"{key.replace('_', ' ')} changed"
     if not (paths.env_link(environment) / "conda-meta").is_dir():
         return "the installed environment is damaged"
@@ -171,7 +173,7 @@ def frozen_install(
     started = time.monotonic()
     warnings: list[str] = []
     with install_lock(paths, say=say):
-        record = load_record(paths)
+        record = read_extract_record(paths)
         if record is None:
             raise InstallError(
                 f"{paths.root} holds no finished extraction; run `doit install` (extract and "
@@ -183,13 +185,14 @@ def frozen_install(
                 f"environment '{environment}'; run `doit install` (patch-channels comes first)"
             )
         link = paths.env_link(environment)
+        # 1. up to date?
         reason = _current_reason(paths, environment, record)
         if reason is None:
             return InstallResult(environment, link, _link_target(link), False, "nothing changed")
-        platform = str(record["platform"])
+        platform = record.platform
         locked = _locked(paths, environment, platform)
 
-        # 1. what the host must offer
+        # 2. preflight: what the host must offer
         host = facts or detect_host(
             override_cuda=override_cuda, override_glibc=override_glibc, environ=base_env
         )
@@ -209,8 +212,8 @@ def frozen_install(
                 f"{'; '.join(preflight.errors)}"
             )
 
-        # 2. every file against the lock
-        files = record_files(record)
+        # 3. hashes: every file against the lock
+        files = record.files
         rehashed: list[str] = []
 
         def file_sha256(rel: str) -> str | None:
@@ -234,16 +237,15 @@ def frozen_install(
             read_repodata(paths.channel),
             file_sha256,
             lock_label=str(paths.lock),
-            skipped_sdists=record.get("skipped_sdists") or (),
+            skipped_sdists=record.skipped_sdists,
         )
         if rehashed:
             say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
 
-        # 3. a new generation, built at its final path
+        # 4. install into a new generation, built at its final path
         _remove_generations(paths, environment, keep=(_link_target(link),))
         generation = paths.envs / (
-            f"{paths.generation_prefix(environment)}{str(record['sha256'])[:12]}."
-            f"{uuid.uuid4().hex[:6]}"
+            f"{paths.generation_prefix(environment)}{record.sha256[:12]}.{uuid.uuid4().hex[:6]}"
         )
         log = paths.install_log(environment)
         log.write_bytes(b"")
@@ -254,6 +256,7 @@ def frozen_install(
             if wheels:
                 say(f"installing {len(wheels)} wheels")
                 _install_wheels(paths, environment, wheels, generation, log, base_env, timeout)
+            # 5. the activation script; 6. the runtime verify, inside the new generation
             write_activation_script(paths, environment)
             verify = _verify(
                 paths,
@@ -266,39 +269,37 @@ def frozen_install(
                 timeout=verify_timeout,
                 say=say,
             )
-            write_json(
-                generation / INSTALLED_FROM,
-                {
-                    "format": RECORD_FORMAT,
-                    "bundle": record.get("bundle", {}).get("path"),
-                    "bundle_sha256": record["sha256"],
-                    "lock_sha256": record.get("lock_sha256"),
-                    "environment": environment,
-                    "platform": platform,
-                    "source": record.get("source"),
-                    "tool": "infer-vllm-pipeline",
-                    "tool_version": __version__,
-                    "conda_packages": len(locked.conda),
-                    "pypi_packages": len(wheels),
-                    "prefix": str(generation),
-                    "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "seconds": round(time.monotonic() - started, 2),
-                    "verify": verify,
-                    "host": {
-                        "glibc": host.glibc,
-                        "cuda": host.cuda,
-                        "cuda_source": host.cuda_source,
-                    },
-                    "warnings": warnings,
-                },
+            # 7. the switch, first half: the record goes into the generation
+            write_install_record(
+                generation,
+                InstallRecord(
+                    bundle=record.bundle.path,
+                    bundle_sha256=record.sha256,
+                    lock_sha256=record.lock_sha256,
+                    environment=environment,
+                    platform=platform,
+                    source=record.source,
+                    tool_version=__version__,
+                    conda_packages=len(locked.conda),
+                    pypi_packages=len(wheels),
+                    prefix=str(generation),
+                    installed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    seconds=round(time.monotonic() - started, 2),
+                    verify=verify,
+                    host=InstalledHost(
+                        glibc=host.glibc, cuda=host.cuda, cuda_source=host.cuda_source
+                    ),
+                    warnings=tuple(warnings),
+                ),
             )
             fsync_dir(generation)
         except BaseException:
             shutil.rmtree(generation, ignore_errors=True)
             raise
 
-        # 4. the switch: one rename, then the garbage. The generation the link pointed at
-        # until now is kept until the next install: a server started from it keeps its files.
+        # 7. the switch, second half: one rename, then the garbage. The generation the link
+        # pointed at until now is kept until the next install: a server started from it keeps
+        # its files.
         previous = _link_target(link)
         switch_link(link, generation)
         _remove_generations(paths, environment, keep=(generation, previous))
@@ -312,7 +313,7 @@ def frozen_install(
             pypi_packages=len(wheels),
             rehashed=len(rehashed),
             seconds=time.monotonic() - started,
-            verify_output=verify["output"] if verify else None,
+            verify_output=verify.output if verify else None,
             warnings=tuple(warnings),
         )
 
@@ -502,8 +503,7 @@ def _verify_commands(
         if configured.strip().lower() == "none":
             return []
         return [(configured, {}, paths.root)]
-    from pipeline.build.verify import command_text, task_chain
-    from pipeline.pixi.manifest import load_manifest
+    from pipeline.pixi.manifest import command_text, load_manifest, task_chain
 
     try:
         resolved = load_manifest(paths.manifest).resolve(environment, platform)
@@ -537,7 +537,7 @@ def _verify(
     base_env: Mapping[str, str],
     timeout: float,
     say: Callable[[str], None],
-) -> dict[str, Any] | None:
+) -> InstallVerify | None:
     commands = _verify_commands(paths, environment, platform, configured)
     if not commands:
         say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")
@@ -573,7 +573,7 @@ def _verify(
             fh.seek(start)
             outputs.append(fh.read().decode("utf-8", "replace"))
     last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
-    return {"commands": [c[0] for c in commands], "output": last[-1] if last else ""}
+    return InstallVerify(commands=tuple(c[0] for c in commands), output=last[-1] if last else "")
 
 
 # ---- children -----------------------------------------------------------------------------------

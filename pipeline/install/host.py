@@ -1,5 +1,9 @@
 """What this host offers to conda packages: platform, glibc, kernel and CUDA driver.
 
+The install side's host check (``frozen-install``: can this environment run here?), not to be
+confused with :mod:`pipeline.serve.preflight` (``doit serve``: GPUs, ports and model paths that
+the instances of a plan need).
+
 Conda packages state what they need from the system as *virtual package* dependencies
 (``__glibc >=2.17``, ``__cuda >=12``, ``__linux >=4.18``). A solver checks them against the
 build host's (or ``[system-requirements]``); nothing checks them where the bundle is installed,
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 
 from rattler import MatchSpec, Version, VersionSpec
 
+from pipeline.pixi.envs import host_platform
 from pipeline.procs import nvidia_smi
 
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*")
@@ -59,13 +64,6 @@ class Preflight:
     errors: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     checked: tuple[str, ...] = field(default=())  # "__glibc >=2.17 (tinytool)", for the record
-
-
-def host_platform() -> str:
-    """This machine's conda platform (``linux-64``, ``linux-aarch64``...), as rattler names it."""
-    from rattler import Subdir
-
-    return str(Subdir.current())
 
 
 def detect_host(

@@ -23,6 +23,10 @@ into place. Each install goes into a new generation directory at its final path;
 complete and verified, ``.pixi/envs/<env>`` is switched to it with one ``rename(2)`` of a
 symlink, which is atomic: readers see the old environment or the new one, never a mix. pixi
 itself symlinks ``.pixi/envs`` (``detached-environments``) and follows the link.
+
+The records the stages pass on (``extract.json`` and ``extract.sha256``, ``patch.stamp``,
+``.installed-from.json``) are frozen dataclasses with one writer and one total reader each,
+at the end of this module: :class:`ExtractRecord`, :class:`PatchStamp`, :class:`InstallRecord`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +140,11 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
-def read_stamp(path: Path) -> str | None:
-    """The first line of a stamp file, or None when there is none."""
+def read_stamp_line(path: Path) -> str | None:
+    """The first line of a text stamp file, or None when there is none."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     first = text.splitlines()[0].strip() if text.strip() else ""
     return first or None
@@ -209,3 +213,351 @@ def _lock_holder(fd: int) -> str:
         pid = int(os.pread(fd, 32, 0).decode().strip())
         return f" (pid {pid})"
     return ""
+
+
+# ---- the records between the stages -----------------------------------------------------------
+#
+# extract writes ``extract.json`` then ``extract.sha256``; patch-channels reads them and writes
+# ``patch.stamp``; frozen-install reads all three and writes ``.installed-from.json`` into the
+# generation it installs. Each record is a frozen dataclass with one writer and one reader,
+# here. The readers are total: a missing, unreadable, malformed or other-format record reads
+# as None (the stage then runs again, or says what to run first), never a traceback.
+
+EXTRACT_RECORD_FORMAT = 1  # extract.json
+INSTALLED_FROM_FORMAT = 1  # .installed-from.json
+TOOL_NAME = "infer-vllm-pipeline"
+
+
+class _Malformed(ValueError):
+    """A record field is missing or has the wrong type (caught by the readers)."""
+
+
+def _field(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = doc.get(key)
+    # bool is an int to isinstance: a record never holds a bool where a number belongs.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise _Malformed(key)
+    return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _optional(doc: Mapping[str, Any], key: str, kind: type) -> Any:
+    return None if doc.get(key) is None else _field(doc, key, kind)
+
+
+def _strings(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = doc.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Malformed(key)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
+    later (same size, mtime and inode: same content, without hashing it again)."""
+
+    size: int
+    sha256: str
+    mtime_ns: int
+    ino: int
+
+    def to_json(self) -> list[Any]:
+        return [self.size, self.sha256, self.mtime_ns, self.ino]
+
+    @classmethod
+    def from_json(cls, value: Any) -> FileFacts:
+        """Raises _Malformed unless ``value`` is ``[size, sha256, mtime_ns, ino]``."""
+        if not isinstance(value, list) or len(value) != 4:
+            raise _Malformed("files")
+        size, sha, mtime_ns, ino = value
+        if not (isinstance(sha, str) and all(_is_int(v) for v in (size, mtime_ns, ino))):
+            raise _Malformed("files")
+        return cls(size, sha, mtime_ns, ino)
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class BundleStat:
+    """The bundle tar as it was when extracted: same stat, same tar (no re-hash needed)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, bundle: Path, st: os.stat_result) -> BundleStat:
+        return cls(str(bundle), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "ino": self.ino,
+            "dev": self.dev,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> BundleStat:
+        if not isinstance(value, dict):
+            raise _Malformed("bundle")
+        return cls(
+            path=_field(value, "path", str),
+            size=_field(value, "size", int),
+            mtime_ns=_field(value, "mtime_ns", int),
+            ino=_field(value, "ino", int),
+            dev=_field(value, "dev", int),
+        )
+
+
+@dataclass(frozen=True)
+class ExtractRecord:
+    """``extract.json``: what the last extraction put into the project dir.
+
+    Written by :func:`pipeline.install.extract.extract_bundle`; read by every later stage
+    through :func:`read_extract_record`. ``files`` maps each extracted package file (relative
+    name) to its facts; ``source`` says where pixi.toml/pixi.lock came from (``extras``,
+    ``template`` or ``channel``).
+    """
+
+    bundle: BundleStat
+    sha256: str
+    expected_from: str
+    environment: str
+    platform: str
+    pixi_pack_version: str | None
+    source: str
+    lock_sha256: str
+    skipped_sdists: tuple[str, ...]
+    tool_version: str
+    extracted_at: str
+    files: Mapping[str, FileFacts]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": EXTRACT_RECORD_FORMAT,
+            "bundle": self.bundle.to_json(),
+            "sha256": self.sha256,
+            "expected_from": self.expected_from,
+            "environment": self.environment,
+            "platform": self.platform,
+            "pixi_pack_version": self.pixi_pack_version,
+            "source": self.source,
+            "lock_sha256": self.lock_sha256,
+            "skipped_sdists": list(self.skipped_sdists),
+            "tool_version": self.tool_version,
+            "extracted_at": self.extracted_at,
+            "files": {name: facts.to_json() for name, facts in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ExtractRecord:
+        """Raises _Malformed for a missing or mistyped field, or another format."""
+        if doc.get("format") != EXTRACT_RECORD_FORMAT:
+            raise _Malformed("format")
+        table = _field(doc, "files", dict)
+        return cls(
+            bundle=BundleStat.from_json(doc.get("bundle")),
+            sha256=_field(doc, "sha256", str),
+            expected_from=_field(doc, "expected_from", str),
+            environment=_field(doc, "environment", str),
+            platform=_field(doc, "platform", str),
+            pixi_pack_version=_optional(doc, "pixi_pack_version", str),
+            source=_field(doc, "source", str),
+            lock_sha256=_field(doc, "lock_sha256", str),
+            skipped_sdists=_strings(doc, "skipped_sdists"),
+            tool_version=_field(doc, "tool_version", str),
+            extracted_at=_field(doc, "extracted_at", str),
+            files={str(name): FileFacts.from_json(value) for name, value in table.items()},
+        )
+
+
+def write_extract_record(paths: ProjectPaths, record: ExtractRecord) -> None:
+    """Write ``extract.json`` (atomic). The extraction becomes current only when the stamp
+    that names the same sha256 is written after it (:func:`write_extract_stamp`): a crash in
+    between leaves no stamp, so the next run extracts again."""
+    write_json(paths.extract_record, record.to_json())
+
+
+def write_extract_stamp(paths: ProjectPaths, sha256: str) -> None:
+    """Write ``extract.sha256``: the bundle's sha256 and a newline (atomic; doit's target)."""
+    atomic_write_text(paths.extract_stamp, f"{sha256}\n")
+
+
+def read_extract_stamp(paths: ProjectPaths) -> str | None:
+    """The bundle sha256 in ``extract.sha256``, or None when there is none."""
+    return read_stamp_line(paths.extract_stamp)
+
+
+def read_extract_record(paths: ProjectPaths) -> ExtractRecord | None:
+    """The extraction record when it is readable, of this format and belongs to the current
+    stamp; else None. Never raises."""
+    document = read_json(paths.extract_record)
+    stamp = read_extract_stamp(paths)
+    if document is None or stamp is None:
+        return None
+    try:
+        record = ExtractRecord.from_json(document)
+    except (_Malformed, TypeError, ValueError):
+        return None
+    return record if record.sha256 == stamp else None
+
+
+@dataclass(frozen=True)
+class PatchStamp:
+    """``patch.stamp``: which extraction (bundle sha256) was patched, where, for which
+    environment. Three lines of text on disk."""
+
+    bundle_sha256: str
+    project: str
+    environment: str
+
+
+def write_patch_stamp(paths: ProjectPaths, stamp: PatchStamp) -> None:
+    atomic_write_text(
+        paths.patch_stamp, f"{stamp.bundle_sha256}\n{stamp.project}\n{stamp.environment}\n"
+    )
+
+
+def read_patch_stamp(paths: ProjectPaths) -> PatchStamp | None:
+    """The patch stamp, or None when it is missing, unreadable or not three lines."""
+    try:
+        lines = paths.patch_stamp.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(lines) != 3:
+        return None
+    return PatchStamp(*lines)
+
+
+@dataclass(frozen=True)
+class InstalledHost:
+    """The host facts an install was checked against."""
+
+    glibc: str | None
+    cuda: str | None
+    cuda_source: str
+
+
+@dataclass(frozen=True)
+class InstallVerify:
+    """The runtime verify of an install: the commands run and the last line they printed."""
+
+    commands: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """``.installed-from.json`` in a generation: what was installed there, from what.
+
+    Written by :func:`pipeline.install.frozen.frozen_install` before the switch; read through
+    :func:`read_install_record`.
+    """
+
+    bundle: str | None
+    bundle_sha256: str
+    lock_sha256: str
+    environment: str
+    platform: str
+    source: str
+    tool_version: str
+    conda_packages: int
+    pypi_packages: int
+    prefix: str
+    installed_at: str
+    seconds: float
+    verify: InstallVerify | None
+    host: InstalledHost
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": INSTALLED_FROM_FORMAT,
+            "bundle": self.bundle,
+            "bundle_sha256": self.bundle_sha256,
+            "lock_sha256": self.lock_sha256,
+            "environment": self.environment,
+            "platform": self.platform,
+            "source": self.source,
+            "tool": TOOL_NAME,
+            "tool_version": self.tool_version,
+            "conda_packages": self.conda_packages,
+            "pypi_packages": self.pypi_packages,
+            "prefix": self.prefix,
+            "installed_at": self.installed_at,
+            "seconds": self.seconds,
+            "verify": (
+                None
+                if self.verify is None
+                else {"commands": list(self.verify.commands), "output": self.verify.output}
+            ),
+            "host": {
+                "glibc": self.host.glibc,
+                "cuda": self.host.cuda,
+                "cuda_source": self.host.cuda_source,
+            },
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> InstallRecord:
+        """Raises _Malformed for a missing or mistyped field, or another format."""
+        if doc.get("format") != INSTALLED_FROM_FORMAT:
+            raise _Malformed("format")
+        verify = doc.get("verify")
+        if verify is not None:
+            if not isinstance(verify, dict):
+                raise _Malformed("verify")
+            verify = InstallVerify(_strings(verify, "commands"), _field(verify, "output", str))
+        host = _field(doc, "host", dict)
+        return cls(
+            bundle=_optional(doc, "bundle", str),
+            bundle_sha256=_field(doc, "bundle_sha256", str),
+            lock_sha256=_field(doc, "lock_sha256", str),
+            environment=_field(doc, "environment", str),
+            platform=_field(doc, "platform", str),
+            source=_field(doc, "source", str),
+            tool_version=_field(doc, "tool_version", str),
+            conda_packages=_field(doc, "conda_packages", int),
+            pypi_packages=_field(doc, "pypi_packages", int),
+            prefix=_field(doc, "prefix", str),
+            installed_at=_field(doc, "installed_at", str),
+            seconds=float(_field(doc, "seconds", (int, float))),
+            verify=verify,
+            host=InstalledHost(
+                glibc=_optional(host, "glibc", str),
+                cuda=_optional(host, "cuda", str),
+                cuda_source=_field(host, "cuda_source", str),
+            ),
+            warnings=_strings(doc, "warnings"),
+        )
+
+
+def write_install_record(generation: Path, record: InstallRecord) -> None:
+    """Write ``.installed-from.json`` into ``generation`` (atomic)."""
+    write_json(generation / INSTALLED_FROM, record.to_json())
+
+
+def read_install_record(path: Path) -> InstallRecord | None:
+    """The install record at ``path`` (``.installed-from.json``), or None when it is missing,
+    unreadable, malformed or of another format. Never raises."""
+    document = read_json(path)
+    if document is None:
+        return None
+    try:
+        return InstallRecord.from_json(document)
+    except (_Malformed, TypeError, ValueError):
+        return None

@@ -34,8 +34,15 @@ import tomlkit
 from pipeline import reporting
 from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text
-from pipeline.install.extract import load_record
-from pipeline.install.layout import ProjectPaths, install_lock, read_stamp
+from pipeline.install.layout import (
+    PatchStamp,
+    ProjectPaths,
+    install_lock,
+    read_extract_record,
+    read_extract_stamp,
+    read_patch_stamp,
+    write_patch_stamp,
+)
 from pipeline.pixi.lockfile import LockedEnvironment, read_environment
 
 _DEPENDENCY_TABLES = ("dependencies", "host-dependencies", "build-dependencies")
@@ -239,14 +246,10 @@ def patch_is_current(project_dir: Path, environment: str) -> bool:
     """True when the patch stamp matches the current extraction, project path and
     environment. Reads two small files; never raises. The doit ``uptodate`` of the stage."""
     paths = ProjectPaths.of(project_dir)
-    digest = read_stamp(paths.extract_stamp)
+    digest = read_extract_stamp(paths)
     if digest is None:
         return False
-    try:
-        lines = paths.patch_stamp.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return False
-    return lines == [digest, str(paths.root), environment]
+    return read_patch_stamp(paths) == PatchStamp(digest, str(paths.root), environment)
 
 
 def patch_project(
@@ -263,13 +266,13 @@ def patch_project(
     """
     paths = ProjectPaths.of(project_dir)
     with install_lock(paths, say=say or reporting.say):
-        record = load_record(paths)
+        record = read_extract_record(paths)
         if record is None:
             raise InstallError(
                 f"{paths.root} holds no finished extraction; run `doit extract` (or `doit "
                 "install`) first"
             )
-        platform = str(record["platform"])
+        platform = record.platform
         channel_url = paths.channel.as_uri() + "/"
         try:
             locked = read_environment(paths.lock, environment, platform)
@@ -299,7 +302,7 @@ def patch_project(
             atomic_write_text(paths.lock, new_lock)
 
         _check_patched(paths, environment, platform, locked, channel_url)
-        atomic_write_text(paths.patch_stamp, f"{record['sha256']}\n{paths.root}\n{environment}\n")
+        write_patch_stamp(paths, PatchStamp(record.sha256, str(paths.root), environment))
         return PatchResult(
             project=paths.root,
             channel_url=channel_url,

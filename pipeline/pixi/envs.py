@@ -1,4 +1,5 @@
-"""Which environment runs a command: a pixi project, a conda prefix or venv, or plain PATH.
+"""Which environment runs a command: a pixi project, a conda prefix or venv, or plain PATH;
+and this host's conda platform (:func:`host_platform`).
 
 :func:`resolve_runtime` looks at the file system once (does the prefix exist, is pixi on PATH)
 and returns a :class:`Runtime`: a frozen description the planners use to build argv and
@@ -37,6 +38,17 @@ class Runtime:
     def command(self, *args: str) -> tuple[str, ...]:
         """argv running ``python *args`` in this environment."""
         return (*self.wrapper, self.python, *args)
+
+
+def host_platform() -> str:
+    """This machine's conda platform (``linux-64``, ``linux-aarch64``...), as rattler names it.
+
+    Both sides need it (verify on the build host, extract and the host checks in the
+    container); py-rattler is imported on first use only.
+    """
+    from rattler import Subdir
+
+    return str(Subdir.current())
 
 
 def pixi_env_prefix(project_dir: Path, environment: str) -> Path:

@@ -1,4 +1,4 @@
-"""What ``doit plan | serve | status | stop | logs`` do. The doit tasks only call these.
+"""What ``doit plan | serve | status | stop | logs | clients`` do. The doit tasks only call these.
 
 Each function takes the settings and the process environment explicitly, prints its report,
 and raises :class:`~pipeline.errors.PipelineError` subclasses for anything a user can fix.

@@ -2,6 +2,8 @@
 
 ``doit plan`` works on any machine (configs get checked on laptops and build hosts) and only
 reports these as warnings; ``doit serve`` refuses to start anything when one fails.
+Whether the installed environment can run on this host at all (glibc, CUDA driver) is checked
+at install time by :mod:`pipeline.install.host`.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ nothing but metadata. ``config_changed`` covers the settings that shape the bund
 (environment, platform, skip-sdists, tool and format versions).
 
 Every action calls a stage module (:mod:`pipeline.build.lock`, :mod:`pipeline.build.verify`,
-:mod:`pipeline.build.pack`); they are imported inside the actions so ``doit list`` and no-op
-runs stay fast.
+:mod:`pipeline.build.pack`) and writes its stamp with :mod:`pipeline.tasks.stamps`; the stage
+modules are imported inside the actions so ``doit list`` and no-op runs stay fast.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import Any
 from doit.tools import config_changed
 
 from pipeline import __version__, reporting
-from pipeline.bundle.format import EXTRAS_FORMAT, PIXI_PACK_COMPAT_VERSION
+from pipeline.bundle.format import EXTRAS_FORMAT, PIXI_PACK_COMPAT_VERSION, checksum_path
 from pipeline.errors import BundleError
 from pipeline.settings import Settings
 from pipeline.tasks.common import SETTINGS, TaskDict
@@ -152,7 +152,8 @@ def task_verify() -> TaskDict:
     @reporting.action
     def run() -> None:
         from pipeline.build.lock import find_pixi
-        from pipeline.build.verify import log_tail, verify, write_stamp
+        from pipeline.build.verify import log_tail, verify
+        from pipeline.tasks.stamps import write_verify_stamp
 
         result = verify(
             project,
@@ -166,7 +167,7 @@ def task_verify() -> TaskDict:
         tail = log_tail(result.log, 10)
         if tail:
             reporting.say(tail)
-        write_stamp(result, stamp)
+        write_verify_stamp(result, stamp)
         reporting.say(result.summary())
 
     return {
@@ -200,7 +201,8 @@ def task_pack() -> Any:
 
     @reporting.action
     def tar() -> dict[str, Any]:
-        from pipeline.build.pack import pack, write_stamp
+        from pipeline.build.pack import pack
+        from pipeline.tasks.stamps import write_pack_stamp
 
         result = pack(
             project,
@@ -210,12 +212,12 @@ def task_pack() -> Any:
             platform=settings.platform,
             skip_sdists=settings.skip_sdists,
         )
-        write_stamp(result, stamp)
+        write_pack_stamp(result, stamp)
         reporting.say(result.summary())
         return result.values()
 
     def tar_intact() -> bool:
-        from pipeline.build.pack import bundle_unchanged
+        from pipeline.tasks.stamps import bundle_unchanged
 
         return bundle_unchanged(stamp, bundle)
 
@@ -244,7 +246,7 @@ def task_pack() -> Any:
 
     @reporting.action
     def checksum() -> None:
-        from pipeline.build.pack import write_checksum
+        from pipeline.tasks.stamps import write_checksum
 
         out = write_checksum(stamp, bundle)
         reporting.say(f"wrote {out}")
@@ -254,7 +256,7 @@ def task_pack() -> Any:
         "doc": "Write <bundle>.sha256 (sha256sum format) from the pack stamp.",
         "actions": [checksum],
         "file_dep": [str(stamp)],
-        "targets": [str(bundle.with_name(bundle.name + ".sha256"))],
+        "targets": [str(checksum_path(bundle))],
         "verbosity": 2,
     }
 

@@ -1,4 +1,4 @@
-"""doit tasks of the serve side: plan, serve, status, stop, logs (always run)."""
+"""doit tasks of the serve side: plan, serve, status, stop, logs, clients (always run)."""
 
 from __future__ import annotations
 
