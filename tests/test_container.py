@@ -89,6 +89,19 @@ def test_run_merged_follows_the_environment_and_keeps_secrets_out_of_argv():
     assert lines[-3:] == ["img", "sleep", "infinity"]
 
 
+def test_run_merged_mounts_the_models_folder_read_only_where_the_examples_look():
+    # The example configs load /models/...: without this mount they found nothing.
+    default = flags(run_merged("img").stdout)
+    assert "-v /hard/volume/models:/models:ro" in default
+    moved = flags(run_merged("img", INFER_HOST_MODELS="/data/weights").stdout)
+    assert "-v /data/weights:/models:ro" in moved
+    assert "-v /hard/volume/models:/models:ro" not in moved
+    off = flags(run_merged("img", INFER_HOST_MODELS="none").stdout)
+    assert not any(line.endswith(":/models:ro") for line in off)
+    example = (REPO / "model-configs" / "vllm-qwen2-vl-7b.toml").read_text()
+    assert 'model = "/models/' in example
+
+
 def test_run_merged_host_port_alone_moves_the_mapping():
     lines = flags(run_merged("img", HOST_PORT_VLLM="12345").stdout)
     assert "-p 12345:8000" in lines

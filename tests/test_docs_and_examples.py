@@ -93,3 +93,26 @@ def test_the_vllm_pixi_template_is_conda_forge_cuda_12_with_a_verify_task():
     assert not env.has_pypi_dependencies
     verify = env.task("verify")
     assert verify is not None and "import torch, vllm" in verify.cmd
+
+
+def test_the_readme_documents_every_variable_doit_clients_writes_for_other_services():
+    # The user asked to see AUTO_INFER_LITELLM_BACKEND_BASE documented; the README had none.
+    from pipeline.serve import clients
+
+    config = load_config(REPO_ROOT / "model-configs" / "vllm-gateway.toml")
+    runtime = resolve_runtime(
+        launcher=config.master.launcher,
+        env_prefix=None,
+        project_dir=Path("/nonexistent"),
+        environment="default",
+        environ={"PATH": os.environ.get("PATH", "")},
+        check=False,
+    )
+    plan = build_plan(config, runtime, {"VLLM_API_KEY": "k", "GATEWAY_API_KEY": "g"})
+    written = dict(
+        line.split("=", 1) for line in clients.env_file(plan).splitlines() if "=" in line
+    )
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name, value in written.items():
+        assert f"`{name}`" in readme, name
+        assert f"{name}={value}" in readme, "the README's example is what the gateway gives"

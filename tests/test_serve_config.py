@@ -405,3 +405,147 @@ def test_settings_flags_empty_values_and_secrets():
     assert load_settings({"PIXI_CACHE_DIR": "/p", "RATTLER_CACHE_DIR": "/r"}).rattler_cache == (
         Path("/p")
     )
+
+
+# --- strict types: TOML has real booleans, integers and strings ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "kind"),
+    [
+        ('[master]\nenable = "yes"\n', "serve.toml: master.enable:", "valid boolean"),
+        ('[gateway]\nenable = "true"\n', "serve.toml: gateway.enable:", "valid boolean"),
+        ("[instance.a.control]\nbackground = 1\n", "instance.a.control.background:", "boolean"),
+        ('[instance.a.server]\nport = "8001"\n', "instance.a.server.port:", "valid integer"),
+        ("[instance.a.server]\nport = 8001.0\n", "instance.a.server.port:", "valid integer"),
+        ("[instance.a.control]\ngpu_ids = [true]\n", "instance.a.control.gpu_ids.0:", "integer"),
+        ('[instance.a.control]\nready_timeout = "60"\n', "ready_timeout:", "valid number"),
+        ("[instance.a.server]\nserved_model_name = 7\n", "served_model_name:", "valid string"),
+        ("[instance.a.control]\nenv = { OMP_NUM_THREADS = 4 }\n", "env.OMP_NUM_THREADS:", "string"),
+    ],
+)
+def test_enable_yes_and_other_loose_scalars_are_refused_with_one_located_line(toml, key, kind):
+    message = error_of(BASE + toml)
+    assert key in message
+    assert kind in message
+
+
+def test_integers_are_still_numbers_and_paths_and_choices_are_strings():
+    config = parse_config(
+        BASE
+        + '[instance.a.control]\nready_timeout = 60\nlog_dir = "/var/log/v"\nrestart = "no"\n'
+        + '[master]\nlauncher = "path"\n'
+    )
+    ctl = config.instance("a").control
+    assert ctl.ready_timeout == 60.0 and isinstance(ctl.ready_timeout, float)
+    assert ctl.log_dir == Path("/var/log/v")
+    assert ctl.restart.value == "no"
+    assert config.master.launcher.value == "path"
+
+
+def test_overrides_are_json_typed_like_the_toml():
+    # AUTO_INFER_VLLM_OVERRIDES is JSON: it has true/false and numbers, and a string stays one.
+    config = parse_config(BASE, overrides=json.dumps({"instance": {"server": {"port": 8001}}}))
+    assert config.instances[0].server.port == 8001
+    message = error_of(BASE, json.dumps({"master": {"enable": "false"}}))
+    assert message.startswith("serve.toml: master.enable (set by AUTO_INFER_VLLM_OVERRIDES):")
+    assert "valid boolean" in message
+
+
+# --- secrets never appear in errors ---------------------------------------------------------
+
+
+def test_gateway_api_keys_as_a_string_does_not_print_the_secret():
+    message = error_of(BASE + '[gateway]\napi_keys = "SECRET-gw-1234"\n')
+    assert message.startswith("serve.toml: gateway.api_keys:")
+    assert "valid list" in message
+    assert "SECRET-gw-1234" not in message
+    assert "the value is not shown" in message
+
+
+def test_numeric_api_key_is_not_echoed():
+    message = error_of(BASE.replace('model = "/models/m"', 'model = "/models/m"\napi_key = 987654'))
+    assert "instance.server.api_key" in message and "valid string" in message
+    assert "987654" not in message
+
+
+def test_numeric_api_key_through_overrides_is_not_echoed():
+    overrides = json.dumps({"instance": {"a": {"server": {"api_key": 987654}}}})
+    message = error_of(BASE, overrides)
+    assert "instance.a.server.api_key (set by AUTO_INFER_VLLM_OVERRIDES)" in message
+    assert "987654" not in message
+
+
+def test_a_token_in_control_env_is_not_echoed():
+    message = error_of(BASE + "[instance.a.control]\nenv = { HF_TOKEN = 424242 }\n")
+    assert "env.HF_TOKEN" in message
+    assert "424242" not in message
+
+
+@pytest.mark.parametrize("bad", ["abc\\r\\nX-Injected: 1", "abc\\ndef", "abc\\u0000", "a b"])
+def test_api_key_with_crlf_is_refused_as_header_injection(bad):
+    message = error_of(BASE + f'[instance.a.server]\napi_key = "{bad}"\n')
+    assert message.startswith("serve.toml: instance.a.server.api_key:")
+    assert "control characters" in message
+    assert "Injected" not in message and "abc" not in message
+
+
+def test_api_key_env_value_with_crlf_is_refused_before_serving():
+    from pipeline.pixi.envs import Runtime
+    from pipeline.serve.plan import build_plan
+    from pipeline.serve.preflight import host_problems
+
+    config = parse_config(
+        BASE + '[instance.a.server]\napi_key_env = "A_KEY"\n', source="serve.toml"
+    )
+    environ = {"A_KEY": "good\r\nX-Injected: 1"}
+    plan = build_plan(
+        config, Runtime(kind="path", description="python on PATH", python="python"), environ
+    )
+    problems = host_problems(config, plan, environ, gpus=lambda _: None, in_use=lambda h, p: False)
+    [problem] = [p for p in problems if "A_KEY" in p]
+    assert problem.startswith("serve.toml: instance 'a': the key in A_KEY (server.api_key_env)")
+    assert "Injected" not in problem and "good" not in problem
+
+
+# --- relative paths are the config file's ---------------------------------------------------
+
+
+def test_relative_log_dir_is_under_the_config_files_folder_not_the_cwd(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "serve.toml").write_text(
+        '[master]\nenv_prefix = "envs/vllm"\n'
+        '[instance.control]\ngpu_ids = []\nlog_dir = "logs"\n'
+        '[instance.server]\nmodel = "./models/m"\n'
+        '[instance.hub.server]\nmodel = "org/name"\nport = 8001\n'
+        "[instance.a.server]\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("../conf/serve.toml"))
+    a = config.instance("a")
+    assert a.control.log_dir == folder / "logs"
+    assert a.server.model == str(folder / "models/m")
+    assert config.master.env_prefix == folder / "envs/vllm"
+    assert config.gateway.log_dir == folder / "logs"
+    assert config.instance("hub").server.model == "org/name"
+
+
+def test_the_plan_writes_logs_where_doit_logs_reads_them_whatever_the_cwd(tmp_path, monkeypatch):
+    from pipeline.pixi.envs import Runtime
+    from pipeline.serve.plan import build_plan
+
+    (tmp_path / "serve.toml").write_text(
+        BASE.replace("gpu_ids = []", 'gpu_ids = []\nlog_dir = "l"')
+    )
+    runtime = Runtime(kind="path", description="python on PATH", python="python")
+    plans = []
+    # `doit serve` run beside the file, and `doit logs` run from `/` (where the daemon lives).
+    for cwd, path in ((tmp_path, Path("serve.toml")), (Path("/"), tmp_path / "serve.toml")):
+        monkeypatch.chdir(cwd)
+        config = load_config(path)
+        plans.append(build_plan(config, runtime, {}).instances[0])
+    assert {p.log_file for p in plans} == {str(tmp_path / "l" / "default.log")}
+    assert {p.cwd for p in plans} == {str(tmp_path / "l")}

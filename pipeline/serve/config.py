@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
+_M = TypeVar("_M", bound=BaseModel)
 RESERVED_NAMES = ("control", "server")
 DEFAULT_INSTANCE = "default"
 # The gateway is supervised, stopped and logged under this name: no instance may take it.
@@ -76,7 +78,10 @@ class RestartPolicy(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: TOML has real booleans, integers and strings, so `enable = "yes"`, `port = "8000"`
+    # or `gpu_ids = [true]` are mistakes to report, not values to coerce. Paths and enums opt
+    # out (Field(strict=False)): they are written as strings.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -93,6 +98,7 @@ class Master(_Strict):
     enable: bool = Field(True, description="`false`: `doit serve` starts nothing and says so.")
     pixi_project_dir: Path | None = Field(
         None,
+        strict=False,
         description=(
             "Installed pixi project whose environment runs vLLM "
             "(default: `AUTO_INFER_VLLM_PIXI_PROJECT_DIR`)."
@@ -100,10 +106,13 @@ class Master(_Strict):
     )
     pixi_environment: str = Field("default", description="Environment of that project.")
     env_prefix: Path | None = Field(
-        None, description="A conda prefix or venv to run vLLM from instead of the pixi project."
+        None,
+        strict=False,
+        description="A conda prefix or venv to run vLLM from instead of the pixi project.",
     )
     launcher: Launcher = Field(
         Launcher.AUTO,
+        strict=False,
         description=(
             "`auto`, `pixi`, `prefix` or `path`: how vLLM is started "
             "(see the reference for what `auto` picks)."
@@ -122,7 +131,11 @@ class Control(_Strict):
             "supervisor keeps them running; `false`: it blocks in the foreground."
         ),
     )
-    log_dir: Path = Field(Path("/tmp/vllm-logs"), description="Logs go to `<log_dir>/<name>.log`.")
+    log_dir: Path = Field(
+        Path("/tmp/vllm-logs"),
+        strict=False,
+        description="Logs go to `<log_dir>/<name>.log`; relative: to the config file's folder.",
+    )
     gpu_ids: list[int] = Field(
         [0],
         description=(
@@ -146,6 +159,7 @@ class Control(_Strict):
     )
     restart: RestartPolicy = Field(
         RestartPolicy.ON_FAILURE,
+        strict=False,
         description="`on-failure` (restart a crashed or failed start) or `no`.",
     )
     max_restarts: int = Field(3, ge=0, description="Restarts before the instance is marked failed.")
@@ -215,6 +229,18 @@ class Server(_Strict):
     )
     extra_args: list[str] = Field([], description="More vLLM flags, passed as given.")
 
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        # It becomes a header (VLLM_API_KEY; the gateway's Authorization to the instance): a CR
+        # or LF would inject headers. The value is a secret: the message must not show it.
+        if value is not None and not key_is_header_safe(value):
+            raise ValueError(
+                "holds spaces, control characters (CR, LF, ...) or non-ASCII characters; a key "
+                "is visible ASCII (the value is not shown)"
+            )
+        return value
+
     @field_validator("extra_args")
     @classmethod
     def _no_managed_flags(cls, value: list[str]) -> list[str]:
@@ -237,6 +263,11 @@ class Server(_Strict):
 
 def _visible_ascii(value: str) -> bool:
     return bool(value) and all("!" <= c <= "~" for c in value)
+
+
+def key_is_header_safe(value: str) -> bool:
+    """True when a key can travel in an HTTP header: visible ASCII, no CR, LF or space."""
+    return _visible_ascii(value)
 
 
 class Gateway(_Strict):
@@ -275,7 +306,9 @@ class Gateway(_Strict):
         ),
     )
     log_dir: Path | None = Field(
-        None, description="The log is `<log_dir>/gateway.log` (default: `[instance.control]`'s)."
+        None,
+        strict=False,
+        description="The log is `<log_dir>/gateway.log` (default: `[instance.control]`'s).",
     )
     access_log: bool = Field(
         False,
@@ -379,20 +412,33 @@ def load_config(path: Path, overrides: str | None = None) -> ServeConfig:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
-    return parse_config(text, source=str(path), overrides=overrides)
+    return parse_config(
+        text,
+        source=str(path),
+        overrides=overrides,
+        base_dir=Path(os.path.normpath(path.absolute())).parent,
+    )
 
 
 def parse_config(
-    text: str, *, source: str = "<config>", overrides: str | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    overrides: str | None = None,
+    base_dir: Path | None = None,
 ) -> ServeConfig:
-    """Like :func:`load_config`, from TOML text; ``source`` names it in errors."""
+    """Like :func:`load_config`, from TOML text; ``source`` names it in errors.
+
+    ``base_dir`` anchors relative paths (see :func:`build_config`); :func:`load_config` passes
+    the config file's folder.
+    """
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     patch = parse_overrides(overrides) if overrides else {}
     document = deep_merge(document, patch)
-    return build_config(document, source=source, overridden=_paths(patch))
+    return build_config(document, source=source, overridden=_paths(patch), base_dir=base_dir)
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -487,18 +533,26 @@ def build_config(
     *,
     source: str = "<config>",
     overridden: frozenset[str] = frozenset(),
+    base_dir: Path | None = None,
 ) -> ServeConfig:
-    """Validate a parsed (and already overridden) document into a :class:`ServeConfig`."""
+    """Validate a parsed (and already overridden) document into a :class:`ServeConfig`.
+
+    With ``base_dir`` (an absolute folder: the config file's), every relative path key
+    (``log_dir``, ``pixi_project_dir``, ``env_prefix``, and ``server.model`` when it starts with
+    ``./`` or ``../``) is made absolute against it, here and only here: the background
+    supervisor runs in ``/``, and ``doit logs`` must find what it wrote. Without it, relative
+    paths stay as written.
+    """
     loc = _Located(source, overridden)
     _check_keys(document, ("master", "instance", "gateway"), "", loc)
     master_raw = _check_table(document.get("master", {}), "master", loc)
     _check_keys(master_raw, Master.model_fields, "master.", loc)
-    master = _validate(Master, master_raw, "master.", loc)
+    master = _anchor(_validate(Master, master_raw, "master.", loc), base_dir)
     gateway_raw = _check_table(document.get("gateway", {}), "gateway", loc)
     _check_keys(gateway_raw, Gateway.model_fields, "gateway.", loc)
     if "aliases" in gateway_raw:
         _check_table(gateway_raw["aliases"], "gateway.aliases", loc)
-    gateway = _validate(Gateway, gateway_raw, "gateway.", loc)
+    gateway = _anchor(_validate(Gateway, gateway_raw, "gateway.", loc), base_dir)
 
     instance_root = _check_table(document.get("instance", {}), "instance", loc)
     default_control = _check_table(instance_root.get("control", {}), "instance.control", loc)
@@ -566,18 +620,41 @@ def build_config(
             name,
             origin_of["server"],
         )
-        instances.append(Instance(name=name, control=control, server=server))
+        instances.append(
+            Instance(
+                name=name,
+                control=_anchor(control, base_dir),
+                server=_anchor(server, base_dir),
+            )
+        )
 
     if gateway.log_dir is None:
         # Beside the instances' logs: the defaults table's log_dir (validated with them).
         default_log_dir = Control.model_fields["log_dir"].default
         written = default_control.get("log_dir")
         log_dir = Path(written).expanduser() if isinstance(written, str) else default_log_dir
+        if base_dir is not None and not log_dir.is_absolute():
+            log_dir = base_dir / log_dir
         gateway = gateway.model_copy(update={"log_dir": log_dir})
     config = ServeConfig(source=source, master=master, instances=tuple(instances), gateway=gateway)
     check_instances(config, loc)
     check_gateway(config, loc)
     return config
+
+
+def _anchor(model: _M, base_dir: Path | None) -> _M:
+    """``model`` with its relative paths made absolute against ``base_dir`` (None: unchanged)."""
+    if base_dir is None:
+        return model
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = base_dir / value
+        elif name == "model" and isinstance(value, str) and value.startswith(("./", "../")):
+            # Only an explicit relative path: `org/name` is a hub id, not a folder.
+            update[name] = str(base_dir / value)
+    return model.model_copy(update=update) if update else model
 
 
 def _origin(
@@ -622,14 +699,28 @@ def _validate(
         raise loc.error(key, message, instance) from None
 
 
+# Keys whose values are secrets (api_key, api_keys, an env var such as HF_TOKEN): an error
+# about them says what is wrong, never what was written. `*_env` keys hold variable names.
+_SECRET_KEY = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
+
+
+def is_secret_key(loc: Iterable[Any]) -> bool:
+    """True when any part of a dotted key path names a secret (and is not a ``*_env`` name)."""
+    return any(
+        isinstance(part, str) and _SECRET_KEY.search(part) and not part.endswith("_env")
+        for part in loc
+    )
+
+
 def _describe(err: Mapping[str, Any], model: type[BaseModel], field: str) -> str:
     message = str(err["msg"])
     message = message.removeprefix("Value error, ")
     got = err.get("input")
+    shown = "the value is not shown" if is_secret_key(err["loc"]) else f"got {got!r}"
     if err["type"] in ("literal_error", "enum"):
-        return f"{message} (got {got!r})"
+        return f"{message} ({shown})"
     if not isinstance(got, Mapping) and err["type"] != "value_error":
-        message += f" (got {got!r})"
+        message += f" ({shown})"
     info = model.model_fields.get(field)
     if info is not None and info.description and err["type"].endswith("_type"):
         message += f"; {info.description}"

