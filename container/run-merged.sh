@@ -50,7 +50,8 @@ source "$env_file"
 : "${INFER_HOST_WORKSPACE:=$INFER_WORKSPACE_ROOT}"
 : "${INFER_GPUS:=all}"
 
-args=(docker run -d --name "$INFER_CONTAINER_NAME" --restart unless-stopped)
+# --init: an init as PID 1 reaps orphans, whatever the image's entrypoint (docs/container.md).
+args=(docker run -d --init --name "$INFER_CONTAINER_NAME" --restart unless-stopped)
 [[ -n "$INFER_GPUS" && "$INFER_GPUS" != none ]] && args+=(--gpus "$INFER_GPUS")
 for pair in $RUN_PORTS; do
   if [[ ! "$pair" =~ ^([0-9.]+:)?[0-9]+:[0-9]+(/(tcp|udp))?$ ]]; then

@@ -61,6 +61,8 @@ def test_run_merged_prints_the_default_port_mapping_and_boot_variables():
     assert result.returncode == 0, result.stderr
     lines = flags(result.stdout)
     assert lines[0] == "docker run"
+    # An init reaps orphans as PID 1 (the image's own command may be `sleep infinity`).
+    assert "--init" in lines
     assert "-p 11981:8000" in lines
     assert "--gpus all" in lines
     assert "-v /hard/volume/workspace:/hard/volume/workspace" in lines

@@ -25,7 +25,7 @@ from conftest import (
     wait_for,
 )
 
-from pipeline.errors import ServeError
+from pipeline.errors import ConfigError, ServeError
 from pipeline.procs import group_alive
 from pipeline.serve.commands import load, serve_command, status_command, stop_command
 from pipeline.serve.state import InstanceState, StateStore, process_alive
@@ -650,3 +650,293 @@ def test_doit_logs_status_and_stop(state_dir, standin_prefix, tmp_path):
     assert "stop: one: stopped" in result.stderr
     result = run_doit(["status", "--json"], env)
     assert json.loads(result.stdout)["instances"][0]["state"] == "stopped"
+
+
+# ---- regressions: PID 1, concurrent serves, bringing instances back, orphan groups ----------
+
+NON_REAPING_PID_1 = r"""
+# PID 1 of a fresh PID namespace that, like `exec sleep infinity` after an entrypoint hook,
+# never reaps an orphan: it runs `doit serve`, watches, runs `doit stop`, reports.
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+doit = [sys.executable, "-m", "doit", "-f", sys.argv[1]]
+state_file, result_file = Path(sys.argv[2]), Path(sys.argv[3])
+out = {}
+r = subprocess.run(doit + ["serve"], capture_output=True, text=True, timeout=60)
+out["serve_rc"], out["serve_err"] = r.returncode, r.stderr[-3000:]
+deadline = time.monotonic() + 30
+out["restarted"] = False
+while time.monotonic() < deadline:
+    try:
+        a = json.loads(state_file.read_text())["instances"]["a"]
+    except (OSError, ValueError, KeyError):
+        a = {}
+    if a.get("restarts", 0) >= 1 and a.get("state") == "running":
+        out["restarted"] = True
+        break
+    time.sleep(0.1)
+zombies = []
+for entry in os.listdir("/proc"):
+    if entry.isdigit():
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and fields[1] == b"1":
+            zombies.append(int(entry))
+out["zombies_under_pid_1"] = zombies
+started = time.monotonic()
+r = subprocess.run(doit + ["stop"], capture_output=True, text=True, timeout=90)
+out["stop_rc"], out["stop_err"] = r.returncode, r.stderr[-3000:]
+out["stop_s"] = time.monotonic() - started
+result_file.write_text(json.dumps(out))
+"""
+
+
+def test_regression_a_non_reaping_pid_1_leaves_no_crashed_instance_in_backoff_forever(
+    standin_prefix, tmp_path
+):
+    """The leader crashes; its child, killed by the supervisor, would be a zombie of a PID 1
+    that never reaps, and a zombie kept the group "alive": no restart, `doit stop` timed out."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root for unshare --pid (the CI machines run as root)")
+    # Not the state_dir fixture: the state records the namespace's pids, which mean other
+    # processes out here; the namespace's death (PID 1 exits) is the teardown.
+    state = tmp_path / "ns-state"
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "a": {
+                    "port": free_port(),
+                    "env": {
+                        "STANDIN_GRANDCHILD": "1",
+                        "STANDIN_CRASH_AFTER": "1.0",
+                        "STANDIN_CRASH_TIMES": "1",
+                        "STANDIN_COUNTER": str(tmp_path / "starts"),
+                    },
+                }
+            },
+            control={"stop_grace": 1},
+        ),
+    )
+    script = tmp_path / "pid1.py"
+    script.write_text(NON_REAPING_PID_1)
+    result = tmp_path / "result.json"
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable]
+    argv += [str(script), str(REPO / "dodo.py"), str(state / "serve" / "state.json"), str(result)]
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=doit_env(state, AUTO_INFER_VLLM_CONFIG=str(config)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(result.read_text())
+    assert out["serve_rc"] == 0, out["serve_err"]
+    assert out["restarted"], "the crashed instance was restarted"
+    assert out["zombies_under_pid_1"] == [], "the supervisor reaped its instance's orphans"
+    assert out["stop_rc"] == 0, out["stop_err"]
+    assert out["stop_s"] < 10, out
+    assert "stop: a: stopped" in out["stop_err"]
+
+
+def test_a_zombie_does_not_keep_its_group_alive():
+    child = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        wait_for(
+            lambda: (
+                Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+            ),
+            timeout=10,
+            what="the child to exit (unreaped)",
+        )
+        os.killpg(child.pid, 0)  # the kernel still knows the group...
+        assert not group_alive(child.pid)  # ...but nothing in it runs
+    finally:
+        child.wait(timeout=10)
+
+
+def test_regression_two_serves_at_once_the_second_waits_and_is_a_no_op(
+    state_dir, standin_prefix, tmp_path
+):
+    # Both used to see no supervisor and start one; the loser said "the supervisor did not
+    # report within 30s" and failed.
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": free_port(), "env": {"STANDIN_SLOW_START": "1"}}},
+        ),
+    )
+    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
+    argv = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "serve"]
+    procs = [
+        subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    started = time.monotonic()
+    try:
+        results = [(p.communicate(timeout=60), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert time.monotonic() - started < 25
+    errs = [err for (_, err), _ in results]
+    assert [code for _, code in results] == [0, 0], errs
+    assert sum("already serving this plan" in err for err in errs) == 1, errs
+    assert sum("supervisor started in the background" in err for err in errs) == 1, errs
+    state = StateStore(state_dir / "serve").read()
+    assert state.instances["a"].state is InstanceState.RUNNING
+    stop_command(load_settings_for(state_dir))
+
+
+def load_settings_for(state_dir: Path):
+    from pipeline.settings import load_settings
+
+    return load_settings({"PIPELINE_STATE_DIR": str(state_dir)})
+
+
+def test_regression_serve_brings_back_a_stopped_instance_and_leaves_the_other(
+    settings, standin_prefix, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": free_port()}, "b": {"port": free_port()}},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    before = read_state(settings)
+    stop_command(settings, ["a"])
+    assert read_state(settings).instances["a"].state is InstanceState.STOPPED
+    capsys.readouterr()
+    # It used to say "already serving this plan; nothing to do".
+    assert serve_command(settings, str(config), os.environ) == 0
+    err = capsys.readouterr().err
+    assert f"serve: starting a (supervisor pid {before.supervisor.pid})" in err
+    assert "nothing to do" not in err
+    after = read_state(settings)
+    assert after.supervisor.pid == before.supervisor.pid
+    assert after.instances["a"].state is InstanceState.RUNNING
+    assert get_json(f"{after.instances['a'].base_url}/health")[0] == 200
+    assert after.instances["b"].pid == before.instances["b"].pid, "b was not touched"
+    # Named: only that one, and a running one is left alone.
+    stop_command(settings, ["b"])
+    assert serve_command(settings, str(config), os.environ, names=["a"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert read_state(settings).instances["b"].state is InstanceState.STOPPED
+    assert serve_command(settings, str(config), os.environ, names=["b"]) == 0
+    assert read_state(settings).instances["b"].state is InstanceState.RUNNING
+    with pytest.raises(ConfigError, match=r"no enabled instance named .c. \(enabled: a, b\)"):
+        serve_command(settings, str(config), os.environ, names=["c"])
+    stop_command(settings)
+
+
+def test_regression_serve_brings_back_a_failed_instance(settings, standin_prefix, tmp_path):
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "a": {
+                    "port": free_port(),
+                    "env": {
+                        "STANDIN_CRASH_AFTER": "0.3",
+                        "STANDIN_CRASH_TIMES": "1",
+                        "STANDIN_COUNTER": str(tmp_path / "starts"),
+                    },
+                },
+                "b": {"port": free_port()},
+            },
+            control={"max_restarts": 0},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    wait_for(
+        lambda: read_state(settings).instances["a"].state is InstanceState.FAILED,
+        timeout=20,
+        what="a to fail",
+    )
+    assert serve_command(settings, str(config), os.environ) == 0
+    state = read_state(settings)
+    assert state.instances["a"].state is InstanceState.RUNNING
+    assert (tmp_path / "starts").read_text() == "2"
+    stop_command(settings)
+
+
+def test_doit_serve_name_without_a_supervisor_starts_only_that_one(
+    state_dir, standin_prefix, tmp_path
+):
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": free_port()}, "b": {"port": free_port()}},
+        ),
+    )
+    env = doit_env(state_dir, AUTO_INFER_VLLM_CONFIG=str(config))
+    result = run_doit(["serve", "b"], env)
+    assert result.returncode == 0, result.stderr
+    state = StateStore(state_dir / "serve").read()
+    assert state.instances["b"].state is InstanceState.RUNNING
+    assert state.instances["a"].state is InstanceState.STOPPED
+    assert state.instances["a"].reason == "not started (`doit serve` named others)"
+    result = run_doit(["serve"], env)
+    assert result.returncode == 0, result.stderr
+    assert "serve: starting a" in result.stderr
+    result = run_doit(["stop"], env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_regression_stop_kills_the_group_of_a_dead_leader_left_by_a_dead_supervisor(
+    settings, standin_prefix, tmp_path, capsys
+):
+    # SIGKILL the supervisor, then the leader: its child lived on in the group, and `doit
+    # stop` (silent, rc 0) and `doit serve` left it there.
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": free_port(), "env": {"STANDIN_GRANDCHILD": "1"}}},
+            control={"stop_grace": 1},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    state = read_state(settings)
+    rec = state.instances["a"]
+    os.kill(state.supervisor.pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(state.supervisor.pid, state.supervisor.proc_start), 10)
+    os.kill(rec.pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(rec.pid, rec.proc_start), 10, what="the leader to die")
+    assert group_alive(rec.pgid), "its child lives on"
+    capsys.readouterr()
+    stop_command(settings)
+    assert f"stop: a: stopped process group {rec.pgid} (leader gone) (SIGKILL)" in (
+        capsys.readouterr().err
+    )
+    assert not group_alive(rec.pgid)
+    assert read_state(settings).instances["a"].state is InstanceState.STOPPED

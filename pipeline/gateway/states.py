@@ -6,7 +6,9 @@ never sees half a file and every write gets a new inode. :meth:`StateFollower.re
 called at most every ``min_interval`` seconds from the request path and once a second by the
 gateway's housekeeping, so a state change is seen within that time without restarting anything.
 
-Plain ``json`` on purpose: the gateway stays light (no pydantic model of the state here).
+Plain ``json`` on purpose: the gateway stays light (no pydantic model of the state here). The
+state names come from :class:`pipeline.serve.state.InstanceState`, whose module loads no
+pydantic either (a test keeps it so).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-RUNNING = "running"
+from pipeline.serve.state import InstanceState
+
+RUNNING = InstanceState.RUNNING
 
 
 @dataclass(frozen=True)
@@ -33,27 +37,27 @@ class InstanceStatus:
 
 
 ALWAYS_READY = InstanceStatus(RUNNING, None)
-NOT_YET = InstanceStatus("pending", "the supervisor has not reported this instance yet")
+NOT_YET = InstanceStatus(InstanceState.PENDING, "the supervisor has not reported this instance yet")
 
 
 def unavailable(instance: str, status: InstanceStatus) -> tuple[str, int | None]:
     """Why ``instance`` cannot take a request, and the Retry-After seconds if it will recover."""
     reason = f": {status.reason}" if status.reason else ""
     state = status.state
-    if state == "pending":
+    if state == InstanceState.PENDING:
         return f"instance {instance!r} is waiting to start{reason}", 10
-    if state == "starting":
+    if state == InstanceState.STARTING:
         return f"instance {instance!r} is starting (loading the model)", 5
-    if state == "backoff":
+    if state == InstanceState.BACKOFF:
         return f"instance {instance!r} is restarting after a failure{reason}", 10
-    if state in ("stopping", "stopped"):
+    if state in (InstanceState.STOPPING, InstanceState.STOPPED):
         return (
             f"instance {instance!r} is {state}{reason}; `doit serve` starts it again",
             None,
         )
-    if state == "exited":
+    if state == InstanceState.EXITED:
         return f"instance {instance!r} exited{reason}", None
-    if state == "failed":
+    if state == InstanceState.FAILED:
         return f"instance {instance!r} failed{reason}; see `doit logs {instance}`", None
     return f"instance {instance!r} is {state}{reason}", None
 
@@ -115,7 +119,7 @@ class StateFollower:
             if not isinstance(rec, dict):
                 continue
             status = InstanceStatus(
-                state=str(rec.get("state", "pending")),
+                state=str(rec.get("state", InstanceState.PENDING.value)),
                 reason=rec.get("reason"),
                 restarts=int(rec.get("restarts") or 0),
                 ready_at=rec.get("ready_at"),

@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, TextIO
 
 from pipeline import reporting
 from pipeline.errors import ConfigError, ServeError
-from pipeline.procs import stop_group
+from pipeline.procs import group_alive, stop_group
 from pipeline.serve.logfiles import follow as follow_log
 from pipeline.serve.logfiles import tail
 from pipeline.serve.state import (
+    InstanceRecord,
     InstanceState,
     ServeState,
     StateStore,
+    close_inherited_locks,
+    enter,
     held_lock,
     process_alive,
     supervisor_alive,
@@ -127,15 +130,20 @@ def serve_command(
     config_path: str | None,
     environ: Mapping[str, str],
     *,
+    names: list[str] | None = None,
     foreground: bool | None = None,
     say: Say = reporting.say,
     out: TextIO | None = None,
 ) -> int:
-    """Start every enabled instance; see the module and README for the two modes.
+    """Start every enabled instance (``names``: only those); see the module and README for
+    the two modes.
 
+    With a supervisor of this plan already running, starts only what is stopped, exited or
+    failed (``names``: of those), through that supervisor; what runs is left alone.
     Background: returns once every instance is ready or failed, leaving a detached supervisor.
     Foreground: blocks until the instances end or a signal stops them (PID 1 safe).
-    Raises ServeError when an instance failed, or when nothing could start.
+    Two at once run one after the other: the second waits for the first to report, then has
+    nothing to do. Raises ServeError when an instance failed, or when nothing could start.
     """
     out = out or sys.stdout
     from pipeline.serve.preflight import host_problems
@@ -147,34 +155,117 @@ def serve_command(
     if not plan.instances:
         say(f"serve: {config.source}: every instance has control.enabled = false")
         return 0
+    names = list(dict.fromkeys(names or []))
+    for name in names:
+        plan.instance(name)  # ConfigError naming the enabled ones
     store = StateStore(settings.serve_state)
     store.ensure()
-    previous = store.read()
-    if supervisor_alive(previous):
-        assert previous is not None
-        sup = previous.supervisor
-        if sup.plan_digest == plan.digest():
-            # Boot scripts may run twice: the same plan already running is success.
-            say(f"serve: already serving this plan (supervisor pid {sup.pid}); nothing to do")
-            print_status(previous, out or sys.stdout, alive=True)
-            return 0
-        raise ServeError(
-            f"already serving {sup.source} with a different plan (supervisor pid {sup.pid}); "
-            "`doit stop` first to apply the change, or `doit status`"
-        )
-    _stop_orphans(previous, say)
-    problems = host_problems(config, plan, environ)
-    if problems:
-        for problem in problems[1:]:
-            say(f"error: {problem}")
-        raise ServeError(problems[0])
-    for inst in plan.processes:
-        Path(inst.log_file).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        # Held from the "is one running?" check until this serve's supervisor has reported:
+        # otherwise two serves both see none, both start one, and one never hears back.
+        wait = settle_bound(plan)
+        if not held.enter_context(held_lock(store.start_lock_file, wait=wait)):
+            raise ServeError(
+                f"another `doit serve` has held {store.start_lock_file} for {wait:.0f}s; "
+                "see `doit status`"
+            )
+        previous = store.read()
+        if supervisor_alive(previous):
+            assert previous is not None
+            sup = previous.supervisor
+            if sup.plan_digest != plan.digest():
+                raise ServeError(
+                    f"already serving {sup.source} with a different plan (supervisor pid "
+                    f"{sup.pid}); `doit stop` first to apply the change, or `doit status`"
+                )
+            code = _start_under_running(plan, previous, store, names, say, out)
+            if code is not None:
+                return code
+            # That supervisor ended before it took the request: start a new one.
+            previous = store.read()
+        _stop_orphans(previous, say)
+        problems = host_problems(config, plan, environ)
+        if problems:
+            for problem in problems[1:]:
+                say(f"error: {problem}")
+            raise ServeError(problems[0])
+        for inst in plan.processes:
+            Path(inst.log_file).parent.mkdir(parents=True, exist_ok=True)
 
-    background = plan.background if foreground is None else not foreground
-    if background:
-        return _serve_background(plan, store, environ, say, out)
-    return _serve_foreground(plan, store, environ, say)
+        only = names or None
+        background = plan.background if foreground is None else not foreground
+        if background:
+            return _serve_background(plan, store, environ, say, out, only)
+        # Foreground: this process is the supervisor; let the next serve in once it reported.
+        return _serve_foreground(plan, store, environ, say, only, reported=held.close)
+
+
+def _start_under_running(
+    plan: Plan, state: ServeState, store: StateStore, names: list[str], say: Say, out: TextIO
+) -> int | None:
+    """Ask the running supervisor to start what is not running (of ``names``, when given)
+    and wait, bounded, until those are ready or failed. None: the supervisor ended first."""
+    sup = state.supervisor
+    wanted = names or sorted(state.instances)
+    to_start = [n for n in wanted if n in state.instances and state.instances[n].state.terminal]
+    if not to_start:
+        # Boot scripts may run twice: the same plan already running is success.
+        say(f"serve: already serving this plan (supervisor pid {sup.pid}); nothing to do")
+        print_status(state, out, alive=True)
+        return 0
+    say(f"serve: starting {', '.join(to_start)} (supervisor pid {sup.pid})")
+    requests = store.request_start(to_start)
+    bound = settle_bound(plan)
+    deadline = time.monotonic() + bound
+    seen = {n: state.instances[n].state for n in to_start}
+    current: ServeState | None = state
+    while True:
+        current = store.read()
+        if current is None or current.supervisor.session != sup.session:
+            return None
+        taken = not any(path.exists() for path in requests)
+        if not taken and not supervisor_alive(current):
+            return None
+        if taken:
+            records = [current.instances[n] for n in to_start]
+            _say_changes(records, seen, say)
+            if all(r.state.settled for r in records):
+                break
+        if time.monotonic() > deadline:
+            raise ServeError(
+                f"{', '.join(to_start)} not settled after {bound:.0f}s; the supervisor keeps "
+                "trying: `doit status`"
+            )
+        time.sleep(0.05)
+    print_status(current, out, alive=supervisor_alive(current))
+    return _report_failures(current, say, to_start)
+
+
+def _say_changes(records: list[InstanceRecord], seen: dict[str, str], say: Say) -> None:
+    for rec in records:
+        if seen.get(rec.name) != rec.state:
+            seen[rec.name] = rec.state
+            shows_reason = rec.state in (InstanceState.BACKOFF, InstanceState.FAILED)
+            detail = f": {rec.reason}" if rec.reason and shows_reason else ""
+            say(f"serve: {rec.name}: {rec.state}{detail}")
+
+
+def _left_group(rec: InstanceRecord) -> int | None:
+    """The process group an instance left running, or None.
+
+    The whole recorded group, not only its leader: when the leader died (SIGKILL, a crash
+    while no supervisor watched) its children, vLLM's EngineCore say, live on in the group
+    and hold the port and the GPU. A process that ``setsid``s itself leaves the group and
+    cannot be found this way. A leader pid that now belongs to another process (different
+    start time) means the group is not ours.
+    """
+    if not rec.pgid:
+        return None
+    if process_alive(rec.pid, rec.proc_start):
+        return rec.pgid
+    if rec.pid == rec.pgid and process_alive(rec.pid, None):
+        return None
+    return rec.pgid if group_alive(rec.pgid) else None
 
 
 def _stop_orphans(previous: ServeState | None, say: Say) -> None:
@@ -182,22 +273,31 @@ def _stop_orphans(previous: ServeState | None, say: Say) -> None:
     if previous is None:
         return
     for rec in previous.instances.values():
-        if rec.pgid and process_alive(rec.pid, rec.proc_start):
-            say(f"serve: stopping {rec.name} (pid {rec.pid}) left by an earlier supervisor")
-            stop_group(rec.pgid, rec.stop_grace)
+        pgid = _left_group(rec)
+        if pgid:
+            say(f"serve: stopping {rec.name} (process group {pgid}) left by an earlier supervisor")
+            stop_group(pgid, rec.stop_grace)
 
 
-def _serve_foreground(plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say) -> int:
+def _serve_foreground(
+    plan: Plan,
+    store: StateStore,
+    environ: Mapping[str, str],
+    say: Say,
+    only: list[str] | None = None,
+    *,
+    reported: Callable[[], None] | None = None,
+) -> int:
     from pipeline.serve.supervisor import Supervisor
 
     with held_lock(store.lock_file, wait=2.0) as ok:
         if not ok:
             raise ServeError(f"another supervisor holds {store.lock_file}; run `doit status`")
         supervisor = Supervisor(
-            plan, store, base_env=environ, mode="foreground", reap_all=True, say=say
+            plan, store, base_env=environ, mode="foreground", reap_all=True, say=say, only=only
         )
         supervisor.install_signal_handlers()
-        code = supervisor.run()
+        code = supervisor.run(reported=reported)
     if code:
         failed = [p.record for p in supervisor.procs.values() if p.record.state == "failed"]
         raise ServeError(
@@ -216,12 +316,17 @@ def settle_bound(plan: Plan) -> float:
 
 
 def _serve_background(
-    plan: Plan, store: StateStore, environ: Mapping[str, str], say: Say, out: TextIO
+    plan: Plan,
+    store: StateStore,
+    environ: Mapping[str, str],
+    say: Say,
+    out: TextIO,
+    only: list[str] | None = None,
 ) -> int:
     session = uuid.uuid4().hex
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked process, checked by its effects
-        _become_daemon(plan, store, environ, session)
+        _become_daemon(plan, store, environ, session, only)
     # The intermediate child exits as soon as it has forked the supervisor (double fork: the
     # supervisor is adopted by init, so no caller is left with a zombie to reap).
     _, status = os.waitpid(child, 0)
@@ -238,12 +343,7 @@ def _serve_background(
         mine = state is not None and state.supervisor.session == session
         if mine:
             assert state is not None
-            for rec in state.instances.values():
-                if seen.get(rec.name) != rec.state:
-                    seen[rec.name] = rec.state
-                    shows_reason = rec.state in (InstanceState.BACKOFF, InstanceState.FAILED)
-                    detail = f": {rec.reason}" if rec.reason and shows_reason else ""
-                    say(f"serve: {rec.name}: {rec.state}{detail}")
+            _say_changes(list(state.instances.values()), seen, say)
             if state.supervisor.settled or state.supervisor.exited:
                 break
             if not process_alive(state.supervisor.pid, state.supervisor.proc_start):
@@ -267,7 +367,11 @@ def _serve_background(
 
 
 def _become_daemon(
-    plan: Plan, store: StateStore, environ: Mapping[str, str], session: str
+    plan: Plan,
+    store: StateStore,
+    environ: Mapping[str, str],
+    session: str,
+    only: list[str] | None,
 ) -> None:  # pragma: no cover - runs in forked processes
     """In the first fork's child: detach, fork the supervisor, exit. Never returns.
 
@@ -277,6 +381,8 @@ def _become_daemon(
     """
     code = 70
     try:
+        # The caller's start lock is its own to release: the supervisor must not keep it.
+        close_inherited_locks()
         os.setsid()
         if os.fork() != 0:
             code = 0
@@ -292,7 +398,7 @@ def _become_daemon(
         # The caller's Python-level streams may be captures (doit, pytest): use the log.
         sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
         sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        code = _run_supervisor(plan, store, environ, session)
+        code = _run_supervisor(plan, store, environ, session, only)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -303,7 +409,11 @@ def _become_daemon(
 
 
 def _run_supervisor(
-    plan: Plan, store: StateStore, environ: Mapping[str, str], session: str
+    plan: Plan,
+    store: StateStore,
+    environ: Mapping[str, str],
+    session: str,
+    only: list[str] | None,
 ) -> int:  # pragma: no cover - runs in the forked supervisor
     from pipeline.serve.supervisor import Supervisor
 
@@ -322,6 +432,7 @@ def _run_supervisor(
             session=session,
             reap_all=True,
             say=say,
+            only=only,
         )
         supervisor.install_signal_handlers()
         gateway = " and the gateway" if plan.gateway is not None else ""
@@ -331,8 +442,13 @@ def _run_supervisor(
         return code
 
 
-def _report_failures(state: ServeState, say: Say) -> int:
-    failed = [r for r in state.instances.values() if r.state is InstanceState.FAILED]
+def _report_failures(state: ServeState, say: Say, names: list[str] | None = None) -> int:
+    """Raise ServeError naming the failed instances (of ``names``, when given), else 0."""
+    failed = [
+        r
+        for r in state.instances.values()
+        if r.state is InstanceState.FAILED and (names is None or r.name in names)
+    ]
     if not failed:
         return 0
     for rec in failed:
@@ -492,12 +608,14 @@ def stop_command(
             raise ServeError(f"stop: a supervisor is starting ({store.lock_file}); try again")
         for name in targets:
             rec = state.instances[name]
-            if rec.pgid and process_alive(rec.pid, rec.proc_start):
-                killed = stop_group(rec.pgid, rec.stop_grace)
-                say(f"stop: {name}: stopped pid {rec.pid}" + (" (SIGKILL)" if killed else ""))
+            pgid = _left_group(rec)
+            if pgid:
+                leader = process_alive(rec.pid, rec.proc_start)
+                killed = stop_group(pgid, rec.stop_grace)
+                what = f"pid {rec.pid}" if leader else f"process group {pgid} (leader gone)"
+                say(f"stop: {name}: stopped {what}" + (" (SIGKILL)" if killed else ""))
             if not rec.state.terminal:
-                rec.state = InstanceState.STOPPED
-                rec.reason = "stopped on request"
+                enter(rec, InstanceState.STOPPED, "stopped on request")
             rec.pid = rec.pgid = None
         store.write(state)
     return 0

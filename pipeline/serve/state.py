@@ -20,12 +20,14 @@ from typing import Any
 
 from pipeline.errors import ServeError
 from pipeline.fsutil import atomic_write_text
+from pipeline.procs import proc_stat_fields
 
 STATE_VERSION = 1
 
 
 class InstanceState(StrEnum):
-    """Every state an instance can be in; transitions live in supervisor.Supervisor."""
+    """Every state an instance can be in; :data:`TRANSITIONS` lists the allowed edges, and
+    :func:`enter` is the only place a record changes state."""
 
     PENDING = "pending"  # waiting for the instance it starts after
     STARTING = "starting"  # spawned, /health not yet 200
@@ -38,12 +40,62 @@ class InstanceState(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED)
+        return self in TERMINAL_STATES
 
     @property
     def settled(self) -> bool:
         """Nothing more will happen without a crash or a request: ready or terminal."""
         return self is InstanceState.RUNNING or self.terminal
+
+
+# Named sets, in the manner of Supervisor/supervisor's states.py.
+TERMINAL_STATES = frozenset({InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED})
+# A process of the instance may exist: a stop must signal its group.
+LIVE_STATES = frozenset({InstanceState.STARTING, InstanceState.RUNNING, InstanceState.STOPPING})
+# Not yet (or no longer) spawned, not given up either: a stop needs no signal.
+WAITING_STATES = frozenset({InstanceState.PENDING, InstanceState.BACKOFF})
+
+# Every allowed edge. STOPPED is reachable from every non-terminal state: a stop request
+# (PENDING, BACKOFF), a group that is gone (STOPPING), and the supervisor's exit or a
+# `doit stop` without a supervisor (STARTING, RUNNING). A terminal instance goes back to
+# PENDING only when `doit serve` asks for it again.
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    InstanceState.PENDING: frozenset(
+        {InstanceState.STARTING, InstanceState.STOPPED, InstanceState.FAILED}
+    ),
+    # Not EXITED: a start ends in EXITED only once a full stop is under way, and that stop
+    # has moved every starting instance to STOPPING already.
+    InstanceState.STARTING: frozenset(
+        {
+            InstanceState.RUNNING,
+            InstanceState.BACKOFF,
+            InstanceState.STOPPING,
+            InstanceState.STOPPED,
+            InstanceState.FAILED,
+        }
+    ),
+    InstanceState.RUNNING: frozenset(
+        {
+            InstanceState.BACKOFF,
+            InstanceState.STOPPING,
+            InstanceState.STOPPED,
+            InstanceState.EXITED,
+            InstanceState.FAILED,
+        }
+    ),
+    InstanceState.BACKOFF: frozenset(
+        {InstanceState.STARTING, InstanceState.STOPPED, InstanceState.FAILED}
+    ),
+    InstanceState.STOPPING: frozenset({InstanceState.STOPPED}),
+    InstanceState.STOPPED: frozenset({InstanceState.PENDING}),
+    InstanceState.EXITED: frozenset({InstanceState.PENDING}),
+    InstanceState.FAILED: frozenset({InstanceState.PENDING}),
+}
+
+
+class IllegalTransition(AssertionError):
+    """An edge that :data:`TRANSITIONS` does not allow: a bug in the caller, never a user's
+    doing (like supervisor's ``_assertInState``), so not a PipelineError."""
 
 
 @dataclass
@@ -69,6 +121,21 @@ class InstanceRecord:
     last_exit: str | None = None
     reason: str | None = None
     stop_grace: float = 30.0
+
+
+def enter(record: InstanceRecord, state: InstanceState, reason: str | None) -> InstanceState:
+    """Move ``record`` to ``state`` with ``reason``; returns the state it left.
+
+    Raises :class:`IllegalTransition` for an edge not in :data:`TRANSITIONS` (the record is
+    then unchanged). Entering the state it is already in is such an edge too: callers decide
+    first whether anything changes.
+    """
+    before = record.state
+    if state not in TRANSITIONS[before]:
+        raise IllegalTransition(f"instance {record.name}: {before} -> {state} is not allowed")
+    record.state = state
+    record.reason = reason
+    return before
 
 
 @dataclass
@@ -125,12 +192,9 @@ def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) from ``/proc/<pid>/stat``."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
+    fields = proc_stat_fields(pid)
+    if fields is None:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
     try:
         return fields[0].decode(), int(fields[19])
     except (IndexError, ValueError):
@@ -203,28 +267,64 @@ class StateStore:
         state.updated_at = time.time()
         atomic_write_text(self.state_file, state.to_json())
 
-    # --- stop requests: a file per instance, picked up by the supervisor's loop ------------
+    @property
+    def start_lock_file(self) -> Path:
+        """Held by `doit serve` from its "is one running?" check until its supervisor has
+        reported, so two at once run one after the other."""
+        return self.root / "serve.lock"
+
+    # --- requests: a file per instance and kind, picked up by the supervisor's loop --------
     def request_stop(self, names: list[str] | None) -> None:
         self.ensure()
         for name in names or ["*all*"]:
             (self.requests_dir / f"stop-{name}").touch()
 
-    def take_requests(self) -> list[str]:
-        """Names asked to stop since the last call (``*all*`` for everything); removes them."""
-        taken = []
+    def request_start(self, names: list[str]) -> list[Path]:
+        """Ask the supervisor to start ``names`` again; returns the request files, which it
+        removes only after the state file shows what it did with them."""
+        self.ensure()
+        paths = [self.requests_dir / f"start-{name}" for name in names]
+        for path in paths:
+            path.touch()
+        return paths
+
+    def take_requests(self) -> Requests:
+        """The pending requests; they stay on disk until :meth:`done` removes them."""
+        stops: list[str] = []
+        starts: list[str] = []
+        paths: list[Path] = []
         try:
             entries = list(os.scandir(self.requests_dir))
         except FileNotFoundError:
-            return []
+            return Requests()
         for entry in entries:
-            if entry.name.startswith("stop-"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(entry.path).unlink()
-                    taken.append(entry.name.removeprefix("stop-"))
-        return sorted(taken)
+            kind, _, name = entry.name.partition("-")
+            if kind in ("stop", "start") and name:
+                (stops if kind == "stop" else starts).append(name)
+                paths.append(Path(entry.path))
+        return Requests(tuple(sorted(stops)), tuple(sorted(starts)), tuple(paths))
+
+    def done(self, requests: Requests) -> None:
+        for path in requests.paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def clear_requests(self) -> None:
-        self.take_requests()
+        self.done(self.take_requests())
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Requests read from the requests dir: names to stop (``*all*``: all), names to start."""
+
+    stop: tuple[str, ...] = ()
+    start: tuple[str, ...] = ()
+    paths: tuple[Path, ...] = ()
+
+
+# Descriptors of the locks this process holds: a forked daemon closes its copies
+# (:func:`close_inherited_locks`), or it would keep holding them after its parent let go.
+_HELD_FDS: set[int] = set()
 
 
 @contextlib.contextmanager
@@ -236,6 +336,7 @@ def held_lock(path: Path, *, wait: float = 0.0) -> Iterator[bool]:
     import fcntl
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _HELD_FDS.add(fd)
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -250,7 +351,17 @@ def held_lock(path: Path, *, wait: float = 0.0) -> Iterator[bool]:
             yield True
             return
     finally:
+        _HELD_FDS.discard(fd)
         os.close(fd)
+
+
+def close_inherited_locks() -> None:
+    """In a freshly forked child: drop the copies of the parent's lock descriptors (closing
+    them, never unlocking: LOCK_UN would release the parent's lock too)."""
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
 
 
 def supervisor_alive(state: ServeState | None) -> bool:

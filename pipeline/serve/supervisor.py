@@ -6,12 +6,16 @@ answers 503 for models whose instance is not ready yet) and follows their states
 the ``state.json`` this supervisor writes.
 
 The supervisor owns every child: each instance runs in its own session (process group), its
-output appended to its log file (never a pipe), and every wait is bounded. All state transitions
-happen in :meth:`Supervisor.tick`, one place, driven by a loop that also reaps children, so a
-supervisor running as PID 1 leaves no zombie behind.
+output appended to its log file (never a pipe), and every wait is bounded. Every state change
+goes through :meth:`Supervisor._enter`, which refuses an edge that
+:data:`~pipeline.serve.state.TRANSITIONS` does not list; they all happen in
+:meth:`Supervisor.tick`, driven by a loop that also reaps children. The supervisor makes itself
+a child subreaper, so the children of an instance whose leader died are reparented to it and
+reaped here, not left as zombies under a container's PID 1 that never reaps.
 
-Seams for tests come through the constructor: ``spawner`` (start a process), ``probe`` (the
-``/health`` check), ``clock`` and ``sleep``.
+Seams for tests come through the constructor: ``spawner`` (start a process; what it returns
+needs ``pid``, ``returncode``, ``poll()`` and ``wait()``), ``groups`` (is a process group alive,
+signal it), ``probe`` (the ``/health`` check), ``clock`` and ``sleep``.
 
 Blocking: :meth:`Supervisor.run` blocks until every instance is terminal (stopped, exited,
 failed) and returns the exit code. :meth:`Supervisor.tick` never blocks longer than one health
@@ -21,13 +25,14 @@ probe (``probe_timeout``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -38,11 +43,13 @@ from pipeline.procs import group_alive, signal_group
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES
 from pipeline.serve.plan import InstancePlan, Plan
 from pipeline.serve.state import (
+    WAITING_STATES,
     InstanceRecord,
     InstanceState,
     ServeState,
     StateStore,
     SupervisorRecord,
+    enter,
     proc_start_time,
 )
 
@@ -52,12 +59,42 @@ PROBE_INTERVAL = 0.5
 FAST_PROBE_PERIOD = 5.0
 TICK = 0.05
 IDLE_TICK = 0.5
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children (Linux >= 3.4), not PID 1's.
+
+    An instance's leader that dies leaves its children (vLLM's EngineCore) to the nearest
+    subreaper; without one they go to PID 1, and a PID 1 that never reaps (``sleep`` as a
+    container's entrypoint) keeps them as zombies for good. True when the kernel agreed.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class Spawner(Protocol):
     def __call__(
         self, argv: tuple[str, ...], env: Mapping[str, str], cwd: str, log: IO[bytes]
     ) -> subprocess.Popen[bytes]: ...
+
+
+class Groups(Protocol):
+    def alive(self, pgid: int | None) -> bool: ...
+    def signal(self, pgid: int | None, sig: int) -> bool: ...
+
+
+class ProcessGroups:
+    """The real process groups: zombie-aware liveness from /proc, ``killpg``."""
+
+    def alive(self, pgid: int | None) -> bool:
+        return group_alive(pgid)
+
+    def signal(self, pgid: int | None, sig: int) -> bool:
+        return signal_group(pgid, sig)
 
 
 def default_spawner(
@@ -132,17 +169,23 @@ class Supervisor:
         mode: str = "foreground",
         session: str | None = None,
         spawner: Spawner = default_spawner,
+        groups: Groups | None = None,
         probe: Callable[[str, float], bool] = http_probe,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         reap_all: bool = False,
         say: Callable[[str], None] | None = None,
         probe_timeout: float = 1.0,
+        only: Collection[str] | None = None,
     ) -> None:
+        """``reap_all``: reap every child, orphans included, and become a child subreaper
+        (PID 1, the detached supervisor). ``only``: start these instances; the others begin
+        as stopped (`doit serve NAME` with no supervisor running)."""
         self.plan = plan
         self.store = store
         self.base_env = dict(base_env)
         self.spawner = spawner
+        self.groups = groups or ProcessGroups()
         self.probe = probe
         self.clock = clock
         self.sleep = sleep
@@ -169,6 +212,9 @@ class Supervisor:
                 log_file=inst.log_file,
                 stop_grace=inst.stop_grace,
             )
+            if only is not None and inst.name not in only:
+                record.state = InstanceState.STOPPED
+                record.reason = "not started (`doit serve` named others)"
             self.procs[inst.name] = _Proc(plan=inst, record=record)
         self.state = ServeState(
             supervisor=SupervisorRecord(
@@ -185,6 +231,18 @@ class Supervisor:
         )
 
     # ---- public API ----------------------------------------------------------------------
+    def request_start(self, names: list[str]) -> None:
+        """Start stopped, exited or failed instances again (a fresh restart count); others,
+        and everything once a full stop is under way, are left as they are."""
+        if self.stop_requested:
+            return
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is None or not proc.record.state.terminal:
+                continue
+            proc.streak = 0
+            self._enter(proc, InstanceState.PENDING, None, "start requested")
+
     def request_stop(self, names: list[str] | None = None) -> None:
         """Ask instances (all when ``names`` is None) to stop; the loop carries it out."""
         if names is None:
@@ -213,7 +271,7 @@ class Supervisor:
             self.killing = True
             self.say("serve: second signal, killing all instances now")
             for proc in self.procs.values():
-                signal_group(proc.record.pgid, signal.SIGKILL)
+                self.groups.signal(proc.record.pgid, signal.SIGKILL)
                 proc.killed = True
 
     def install_signal_handlers(self) -> None:
@@ -237,11 +295,18 @@ class Supervisor:
         failed = any(p.record.state is InstanceState.FAILED for p in self.procs.values())
         return 1 if failed else 0
 
-    def run(self) -> int:
-        """Supervise until every instance is terminal; returns 1 if any failed, else 0."""
+    def run(self, reported: Callable[[], None] | None = None) -> int:
+        """Supervise until every instance is terminal; returns 1 if any failed, else 0.
+
+        ``reported`` is called once the first state is on disk (readers can see this
+        supervisor from then on)."""
         self.store.ensure()
         self.store.clear_requests()
+        if self.reap_all:
+            become_subreaper()
         self._save()
+        if reported is not None:
+            reported()
         try:
             while not self.finished:
                 self.tick()
@@ -262,17 +327,31 @@ class Supervisor:
         now = self.clock()
         self._handle_signals()
         self._reap()
-        requested = self.store.take_requests()
-        if "*all*" in requested:
+        requests = self.store.take_requests()
+        if "*all*" in requests.stop:
             self.request_stop()
-        elif requested:
-            self.request_stop(requested)
+        elif requests.stop:
+            self.request_stop(list(requests.stop))
+        if requests.start:
+            self.request_start(list(requests.start))
         for proc in self.procs.values():
             self._advance(proc, now)
         if self.settled != self.state.supervisor.settled:
             self.state.supervisor.settled = self.settled
             self.dirty = True
         self._save()
+        # Only now: whoever asked sees the request gone once the state file shows its effect.
+        self.store.done(requests)
+
+    def _enter(
+        self, proc: _Proc, state: InstanceState, reason: str | None, line: str | None = None
+    ) -> None:
+        """The one place an instance changes state: checks the edge (IllegalTransition),
+        marks the state for saving, and says ``line`` when given."""
+        enter(proc.record, state, reason)
+        self.dirty = True
+        if line is not None:
+            self.say(f"serve: {proc.record.name}: {line}")
 
     def _advance(self, proc: _Proc, now: float) -> None:
         rec, plan = proc.record, proc.plan
@@ -293,12 +372,14 @@ class Supervisor:
                 early = now - proc.started_mono < FAST_PROBE_PERIOD
                 proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
                 if self.probe(plan.health_url, self.probe_timeout):
-                    rec.state = InstanceState.RUNNING
                     rec.ready_at = time.time()
-                    rec.reason = None
-                    self.dirty = True
                     took = self.clock() - proc.started_mono
-                    self.say(f"serve: {rec.name}: ready in {took:.1f}s at {plan.base_url}")
+                    self._enter(
+                        proc,
+                        InstanceState.RUNNING,
+                        None,
+                        f"ready in {took:.1f}s at {plan.base_url}",
+                    )
         elif state is InstanceState.RUNNING:
             code = self._exit_status(proc)
             if code is not None:
@@ -310,14 +391,12 @@ class Supervisor:
                 self._spawn(proc, now)
         elif state is InstanceState.STOPPING:
             self._exit_status(proc)
-            if not group_alive(rec.pgid) and proc.popen is None:
-                rec.state = InstanceState.STOPPED
+            if not self.groups.alive(rec.pgid) and proc.popen is None:
                 rec.pid = rec.pgid = None
-                self.dirty = True
-                self.say(f"serve: {rec.name}: stopped")
+                self._enter(proc, InstanceState.STOPPED, rec.reason, "stopped")
             elif now >= proc.deadline and not proc.killed:
                 proc.killed = True
-                signal_group(rec.pgid, signal.SIGKILL)
+                self.groups.signal(rec.pgid, signal.SIGKILL)
                 self.say(
                     f"serve: {rec.name}: still running {plan.stop_grace:g}s after SIGTERM "
                     "(stop_grace), sent SIGKILL"
@@ -364,13 +443,17 @@ class Supervisor:
         proc.started_mono = now
         proc.deadline = now + plan.ready_timeout
         proc.next_probe = now
-        rec.state = InstanceState.STARTING
         rec.pid = rec.pgid = popen.pid
         rec.proc_start = proc_start_time(popen.pid)
         rec.started_at = time.time()
         rec.ready_at = None
-        self.dirty = True
-        self.say(f"serve: {rec.name}: starting (pid {popen.pid}, log {plan.log_file})")
+        # The reason of a failed attempt stays visible while the next one starts.
+        self._enter(
+            proc,
+            InstanceState.STARTING,
+            rec.reason,
+            f"starting (pid {popen.pid}, log {plan.log_file})",
+        )
 
     def _open_log(self, plan: InstancePlan) -> IO[bytes]:
         path = Path(plan.log_file)
@@ -385,16 +468,11 @@ class Supervisor:
         popen = proc.popen
         if popen is None:
             return None
-        if popen.returncode is None:
-            try:
-                pid, status = os.waitpid(popen.pid, os.WNOHANG)
-            except ChildProcessError:
-                # Reaped by someone else (a reap_all pass already recorded it).
-                pid, status = popen.pid, 0
-            if pid == 0:
-                return None
-            popen.returncode = os.waitstatus_to_exitcode(status)
-        code = popen.returncode
+        # poll() also takes a child reaped by someone else as ended (returncode 0); a
+        # reap_all pass that reaped it has already set its returncode.
+        code = popen.returncode if popen.returncode is not None else popen.poll()
+        if code is None:
+            return None
         proc.popen = None
         proc.record.last_exit = _describe_exit(code)
         self.dirty = True
@@ -420,79 +498,74 @@ class Supervisor:
         """The attempt ended: clean up its group, then back off, exit or give up."""
         rec, plan = proc.record, proc.plan
         self._exit_status(proc)
-        if group_alive(rec.pgid):
+        if self.groups.alive(rec.pgid):
             # The leader is gone (or hung at startup) but its group lives on: a grandchild
             # may hold the port or the GPU. Kill it before any restart.
-            signal_group(rec.pgid, signal.SIGTERM)
+            self.groups.signal(rec.pgid, signal.SIGTERM)
             proc.leftover_pgid = rec.pgid
             proc.leftover_kill_at = now + plan.stop_grace
         rec.pid = rec.pgid = None
         self.dirty = True
         if clean or self.stop_requested:
-            rec.state = InstanceState.EXITED
-            rec.reason = why
-            self.say(f"serve: {rec.name}: {why}; not restarted")
+            self._enter(proc, InstanceState.EXITED, why, f"{why}; not restarted")
             return
         if plan.restart == "on-failure" and proc.streak < plan.max_restarts:
             delay = min(plan.backoff_initial * (2**proc.streak), plan.backoff_max)
             proc.streak += 1
             rec.restarts += 1
-            rec.state = InstanceState.BACKOFF
-            rec.reason = why
             proc.deadline = now + delay
-            self.say(
-                f"serve: {rec.name}: {why}; restart {proc.streak}/{plan.max_restarts} "
-                f"in {delay:g}s (log {plan.log_file})"
+            self._enter(
+                proc,
+                InstanceState.BACKOFF,
+                why,
+                f"{why}; restart {proc.streak}/{plan.max_restarts} "
+                f"in {delay:g}s (log {plan.log_file})",
             )
             return
         limit = "restart: no" if plan.restart == "no" else f"{plan.max_restarts} restarts"
         self._give_up(proc, f"{why}; gave up after {limit}")
 
     def _give_up(self, proc: _Proc, why: str) -> None:
-        proc.record.state = InstanceState.FAILED
-        proc.record.reason = why
-        self.dirty = True
-        self.say(f"serve: {proc.record.name}: FAILED: {why} (log {proc.plan.log_file})")
+        self._enter(proc, InstanceState.FAILED, why, f"FAILED: {why} (log {proc.plan.log_file})")
 
     def _begin_stop(self, proc: _Proc, now: float, reason: str) -> None:
         rec = proc.record
         if rec.state.terminal or rec.state is InstanceState.STOPPING:
             return
-        if rec.state in (InstanceState.PENDING, InstanceState.BACKOFF):
-            rec.state = InstanceState.STOPPED
-            rec.reason = reason
-            self.dirty = True
+        if rec.state in WAITING_STATES:
+            self._enter(proc, InstanceState.STOPPED, reason)
             return
-        rec.state = InstanceState.STOPPING
-        rec.reason = reason
         proc.deadline = now + proc.plan.stop_grace
         proc.killed = False
-        self.dirty = True
-        signal_group(rec.pgid, signal.SIGTERM)
-        self.say(f"serve: {rec.name}: stopping (SIGTERM to process group {rec.pgid})")
+        self._enter(
+            proc,
+            InstanceState.STOPPING,
+            reason,
+            f"stopping (SIGTERM to process group {rec.pgid})",
+        )
+        self.groups.signal(rec.pgid, signal.SIGTERM)
 
     def _clean_leftover(self, proc: _Proc, now: float) -> None:
         if proc.leftover_pgid is None:
             return
         self._exit_status(proc)
-        if not group_alive(proc.leftover_pgid) and proc.popen is None:
+        if not self.groups.alive(proc.leftover_pgid) and proc.popen is None:
             proc.leftover_pgid = None
         elif now >= proc.leftover_kill_at:
-            signal_group(proc.leftover_pgid, signal.SIGKILL)
+            self.groups.signal(proc.leftover_pgid, signal.SIGKILL)
 
     def _kill_all_now(self) -> None:
         """Last resort on the way out: nothing we started may outlive the supervisor."""
         for proc in self.procs.values():
             for pgid in (proc.record.pgid, proc.leftover_pgid):
-                if pgid and group_alive(pgid):
-                    signal_group(pgid, signal.SIGKILL)
+                if pgid and self.groups.alive(pgid):
+                    self.groups.signal(pgid, signal.SIGKILL)
             if proc.popen is not None:
                 with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
                     proc.popen.wait(timeout=10)
                 proc.popen = None
             if not proc.record.state.terminal:
-                proc.record.state = InstanceState.STOPPED
-                proc.record.reason = proc.record.reason or "supervisor exited"
+                self._enter(proc, InstanceState.STOPPED, proc.record.reason or "supervisor exited")
             proc.record.pid = proc.record.pgid = None
 
     def _save(self, force: bool = False) -> None:

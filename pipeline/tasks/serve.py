@@ -50,17 +50,19 @@ def task_plan() -> TaskDict:
 
 
 def task_serve() -> TaskDict:
-    """Start the vLLM instances of the serve TOML (background or foreground, as configured)."""
+    """Start the instances of the serve TOML, or `doit serve NAME...` (background or
+    foreground, as configured); with a supervisor running, starts what is not running."""
 
     @reporting.action
-    def run(config: str, foreground: bool, background: bool) -> None:
+    def run(names: list[str], config: str, foreground: bool, background: bool) -> None:
         from pipeline.serve.commands import serve_command
 
         mode = True if foreground else (False if background else None)
-        serve_command(SETTINGS, config or None, process_environ(), foreground=mode)
+        serve_command(SETTINGS, config or None, process_environ(), names=names, foreground=mode)
 
     return {
         "actions": [run],
+        "pos_arg": "names",
         "params": [
             _CONFIG_PARAM,
             {

@@ -1,0 +1,547 @@
+"""Every edge of the supervisor's state table, driven through its seams.
+
+A fake spawner (processes that exit when the test says), fake process groups, a fake health
+probe and a fake clock: no real process, no sleep, the same outcome on every run. One
+``test_transition_<from>_to_<to>`` per edge of :data:`~pipeline.serve.state.TRANSITIONS`
+(a test checks that the names and the table agree), in the manner of Supervisor/supervisor's
+``test_transition_*`` tests, plus the refusal of an edge the table does not list.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO, standin_config
+
+from pipeline.serve.commands import load
+from pipeline.serve.state import (
+    TRANSITIONS,
+    IllegalTransition,
+    InstanceRecord,
+    InstanceState,
+    StateStore,
+    enter,
+)
+from pipeline.serve.supervisor import Supervisor
+
+S = InstanceState
+FIRST_PID = 10_000_000  # above any pid_max: never a real process
+
+
+@dataclass
+class FakePopen:
+    """What the supervisor uses of a Popen; ``returncode`` is set when the test ends it."""
+
+    pid: int
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    code: int | None = None
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.code is not None:
+            self.returncode = self.code
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.code = -signal.SIGKILL if self.code is None else self.code
+        return self.poll() or 0
+
+
+@dataclass
+class World:
+    """The fakes, shared: spawned processes, live groups, signals sent, probe answers."""
+
+    now: float = 1000.0
+    next_pid: int = FIRST_PID
+    spawned: list[FakePopen] = field(default_factory=list)
+    live_groups: set[int] = field(default_factory=set)
+    signals: list[tuple[int, str]] = field(default_factory=list)
+    healthy: set[str] = field(default_factory=set)
+    spawn_error: OSError | None = None
+
+    # --- seams -------------------------------------------------------------------------
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def spawner(self, argv, env, cwd, log) -> FakePopen:
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        popen = FakePopen(self.next_pid, tuple(argv), dict(env))
+        self.next_pid += 1
+        self.spawned.append(popen)
+        self.live_groups.add(popen.pid)
+        return popen
+
+    def probe(self, url: str, timeout: float) -> bool:
+        return url in self.healthy
+
+    # the Groups protocol
+    def alive(self, pgid: int | None) -> bool:
+        return pgid in self.live_groups
+
+    def signal(self, pgid: int | None, sig: int) -> bool:
+        if pgid not in self.live_groups:
+            return False
+        self.signals.append((pgid, signal.Signals(sig).name))
+        return True
+
+    # --- what the test does to the processes -------------------------------------------
+    def exit(self, popen: FakePopen, code: int, *, group_lives: bool = False) -> None:
+        popen.code = code
+        if not group_lives:
+            self.live_groups.discard(popen.pid)
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+@pytest.fixture
+def make(settings, standin_prefix, tmp_path, world):
+    """make(instances, control=...) -> a Supervisor wired to the fakes, and its say lines."""
+
+    def build(
+        instances: dict[str, dict] | None = None,
+        server: dict[str, object] | None = None,
+        **control: object,
+    ) -> tuple[Supervisor, list[str]]:
+        text = standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            instances or {"a": {"port": 18001}},
+            control={"backoff_initial": 1, "backoff_max": 4, "stop_grace": 5, **control},
+            server=server,
+        )
+        path = tmp_path / "serve.toml"
+        path.write_text(text)
+        _, plan = load(settings, str(path), os.environ, check=False)
+        store = StateStore(settings.serve_state)
+        store.ensure()
+        lines: list[str] = []
+        supervisor = Supervisor(
+            plan,
+            store,
+            base_env={"PATH": "/usr/bin"},
+            spawner=world.spawner,
+            groups=world,
+            probe=world.probe,
+            clock=world.clock,
+            sleep=world.sleep,
+            say=lines.append,
+        )
+        return supervisor, lines
+
+    return build
+
+
+def state_of(supervisor: Supervisor, name: str = "a") -> InstanceState:
+    return supervisor.procs[name].record.state
+
+
+def health(supervisor: Supervisor, name: str = "a") -> str:
+    return supervisor.procs[name].plan.health_url
+
+
+def start(world: World, supervisor: Supervisor, name: str = "a") -> FakePopen:
+    """Tick until ``name`` is starting; its fake process."""
+    supervisor.tick()
+    assert state_of(supervisor, name) is S.STARTING
+    return world.spawned[-1]
+
+
+def run_to_ready(world: World, supervisor: Supervisor, name: str = "a") -> FakePopen:
+    popen = start(world, supervisor, name)
+    world.healthy.add(health(supervisor, name))
+    supervisor.tick()
+    assert state_of(supervisor, name) is S.RUNNING
+    return popen
+
+
+def all_ready(world: World, supervisor: Supervisor) -> None:
+    supervisor.tick()
+    world.healthy.update(health(supervisor, name) for name in supervisor.procs)
+    supervisor.tick()
+    assert all(state_of(supervisor, name) is S.RUNNING for name in supervisor.procs)
+
+
+# ---- PENDING ------------------------------------------------------------------------------
+
+
+def test_transition_pending_to_starting(world, make):
+    supervisor, lines = make()
+    assert state_of(supervisor) is S.PENDING
+    supervisor.tick()
+    assert state_of(supervisor) is S.STARTING
+    popen = world.spawned[0]
+    assert popen.argv[-14:-12] == ("-m", "vllm.entrypoints.openai.api_server")
+    rec = supervisor.procs["a"].record
+    assert rec.pid == rec.pgid == FIRST_PID
+    assert lines == [f"serve: a: starting (pid {FIRST_PID}, log {rec.log_file})"]
+    # Persisted: `doit status` sees the same.
+    assert supervisor.store.read().instances["a"].state is S.STARTING
+
+
+def test_transition_pending_to_stopped(world, make):
+    # b shares a's GPU, so it waits in PENDING until a is ready; a stop finds it there.
+    supervisor, _ = make(
+        {
+            "a": {"port": 18001, "control": {"gpu_ids": [0]}},
+            "b": {"port": 18002, "control": {"gpu_ids": [0]}},
+        },
+        server={"gpu_memory_utilization": 0.4},
+    )
+    supervisor.tick()
+    assert (state_of(supervisor, "a"), state_of(supervisor, "b")) == (S.STARTING, S.PENDING)
+    supervisor.request_stop(["b"])
+    assert state_of(supervisor, "b") is S.STOPPED
+    assert supervisor.procs["b"].record.reason == "stopped on request"
+    assert len(world.spawned) == 1, "b never spawned"
+    assert world.signals == []
+
+
+def test_transition_pending_to_failed(world, make):
+    world.spawn_error = FileNotFoundError(2, "No such file or directory")
+    supervisor, lines = make()
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.FAILED
+    assert rec.reason.startswith("cannot start ") and rec.reason.endswith(
+        ": No such file or directory"
+    )
+    assert lines[-1].startswith("serve: a: FAILED: cannot start ")
+    assert supervisor.finished and supervisor.exit_code() == 1
+
+
+# ---- STARTING -----------------------------------------------------------------------------
+
+
+def test_transition_starting_to_running(world, make):
+    supervisor, lines = make()
+    start(world, supervisor)
+    world.now += 2.5
+    supervisor.tick()
+    assert state_of(supervisor) is S.STARTING, "not healthy yet"
+    world.healthy.add(health(supervisor))
+    world.now += 0.5
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.RUNNING and rec.reason is None and rec.ready_at
+    assert lines[-1] == f"serve: a: ready in 3.0s at {rec.base_url}"
+    assert supervisor.settled and supervisor.store.read().supervisor.settled
+
+
+def test_transition_starting_to_backoff(world, make):
+    supervisor, lines = make()
+    popen = start(world, supervisor)
+    world.exit(popen, 1)
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.BACKOFF
+    assert rec.reason == "exited during startup (exit code 1)"
+    assert rec.restarts == 1 and rec.last_exit == "exit code 1"
+    assert lines[-1].startswith("serve: a: exited during startup (exit code 1); restart 1/3 in 1s")
+
+
+def test_transition_starting_to_stopping(world, make):
+    supervisor, _ = make()
+    popen = start(world, supervisor)
+    supervisor.request_stop()
+    assert state_of(supervisor) is S.STOPPING
+    assert world.signals == [(popen.pid, "SIGTERM")]
+
+
+def test_transition_starting_to_stopped(world, make):
+    # Whatever ends the loop (here a probe that raises), run() leaves nothing running and
+    # records the instance as stopped.
+    supervisor, _ = make()
+
+    def broken_probe(url: str, timeout: float) -> bool:
+        raise RuntimeError("probe broke")
+
+    supervisor.probe = broken_probe
+    with pytest.raises(RuntimeError, match="probe broke"):
+        supervisor.run()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.STOPPED and rec.reason == "supervisor exited"
+    assert world.signals == [(FIRST_PID, "SIGKILL")]
+    final = supervisor.store.read()
+    assert final.supervisor.exited and final.instances["a"].state is S.STOPPED
+
+
+def test_transition_starting_to_failed(world, make):
+    supervisor, _ = make(ready_timeout=10, restart="no")
+    popen = start(world, supervisor)
+    world.now += 9.9
+    supervisor.tick()
+    assert state_of(supervisor) is S.STARTING
+    world.now += 0.1
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.FAILED
+    assert rec.reason == "not ready within 10s (ready_timeout); gave up after restart: no"
+    # The hung start's group is put down before anything else may start.
+    assert world.signals == [(popen.pid, "SIGTERM")]
+    assert not supervisor.finished, "its group still lives"
+    world.exit(popen, -15)
+    supervisor.tick()
+    assert supervisor.finished
+
+
+# ---- RUNNING ------------------------------------------------------------------------------
+
+
+def test_transition_running_to_backoff(world, make):
+    supervisor, _ = make()
+    popen = run_to_ready(world, supervisor)
+    world.exit(popen, 3)
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.BACKOFF and rec.reason == "exited (exit code 3)"
+    assert supervisor.procs["a"].deadline == world.now + 1
+
+
+def test_transition_running_to_stopping(world, make):
+    supervisor, lines = make()
+    popen = run_to_ready(world, supervisor)
+    supervisor.request_stop(["a"])
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.STOPPING and rec.reason == "stopped on request"
+    assert world.signals == [(popen.pid, "SIGTERM")]
+    assert lines[-1] == f"serve: a: stopping (SIGTERM to process group {popen.pid})"
+
+
+def test_transition_running_to_stopped(world, make):
+    supervisor, _ = make()
+    popen = run_to_ready(world, supervisor)
+    supervisor._kill_all_now()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.STOPPED and rec.reason == "supervisor exited"
+    assert rec.pid is None and rec.pgid is None
+    assert world.signals == [(popen.pid, "SIGKILL")]
+
+
+def test_transition_running_to_exited(world, make):
+    supervisor, lines = make()
+    popen = run_to_ready(world, supervisor)
+    world.exit(popen, 0)
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.EXITED and rec.reason == "exited (exit code 0)"
+    assert lines[-1] == "serve: a: exited (exit code 0); not restarted"
+    assert supervisor.finished and supervisor.exit_code() == 0
+
+
+def test_transition_running_to_failed(world, make):
+    supervisor, _ = make(restart="no")
+    popen = run_to_ready(world, supervisor)
+    world.exit(popen, -9)
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.FAILED
+    assert rec.reason == "exited (killed by SIGKILL); gave up after restart: no"
+
+
+# ---- BACKOFF ------------------------------------------------------------------------------
+
+
+def crash_into_backoff(world: World, supervisor: Supervisor) -> FakePopen:
+    popen = run_to_ready(world, supervisor)
+    world.exit(popen, 3)
+    supervisor.tick()
+    assert state_of(supervisor) is S.BACKOFF
+    return popen
+
+
+def test_transition_backoff_to_starting(world, make):
+    supervisor, _ = make()
+    crash_into_backoff(world, supervisor)
+    world.now += 0.99
+    supervisor.tick()
+    assert state_of(supervisor) is S.BACKOFF, "the delay is 1 s"
+    world.now += 0.01
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.STARTING and rec.pid == FIRST_PID + 1
+    assert rec.reason == "exited (exit code 3)", "the cause stays shown while it retries"
+
+
+def test_transition_backoff_to_stopped(world, make):
+    supervisor, _ = make()
+    crash_into_backoff(world, supervisor)
+    supervisor.request_stop(["a"])
+    assert state_of(supervisor) is S.STOPPED
+    world.now += 60
+    supervisor.tick()
+    assert state_of(supervisor) is S.STOPPED and len(world.spawned) == 1
+
+
+def test_transition_backoff_to_failed(world, make):
+    supervisor, _ = make()
+    crash_into_backoff(world, supervisor)
+    world.spawn_error = PermissionError(13, "Permission denied")
+    world.now += 1
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.FAILED and rec.reason.endswith(": Permission denied")
+
+
+# ---- STOPPING -----------------------------------------------------------------------------
+
+
+def test_transition_stopping_to_stopped(world, make):
+    supervisor, lines = make(stop_grace=5)
+    popen = run_to_ready(world, supervisor)
+    supervisor.request_stop()
+    # The leader ignores SIGTERM: SIGKILL once stop_grace has passed, then stopped.
+    world.now += 5
+    supervisor.tick()
+    assert state_of(supervisor) is S.STOPPING
+    assert world.signals == [(popen.pid, "SIGTERM"), (popen.pid, "SIGKILL")]
+    world.exit(popen, -9)
+    supervisor.tick()
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.STOPPED and rec.reason == "stopped on request"
+    assert rec.pgid is None and lines[-1] == "serve: a: stopped"
+    assert supervisor.finished
+
+
+def test_a_stop_waits_for_the_whole_group_not_only_the_leader(world, make):
+    supervisor, _ = make()
+    popen = run_to_ready(world, supervisor)
+    supervisor.request_stop()
+    world.exit(popen, 0, group_lives=True)  # a grandchild holds on
+    supervisor.tick()
+    assert state_of(supervisor) is S.STOPPING
+    world.live_groups.discard(popen.pid)
+    supervisor.tick()
+    assert state_of(supervisor) is S.STOPPED
+
+
+# ---- back from a terminal state (`doit serve` again) ----------------------------------------
+
+
+def test_transition_stopped_to_pending(world, make):
+    supervisor, lines = make({"a": {"port": 18001}, "b": {"port": 18002}})
+    all_ready(world, supervisor)
+    world.exit(world.spawned[0], 0)
+    supervisor.request_stop(["a"])
+    supervisor.tick()
+    assert state_of(supervisor, "a") is S.STOPPED
+    # As `doit serve` asks it: a request file, taken by the next tick, which goes on to
+    # spawn it (pending, then starting, in one pass).
+    supervisor.store.request_start(["a"])
+    supervisor.tick()
+    assert lines[-2:] == [
+        "serve: a: start requested",
+        f"serve: a: starting (pid {FIRST_PID + 2}, log {supervisor.procs['a'].plan.log_file})",
+    ]
+    assert state_of(supervisor, "a") is S.STARTING
+    assert not list(supervisor.store.requests_dir.iterdir()), "the request is done"
+    assert supervisor.store.read().instances["a"].state is S.STARTING
+    assert state_of(supervisor, "b") is S.RUNNING
+
+
+def test_transition_exited_to_pending(world, make):
+    supervisor, lines = make({"a": {"port": 18001}, "b": {"port": 18002}})
+    all_ready(world, supervisor)
+    world.exit(world.spawned[0], 0)
+    supervisor.tick()
+    assert state_of(supervisor, "a") is S.EXITED
+    supervisor.request_start(["a", "b"])
+    assert state_of(supervisor, "a") is S.PENDING
+    assert state_of(supervisor, "b") is S.RUNNING, "what runs is left alone"
+    assert lines[-1] == "serve: a: start requested"
+
+
+def test_transition_failed_to_pending(world, make):
+    supervisor, _ = make({"a": {"port": 18001}, "b": {"port": 18002}}, max_restarts=1)
+    all_ready(world, supervisor)
+    popen = world.spawned[0]
+    for _ in range(2):
+        world.exit(popen, 3)
+        supervisor.tick()
+        world.now += 10
+        supervisor.tick()
+        popen = world.spawned[-1]
+    assert state_of(supervisor, "a") is S.FAILED
+    supervisor.request_start(["a"])
+    assert state_of(supervisor, "a") is S.PENDING
+    # A fresh count: it may fail max_restarts times again before it is given up.
+    assert supervisor.procs["a"].streak == 0
+    supervisor.tick()
+    assert state_of(supervisor, "a") is S.STARTING
+
+
+# ---- refusals and the table itself --------------------------------------------------------
+
+
+def test_an_edge_not_in_the_table_is_refused(world, make):
+    rec = InstanceRecord(name="a", state=S.RUNNING, reason=None)
+    with pytest.raises(IllegalTransition, match="instance a: running -> pending is not allowed"):
+        enter(rec, S.PENDING, "nope")
+    assert rec.state is S.RUNNING and rec.reason is None, "a refused edge changes nothing"
+    supervisor, _ = make()
+    with pytest.raises(IllegalTransition, match="pending -> running"):
+        supervisor._enter(supervisor.procs["a"], S.RUNNING, None)
+    # Not a user's error: it is not a PipelineError, so it is never shown as `error: ...`.
+    from pipeline.errors import PipelineError
+
+    assert not issubclass(IllegalTransition, PipelineError)
+
+
+def test_a_start_request_leaves_a_live_instance_alone(world, make):
+    supervisor, _ = make()
+    run_to_ready(world, supervisor)
+    supervisor.request_start(["a", "unknown"])
+    assert state_of(supervisor) is S.RUNNING and len(world.spawned) == 1
+
+
+def test_every_edge_of_the_table_has_its_transition_test():
+    prefix = "test_transition_"
+    tested = {name.removeprefix(prefix) for name in globals() if name.startswith(prefix)}
+    edges = {f"{a.value}_to_{b.value}" for a, targets in TRANSITIONS.items() for b in targets}
+    assert edges == tested
+
+
+def test_terminal_states_lead_back_only_to_pending():
+    for state in S:
+        if state.terminal:
+            assert TRANSITIONS[state] == {S.PENDING}
+        else:
+            assert S.STOPPED in TRANSITIONS[state], f"{state} can always be stopped"
+
+
+def test_the_gateway_reads_states_without_pydantic():
+    code = (
+        "import sys, pipeline.gateway.states as g, pipeline.serve.state as s; "
+        "assert g.RUNNING is s.InstanceState.RUNNING; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_fake_pids_cannot_be_real_processes():
+    # The fake pids are beyond any pid_max: had a signal left the fakes, it would have failed.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert pid_max < FIRST_PID
