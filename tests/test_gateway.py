@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -687,3 +688,206 @@ def test_a_taken_port_exits_1(tmp_path):
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+# ---- hardening: what a client without a key, or a smuggler, can do ------------------------------
+
+HEADER_TIMEOUT = 1.5
+BODY_TIMEOUT = 1.0
+CAP = 12
+
+
+@pytest.fixture(scope="module")
+def hardened(env: dict) -> Iterator[dict]:
+    """A second gateway in front of ``alpha`` with short timeouts and a small connection cap."""
+    port = free_port()
+    config = GatewayConfig(
+        host="127.0.0.1",
+        port=port,
+        keys=KEYS,
+        instances=(Upstream("alpha", "127.0.0.1", env["ports"]["alpha"], None, ("alpha",)),),
+        header_timeout=HEADER_TIMEOUT,
+        body_timeout=BODY_TIMEOUT,
+        max_body=80 * 1024 * 1024,
+        max_connections=CAP,
+    )
+    proc = start_gateway(config, env["root"] / "hardened.log")
+    try:
+        yield {"port": port, "alpha": env["ports"]["alpha"], "env": env}
+    finally:
+        stop(proc)
+
+
+def raw_exchange(port: int, data: bytes, *, timeout: float = 10) -> tuple[bytes, float]:
+    """Send ``data``, read until the gateway closes: (everything read, seconds it took)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        started = time.monotonic()
+        sock.sendall(data)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while piece := sock.recv(65536):
+                got += piece
+        return got, time.monotonic() - started
+
+
+def head(path: str = "/v1/chat/completions", *lines: str, key: str | None = KEYS[0]) -> bytes:
+    auth = [f"Authorization: Bearer {key}"] if key else []
+    return ("\r\n".join([f"POST {path} HTTP/1.1", "Host: gw", *auth, *lines]) + "\r\n\r\n").encode()
+
+
+def test_regression_a_client_without_a_key_gets_401_before_sending_its_body(hardened):
+    # The head announces 10 MB; the body never comes. The answer must not wait for it.
+    announced = head("/v1/chat/completions", "Content-Length: 10000000", key=None)
+    data, took = raw_exchange(hardened["port"], announced)
+    assert data.startswith(b"HTTP/1.1 401 "), data
+    assert b"connection: close" in data.lower()
+    assert took < BODY_TIMEOUT
+
+
+def test_regression_a_slow_body_is_closed_within_the_body_timeout(hardened):
+    body = json.dumps({"model": "alpha", "messages": []}).encode()
+    with socket.create_connection(("127.0.0.1", hardened["port"]), timeout=10) as sock:
+        sock.sendall(head("/v1/chat/completions", f"Content-Length: {len(body)}") + body[:5])
+        started = time.monotonic()
+        got = b""
+        while piece := sock.recv(65536):
+            got += piece
+        took = time.monotonic() - started
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    assert BODY_TIMEOUT * 0.8 < took < BODY_TIMEOUT + 1.0, took
+
+
+def test_regression_a_head_sent_whole_with_its_length_still_times_out(hardened):
+    """The old gateway never timed out a request whose head and Content-Length came in one
+    read and whose body never followed."""
+    data, took = raw_exchange(hardened["port"], head("/v1/chat/completions", "Content-Length: 50"))
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert took < BODY_TIMEOUT + 1.0
+
+
+def test_regression_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(hardened):
+    data, took = raw_exchange(hardened["port"], b"")
+    assert data == b""
+    assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + 1.0, took
+
+
+def test_regression_expect_100_continue_with_a_wrong_key_gets_401_not_100(hardened):
+    data, _ = raw_exchange(hardened["port"], head("/v1/chat/completions", "Content-Length: 20",
+                                                  "Expect: 100-continue", key="wrong"))  # fmt: skip
+    assert data.startswith(b"HTTP/1.1 401 "), data
+    assert b"100 Continue" not in data
+
+
+def test_expect_100_continue_with_the_right_key_gets_100_then_the_answer(hardened):
+    body = json.dumps({"model": "alpha"}).encode()
+    with socket.create_connection(("127.0.0.1", hardened["port"]), timeout=10) as sock:
+        sock.sendall(head("/v1/chat/completions", f"Content-Length: {len(body)}",
+                          "Expect: 100-continue", "Connection: close"))  # fmt: skip
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        got = b""
+        while piece := sock.recv(65536):
+            got += piece
+    assert got.startswith(b"HTTP/1.1 200 "), got
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["served_by"] == "alpha"
+
+
+def test_regression_a_bare_lf_in_a_header_is_400_and_reaches_no_instance(hardened):
+    """``X: a\\nContent-Length: 0`` was forwarded verbatim: an upstream splitting lines on LF
+    saw a second request, answered to the next client."""
+    before = json.loads(request(hardened["alpha"], "GET", "/stats")[2])["requests"]
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b'{"model": "alpha"}'
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+           + KEYS[0].encode() + b"\r\nX-Note: a\nContent-Length: 0\r\n"
+           + b"Content-Length: %d\r\n\r\n" % (len(body) + len(smuggled))
+           + body + smuggled)  # fmt: skip
+    data, _ = raw_exchange(hardened["port"], raw)
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert data.count(b"\r\n\r\n") == 1
+    assert json.loads(request(hardened["alpha"], "GET", "/stats")[2])["requests"] == before
+
+
+CHUNKED = "Transfer-Encoding: chunked"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (head("/v1/chat/completions", "X-A: 1\rContent-Length: 2") + b"{}", 400),
+        (head("/v1/chat/completions", "X-A: 1\x00", "Content-Length: 2") + b"{}", 400),
+        (head("/v1/chat/completions", "X(A): 1", "Content-Length: 2") + b"{}", 400),
+        (head("/v1/chat/completions", CHUNKED, CHUNKED) + b"2\r\n{}\r\n0\r\n\r\n", 400),
+        (head("/v1/chat/completions", "Transfer-Encoding: gzip", CHUNKED)
+         + b"2\r\n{}\r\n0\r\n\r\n", 501),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer " + KEYS[0].encode()
+         + b"\r\nContent-Length: 2\r\n\r\n{}", 400),
+        (head("/v1/chat/completions", "Host: other", "Content-Length: 2") + b"{}", 400),
+        (head("/v1/chat/completions", CHUNKED) + b"0x2\r\n{}\r\n0\r\n\r\n", 400),
+        (head("/v1/chat/completions", CHUNKED) + b"2\r\n{}XX0\r\n\r\n", 400),
+        (head("/v1/chat/completions", "X-Big: " + "a" * 70_000, "Content-Length: 2") + b"{}", 431),
+    ],
+    ids=["cr-in-value", "nul-in-value", "bad-name", "two-te", "te-gzip-then-chunked",
+         "no-host", "two-hosts", "0x-chunk-size", "no-crlf-after-chunk", "head-over-64k"],
+)  # fmt: skip
+def test_regression_smuggling_shapes_are_refused(hardened, raw, status):
+    data, _ = raw_exchange(hardened["port"], raw)
+    assert data.startswith(b"HTTP/1.1 %d " % status), data
+    assert b"connection: close" in data.lower()
+    assert data.count(b"\r\n\r\n") == 1  # one answer: nothing reached an instance
+
+
+def test_regression_the_connection_cap_keeps_health_answering(hardened):
+    """20,000 idle connections used to exhaust the descriptors: /health then got nothing."""
+    port = hardened["port"]
+    idle = []
+    try:
+        for _ in range(CAP):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.2)
+        assert healthy(port), "/health must be answered past the cap"
+        status, _, raw = request(port, "POST", "/v1/chat/completions", {"model": "alpha"}, AUTH)
+        assert status == 503 and b"max_connections" in raw
+        # The reserve filled too: answered 503 without being read.
+        for _ in range(16):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.2)
+        data, _ = raw_exchange(port, b"")
+        assert data.startswith(b"HTTP/1.1 503 "), data
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: request(port, "POST", "/v1/chat/completions", {"model": "alpha"}, AUTH)[0]
+             == 200, timeout=5, what="a request once the idle connections closed")  # fmt: skip
+
+
+def test_regression_a_big_body_does_not_stall_health(hardened):
+    """A 51 MB body froze /health for 0.68 s (json.loads on the event loop)."""
+    port = hardened["port"]
+    image = "data:image/png;base64," + "QUFB" * 12_750_000
+    body = json.dumps({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}},
+        ]}],
+        "model": "alpha",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }).encode()  # fmt: skip
+    result: dict[str, object] = {}
+
+    def upload() -> None:
+        result["answer"] = request(port, "POST", "/v1/chat/completions", body, AUTH)
+
+    thread = threading.Thread(target=upload)
+    worst = 0.0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        thread.start()
+        while thread.is_alive():
+            started = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_responses(sock, 1)
+            worst = max(worst, time.monotonic() - started)
+        thread.join()
+    status, _, raw = result["answer"]  # type: ignore[misc]
+    assert status == 200, raw
+    assert json.loads(raw)["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert worst < 0.25, f"/health took {worst:.3f}s while a 51 MB body was read"

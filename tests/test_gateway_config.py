@@ -13,7 +13,13 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, GatewayConfigError, Upstream
-from pipeline.gateway.wire import ChunkedReader, HttpError, find_model, parse_request_head
+from pipeline.gateway.wire import (
+    ChunkedReader,
+    HttpError,
+    ModelScanner,
+    find_model,
+    parse_request_head,
+)
 from pipeline.pixi.envs import Runtime
 from pipeline.serve import clients
 from pipeline.serve.config import json_schema, parse_config
@@ -232,6 +238,19 @@ def test_the_state_file_reaches_the_gateway(tmp_path):
     assert gw_config.state_file == str(tmp_path / "state.json")
 
 
+def test_the_limits_reach_the_gateway_with_sane_defaults():
+    _, plan = plan_of()
+    defaults = GatewayConfig.from_json(plan.gateway.secret_env[CONFIG_VAR].get_secret_value())
+    assert (defaults.header_timeout, defaults.body_timeout) == (60.0, 60.0)
+    assert defaults.max_body == 64 * 1024 * 1024 and defaults.max_connections == 4096
+    limits = "header_timeout = 5\nbody_timeout = 2.5\nmax_body_mib = 8\nmax_connections = 100"
+    _, plan = plan_of(config_text(gateway=GATEWAY + "\n" + limits))
+    gw = GatewayConfig.from_json(plan.gateway.secret_env[CONFIG_VAR].get_secret_value())
+    assert (gw.header_timeout, gw.body_timeout) == (5.0, 2.5)
+    assert gw.max_body == 8 * 1024 * 1024 and gw.max_connections == 100
+    assert "gateway.body_timeout" in error_of(config_text(gateway=GATEWAY + "\nbody_timeout = 0"))
+
+
 def test_a_missing_key_variable_stops_serve_and_shows_in_the_plan():
     config, plan = plan_of(environ={"CHAT_KEY": "k"})
     assert plan.gateway.missing_keys == ("GW_KEY",)
@@ -358,6 +377,25 @@ def test_request_heads_keep_their_lines_and_refuse_ambiguity():
         with pytest.raises(HttpError):
             parse_request_head(bad)
     assert parse_request_head(b"GET / HTTP/1.0").keep_alive is False
+
+
+def test_the_model_is_found_whatever_the_body_is_split_into():
+    body = b'{"messages": [{"content": "a \\" } ]"}], "model": "m\\u00e9", "stream": true}'
+    for split in range(1, len(body)):
+        scanner = ModelScanner()
+        scanner.feed(body[:split])
+        scanner.feed(body[split:])
+        assert scanner.result() == (True, "m\u00e9"), split
+    # As json.loads (and so vLLM) reads it: the last "model" wins.
+    assert find_model(b'{"model": "a", "model": "b"}') == (True, "b")
+    assert find_model(b'{"model": "a"} trailing') == (False, None)
+
+
+def test_regression_responses_with_a_0x_chunk_size_or_no_crlf_after_data_are_refused():
+    with pytest.raises(HttpError):
+        ChunkedReader().feed(b"0x5\r\nhello\r\n0\r\n\r\n")
+    with pytest.raises(HttpError):
+        ChunkedReader().feed(b"5\r\nhelloXX0\r\n\r\n")
 
 
 def test_regression_a_connection_paused_by_a_slow_client_is_pooled_reading():

@@ -17,6 +17,12 @@ from typing import Any
 CONFIG_VAR = "PIPELINE_GATEWAY_CONFIG"
 FORMAT_VERSION = 1
 
+# Defaults of the limits (the serve TOML's [gateway] keys; docs/serve-config.md says why).
+HEADER_TIMEOUT = 60.0
+BODY_TIMEOUT = 60.0
+MAX_BODY = 64 * 1024 * 1024
+MAX_CONNECTIONS = 4096
+
 
 class GatewayConfigError(ValueError):
     """The JSON value is not a gateway config this version understands."""
@@ -42,7 +48,11 @@ class GatewayConfig:
     """Listen address, client keys, instances (with their keys and model names), state file.
 
     ``state_file`` is the supervisor's ``state.json``; empty means "no supervisor": every
-    instance counts as running (tests and ad-hoc use).
+    instance counts as running (tests and ad-hoc use). ``header_timeout`` (seconds from
+    accept, or from a kept-alive request's first byte, to the end of its head),
+    ``body_timeout`` (seconds between two reads of a body), ``max_body`` (bytes) and
+    ``max_connections`` (open client connections, beyond a small reserve for /health and
+    /metrics) bound what a client can hold.
     """
 
     host: str
@@ -51,6 +61,10 @@ class GatewayConfig:
     instances: tuple[Upstream, ...] = ()
     state_file: str = ""
     access_log: bool = False
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_body: int = MAX_BODY
+    max_connections: int = MAX_CONNECTIONS
 
     def routes(self) -> dict[str, Upstream]:
         """Model name or alias -> instance (the planner has checked they are unique)."""
@@ -64,6 +78,10 @@ class GatewayConfig:
             "keys": list(self.keys),
             "state_file": self.state_file,
             "access_log": self.access_log,
+            "header_timeout": self.header_timeout,
+            "body_timeout": self.body_timeout,
+            "max_body": self.max_body,
+            "max_connections": self.max_connections,
             "instances": [
                 {
                     "name": up.name,
@@ -107,6 +125,10 @@ class GatewayConfig:
                 instances=instances,
                 state_file=str(data.get("state_file") or ""),
                 access_log=bool(data.get("access_log", False)),
+                header_timeout=float(data.get("header_timeout", HEADER_TIMEOUT)),
+                body_timeout=float(data.get("body_timeout", BODY_TIMEOUT)),
+                max_body=int(data.get("max_body", MAX_BODY)),
+                max_connections=int(data.get("max_connections", MAX_CONNECTIONS)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GatewayConfigError(

@@ -31,12 +31,14 @@ import contextlib
 import hmac
 import json
 import os
+import resource
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import cast
+from typing import NamedTuple, cast
 
 from pipeline.gateway.config import GatewayConfig, Upstream
 from pipeline.gateway.metrics import Metrics
@@ -46,10 +48,11 @@ from pipeline.gateway.wire import (
     MAX_HEAD,
     ChunkedReader,
     HttpError,
+    ModelScanner,
     RequestHead,
+    RequestReader,
     ResponseHead,
-    find_model,
-    parse_request_head,
+    StopParsing,
     parse_response_head,
 )
 
@@ -73,15 +76,19 @@ ROUTED = frozenset(
         b"/v2/rerank",
     }
 )
-MAX_BODY = 256 * 1024 * 1024
 # Bytes of a pipelined next request buffered while one is in flight, before reading pauses.
 MAX_PIPELINED = 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s: drop ours before that.
 UPSTREAM_IDLE = 4.0
 MAX_IDLE_PER_INSTANCE = 64
+# How long a kept-alive connection may wait for its next request.
 CLIENT_IDLE = 300.0
-HEAD_TIMEOUT = 60.0
+# Connections past the cap kept for /health and /metrics, and how long they may take.
+HEALTH_RESERVE = 16
+RESERVE_HEAD_TIMEOUT = 5.0
+# File descriptors kept free for the listening socket, logs and the state file.
+SPARE_FDS = 64
 HOUSEKEEPING = 1.0
 DRAIN_SECONDS = 5.0
 
@@ -99,6 +106,30 @@ _DROP_RESPONSE = HOP_BY_HOP - {b"transfer-encoding", b"trailer"}
 _DROP_RESPONSE_DECHUNKED = HOP_BY_HOP
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
+# Where a client connection is: between requests, in a head, in a body.
+_WAIT, _BODY = 10, 11
+
+_OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+) % (
+    len(body := json.dumps({"error": {"message": "too many connections", "type": "server_error",
+                                      "param": None, "code": "service_unavailable"}}).encode()),
+    body,
+)  # fmt: skip
+_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+# Bodies are kept as the pieces they arrived in, and forwarded as such.
+Body = list[bytes] | None
+Handler = Callable[["ClientConn", RequestHead, Body, ModelScanner | None], None]
+
+
+class _Pending(NamedTuple):
+    req: RequestHead
+    handler: Handler
+    pieces: Body
+    scanner: ModelScanner | None
+
 
 # One read buffer for every connection of the process. With a plain Protocol, asyncio's recv
 # allocates a fresh 256 KiB bytes per read (mmap, mremap, munmap: three syscalls for each
@@ -411,7 +442,7 @@ class Exchange:
         pool: Pool,
         model: str,
         path: bytes,
-        request: bytes,
+        request: list[bytes],
     ) -> None:
         self.gateway = gateway
         self.client = client
@@ -468,7 +499,8 @@ class Exchange:
         self.reused = reused
         conn.begin(self)
         assert conn.transport is not None
-        conn.transport.write(self.request)
+        # The head, then the body's pieces as they were read: no copy of the body.
+        conn.transport.writelines(self.request)
         if self.client.writing_paused:
             conn.transport.pause_reading()
 
@@ -586,22 +618,38 @@ class Exchange:
 
 class ClientConn(_Reader):
     """One client connection: reads requests (one at a time, pipelining buffered), answers
-    local endpoints itself and hands routed requests to an :class:`Exchange`."""
+    local endpoints itself and hands routed requests to an :class:`Exchange`.
+
+    A request is judged on its head (:meth:`Gateway.route`): a wrong key, an unknown path, a
+    body over the limit or a connection over the cap is answered before any of its body is
+    read, and ``Expect: 100-continue`` gets its 100 only once the head passed. Deadlines
+    (checked by the gateway's housekeeping): the head from accept (or, on a kept-alive
+    connection, from its first byte), each body read from the one before, the next request
+    from the last answer.
+    """
 
     __slots__ = (
-        "body_reader",
-        "buf",
+        "body_size",
         "closing",
         "current",
+        "dead",
+        "deadline",
         "exchange",
         "gateway",
-        "head_since",
+        "handler",
         "http10",
         "keep_alive",
-        "last_active",
         "peer",
+        "pending",
+        "phase",
+        "pieces",
+        "raw",
+        "reader",
         "reading_paused",
         "req",
+        "reserved",
+        "scanner",
+        "started",
         "transport",
         "writing_paused",
     )
@@ -609,25 +657,50 @@ class ClientConn(_Reader):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = RequestReader(self)
+        # Requests read whole and waiting their turn: (head, handler, body pieces, scanner),
+        # or the HttpError that ended reading.
+        self.pending: deque[_Pending | HttpError] = deque()
+        self.raw = bytearray()  # bytes read while a request is in flight, not parsed yet
         self.req: RequestHead | None = None
-        self.body_reader: ChunkedReader | None = None
+        self.handler: Handler | None = None
+        self.pieces: list[bytes] | None = None
+        self.scanner: ModelScanner | None = None
+        self.body_size = 0
         self.exchange: Exchange | None = None
         self.keep_alive = True
         self.http10 = False
         self.closing = False
+        self.dead = False
+        self.reserved = False
         self.reading_paused = False
         self.writing_paused = False
         self.peer = b""
-        self.last_active = time.monotonic()
-        self.head_since = 0.0
+        self.phase = _WAIT
+        self.started = 0  # requests begun on this connection
+        self.deadline = 0.0
         self.current = b"-"  # method and path of the request being answered, for the log
 
     # ---- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast, not isinstance: other event loops' transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
-        self.gateway.clients.add(self)
+        gateway = self.gateway
+        open_now = len(gateway.clients)
+        if open_now >= gateway.max_connections + HEALTH_RESERVE:
+            # Past the cap and its reserve: answer without reading, so no fd is held.
+            self.closing = True
+            self.transport.write(_OVER_CAPACITY)
+            self.transport.close()
+            gateway.metrics.error("", "", "over_capacity")
+            return
+        gateway.clients.add(self)
+        # Over the cap: the connection may ask for /health or /metrics, quickly, once.
+        self.reserved = open_now >= gateway.max_connections
+        timeout = gateway.header_timeout
+        if self.reserved:
+            timeout = min(timeout, RESERVE_HEAD_TIMEOUT)
+        self.deadline = time.monotonic() + timeout
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if isinstance(peer, tuple) else b"unix"
 
@@ -640,7 +713,7 @@ class ClientConn(_Reader):
             ex.client_gone()
 
     def eof_received(self) -> bool:
-        if self.exchange is not None:
+        if self.exchange is not None or self.pending:
             # Half-closed after sending its request: answer it, then close.
             self.keep_alive = False
             return True
@@ -659,13 +732,85 @@ class ClientConn(_Reader):
             ex.upstream.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.exchange is None:
-            self.process()
-        elif len(self.buf) > MAX_PIPELINED and not self.reading_paused:
-            self.reading_paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        if self.dead or self.closing:
+            return
+        if self.exchange is not None or self.pending:
+            self.raw += data
+            if len(self.raw) > MAX_PIPELINED and not self.reading_paused:
+                self.reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        phase = self.phase
+        if phase == _BODY:
+            self.deadline = time.monotonic() + self.gateway.body_timeout
+        elif phase == _WAIT:
+            self.phase = _HEAD
+            if self.started:
+                # A kept-alive connection: the next head's time runs from its first byte.
+                # (A new one's from accept, set in connection_made.)
+                self.deadline = time.monotonic() + self.gateway.header_timeout
+        try:
+            self.reader.feed(data)
+        except HttpError as exc:
+            self.dead = True
+            self.pending.append(exc)
+        except StopParsing:
+            self.dead = True
+        else:
+            if self.reader.upgraded:
+                self.dead = True
+        self.dispatch()
+
+    # ---- from the RequestReader ------------------------------------------------------------
+    def on_request_head(self, req: RequestHead) -> None:
+        gateway = self.gateway
+        self.started += 1
+        if not req.http10 and req.host_count != 1:
+            raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
+        if req.host_count > 1:
+            raise HttpError(400, "more than one Host header")
+        has_body = req.chunked or bool(req.content_length)
+        if req.content_length is not None and req.content_length > gateway.max_body:
+            raise HttpError(413, f"request body too large (limit {gateway.max_body} bytes)")
+        handler, wants_body = gateway.route(self, req)
+        self.req = req
+        self.handler = handler
+        self.body_size = 0
+        self.pieces = [] if wants_body else None
+        self.scanner = ModelScanner() if wants_body else None
+        if has_body:
+            if not wants_body and handler not in gateway.local_handlers:
+                # Answered on the head: the body is never read, so the connection closes.
+                req.keep_alive = False
+                self.pending.append(_Pending(req, handler, None, None))
+                raise StopParsing
+            self.phase = _BODY
+            self.deadline = time.monotonic() + gateway.body_timeout
+            if req.expect_continue:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            self.phase = _WAIT
+            self.deadline = 0.0
+
+    def on_request_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.gateway.max_body:
+            raise HttpError(413, f"request body too large (limit {self.gateway.max_body} bytes)")
+        if self.pieces is not None:
+            self.pieces.append(data)
+            assert self.scanner is not None
+            self.scanner.feed(data)
+
+    def on_request_end(self) -> None:
+        assert self.req is not None and self.handler is not None
+        self.pending.append(_Pending(self.req, self.handler, self.pieces, self.scanner))
+        self.req = self.handler = self.pieces = self.scanner = None
+        self.phase = _WAIT
+        self.deadline = 0.0
 
     # ---- writing -----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -728,85 +873,60 @@ class ClientConn(_Reader):
 
     def exchange_done(self) -> None:
         self.exchange = None
-        self.last_active = time.monotonic()
         if not self.keep_alive:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
             return
-        if self.reading_paused and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
-        if self.buf:
-            self.process()
+        self.dispatch()
 
-    # ---- reading requests -------------------------------------------------------------------
-    def process(self) -> None:
-        """Parse and dispatch every complete request in the buffer, one at a time."""
+    # ---- answering requests -----------------------------------------------------------------
+    def dispatch(self) -> None:
+        """Answer the requests read whole, one at a time; then read what waited meanwhile."""
         gateway = self.gateway
-        while self.buf and not self.closing and self.exchange is None:
-            req = self.req
-            if req is None:
-                buf = self.buf
-                while buf[:2] == b"\r\n":  # stray CRLF between requests (RFC 9112 2.2)
-                    del buf[:2]
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        self._reject(431, "request head too large")
-                    elif buf and not self.head_since:
-                        self.head_since = time.monotonic()
-                    return
-                try:
-                    req = parse_request_head(bytes(buf[:end]))
-                except HttpError as exc:
-                    self._reject(exc.status, exc.message)
-                    return
-                del buf[: end + 4]
-                self.req = req
-                self.http10 = req.http10
-                self.keep_alive = req.keep_alive and not gateway.draining
-                if req.content_length is not None and req.content_length > MAX_BODY:
-                    self._reject(413, "request body too large")
-                    return
-                if req.chunked:
-                    self.body_reader = ChunkedReader(collect=True, limit=MAX_BODY)
-                if req.expect_continue and (req.chunked or req.content_length):
-                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            # The body.
-            if req.chunked:
-                reader = self.body_reader
-                assert reader is not None
-                try:
-                    end = reader.feed(bytes(self.buf))
-                except HttpError as exc:
-                    self._reject(exc.status, exc.message)
-                    return
-                if end < 0:
-                    self.buf.clear()
-                    return
-                del self.buf[:end]
-                body = reader.payload()
-                self.body_reader = None
-            else:
-                length = req.content_length or 0
-                if len(self.buf) < length:
-                    return
-                body = bytes(self.buf[:length])
-                del self.buf[:length]
-            self.req = None
-            self.head_since = 0.0
+        while self.pending and self.exchange is None and not self.closing:
+            item = self.pending.popleft()
+            if isinstance(item, HttpError):
+                self._reject(item)
+                return
+            req = item.req
+            self.http10 = req.http10
+            # A dead reader (refused or upgraded request) reads nothing after this one.
+            last = self.dead and not self.pending
+            self.keep_alive = (
+                req.keep_alive and not gateway.draining and not self.reserved and not last
+            )
             self.current = req.method + b" " + req.path
-            gateway.handle(self, req, body)
+            item.handler(self, req, item.pieces, item.scanner)
             if not self.keep_alive and self.exchange is None and not self.closing:
                 self.closing = True
                 assert self.transport is not None
                 self.transport.close()
+        if self.closing or self.exchange is not None or self.pending:
+            return
+        if self.raw:
+            data = bytes(self.raw)
+            self.raw.clear()
+            if self.reading_paused and self.transport is not None:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            self._feed(data)
+        elif self.phase == _WAIT:
+            self.deadline = time.monotonic() + CLIENT_IDLE
 
-    def _reject(self, code: int, message: str) -> None:
+    def _reject(self, exc: HttpError) -> None:
         self.keep_alive = False
-        self.buf.clear()
-        self.respond(code, error_body(b"", code, message))
+        self.raw.clear()
+        body = error_body(b"", exc.status, exc.message)
+        self.respond(exc.status, body, retry_after=exc.retry_after)
+
+    def timed_out(self) -> None:
+        """The deadline passed with no request in flight: 408 mid-request, else just close."""
+        self.closing = True
+        assert self.transport is not None
+        if self.phase in (_HEAD, _BODY):
+            self.transport.write(_TIMEOUT)
+        self.transport.close()
 
 
 class Gateway:
@@ -821,6 +941,11 @@ class Gateway:
     ) -> None:
         self.config = config
         self.say = say or _stderr
+        self.header_timeout = config.header_timeout
+        self.body_timeout = config.body_timeout
+        self.max_body = config.max_body
+        self.max_connections = config.max_connections
+        self.local_handlers = frozenset({self._health, self._metrics, self._models, self._model})
         self.keys = tuple(k.encode() for k in config.keys)
         self.pools = {up.name: Pool(self, up) for up in config.instances}
         self.routes = {
@@ -853,6 +978,7 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Listen. Raises OSError when the address cannot be bound."""
+        self._fit_connections()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: ClientConn(self),
@@ -864,26 +990,50 @@ class Gateway:
         self.states.refresh(force=True)
         self.spawn(self._housekeeping())
 
+    def _fit_connections(self) -> None:
+        """Raise the open-files limit as far as allowed, and keep the cap under it: each
+        proxied client holds two descriptors (its own and its instance's)."""
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = 2 * (self.max_connections + HEALTH_RESERVE) + SPARE_FDS
+            want += MAX_IDLE_PER_INSTANCE * len(self.pools)
+            if soft != resource.RLIM_INFINITY and soft < want:
+                soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (OSError, ValueError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        spare = soft - SPARE_FDS - MAX_IDLE_PER_INSTANCE * len(self.pools)
+        fits = max(1, spare // 2 - HEALTH_RESERVE)
+        if fits < self.max_connections:
+            self.say(
+                f"max_connections {self.max_connections} does not fit the open-files limit "
+                f"({soft}; raise it with `ulimit -n` or docker's --ulimit nofile): using {fits}"
+            )
+            self.max_connections = fits
+
     def spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _housekeeping(self) -> None:
-        """Once a second: follow the state file, drop stale connections. Runs until cancelled."""
+        """Follow the state file, drop stale connections and clients past their deadline.
+
+        Runs until cancelled, at least once a second and four times per shortest timeout."""
+        interval = min(HOUSEKEEPING, self.header_timeout / 4, self.body_timeout / 4)
         while True:
-            await asyncio.sleep(HOUSEKEEPING)
+            await asyncio.sleep(interval)
             now = time.monotonic()
             self.states.refresh(force=True)
             for pool in self.pools.values():
                 pool.sweep(now)
             for conn in list(self.clients):
-                if conn.exchange is not None or conn.transport is None:
+                if conn.exchange is not None or conn.transport is None or conn.closing:
                     continue
-                stuck = conn.head_since and now - conn.head_since > HEAD_TIMEOUT
-                if stuck or (not conn.buf and now - conn.last_active > CLIENT_IDLE):
-                    conn.closing = True
-                    conn.transport.close()
+                if conn.deadline and now > conn.deadline:
+                    conn.timed_out()
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Stop accepting, close idle connections, wait (bounded) for requests in flight."""
@@ -910,52 +1060,88 @@ class Gateway:
             task.cancel()
 
     # ---- dispatch --------------------------------------------------------------------------
-    def handle(self, client: ClientConn, req: RequestHead, body: bytes) -> None:
+    def route(self, client: ClientConn, req: RequestHead) -> tuple[Handler, bool]:
+        """Who answers ``req``, decided on its head: (handler, whether it needs the body).
+
+        Handlers other than the proxy and the local endpoints answer without the body; the
+        client's connection then reads none of it (and closes when there was one)."""
         path = req.path
         method = req.method
+        get = method in (b"GET", b"HEAD")
+        if client.reserved and not (get and path in (b"/health", b"/metrics")):
+            return self._over_capacity, False
         if method == b"POST" and path in ROUTED:
-            self.proxy(client, req, body)
-        elif path == b"/health" and method in (b"GET", b"HEAD"):
-            client.respond(200, self.health_body(), model=None, head_only=method == b"HEAD")
-        elif path == b"/metrics" and method in (b"GET", b"HEAD"):
-            client.respond(
-                200,
-                self.metrics_body(),
-                content_type=b"text/plain; version=0.0.4; charset=utf-8",
-                model=None,
-                head_only=method == b"HEAD",
-            )
-        elif path == b"/v1/models" and method in (b"GET", b"HEAD"):
-            if self.authorized(req):
-                body = self.models_body(None) or b""
-                client.respond(200, body, model=None, head_only=method == b"HEAD")
-            else:
-                self.unauthorized(client, req)
-        elif path.startswith(b"/v1/models/") and method in (b"GET", b"HEAD"):
             if not self.authorized(req):
-                self.unauthorized(client, req)
-                return
-            name = path[len(b"/v1/models/") :].decode("utf-8", "replace")
-            found = self.models_body(name)
-            if found is None:
-                message = f"model {name!r} is not served here (ready: {self._ready_list()})"
-                client.respond(404, error_body(path, 404, message, param="model"), model=None)
-            else:
-                client.respond(200, found, model=None, head_only=method == b"HEAD")
-        elif path in ROUTED or path == b"/v1/models":
-            client.respond(
-                405,
-                error_body(path, 405, f"{method.decode()} is not allowed on {path.decode()}"),
-                extra=b"allow: POST\r\n" if path in ROUTED else b"allow: GET\r\n",
-                model=None,
-            )
+                return self._unauthorized, False
+            return self._proxy, True
+        if get and path == b"/health":
+            return self._health, False
+        if get and path == b"/metrics":
+            return self._metrics, False
+        if get and (path == b"/v1/models" or path.startswith(b"/v1/models/")):
+            if not self.authorized(req):
+                return self._unauthorized, False
+            return (self._models if path == b"/v1/models" else self._model), False
+        if path in ROUTED or path == b"/v1/models":
+            return self._not_allowed, False
+        return self._not_found, False
+
+    def _health(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        head_only = req.method == b"HEAD"
+        client.respond(200, self.health_body(), model=None, head_only=head_only)
+
+    def _metrics(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        client.respond(
+            200,
+            self.metrics_body(),
+            content_type=b"text/plain; version=0.0.4; charset=utf-8",
+            model=None,
+            head_only=req.method == b"HEAD",
+        )
+
+    def _models(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        found = self.models_body(None) or b""
+        client.respond(200, found, model=None, head_only=req.method == b"HEAD")
+
+    def _model(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        path = req.path
+        name = path[len(b"/v1/models/") :].decode("utf-8", "replace")
+        found = self.models_body(name)
+        if found is None:
+            message = f"model {name!r} is not served here (ready: {self._ready_list()})"
+            client.respond(404, error_body(path, 404, message, param="model"), model=None)
         else:
-            routed = ", ".join(sorted(p.decode() for p in ROUTED if p.startswith(b"/v1/")))
-            message = (
-                f"{path.decode('utf-8', 'replace')} is not served by the gateway: POST to "
-                f"{routed} (routed by model); GET /v1/models, /health, /metrics"
-            )
-            client.respond(404, error_body(path, 404, message), model=None)
+            client.respond(200, found, model=None, head_only=req.method == b"HEAD")
+
+    def _not_allowed(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        path, method = req.path, req.method
+        client.respond(
+            405,
+            error_body(path, 405, f"{method.decode()} is not allowed on {path.decode()}"),
+            extra=b"allow: POST\r\n" if path in ROUTED else b"allow: GET\r\n",
+            model=None,
+        )
+
+    def _not_found(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        path = req.path
+        routed = ", ".join(sorted(p.decode() for p in ROUTED if p.startswith(b"/v1/")))
+        message = (
+            f"{path.decode('utf-8', 'replace')} is not served by the gateway: POST to "
+            f"{routed} (routed by model); GET /v1/models, /health, /metrics"
+        )
+        client.respond(404, error_body(path, 404, message), model=None)
+
+    def _over_capacity(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        message = (
+            f"the gateway has {self.max_connections} connections open (its max_connections); "
+            "only /health and /metrics are answered past it: retry shortly"
+        )
+        client.keep_alive = False
+        client.respond(503, error_body(req.path, 503, message), retry_after=1, model=None)
+        self.metrics.error("", "", "over_capacity")
+
+    def _unauthorized(self, client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+        self.unauthorized(client, req)
 
     def authorized(self, req: RequestHead) -> bool:
         keys = self.keys
@@ -978,11 +1164,12 @@ class Gateway:
         client.respond(401, error_body(req.path, 401, message), model="")
         self.metrics.error("", "", "unauthorized")
 
-    def proxy(self, client: ClientConn, req: RequestHead, body: bytes) -> None:
-        if not self.authorized(req):
-            self.unauthorized(client, req)
-            return
-        is_object, model = find_model(body)
+    def _proxy(
+        self, client: ClientConn, req: RequestHead, body: Body, scanner: ModelScanner | None
+    ) -> None:
+        """Route by the body's model (the key was checked on the head) and forward."""
+        assert body is not None and scanner is not None
+        is_object, model = scanner.result()
         if model is None:
             if len(self.pools) == 1 and is_object:
                 pool = next(iter(self.pools.values()))
@@ -1028,9 +1215,11 @@ class Gateway:
         client.exchange = exchange
         exchange.start()
 
-    def _request(self, client: ClientConn, req: RequestHead, body: bytes, up: Upstream) -> bytes:
+    def _request(
+        self, client: ClientConn, req: RequestHead, body: list[bytes], up: Upstream
+    ) -> list[bytes]:
         """The request as the instance gets it: same target and body, our connection headers
-        and the instance's own key."""
+        and the instance's own key. The head as one piece, then the body's pieces."""
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", self.host_lines[up.name]]
         drop = _DROP_REQUEST
         if req.connection_tokens - {b"close", b"keep-alive"}:
@@ -1044,9 +1233,9 @@ class Gateway:
         if req.x_forwarded_for:
             peer = req.x_forwarded_for + b", " + peer
         parts.append(b"x-forwarded-for: " + peer + b"\r\n")
-        parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
-        parts.append(body)
-        return b"".join(parts)
+        size = sum(map(len, body))
+        parts.append(b"content-length: " + str(size).encode() + b"\r\n\r\n")
+        return [b"".join(parts), *body]
 
     def finished(self, ex: Exchange) -> None:
         """Bookkeeping once an exchange has its outcome (exactly once per exchange)."""

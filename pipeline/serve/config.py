@@ -314,6 +314,40 @@ class Gateway(_Strict):
         False,
         description="One log line per request (method, path, model, status, time; never keys).",
     )
+    header_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds a client has to send a request head, from accept (or, on a kept-alive "
+            "connection, from its first byte); then 408 and close (nginx's "
+            "`client_header_timeout`)."
+        ),
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds allowed between two reads of a request body; then 408 and close "
+            "(nginx's `client_body_timeout`)."
+        ),
+    )
+    max_body_mib: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description=(
+            "Largest request body, in MiB (413 beyond). 64: above OpenAI's 50 MB and "
+            "Anthropic's 32 MB request limits, so base64 images pass; nginx's 1 MB would not."
+        ),
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "Open client connections; past it only /health and /metrics are answered (16 "
+            "more), then 503. Lowered to fit the open-files limit."
+        ),
+    )
 
     @field_validator("api_keys")
     @classmethod

@@ -364,6 +364,10 @@ def gateway_plan(
         instances=tuple(upstreams),
         state_file=str(state_file) if state_file is not None else "",
         access_log=gw.access_log,
+        header_timeout=gw.header_timeout,
+        body_timeout=gw.body_timeout,
+        max_body=gw.max_body_mib * 1024 * 1024,
+        max_connections=gw.max_connections,
     )
     assert gw.log_dir is not None, "build_config fills gateway.log_dir"
     log_dir = Path(gw.log_dir)
