@@ -22,16 +22,8 @@ say() { printf 'cpu-demo: %s\n' "$*" >&2; }
 log="${XDG_CACHE_HOME:-$HOME/.cache}/infer-vllm/cpu-demo-setup.log"
 mkdir -p "$(dirname "$log")"
 : >"$log"
-step() {
-  local title=$1
-  shift
-  say "$title (output in $log)"
-  if ! "$@" >>"$log" 2>&1; then
-    say "failed: $title; the last lines of $log:"
-    tail -n 15 "$log" >&2
-    exit 1
-  fi
-}
+# shellcheck source=scripts/steps.sh
+source scripts/steps.sh
 
 if [[ ! -x .venv/bin/python ]]; then
   step "creating the project venv (.venv)" python3 -m venv .venv

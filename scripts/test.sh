@@ -18,16 +18,8 @@ say() { printf 'test.sh: %s\n' "$*" >&2; }
 mkdir -p .venv
 log="$PWD/.venv/setup.log"
 : >"$log"
-step() {
-  local title=$1
-  shift
-  say "$title (output in $log)"
-  if ! "$@" >>"$log" 2>&1; then
-    say "failed: $title; the last lines of $log:"
-    tail -n 15 "$log" >&2
-    exit 1
-  fi
-}
+# shellcheck source=scripts/steps.sh
+source scripts/steps.sh
 
 if ! command -v shellcheck >/dev/null 2>&1; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
