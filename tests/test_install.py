@@ -526,3 +526,132 @@ def test_roundtrip_with_the_real_pack(tmp_path, kit: Kit, cache):
 
     assert done.returncode == 0, done.stderr
     assert run_in_env(tmp_path / "project", "tinytool") == TOOL_OUTPUT
+
+
+# ---- interrupted installs ---------------------------------------------------------------------
+
+HANG_WORKER = """\
+import os, sys, time
+from pathlib import Path
+
+# Test hook: the install worker (and only it) records its pid, then hangs before installing.
+if "pipeline.install.worker" in sys.orig_argv:
+    Path(os.environ["TEST_WORKER_PIDFILE"]).write_text(str(os.getpid()))
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def doit_install_with_a_hanging_worker(tmp_path: Path, bundle: Path, cache: Path):
+    """`doit install` (own session) whose install worker hangs; yields (proc, worker pid,
+    log path). Everything it started is SIGKILLed afterwards."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_WORKER)
+    pidfile = tmp_path / "worker.pid"
+    env = install_env(
+        tmp_path, bundle, cache, PYTHONPATH=str(hook), TEST_WORKER_PIDFILE=str(pidfile)
+    )
+    dodo = Path(__file__).parent.parent / "dodo.py"
+    log_path = tmp_path / "doit.log"
+    worker = 0
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", str(dodo), "install"],
+            cwd=dodo.parent,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        worker = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, what="worker"))
+        yield proc, worker, log_path
+    finally:
+        for pgid in (proc.pid, worker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if pgid:
+                    os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_install_kills_its_worker_and_leaves_no_request_file(
+    tmp_path, kit: Kit, cache, sig
+):
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
+    assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
+    before = current_generation(project)
+    new = make_bundle(tmp_path / "new", kit)
+
+    with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, log):
+        assert list(ProjectPaths.of(project).state.glob("install-request-*.json"))
+        os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C or `docker stop` sends
+        code = proc.wait(timeout=30)
+        assert not _alive(worker)
+    output = log.read_text()
+
+    assert code == 128 + sig, output
+    errors = error_lines(output)
+    assert errors == [
+        f"error: interrupted ({sig.name}); an environment is switched in only once complete, "
+        "so it is the previous one (or the finished new one); run `doit install` again"
+    ], output
+    assert "Traceback" not in output
+    assert not list(ProjectPaths.of(project).state.glob("install-request-*.json"))
+    assert generations(project) == [before] and current_generation(project) == before
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_sigkilled_install_takes_its_worker_along_and_the_next_one_cleans_up(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
+    assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
+    before = current_generation(project)
+    new = make_bundle(tmp_path / "new", kit)
+
+    with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, _log):
+        os.kill(proc.pid, signal.SIGKILL)  # the parent alone: nothing of it can clean up
+        proc.wait(timeout=10)
+        wait_for(lambda: not _alive(worker), 5, what="the worker to die with its parent")
+    state = ProjectPaths.of(project).state
+    assert len(list(state.glob("install-request-*.json"))) == 1  # left behind by the SIGKILL
+
+    rerun = run_doit(["install"], install_env(tmp_path, new, cache))
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(state.glob("install-request-*.json"))
+    assert sorted(generations(project)) == sorted([before, current_generation(project)])
+
+
+def test_a_half_built_generation_is_removed_even_when_the_install_is_current(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    paths = ProjectPaths.of(project)
+    done = current_generation(project)
+    half = paths.envs / ".default.0123456789ab.abcdef"
+    (half / "conda-meta").mkdir(parents=True)  # a SIGKILL before its record was written
+    replaced = paths.envs / ".default.replaced-abc123"  # a pixi-made env that may be serving
+    replaced.mkdir()
+    (paths.state / "install-request-deadbeef.json").write_text("{}")
+
+    again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    assert not again.installed
+    assert generations(project) == sorted([done, replaced.name])
+    assert not list(paths.state.glob("install-request-*.json"))

@@ -15,6 +15,8 @@
                                          size/sha256/mtime/inode, the lock's source and sha256
     .infer-vllm/patch.stamp              patch stamp: bundle sha256 and project path
     .infer-vllm/install-<env>.log        output of the last install's children
+    .infer-vllm/install-request-*.json   transient: the install worker's input; left over
+                                         only by a SIGKILL, removed by the next install
     .infer-vllm/staging-*/ trash-*/      transient; left over only by a crash, removed next time
 
 Why a symlink and generations: conda prefixes are not relocatable (packages embed the prefix
