@@ -23,7 +23,7 @@ from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytoo
 from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import BundleError, InstallError
-from pipeline.install.extract import extract_bundle
+from pipeline.install.extract import extract_bundle, extract_is_current
 from pipeline.install.frozen import (
     frozen_install,
     install_is_current,
@@ -31,7 +31,7 @@ from pipeline.install.frozen import (
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
-from pipeline.install.layout import ProjectPaths
+from pipeline.install.layout import FileFacts, ProjectPaths
 from pipeline.install.patch import patch_project
 from pipeline.settings import load_settings
 
@@ -230,6 +230,58 @@ def test_file_swapped_after_extraction_is_caught_by_its_hash(tmp_path, kit: Kit,
     assert "tinytool-1.0-h5d6e7f8_0.conda does not match the lock" in info.value.message
     assert current_generation(project) == before and generations(project) == [before]
     assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_file_rewritten_in_place_with_size_and_mtime_restored_is_hashed_again(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    extract_bundle(make_bundle(tmp_path / "b", kit), project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    tool = project / "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"
+    st = tool.stat()
+    data = bytearray(tool.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes, same inode
+    with tool.open("r+b") as fh:
+        fh.write(data)
+    os.utime(tool, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = tool.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+
+    with pytest.raises(BundleError) as info:
+        frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    assert "tinytool-1.0-h5d6e7f8_0.conda does not match the lock" in info.value.message
+    assert current_generation(project) == before and generations(project) == [before]
+
+
+def test_an_untouched_extraction_is_not_hashed_again_by_the_install(tmp_path, kit: Kit, cache):
+    # ctime moves on any inode change (a rename, a hard link, chmod): nothing the install
+    # does to the channel may move it, or every install would hash every package again.
+    project = tmp_path / "project"
+    first = install(project, make_bundle(tmp_path / "a", kit, verify=None), cache)
+    assert first.installed and first.rehashed == 0
+
+    bundle = make_bundle(tmp_path / "b", kit, wheel=False, verify=None)
+    second = install(project, bundle, cache)
+    assert second.installed and second.rehashed == 0
+    assert extract_is_current(bundle, project, environment="default", configured_sha256=None)
+
+
+def test_a_file_record_from_before_ctime_still_reads_and_is_never_trusted(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    st = path.stat()
+    old = FileFacts.from_json([st.st_size, "ab" * 32, st.st_mtime_ns, st.st_ino])
+    assert old.ctime_ns is None and not old.matches(st)
+    new = FileFacts.from_json(FileFacts.of(st, "ab" * 32).to_json())
+    assert new.matches(st)
 
 
 def test_host_too_old_for_glibc_keeps_the_previous_environment(tmp_path, kit: Kit, cache):

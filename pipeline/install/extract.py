@@ -4,7 +4,8 @@
 
 1. **Up to date?** The stamp (``.infer-vllm/extract.sha256``) and the record
    (``extract.json``) say which bundle was extracted last, with the tar's ``(size, mtime_ns,
-   inode, device)`` at that time and every extracted file's ``(size, mtime_ns, inode)``. When
+   inode, device)`` at that time and every extracted file's ``(size, mtime_ns, inode,
+   ctime_ns)`` (ctime: a file rewritten in place with its size and mtime put back differs). When
    the tar, the expected sha256 and the files all still match, nothing is read: a reboot with a
    multi-GB bundle costs a few ``stat`` calls, never a re-hash (doit's own ``file_dep`` check
    would re-hash the tar with md5 on a fresh doit database or a touched file). A replaced or
@@ -659,7 +660,7 @@ def extract_bundle(
         total = 0
         for name in sorted(sha_of):
             fst = (paths.root / name).stat()
-            files[name] = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
+            files[name] = FileFacts.of(fst, sha_of[name])
             total += fst.st_size
         write_extract_record(
             paths,

@@ -10,8 +10,9 @@
    depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
    warning when a CUDA environment is installed on a host without a GPU driver.
 3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
-   ``file://`` packages). A file whose ``(size, mtime, inode)`` is still what the extraction
-   recorded keeps the sha256 computed from the verified tar; any other file is hashed again.
+   ``file://`` packages). A file whose ``(size, mtime, inode, ctime)`` is still what the
+   extraction recorded keeps the sha256 computed from the verified tar; any other file is
+   hashed again (ctime: size and mtime can be put back after a rewrite, ctime cannot).
 4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
    records, pointed at the local channel, with ``rattler.install`` in a child process
    (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its

@@ -12,7 +12,7 @@
     .infer-vllm/install.lock             flock: one install at a time per project dir
     .infer-vllm/extract.sha256           extract stamp: the bundle's sha256 and a newline
     .infer-vllm/extract.json             what was extracted: the tar's stat, every file's
-                                         size/sha256/mtime/inode, the lock's source and sha256
+                                         size/sha256/mtime/inode/ctime, the lock's source and sha256
     .infer-vllm/patch.stamp              patch stamp: bundle sha256 and project path
     .infer-vllm/install-<env>.log        output of the last install's children
     .infer-vllm/install-request-*.json   transient: the install worker's input; left over
@@ -260,28 +260,48 @@ def _strings(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class FileFacts:
     """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
-    later (same size, mtime and inode: same content, without hashing it again)."""
+    later (same size, mtime, ctime and inode: same content, without hashing it again).
+
+    ctime because size and mtime can be put back by anyone who rewrites a file in place
+    (``os.utime``); the kernel sets ctime on every change and no call sets it back. A record
+    written before ctime was kept (4 fields) has ``ctime_ns`` None and never matches: its
+    files are hashed again once.
+    """
 
     size: int
     sha256: str
     mtime_ns: int
     ino: int
+    ctime_ns: int | None = None
 
     def to_json(self) -> list[Any]:
-        return [self.size, self.sha256, self.mtime_ns, self.ino]
+        return [self.size, self.sha256, self.mtime_ns, self.ino, self.ctime_ns]
+
+    @classmethod
+    def of(cls, st: os.stat_result, sha256: str) -> FileFacts:
+        return cls(st.st_size, sha256, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     @classmethod
     def from_json(cls, value: Any) -> FileFacts:
-        """Raises _Malformed unless ``value`` is ``[size, sha256, mtime_ns, ino]``."""
-        if not isinstance(value, list) or len(value) != 4:
+        """Raises _Malformed unless ``value`` is ``[size, sha256, mtime_ns, ino, ctime_ns]``
+        (or the older ``[size, sha256, mtime_ns, ino]``)."""
+        if not isinstance(value, list) or len(value) not in (4, 5):
             raise _Malformed("files")
-        size, sha, mtime_ns, ino = value
+        size, sha, mtime_ns, ino, *rest = value
+        ctime_ns = rest[0] if rest else None
         if not (isinstance(sha, str) and all(_is_int(v) for v in (size, mtime_ns, ino))):
             raise _Malformed("files")
-        return cls(size, sha, mtime_ns, ino)
+        if ctime_ns is not None and not _is_int(ctime_ns):
+            raise _Malformed("files")
+        return cls(size, sha, mtime_ns, ino, ctime_ns)
 
     def matches(self, st: os.stat_result) -> bool:
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
+        return self.ctime_ns is not None and (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+            st.st_ctime_ns,
+        ) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
 
 
 def _is_int(value: Any) -> bool:
