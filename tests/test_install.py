@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
-from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytool, write_lock
+from bundle_factory import (
+    Entry,
+    Kit,
+    make_bundle,
+    pixi_toml,
+    shared_kit,
+    swap_tinytool,
+    write_lock,
+)
 from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import BundleError, InstallError
@@ -707,3 +715,68 @@ def test_a_half_built_generation_is_removed_even_when_the_install_is_current(
     assert not again.installed
     assert generations(project) == sorted([done, replaced.name])
     assert not list(paths.state.glob("install-request-*.json"))
+
+
+# ---- user errors: one line, fitting advice, never a crash -----------------------------------
+
+
+def test_bundle_path_that_is_a_directory_is_one_line_not_an_isadirectoryerror_crash(
+    tmp_path, cache
+):
+    (tmp_path / "bundle.tar").mkdir()
+    result = run_doit(["install"], install_env(tmp_path, tmp_path / "bundle.tar", cache))
+    assert result.returncode == 1, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: bundle {tmp_path / 'bundle.tar'} is a directory; set "
+        "AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
+    ], result.stderr
+    assert "crashed" not in result.stderr
+
+
+@pytest.mark.parametrize("where", ["log", "activation script"])
+def test_a_directory_in_the_way_of_an_install_file_is_one_line_not_an_isadirectoryerror_crash(
+    tmp_path, kit: Kit, cache, where
+):
+    project = tmp_path / "project"
+    bundle = make_bundle(tmp_path, kit, wheel=False, verify=None)
+    extract_bundle(bundle, project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    paths = ProjectPaths.of(project)
+    in_the_way = (
+        paths.install_log("default") if where == "log" else paths.activation_script("default")
+    )
+    in_the_way.mkdir()
+
+    with pytest.raises(InstallError) as info:
+        frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    message = info.value.message
+    assert message.startswith(f"cannot install environment 'default' in {project} (")
+    assert str(in_the_way) in message and "EISDIR" in message, message
+    assert message.endswith("a directory stands where a file must be: move it aside")
+    assert generations(project) == [] and not paths.env_link("default").exists()
+
+
+def test_a_member_name_too_long_is_not_told_to_free_disk_space(tmp_path, kit: Kit):
+    long_name = "channel/linux-64/" + "x" * 300 + ".txt"
+
+    def add_long_member(parts) -> None:
+        parts.add(Entry.file(long_name, b"data"))
+
+    bundle = make_bundle(tmp_path, kit, tamper=add_long_member)
+    with pytest.raises(BundleError) as info:
+        extract_bundle(bundle, tmp_path / "project", environment="default", say=quiet)
+
+    message = info.value.message
+    assert "File name too long (ENAMETOOLONG)" in message, message
+    assert message.endswith("use a shorter path (or shorter names inside it)"), message
+    assert "free disk space" not in message
+    assert not (tmp_path / "project" / "channel").exists()
+
+
+def test_a_project_dir_name_too_long_is_not_told_to_fix_permissions(tmp_path):
+    project = tmp_path / ("p" * 300)
+    with pytest.raises(InstallError) as info:
+        frozen_install(project, "default", cache_dir=tmp_path / "c", facts=HOST, say=quiet)
+    message = info.value.message
+    assert "use a shorter path" in message and "permissions" not in message, message

@@ -48,6 +48,7 @@ import posixpath
 import queue
 import re
 import shutil
+import stat
 import tarfile
 import threading
 import time
@@ -72,7 +73,7 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, fsync_dir, os_error_text
+from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
 from pipeline.install.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -568,7 +569,10 @@ def extract_bundle(
         warnings.append(message)
         say(f"warning: {message}")
 
-    with install_lock(paths, say=say):
+    with (
+        install_lock(paths, say=say),
+        os_errors_as(BundleError, f"cannot extract {bundle} into {paths.root}"),
+    ):
         expected, expected_from = expected_sha256(bundle, configured_sha256)
         try:
             st = bundle.stat()
@@ -577,6 +581,11 @@ def extract_bundle(
                 f"no bundle at {bundle} ({exc.strerror}); set AUTO_INFER_VLLM_BUNDLE_PATH to the "
                 "bundle tar"
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise BundleError(
+                f"bundle {bundle} is {kind}; set AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
+            )
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
             digest = read_extract_stamp(paths) or ""
@@ -794,7 +803,7 @@ def _extract_members(
     except OSError as exc:
         raise BundleError(
             f"cannot extract {bundle} into {staging.parent.parent} "
-            f"({os_error_text(exc, target)}); free disk space or fix the permissions there"
+            f"({os_error_text(exc, target)}); {os_error_advice(exc)}"
         ) from None
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):

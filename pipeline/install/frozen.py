@@ -55,7 +55,7 @@ from typing import Any
 
 from pipeline import __version__, reporting
 from pipeline.errors import InstallError, LockError, PipelineError
-from pipeline.fsutil import atomic_write_text, fsync_dir, sha256_file
+from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
 from pipeline.install.contents import check_lock_against_channel, read_repodata
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
@@ -176,7 +176,10 @@ def frozen_install(
     base_env = dict(process_environ() if environ is None else environ)
     started = time.monotonic()
     warnings: list[str] = []
-    with install_lock(paths, say=say):
+    with (
+        install_lock(paths, say=say),
+        os_errors_as(InstallError, f"cannot install environment '{environment}' in {paths.root}"),
+    ):
         record = read_extract_record(paths)
         if record is None:
             raise InstallError(

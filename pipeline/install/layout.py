@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InstallError
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_text, os_error_advice
 from pipeline.pixi.envs import pixi_env_prefix
 
 STATE_DIR = ".infer-vllm"
@@ -175,9 +175,10 @@ def install_lock(
         paths.state.mkdir(parents=True, exist_ok=True)
         fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        advice = os_error_advice(exc, "make it a writable directory")
         raise InstallError(
-            f"cannot create the install lock {paths.lock_file} ({exc.strerror}); make "
-            "AUTO_INFER_VLLM_PIXI_PROJECT_DIR a writable directory"
+            f"cannot create the install lock {paths.lock_file} ({exc.strerror}); {advice} "
+            "(AUTO_INFER_VLLM_PIXI_PROJECT_DIR must name a writable directory)"
         ) from None
     try:
         deadline = clock() + timeout
