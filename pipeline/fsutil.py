@@ -7,7 +7,7 @@ import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -79,4 +79,42 @@ def os_error_text(exc: OSError, path: Path | str | None = None) -> str:
     if code and code not in text:
         text = f"{text} ({code})"
     where = exc.filename if exc.filename is not None else path
+    if where is not None and exc.filename2 is not None:  # a rename or link: both names
+        where = f"{where} -> {exc.filename2}"
     return f"{text}: {where}" if where is not None else text
+
+
+# What to do about an OSError, by errno: the one place that decides the advice, so a name too
+# long is not told to free disk space.
+_ADVICE = {
+    errno.ENOSPC: "free disk space there",
+    errno.EDQUOT: "free disk space there (the disk quota is used up)",
+    errno.EACCES: "fix the permissions there",
+    errno.EPERM: "fix the permissions there",
+    errno.EROFS: "the file system is read-only: use a writable place",
+    errno.ENAMETOOLONG: "use a shorter path (or shorter names inside it)",
+    errno.ELOOP: "remove the symbolic-link loop",
+    errno.ENOTDIR: "a file stands where a directory must be: move it aside",
+    errno.EEXIST: "something else already has that name: move it aside",
+    errno.EISDIR: "a directory stands where a file must be: move it aside",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENFILE: "too many open files on the system: close some or raise the limit",
+    errno.EIO: "the disk reported an I/O error: check it",
+}
+
+
+def os_error_advice(exc: OSError, otherwise: str = "check the file system there") -> str:
+    """What a user can do about ``exc``, chosen by its errno (``otherwise`` for the rest)."""
+    return _ADVICE.get(exc.errno or 0, otherwise)
+
+
+@contextlib.contextmanager
+def os_errors_as(error: Callable[[str], Exception], what: str) -> Iterator[None]:
+    """Turn an OSError raised in the block into ``error``: ``what``, the error's text and
+    path (:func:`os_error_text`) and the advice for its errno (:func:`os_error_advice`).
+    For a stage's file work as a whole, so that a file system surprise (a directory where a
+    file belongs, a name too long) is one line instead of a crash."""
+    try:
+        yield
+    except OSError as exc:
+        raise error(f"{what} ({os_error_text(exc)}); {os_error_advice(exc)}") from None

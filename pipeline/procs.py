@@ -6,12 +6,16 @@ to a log file, a time limit; on a timeout or Ctrl-C its whole process group gets
 then SIGKILL after a grace (:func:`stop_group`, the one place that puts a group down), so
 nothing it started outlives the stage. The last lines of its output are kept in memory too,
 so a failure can say what the child said even when the log could not be written (a full
-disk: the log usually lives on the filesystem the child just filled).
+disk: the log usually lives on the filesystem the child just filled). A SIGKILLed stage cannot
+clean up: its child then gets SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux), so it
+does not go on installing into a generation nobody will switch in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import select
 import shutil
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -163,6 +167,43 @@ def _reap(leader: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 # ---- running a stage's child ------------------------------------------------------------------
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL = _load_prctl()  # looked up once, here: the child after fork only calls it
+
+
+def die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when ``parent`` (this process) dies,
+    or None where the kernel cannot do that (not Linux).
+
+    The death signal is armed in the child between fork and exec (it survives exec). Closing
+    the race: when the parent died before it was armed, the child is already someone else's
+    and kills itself at once. The signal follows the thread that forked, so the stages start
+    their children from the main thread (doit runs actions there).
+    """
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def arm() -> None:  # runs in the child, between fork and exec: no allocation-heavy work
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
 
 class _Tee:
     """Copies a child's output from a pipe to the log file, keeping its end in memory.
@@ -249,7 +290,9 @@ def run_logged(
     Raises ``error``, one line, on a non-zero exit or a timeout (``label``, the exit code or
     the limit, the child's last line of output, ``hint``, the log; the log's write error when
     it could not be written, such as ENOSPC) and on a command that cannot start (with
-    ``start_hint``). Ctrl-C kills the group too and re-raises.
+    ``start_hint``). Ctrl-C (or :class:`pipeline.reporting.Interrupted`: any exception) kills
+    the group too and re-raises; a SIGKILL of this process kills the child
+    (:func:`die_with_parent`).
     """
     try:
         out: int | None = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -267,6 +310,7 @@ def run_logged(
             stdout=write_fd,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
         )
     except OSError as exc:
         for fd in (read_fd, write_fd, out):

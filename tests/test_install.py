@@ -19,11 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytool, write_lock
+from bundle_factory import (
+    Entry,
+    Kit,
+    make_bundle,
+    pixi_toml,
+    shared_kit,
+    swap_tinytool,
+    write_lock,
+)
 from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import BundleError, InstallError
-from pipeline.install.extract import extract_bundle
+from pipeline.install.extract import extract_bundle, extract_is_current
 from pipeline.install.frozen import (
     frozen_install,
     install_is_current,
@@ -31,7 +39,7 @@ from pipeline.install.frozen import (
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
-from pipeline.install.layout import ProjectPaths
+from pipeline.install.layout import FileFacts, ProjectPaths
 from pipeline.install.patch import patch_project
 from pipeline.settings import load_settings
 
@@ -230,6 +238,58 @@ def test_file_swapped_after_extraction_is_caught_by_its_hash(tmp_path, kit: Kit,
     assert "tinytool-1.0-h5d6e7f8_0.conda does not match the lock" in info.value.message
     assert current_generation(project) == before and generations(project) == [before]
     assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_file_rewritten_in_place_with_size_and_mtime_restored_is_hashed_again(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    extract_bundle(make_bundle(tmp_path / "b", kit), project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    tool = project / "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda"
+    st = tool.stat()
+    data = bytearray(tool.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes, same inode
+    with tool.open("r+b") as fh:
+        fh.write(data)
+    os.utime(tool, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = tool.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+
+    with pytest.raises(BundleError) as info:
+        frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    assert "tinytool-1.0-h5d6e7f8_0.conda does not match the lock" in info.value.message
+    assert current_generation(project) == before and generations(project) == [before]
+
+
+def test_an_untouched_extraction_is_not_hashed_again_by_the_install(tmp_path, kit: Kit, cache):
+    # ctime moves on any inode change (a rename, a hard link, chmod): nothing the install
+    # does to the channel may move it, or every install would hash every package again.
+    project = tmp_path / "project"
+    first = install(project, make_bundle(tmp_path / "a", kit, verify=None), cache)
+    assert first.installed and first.rehashed == 0
+
+    bundle = make_bundle(tmp_path / "b", kit, wheel=False, verify=None)
+    second = install(project, bundle, cache)
+    assert second.installed and second.rehashed == 0
+    assert extract_is_current(bundle, project, environment="default", configured_sha256=None)
+
+
+def test_a_file_record_from_before_ctime_still_reads_and_is_never_trusted(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    st = path.stat()
+    old = FileFacts.from_json([st.st_size, "ab" * 32, st.st_mtime_ns, st.st_ino])
+    assert old.ctime_ns is None and not old.matches(st)
+    new = FileFacts.from_json(FileFacts.of(st, "ab" * 32).to_json())
+    assert new.matches(st)
 
 
 def test_host_too_old_for_glibc_keeps_the_previous_environment(tmp_path, kit: Kit, cache):
@@ -526,3 +586,197 @@ def test_roundtrip_with_the_real_pack(tmp_path, kit: Kit, cache):
 
     assert done.returncode == 0, done.stderr
     assert run_in_env(tmp_path / "project", "tinytool") == TOOL_OUTPUT
+
+
+# ---- interrupted installs ---------------------------------------------------------------------
+
+HANG_WORKER = """\
+import os, sys, time
+from pathlib import Path
+
+# Test hook: the install worker (and only it) records its pid, then hangs before installing.
+if "pipeline.install.worker" in sys.orig_argv:
+    Path(os.environ["TEST_WORKER_PIDFILE"]).write_text(str(os.getpid()))
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def doit_install_with_a_hanging_worker(tmp_path: Path, bundle: Path, cache: Path):
+    """`doit install` (own session) whose install worker hangs; yields (proc, worker pid,
+    log path). Everything it started is SIGKILLed afterwards."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_WORKER)
+    pidfile = tmp_path / "worker.pid"
+    env = install_env(
+        tmp_path, bundle, cache, PYTHONPATH=str(hook), TEST_WORKER_PIDFILE=str(pidfile)
+    )
+    dodo = Path(__file__).parent.parent / "dodo.py"
+    log_path = tmp_path / "doit.log"
+    worker = 0
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", str(dodo), "install"],
+            cwd=dodo.parent,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        worker = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, what="worker"))
+        yield proc, worker, log_path
+    finally:
+        for pgid in (proc.pid, worker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if pgid:
+                    os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_install_kills_its_worker_and_leaves_no_request_file(
+    tmp_path, kit: Kit, cache, sig
+):
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
+    assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
+    before = current_generation(project)
+    new = make_bundle(tmp_path / "new", kit)
+
+    with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, log):
+        assert list(ProjectPaths.of(project).state.glob("install-request-*.json"))
+        os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C or `docker stop` sends
+        code = proc.wait(timeout=30)
+        assert not _alive(worker)
+    output = log.read_text()
+
+    assert code == 128 + sig, output
+    errors = error_lines(output)
+    assert errors == [
+        f"error: interrupted ({sig.name}); an environment is switched in only once complete, "
+        "so it is the previous one (or the finished new one); run `doit install` again"
+    ], output
+    assert "Traceback" not in output
+    assert not list(ProjectPaths.of(project).state.glob("install-request-*.json"))
+    assert generations(project) == [before] and current_generation(project) == before
+    assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+
+
+def test_sigkilled_install_takes_its_worker_along_and_the_next_one_cleans_up(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
+    assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
+    before = current_generation(project)
+    new = make_bundle(tmp_path / "new", kit)
+
+    with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, _log):
+        os.kill(proc.pid, signal.SIGKILL)  # the parent alone: nothing of it can clean up
+        proc.wait(timeout=10)
+        wait_for(lambda: not _alive(worker), 5, what="the worker to die with its parent")
+    state = ProjectPaths.of(project).state
+    assert len(list(state.glob("install-request-*.json"))) == 1  # left behind by the SIGKILL
+
+    rerun = run_doit(["install"], install_env(tmp_path, new, cache))
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(state.glob("install-request-*.json"))
+    assert sorted(generations(project)) == sorted([before, current_generation(project)])
+
+
+def test_a_half_built_generation_is_removed_even_when_the_install_is_current(
+    tmp_path, kit: Kit, cache
+):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    paths = ProjectPaths.of(project)
+    done = current_generation(project)
+    half = paths.envs / ".default.0123456789ab.abcdef"
+    (half / "conda-meta").mkdir(parents=True)  # a SIGKILL before its record was written
+    replaced = paths.envs / ".default.replaced-abc123"  # a pixi-made env that may be serving
+    replaced.mkdir()
+    (paths.state / "install-request-deadbeef.json").write_text("{}")
+
+    again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    assert not again.installed
+    assert generations(project) == sorted([done, replaced.name])
+    assert not list(paths.state.glob("install-request-*.json"))
+
+
+# ---- user errors: one line, fitting advice, never a crash -----------------------------------
+
+
+def test_bundle_path_that_is_a_directory_is_one_line_not_an_isadirectoryerror_crash(
+    tmp_path, cache
+):
+    (tmp_path / "bundle.tar").mkdir()
+    result = run_doit(["install"], install_env(tmp_path, tmp_path / "bundle.tar", cache))
+    assert result.returncode == 1, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: bundle {tmp_path / 'bundle.tar'} is a directory; set "
+        "AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
+    ], result.stderr
+    assert "crashed" not in result.stderr
+
+
+@pytest.mark.parametrize("where", ["log", "activation script"])
+def test_a_directory_in_the_way_of_an_install_file_is_one_line_not_an_isadirectoryerror_crash(
+    tmp_path, kit: Kit, cache, where
+):
+    project = tmp_path / "project"
+    bundle = make_bundle(tmp_path, kit, wheel=False, verify=None)
+    extract_bundle(bundle, project, environment="default", say=quiet)
+    patch_project(project, "default", say=quiet)
+    paths = ProjectPaths.of(project)
+    in_the_way = (
+        paths.install_log("default") if where == "log" else paths.activation_script("default")
+    )
+    in_the_way.mkdir()
+
+    with pytest.raises(InstallError) as info:
+        frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
+
+    message = info.value.message
+    assert message.startswith(f"cannot install environment 'default' in {project} (")
+    assert str(in_the_way) in message and "EISDIR" in message, message
+    assert message.endswith("a directory stands where a file must be: move it aside")
+    assert generations(project) == [] and not paths.env_link("default").exists()
+
+
+def test_a_member_name_too_long_is_not_told_to_free_disk_space(tmp_path, kit: Kit):
+    long_name = "channel/linux-64/" + "x" * 300 + ".txt"
+
+    def add_long_member(parts) -> None:
+        parts.add(Entry.file(long_name, b"data"))
+
+    bundle = make_bundle(tmp_path, kit, tamper=add_long_member)
+    with pytest.raises(BundleError) as info:
+        extract_bundle(bundle, tmp_path / "project", environment="default", say=quiet)
+
+    message = info.value.message
+    assert "File name too long (ENAMETOOLONG)" in message, message
+    assert message.endswith("use a shorter path (or shorter names inside it)"), message
+    assert "free disk space" not in message
+    assert not (tmp_path / "project" / "channel").exists()
+
+
+def test_a_project_dir_name_too_long_is_not_told_to_fix_permissions(tmp_path):
+    project = tmp_path / ("p" * 300)
+    with pytest.raises(InstallError) as info:
+        frozen_install(project, "default", cache_dir=tmp_path / "c", facts=HOST, say=quiet)
+    message = info.value.message
+    assert "use a shorter path" in message and "permissions" not in message, message

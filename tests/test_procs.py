@@ -26,6 +26,7 @@ from pipeline.install import host
 from pipeline.install.extract import extract_bundle
 from pipeline.procs import (
     DRAIN_GRACE,
+    die_with_parent,
     group_alive,
     run_logged,
     signal_group,
@@ -225,3 +226,67 @@ def test_every_child_gets_the_same_pythonpath():
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
     return shared_kit(tmp_path_factory)
+
+
+def test_a_child_whose_parent_died_before_it_was_armed_kills_itself():
+    # The race die_with_parent closes: the parent it names is not the child's parent any
+    # more (here: never was), so the death signal would never come; the child ends at once.
+    arm = die_with_parent(os.getppid())
+    assert arm is not None
+    started = time.monotonic()
+    child = subprocess.run(["sleep", "30"], preexec_fn=arm, timeout=10, check=False)
+    assert child.returncode == -signal.SIGKILL and time.monotonic() - started < 5
+
+
+def test_a_sigkilled_parent_takes_its_logged_child_along(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    child = python_child(
+        f"""
+        import os, time
+        open({str(pidfile)!r}, "w").write(str(os.getpid()))
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen(
+        python_child(
+            f"""
+            from pathlib import Path
+            from pipeline.procs import run_logged
+            run_logged({child!r}, cwd=Path({str(tmp_path)!r}), env={{}},
+                       log=Path({str(tmp_path / "child.log")!r}), timeout=120, label="child")
+            """
+        ),
+        env=worker_env(os.environ),
+        start_new_session=True,
+    )
+    pid = 0
+    try:
+        pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30))
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert wait_until(lambda: not _running(pid), 5), "the child outlived its parent"
+    finally:
+        for pgid in (parent.pid, pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if pgid:
+                    os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            parent.wait(timeout=10)
+
+
+def wait_until(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -42,7 +42,7 @@ import urllib3.exceptions
 
 from pipeline import __version__
 from pipeline.errors import FetchError
-from pipeline.fsutil import CHUNK, atomic_output
+from pipeline.fsutil import CHUNK, atomic_output, os_error_advice, os_error_text
 from pipeline.pixi.lockfile import CondaPackage, PypiPackage
 from pipeline.progress import Progress, human_bytes
 
@@ -414,8 +414,8 @@ class Fetcher:
                     )
         except OSError as exc:
             raise FetchError(
-                f"cannot write {item.cache_path} ({exc.strerror or exc}); free disk space or "
-                "set PIPELINE_PACK_CACHE to another directory"
+                f"cannot write {item.cache_path} ({os_error_text(exc, item.cache_path)}); "
+                f"{os_error_advice(exc)}, or set PIPELINE_PACK_CACHE to another directory"
             ) from None
         return count
 

@@ -33,7 +33,7 @@ from typing import TextIO
 
 from pipeline.bundle.format import TAR_DIR_MODE, TAR_FILE_MODE, TAR_GID, TAR_MTIME, TAR_UID
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, atomic_output
+from pipeline.fsutil import CHUNK, atomic_output, os_error_advice, os_error_text
 from pipeline.progress import Progress, human_bytes
 
 TAR_FORMAT = tarfile.GNU_FORMAT  # the tar crate (pixi-pack) writes GNU headers too
@@ -178,8 +178,8 @@ def write_tar(
     except OSError as exc:
         progress.done(None)
         raise BundleError(
-            f"cannot write bundle {output} ({exc.strerror or exc}); free disk space there or "
-            "set PIPELINE_BUNDLE to another path"
+            f"cannot write bundle {output} ({os_error_text(exc, output)}); "
+            f"{os_error_advice(exc)}, or set PIPELINE_BUNDLE to another path"
         ) from None
     except BaseException:
         progress.done(None)

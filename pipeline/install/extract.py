@@ -4,7 +4,8 @@
 
 1. **Up to date?** The stamp (``.infer-vllm/extract.sha256``) and the record
    (``extract.json``) say which bundle was extracted last, with the tar's ``(size, mtime_ns,
-   inode, device)`` at that time and every extracted file's ``(size, mtime_ns, inode)``. When
+   inode, device)`` at that time and every extracted file's ``(size, mtime_ns, inode,
+   ctime_ns)`` (ctime: a file rewritten in place with its size and mtime put back differs). When
    the tar, the expected sha256 and the files all still match, nothing is read: a reboot with a
    multi-GB bundle costs a few ``stat`` calls, never a re-hash (doit's own ``file_dep`` check
    would re-hash the tar with md5 on a fresh doit database or a touched file). A replaced or
@@ -47,6 +48,7 @@ import posixpath
 import queue
 import re
 import shutil
+import stat
 import tarfile
 import threading
 import time
@@ -71,7 +73,7 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, fsync_dir, os_error_text
+from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
 from pipeline.install.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -567,7 +569,10 @@ def extract_bundle(
         warnings.append(message)
         say(f"warning: {message}")
 
-    with install_lock(paths, say=say):
+    with (
+        install_lock(paths, say=say),
+        os_errors_as(BundleError, f"cannot extract {bundle} into {paths.root}"),
+    ):
         expected, expected_from = expected_sha256(bundle, configured_sha256)
         try:
             st = bundle.stat()
@@ -576,6 +581,11 @@ def extract_bundle(
                 f"no bundle at {bundle} ({exc.strerror}); set AUTO_INFER_VLLM_BUNDLE_PATH to the "
                 "bundle tar"
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise BundleError(
+                f"bundle {bundle} is {kind}; set AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
+            )
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
             digest = read_extract_stamp(paths) or ""
@@ -659,7 +669,7 @@ def extract_bundle(
         total = 0
         for name in sorted(sha_of):
             fst = (paths.root / name).stat()
-            files[name] = FileFacts(fst.st_size, sha_of[name], fst.st_mtime_ns, fst.st_ino)
+            files[name] = FileFacts.of(fst, sha_of[name])
             total += fst.st_size
         write_extract_record(
             paths,
@@ -793,7 +803,7 @@ def _extract_members(
     except OSError as exc:
         raise BundleError(
             f"cannot extract {bundle} into {staging.parent.parent} "
-            f"({os_error_text(exc, target)}); free disk space or fix the permissions there"
+            f"({os_error_text(exc, target)}); {os_error_advice(exc)}"
         ) from None
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):

@@ -10,8 +10,9 @@
    depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
    warning when a CUDA environment is installed on a host without a GPU driver.
 3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
-   ``file://`` packages). A file whose ``(size, mtime, inode)`` is still what the extraction
-   recorded keeps the sha256 computed from the verified tar; any other file is hashed again.
+   ``file://`` packages). A file whose ``(size, mtime, inode, ctime)`` is still what the
+   extraction recorded keeps the sha256 computed from the verified tar; any other file is
+   hashed again (ctime: size and mtime can be put back after a rewrite, ctime cannot).
 4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
    records, pointed at the local channel, with ``rattler.install`` in a child process
    (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import shutil
 import stat
@@ -53,10 +55,11 @@ from typing import Any
 
 from pipeline import __version__, reporting
 from pipeline.errors import InstallError, LockError, PipelineError
-from pipeline.fsutil import atomic_write_text, fsync_dir, sha256_file
+from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
 from pipeline.install.contents import check_lock_against_channel, read_repodata
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
+    INSTALLED_FROM,
     ExtractRecord,
     InstalledHost,
     InstallRecord,
@@ -76,6 +79,7 @@ from pipeline.settings import process_environ
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
 VERIFY_TASK = "verify"
+REQUEST_PREFIX = "install-request-"  # .infer-vllm/install-request-*.json: the worker's input
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,10 @@ def frozen_install(
     base_env = dict(process_environ() if environ is None else environ)
     started = time.monotonic()
     warnings: list[str] = []
-    with install_lock(paths, say=say):
+    with (
+        install_lock(paths, say=say),
+        os_errors_as(InstallError, f"cannot install environment '{environment}' in {paths.root}"),
+    ):
         record = read_extract_record(paths)
         if record is None:
             raise InstallError(
@@ -185,6 +192,7 @@ def frozen_install(
                 f"environment '{environment}'; run `doit install` (patch-channels comes first)"
             )
         link = paths.env_link(environment)
+        _remove_crash_leftovers(paths, environment, keep=_link_target(link))
         # 1. up to date?
         reason = _current_reason(paths, environment, record)
         if reason is None:
@@ -405,6 +413,28 @@ def _remove_generations(
         entry.unlink(missing_ok=True)
 
 
+def _remove_crash_leftovers(paths: ProjectPaths, environment: str, *, keep: Path | None) -> None:
+    """What a SIGKILLed install (it cannot clean up) left: worker request files and
+    generations never finished (no ``.installed-from.json``: it is written last, before the
+    switch). We hold the install lock, so no other install is using them. Finished
+    generations stay: the one replaced last is kept for servers still running from it."""
+    if paths.state.is_dir():
+        for request in paths.state.glob(f"{REQUEST_PREFIX}*.json"):
+            request.unlink(missing_ok=True)
+    if not paths.envs.is_dir():
+        return
+    # Only the names frozen_install gives its generations: a pixi-made environment renamed
+    # aside by switch_link (``.<env>.replaced-*``) may still be serving.
+    built = re.compile(
+        rf"{re.escape(paths.generation_prefix(environment))}[0-9a-f]{{12}}\.[0-9a-f]{{6}}"
+    )
+    for entry in paths.envs.iterdir():
+        if not built.fullmatch(entry.name) or (keep is not None and entry.name == keep.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and not (entry / INSTALLED_FROM).exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _install_conda(
     paths: ProjectPaths,
     locked: LockedEnvironment,
@@ -422,7 +452,7 @@ def _install_conda(
         "prefix": str(generation),
         "cache_dir": str(cache_dir),
     }
-    request_path = paths.state / f"install-request-{uuid.uuid4().hex[:8]}.json"
+    request_path = paths.state / f"{REQUEST_PREFIX}{uuid.uuid4().hex[:8]}.json"
     request_path.write_text(json.dumps(request), encoding="utf-8")
     try:
         run_logged(

@@ -12,9 +12,11 @@
     .infer-vllm/install.lock             flock: one install at a time per project dir
     .infer-vllm/extract.sha256           extract stamp: the bundle's sha256 and a newline
     .infer-vllm/extract.json             what was extracted: the tar's stat, every file's
-                                         size/sha256/mtime/inode, the lock's source and sha256
+                                         size/sha256/mtime/inode/ctime, the lock's source and sha256
     .infer-vllm/patch.stamp              patch stamp: bundle sha256 and project path
     .infer-vllm/install-<env>.log        output of the last install's children
+    .infer-vllm/install-request-*.json   transient: the install worker's input; left over
+                                         only by a SIGKILL, removed by the next install
     .infer-vllm/staging-*/ trash-*/      transient; left over only by a crash, removed next time
 
 Why a symlink and generations: conda prefixes are not relocatable (packages embed the prefix
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InstallError
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_text, os_error_advice
 from pipeline.pixi.envs import pixi_env_prefix
 
 STATE_DIR = ".infer-vllm"
@@ -173,9 +175,10 @@ def install_lock(
         paths.state.mkdir(parents=True, exist_ok=True)
         fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        advice = os_error_advice(exc, "make it a writable directory")
         raise InstallError(
-            f"cannot create the install lock {paths.lock_file} ({exc.strerror}); make "
-            "AUTO_INFER_VLLM_PIXI_PROJECT_DIR a writable directory"
+            f"cannot create the install lock {paths.lock_file} ({exc.strerror}); {advice} "
+            "(AUTO_INFER_VLLM_PIXI_PROJECT_DIR must name a writable directory)"
         ) from None
     try:
         deadline = clock() + timeout
@@ -258,28 +261,48 @@ def _strings(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class FileFacts:
     """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
-    later (same size, mtime and inode: same content, without hashing it again)."""
+    later (same size, mtime, ctime and inode: same content, without hashing it again).
+
+    ctime because size and mtime can be put back by anyone who rewrites a file in place
+    (``os.utime``); the kernel sets ctime on every change and no call sets it back. A record
+    written before ctime was kept (4 fields) has ``ctime_ns`` None and never matches: its
+    files are hashed again once.
+    """
 
     size: int
     sha256: str
     mtime_ns: int
     ino: int
+    ctime_ns: int | None = None
 
     def to_json(self) -> list[Any]:
-        return [self.size, self.sha256, self.mtime_ns, self.ino]
+        return [self.size, self.sha256, self.mtime_ns, self.ino, self.ctime_ns]
+
+    @classmethod
+    def of(cls, st: os.stat_result, sha256: str) -> FileFacts:
+        return cls(st.st_size, sha256, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     @classmethod
     def from_json(cls, value: Any) -> FileFacts:
-        """Raises _Malformed unless ``value`` is ``[size, sha256, mtime_ns, ino]``."""
-        if not isinstance(value, list) or len(value) != 4:
+        """Raises _Malformed unless ``value`` is ``[size, sha256, mtime_ns, ino, ctime_ns]``
+        (or the older ``[size, sha256, mtime_ns, ino]``)."""
+        if not isinstance(value, list) or len(value) not in (4, 5):
             raise _Malformed("files")
-        size, sha, mtime_ns, ino = value
+        size, sha, mtime_ns, ino, *rest = value
+        ctime_ns = rest[0] if rest else None
         if not (isinstance(sha, str) and all(_is_int(v) for v in (size, mtime_ns, ino))):
             raise _Malformed("files")
-        return cls(size, sha, mtime_ns, ino)
+        if ctime_ns is not None and not _is_int(ctime_ns):
+            raise _Malformed("files")
+        return cls(size, sha, mtime_ns, ino, ctime_ns)
 
     def matches(self, st: os.stat_result) -> bool:
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
+        return self.ctime_ns is not None and (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+            st.st_ctime_ns,
+        ) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
 
 
 def _is_int(value: Any) -> bool:

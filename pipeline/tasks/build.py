@@ -120,7 +120,7 @@ def task_lock() -> TaskDict:
     settings = SETTINGS
     manifest = project_dir(settings) / MANIFEST_NAME
 
-    @reporting.action
+    @reporting.action(interrupt="run `doit lock` again")
     def run() -> None:
         from pipeline.build.lock import find_pixi, lock
 
@@ -149,7 +149,7 @@ def task_verify() -> TaskDict:
     project = project_dir(settings)
     stamp = verify_stamp(settings)
 
-    @reporting.action
+    @reporting.action(interrupt="nothing was recorded as verified; run it again")
     def run() -> None:
         from pipeline.build.lock import find_pixi
         from pipeline.build.verify import log_tail, verify
@@ -199,7 +199,7 @@ def task_pack() -> Any:
         "doc": "Build the offline bundle: lock -> verify -> pack:tar -> pack:sha256.",
     }
 
-    @reporting.action
+    @reporting.action(interrupt="the bundle is replaced only when complete; run `doit pack` again")
     def tar() -> dict[str, Any]:
         from pipeline.build.pack import pack
         from pipeline.tasks.stamps import write_pack_stamp

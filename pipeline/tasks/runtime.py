@@ -18,6 +18,14 @@ from pipeline.install.layout import ProjectPaths
 from pipeline.settings import Settings, process_environ
 from pipeline.tasks.common import SETTINGS, TaskDict
 
+# What an interrupted stage leaves (reporting.action's one line): the stages stop their
+# children and remove their half-done work on the way out, and only ever switch whole things.
+_UNCHANGED = "the installed environment is unchanged; run `doit install` again"
+_SWITCHED_WHOLE = (
+    "an environment is switched in only once complete, so it is the previous one (or the "
+    "finished new one); run `doit install` again"
+)
+
 
 def _paths(settings: Settings) -> ProjectPaths:
     return ProjectPaths.of(settings.pixi_project_dir)
@@ -39,7 +47,7 @@ def task_extract() -> TaskDict:
             configured_sha256=settings.bundle_sha256,
         )
 
-    @reporting.action
+    @reporting.action(interrupt=_UNCHANGED)
     def run() -> None:
         from pipeline.install.extract import extract_bundle
 
@@ -71,7 +79,7 @@ def task_patch_channels() -> TaskDict:
 
         return patch_is_current(paths.root, env)
 
-    @reporting.action
+    @reporting.action(interrupt=_UNCHANGED)
     def run() -> None:
         from pipeline.install.patch import patch_project
 
@@ -98,7 +106,7 @@ def task_frozen_install() -> TaskDict:
 
         return install_is_current(paths.root, env)
 
-    @reporting.action
+    @reporting.action(interrupt=_SWITCHED_WHOLE)
     def run() -> None:
         from pipeline.install.frozen import frozen_install
 
