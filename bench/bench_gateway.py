@@ -1,11 +1,12 @@
-"""Benchmark of the gateway against the same upstream reached directly and through LiteLLM.
+"""Benchmark of the gateway against the same upstream reached directly, through LiteLLM's proxy
+and through vLLM's router.
 
-    .venv/bin/python bench/bench_gateway.py [--duration 5] [--no-litellm]
+    .venv/bin/python bench/bench_gateway.py [--duration 5] [--no-litellm] [--no-vllm-router]
 
 In one run, against one fast stand-in upstream (``tests/standin_server.py`` with
 ``STANDIN_FAST=1``: a fixed chat completion, or 64 SSE chunks 1 ms apart), prints for each of
-direct / this gateway / LiteLLM's proxy, and a plain TCP relay in C (``socat``, when on PATH:
-the floor any proxy pays on this machine for the kernel's part of relaying):
+direct / this gateway / LiteLLM's proxy / vLLM's router, and a plain TCP relay in C (``socat``,
+when on PATH: the floor any proxy pays on this machine for the kernel's part of relaying):
 
 - added p50 and p99 latency at concurrency 1 (non-streamed request, keep-alive);
 - first-chunk latency of a streamed request, and what the proxy adds to it;
@@ -15,12 +16,21 @@ the floor any proxy pays on this machine for the kernel's part of relaying):
 - CPU per request (non-streamed) and per streamed chunk (32 concurrent streams, so chunks
   arrive one by one as from a busy server), from ``/proc/<pid>/stat`` deltas of the proxy's
   process tree, reaped children included (per chunk: gross, and net of the per-request cost);
-- memory (RSS now, and peak) and startup time (spawn to a 200 from its health endpoint).
+- memory (RSS now, and peak) and startup time (spawn to a 200 from its health endpoint);
+- the gateway's requests/s against each other proxy's, as they are and per core of CPU used.
 
-LiteLLM (``litellm[proxy]`` from PyPI) goes into its own venv under the cache dir
-(``$XDG_CACHE_HOME/infer-vllm/bench-litellm-venv``, never the project's), started with its
-telemetry off and the local model cost map (no remote fetch). If it cannot be installed,
-the figures are printed without it and the reason is said.
+The third-party proxies are installed at exact versions (``LITELLM_REQUIREMENT``,
+``VLLM_ROUTER_REQUIREMENT``), each into its own venv under the cache dir, never the project's:
+``$XDG_CACHE_HOME/infer-vllm/bench-litellm-venv`` and ``.../bench-vllm-router-venv``, made on
+first use (LiteLLM's takes minutes) and rebuilt when the requirement changes (the venv's
+``.bench-requirement`` file holds the one it was made for). LiteLLM (``litellm[proxy]``) runs
+one worker with its telemetry off and the local model cost map (no remote fetch), its master key
+checked and the upstream's key sent. vLLM's router (``vllm-router``, a Rust extension behind a
+Python launcher) gets the upstream as its one ``--worker-urls`` entry, policy ``round_robin``,
+log level warning; it checks no client key and forwards the client's ``Authorization`` as it
+is (so it is sent the upstream's key), and it probes only ``/health`` on the upstream. A proxy
+that cannot be installed, started or measured gets a column saying "not measured", and a line
+saying why; the other figures still print.
 """
 
 from __future__ import annotations
@@ -53,7 +63,11 @@ UPSTREAM_KEY = "upstream-key"
 PROXY_KEY = "sk-bench-key"
 CHUNKS = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-LITELLM_REQUIREMENT = "litellm[proxy]"
+# Exact versions, so that figures can be reproduced. LiteLLM: the newest release whose [proxy]
+# extra installed from the registry these figures were taken with (later ones pin releases of
+# litellm-enterprise or litellm-proxy-extras, or a litellm-proxy package, that it lacks).
+LITELLM_REQUIREMENT = "litellm[proxy]==1.108.7"
+VLLM_ROUTER_REQUIREMENT = "vllm-router==0.1.17"
 PROXY_CORE = "0"
 LOAD_CORE = "1"
 
@@ -336,6 +350,7 @@ class Target:
     startup: float | None = None
     figures: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    missing: str | None = None  # why it was not measured
 
 
 def measure(target: Target, args: argparse.Namespace, workdir: Path) -> None:
@@ -408,34 +423,42 @@ def measure(target: Target, args: argparse.Namespace, workdir: Path) -> None:
         target.figures["peak_mb"] = peak
 
 
-# ---- LiteLLM ----------------------------------------------------------------------------------
+# ---- third-party proxies: their own venvs ------------------------------------------------------
 
 
-def litellm_venv(cache: Path) -> tuple[Path | None, str]:
-    """The benchmark's own LiteLLM venv (created on first use): (litellm script, version)."""
-    venv = cache / "bench-litellm-venv"
-    script = venv / "bin" / "litellm"
-    if not script.exists():
-        say(f"installing {LITELLM_REQUIREMENT} into {venv} (its own venv; a few minutes)")
+def bench_venv(cache: Path, name: str, requirement: str, dist: str) -> tuple[Path | None, str]:
+    """The benchmark's own venv ``cache/name`` holding ``requirement`` (created on first use,
+    rebuilt when the requirement changes): (its bin directory, the installed version of
+    ``dist``), or (None, why it could not be installed)."""
+    venv = cache / name
+    marker = venv / ".bench-requirement"
+    if not marker.is_file() or marker.read_text().strip() != requirement:
+        say(f"installing {requirement} into {venv} (its own venv; can take minutes)")
+        shutil.rmtree(venv, ignore_errors=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         result = subprocess.run(
             [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-             LITELLM_REQUIREMENT],
+             requirement],
             capture_output=True,
             text=True,
             check=False,
         )  # fmt: skip
-        if result.returncode != 0 or not script.exists():
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-            return None, f"pip install {LITELLM_REQUIREMENT} failed: {' '.join(tail)}"
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+            return None, f"pip install {requirement} failed: {' '.join(errors[:2])}"
+        marker.write_text(requirement + "\n")
     version = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; "
-         "print(m.version('litellm'))"],
+         f"print(m.version({dist!r}))"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()  # fmt: skip
-    return script, version
+    if not version:
+        return None, f"{dist} is not importable in {venv} (delete it to rebuild)"
+    return venv / "bin", version
 
 
 def litellm_env(workdir: Path) -> dict[str, str]:
@@ -469,11 +492,12 @@ def main(argv: list[str]) -> int:
         "--stream-concurrency", type=int, default=32, help="concurrent streams for CPU per chunk"
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    parser.add_argument("--no-vllm-router", action="store_true", help="skip vllm-router")
     parser.add_argument(
         "--cache",
         type=Path,
         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "infer-vllm",
-        help="where the LiteLLM venv is kept",
+        help="where the LiteLLM and vllm-router venvs are kept",
     )
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
@@ -481,7 +505,7 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     procs: list[subprocess.Popen[bytes]] = []
     targets: list[Target] = []
-    litellm_note = ""
+    about: list[str] = []  # one line per third-party proxy: what it was, or why not measured
     try:
         up_port = free_port()
         up_env = {
@@ -543,41 +567,97 @@ def main(argv: list[str]) -> int:
             run_alone(targets[-1], relay, args, workdir)
 
         if not args.no_litellm:
-            script, version = litellm_venv(args.cache)
-            if script is None:
-                litellm_note = f"LiteLLM not measured: {version}"
-            else:
-                ll_port = free_port()
-                cfg = workdir / "litellm.yaml"
-                cfg.write_text(
-                    "model_list:\n"
-                    f"  - model_name: {MODEL}\n"
-                    "    litellm_params:\n"
-                    f"      model: openai/{MODEL}\n"
-                    f"      api_base: http://127.0.0.1:{up_port}/v1\n"
-                    f"      api_key: {UPSTREAM_KEY}\n"
-                    "litellm_settings:\n"
-                    "  telemetry: false\n"
-                    "  set_verbose: false\n"
-                    "general_settings:\n"
-                    f"  master_key: {PROXY_KEY}\n"
-                )
-                proxy, took = start(
-                    pinned(PROXY_CORE, [str(script), "--config", str(cfg), "--host",
-                                        "127.0.0.1", "--port", str(ll_port),
-                                        "--num_workers", "1"]),
-                    litellm_env(workdir), workdir / "litellm.log", ll_port,
-                    "/health/liveliness", 180,
-                )  # fmt: skip
-                targets.append(Target("litellm", ll_port, PROXY_KEY, proxy.pid, took))
-                litellm_note = f"LiteLLM {version} (its own venv), 1 worker"
-                run_alone(targets[-1], proxy, args, workdir)
+            about.append(litellm(targets, args, workdir, up_port))
+        if not args.no_vllm_router:
+            about.append(vllm_router(targets, args, workdir, up_port))
     finally:
         for proc in reversed(procs):
             stop(proc)
-    report(targets, args, litellm_note)
+    report(targets, args, about)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+# What a third-party proxy may raise while installed, started or measured: it is then reported
+# as not measured, with the reason, and the other figures still print.
+FAILED = (RuntimeError, OSError, AssertionError, ValueError, subprocess.CalledProcessError)
+
+
+def litellm(targets: list[Target], args: argparse.Namespace, workdir: Path, up_port: int) -> str:
+    """Measure LiteLLM's proxy in front of the upstream; returns the line that describes it."""
+    target = Target("litellm", free_port(), PROXY_KEY)
+    targets.append(target)
+    bin_dir, version = bench_venv(args.cache, "bench-litellm-venv", LITELLM_REQUIREMENT, "litellm")
+    if bin_dir is None:
+        target.missing = version
+        return f"litellm: not measured: {version}"
+    cfg = workdir / "litellm.yaml"
+    cfg.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: http://127.0.0.1:{up_port}/v1\n"
+        f"      api_key: {UPSTREAM_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "  set_verbose: false\n"
+        "general_settings:\n"
+        f"  master_key: {PROXY_KEY}\n"
+    )
+    log = workdir / "litellm.log"
+    try:
+        proxy, target.startup = start(
+            pinned(PROXY_CORE, [str(bin_dir / "litellm"), "--config", str(cfg), "--host",
+                                "127.0.0.1", "--port", str(target.port), "--num_workers", "1"]),
+            litellm_env(workdir), log, target.port, "/health/liveliness", 180,
+        )  # fmt: skip
+        target.pid = proxy.pid
+        run_alone(target, proxy, args, workdir)
+    except FAILED as exc:
+        target.missing = f"{type(exc).__name__}: {exc}; log: {_tail(log)}"
+        return f"litellm: {LITELLM_REQUIREMENT}: not measured: {target.missing}"
+    return f"litellm: LiteLLM {version} ({LITELLM_REQUIREMENT}, its own venv), 1 worker"
+
+
+def vllm_router(
+    targets: list[Target], args: argparse.Namespace, workdir: Path, up_port: int
+) -> str:
+    """Measure vLLM's router (Rust) in front of the upstream; returns the line that describes
+    it. It checks no client key of its own and forwards the client's ``Authorization`` as it
+    is, so its clients send the upstream's key; it probes only ``/health`` on the worker."""
+    target = Target("vllm-router", free_port(), UPSTREAM_KEY)
+    targets.append(target)
+    bin_dir, version = bench_venv(
+        args.cache, "bench-vllm-router-venv", VLLM_ROUTER_REQUIREMENT, "vllm-router"
+    )
+    if bin_dir is None:
+        target.missing = version
+        return f"vllm-router: not measured: {version}"
+    log = workdir / "vllm-router.log"
+    try:
+        proxy, target.startup = start(
+            pinned(PROXY_CORE, [str(bin_dir / "vllm-router"), "--host", "127.0.0.1", "--port",
+                                str(target.port), "--worker-urls", f"http://127.0.0.1:{up_port}",
+                                "--policy", "round_robin", "--log-level", "warning"]),
+            {**os.environ, "HOME": str(workdir)}, log, target.port, "/health", 60,
+        )  # fmt: skip
+        target.pid = proxy.pid
+        run_alone(target, proxy, args, workdir)
+    except FAILED as exc:
+        target.missing = f"{type(exc).__name__}: {exc}; log: {_tail(log)}"
+        return f"vllm-router: {VLLM_ROUTER_REQUIREMENT}: not measured: {target.missing}"
+    return (
+        f"vllm-router: vllm-router {version} ({VLLM_ROUTER_REQUIREMENT}, its own venv; Rust), "
+        "one worker URL, policy round_robin, log level warning, no client keys (passed through)"
+    )
+
+
+def _tail(log: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+        return " | ".join(line for line in lines[-3:] if line) or "(empty)"
+    return "(none)"
 
 
 def run_alone(
@@ -592,8 +672,9 @@ def run_alone(
         stop(proc)
 
 
-def report(targets: list[Target], args: argparse.Namespace, litellm_note: str) -> None:
+def report(targets: list[Target], args: argparse.Namespace, about: list[str]) -> None:
     by = {t.name: t for t in targets}
+    measured = {t.name: t for t in targets if t.missing is None}
     direct = by["direct"].figures
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -618,8 +699,8 @@ def report(targets: list[Target], args: argparse.Namespace, litellm_note: str) -
     print(f"gateway: python -m pipeline.gateway on {loop}, keys checked and replaced")
     if "socat" in by:
         print("socat: a TCP relay in C (fork per connection, no HTTP): the floor for reference")
-    if litellm_note:
-        print(litellm_note)
+    for line in about:
+        print(line)
     rows: list[tuple[str, Callable[[Target], str]]] = [
         ("startup (s)", lambda t: f"{t.startup:.2f}" if t.startup is not None else "-"),
         ("latency p50, c=1 (ms)", lambda t: f"{t.figures['p50_ms']:.3f}"),
@@ -654,8 +735,12 @@ def report(targets: list[Target], args: argparse.Namespace, litellm_note: str) -
     width = max(len(r[0]) for r in rows)
     print()
     print(" " * width + "".join(f"  {n:>16}" for n in names))
-    for label, cell in rows:
-        print(f"{label:<{width}}" + "".join(f"  {cell(by[n]):>16}" for n in names))
+    for index, (label, cell) in enumerate(rows):
+        cells = [
+            cell(by[n]) if by[n].missing is None else ("not measured" if index == 0 else "-")
+            for n in names
+        ]
+        print(f"{label:<{width}}" + "".join(f"  {c:>16}" for c in cells))
     for t in targets:
         for note in t.notes:
             print(f"note: {t.name}: {note}")
@@ -679,9 +764,8 @@ def report(targets: list[Target], args: argparse.Namespace, litellm_note: str) -
         (f"memory < 100 MB (got {gw['peak_mb']:.0f})", gw["peak_mb"] < 100.0),
         (f"startup < 1 s (got {by['gateway'].startup:.2f})", (by["gateway"].startup or 99) < 1.0),
     ]
-    if "litellm" in by:
-        ratio = gw["rps"] / by["litellm"].figures["rps"]
-        per_core = ratio * by["litellm"].figures["cpu_util"] / max(gw["cpu_util"], 1e-9)
+    if "litellm" in measured:
+        per_core = _per_core(gw, measured["litellm"].figures)
         checks.append(
             (f">= 30x LiteLLM's requests/s per core (got {per_core:.0f}x)", per_core >= 30)
         )
@@ -689,6 +773,29 @@ def report(targets: list[Target], args: argparse.Namespace, litellm_note: str) -
         checks.append((">= 30x LiteLLM's requests/s per core: not measured", False))
     for label, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+    print()
+    print("the gateway against the others (requests/s at c=32; per core: each divided by the")
+    print("CPU its proxy used during that run; added p50 at c=1):")
+    for name in ("socat", "litellm", "vllm-router"):
+        if name not in by:
+            continue
+        if name not in measured:
+            print(f"  {name}: not measured: {by[name].missing}")
+            continue
+        other = measured[name].figures
+        print(
+            f"  {name}: {gw['rps'] / other['rps']:.2f}x its requests/s, "
+            f"{_per_core(gw, other):.2f}x per core; added p50 "
+            f"{gw['p50_ms'] - direct['p50_ms']:.3f} ms against "
+            f"{other['p50_ms'] - direct['p50_ms']:.3f} ms"
+        )
+
+
+def _per_core(ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """How many times ``theirs``' requests/s per core of CPU ``ours`` serves."""
+    return (ours["rps"] / max(ours["cpu_util"], 1e-9)) / (
+        theirs["rps"] / max(theirs["cpu_util"], 1e-9)
+    )
 
 
 def _f(target: Target, key: str, fmt: str) -> str:
