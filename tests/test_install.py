@@ -7,8 +7,11 @@ interpreter, so wheels install into it (uv) and the verify task runs for real.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -28,11 +31,13 @@ from pipeline.install.frozen import (
     frozen_install,
     install_is_current,
     installed_record,
+    mark_wheels_as_pixis,
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import ProjectPaths
 from pipeline.install.patch import patch_project
+from pipeline.pixi.lockfile import read_environment
 from pipeline.settings import load_settings
 
 HOST = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
@@ -180,6 +185,29 @@ def test_install_switches_a_symlink_to_a_complete_generation(tmp_path, kit: Kit,
     assert install_is_current(project, "default")
     again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
     assert not again.installed
+
+
+def test_installed_wheels_say_pixis_installer_so_pixi_keeps_them(tmp_path, kit: Kit, cache):
+    # uv marks wheels INSTALLER=uv; pixi's planner reinstalls every locked wheel whose
+    # INSTALLER is not exactly `uv-pixi` (7 bytes, no newline), and keeps an archive install
+    # when direct_url.json names the lock's location and the file is not newer than METADATA.
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path, kit), cache)
+    prefix = ProjectPaths.of(project).env_link("default")
+    (dist_info,) = prefix.glob("lib/python*/site-packages/tinywheel-*.dist-info")
+    installer = (dist_info / "INSTALLER").read_bytes()
+    assert installer == b"uv-pixi"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(installer).digest()).rstrip(b"=").decode()
+    rows = list(csv.reader((dist_info / "RECORD").read_text().splitlines()))
+    assert [f"{dist_info.name}/INSTALLER", f"sha256={digest}", "7"] in rows
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    (wheel,) = locked.pypi
+    url = json.loads((dist_info / "direct_url.json").read_text())["url"]
+    assert url == Path(wheel.url.removeprefix("file://")).as_uri()
+    source = Path(url.removeprefix("file://"))
+    assert source.stat().st_mtime_ns <= (dist_info / "METADATA").stat().st_mtime_ns
+    assert mark_wheels_as_pixis(prefix, [source]) == [dist_info.name], "idempotent"
+    assert (dist_info / "INSTALLER").read_bytes() == b"uv-pixi"
 
 
 def test_corrupt_install_record_reads_as_none_and_installs_again(tmp_path, kit: Kit, cache):
