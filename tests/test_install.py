@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
-from bundle_factory import Kit, make_bundle, pixi_toml, shared_kit, swap_tinytool, write_lock
+from bundle_factory import (
+    Kit,
+    make_bundle,
+    pixi_toml,
+    shared_kit,
+    swap_tinytool,
+    write_directory_only,
+    write_lock,
+)
 from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import BundleError, InstallError
@@ -395,6 +403,16 @@ def test_doit_sha_mismatch_is_one_error_line(tmp_path, kit: Kit, cache):
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "expected " + "ab" * 32 in errors[0], result.stderr
     assert not (tmp_path / "project" / "channel").exists()
+
+
+def test_doit_install_of_a_directory_only_folder_is_one_error_line(tmp_path, kit, cache):
+    # pixi-pack --directory-only output given as the bundle: an IsADirectoryError traceback.
+    folder = write_directory_only(make_bundle(tmp_path, kit), tmp_path / "env-dir")
+    result = run_doit(["install"], install_env(tmp_path, folder, cache))
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "--directory-only folder" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_pixi_pack_bundle_without_extras_installs(tmp_path, kit: Kit, cache):
