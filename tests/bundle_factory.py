@@ -17,6 +17,7 @@ no honest packer writes. So tests build their own:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -366,3 +367,30 @@ def swap_tinytool(parts: BundleParts) -> None:
     parts.replace_data(
         "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda", libtiny.source.read_bytes()
     )
+
+
+# ---- the other outputs of pixi-pack ---------------------------------------------------------
+
+
+def write_directory_only(bundle: Path, folder: Path) -> Path:
+    """What ``pixi-pack --directory-only`` leaves: the bundle's members as a folder."""
+    with tarfile.open(bundle, "r:") as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def write_self_extracting(bundle: Path, script: Path) -> Path:
+    """The layout of ``pixi-pack --create-executable`` (Quantco/pixi-pack src/pack.rs): a shell
+    header whose last line is ``@@END_HEADER@@``, a newline, the tar base64-encoded on one
+    line, a newline, ``@@END_ARCHIVE@@``, then the base64 of the pixi-unpack binary (here a
+    placeholder). Our own header text, not pixi-pack's."""
+    header = b'#!/usr/bin/env bash\necho "self-extracting bundle (test stand-in)"\nexit 0\n'
+    script.write_bytes(
+        header
+        + b"@@END_HEADER@@\n\n"
+        + base64.b64encode(bundle.read_bytes())
+        + b"\n@@END_ARCHIVE@@\n"
+        + base64.b64encode(b"not a real pixi-unpack")
+    )
+    script.chmod(0o755)
+    return script

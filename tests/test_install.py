@@ -7,8 +7,11 @@ interpreter, so wheels install into it (uv) and the verify task runs for real.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -26,6 +29,7 @@ from bundle_factory import (
     pixi_toml,
     shared_kit,
     swap_tinytool,
+    write_directory_only,
     write_lock,
 )
 from conftest import doit_env, run_doit, wait_for
@@ -36,11 +40,13 @@ from pipeline.install.frozen import (
     frozen_install,
     install_is_current,
     installed_record,
+    mark_wheels_as_pixis,
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import FileFacts, ProjectPaths
 from pipeline.install.patch import patch_project
+from pipeline.pixi.lockfile import read_environment
 from pipeline.settings import load_settings
 
 HOST = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
@@ -188,6 +194,29 @@ def test_install_switches_a_symlink_to_a_complete_generation(tmp_path, kit: Kit,
     assert install_is_current(project, "default")
     again = frozen_install(project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet)
     assert not again.installed
+
+
+def test_installed_wheels_say_pixis_installer_so_pixi_keeps_them(tmp_path, kit: Kit, cache):
+    # uv marks wheels INSTALLER=uv; pixi's planner reinstalls every locked wheel whose
+    # INSTALLER is not exactly `uv-pixi` (7 bytes, no newline), and keeps an archive install
+    # when direct_url.json names the lock's location and the file is not newer than METADATA.
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path, kit), cache)
+    prefix = ProjectPaths.of(project).env_link("default")
+    (dist_info,) = prefix.glob("lib/python*/site-packages/tinywheel-*.dist-info")
+    installer = (dist_info / "INSTALLER").read_bytes()
+    assert installer == b"uv-pixi"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(installer).digest()).rstrip(b"=").decode()
+    rows = list(csv.reader((dist_info / "RECORD").read_text().splitlines()))
+    assert [f"{dist_info.name}/INSTALLER", f"sha256={digest}", "7"] in rows
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    (wheel,) = locked.pypi
+    url = json.loads((dist_info / "direct_url.json").read_text())["url"]
+    assert url == Path(wheel.url.removeprefix("file://")).as_uri()
+    source = Path(url.removeprefix("file://"))
+    assert source.stat().st_mtime_ns <= (dist_info / "METADATA").stat().st_mtime_ns
+    assert mark_wheels_as_pixis(prefix, [source]) == [dist_info.name], "idempotent"
+    assert (dist_info / "INSTALLER").read_bytes() == b"uv-pixi"
 
 
 def test_corrupt_install_record_reads_as_none_and_installs_again(tmp_path, kit: Kit, cache):
@@ -427,6 +456,16 @@ def test_doit_sha_mismatch_is_one_error_line(tmp_path, kit: Kit, cache):
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "expected " + "ab" * 32 in errors[0], result.stderr
     assert not (tmp_path / "project" / "channel").exists()
+
+
+def test_doit_install_of_a_directory_only_folder_is_one_error_line(tmp_path, kit, cache):
+    # pixi-pack --directory-only output given as the bundle: an IsADirectoryError traceback.
+    folder = write_directory_only(make_bundle(tmp_path, kit), tmp_path / "env-dir")
+    result = run_doit(["install"], install_env(tmp_path, folder, cache))
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "--directory-only folder" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_pixi_pack_bundle_without_extras_installs(tmp_path, kit: Kit, cache):

@@ -238,16 +238,58 @@ def test_installed_pixi_project_without_pixi_uses_its_prefix(tmp_path):
     assert rt.kind == "prefix" and rt.prefix == prefix
 
 
-def test_pixi_on_path_runs_through_pixi(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "pixi.toml").write_text("[workspace]\n")
+def standin_pixi(bindir: Path, version: str, marker: Path | None = None) -> Path:
+    """A ``pixi`` that reports ``version``; any other call writes ``marker`` and fails."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    touch = f'echo "$@" >> "{marker}"; ' if marker else ""
+    script = bindir / "pixi"
+    script.write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then echo "pixi {version}"; exit 0; fi\n'
+        f"{touch}exit 1\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def installed_project(root: Path, lock_version: int = 7, environment: str = "default") -> Path:
+    root.mkdir()
+    (root / "pixi.toml").write_text("[workspace]\n")
+    (root / "pixi.lock").write_text(f"version: {lock_version}\nenvironments: {{}}\n")
+    make_prefix(root / ".pixi" / "envs" / environment)
+    return root
+
+
+def test_auto_runs_the_installed_prefix_even_with_pixi_on_path(tmp_path):
+    # Under auto, pixi on PATH used to run vLLM (`pixi run`): an old pixi cannot read lock v7,
+    # and a first `pixi run` reinstalls every wheel. auto now never calls pixi.
+    project = installed_project(tmp_path / "project")
+    marker = tmp_path / "pixi-called"
     bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "pixi").write_text("#!/bin/sh\n")
-    (bindir / "pixi").chmod(0o755)
+    standin_pixi(bindir, "0.76.0", marker)
     rt = resolve_runtime(
         launcher="auto",
+        env_prefix=None,
+        project_dir=project,
+        environment="default",
+        environ={"PATH": str(bindir)},
+        explicit_project=True,
+    )
+    assert rt.kind == "prefix"
+    assert rt.command("-m", "vllm") == (
+        str(project / ".pixi/envs/default/bin/python"),
+        "-m",
+        "vllm",
+    )
+    assert rt.env["CONDA_PREFIX"] == str(project / ".pixi/envs/default")
+    assert not marker.exists(), "auto must not call pixi at all"
+
+
+def test_launcher_pixi_runs_through_a_pixi_that_reads_the_lock(tmp_path):
+    project = installed_project(tmp_path / "project")
+    bindir = tmp_path / "bin"
+    standin_pixi(bindir, "0.68.0")
+    rt = resolve_runtime(
+        launcher="pixi",
         env_prefix=None,
         project_dir=project,
         environment="default",
@@ -263,6 +305,61 @@ def test_pixi_on_path_runs_through_pixi(tmp_path):
         "default",
         "--frozen",
         "python",
+    )
+
+
+@pytest.mark.parametrize(
+    ("lock_version", "pixi", "needed"), [(7, "0.67.2", "0.68.0"), (6, "0.38.0", "0.39.0")]
+)
+def test_launcher_pixi_refuses_a_pixi_too_old_for_the_lock(tmp_path, lock_version, pixi, needed):
+    project = installed_project(tmp_path / "project", lock_version=lock_version)
+    bindir = tmp_path / "bin"
+    standin_pixi(bindir, pixi)
+    with pytest.raises(ConfigError) as caught:
+        resolve_runtime(
+            launcher="pixi",
+            env_prefix=None,
+            project_dir=project,
+            environment="default",
+            environ={"PATH": str(bindir)},
+            source="s.toml",
+        )
+    message = caught.value.message
+    assert "\n" not in message
+    assert message.startswith("s.toml: master.launcher = 'pixi': ")
+    assert f"pixi {pixi}, which cannot read" in message
+    assert f"lock version {lock_version} needs pixi >= {needed}" in message
+
+
+def test_launcher_pixi_without_pixi_on_path_is_an_error(tmp_path):
+    project = installed_project(tmp_path / "project")
+    with pytest.raises(ConfigError, match=r"^s.toml: master.launcher = 'pixi' but pixi is not"):
+        resolve_runtime(
+            launcher="pixi",
+            env_prefix=None,
+            project_dir=project,
+            environment="default",
+            environ={"PATH": str(tmp_path / "empty")},
+            source="s.toml",
+        )
+
+
+def test_an_explicit_project_dir_with_nothing_installed_is_an_error(tmp_path):
+    # It used to fall back to `python` on PATH silently (doit plan --check, doit serve).
+    empty = tmp_path / "nothing-here"
+    with pytest.raises(ConfigError) as caught:
+        resolve_runtime(
+            launcher="auto",
+            env_prefix=None,
+            project_dir=empty,
+            environment="default",
+            environ={"PATH": "/usr/bin:/bin"},
+            source="s.toml",
+            explicit_project=True,
+        )
+    assert caught.value.message == (
+        f"s.toml: master.pixi_project_dir: environment 'default' is not installed at "
+        f"{empty}/.pixi/envs/default (no bin/python); run `doit install` first"
     )
 
 

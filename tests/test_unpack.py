@@ -10,11 +10,21 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from bundle_factory import Entry, Kit, make_bundle, shared_kit, swap_tinytool, write_bundle
+from bundle_factory import (
+    Entry,
+    Kit,
+    make_bundle,
+    shared_kit,
+    swap_tinytool,
+    write_bundle,
+    write_directory_only,
+    write_self_extracting,
+)
 
 from pipeline.errors import BundleError
 from pipeline.install import extract as unpack
@@ -252,6 +262,47 @@ def test_compressed_bundle_is_refused(tmp_path, kit: Kit):
     with pytest.raises(BundleError) as info:
         extract(gz, tmp_path / "project")
     assert_one_line(info.value, "not a readable uncompressed tar")
+
+
+def test_directory_only_folder_is_refused_in_one_line_not_a_traceback(tmp_path, kit: Kit):
+    # It used to end in an IsADirectoryError traceback.
+    folder = write_directory_only(make_bundle(tmp_path, kit), tmp_path / "env-dir")
+    assert (folder / "pixi-pack.json").is_file() and (folder / "channel").is_dir()
+    with pytest.raises(BundleError) as info:
+        extract(folder, tmp_path / "project")
+    assert_one_line(
+        info.value, "a pixi-pack --directory-only folder", f"tar -cf env-dir.tar -C {folder} ."
+    )
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_the_refusal_of_a_folder_says_how_to_make_a_bundle_that_installs(tmp_path, kit: Kit):
+    folder = write_directory_only(make_bundle(tmp_path, kit), tmp_path / "env-dir")
+    with pytest.raises(BundleError):
+        extract(folder, tmp_path / "project")
+    tarred = tmp_path / "env-dir.tar"
+    subprocess.run(["tar", "-cf", str(tarred), "-C", str(folder), "."], check=True, timeout=60)
+    result = extract(tarred, tmp_path / "project")
+    assert result.extracted and (tmp_path / "project" / "pixi.lock").is_file()
+
+
+def test_create_executable_script_is_refused_and_its_command_decodes_the_tar(tmp_path, kit):
+    bundle = make_bundle(tmp_path / "made", kit)
+    original = bundle.read_bytes()
+    script = write_self_extracting(bundle, tmp_path / "env.sh")
+    bundle.unlink()
+    with pytest.raises(BundleError) as info:
+        extract(script, tmp_path / "project")
+    message = info.value.message
+    assert_one_line(info.value, "pixi-pack --create-executable script", "base64 -d > bundle.tar")
+    assert_nothing_extracted(tmp_path / "project")
+    command = message.split("`")[1]
+    decoded = tmp_path / "decoded"
+    decoded.mkdir()
+    subprocess.run(["bash", "-c", command], cwd=script.parent, check=True, timeout=60)
+    (script.parent / "bundle.tar").rename(decoded / "bundle.tar")
+    assert (decoded / "bundle.tar").read_bytes() == original
+    assert extract(decoded / "bundle.tar", tmp_path / "project").extracted
 
 
 def test_missing_bundle_names_the_variable(tmp_path):

@@ -34,6 +34,11 @@
    before the stamp leaves no stamp, so the next run extracts again; the installed environment
    (``.pixi/envs``) is never touched by this stage.
 
+The other two outputs of pixi-pack are refused in one line before anything is read
+(:func:`refuse_other_layouts`): a ``--directory-only`` folder (the message gives the ``tar``
+command that makes a bundle of it) and a ``--create-executable`` script (its payload is
+base64, not a tar at an offset; the message gives the command that decodes it).
+
 Every problem raises :class:`~pipeline.errors.BundleError` with one line: what, which file or
 member, what to do. Serialized with the other stages by the project's install lock.
 """
@@ -184,6 +189,50 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
             f"`sha256sum {bundle.name} > {path.name}` or remove it"
         )
     return digest, str(path)
+
+
+# ---- other things pixi-pack writes ----------------------------------------------------------
+
+# pixi-pack --create-executable (Quantco/pixi-pack at c45671612fb7c8725ce3044de0b7fd0ba597defb,
+# src/pack.rs `create_self_extracting_executable`, src/header.sh) writes src/header.sh (ending
+# in a line `@@END_HEADER@@`), a newline, the tar BASE64-encoded on one line, a newline, a line
+# `@@END_ARCHIVE@@`, then the pixi-unpack binary, base64 too. The payload is not a tar at an
+# offset: it would have to be decoded to a second multi-GB file before our checks could read
+# it, so such a script is refused with the command that decodes it.
+SFX_HEADER_END = b"\n@@END_HEADER@@\n"
+_SFX_PROBE = 64 * 1024
+
+
+def refuse_other_layouts(bundle: Path, st: os.stat_result) -> None:
+    """Refuse, in one line, the two other outputs of pixi-pack: a ``--directory-only`` folder
+    and a ``--create-executable`` script. Reads at most 64 KiB."""
+    if stat.S_ISDIR(st.st_mode):
+        if not (bundle / METADATA_FILE).is_file():
+            raise BundleError(
+                f"bundle {bundle} is a directory; set AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
+            )
+        raise BundleError(
+            f"bundle {bundle} is a pixi-pack --directory-only folder, not a bundle tar; make the "
+            f"tar from it (`tar -cf {bundle.name}.tar -C {bundle} .`) and set "
+            "AUTO_INFER_VLLM_BUNDLE_PATH to that, or pack without --directory-only"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(
+            f"bundle {bundle} is not a regular file; set AUTO_INFER_VLLM_BUNDLE_PATH to the "
+            "bundle tar"
+        )
+    try:
+        with bundle.open("rb") as fh:
+            head = fh.read(_SFX_PROBE)
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {bundle} ({os_error_text(exc, bundle)})") from None
+    if head.startswith(b"#!") and SFX_HEADER_END in head:
+        raise BundleError(
+            f"bundle {bundle} is a pixi-pack --create-executable script (base64 payload after "
+            "@@END_HEADER@@), not a bundle tar; decode its tar with `sed -n "
+            f"'/^@@END_HEADER@@$/,/^@@END_ARCHIVE@@$/p' {bundle.name} | sed '1,2d;$d' | "
+            "base64 -d > bundle.tar` and install that, or pack without --create-executable"
+        )
 
 
 # ---- reading the tar ------------------------------------------------------------------------
@@ -581,11 +630,7 @@ def extract_bundle(
                 f"no bundle at {bundle} ({exc.strerror}); set AUTO_INFER_VLLM_BUNDLE_PATH to the "
                 "bundle tar"
             ) from None
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise BundleError(
-                f"bundle {bundle} is {kind}; set AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
-            )
+        refuse_other_layouts(bundle, st)
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
             digest = read_extract_stamp(paths) or ""
@@ -941,5 +986,6 @@ __all__ = [
     "extract_bundle",
     "extract_is_current",
     "hash_pass",
+    "refuse_other_layouts",
     "scan_members",
 ]

@@ -18,7 +18,9 @@
    (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
    async calls, so the child leaves with ``os._exit``); the package cache is
    ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
-   --no-index --no-deps`` (exactly those files).
+   --no-index --no-deps`` (exactly those files), each then marked ``INSTALLER`` = ``uv-pixi``
+   as pixi's own installer writes it, so that a later ``pixi run`` or ``pixi install`` there
+   keeps them instead of reinstalling them (:func:`mark_wheels_as_pixis` cites pixi's source).
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
    packages' ``etc/conda/activate.d`` scripts); it names the stable ``.pixi/envs/<env>`` path.
 6. **Runtime verify** inside the new generation: ``AUTO_INFER_VLLM_VERIFY`` when set (``none``
@@ -39,7 +41,11 @@ BundleError for bundle content), one line each; the children's output is in
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
+import hashlib
+import io
 import json
 import re
 import shlex
@@ -52,6 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from pipeline import __version__, reporting
 from pipeline.errors import InstallError, LockError, PipelineError
@@ -264,6 +271,13 @@ def frozen_install(
             if wheels:
                 say(f"installing {len(wheels)} wheels")
                 _install_wheels(paths, environment, wheels, generation, log, base_env, timeout)
+                marked = mark_wheels_as_pixis(generation, [paths.pypi / w.filename for w in wheels])
+                if len(marked) != len(wheels):
+                    say(
+                        f"warning: {len(wheels) - len(marked)} of {len(wheels)} wheels have no "
+                        f"direct_url.json naming their file under {paths.pypi}; a `pixi run` "
+                        "there would reinstall them"
+                    )
             # 5. the activation script; 6. the runtime verify, inside the new generation
             write_activation_script(paths, environment)
             verify = _verify(
@@ -523,6 +537,74 @@ def _install_wheels(
         timeout=timeout,
         label=f"installing {len(wheels)} wheels into {generation}",
     )
+
+
+# What pixi's own uv installer writes into a wheel's ``INSTALLER`` (and the only value for
+# which it keeps an installed wheel). prefix-dev/pixi at 2b25fc76dd3b5cc50a235387d948474975c40d73:
+# crates/pixi_consts/src/consts.rs `PIXI_UV_INSTALLER = "uv-pixi"`, given to uv by
+# crates/pixi_install_pypi/src/lib.rs `.with_installer_name(Some(PIXI_UV_INSTALLER))`, so uv
+# writes it exactly as it writes its own "uv": the bare name, no newline (that same lib.rs
+# compares the file's length with the constant's), with its RECORD line.
+PIXI_UV_INSTALLER = "uv-pixi"
+
+
+def mark_wheels_as_pixis(prefix: Path, wheel_files: Sequence[Path]) -> list[str]:
+    """Mark the wheels installed from ``wheel_files`` in ``prefix`` as pixi's own: their
+    ``INSTALLER`` becomes ``uv-pixi`` and its RECORD line is rewritten to match. Returns the
+    ``.dist-info`` names changed. Idempotent; touches only dists whose ``direct_url.json``
+    names one of ``wheel_files`` (what ``uv pip install <file>`` records).
+
+    Why: without ``conda-meta/pixi`` (a lock hash tied to pixi's version, which we do not
+    forge), a ``pixi run`` or ``pixi install`` in this project updates the prefix first. Its
+    planner (crates/pixi_install_pypi/src/plan/planner.rs, same commit) reinstalls every locked
+    wheel whose installer is not ``uv-pixi``; for ``uv-pixi`` ones it asks ``need_reinstall``
+    (plan/validation.rs): an archive install is kept when its direct_url.json URL equals the
+    lock's location (patch-channels writes the same absolute ``pypi/<wheel>`` path that uv was
+    given) and the wheel file is not newer than the installed METADATA (utils.rs
+    ``check_url_freshness``). Conda packages pixi keeps by their sha256 against the lock.
+    """
+    wanted = {_file_url_key(p) for p in wheel_files}
+    marked: list[str] = []
+    for direct_url in sorted(prefix.glob("lib/python*/site-packages/*.dist-info/direct_url.json")):
+        try:
+            url = json.loads(direct_url.read_text(encoding="utf-8")).get("url", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(url, str) or unquote(url) not in wanted:
+            continue
+        dist_info = direct_url.parent
+        data = PIXI_UV_INSTALLER.encode("ascii")
+        try:
+            (dist_info / "INSTALLER").write_bytes(data)
+            _rewrite_record_line(dist_info, "INSTALLER", data)
+        except OSError as exc:
+            raise InstallError(
+                f"cannot mark {dist_info} as installed by pixi ({exc.strerror}); fix the "
+                "permissions there and run `doit install` again"
+            ) from None
+        marked.append(dist_info.name)
+    return marked
+
+
+def _file_url_key(path: Path) -> str:
+    return unquote(path.absolute().as_uri())
+
+
+def _rewrite_record_line(dist_info: Path, name: str, data: bytes) -> None:
+    """Give ``<dist-info>/name`` its new hash and size in RECORD (PEP 376/627 rows:
+    path, ``sha256=<urlsafe b64, no padding>``, size). Other rows are kept as written."""
+    record = dist_info / "RECORD"
+    if not record.is_file():
+        return
+    member = f"{dist_info.name}/{name}"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    rows = list(csv.reader(io.StringIO(record.read_text(encoding="utf-8"))))
+    for row in rows:
+        if row and row[0] == member:
+            row[1:] = [f"sha256={digest}", str(len(data))]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    atomic_write_text(record, out.getvalue())
 
 
 def _verify_commands(

@@ -1,15 +1,18 @@
 """Which environment runs a command: a pixi project, a conda prefix or venv, or plain PATH;
 and this host's conda platform (:func:`host_platform`).
 
-:func:`resolve_runtime` looks at the file system once (does the prefix exist, is pixi on PATH)
-and returns a :class:`Runtime`: a frozen description the planners use to build argv and
-environment without touching anything themselves.
+:func:`resolve_runtime` looks at the file system once (does the prefix exist, is pixi on PATH;
+``launcher = "pixi"`` also asks ``pixi --version``) and returns a :class:`Runtime`: a frozen
+description the planners use to build argv and environment without touching anything
+themselves. ``launcher = "auto"`` never runs pixi (docs/serve-config.md says why).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -80,6 +83,71 @@ def prefix_runtime(prefix: Path, environ: Mapping[str, str], description: str) -
     )
 
 
+# The oldest pixi that reads each lock-file version, from pixi's CHANGELOG.md (prefix-dev/pixi
+# at 2b25fc76dd3b5cc50a235387d948474975c40d73): 0.39.0 "The lockfile format is changed"
+# (v6), 0.68.0 "This release bump the lock file version to v7". Versions not listed (v5 and
+# older) are read by every pixi that this project can meet.
+PIXI_READS_LOCK_FROM: Mapping[int, tuple[int, int, int]] = {6: (0, 39, 0), 7: (0, 68, 0)}
+_LOCK_VERSION_RE = re.compile(rb"^version:\s*(\d+)\s*$", re.MULTILINE)
+_PIXI_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+def lock_version(lock: Path) -> int | None:
+    """The ``version:`` of a pixi.lock (its first lines), or None when unreadable or absent."""
+    try:
+        with lock.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    found = _LOCK_VERSION_RE.search(head)
+    return int(found.group(1)) if found else None
+
+
+def pixi_version(pixi: str, timeout: float = 20.0) -> str | None:
+    """``pixi --version``'s output (``pixi 0.67.2``), or None when it fails or hangs.
+
+    A query whose output is the answer, so it is captured, not logged.
+    """
+    try:
+        out = subprocess.run(
+            [pixi, "--version"], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def check_pixi_reads_lock(
+    pixi: str,
+    lock: Path,
+    *,
+    source: str,
+    version_of: Callable[[str], str | None] = pixi_version,
+) -> None:
+    """Refuse, in one line, a pixi too old to read ``lock`` (or one that cannot say its
+    version). Runs ``pixi --version`` once; a lock without a known version passes."""
+    version = lock_version(lock)
+    needed = PIXI_READS_LOCK_FROM.get(version or 0)
+    if needed is None:
+        return
+    wanted = ".".join(map(str, needed))
+    reported = version_of(pixi)
+    found = _PIXI_VERSION_RE.search(reported or "")
+    if found is None:
+        raise ConfigError(
+            f"{source}: master.launcher = 'pixi': `{pixi} --version` failed or printed no "
+            f"version ({reported!r}); {lock} is lock version {version}, which needs pixi >= "
+            f"{wanted}: install it, or use launcher = 'auto'"
+        )
+    have = tuple(int(part) for part in found.groups())
+    if have < needed:
+        raise ConfigError(
+            f"{source}: master.launcher = 'pixi': {pixi} is pixi {found.group(0)}, which cannot "
+            f"read {lock} (lock version {version} needs pixi >= {wanted}); upgrade pixi, or use "
+            "launcher = 'auto' (runs the installed environment without pixi)"
+        )
+
+
 def resolve_runtime(
     *,
     launcher: str,
@@ -89,16 +157,21 @@ def resolve_runtime(
     environ: Mapping[str, str],
     source: str = "<config>",
     check: bool = True,
+    explicit_project: bool = False,
+    pixi_version_of: Callable[[str], str | None] = pixi_version,
 ) -> Runtime:
     """Pick the environment that runs vLLM, as ``master.launcher`` says.
 
-    ``auto``: ``env_prefix`` when set; else the pixi project when its environment is installed
-    (through ``pixi run`` when pixi is on PATH, else the prefix activated directly); else
-    ``python`` from PATH. Raises ConfigError when the chosen environment does not exist,
-    unless ``check`` is False (``doit plan`` on a machine that is not the target).
+    ``auto``: ``env_prefix`` when set; else the pixi project's installed environment
+    (``.pixi/envs/<env>``, activated directly: never ``pixi run``, whatever pixi is on PATH,
+    see docs/serve-config.md "Why auto never runs pixi"); else, when the project dir is the
+    default one (``explicit_project`` False) and holds no project, ``python`` from PATH.
+    ``pixi``: ``pixi run --frozen`` in the project, after checking that this pixi reads the
+    project's lock version (runs ``pixi --version`` once). Raises ConfigError, one line naming
+    the key, when the chosen environment does not exist or pixi cannot be used, unless
+    ``check`` is False (``doit plan`` on a machine that is not the target).
     """
     path = environ.get("PATH", "")
-    pixi = shutil.which("pixi", path=path)
     manifest = project_dir / "pixi.toml"
     prefix = pixi_env_prefix(project_dir, environment)
 
@@ -112,30 +185,47 @@ def resolve_runtime(
             )
         return prefix_runtime(chosen, environ, f"prefix {chosen}")
 
-    if launcher == "pixi" or (launcher == "auto" and manifest.is_file()):
-        if pixi is not None and manifest.is_file():
-            return Runtime(
-                kind="pixi",
-                description=f"pixi run --manifest-path {manifest} -e {environment}",
-                python="python",
-                wrapper=(
-                    pixi,
-                    "run",
-                    "--manifest-path",
-                    str(manifest),
-                    "--environment",
-                    environment,
-                    "--frozen",
-                ),
+    if launcher == "pixi":
+        pixi = shutil.which("pixi", path=path)
+        if check:
+            if pixi is None:
+                raise ConfigError(
+                    f"{source}: master.launcher = 'pixi' but pixi is not on PATH; install "
+                    "pixi, or use launcher = 'auto' (runs the installed environment directly)"
+                )
+            if not manifest.is_file():
+                raise ConfigError(
+                    f"{source}: master.pixi_project_dir: no pixi.toml in {project_dir}; run "
+                    "`doit install` first"
+                )
+            check_pixi_reads_lock(
+                pixi, project_dir / "pixi.lock", source=source, version_of=pixi_version_of
             )
-        if (prefix / "bin" / "python").exists() or not check:
+        return Runtime(
+            kind="pixi",
+            description=f"pixi run --manifest-path {manifest} -e {environment}",
+            python="python",
+            wrapper=(
+                pixi or "pixi",
+                "run",
+                "--manifest-path",
+                str(manifest),
+                "--environment",
+                environment,
+                "--frozen",
+            ),
+        )
+
+    if launcher == "auto":
+        installed = (prefix / "bin" / "python").exists()
+        if installed or ((explicit_project or manifest.is_file()) and not check):
             return prefix_runtime(
                 prefix, environ, f"pixi project {project_dir} (env {environment}) at {prefix}"
             )
-        if launcher == "pixi" or manifest.is_file():
+        if explicit_project or manifest.is_file():
             raise ConfigError(
                 f"{source}: master.pixi_project_dir: environment {environment!r} is not "
-                f"installed at {prefix} and pixi is not on PATH; run `doit install`"
+                f"installed at {prefix} (no bin/python); run `doit install` first"
             )
 
     python = shutil.which("python3", path=path) or shutil.which("python", path=path)

@@ -68,6 +68,7 @@ def load(
         environ=environ,
         source=str(path),
         check=check,
+        explicit_project=master.pixi_project_dir is not None,
     )
     state_file = StateStore(settings.serve_state).state_file
     return config, build_plan(config, runtime, environ, state_file=state_file)

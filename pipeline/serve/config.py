@@ -61,9 +61,11 @@ MANAGED_FLAGS = {
 class Launcher(StrEnum):
     """Which environment runs vLLM.
 
-    ``auto``: ``env_prefix`` when set, else the installed pixi project (``pixi run`` when pixi
-    is on PATH, else its ``.pixi/envs/<env>`` prefix activated directly), else ``python`` on
-    PATH. The other values force one of those.
+    ``auto``: ``env_prefix`` when set, else the installed pixi project's ``.pixi/envs/<env>``
+    prefix activated directly (never ``pixi run``, whatever pixi is on PATH), else ``python`` on
+    PATH (only when ``pixi_project_dir`` is not set: a set one must be installed). ``pixi``:
+    opt-in ``pixi run --frozen``, refused when that pixi cannot read the lock's version. The
+    other values force one of those.
     """
 
     AUTO = "auto"
