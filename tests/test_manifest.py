@@ -330,21 +330,29 @@ def test_conflicting_channel_priority_is_refused():
 
 
 def test_linux_defaults_match_pixi():
+    # pixi's subdir defaults (pixi_manifest `subdir_default_virtual_packages`), as its v7 locks
+    # spell them: __unix=0=0, __linux=4.18, __glibc=2.28, __archspec=0=x86_64.
     assert resolve("").virtual_packages == (
-        VirtualPackage("__unix", "0"),
-        VirtualPackage("__linux", "5.10"),
+        VirtualPackage("__unix", "0", "0"),
+        VirtualPackage("__linux", "4.18"),
         VirtualPackage("__glibc", "2.28"),
-        VirtualPackage("__archspec", "1", "x86_64"),
+        VirtualPackage("__archspec", "0", "x86_64"),
     )
+    assert [str(vp) for vp in resolve("").virtual_packages] == [
+        "__unix=0=0",
+        "__linux=4.18",
+        "__glibc=2.28",
+        "__archspec=0=x86_64",
+    ]
 
 
 def test_osx_and_windows_defaults():
     assert vps(resolve("", platform="osx-arm64")) == {
         "__unix": "0",
         "__osx": "13.0",
-        "__archspec": "1",
+        "__archspec": "0",
     }
-    assert vps(resolve("", platform="win-64")) == {"__win": "0", "__archspec": "1"}
+    assert vps(resolve("", platform="win-64")) == {"__win": "10.0", "__archspec": "0"}
 
 
 def test_system_requirements_set_cuda_glibc_linux():
@@ -354,7 +362,7 @@ def test_system_requirements_set_cuda_glibc_linux():
         "__linux": "4.18",
         "__glibc": "2.31",
         "__cuda": "12.4",
-        "__archspec": "1",
+        "__archspec": "0",
     }
 
 
