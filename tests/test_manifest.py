@@ -494,3 +494,44 @@ def test_resolve_all_covers_every_environment_and_platform():
         ("gpu", "linux-64"),
     ]
     assert len(pairs) == 3 + 1 + 3 + 3
+
+
+# ---- rich platforms (pixi >= 0.71 inline tables) ----------------------------------------------
+
+
+def test_rich_platform_entries_are_parsed_not_refused():
+    # Was: "workspace.platforms: must be a list". The shape of pixi's examples/multi-machine.
+    path = Path(__file__).parent / "data" / "pixi" / "projects" / "multi-machine" / "pixi.toml"
+    manifest = load_manifest(path)
+    assert manifest.platforms[:3] == ("cuda-win-64", "win-64", "cuda-linux-64")
+    assert manifest.subdir("cuda-linux-64") == "linux-64"
+    assert [str(vp) for vp in manifest.virtual_packages("default", "cuda-linux-64")] == [
+        "__cuda=12",
+        "__unix=0=0",
+        "__linux=4.18",
+        "__glibc=2.28",
+        "__archspec=0=x86_64",
+    ]
+    # [target.cuda-linux-64.tasks] applies to that platform only, [target.osx] by its subdir.
+    assert manifest.resolve("default", "cuda-linux-64").task("test").cmd == "python test.py --cuda"
+    assert manifest.resolve("default", "linux-64").task("test").cmd == "python test.py"
+    osx = next(p for p in manifest.platforms if manifest.subdir(p) == "osx-arm64")
+    assert any(spec.startswith("mlx") for spec in manifest.resolve("default", osx).match_specs)
+
+
+def test_system_requirements_come_first_as_pixi_migrates_them():
+    path = Path(__file__).parent / "data" / "pixi" / "projects"
+    manifest = load_manifest(path / "sysreq-platform-restriction-composition" / "pixi.toml")
+    assert [str(vp) for vp in manifest.virtual_packages("restricted", "linux-64")] == [
+        "__glibc=2.17",
+        "__unix=0=0",
+        "__linux=4.18",
+        "__archspec=0=x86_64",
+    ]
+
+
+def test_rich_platform_errors_name_the_key():
+    bad = error("", header=HEADER.replace('"win-64"', '{ platform = "win-64", gpu = "1" }'))
+    assert "workspace.platforms[2].gpu: unknown key" in bad
+    named = error("", header=HEADER.replace('"win-64"', '{ name = "win-64", cuda = "12" }'))
+    assert "workspace.platforms[2].name" in named
