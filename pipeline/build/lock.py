@@ -20,9 +20,10 @@ called its async API -- seen here with ``solve`` and ``index_fs``. The worker fl
 and leaves with ``os._exit``; the calling (doit) process only uses rattler's synchronous API
 (reading the lock, match specs, versions), which exits cleanly.
 
-The written lock is rattler's current format (``version: 7``, channels as URLs, package URLs
-as locations) and reads back with ``rattler.LockFile.from_path``; pixi reads it when its
-rattler-lock knows that version.
+The written lock is in pixi's form (:func:`plan_lock`): format v6 when every workspace platform
+is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7; :func:`downgrade_to_v6`
+drops its platform list, proven with py-rattler 0.15.0, pixi 0.50's rattler_lock), else v7 with
+pixi's platform names (``p1``...) and virtual-package strings, which pixi >= 0.68 reads.
 """
 
 from __future__ import annotations

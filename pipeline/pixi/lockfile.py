@@ -161,7 +161,8 @@ def read_lock(path: Path) -> LockFile:
     version = lock_version(path)
     if version is not None and version > MAX_LOCK_VERSION:
         raise LockError(
-            f"{path} is pixi.lock format version {version}, newer than the {MAX_LOCK_VERSION} "
+            f"cannot read lock file {path}: format version {version} is newer than the "
+            f"{MAX_LOCK_VERSION} "
             "this pipeline's py-rattler reads; regenerate it with a pixi that writes version "
             f"{MAX_LOCK_VERSION} or older (`pixi lock`; pixi 0.68 to the last v7 release), or "
             "upgrade py-rattler in pyproject.toml"
