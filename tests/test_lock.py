@@ -94,9 +94,13 @@ def test_solve_writes_a_lock_rattler_reads(tmp_path, channel, channel_url, cache
     linux = next(p for p in env.platforms() if p.name == "linux-64")
     records = {r.name.normalized: r for r in env.conda_repodata_records_for_platform(linux) or []}
     assert records["libtiny"].sha256.hex() == channel.get("libtiny").sha256
-    vps = {p.name: p.virtual_packages for p in lock_file.platforms()}
-    assert "__glibc=2.28=0" in vps["linux-64"]
-    assert "__osx=13.0=0" in vps["osx-arm64"]
+    # Bare subdir platforms: written as format v6, which every pixi since 0.50 reads (v6
+    # records no virtual packages; the package entries are those of v7).
+    assert result.lock_path.read_text(encoding="utf-8").startswith("version: 6\nenvironments:")
+    assert {p.name: p.virtual_packages for p in lock_file.platforms()} == {
+        "linux-64": [],
+        "osx-arm64": [],
+    }
     assert not list(project.glob(".pixi.lock.*"))  # no temporary file left behind
 
 
@@ -374,3 +378,64 @@ def test_find_pixi_ignores_files_that_are_not_executable(tmp_path):
     pixi = fake_pixi(tmp_path / "home" / ".pixi" / "bin", tmp_path / "a")
     pixi.chmod(pixi.stat().st_mode & ~(stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
     assert find_pixi(load_settings({}), path=str(tmp_path / "none"), home=tmp_path / "home") is None
+
+
+def test_rich_platforms_are_written_as_pixi_writes_them(tmp_path, channel_url, cache_dir):
+    # The multi-machine shape: a CUDA variant beside the bare linux-64. pixi writes the rich
+    # one as `p1` with its subdir and its virtual packages in pixi's spelling (v7 only).
+    project = tmp_path / "proj"
+    write_pixi_toml(
+        project,
+        channels=[channel_url],
+        platforms=[{"name": "gpu", "platform": "linux-64", "cuda": "12"}, "linux-64"],  # type: ignore[list-item]
+        dependencies={"tinytool": "*"},
+    )
+    lock_path = solve(project, cache_dir)
+    text = lock_path.read_text(encoding="utf-8")
+    assert text.startswith(
+        "version: 7\nplatforms:\n"
+        "- name: linux-64\n  virtual-packages:\n  - __unix=0=0\n  - __linux=4.18\n"
+        "  - __glibc=2.28\n  - __archspec=0=x86_64\n"
+        "- name: p1\n  subdir: linux-64\n  virtual-packages:\n  - __cuda=12\n  - __unix=0=0\n"
+        "  - __linux=4.18\n  - __glibc=2.28\n  - __archspec=0=x86_64\n"
+    )
+    assert (
+        set(locked(lock_path, platform="p1")) == set(locked(lock_path)) == {"tinytool", "libtiny"}
+    )
+    before = lock_path.read_bytes()
+    again = lock(project, pixi=None, cache_dir=cache_dir)
+    assert again.outcome == "up-to-date", again.reason
+    assert lock_path.read_bytes() == before
+
+
+# ---- real pixi output ------------------------------------------------------------------------
+
+PIXI_PROJECTS = Path(__file__).parent / "data" / "pixi" / "projects"
+
+
+@pytest.mark.parametrize(
+    "project", sorted(p.name for p in PIXI_PROJECTS.iterdir()), ids=lambda name: name
+)
+def test_lock_keeps_what_real_pixi_wrote_byte_for_byte(tmp_path, project):
+    # No pixi (pixi=None) and no network (the channels are public URLs this test never
+    # reaches: an up-to-date verdict reads only the two files).
+    work = tmp_path / project
+    shutil.copytree(PIXI_PROJECTS / project, work)
+    lock_path = work / "pixi.lock"
+    before = lock_path.read_bytes()
+    mtime = lock_path.stat().st_mtime_ns
+    assert stale_reason(load_manifest(work / "pixi.toml"), lock_path, work) is None
+    result = lock(work, pixi=None)
+    assert (result.outcome, result.changed) == ("up-to-date", False)
+    assert lock_path.read_bytes() == before
+    assert lock_path.stat().st_mtime_ns == mtime
+
+
+def test_a_changed_rich_platform_is_stale():
+    # pixi's own non-satisfiability fixture: pixi.toml asks cuda 12.0, the lock has 11.0.
+    data = Path(__file__).parent / "data" / "pixi" / "locks"
+    manifest = load_manifest(data / "changed-platform-virtual-package.toml")
+    reason = stale_reason(manifest, data / "changed-platform-virtual-package.lock", data)
+    assert (
+        reason == "environment 'default': platform extra (linux-64, __cuda=12) is not in the lock"
+    )

@@ -558,3 +558,73 @@ def test_file_sha256_streams_files_larger_than_one_chunk(tmp_path):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()
+
+
+# ---- real pixi output (tests/data/pixi, see its README) ---------------------------------------
+
+PIXI_DATA = Path(__file__).parent / "data" / "pixi"
+PIXI_LOCKS = sorted([*PIXI_DATA.glob("projects/*/pixi.lock"), *PIXI_DATA.glob("locks/*.lock")])
+
+
+@pytest.mark.parametrize("lock_path", PIXI_LOCKS, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_environment_and_platform_of_real_pixi_is_selectable(lock_path):
+    lock = read_lock(lock_path)
+    for env_name, env in lock.environments():
+        platforms = list(env.platforms())
+        assert platforms
+        for platform in platforms:
+            by_name = read_environment(lock_path, env_name, platform.name)
+            assert (by_name.lock_platform, by_name.subdir) == (platform.name, str(platform.subdir))
+            assert len(by_name.conda) + len(by_name.pypi) + len(by_name.source_packages) > 0
+            subdir = str(platform.subdir)
+            sharing = [p.name for p in platforms if str(p.subdir) == subdir]
+            if subdir in sharing or len(sharing) == 1:
+                by_subdir = read_environment(lock_path, env_name, subdir)
+                expected = platform.name if len(sharing) == 1 else subdir
+                assert by_subdir.lock_platform == expected
+
+
+def test_system_requirements_platform_p1_is_found_by_its_subdir():
+    lock_path = PIXI_DATA / "projects" / "sysreq-platform-restriction-composition" / "pixi.lock"
+    for env in ("default", "restricted"):
+        locked = read_environment(lock_path, env, "linux-64")
+        assert (locked.lock_platform, locked.subdir, locked.platform) == (
+            "p1",
+            "linux-64",
+            "linux-64",
+        )
+        assert [p.filename for p in locked.conda] == ["_r-mutex-1.0.1-anacondar_1.tar.bz2"]
+
+
+def test_two_unnamed_platforms_sharing_a_subdir_are_refused_naming_both(tmp_path):
+    # multi-machine, with the bare linux-64 renamed away: p2 (cuda) and cpu share linux-64,
+    # and pixi-pack would silently take the first of them.
+    text = (PIXI_DATA / "projects" / "multi-machine" / "pixi.lock").read_text(encoding="utf-8")
+    lock_path = tmp_path / "pixi.lock"
+    lock_path.write_text(
+        text.replace("- name: linux-64\n", "- name: cpu\n  subdir: linux-64\n", 1).replace(
+            "      linux-64:\n", "      cpu:\n"
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(LockError) as info:
+        read_environment(lock_path, "default", "linux-64")
+    message = info.value.message
+    assert "\n" not in message
+    assert "platform 'linux-64' is ambiguous" in message
+    assert "cpu (__linux=4.18, __glibc=2.28)" in message
+    assert "p2 (__cuda=12, __linux=4.18, __glibc=2.28)" in message
+    assert read_environment(lock_path, "default", "p2").subdir == "linux-64"
+
+
+def test_a_lock_version_newer_than_we_read_is_one_line_naming_it(tmp_path):
+    text = (PIXI_DATA / "locks" / "changed-platform-virtual-package.lock").read_text()
+    lock_path = tmp_path / "pixi.lock"
+    lock_path.write_text(text.replace("version: 7\n", "version: 8\n", 1), encoding="utf-8")
+    with pytest.raises(LockError) as info:
+        read_lock(lock_path)
+    message = info.value.message
+    assert "\n" not in message
+    assert "cannot read lock file" in message
+    assert "format version 8 is newer than the 7" in message
+    assert "pixi lock" in message

@@ -330,21 +330,29 @@ def test_conflicting_channel_priority_is_refused():
 
 
 def test_linux_defaults_match_pixi():
+    # pixi's subdir defaults (pixi_manifest `subdir_default_virtual_packages`), as its v7 locks
+    # spell them: __unix=0=0, __linux=4.18, __glibc=2.28, __archspec=0=x86_64.
     assert resolve("").virtual_packages == (
-        VirtualPackage("__unix", "0"),
-        VirtualPackage("__linux", "5.10"),
+        VirtualPackage("__unix", "0", "0"),
+        VirtualPackage("__linux", "4.18"),
         VirtualPackage("__glibc", "2.28"),
-        VirtualPackage("__archspec", "1", "x86_64"),
+        VirtualPackage("__archspec", "0", "x86_64"),
     )
+    assert [str(vp) for vp in resolve("").virtual_packages] == [
+        "__unix=0=0",
+        "__linux=4.18",
+        "__glibc=2.28",
+        "__archspec=0=x86_64",
+    ]
 
 
 def test_osx_and_windows_defaults():
     assert vps(resolve("", platform="osx-arm64")) == {
         "__unix": "0",
         "__osx": "13.0",
-        "__archspec": "1",
+        "__archspec": "0",
     }
-    assert vps(resolve("", platform="win-64")) == {"__win": "0", "__archspec": "1"}
+    assert vps(resolve("", platform="win-64")) == {"__win": "10.0", "__archspec": "0"}
 
 
 def test_system_requirements_set_cuda_glibc_linux():
@@ -354,7 +362,7 @@ def test_system_requirements_set_cuda_glibc_linux():
         "__linux": "4.18",
         "__glibc": "2.31",
         "__cuda": "12.4",
-        "__archspec": "1",
+        "__archspec": "0",
     }
 
 
@@ -486,3 +494,44 @@ def test_resolve_all_covers_every_environment_and_platform():
         ("gpu", "linux-64"),
     ]
     assert len(pairs) == 3 + 1 + 3 + 3
+
+
+# ---- rich platforms (pixi >= 0.71 inline tables) ----------------------------------------------
+
+
+def test_rich_platform_entries_are_parsed_not_refused():
+    # Was: "workspace.platforms: must be a list". The shape of pixi's examples/multi-machine.
+    path = Path(__file__).parent / "data" / "pixi" / "projects" / "multi-machine" / "pixi.toml"
+    manifest = load_manifest(path)
+    assert manifest.platforms[:3] == ("cuda-win-64", "win-64", "cuda-linux-64")
+    assert manifest.subdir("cuda-linux-64") == "linux-64"
+    assert [str(vp) for vp in manifest.virtual_packages("default", "cuda-linux-64")] == [
+        "__cuda=12",
+        "__unix=0=0",
+        "__linux=4.18",
+        "__glibc=2.28",
+        "__archspec=0=x86_64",
+    ]
+    # [target.cuda-linux-64.tasks] applies to that platform only, [target.osx] by its subdir.
+    assert manifest.resolve("default", "cuda-linux-64").task("test").cmd == "python test.py --cuda"
+    assert manifest.resolve("default", "linux-64").task("test").cmd == "python test.py"
+    osx = next(p for p in manifest.platforms if manifest.subdir(p) == "osx-arm64")
+    assert any(spec.startswith("mlx") for spec in manifest.resolve("default", osx).match_specs)
+
+
+def test_system_requirements_come_first_as_pixi_migrates_them():
+    path = Path(__file__).parent / "data" / "pixi" / "projects"
+    manifest = load_manifest(path / "sysreq-platform-restriction-composition" / "pixi.toml")
+    assert [str(vp) for vp in manifest.virtual_packages("restricted", "linux-64")] == [
+        "__glibc=2.17",
+        "__unix=0=0",
+        "__linux=4.18",
+        "__archspec=0=x86_64",
+    ]
+
+
+def test_rich_platform_errors_name_the_key():
+    bad = error("", header=HEADER.replace('"win-64"', '{ platform = "win-64", gpu = "1" }'))
+    assert "workspace.platforms[2].gpu: unknown key" in bad
+    named = error("", header=HEADER.replace('"win-64"', '{ name = "win-64", cuda = "12" }'))
+    assert "workspace.platforms[2].name" in named

@@ -20,9 +20,10 @@ called its async API -- seen here with ``solve`` and ``index_fs``. The worker fl
 and leaves with ``os._exit``; the calling (doit) process only uses rattler's synchronous API
 (reading the lock, match specs, versions), which exits cleanly.
 
-The written lock is rattler's current format (``version: 7``, channels as URLs, package URLs
-as locations) and reads back with ``rattler.LockFile.from_path``; pixi reads it when its
-rattler-lock knows that version.
+The written lock is in pixi's form (:func:`plan_lock`): format v6 when every workspace platform
+is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7; :func:`downgrade_to_v6`
+drops its platform list, proven with py-rattler 0.15.0, pixi 0.50's rattler_lock), else v7 with
+pixi's platform names (``p1``...) and virtual-package strings, which pixi >= 0.68 reads.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ from typing import Any, Literal
 
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir
+from pipeline.pixi.lockfile import lock_version
 from pipeline.pixi.manifest import (
-    DEFAULT_FEATURE,
     MANIFEST_NAME,
     Manifest,
     ResolvedEnvironment,
     VirtualPackage,
+    customised,
     load_manifest,
+    parse_locked_virtual_package,
     pypi_name,
 )
 from pipeline.procs import run_logged, worker_env
@@ -69,10 +72,15 @@ Outcome = Literal["solved", "up-to-date", "pixi"]
 
 @dataclass(frozen=True)
 class SolveJob:
-    """One (environment, platform) to solve: what the worker receives."""
+    """One (environment, platform) to solve: what the worker receives.
+
+    ``platform`` is the conda subdir solved for; ``lock_platform`` the name the lock gives it
+    (the subdir itself, or ``p1``, ``p2``... for a platform with its own virtual packages).
+    """
 
     environment: str
     platform: str
+    lock_platform: str
     channels: tuple[str, ...]  # URLs, highest priority first
     channel_priority: str
     specs: tuple[str, ...]
@@ -84,8 +92,10 @@ class LockPlan:
     """Everything the worker needs to write a lock, derived from the manifest alone."""
 
     environments: tuple[tuple[str, tuple[str, ...]], ...]  # (name, channel URLs)
-    platforms: tuple[tuple[str, tuple[str, ...]], ...]  # (name, virtual packages as strings)
+    # (lock name, subdir, virtual packages as pixi writes them), in the lock's order.
+    platforms: tuple[tuple[str, str, tuple[str, ...]], ...]
     jobs: tuple[SolveJob, ...]
+    lock_version: int = 7
 
 
 @dataclass(frozen=True)
@@ -169,9 +179,43 @@ def channel_url(channel: str, project_dir: Path, where: str) -> str:
 
 
 def plan_lock(manifest: Manifest, project_dir: Path) -> LockPlan:
-    """The solve jobs for every environment and platform of ``manifest``. No I/O."""
+    """The solve jobs for every environment and platform of ``manifest``. No I/O.
+
+    The lock is written the way pixi writes it. Lock platforms are told apart by pixi's
+    identity (subdir plus the virtual packages that differ from the subdir defaults): one with
+    none is named after its subdir, the others ``p1``, ``p2``... in manifest order (pixi's
+    ``shorten_platform_names``), listing the virtual packages in pixi's order and spelling.
+
+    The format is the oldest that can say it all, so that the most pixi releases read it:
+    version 6 (pixi >= 0.50 and every later release; no platform list, packages keyed by
+    subdir) when every workspace platform is a bare subdir -- what pixi before 0.71 wrote for
+    such a manifest, ``[system-requirements]`` included, and what current pixi accepts as
+    satisfied -- else version 7 (pixi >= 0.68), the only format with rich platforms.
+    """
     jobs: list[SolveJob] = []
     environments: list[tuple[str, tuple[str, ...]]] = []
+    names: dict[tuple[str, frozenset[tuple[str, str, str]]], str] = {}
+    platforms: list[tuple[str, str, tuple[str, ...]]] = []
+    v6 = all(pdef.is_subdir_platform for pdef in manifest.platform_defs)
+    ordinal = 0
+    # Platform names follow the manifest's platform order, whatever the environment order.
+    for platform in manifest.platforms:
+        for env in manifest.environment_names:
+            if platform not in manifest.platforms_for(env):
+                continue
+            subdir = manifest.subdir(platform)
+            vps = manifest.virtual_packages(env, platform)
+            # v6 keys packages by subdir within each environment: one platform per subdir.
+            key = (subdir, frozenset() if v6 else customised(vps, subdir))
+            if key in names:
+                continue
+            if v6 or not key[1]:
+                name = subdir
+            else:
+                ordinal += 1
+                name = f"p{ordinal}"
+            names[key] = name
+            platforms.append((name, subdir, () if v6 else tuple(str(vp) for vp in vps)))
     for env in manifest.environment_names:
         urls: tuple[str, ...] | None = None
         for platform in manifest.platforms_for(env):
@@ -180,20 +224,27 @@ def plan_lock(manifest: Manifest, project_dir: Path) -> LockPlan:
                 channel_url(c, project_dir, f"{manifest.path}: environment {env!r}")
                 for c in resolved.channels
             )
-            jobs.append(_job(resolved, urls))
+            subdir = manifest.subdir(platform)
+            name = names[
+                (subdir, frozenset() if v6 else customised(resolved.virtual_packages, subdir))
+            ]
+            jobs.append(_job(resolved, urls, subdir, name))
         if urls is None:  # an environment without platforms still lists its channels
             urls = tuple(
                 channel_url(c.channel, project_dir, str(manifest.path)) for c in manifest.channels
             )
         environments.append((env, urls))
-    default = manifest.feature(DEFAULT_FEATURE).system_requirements
-    platforms = tuple(
-        (p, tuple(str(vp) for vp in default.virtual_packages(p))) for p in manifest.platforms
+    return LockPlan(
+        environments=tuple(environments),
+        platforms=tuple(platforms),
+        jobs=tuple(jobs),
+        lock_version=6 if v6 else 7,
     )
-    return LockPlan(environments=tuple(environments), platforms=platforms, jobs=tuple(jobs))
 
 
-def _job(resolved: ResolvedEnvironment, urls: tuple[str, ...]) -> SolveJob:
+def _job(
+    resolved: ResolvedEnvironment, urls: tuple[str, ...], subdir: str, lock_platform: str
+) -> SolveJob:
     # A `channel::` spec may name a channel the environment does not list; solve with it too.
     from rattler import MatchSpec
 
@@ -206,7 +257,8 @@ def _job(resolved: ResolvedEnvironment, urls: tuple[str, ...]) -> SolveJob:
                 extra.append(url)
     return SolveJob(
         environment=resolved.environment,
-        platform=resolved.platform,
+        platform=subdir,
+        lock_platform=lock_platform,
         channels=(*urls, *extra),
         channel_priority=resolved.channel_priority,
         specs=resolved.match_specs,
@@ -225,9 +277,15 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
     locked; every conda spec is matched by a locked package; every locked conda package is
     reachable from the specs (a removed dependency makes the lock stale); every virtual
     package a locked package depends on is provided by the manifest's system requirements;
-    every PyPI and source dependency has a locked package of that name; and the virtual
-    packages recorded per platform (when the lock records them) equal the workspace's.
-    Uses only py-rattler's synchronous API.
+    every PyPI and source dependency has a locked package of that name.
+
+    Platforms are matched as pixi matches them, not by name (pixi calls them ``p1``, ``p2``...
+    in the lock and anything in pixi.toml): a v7 lock platform stands for a manifest platform
+    when its subdir is the same and so are the virtual packages that differ from pixi's subdir
+    defaults (:func:`~pipeline.pixi.manifest.customised`: versions compared as versions, build
+    ``0`` equal to none, order ignored; an entry that lists none has only the defaults). A v5 or
+    v6 lock records no virtual packages: its platforms are its subdirs. So a lock any pixi since
+    0.50 wrote for this manifest is current. Uses only py-rattler's synchronous API.
     """
     from rattler import LockFile
 
@@ -237,6 +295,8 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
         lock_file = LockFile.from_path(lock_path)
     except Exception as exc:
         return f"{lock_path.name} cannot be read ({' '.join(str(exc).split())})"
+    version = lock_version(lock_path)
+    records_virtual_packages = version is None or version >= 7
 
     plan = plan_lock(manifest, project_dir)
     locked_envs = {name for name, _ in lock_file.environments()}
@@ -246,12 +306,6 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
             f"environments differ (lock: {', '.join(sorted(locked_envs)) or 'none'}; "
             f"manifest: {', '.join(sorted(wanted_envs))})"
         )
-    recorded = {p.name: list(p.virtual_packages) for p in lock_file.platforms()}
-    for platform, vps in plan.platforms:
-        if platform not in recorded:
-            return f"platform {platform} is not in the lock"
-        if recorded[platform] and sorted(recorded[platform]) != sorted(vps):
-            return f"virtual packages of {platform} changed"
 
     for name, urls in plan.environments:
         env = lock_file.environment(name)
@@ -260,20 +314,50 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
         locked_urls = tuple(_norm_url(str(c)) for c in env.channels())
         if locked_urls != tuple(_norm_url(u) for u in urls):
             return f"channels of environment {name!r} changed"
-        env_platforms = {p.name: p for p in env.platforms()}
-        wanted = set(manifest.platforms_for(name))
-        extra = sorted(set(env_platforms) - wanted)
-        if extra:
-            return f"environment {name!r} has platforms the manifest dropped: {', '.join(extra)}"
+        # The platform objects must come from this environment (py-rattler panics on a
+        # fresh LockPlatform here).
+        env_platforms = list(env.platforms())
+        used: set[str] = set()
         for platform in manifest.platforms_for(name):
             resolved = manifest.resolve(name, platform)
-            lock_platform = env_platforms.get(platform)
-            # The platform object must come from this environment (py-rattler panics on a
-            # fresh LockPlatform here).
-            packages = env.packages(lock_platform) if lock_platform is not None else None
+            subdir = manifest.subdir(platform)
+            lock_platform = _matching_platform(
+                env_platforms, subdir, resolved.virtual_packages, records_virtual_packages
+            )
+            if lock_platform is None:
+                vps = customised(resolved.virtual_packages, subdir)
+                what = ", ".join("=".join(filter(None, key)) for key in sorted(vps))
+                return (
+                    f"environment {name!r}: platform {platform} ({subdir}"
+                    f"{', ' + what if what else ''}) is not in the lock"
+                )
+            used.add(lock_platform.name)
+            packages = env.packages(lock_platform)
             reason = _environment_stale(resolved, packages or [])
             if reason:
                 return f"environment {name!r} on {platform}: {reason}"
+        extra = sorted({p.name for p in env_platforms} - used)
+        if extra:
+            return f"environment {name!r} has platforms the manifest dropped: {', '.join(extra)}"
+    return None
+
+
+def _matching_platform(
+    platforms: Sequence[Any],
+    subdir: str,
+    virtual_packages: Sequence[VirtualPackage],
+    records_virtual_packages: bool,
+) -> Any | None:
+    """The lock platform that stands for a manifest platform (see :func:`stale_reason`)."""
+    if not records_virtual_packages:
+        return next((p for p in platforms if p.name == subdir), None)
+    want = customised(virtual_packages, subdir)
+    for lock_platform in platforms:
+        if str(lock_platform.subdir) != subdir:
+            continue
+        locked = [parse_locked_virtual_package(v) for v in lock_platform.virtual_packages]
+        if customised(locked, subdir) == want:
+            return lock_platform
     return None
 
 
@@ -486,6 +570,7 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
         LockFile,
         LockPlatform,
         PackageName,
+        Platform,
         Version,
         solve,
     )
@@ -503,7 +588,10 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
                 platforms=[job["platform"], "noarch"],
                 virtual_packages=[
                     GenericVirtualPackage(
-                        PackageName(vp["name"]), Version(vp["version"]), BuildString(vp["build"])
+                        PackageName(vp["name"]),
+                        Version(vp["version"]),
+                        # rattler's own detection uses "0" where pixi writes no build.
+                        BuildString(vp["build"] or "0"),
                     )
                     for vp in job["virtual_packages"]
                 ],
@@ -528,7 +616,14 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
     solved = await asyncio.gather(*(one(job) for job in jobs))
 
     lock_file = LockFile(
-        [LockPlatform(name, virtual_packages=list(vps)) for name, vps in plan["platforms"]]
+        [
+            LockPlatform(
+                name,
+                subdir=None if name == subdir else Platform(subdir),
+                virtual_packages=list(vps),
+            )
+            for name, subdir, vps in plan["platforms"]
+        ]
     )
     platforms = {p.name: p for p in lock_file.platforms()}
     for name, urls in plan["environments"]:
@@ -536,10 +631,43 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
     counts: list[tuple[str, str, int]] = []
     for job, records in zip(jobs, solved, strict=True):
         for record in sorted(records, key=lambda r: r.name.normalized):
-            lock_file.add_conda_package(job["environment"], platforms[job["platform"]], record)
-        counts.append((job["environment"], job["platform"], len(records)))
-    lock_file.to_path(Path(request["output"]))
+            lock_file.add_conda_package(job["environment"], platforms[job["lock_platform"]], record)
+        counts.append((job["environment"], job["lock_platform"], len(records)))
+    output = Path(request["output"])
+    lock_file.to_path(output)
+    if plan.get("lock_version", 7) == 6:
+        text = output.read_text(encoding="utf-8")
+        output.write_text(downgrade_to_v6(text), encoding="utf-8")
     return counts
+
+
+def downgrade_to_v6(text: str) -> str:
+    """Turn a v7 lock that py-rattler wrote for bare subdir platforms into format v6.
+
+    For conda binary packages v6 is v7 without the top-level ``platforms:`` list (v6 keys the
+    packages by subdir and records no virtual packages; the package entries are the same).
+    Proven by reading both with py-rattler 0.15.0 (rattler_lock 0.23.8, pixi 0.50) and 0.28.0:
+    the same records (tests/test_lock_older_pixi.py). Raises LockError for anything else: a
+    rich platform (a ``subdir:`` or virtual packages), a source or PyPI package.
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0] != "version: 7\n":
+        raise LockError("py-rattler wrote an unexpected lock (no `version: 7` first); report it")
+    out = ["version: 6\n"]
+    index = 1
+    if index < len(lines) and lines[index] == "platforms:\n":
+        index += 1
+        while index < len(lines) and lines[index].startswith("- name: "):
+            index += 1
+            if index < len(lines) and lines[index].startswith("  "):
+                raise LockError(
+                    "cannot write lock format v6 for a platform with a subdir or virtual "
+                    "packages of its own; it needs v7"
+                )
+    rest = lines[index:]
+    if any(line.startswith(("- conda_source:", "- pypi:")) for line in rest):
+        raise LockError("cannot write lock format v6 with source or PyPI packages; it needs v7")
+    return "".join(out + rest)
 
 
 def _worker(request_path: Path) -> int:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,6 +43,7 @@ from rattler.lock import (
     CondaLockedSourcePackage,
     Environment,
     LockedPackage,
+    LockPlatform,
     PypiLockedPackage,
 )
 
@@ -53,13 +55,18 @@ __all__ = [
     "PypiPackage",
     "environments",
     "file_sha256",
+    "lock_version",
     "rattler_records",
     "read_environment",
     "read_lock",
     "record_with_url",
+    "select_platform",
 ]
 
 _CHUNK = 1024 * 1024
+# The newest lock format py-rattler 0.28 reads.
+MAX_LOCK_VERSION = 7
+_VERSION_RE = re.compile(r"^version:\s*(\d+)\s*$")
 # A location with a scheme ("https://", "file://"); anything else in a lock is a path.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # pixi writes "direct+<url>" for PyPI packages given by direct URL rather than from an index.
@@ -131,6 +138,10 @@ class LockedEnvironment:
     conda: tuple[CondaPackage, ...]
     pypi: tuple[PypiPackage, ...]
     source_packages: tuple[str, ...]
+    # The lock's own name of the platform (``p1``) and its conda subdir (``linux-64``);
+    # ``platform`` above is what the caller asked for (a name or a subdir).
+    lock_platform: str = ""
+    subdir: str = ""
 
 
 def read_lock(path: Path) -> LockFile:
@@ -147,6 +158,15 @@ def read_lock(path: Path) -> LockFile:
         )
     if path.is_dir():
         raise LockError(f"lock file {path} is a directory: pass the path of the pixi.lock file")
+    version = lock_version(path)
+    if version is not None and version > MAX_LOCK_VERSION:
+        raise LockError(
+            f"cannot read lock file {path}: format version {version} is newer than the "
+            f"{MAX_LOCK_VERSION} "
+            "this pipeline's py-rattler reads; regenerate it with a pixi that writes version "
+            f"{MAX_LOCK_VERSION} or older (`pixi lock`; pixi 0.68 to the last v7 release), or "
+            "upgrade py-rattler in pyproject.toml"
+        )
     try:
         return LockFile.from_path(path)
     except ParseCondaLockError as exc:
@@ -154,6 +174,22 @@ def read_lock(path: Path) -> LockFile:
             f"cannot read lock file {path}: {exc}; it must be a pixi.lock in format v5 to v7, "
             "regenerate it with `pixi lock`"
         ) from exc
+
+
+def lock_version(path: Path) -> int | None:
+    """The ``version:`` a lock file declares (its first ``version: N`` line), or ``None``.
+
+    Reads only the text; raises nothing for an unreadable or odd file (py-rattler reports it).
+    """
+    try:
+        with Path(path).open(encoding="utf-8", errors="replace") as stream:
+            for _, line in zip(range(50), stream, strict=False):
+                match = _VERSION_RE.match(line)
+                if match:
+                    return int(match.group(1))
+    except OSError:
+        return None
+    return None
 
 
 def environments(path: Path) -> dict[str, list[str]]:
@@ -176,7 +212,7 @@ def read_environment(path: Path, environment: str, platform: str) -> LockedEnvir
     ``source_packages``, not raised: the caller decides whether they are fatal.
     """
     path = Path(path).absolute()
-    env, packages = _select(path, environment, platform)
+    env, packages, chosen = _select_platform(path, environment, platform)
     lock_dir = path.parent
     conda: list[CondaPackage] = []
     pypi: list[PypiPackage] = []
@@ -209,6 +245,8 @@ def read_environment(path: Path, environment: str, platform: str) -> LockedEnvir
         conda=tuple(sorted(conda, key=lambda p: (p.subdir, p.filename))),
         pypi=tuple(sorted(pypi, key=lambda p: p.filename)),
         source_packages=tuple(sorted(sources)),
+        lock_platform=chosen.name,
+        subdir=str(chosen.subdir),
     )
 
 
@@ -291,6 +329,13 @@ def file_sha256(path: Path) -> str:
 
 def _select(path: Path, environment: str, platform: str) -> tuple[Environment, list[LockedPackage]]:
     """Read the lock and return the environment and its packages on ``platform``."""
+    env, packages, _chosen = _select_platform(path, environment, platform)
+    return env, packages
+
+
+def _select_platform(
+    path: Path, environment: str, platform: str
+) -> tuple[Environment, list[LockedPackage], LockPlatform]:
     lock = read_lock(path)
     env = lock.environment(environment)
     if env is None:
@@ -301,16 +346,48 @@ def _select(path: Path, environment: str, platform: str) -> tuple[Environment, l
             "run `pixi lock`"
         )
     # The platform object must come from this very environment: see the module docstring.
-    platforms = {p.name: p for p in env.platforms()}
-    lock_platform = platforms.get(platform)
-    if lock_platform is None:
-        raise LockError(
-            f"platform '{platform}' is not locked for environment '{environment}' in {path}; "
-            f"available: {', '.join(sorted(platforms)) or 'none'}; pick one of them or add it "
-            "to the workspace platforms in pixi.toml and run `pixi lock`"
-        )
+    lock_platform = select_platform(
+        env.platforms(), platform, f"environment '{environment}' in {path}"
+    )
     # py-rattler returns None, not [], for a platform without packages.
-    return env, env.packages(lock_platform) or []
+    return env, env.packages(lock_platform) or [], lock_platform
+
+
+def select_platform(platforms: Sequence[LockPlatform], wanted: str, where: str) -> LockPlatform:
+    """The lock platform called ``wanted``, else the one whose conda subdir is ``wanted``.
+
+    pixi >= 0.71 names a platform with virtual packages beyond the subdir defaults ``p1``,
+    ``p2``... (``[system-requirements]`` become one), so ``linux-64`` must also find ``p1``
+    with ``subdir: linux-64``. pixi-pack matches by subdir only and takes the first match in
+    lock order; when several platforms share the subdir and none is called ``wanted``, that
+    choice is arbitrary (a CUDA and a CPU variant), so this refuses, naming them. Raises
+    LockError (one line, ``where`` says which environment of which file).
+    """
+    by_name = {p.name: p for p in platforms}
+    if wanted in by_name:
+        return by_name[wanted]
+    same_subdir = [p for p in platforms if str(p.subdir) == wanted]
+    if len(same_subdir) == 1:
+        return same_subdir[0]
+    if same_subdir:
+        names = ", ".join(f"{p.name} ({_describe(p)})" for p in same_subdir)
+        raise LockError(
+            f"platform '{wanted}' is ambiguous for {where}: platforms {names} all have subdir "
+            f"{wanted}; pick one of them by name"
+        )
+    available = ", ".join(
+        p.name if p.name == str(p.subdir) else f"{p.name} (subdir {p.subdir})"
+        for p in sorted(platforms, key=lambda p: p.name)
+    )
+    raise LockError(
+        f"platform '{wanted}' is not locked for {where}; available: {available or 'none'}; "
+        "pick one of them or add it to the workspace platforms in pixi.toml and run `pixi lock`"
+    )
+
+
+def _describe(platform: LockPlatform) -> str:
+    vps = [vp for vp in platform.virtual_packages if not vp.startswith(("__unix=", "__archspec="))]
+    return ", ".join(vps) if vps else "no virtual packages"
 
 
 def _conda_package(pkg: CondaLockedBinaryPackage, lock_dir: Path) -> CondaPackage:

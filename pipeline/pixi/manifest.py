@@ -43,10 +43,12 @@ MANIFEST_NAME = "pixi.toml"
 DEFAULT_ENVIRONMENT = "default"
 DEFAULT_FEATURE = "default"
 
-# Defaults pixi assumes when [system-requirements] says nothing (pixi_default_versions).
-DEFAULT_LINUX_VERSION = "5.10"
+# Defaults pixi assumes when nothing is declared (pixi_default_versions; read at prefix-dev/pixi
+# 2b25fc76, crates/pixi_manifest/src/platform.rs `subdir_default_virtual_packages`).
+DEFAULT_LINUX_VERSION = "4.18"
 DEFAULT_GLIBC_VERSION = "2.28"
 DEFAULT_MACOS_VERSION = "13.0"
+DEFAULT_WINDOWS_VERSION = "10.0"
 
 KNOWN_PLATFORMS = (
     "linux-64",
@@ -100,6 +102,18 @@ _SPEC_TABLE_KEYS = {
 _SOURCE_SPEC_KEYS = ("path", "git", "url", "branch", "tag", "rev", "subdirectory")
 _SYSTEM_REQUIREMENT_KEYS = ("linux", "cuda", "macos", "libc", "archspec")
 _ENV_NAME = re.compile(r"^[a-z0-9-]+$")
+_PLATFORM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# pixi's friendly keys of a rich platform entry and the virtual package each declares.
+_FRIENDLY_VIRTUAL_PACKAGES = {
+    "cuda": "__cuda",
+    "archspec": "__archspec",
+    "glibc": "__glibc",
+    "linux": "__linux",
+    "macos": "__osx",
+    "osx": "__osx",
+    "windows": "__win",
+}
+_FRIENDLY_ORDER = ("__cuda", "__cuda_arch", "__archspec", "__glibc", "__linux", "__osx", "__win")
 _TOML_POSITION = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
 _PYPI_NAME = re.compile(r"[-_.]+")
 
@@ -109,14 +123,37 @@ _PYPI_NAME = re.compile(r"[-_.]+")
 
 @dataclass(frozen=True)
 class VirtualPackage:
-    """A virtual package the solver may assume (``__glibc 2.28 0``)."""
+    """A virtual package the solver may assume (``__glibc 2.28``).
+
+    ``str()`` is the form pixi writes into ``pixi.lock``: ``name=version``, plus ``=build`` only
+    when the build is not empty (``__unix=0=0``, ``__archspec=0=x86_64``, ``__linux=4.18``).
+    """
 
     name: str
     version: str
-    build: str = "0"
+    build: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name}={self.version}={self.build}"
+        return f"{self.name}={self.version}" + (f"={self.build}" if self.build else "")
+
+
+@dataclass(frozen=True)
+class PlatformDef:
+    """One entry of ``workspace.platforms``.
+
+    ``name`` is what features, ``[target.<name>]`` tables and pixi's lock use; ``subdir`` is the
+    conda platform. A bare string entry (``"linux-64"``) has ``name == subdir`` and declares
+    nothing; an inline table (``{ name = "gpu", platform = "linux-64", cuda = "12" }``) is a
+    *rich* platform whose ``declared`` virtual packages come before pixi's subdir defaults.
+    """
+
+    name: str
+    subdir: str
+    declared: tuple[VirtualPackage, ...] = ()
+
+    @property
+    def is_subdir_platform(self) -> bool:
+        return self.name == self.subdir
 
 
 @dataclass(frozen=True)
@@ -241,31 +278,107 @@ class SystemRequirements:
             archspec=self.archspec or other.archspec,
         )
 
-    def virtual_packages(self, platform: str) -> tuple[VirtualPackage, ...]:
-        """The virtual packages pixi assumes when solving for ``platform``.
+    def declared(self, subdir: str) -> tuple[VirtualPackage, ...]:
+        """The virtual packages these requirements declare on ``subdir``, in pixi's order.
 
-        As pixi's ``get_minimal_virtual_packages``: ``__unix`` on unix platforms; ``__linux``
-        and ``__glibc`` (or ``__<family>``) on linux with pixi's defaults (5.10, 2.28) unless
-        set; ``__osx`` (default 13.0) on macOS; ``__win`` on Windows; ``__cuda`` only when
-        set (never on macOS); ``__archspec`` from the platform.
+        As pixi's ``[system-requirements]`` migration (``to_declared_virtual_packages`` then
+        ``virtual_packages_for_subdir``): ``__linux``, ``__cuda``, ``__osx``, ``__<libc>``, each
+        only where it applies (linux keys on linux, macos on osx, cuda everywhere but osx), then
+        ``__archspec`` when set. A value equal to the subdir's default declares nothing (pixi
+        collapses such a platform to the bare subdir).
         """
-        family = platform_family(platform)
-        result: list[VirtualPackage] = []
-        if family in ("linux", "osx") or platform == "zos-z":
-            result.append(VirtualPackage("__unix", "0"))
-        if family == "linux":
-            result.append(VirtualPackage("__linux", self.linux or DEFAULT_LINUX_VERSION))
-            libc = self.libc_family or "glibc"
-            result.append(VirtualPackage(f"__{libc}", self.libc_version or DEFAULT_GLIBC_VERSION))
-        if family == "win":
-            result.append(VirtualPackage("__win", "0"))
-        if family == "osx":
-            result.append(VirtualPackage("__osx", self.macos or DEFAULT_MACOS_VERSION))
+        family = platform_family(subdir)
+        out: list[VirtualPackage] = []
+        if self.linux and family == "linux":
+            out.append(VirtualPackage("__linux", self.linux))
         if self.cuda and family != "osx":
-            result.append(VirtualPackage("__cuda", self.cuda))
-        if platform in _ARCHSPEC:
-            result.append(VirtualPackage("__archspec", "1", _ARCHSPEC[platform]))
-        return tuple(result)
+            out.append(VirtualPackage("__cuda", self.cuda))
+        if self.macos and family == "osx":
+            out.append(VirtualPackage("__osx", self.macos))
+        if self.libc_version and family == "linux":
+            out.append(VirtualPackage(f"__{self.libc_family or 'glibc'}", self.libc_version))
+        if self.archspec:
+            out.append(VirtualPackage("__archspec", "0", self.archspec))
+        return tuple(vp for vp in out if not is_subdir_default(vp, subdir))
+
+    def virtual_packages(self, platform: str) -> tuple[VirtualPackage, ...]:
+        """The virtual packages pixi assumes when solving for subdir ``platform``.
+
+        The declared ones (:meth:`declared`) followed by pixi's subdir defaults
+        (:func:`subdir_default_virtual_packages`) whose name is not declared.
+        """
+        return merge_subdir_defaults(self.declared(platform), platform)
+
+
+def subdir_default_virtual_packages(subdir: str) -> tuple[VirtualPackage, ...]:
+    """What pixi assumes about ``subdir`` with nothing declared, in pixi's order and spelling.
+
+    ``__unix=0=0`` (unix), ``__linux=4.18`` and ``__glibc=2.28`` (linux), ``__win=10.0``,
+    ``__osx=13.0``, ``__archspec=0=<arch>``: the list pixi >= 0.71 writes for a subdir platform.
+    """
+    family = platform_family(subdir)
+    out: list[VirtualPackage] = []
+    if family in ("linux", "osx") or subdir == "zos-z":
+        out.append(VirtualPackage("__unix", "0", "0"))
+    if family == "linux":
+        out.append(VirtualPackage("__linux", DEFAULT_LINUX_VERSION))
+        out.append(VirtualPackage("__glibc", DEFAULT_GLIBC_VERSION))
+    if family == "win":
+        out.append(VirtualPackage("__win", DEFAULT_WINDOWS_VERSION))
+    if family == "osx":
+        out.append(VirtualPackage("__osx", DEFAULT_MACOS_VERSION))
+    if subdir in _ARCHSPEC:
+        out.append(VirtualPackage("__archspec", "0", _ARCHSPEC[subdir]))
+    return tuple(out)
+
+
+def is_subdir_default(vp: VirtualPackage, subdir: str) -> bool:
+    """Whether ``vp`` is one of ``subdir``'s defaults (versions compared as versions, build
+    ``0`` equal to an empty build)."""
+    return vp_key(vp) in {vp_key(d) for d in subdir_default_virtual_packages(subdir)}
+
+
+def merge_subdir_defaults(
+    declared: Sequence[VirtualPackage], subdir: str
+) -> tuple[VirtualPackage, ...]:
+    """``declared`` then each default of ``subdir`` whose name is not declared (a declared
+    ``__musl``/``__eglibc`` replaces ``__glibc``), as pixi's ``merge_subdir_defaults``."""
+    names = {vp.name for vp in declared}
+    has_libc = bool(names & {"__glibc", "__musl", "__eglibc"})
+    out = list(declared)
+    for default in subdir_default_virtual_packages(subdir):
+        if default.name in names or (default.name == "__glibc" and has_libc):
+            continue
+        out.append(default)
+    return tuple(out)
+
+
+def vp_key(vp: VirtualPackage) -> tuple[str, str, str]:
+    """A comparison key: the name, the version normalised by rattler (``12`` == ``12.0``) and
+    the build with ``0`` read as empty, as pixi's ``customised_virtual_packages``."""
+    version = vp.version
+    try:
+        # rattler's Version ignores trailing zeros in equality; strip them for the key.
+        segments = str(Version(version)).split(".")
+        while len(segments) > 1 and segments[-1] == "0":
+            segments.pop()
+        version = ".".join(segments)
+    except Exception:  # an unparsable version compares as written
+        pass
+    return (vp.name, version, "" if vp.build == "0" else vp.build)
+
+
+def customised(vps: Sequence[VirtualPackage], subdir: str) -> frozenset[tuple[str, str, str]]:
+    """The identity pixi gives a platform: its virtual packages that are not ``subdir``'s
+    defaults, compared by :func:`vp_key`. A lock entry that records none has the empty set."""
+    return frozenset(vp_key(vp) for vp in vps if not is_subdir_default(vp, subdir))
+
+
+def parse_locked_virtual_package(text: str) -> VirtualPackage:
+    """``__name=version[=build]`` as pixi.lock stores it."""
+    name, _, rest = text.partition("=")
+    version, _, build = rest.partition("=")
+    return VirtualPackage(name, version, build)
 
 
 @dataclass(frozen=True)
@@ -289,12 +402,15 @@ class Feature:
     default_target: Target = field(default_factory=Target)
     targets: tuple[tuple[str, Target], ...] = ()  # (selector, target)
 
-    def targets_for(self, platform: str) -> tuple[Target, ...]:
-        """The targets that apply to ``platform``, least specific first."""
+    def targets_for(self, platform: str, subdir: str | None = None) -> tuple[Target, ...]:
+        """The targets that apply to ``platform`` (a workspace platform name whose conda subdir
+        is ``subdir``, by default the name itself), least specific first; a selector naming
+        the platform itself wins over one naming its subdir."""
+        subdir = subdir or platform
         ranked = sorted(
-            (_selector_rank(selector), target)
+            (4 if selector == platform != subdir else _selector_rank(selector), target)
             for selector, target in self.targets
-            if selector_matches(selector, platform)
+            if selector == platform or selector_matches(selector, subdir)
         )
         return (self.default_target, *(target for _, target in ranked))
 
@@ -347,10 +463,23 @@ class Manifest:
     channel_priority: str
     features: tuple[Feature, ...]  # the default feature first
     environments: tuple[EnvironmentDefinition, ...]  # `default` first
+    # workspace.platforms as written; `platforms` holds their names, in the same order.
+    platform_defs: tuple[PlatformDef, ...] = ()
 
     @property
     def environment_names(self) -> tuple[str, ...]:
         return tuple(env.name for env in self.environments)
+
+    def platform_def(self, name: str) -> PlatformDef:
+        """The workspace platform called ``name`` (a bare subdir when not declared richly)."""
+        for pdef in self.platform_defs:
+            if pdef.name == name:
+                return pdef
+        return PlatformDef(name, name)
+
+    def subdir(self, platform: str) -> str:
+        """The conda subdir of workspace platform ``platform``."""
+        return self.platform_def(platform).subdir
 
     def feature(self, name: str) -> Feature:
         return next(f for f in self.features if f.name == name)
@@ -379,7 +508,13 @@ class Manifest:
         allowed = set(self.platforms)
         for feature in features:
             if feature.platforms is not None:
-                allowed &= set(feature.platforms)
+                # A feature names a platform by its name or by its subdir (pixi's
+                # `matches_reference`).
+                allowed &= {
+                    p
+                    for p in self.platforms
+                    if p in feature.platforms or self.subdir(p) in feature.platforms
+                }
         return tuple(p for p in self.platforms if p in allowed)
 
     def system_requirements_for(self, environment: str) -> SystemRequirements:
@@ -392,10 +527,12 @@ class Manifest:
         return result
 
     def resolve(self, environment: str, platform: str) -> ResolvedEnvironment:
-        """What ``environment`` needs on ``platform``.
+        """What ``environment`` needs on workspace platform ``platform`` (a name).
 
-        Pure; raises :class:`LockError` for an unknown environment or a platform the
-        environment does not support.
+        The virtual packages are pixi's: the rich platform's declared ones, then those the
+        environment's ``[system-requirements]`` declare for its subdir (unless already
+        declared), then the subdir defaults. Pure; raises :class:`LockError` for an unknown
+        environment or a platform the environment does not support.
         """
         features = self.environment_features(environment)
         platforms = self.platforms_for(environment)
@@ -428,7 +565,7 @@ class Manifest:
         for feature in features:
             conda: dict[str, CondaDependency] = {}
             feature_tasks: dict[str, Task] = {}
-            for target in feature.targets_for(platform):
+            for target in feature.targets_for(platform, self.subdir(platform)):
                 conda.update((dep.name, dep) for dep in target.conda)
                 pypi.extend(name for name in target.pypi if name not in pypi)
                 feature_tasks.update((task.name, task) for task in target.tasks)
@@ -450,9 +587,20 @@ class Manifest:
             match_specs=tuple(specs),
             source_dependencies=tuple(sources),
             pypi_dependencies=tuple(pypi),
-            virtual_packages=self.system_requirements_for(environment).virtual_packages(platform),
+            virtual_packages=self.virtual_packages(environment, platform),
             tasks=tuple(tasks.values()),
         )
+
+    def virtual_packages(self, environment: str, platform: str) -> tuple[VirtualPackage, ...]:
+        """The virtual packages of ``environment`` on workspace platform ``platform``, in the
+        order and spelling pixi writes them into a v7 lock."""
+        pdef = self.platform_def(platform)
+        declared = list(pdef.declared)
+        names = {vp.name for vp in declared}
+        for vp in self.system_requirements_for(environment).declared(pdef.subdir):
+            if vp.name not in names:
+                declared.append(vp)
+        return merge_subdir_defaults(declared, pdef.subdir)
 
     def resolve_all(self) -> tuple[ResolvedEnvironment, ...]:
         """Every (environment, platform) pair, environments in manifest order."""
@@ -536,6 +684,7 @@ class _Parser:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.platform_names: set[str] = set()
 
     def fail(self, key: str, problem: str) -> LockError:
         return LockError(f"{self.path}: {key}: {problem}")
@@ -556,9 +705,10 @@ class _Parser:
         channels = self.channels(workspace.get("channels"), f"{table_name}.channels")
         if channels is None:
             raise self.fail(f"{table_name}.channels", "missing; list at least one channel")
-        platforms = self.platforms(workspace.get("platforms"), f"{table_name}.platforms")
-        if platforms is None:
-            raise self.fail(f"{table_name}.platforms", "missing; list platforms like linux-64")
+        platform_defs = self.workspace_platforms(
+            workspace.get("platforms"), f"{table_name}.platforms"
+        )
+        self.platform_names = {pdef.name for pdef in platform_defs}
         channel_priority = self.channel_priority(
             workspace.get("channel-priority"), f"{table_name}.channel-priority"
         )
@@ -579,10 +729,11 @@ class _Parser:
             path=self.path,
             name=name,
             channels=channels,
-            platforms=platforms,
+            platforms=tuple(pdef.name for pdef in platform_defs),
             channel_priority=channel_priority or "strict",
             features=tuple(features),
             environments=environments,
+            platform_defs=platform_defs,
         )
 
     # -- features and targets
@@ -591,11 +742,15 @@ class _Parser:
     ) -> Feature:
         targets: list[tuple[str, Target]] = []
         for selector, ttable in self.table(table.get("target", {}), f"{prefix}target").items():
-            if selector not in KNOWN_PLATFORMS and selector not in TARGET_FAMILIES:
+            if (
+                selector not in KNOWN_PLATFORMS
+                and selector not in TARGET_FAMILIES
+                and selector not in self.platform_names
+            ):
                 raise self.fail(
                     f"{prefix}target.{selector}",
-                    "unknown platform selector; use a platform like linux-64 "
-                    "or one of unix, linux, osx, win",
+                    "unknown platform selector; use a platform like linux-64, a name from "
+                    "workspace.platforms, or one of unix, linux, osx, win",
                 )
             key = f"{prefix}target.{selector}"
             targets.append((selector, self.target(self.table(ttable, key), f"{key}.")))
@@ -749,16 +904,111 @@ class _Parser:
         return tuple(entries)
 
     def platforms(self, value: Any, key: str) -> tuple[str, ...] | None:
+        """A feature's ``platforms``: workspace platform names or subdirs."""
         if value is None:
             return None
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise self.fail(key, 'must be a list like ["linux-64"]')
         for platform in value:
-            if platform not in KNOWN_PLATFORMS:
+            if platform not in KNOWN_PLATFORMS and platform not in self.platform_names:
                 raise self.fail(
-                    key, f"unknown platform {platform!r}; use one of {', '.join(KNOWN_PLATFORMS)}"
+                    key,
+                    f"unknown platform {platform!r}; use a name from workspace.platforms or one "
+                    f"of {', '.join(KNOWN_PLATFORMS)}",
                 )
         return tuple(dict.fromkeys(value))
+
+    def workspace_platforms(self, value: Any, key: str) -> tuple[PlatformDef, ...]:
+        """``workspace.platforms``: subdir strings or pixi's inline tables.
+
+        An inline table has ``platform`` (the subdir; optional when ``name`` is one), an
+        optional ``name`` and virtual-package keys: pixi's friendly ``cuda``, ``archspec``,
+        ``glibc``, ``linux``, ``macos`` (or ``osx``), ``windows``, and raw ``__name`` keys
+        (``"version[=build]"``). Without a ``name``, one is derived from the subdir and the
+        values (the lock does not depend on it: pixi writes ``p1``, ``p2``... there).
+        """
+        if value is None:
+            raise self.fail(key, "missing; list platforms like linux-64")
+        if not isinstance(value, list):
+            raise self.fail(
+                key, 'must be a list like ["linux-64", {name = "gpu", platform = "linux-64"}]'
+            )
+        defs: list[PlatformDef] = []
+        for index, item in enumerate(value):
+            where = f"{key}[{index}]"
+            if isinstance(item, str):
+                if item not in KNOWN_PLATFORMS:
+                    raise self.fail(
+                        key, f"unknown platform {item!r}; use one of {', '.join(KNOWN_PLATFORMS)}"
+                    )
+                pdef = PlatformDef(item, item)
+            elif isinstance(item, Mapping):
+                pdef = self.rich_platform(item, where)
+            else:
+                raise self.fail(where, 'must be a platform like "linux-64" or an inline table')
+            if any(d.name == pdef.name for d in defs):
+                raise self.fail(where, f"platform name {pdef.name!r} is used twice; rename one")
+            defs.append(pdef)
+        return tuple(defs)
+
+    def rich_platform(self, table: Mapping[str, Any], where: str) -> PlatformDef:
+        name = table.get("name")
+        subdir = table.get("platform", name)
+        if not isinstance(subdir, str) or subdir not in KNOWN_PLATFORMS:
+            raise self.fail(
+                f"{where}.platform",
+                f"must be one of {', '.join(KNOWN_PLATFORMS)} (got {subdir!r})",
+            )
+        if name is not None and (not isinstance(name, str) or not _PLATFORM_NAME.match(name)):
+            raise self.fail(f"{where}.name", "must be letters, digits, '_' or '-'")
+        declared: list[VirtualPackage] = []
+        for tkey, raw in table.items():
+            if tkey in ("name", "platform"):
+                continue
+            vkey = f"{where}.{tkey}"
+            if tkey == "cuda" and isinstance(raw, Mapping):
+                driver = self.version(raw.get("driver"), f"{vkey}.driver")
+                if driver is None:
+                    raise self.fail(f"{vkey}.driver", 'missing; write driver = "12.0"')
+                declared.append(VirtualPackage("__cuda", driver))
+                arch = self.version(raw.get("arch"), f"{vkey}.arch")
+                if arch is not None:
+                    declared.append(VirtualPackage("__cuda_arch", arch))
+            elif tkey in _FRIENDLY_VIRTUAL_PACKAGES:
+                conda_name = _FRIENDLY_VIRTUAL_PACKAGES[tkey]
+                if conda_name == "__archspec":
+                    if not isinstance(raw, str):
+                        raise self.fail(vkey, "must be a microarchitecture like x86_64_v3")
+                    declared.append(VirtualPackage("__archspec", "0", raw))
+                else:
+                    version = self.version(raw, vkey)
+                    assert version is not None
+                    declared.append(VirtualPackage(conda_name, version))
+            elif tkey.startswith("__"):
+                if not isinstance(raw, str):
+                    raise self.fail(vkey, 'must be a string "version[=build]"')
+                version, _, build = raw.partition("=")
+                declared.append(VirtualPackage(tkey, self.version(version, vkey) or "0", build))
+            else:
+                raise self.fail(
+                    vkey,
+                    "unknown key; allowed: name, platform, "
+                    f"{', '.join(_FRIENDLY_VIRTUAL_PACKAGES)}, or a raw __name",
+                )
+            if [vp.name for vp in declared].count(declared[-1].name) > 1:
+                raise self.fail(vkey, f"{declared[-1].name} is declared twice; keep one")
+        # pixi's order: its friendly keys in their fixed order, then raw keys.
+        rank = {n: i for i, n in enumerate(_FRIENDLY_ORDER)}
+        declared.sort(key=lambda vp: rank.get(vp.name, len(rank)))
+        if name is None:
+            name = _derived_platform_name(subdir, declared)
+        if name == subdir and declared:
+            raise self.fail(
+                f"{where}.name",
+                f"a platform named like its subdir ({subdir}) cannot declare virtual packages; "
+                "give it another name",
+            )
+        return PlatformDef(name, subdir, tuple(declared))
 
     def channel_priority(self, value: Any, key: str) -> str | None:
         if value is None:
@@ -878,6 +1128,18 @@ class _Parser:
         if not isinstance(value, Mapping):
             raise self.fail(key, "must be a table")
         return value
+
+
+def _derived_platform_name(subdir: str, declared: Sequence[VirtualPackage]) -> str:
+    # Only a label inside this program (targets and features may not use it): pixi derives a
+    # similar one, and the lock names rich platforms p1, p2... whatever they are called.
+    parts = [subdir]
+    for vp in declared:
+        if is_subdir_default(vp, subdir):
+            continue
+        value = vp.build if vp.name == "__archspec" else vp.version
+        parts.append(f"{vp.name.lstrip('_')}-{re.sub(r'[^A-Za-z0-9]+', '-', value)}")
+    return "-".join(parts)
 
 
 def _max_version(a: str | None, b: str | None) -> str | None:
