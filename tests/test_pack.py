@@ -34,7 +34,7 @@ from pipeline.build.pack import (
     plan_bundle,
     repodata_json,
 )
-from pipeline.bundle.format import TAR_MTIME
+from pipeline.bundle.format import EXTRAS_FILE, TAR_MTIME
 from pipeline.bundle.metadata import BundleExtras
 from pipeline.demo.channel import (
     LocalChannel,
@@ -539,3 +539,32 @@ def test_real_lock_with_wheels_writes_the_pip_section():
         "    - ordered-enum==0.0.9\n"
     )
     assert "  - python=3.12.12=hd63d673_1_cpython\n" in text
+
+
+def test_a_named_lock_platform_is_packed_as_its_subdir_and_installed_by_its_name(
+    tmp_path, channel_url
+):
+    # pixi >= 0.71 names a platform with system requirements `p1` (subdir linux-64), and two
+    # lock platforms may share a subdir: pixi-pack.json must say the subdir (the container's
+    # host check), the install must select the lock platform that was packed.
+    from pipeline.install.extract import extract_bundle
+    from pipeline.install.layout import ProjectPaths, read_extract_record
+
+    root = tmp_path / "proj"
+    write_pixi_toml(
+        root,
+        channels=[channel_url],
+        platforms=[{"name": "gpu", "platform": "linux-64", "cuda": "12"}, "linux-64"],  # type: ignore[list-item]
+        dependencies={"tinytool": "*"},
+    )
+    assert lock(root, pixi=None, cache_dir=tmp_path / "repodata").outcome == "solved"
+    result = pack(
+        root, tmp_path / "b.tar", tmp_path / "cache", platform="p1", fetcher=quiet_fetcher()
+    )
+    bundle = Path(result.bundle)
+    assert json.loads(read_member(bundle, "pixi-pack.json"))["platform"] == "linux-64"
+    extras = json.loads(read_member(bundle, EXTRAS_FILE))
+    assert (extras["platform"], extras["lock_platform"]) == ("linux-64", "p1")
+    extract_bundle(bundle, tmp_path / "project", environment="default", host="linux-64")
+    record = read_extract_record(ProjectPaths.of(tmp_path / "project"))
+    assert record is not None and record.platform == "p1"

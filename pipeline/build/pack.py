@@ -276,7 +276,12 @@ def pack(
         extras = BundleExtras(
             tool_version=__version__,
             environment=environment,
-            platform=platform,
+            # pixi-pack.json and the container's host check speak subdirs; the lock's own
+            # platform name (p1) travels beside it for the install's lock selection.
+            platform=locked.subdir or platform,
+            lock_platform=(
+                locked.lock_platform if locked.lock_platform not in ("", locked.subdir) else None
+            ),
             lock_sha256=lock_sha256,
             pixi_toml=manifest_text,
             pixi_lock=lock_bytes.decode("utf-8"),
@@ -285,7 +290,7 @@ def pack(
             package_bytes=package_bytes,
             skipped_sdists=tuple(f"{p.name}=={p.version}" for p in plan.skipped_sdists),
         )
-        members += _generated_members(plan, platform, extras)
+        members += _generated_members(plan, extras.platform, extras)
         try:
             tar = write_tar(output, members, checks=checks, progress_stream=progress_stream)
             break

@@ -40,3 +40,7 @@ class BundleExtras(BaseModel):
     # PyPI source distributions left out by PIPELINE_SKIP_SDISTS ("name==version"); the
     # installed environment lacks them.
     skipped_sdists: tuple[str, ...] = ()
+    # The lock's own name of the packed platform when it is not the subdir (pixi's `p1` for
+    # a platform with system requirements; two lock platforms may share one subdir). Older
+    # bundles lack it: the install then selects the lock platform by ``platform``.
+    lock_platform: str | None = None

@@ -696,7 +696,7 @@ def extract_bundle(
                     staging,
                     paths,
                     environment=environment,
-                    platform=metadata.platform,
+                    platform=(extras.lock_platform if extras else None) or metadata.platform,
                     extras=extras,
                     template_dir=template_dir,
                     env_yml=env_yml,
@@ -723,7 +723,8 @@ def extract_bundle(
                 sha256=digest,
                 expected_from=expected_from,
                 environment=environment,
-                platform=metadata.platform,
+                # The lock platform the stages after this one select (by name, else subdir).
+                platform=(extras.lock_platform if extras else None) or metadata.platform,
                 pixi_pack_version=metadata.pixi_pack_version,
                 source=source,
                 lock_sha256=lock_sha,
