@@ -95,6 +95,8 @@ class Variable:
     default_doc: str | None = None  # how the README shows the default
     empty_is_a_value: bool = False  # CONDA_OVERRIDE_CUDA="" means "no CUDA"
     internal: bool = False  # set by the pipeline for its own children; not in the README
+    # May hold keys: removed from every served process's environment (the serve plan).
+    secret: bool = False
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -155,7 +157,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
              "Serve TOML for `doit plan` / `doit serve` (or `--config`)."),
     Variable("serve_overrides", ("AUTO_INFER_VLLM_OVERRIDES",), _text, None,
-             "JSON object deep-merged into the serve TOML (tables by key; lists replace)."),
+             "JSON object deep-merged into the serve TOML (tables by key; lists replace). "
+             "May hold keys: kept from the instances and the gateway.",
+             secret=True),
     Variable("serve_state_dir", ("AUTO_INFER_VLLM_STATE_DIR",), _path, None,
              "Serve state (instances, pids, supervisor); default `<PIPELINE_STATE_DIR>/serve`."),
     Variable("conda_override_cuda", ("CONDA_OVERRIDE_CUDA",), _text, None,
@@ -170,8 +174,12 @@ VARIABLES: tuple[Variable, ...] = (
              "Internal: the gateway's whole configuration (routes, instance and client keys, "
              "state file) as JSON, put in the gateway process's environment by the supervisor. "
              "A secret: never on argv, on disk or in logs.",
-             internal=True),
+             internal=True, secret=True),
 )  # fmt: skip
+
+
+# The pipeline's own variables that may hold keys; no served process inherits them.
+SECRET_VARIABLES: tuple[str, ...] = tuple(n for v in VARIABLES if v.secret for n in v.names)
 
 
 @dataclass(frozen=True)

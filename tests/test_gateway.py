@@ -347,6 +347,43 @@ def test_a_model_whose_instance_is_not_running_gets_503(
     assert all_running["gateway"].poll() is None
 
 
+def test_regression_one_bad_field_in_the_state_file_does_not_stop_the_gateway_following(
+    all_running,
+):
+    """A non-integer ``restarts`` raised in the follower and killed the housekeeping task for
+    good: the gateway then never saw another state change without a request."""
+    port, path = all_running["port"], all_running["state"]
+    write_state(path, {"alpha": ("stopped", "stopped on request"), "beta": ("running", None)})
+    data = json.loads(path.read_text())
+    data["instances"]["beta"]["restarts"] = "many"
+    data["instances"]["beta"]["gpu_ids"] = {"not": "a list"}
+    data["instances"]["ghost"] = ["not", "a", "record"]
+    bad = path.with_suffix(".tmp")
+    bad.write_text(json.dumps(data))
+    bad.replace(path)
+    time.sleep(0.05)
+    assert post(port, "/v1/chat/completions", {"model": "beta"})[0] == 200, "the rest is used"
+    status, _, body = post(port, "/v1/chat/completions", {"model": "alpha"})
+    assert status == 503 and "is stopped" in body["error"]["message"]
+    log = all_running["log"]
+    wait_for(
+        lambda: "instance 'beta': restarts: \"many\" is not an integer" in log.read_text(),
+        timeout=5,
+        what="the bad field named in the gateway's log",
+    )
+    assert "instance 'beta': gpu_ids:" in log.read_text()
+    # No request from here on: only the housekeeping task can see the next change.
+    mark = len(log.read_text())
+    write_state(path, {"alpha": ("running", None), "beta": ("running", None)})
+    wait_for(
+        lambda: "instance alpha: stopped -> running" in log.read_text()[mark:],
+        timeout=5,
+        what="housekeeping to follow the next state change",
+    )
+    assert post(port, "/v1/chat/completions", {"model": "alpha"})[0] == 200
+    assert all_running["gateway"].poll() is None
+
+
 def test_models_lists_the_models_of_ready_instances(all_running):
     port = all_running["port"]
     status, _, raw = request(port, "GET", "/v1/models", headers=AUTH)

@@ -209,3 +209,58 @@ def test_plan_command_warns_when_the_gateway_port_is_taken(settings, standin_pre
     finally:
         holder.close()
     assert any(f"gateway: port {ports['gateway']} is already in use" in w for w in warnings)
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_regression_keys_leak_across_instances_and_from_the_gateway(
+    settings, standin_prefix, tmp_path
+):
+    """Each instance saw every other instance's key variable and the gateway's client keys
+    (model code with trust_remote_code runs there): now only its own VLLM_API_KEY."""
+    ports = {"a": free_port(), "b": free_port(), "gateway": free_port()}
+    text = standin_config(
+        standin_prefix,
+        tmp_path / "logs",
+        {
+            "a": {"port": ports["a"], "api_key_env": "A_INSTANCE_KEY"},
+            "b": {"port": ports["b"], "api_key_env": "B_INSTANCE_KEY"},
+        },
+    )
+    text += (
+        f'[gateway]\nenable = true\nhost = "127.0.0.1"\nport = {ports["gateway"]}\n'
+        'api_keys_env = ["GW_CLIENT_KEY"]\n'
+    )
+    config = tmp_path / "serve.toml"
+    config.write_text(text)
+    environ = {
+        **os.environ,
+        "A_INSTANCE_KEY": "a-secret-value",
+        "B_INSTANCE_KEY": "b-secret-value",
+        "GW_CLIENT_KEY": "gw-client-secret",
+        "AUTO_INFER_VLLM_OVERRIDES": '{"instance": {"server": {"dtype": "auto"}}}',
+        "PLAIN_SETTING": "kept",
+    }
+    secrets = ("A_INSTANCE_KEY", "B_INSTANCE_KEY", "GW_CLIENT_KEY", "AUTO_INFER_VLLM_OVERRIDES")
+    assert serve_command(settings, str(config), environ) == 0
+    state = read_state(settings)
+    seen = {name: _environ_of(rec.pid) for name, rec in state.instances.items()}
+    for name, own in (("a", "a-secret-value"), ("b", "b-secret-value")):
+        env = seen[name]
+        assert [v for v in secrets if v in env] == [], name
+        assert env["VLLM_API_KEY"] == own
+        assert env["PLAIN_SETTING"] == "kept", "other variables are inherited as before"
+        assert not any("secret" in value for key, value in env.items() if key != "VLLM_API_KEY")
+    gateway = seen["gateway"]
+    assert [v for v in (*secrets, "VLLM_API_KEY") if v in gateway] == []
+    assert "PIPELINE_GATEWAY_CONFIG" in gateway, "its keys travel in its config"
+    assert gateway["PLAIN_SETTING"] == "kept"
+    # The gateway still has what it needs: the client key in, each instance's key out.
+    status, _, data = call(ports["gateway"], "a", key="gw-client-secret")
+    assert status == 200 and data["headers"]["authorization"] == "Bearer a-secret-value"
+    assert call(ports["gateway"], "b", key="gw-client-secret")[2]["served_by"] == "b"
+    assert call(ports["gateway"], "b", key="a-secret-value")[0] == 401
+    stop_command(settings)

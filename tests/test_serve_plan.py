@@ -136,6 +136,59 @@ api_key_env = "KEY_C"
     assert c.display_env()["VLLM_API_KEY"] == "<unset: $KEY_C>"
 
 
+def test_regression_an_instance_inherits_no_other_key_variable():
+    text = """
+[instance.control]
+gpu_ids = []
+[instance.server]
+model = "/m"
+[instance.a.server]
+port = 1
+served_model_name = "a"
+api_key_env = "KEY_A"
+[instance.b.server]
+port = 2
+served_model_name = "b"
+api_key_env = "KEY_B"
+[instance.b.control]
+env = { KEY_A = "b asked for this one by name" }
+[instance.off.server]
+port = 3
+served_model_name = "off"
+api_key_env = "KEY_OFF"
+[instance.off.control]
+enabled = false
+[gateway]
+enable = true
+port = 9
+api_keys_env = ["GW_KEYS"]
+"""
+    base = {
+        "KEY_A": "a",
+        "KEY_B": "b",
+        "KEY_OFF": "off",
+        "GW_KEYS": "gw",
+        "AUTO_INFER_VLLM_OVERRIDES": "{}",
+        "PIPELINE_GATEWAY_CONFIG": "{}",
+        "PATH": "/bin",
+    }
+    plan = plan_of(text, base)
+    a, b = plan.instances
+    assert a.child_env(base) == {"PATH": "/bin", "VLLM_API_KEY": "a"}
+    assert b.child_env(base) == {
+        "PATH": "/bin",
+        "VLLM_API_KEY": "b",
+        "KEY_A": "b asked for this one by name",
+    }
+    assert plan.gateway is not None
+    gateway_env = plan.gateway.child_env(base)
+    assert set(gateway_env) == {"PATH", "PYTHONPATH", "PIPELINE_GATEWAY_CONFIG"}
+    assert gateway_env["PIPELINE_GATEWAY_CONFIG"] != "{}", "its own config, not the inherited one"
+    # `doit plan` says what is kept back (names only).
+    shown = plan.to_display()["instances"][0]["env_remove"]
+    assert "KEY_B" in shown and "GW_KEYS" in shown and "KEY_OFF" in shown
+
+
 def test_secret_plan_roundtrips_for_the_detached_supervisor():
     text = "[instance.control]\ngpu_ids = []\n[instance.server]\nmodel = '/m'\napi_key = 'k1'\n"
     plan = plan_of(text)

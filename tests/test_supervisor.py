@@ -940,3 +940,257 @@ def test_regression_stop_kills_the_group_of_a_dead_leader_left_by_a_dead_supervi
     )
     assert not group_alive(rec.pgid)
     assert read_state(settings).instances["a"].state is InstanceState.STOPPED
+
+
+# ---- regressions: damaged state files and doit database ----------------------------------
+
+
+def _damaged_state_json(good: str) -> str:
+    data = json.loads(good)
+    data["instances"]["b"]["restarts"] = "x"
+    data["instances"]["b"]["state"] = "weird"
+    data["instances"]["b"]["pid"] = 10**12
+    data["instances"]["ghost"] = "not a record"
+    return json.dumps(data)
+
+
+def test_regression_a_bad_field_in_state_json_is_named_and_status_and_stop_still_work(
+    settings, capsys
+):
+    from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
+
+    store = StateStore(settings.serve_state)
+    store.ensure()
+    sup = SupervisorRecord(
+        pid=999_999, proc_start=1, session="s", mode="background", source="t", started_at=1.0
+    )
+    records = {n: InstanceRecord(name=n, state=InstanceState.RUNNING, port=1) for n in "ab"}
+    store.write(ServeState(supervisor=sup, instances=records))
+    store.state_file.write_text(_damaged_state_json(store.state_file.read_text()))
+
+    capsys.readouterr()
+    assert status_command(settings) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[:2] for line in out.splitlines()[2:]] == [["a", "dead"], ["b", "exited"]]
+    warnings = err.splitlines()
+    assert f"warning: {store.state_file}: instance 'b': restarts: \"x\" is not an integer" in err
+    assert any("instance 'b': pid: 1000000000000 is not an integer" in w for w in warnings)
+    assert any(
+        "instance 'b': state: \"weird\" is not a state; taken as exited" in w for w in warnings
+    )
+    assert any("instance 'ghost': not a record (a string); left out" in w for w in warnings)
+    status_command(settings, as_json=True)
+    data = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in data["instances"]] == ["a", "b"]
+    assert len(data["problems"]) == 4
+    assert stop_command(settings) == 0
+    after = read_state(settings)
+    assert {n: r.state for n, r in after.instances.items()} == {
+        "a": InstanceState.STOPPED,
+        "b": InstanceState.EXITED,
+    }
+    assert after.problems == [], "stop wrote back the mended records"
+
+
+def test_regression_a_truncated_state_json_gives_one_line_and_no_harmful_advice(
+    settings, standin_prefix, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path, standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}})
+    )
+    store = StateStore(settings.serve_state)
+    store.ensure()
+    store.state_file.write_text('{"supervisor": {"pid": 12, "sess')
+    capsys.readouterr()
+    assert status_command(settings) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        f"serve state: {store.state_file}: unreadable serve state: not JSON (Unterminated "
+        "string starting at, line 1 column 28); no supervisor runs (`doit serve` starts afresh)"
+    ]
+    with pytest.raises(ServeError) as stop_error:
+        stop_command(settings)
+    message = stop_error.value.message
+    assert "\n" not in message and "delete the file" not in message
+    assert "no supervisor runs, so the instances it recorded cannot be found" in message
+    # `doit serve` sets the damaged file aside and serves.
+    assert serve_command(settings, str(config), os.environ) == 0
+    assert "moved to state.json.bad, starting afresh" in capsys.readouterr().err
+    assert read_state(settings).instances["a"].state is InstanceState.RUNNING
+    assert (store.root / "state.json.bad").read_text().startswith('{"supervisor"')
+    stop_command(settings)
+
+
+def test_regression_a_deleted_state_json_does_not_hide_a_live_supervisor(
+    settings, standin_prefix, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path, standin_config(standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}})
+    )
+    serve_command(settings, str(config), os.environ)
+    store = StateStore(settings.serve_state)
+    pid = read_state(settings).supervisor.pid
+    assert store.lock_owner() == pid
+    os.kill(pid, signal.SIGSTOP)  # a supervisor too busy to write it again at once
+    try:
+        store.state_file.unlink()
+        capsys.readouterr()
+        status_command(settings)
+        out = capsys.readouterr().out
+        assert f"{store.state_file}: missing, but a supervisor (pid {pid}) runs" in out
+        assert f"`kill -TERM {pid}` stops it" in out
+        with pytest.raises(ServeError, match=f"supervisor \\(pid {pid}\\) runs"):
+            stop_command(settings)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Running again, it writes the file again within a tick; status waits for that.
+    status_command(settings)
+    out = capsys.readouterr().out
+    assert f"supervisor: pid {pid} (background)" in out
+    assert out.splitlines()[2].split()[:2] == ["a", "running"]
+    assert "was deleted or changed; writing it again" in store.supervisor_log.read_text()
+    stop_command(settings)
+    assert read_state(settings).supervisor.exited
+
+
+def test_regression_a_corrupt_doit_database_does_not_block_status_and_stop(state_dir):
+    env = doit_env(state_dir)
+    assert run_doit(["status"], env).returncode == 0
+    db = state_dir / "doit.sqlite3"
+    db.write_bytes(db.read_bytes()[:100])  # truncated: the header, no pages
+    result = run_doit(["status"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "nothing served yet: no serve state\n"
+    assert result.stderr.splitlines() == [
+        f"warning: {state_dir / 'doit.sqlite3'}: corrupt doit database (database disk image is "
+        "malformed); moved to doit.sqlite3.corrupt, up-to-date checks start afresh"
+    ]
+    assert (state_dir / "doit.sqlite3.corrupt").exists()
+    (state_dir / "doit.sqlite3").write_text("not a database at all\n")
+    result = run_doit(["stop"], env)
+    assert result.returncode == 0, result.stderr
+    assert "corrupt doit database (file is not a database)" in result.stderr
+    assert "stop: nothing is being served" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- regressions: user errors and wrong advice on the serve side -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["a", "-n", "2"], ("a", 2, False, None)),
+        (["a", "--lines", "3", "-f"], ("a", 3, True, None)),
+        (["--lines=4", "a"], ("a", 4, False, None)),
+        (["a", "-n5", "--config", "x.toml"], ("a", 5, False, "x.toml")),
+        ([], (None, 50, False, None)),
+    ],
+)
+def test_regression_doit_logs_takes_options_after_the_name(words, expected):
+    from pipeline.serve.commands import parse_logs_args
+
+    args = parse_logs_args(words, lines=50, follow=False, config=None)
+    assert (args.name, args.lines, args.follow, args.config) == expected
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["a", "b"], "logs: one instance at a time, got a, b"),
+        (["a", "-n"], "logs: -n needs a value (`doit logs -n 200 NAME`)"),
+        (["a", "-n", "many"], "logs: -n/--lines takes a count >= 0, got 'many'"),
+        (["a", "-x"], "logs: unknown option '-x' (options: -n N, --lines N, -f, --config FILE)"),
+    ],
+)
+def test_regression_doit_logs_bad_options_are_one_line(words, message):
+    from pipeline.serve.commands import parse_logs_args
+
+    with pytest.raises(ServeError) as err:
+        parse_logs_args(words, lines=50, follow=False, config=None)
+    assert err.value.message == message
+
+
+def test_regression_doit_logs_name_then_n_is_not_three_names(state_dir):
+    log = state_dir / "serve" / "supervisor.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("one\ntwo\nthree\n")
+    result = run_doit(["logs", "supervisor", "-n", "2"], doit_env(state_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "two\nthree\n"
+
+
+def test_regression_a_foreground_serve_whose_instances_ended_on_their_own_is_not_rc_0(
+    state_dir, standin_prefix, tmp_path
+):
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix, tmp_path / "logs", {"a": {"port": free_port()}}, background=False
+        ),
+    )
+    proc, store = start_foreground_serve(state_dir, config)
+    try:
+        # The stand-in exits 0 on SIGTERM: a clean exit, which is not restarted.
+        os.kill(store.read().instances["a"].pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, err
+    assert err.strip().splitlines()[-1] == (
+        "error: nothing is served any more: a: exited (exit code 0) (doit logs a)"
+    )
+    assert store.read().instances["a"].state is InstanceState.EXITED
+
+
+def test_regression_status_of_a_crash_looping_instance_says_it_restarts(
+    settings, standin_prefix, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {
+                "a": {"port": free_port(), "env": {"STANDIN_CRASH_AFTER": "0.2"}},
+                "b": {"port": free_port()},
+            },
+            control={"backoff_initial": 1, "backoff_max": 2, "max_restarts": 20},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    wait_for(lambda: read_state(settings).instances["a"].restarts >= 2, 20, what="two restarts")
+    capsys.readouterr()
+    status_command(settings)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("a "))
+    assert row.split()[1] in ("backoff", "restarting", "crashed", "running")
+    detail = next(line for line in out.splitlines() if line.startswith("a: "))
+    assert detail.startswith("a: restarted ") and "last exit code 3" in detail
+    assert not any(line.startswith("b: ") for line in out.splitlines()), "b is just running"
+    status_command(settings, as_json=True)
+    a = json.loads(capsys.readouterr().out)["instances"][0]
+    assert a["restarts"] >= 2 and a["last_exit"] == "exit code 3"
+    stop_command(settings)
+
+
+def test_regression_a_crash_looping_instance_is_not_reported_still_running():
+    from pipeline.serve.commands import _report_failures
+    from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
+
+    sup = SupervisorRecord(pid=1, proc_start=None, session="s", mode="m", source="t", started_at=0)
+    loop = InstanceRecord(name="loop", state=InstanceState.RUNNING, restarts=4)
+    loop.last_exit = "exit code 3"
+    records = {
+        "bad": InstanceRecord(name="bad", state=InstanceState.FAILED, reason="gave up"),
+        "good": InstanceRecord(name="good", state=InstanceState.RUNNING),
+        "loop": loop,
+    }
+    with pytest.raises(ServeError) as err:
+        _report_failures(ServeState(supervisor=sup, instances=records), lambda _: None)
+    assert err.value.message == (
+        "failed to start: bad (gave up); still running: good; "
+        "restarting: loop (running after 4 restart(s), last exit code 3)"
+    )

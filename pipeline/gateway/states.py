@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pipeline.serve.state import InstanceState
+from pipeline.serve.state import InstanceState, parse_instance
 
 RUNNING = InstanceState.RUNNING
 
@@ -67,7 +67,10 @@ class StateFollower:
 
     ``path`` empty: no supervisor, every instance is running. A missing or unreadable file
     keeps the last known states (or ``pending`` before the first read): a reader never fails.
-    ``say`` gets one line per state change. Not thread-safe: the event loop owns it.
+    Each record is checked field by field, as ``doit status`` checks it
+    (:func:`~pipeline.serve.state.parse_instance`): a bad field is named once and the rest of
+    the record is used. ``say`` gets one line per state change or problem. Not thread-safe:
+    the event loop owns it.
     """
 
     def __init__(
@@ -110,19 +113,27 @@ class StateFollower:
         try:
             with open(self.path, "rb") as fh:  # noqa: PTH123 - hot path, no Path object
                 data = json.loads(fh.read())
-            records = data["instances"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, RecursionError):
+            return
+        records = data.get("instances") if isinstance(data, dict) else None
+        if not isinstance(records, dict):
             return
         self._signature = signature
         for name in self.names:
-            rec = records.get(name)
-            if not isinstance(rec, dict):
+            if name not in records:
+                continue
+            problems: list[str] = []
+            rec = parse_instance(name, records[name], problems)
+            for problem in problems:
+                if self.say is not None:
+                    self.say(f"state file {self.path}: {problem}")
+            if rec is None:
                 continue
             status = InstanceStatus(
-                state=str(rec.get("state", InstanceState.PENDING.value)),
-                reason=rec.get("reason"),
-                restarts=int(rec.get("restarts") or 0),
-                ready_at=rec.get("ready_at"),
+                state=rec.state.value,
+                reason=rec.reason,
+                restarts=rec.restarts,
+                ready_at=rec.ready_at,
             )
             before = self.statuses.get(name)
             if (before is None or before.state != status.state) and self.say is not None:

@@ -28,6 +28,7 @@ from pipeline.serve.state import (
     InstanceState,
     ServeState,
     StateStore,
+    UnreadableState,
     close_inherited_locks,
     enter,
     held_lock,
@@ -170,7 +171,7 @@ def serve_command(
                 f"another `doit serve` has held {store.start_lock_file} for {wait:.0f}s; "
                 "see `doit status`"
             )
-        previous = store.read()
+        previous = _read_for_serve(store, say)
         if supervisor_alive(previous):
             assert previous is not None
             sup = previous.supervisor
@@ -183,7 +184,7 @@ def serve_command(
             if code is not None:
                 return code
             # That supervisor ended before it took the request: start a new one.
-            previous = store.read()
+            previous = _read_for_serve(store, say)
         _stop_orphans(previous, say)
         problems = host_problems(config, plan, environ)
         if problems:
@@ -199,6 +200,57 @@ def serve_command(
             return _serve_background(plan, store, environ, say, out, only)
         # Foreground: this process is the supervisor; let the next serve in once it reported.
         return _serve_foreground(plan, store, environ, say, only, reported=held.close)
+
+
+# A running supervisor writes a deleted or damaged state file again within a tick (0.5 s).
+REPAIR_WAIT = 3.0
+
+
+def read_state(store: StateStore, *, wait: float = REPAIR_WAIT) -> tuple[ServeState | None, str]:
+    """``state.json`` as a reader may use it, and a line saying what is wrong ("" if nothing).
+
+    Never raises for a missing or damaged file. When one is missing or not JSON while a
+    supervisor holds its lock, waits up to ``wait`` seconds for it to be written again.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            state = store.read()
+            why = ""
+        except UnreadableState as exc:
+            state, why = None, exc.message
+        if state is not None:
+            return state, ""
+        owner = store.lock_owner()
+        if owner is None:
+            return None, why
+        if time.monotonic() >= deadline:
+            gone = why or f"{store.state_file}: missing"
+            return None, (
+                f"{gone}, but a supervisor (pid {owner}) runs and has not written it again "
+                f"within {wait:g}s; `kill -TERM {owner}` stops it and every instance it runs"
+            )
+        time.sleep(0.05)
+
+
+def _warn_problems(store: StateStore, state: ServeState | None, say: Say) -> None:
+    for problem in state.problems if state is not None else ():
+        say(f"warning: {store.state_file}: {problem}")
+
+
+def _read_for_serve(store: StateStore, say: Say) -> ServeState | None:
+    """The previous state for `doit serve`: a damaged file with no supervisor behind it is
+    moved aside (its instances cannot be found from it) so that serving can start afresh."""
+    state, why = read_state(store)
+    if state is None and why:
+        if store.lock_owner() is not None:
+            raise ServeError(why)
+        aside = store.state_file.with_name(store.state_file.name + ".bad")
+        with contextlib.suppress(OSError):
+            store.state_file.replace(aside)
+        say(f"warning: {why}; moved to {aside.name}, starting afresh")
+    _warn_problems(store, state, say)
+    return state
 
 
 def _start_under_running(
@@ -294,15 +346,25 @@ def _serve_foreground(
     with held_lock(store.lock_file, wait=2.0) as ok:
         if not ok:
             raise ServeError(f"another supervisor holds {store.lock_file}; run `doit status`")
+        store.set_lock_owner()
         supervisor = Supervisor(
             plan, store, base_env=environ, mode="foreground", reap_all=True, say=say, only=only
         )
         supervisor.install_signal_handlers()
         code = supervisor.run(reported=reported)
-    if code:
-        failed = [p.record for p in supervisor.procs.values() if p.record.state == "failed"]
+    records = [p.record for p in supervisor.procs.values()]
+    failed = [r for r in records if r.state is InstanceState.FAILED]
+    if code or failed:
         raise ServeError(
             "failed: " + "; ".join(f"{r.name}: {r.reason} (doit logs {r.name})" for r in failed)
+        )
+    # Stopped by a signal or `doit stop`: success. Instances that ended on their own (a clean
+    # exit is not restarted) leave nothing served: a container's entrypoint must see that.
+    ended = [r for r in records if r.state is InstanceState.EXITED]
+    if ended and not supervisor.stop_requested:
+        raise ServeError(
+            "nothing is served any more: "
+            + "; ".join(f"{r.name}: {r.reason} (doit logs {r.name})" for r in ended)
         )
     return 0
 
@@ -364,7 +426,7 @@ def _serve_background(
         time.sleep(0.05)
     assert state is not None
     print_status(state, out, alive=not state.supervisor.exited)
-    return _report_failures(state, say)
+    return _report_failures(state, say, only)
 
 
 def _become_daemon(
@@ -425,6 +487,7 @@ def _run_supervisor(
         if not ok:
             say(f"another supervisor holds {store.lock_file}; exiting")
             return 3
+        store.set_lock_owner()
         supervisor = Supervisor(
             plan,
             store,
@@ -451,14 +514,39 @@ def _report_failures(state: ServeState, say: Say, names: list[str] | None = None
         if r.state is InstanceState.FAILED and (names is None or r.name in names)
     ]
     if not failed:
+        # Settled, none failed, yet not running: stopped (a `doit stop` meanwhile) or exited.
+        ended = [
+            r
+            for r in state.instances.values()
+            if r.state in (InstanceState.STOPPED, InstanceState.EXITED)
+            and (names is None or r.name in names)
+        ]
+        if ended:
+            raise ServeError(
+                "not serving: "
+                + ", ".join(
+                    f"{r.name} ({r.state}: {r.reason or 'no reason recorded'})" for r in ended
+                )
+            )
         return 0
     for rec in failed:
         say(f"--- last lines of {rec.log_file} ---")
         for line in tail(rec.log_file):
             say(f"    {line}")
     names = ", ".join(f"{r.name} ({r.reason})" for r in failed)
-    running = [r.name for r in state.instances.values() if r.state is InstanceState.RUNNING]
+    # A crash-looping instance caught while up is not "still running": it is named apart.
+    running = [
+        r.name
+        for r in state.instances.values()
+        if r.state is InstanceState.RUNNING and not r.restarts
+    ]
     others = f"; still running: {', '.join(running)}" if running else ""
+    looping = [
+        f"{r.name} ({r.state} after {r.restarts} restart(s), last {r.last_exit})"
+        for r in state.instances.values()
+        if not r.state.terminal and r.restarts
+    ]
+    others += f"; restarting: {', '.join(looping)}" if looping else ""
     raise ServeError(f"failed to start: {names}{others}")
 
 
@@ -484,7 +572,10 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
         if not alive and live:
             shown = f"{shown} (unsupervised)"
         elif not live and rec.state in (InstanceState.RUNNING, InstanceState.STARTING):
-            shown = "dead"
+            # Under a live supervisor it ended a moment ago: backoff, exited or failed next.
+            shown = "crashed" if alive else "dead"
+        elif rec.state is InstanceState.STARTING and rec.restarts:
+            shown = "restarting"
         rows.append(
             {
                 "name": rec.name,
@@ -499,9 +590,25 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
                 "url": rec.base_url,
                 "log": rec.log_file,
                 "reason": rec.reason,
+                "last_exit": rec.last_exit,
             }
         )
     return rows
+
+
+def _status_detail(row: Mapping[str, object]) -> str:
+    """The line under the table for one row: why it ended, or how often it restarted (a
+    crash-looping instance caught while running or starting must not look healthy)."""
+    state, reason, restarts = str(row["state"]), row["reason"], row["restarts"]
+    looping = ""
+    if restarts and not state.startswith(("failed", "stopped", "exited")):
+        looping = f"restarted {restarts} time(s), last {row['last_exit'] or 'exit unknown'}"
+        if state.startswith(("backoff", "restarting", "crashed")) and reason:
+            return f"{looping}; {reason}"
+        return looping
+    if reason and state.startswith(("failed", "backoff", "exited")):
+        return str(reason)
+    return ""
 
 
 def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
@@ -509,7 +616,10 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         out.write("nothing served yet: no serve state\n")
         return
     sup = state.supervisor
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup.started_at))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup.started_at))
+    except (OverflowError, OSError, ValueError):
+        when = "unknown"
     if alive:
         out.write(f"supervisor: pid {sup.pid} ({sup.mode}) since {when}, config {sup.source}\n")
     else:
@@ -543,26 +653,44 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
         )
     for row in status_rows(state, alive):
-        if row["reason"] and str(row["state"]).startswith(("failed", "backoff", "exited")):
-            out.write(f"{row['name']}: {row['reason']}\n")
+        detail = _status_detail(row)
+        if detail:
+            out.write(f"{row['name']}: {detail}\n")
     out.flush()
 
 
-def status_command(settings: Settings, *, as_json: bool = False, out: TextIO | None = None) -> int:
-    """Print the instances' state (a table, or JSON). Reads the state file only: fast."""
+def status_command(
+    settings: Settings,
+    *,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    say: Say = reporting.say,
+) -> int:
+    """Print the instances' state (a table, or JSON). Reads the state file only: fast.
+
+    Works whatever the file holds: bad fields are named on stderr (and in the JSON's
+    ``problems``) and the rest is shown; a missing or unreadable file is said in one line,
+    with the pid of a supervisor that still runs."""
     out = out or sys.stdout
     store = StateStore(settings.serve_state)
-    state = store.read()
+    state, why = read_state(store)
     alive = supervisor_alive(state)
+    problems = [*(state.problems if state is not None else ()), *([why] if why else [])]
     if as_json:
-        data: dict[str, object] = {"supervisor": None, "instances": []}
+        data: dict[str, object] = {"supervisor": None, "instances": [], "problems": problems}
         if state is not None:
             data["supervisor"] = {**dataclasses.asdict(state.supervisor), "alive": alive}
             data["instances"] = status_rows(state, alive)
         out.write(json.dumps(data, indent=2) + "\n")
         out.flush()
-    else:
-        print_status(state, out, alive=alive)
+        return 0
+    if why:
+        alone = "" if store.lock_owner() else "; no supervisor runs (`doit serve` starts afresh)"
+        out.write(f"serve state: {why}{alone}\n")
+        out.flush()
+        return 0
+    _warn_problems(store, state, say)
+    print_status(state, out, alive=alive)
     return 0
 
 
@@ -571,10 +699,19 @@ def stop_command(
 ) -> int:
     """Stop the named instances (all when empty) and wait until they are gone (bounded)."""
     store = StateStore(settings.serve_state)
-    state = store.read()
+    state, why = read_state(store)
+    if state is None and why:
+        if store.lock_owner() is not None:
+            raise ServeError(f"stop: {why}")
+        raise ServeError(
+            f"stop: {why}; no supervisor runs, so the instances it recorded cannot be found "
+            "from it: look for leftovers with `ps -eo pid,pgid,args | grep -e vllm`; "
+            "`doit serve` replaces the file"
+        )
     if state is None:
         say("stop: nothing is being served")
         return 0
+    _warn_problems(store, state, say)
     names = list(names or [])
     unknown = [n for n in names if n not in state.instances]
     if unknown:
@@ -589,8 +726,8 @@ def stop_command(
         deadline = time.monotonic() + grace + 30.0
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            state = store.read()
-            assert state is not None
+            # Deleted or damaged meanwhile: the supervisor writes it again within a tick.
+            state = read_state(store, wait=0)[0] or state
             if names and all(state.instances[n].state.terminal for n in names):
                 break
             if not names and not process_alive(state.supervisor.pid, state.supervisor.proc_start):
@@ -626,7 +763,7 @@ def log_path(
     settings: Settings, name: str | None, config_path: str | None, environ: Mapping[str, str]
 ) -> Path:
     store = StateStore(settings.serve_state)
-    state = store.read()
+    state = read_state(store)[0]
     if name in (None, "", "supervisor"):
         if name == "supervisor" or state is None or len(state.instances) != 1:
             if name != "supervisor" and state is not None:
@@ -644,6 +781,56 @@ def log_path(
         return Path(plan.instance(name).log_file)
     known = ", ".join(sorted(state.instances)) if state else "none served yet"
     raise ServeError(f"logs: no instance named {name!r} (instances: {known})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogsArgs:
+    name: str | None
+    lines: int
+    follow: bool
+    config: str | None
+
+
+def parse_logs_args(words: list[str], *, lines: int, follow: bool, config: str | None) -> LogsArgs:
+    """`doit logs`'s positional words with the options doit left among them. Pure.
+
+    doit takes options only before the first positional word (`doit logs -n 2 a`), and hands
+    `doit logs a -n 2` over as three names; this reads ``-n N``, ``-nN``, ``--lines N``,
+    ``--lines=N``, ``-f``/``--follow`` and ``-c``/``--config FILE`` wherever they stand.
+    Raises ServeError (one line) for a bad count, a missing value or two names.
+    """
+    names: list[str] = []
+    rest = iter(words)
+    for word in rest:
+        flag, eq, value = word.partition("=")
+        if word in ("-f", "--follow"):
+            follow = True
+            continue
+        if word in ("-n", "--lines", "-c", "--config") or (flag in ("--lines", "--config") and eq):
+            if not eq:
+                value = next(rest, "")
+                if not value:
+                    raise ServeError(f"logs: {word} needs a value (`doit logs -n 200 NAME`)")
+            if flag in ("-c", "--config"):
+                config = value
+                continue
+            word, flag = f"-n{value}", "-n"
+        if word.startswith("-n") and len(word) > 2:
+            try:
+                lines = int(word[2:])
+            except ValueError:
+                lines = -1
+            if lines < 0:
+                raise ServeError(f"logs: -n/--lines takes a count >= 0, got {word[2:]!r}")
+            continue
+        if word.startswith("-") and word != "-":
+            raise ServeError(
+                f"logs: unknown option {word!r} (options: -n N, --lines N, -f, --config FILE)"
+            )
+        names.append(word)
+    if len(names) > 1:
+        raise ServeError(f"logs: one instance at a time, got {', '.join(names)}")
+    return LogsArgs(names[0] if names else None, lines, follow, config)
 
 
 def logs_command(

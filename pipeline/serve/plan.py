@@ -8,6 +8,12 @@ With ``[gateway] enable = true`` the plan also holds a :class:`GatewayPlan`: one
 (``python -m pipeline.gateway``) that the supervisor runs like an instance, started at once
 with them. Its routing table, the instances' keys and its own keys travel in one secret
 environment variable (``PIPELINE_GATEWAY_CONFIG``), and every instance is forced onto 127.0.0.1.
+
+No served process inherits a key meant for another: the variables that hold keys (every
+instance's ``api_key_env``, the gateway's ``api_keys_env``, the pipeline's own secret settings)
+are listed in each plan's ``env_remove`` and taken out of the inherited environment. An
+instance gets its own key as ``VLLM_API_KEY`` only (``trust_remote_code`` model code runs in
+that process); the gateway gets every key it needs inside ``PIPELINE_GATEWAY_CONFIG``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
 from pipeline.pixi.envs import Runtime
 from pipeline.serve.config import GATEWAY_NAME, Instance, RestartPolicy, ServeConfig
-from pipeline.settings import package_pythonpath
+from pipeline.settings import SECRET_VARIABLES, package_pythonpath
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 GATEWAY_MODULE = "pipeline.gateway"
@@ -69,6 +75,8 @@ class InstancePlan(BaseModel):
     kind: Literal["vllm", "gateway"] = "vllm"
     # What the planner changed from the config, said in `doit plan` (e.g. a forced host).
     notes: tuple[str, ...] = ()
+    # Inherited variables the child must not see: other instances' and the gateway's keys.
+    env_remove: tuple[str, ...] = ()
 
     def display_env(self) -> dict[str, str]:
         """The added environment as shown to people: secrets masked."""
@@ -80,11 +88,14 @@ class InstancePlan(BaseModel):
         return dict(sorted(shown.items()))
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
-        """The full environment of the child: ``base`` plus this plan's variables and secrets."""
+        """The full environment of the child: ``base`` less ``env_remove`` (and any
+        ``VLLM_API_KEY``), plus this plan's variables and secrets. Pure."""
         env = dict(base)
         # A key in the supervisor's own environment must not leak into an instance that has
         # none (or a different one).
         env.pop("VLLM_API_KEY", None)
+        for name in self.env_remove:
+            env.pop(name, None)
         env.update(self.env)
         env.update({key: value.get_secret_value() for key, value in self.secret_env.items()})
         return env
@@ -231,6 +242,15 @@ def start_order(instances: tuple[Instance, ...]) -> dict[str, str | None]:
     return after
 
 
+def key_variables(config: ServeConfig) -> tuple[str, ...]:
+    """Every environment variable that may hold a key, sorted: the ``api_key_env`` of each
+    instance (disabled ones too), the gateway's ``api_keys_env``, ``VLLM_API_KEY`` and the
+    pipeline's secret settings (:data:`~pipeline.settings.SECRET_VARIABLES`). Pure."""
+    names = {"VLLM_API_KEY", *SECRET_VARIABLES, *config.gateway.api_keys_env}
+    names.update(i.server.api_key_env for i in config.instances if i.server.api_key_env)
+    return tuple(sorted(names))
+
+
 def build_plan(
     config: ServeConfig,
     runtime: Runtime,
@@ -250,6 +270,7 @@ def build_plan(
     """
     enabled = config.enabled
     gateway_on = config.gateway.enable
+    secret_vars = key_variables(config)
     # Instances come sorted by name and a chain always waits for an earlier name, so this
     # order is also a valid start order.
     after = start_order(enabled)
@@ -304,6 +325,8 @@ def build_plan(
                 backoff_initial=ctl.backoff_initial,
                 backoff_max=ctl.backoff_max,
                 notes=notes,
+                # A variable the instance's own `control.env` sets is its to have.
+                env_remove=tuple(v for v in secret_vars if v not in ctl.env),
             )
         )
     background = all(i.control.background for i in enabled) if enabled else True
@@ -394,6 +417,8 @@ def gateway_plan(
         max_restarts=GATEWAY_MAX_RESTARTS,
         backoff_initial=GATEWAY_BACKOFF[0],
         backoff_max=GATEWAY_BACKOFF[1],
+        # Its keys travel in its config; the variables they came from stay behind.
+        env_remove=key_variables(config),
         routes=dict(sorted(routes.items())),
         key_count=len(keys),
         missing_keys=tuple(missing),

@@ -3,6 +3,13 @@
 One JSON file (``state.json``) written atomically by the supervising process only; any shell
 reads it. Process identity is (pid, start time from ``/proc``) so a recycled pid after a reboot
 or a long uptime is never mistaken for one of ours.
+
+Reading is total: :meth:`ServeState.from_json` checks every field of every record; a bad one
+falls back to its default and is named in :attr:`ServeState.problems` (one line: which record,
+which field), and the rest of the file stays usable. Only a file that is not a JSON object at
+all raises (:class:`UnreadableState`). A running supervisor rewrites a file that was deleted
+or damaged within a tick, and its pid stays findable through ``supervisor.lock`` meanwhile
+(:meth:`StateStore.lock_owner`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -93,6 +101,10 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 }
 
 
+class UnreadableState(ServeError):
+    """``state.json`` is not a JSON object at all (empty, truncated, overwritten)."""
+
+
 class IllegalTransition(AssertionError):
     """An edge that :data:`TRANSITIONS` does not allow: a bug in the caller, never a user's
     doing (like supervisor's ``_assertInState``), so not a PipelineError."""
@@ -165,29 +177,158 @@ class ServeState:
     version: int = STATE_VERSION
     updated_at: float = 0.0
 
+    # What the reader had to repair (never written): one line per bad record or field.
+    problems: list[str] = field(default_factory=list)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        data = dataclasses.asdict(self)
+        del data["problems"]
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ServeState:
-        """Parse ``state.json``; ValueError (or KeyError/TypeError) when it is not one."""
-        data = json.loads(text)
+        """Parse ``state.json``. Total for any JSON object: every field is checked, a bad one
+        takes its default and is named in ``problems``, a bad record is left out or mended.
+        Raises ValueError (naming why) only when ``text`` is not a JSON object."""
+        if not text.strip():
+            raise ValueError("the file is empty")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            where = f"line {exc.lineno} column {exc.colno}"
+            raise ValueError(f"not JSON ({exc.msg}, {where})") from None
+        except RecursionError:
+            raise ValueError("not JSON (nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {_type_name(data)}")
+        problems: list[str] = []
+        raw_sup = data.get("supervisor")
+        if not isinstance(raw_sup, dict):
+            problems.append(f"supervisor: not a record ({_type_name(raw_sup)}); pid unknown")
+            raw_sup = {}
+        sup_fields = _checked(SupervisorRecord, raw_sup, "supervisor", problems)
+        if "pid" not in raw_sup and raw_sup:
+            problems.append("supervisor: pid: missing; pid unknown")
+        sup_fields.setdefault("pid", 0)
+        for name, default in _SUPERVISOR_REQUIRED.items():
+            sup_fields.setdefault(name, default)
+        supervisor = SupervisorRecord(**sup_fields)
+        raw_instances = data.get("instances", {})
+        if not isinstance(raw_instances, dict):
+            problems.append(f"instances: not a table ({_type_name(raw_instances)}); none read")
+            raw_instances = {}
         instances = {}
-        for name, raw in data["instances"].items():
-            rec = InstanceRecord(**_known(InstanceRecord, raw))
-            rec.state = InstanceState(rec.state)
-            instances[name] = rec
+        for name, raw in raw_instances.items():
+            rec = parse_instance(name, raw, problems)
+            if rec is not None:
+                instances[name] = rec
+        version, updated_at = data.get("version", STATE_VERSION), data.get("updated_at", 0.0)
         return cls(
-            supervisor=SupervisorRecord(**_known(SupervisorRecord, data["supervisor"])),
+            supervisor=supervisor,
             instances=instances,
-            version=int(data.get("version", STATE_VERSION)),
-            updated_at=float(data.get("updated_at", 0.0)),
+            version=version if _is_int(version) else STATE_VERSION,
+            updated_at=float(updated_at) if _is_number(updated_at) else 0.0,
+            problems=problems,
         )
 
 
-def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in raw.items() if k in names}
+def _type_name(value: object) -> str:
+    return {dict: "a table", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Above these a value cannot be what it names (PID_MAX_LIMIT; a TCP port).
+_UPPER = {"pid": 1 << 22, "pgid": 1 << 22, "port": 65535}
+
+
+_STATES = frozenset(s.value for s in InstanceState)
+# Each field type of the records (as annotated) -> (is the value one, what it must be).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "int | None": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "float": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "list[int]": (
+        lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
+        "a list of integers >= 0",
+    ),
+    "list[str]": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+}
+_SUPERVISOR_REQUIRED: dict[str, Any] = {
+    "proc_start": None,
+    "session": "",
+    "mode": "unknown",
+    "source": "unknown",
+    "started_at": 0.0,
+}
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked(cls: type, raw: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """The fields of ``raw`` that ``cls`` knows and whose values are valid; a bad one is named
+    in ``problems`` and left out (the dataclass default applies). Unknown keys are ignored, so
+    older and newer files still read."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw or f.name == "problems":
+            continue
+        value = raw[f.name]
+        check, expected = _CHECKS[str(f.type)]
+        upper = _UPPER.get(f.name)
+        if upper is not None:
+            expected = f"{expected.removesuffix(' or null')} up to {upper}"
+        if not check(value) or (upper is not None and value is not None and value > upper):
+            problems.append(f"{where}: {f.name}: {_short(value)} is not {expected}; ignored")
+            continue
+        if str(f.type).startswith("float") and value is not None:
+            value = float(value)
+        out[f.name] = value
+    return out
+
+
+def parse_instance(name: str, raw: object, problems: list[str]) -> InstanceRecord | None:
+    """One instance record of ``state.json``, checked field by field (see :func:`_checked`);
+    None (and a line in ``problems``) when it is not a record at all. Pure.
+
+    A bad ``state`` cannot simply take a default: it becomes ``starting`` when a pid is
+    recorded (``status`` then tells by the process whether it lives, ``stop`` signals its
+    group), else ``exited``.
+    """
+    where = f"instance {name!r}"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: not a record ({_type_name(raw)}); left out")
+        return None
+    state = raw.get("state", InstanceState.PENDING.value)
+    rest = {k: v for k, v in raw.items() if k != "state"}
+    fields = _checked(InstanceRecord, rest, where, problems)
+    fields["name"] = name  # the table's key is the name the supervisor uses
+    if state in _STATES:
+        fields["state"] = InstanceState(state)
+    else:
+        fields["state"] = InstanceState.STARTING if fields.get("pid") else InstanceState.EXITED
+        problems.append(
+            f"{where}: state: {_short(state)} is not a state; taken as {fields['state']}"
+        )
+    return InstanceRecord(**fields)
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -247,25 +388,71 @@ class StateStore:
             ) from None
 
     def read(self) -> ServeState | None:
-        """The last state written, or None when nothing was ever served here."""
+        """The last state written (bad fields mended and named in its ``problems``), or None
+        when there is no file. Raises :class:`UnreadableState` when the file is not a JSON
+        object, ServeError when it cannot be read at all."""
         try:
-            raw = self.state_file.read_text(encoding="utf-8")
+            raw = self.state_file.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ServeError(f"{self.state_file}: cannot read serve state: {exc}") from None
+            raise ServeError(
+                f"{self.state_file}: cannot read serve state ({exc.strerror or exc})"
+            ) from None
         try:
             return ServeState.from_json(raw)
-        except (ValueError, KeyError, TypeError):
-            raise ServeError(
-                f"{self.state_file}: unreadable serve state; stop the instances by hand and "
-                "delete the file"
-            ) from None
+        except ValueError as exc:
+            raise UnreadableState(f"{self.state_file}: unreadable serve state: {exc}") from None
 
     def write(self, state: ServeState) -> None:
         """Atomically replace ``state.json`` (readers never see a half-written file)."""
         state.updated_at = time.time()
         atomic_write_text(self.state_file, state.to_json())
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """(inode, mtime, size) of ``state.json``, None when it is missing: what a writer
+        compares to see that someone deleted or replaced its file."""
+        try:
+            st = self.state_file.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def set_lock_owner(self) -> None:
+        """Write this process's pid and start time into ``supervisor.lock`` (called by the
+        supervisor once it holds the lock): the supervisor stays findable while its state
+        file is missing or damaged."""
+        pid = os.getpid()
+        with contextlib.suppress(OSError):
+            self.lock_file.write_text(f"{pid} {proc_start_time(pid) or 0}\n", encoding="ascii")
+
+    def lock_owner(self) -> int | None:
+        """The pid of the live supervisor holding ``supervisor.lock``, else None. Never
+        raises; takes the lock for an instant when it is free (and creates no file)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                return None  # nobody holds it
+            parts = os.pread(fd, 64, 0).split()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            pid, start = int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            return None
+        # A `doit stop` or `doit serve` holding the lock for a moment is no supervisor.
+        return pid if process_alive(pid, start or None) else None
 
     @property
     def start_lock_file(self) -> Path:

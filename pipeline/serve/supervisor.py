@@ -9,8 +9,9 @@ The supervisor owns every child: each instance runs in its own session (process 
 output appended to its log file (never a pipe), and every wait is bounded. Every state change
 goes through :meth:`Supervisor._enter`, which refuses an edge that
 :data:`~pipeline.serve.state.TRANSITIONS` does not list; they all happen in
-:meth:`Supervisor.tick`, driven by a loop that also reaps children. The supervisor makes itself
-a child subreaper, so the children of an instance whose leader died are reparented to it and
+:meth:`Supervisor.tick`, driven by a loop that also reaps children and writes ``state.json``
+again within a tick when someone deleted or replaced it. The supervisor makes itself a child
+subreaper, so the children of an instance whose leader died are reparented to it and
 reaped here, not left as zombies under a container's PID 1 that never reaps.
 
 Seams for tests come through the constructor: ``spawner`` (start a process; what it returns
@@ -198,6 +199,9 @@ class Supervisor:
         self.last_signal = ""
         self.killing = False
         self.dirty = True
+        # state.json as last written: (inode, mtime, size); another value means someone
+        # deleted or replaced it, and the next tick writes it again.
+        self._written: tuple[int, int, int] | None = None
         # The gateway (if any) is one more process in the same state machine.
         for inst in plan.processes:
             record = InstanceRecord(
@@ -338,6 +342,10 @@ class Supervisor:
             self._advance(proc, now)
         if self.settled != self.state.supervisor.settled:
             self.state.supervisor.settled = self.settled
+            self.dirty = True
+        if not self.dirty and self.store.signature() != self._written:
+            # `doit status` must not lose sight of us (nor `doit stop` of the instances).
+            self.say(f"serve: {self.store.state_file} was deleted or changed; writing it again")
             self.dirty = True
         self._save()
         # Only now: whoever asked sees the request gone once the state file shows its effect.
@@ -571,4 +579,5 @@ class Supervisor:
     def _save(self, force: bool = False) -> None:
         if self.dirty or force:
             self.store.write(self.state)
+            self._written = self.store.signature()
             self.dirty = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline import reporting
-from pipeline.errors import PipelineError
 from pipeline.settings import process_environ
 from pipeline.tasks.common import SETTINGS, TaskDict
 
@@ -129,17 +128,17 @@ def task_logs() -> TaskDict:
 
     @reporting.action
     def run(names: list[str], lines: int, follow: bool, config: str) -> None:
-        from pipeline.serve.commands import logs_command
+        from pipeline.serve.commands import logs_command, parse_logs_args
 
-        if len(names) > 1:
-            raise PipelineError(f"logs: one instance at a time, got {' '.join(names)}")
+        # doit leaves options after the name among the names (`doit logs a -n 2`).
+        args = parse_logs_args(names, lines=lines, follow=follow, config=config or None)
         logs_command(
             SETTINGS,
-            names[0] if names else None,
+            args.name,
             process_environ(),
-            lines=lines,
-            follow=follow,
-            config_path=config or None,
+            lines=args.lines,
+            follow=args.follow,
+            config_path=args.config,
         )
 
     return {
