@@ -21,7 +21,7 @@ rich platforms: CHANGELOG.md "Rich Platform support (#6178)"). No pixi code is c
    packages or records (as strings, compared exactly) every one the workspace platform declares
    -- and a workspace platform declares the subdir defaults too (``PixiPlatform::from_subdir``,
    ``new_with_defaults``); else none. "None" becomes an empty package list
-   (``InstallSubset::filter(None)`` in ``install_subset.rs``; ``unwrap_or`` empty in the conda
+   (``InstallSubset::filter(None)`` in ``install_subset.rs``; an empty ``Vec`` in the conda
    prefix update), which rattler's ``Installer`` turns into removing every installed package
    (``Transaction::from_current_and_desired``). ``--frozen`` skips the satisfiability check
    (``LockFileUsage::should_check_if_out_of_date``) that would otherwise call the lock stale.
