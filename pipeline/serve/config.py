@@ -889,9 +889,7 @@ def check_gateway(config: ServeConfig, loc: _Located | None = None) -> None:
             other = owner.setdefault(alias, inst)
             if other.server.model_names != inst.server.model_names:
                 what = (
-                    "is also an alias of"
-                    if alias in config.aliases(other.name)
-                    else "is served by"
+                    "is also an alias of" if alias in config.aliases(other.name) else "is served by"
                 )
                 raise loc.error(
                     f"gateway.aliases.{inst.name}",
