@@ -661,17 +661,21 @@ class Exchange:
         if self.done:
             return
         nothing_back = conn is not None and conn.received == 0
-        if not self.head_sent and self.reused and nothing_back and not self.retried:
-            # A pooled connection the instance closed as we reused it: try a fresh one.
-            self.retried = True
-            self.gateway.spawn(self._connect())
-            return
-        name = self.instance
-        if not self.head_sent:
-            if nothing_back and not protocol_error:
-                self.pool.down_until = time.monotonic() + EJECT_SECONDS
+        if not self.head_sent and nothing_back and not protocol_error:
+            if self.reused and not self.retried:
+                # A pooled connection the instance closed as we reused it, or the instance
+                # died: another replica if there is one, else a fresh connection to this one.
                 if self._failover("upstream_closed"):
                     return
+                self.retried = True
+                self.gateway.spawn(self._connect())
+                return
+            # A fresh connection closed unanswered: the instance is failing.
+            self.pool.down_until = time.monotonic() + EJECT_SECONDS
+            if self._failover("upstream_closed"):
+                return
+        name = self.instance
+        if not self.head_sent:
             what = "sent a malformed response" if protocol_error else "closed the connection"
             self.gateway.metrics.error(self.model, name, "upstream_closed")
             self.gateway.say(f"instance {name}: {what} before answering")
