@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
                 self._send(400, {"error": "body is not JSON"})
                 return
             if isinstance(data, dict) and "standin_id" in data:
-                print(f"standin: got id {data['standin_id']}", flush=True)
+                # One write(2) of a whole line: print() from handler threads interleaves.
+                os.write(1, f"standin: got id {data['standin_id']}\n".encode())
             if response_delay:
                 time.sleep(response_delay)
             if data.get("model") not in names:
