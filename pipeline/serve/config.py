@@ -206,7 +206,8 @@ class Server(_Strict):
         None,
         description=(
             "Name clients use in `model` (default: vLLM's, the model path). "
-            "No `/` if Claude Code is a client."
+            "No `/` if Claude Code is a client. Instances with the same name (and model) "
+            "are replicas."
         ),
     )
     dtype: Dtype = Field("auto", description="Weights and activations dtype.")
