@@ -12,6 +12,8 @@ behaves as the ``STANDIN_*`` environment variables say:
 - ``STANDIN_GRANDCHILD=1``: fork a grandchild that keeps the log open and sleeps; it dies only
   with its process group.
 - ``STANDIN_NEVER_READY=1``: listen, but answer ``/health`` with 503 forever.
+- ``STANDIN_RESPONSE_DELAY=S``: wait S seconds after reading a ``POST`` before sending any byte
+  of its answer (a replica busy generating; for the gateway's replica tests).
 
 ``GET /health`` answers 200 once ready; ``GET /v1/models`` lists the served name and requires
 ``Authorization: Bearer $VLLM_API_KEY`` when that is set; ``GET /env`` returns the environment
@@ -26,7 +28,9 @@ With it, an SSE stream in chunked encoding: ``standin_chunks`` events (default 5
 ``data: {...}`` carrying ``index`` and ``sent_at`` (``time.time()`` when written), with
 ``standin_delay`` seconds between them, then ``data: [DONE]``. ``GET /stats`` (no key) counts
 ``requests``, ``streams_started``, ``streams_completed`` and ``streams_aborted`` (the peer went
-away mid-stream), for tests of disconnects.
+away mid-stream), for tests of disconnects. Every ``POST`` answer carries ``x-standin-port``
+(which replica answered), and a body's ``standin_id`` is logged (``standin: got id ...``) as
+soon as it is read, so a test can tell what a replica received even after killing it.
 
 ``STANDIN_FAST=1`` runs a minimal asyncio server instead (for bench/bench_gateway.py): keep-alive,
 ``GET /health``, ``GET /v1/models``, and any ``POST`` answered with a fixed chat completion, or
@@ -106,6 +110,7 @@ def main(argv: list[str]) -> int:
     name = names[0]
     key = env.get("VLLM_API_KEY")
     never_ready = bool(env.get("STANDIN_NEVER_READY"))
+    response_delay = float(env.get("STANDIN_RESPONSE_DELAY", "0"))
     stats = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0}
     lock = threading.Lock()
 
@@ -125,6 +130,8 @@ def main(argv: list[str]) -> int:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.command == "POST":
+                self.send_header("x-standin-port", str(port))
             self.end_headers()
             self.wfile.write(data)
 
@@ -172,6 +179,11 @@ def main(argv: list[str]) -> int:
             except ValueError:
                 self._send(400, {"error": "body is not JSON"})
                 return
+            if isinstance(data, dict) and "standin_id" in data:
+                # One write(2) of a whole line: print() from handler threads interleaves.
+                os.write(1, f"standin: got id {data['standin_id']}\n".encode())
+            if response_delay:
+                time.sleep(response_delay)
             if data.get("model") not in names:
                 message = f"The model `{data.get('model')}` does not exist."
                 self._send(404, {"error": {"message": message, "code": 404}})
@@ -207,6 +219,7 @@ def main(argv: list[str]) -> int:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("x-standin-port", str(port))
             self.end_headers()
             count("streams_started")
 

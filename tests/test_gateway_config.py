@@ -425,3 +425,76 @@ def test_regression_a_connection_paused_by_a_slow_client_is_pooled_reading():
     pool.release(conn)
     assert conn.transport.reading is True
     assert pool.acquire() is conn
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+REPLICAS = """
+[gateway]
+enable = true
+port = 9000
+[gateway.aliases]
+r1 = ["shared"]
+r2 = ["shared"]
+[instance.control]
+gpu_ids = []
+[instance.server]
+model = "/models/m"
+served_model_name = "m"
+[instance.r1.server]
+port = 8001
+[instance.r2.server]
+port = 8002
+[instance.solo.server]
+port = 8003
+model = "/models/other"
+served_model_name = "other"
+"""
+
+
+def test_two_instances_of_one_served_name_validate_and_plan_as_replicas():
+    config, plan = plan_of(REPLICAS)
+    assert [i.name for i in plan.instances] == ["r1", "r2", "solo"]
+    gw = plan.gateway
+    assert gw is not None
+    assert gw.routes == {"other": "solo"}
+    assert gw.replicas == {"m": ("r1", "r2"), "shared": ("r1", "r2")}
+    assert plan.to_display()["gateway"]["replicas"] == {"m": ["r1", "r2"], "shared": ["r1", "r2"]}
+    runtime = GatewayConfig.from_json(gw.secret_env[CONFIG_VAR].get_secret_value())
+    table = {model: [up.name for up in ups] for model, ups in runtime.routes().items()}
+    assert table == {"m": ["r1", "r2"], "shared": ["r1", "r2"], "other": ["solo"]}
+    text = clients.instructions(config, plan)
+    assert "   models: m, other, shared" in text
+    assert "== r1, r2 (replicas: the gateway spreads requests over them): model 'm'" in text
+    assert text.count("OpenAI SDK:") == 2, "one section per served name, not per replica"
+    data = yaml.safe_load(clients.litellm_config(config, plan))
+    assert [m["model_name"] for m in data["model_list"]] == ["m", "other"]
+
+
+def test_without_the_gateway_replicas_are_separate_ports_and_litellm_balances_them():
+    text = REPLICAS.replace("enable = true", "enable = false")
+    config, plan = plan_of(text)
+    assert plan.gateway is None
+    out = clients.instructions(config, plan)
+    assert "== r1 (one of the replicas r1, r2; no gateway): model 'm'" in out
+    data = yaml.safe_load(clients.litellm_config(config, plan))
+    assert [m["model_name"] for m in data["model_list"]] == ["m", "m", "other"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ('r2 = ["shared"]', 'solo = ["shared"]'),
+            "gateway.aliases.solo (instance 'solo'): alias 'shared' is also an alias of instance "
+            "'r1'; a model name routes to one instance, or to replicas",
+        ),
+        (
+            ('r2 = ["shared"]', 'solo = ["m"]'),
+            "gateway.aliases.solo (instance 'solo'): alias 'm' is served by instance 'r1'",
+        ),
+        (('r2 = ["shared"]', 'r2 = ["m"]'), "alias 'm' is the instance's own served name"),
+    ],
+)
+def test_an_alias_is_shared_only_by_replicas(change, expected):
+    assert expected in error_of(REPLICAS.replace(*change))

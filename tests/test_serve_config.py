@@ -275,15 +275,36 @@ def test_duplicate_builtin_default_port_points_at_the_instance():
     assert "instance.b.server.port: port 8000 is also used by instance 'a'" in error_of(text)
 
 
-def test_duplicate_served_model_names():
+def test_one_served_name_on_two_instances_makes_replicas():
     text = BASE + '[instance.a.server]\nport = 1\nserved_model_name = "x"\n'
     text += '[instance.b.server]\nport = 2\nserved_model_name = "x"\n'
-    assert "model name 'x' is also served by instance 'a'" in error_of(text)
+    config = parse_config(text)
+    assert [(i.name, i.server.model_names) for i in config.enabled] == [
+        ("a", ("x",)),
+        ("b", ("x",)),
+    ]
 
 
-def test_same_model_without_served_names_collides():
+def test_same_model_without_served_names_makes_replicas():
     text = BASE + "[instance.a.server]\nport = 1\n[instance.b.server]\nport = 2\n"
-    assert "model name '/models/m' is also served" in error_of(text)
+    config = parse_config(text)
+    assert {i.server.model_names for i in config.enabled} == {("/models/m",)}
+
+
+def test_one_served_name_for_two_different_models_is_refused():
+    text = BASE + '[instance.a.server]\nport = 1\nserved_model_name = "x"\n'
+    text += '[instance.b.server]\nport = 2\nserved_model_name = "x"\nmodel = "/models/n"\n'
+    assert error_of(text) == (
+        "serve.toml: instance.b.server.served_model_name: model name 'x' is also "
+        "served by instance 'a' from model '/models/m', here from '/models/n'; replicas of a "
+        "name serve the same model: set a distinct served_model_name or the same model"
+    )
+
+
+def test_replicas_still_need_ports_of_their_own():
+    text = BASE + '[instance.a.server]\nport = 1\nserved_model_name = "x"\n'
+    text += '[instance.b.server]\nport = 1\nserved_model_name = "x"\n'
+    assert "instance.b.server.port: port 1 is also used by instance 'a'" in error_of(text)
 
 
 def test_disabled_instances_do_not_collide():

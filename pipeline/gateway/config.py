@@ -30,7 +30,7 @@ class GatewayConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Upstream:
-    """One vLLM instance behind the gateway."""
+    """One vLLM instance behind the gateway. Several may list the same model: its replicas."""
 
     name: str
     host: str
@@ -66,9 +66,14 @@ class GatewayConfig:
     max_body: int = MAX_BODY
     max_connections: int = MAX_CONNECTIONS
 
-    def routes(self) -> dict[str, Upstream]:
-        """Model name or alias -> instance (the planner has checked they are unique)."""
-        return {model: up for up in self.instances for model in up.models}
+    def routes(self) -> dict[str, tuple[Upstream, ...]]:
+        """Model name or alias -> the instances serving it, in config order: one, or the
+        replicas that share its requests (the planner has checked they serve one model)."""
+        table: dict[str, tuple[Upstream, ...]] = {}
+        for up in self.instances:
+            for model in up.models:
+                table[model] = (*table.get(model, ()), up)
+        return table
 
     def to_json(self) -> str:
         data: dict[str, Any] = {

@@ -34,12 +34,14 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> str:
 
 
 class Metrics:
-    """Requests by (model, instance, code), errors by (model, instance, reason), and
-    per-model histograms of the whole request and of the time to the response head."""
+    """Requests by (model, instance, code), errors by (model, instance, reason), resends
+    to another replica by (model, instance that failed, reason), and per-model histograms of
+    the whole request and of the time to the response head."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.errors: dict[tuple[str, str, str], int] = {}
+        self.retries: dict[tuple[str, str, str], int] = {}
         self.duration: dict[tuple[str, str], Histogram] = {}
         self.first_byte: dict[tuple[str, str], Histogram] = {}
         self.stream_chunks: dict[tuple[str, str], int] = {}
@@ -51,6 +53,10 @@ class Metrics:
     def error(self, model: str, instance: str, reason: str) -> None:
         key = (model, instance, reason)
         self.errors[key] = self.errors.get(key, 0) + 1
+
+    def retry(self, model: str, instance: str, reason: str) -> None:
+        key = (model, instance, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
 
     def timing(
         self, model: str, instance: str, total: float, first_byte: float | None, chunks: int
@@ -88,6 +94,15 @@ class Metrics:
         for (model, instance, reason), count in sorted(self.errors.items()):
             labels = _labels((("model", model), ("instance", instance), ("reason", reason)))
             out.append(f"gateway_errors_total{{{labels}}} {count}")
+        family(
+            "gateway_retries_total",
+            "counter",
+            "Requests resent to another replica because the instance failed before sending "
+            "back a byte, by model, the instance that failed, and reason.",
+        )
+        for (model, instance, reason), count in sorted(self.retries.items()):
+            labels = _labels((("model", model), ("instance", instance), ("reason", reason)))
+            out.append(f"gateway_retries_total{{{labels}}} {count}")
         for name, table, help_text in (
             (
                 "gateway_request_duration_seconds",

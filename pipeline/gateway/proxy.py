@@ -5,6 +5,13 @@ connections per instance, the :class:`~pipeline.gateway.states.StateFollower` an
 Each client connection is a :class:`ClientConn`; each proxied request an :class:`Exchange`
 between it and one :class:`UpstreamConn`.
 
+Replicas (several instances serving one model name) are a :class:`Replicas` group: a request
+goes to the ready replica with the fewest requests in flight, ties taken in turn. When the
+chosen one fails before sending back a single byte (connection refused or reset, closed before
+its status line), the request is resent to another ready replica; once any byte of a response
+has reached the client, never. The body is kept as the pieces it arrived in (the one copy the
+gateway already holds) until the response head arrives, so a resend costs no second copy.
+
 What passes through untouched: the request body (read whole, to find ``model``, then sent as
 received), the request target with its query, every end-to-end header except the
 credentials, and the response (status line, headers, and body bytes as they arrive, chunk
@@ -17,7 +24,8 @@ Concurrency: everything runs on one event loop thread; callbacks never block. Th
 are with the peers, and each is handled where it lands: the client leaving (the upstream
 connection is aborted, which vLLM sees as a disconnect and cancels the request), an instance
 closing a pooled keep-alive connection just as it is reused (retried once on a fresh
-connection when nothing came back), an instance dying mid-response (the client's connection is
+connection when nothing came back), an instance dying before it answered (resent to another
+replica, if there is one), an instance dying mid-response (the client's connection is
 closed, so it sees a truncated response rather than a clean end).
 
 Flow control: a client that reads slowly pauses reading from its instance (``pause_writing``),
@@ -91,6 +99,9 @@ RESERVE_HEAD_TIMEOUT = 5.0
 SPARE_FDS = 64
 HOUSEKEEPING = 1.0
 DRAIN_SECONDS = 5.0
+# A replica that refused a connection, or closed a fresh one before answering, is passed
+# over while others are ready for this long (the supervisor's state file says more, later).
+EJECT_SECONDS = 2.0
 
 # Client request headers the gateway sets itself, or that belong to the client's connection.
 _DROP_REQUEST = HOP_BY_HOP | {
@@ -194,12 +205,14 @@ def error_body(path: bytes, code: int, message: str, *, param: str | None = None
 class Pool:
     """Idle keep-alive connections to one instance; most recently used first."""
 
-    __slots__ = ("gateway", "idle", "upstream")
+    __slots__ = ("down_until", "gateway", "idle", "upstream")
 
     def __init__(self, gateway: Gateway, upstream: Upstream) -> None:
         self.gateway = gateway
         self.upstream = upstream
         self.idle: list[UpstreamConn] = []
+        # monotonic time until which this instance is passed over (it just failed)
+        self.down_until = 0.0
 
     def acquire(self) -> UpstreamConn | None:
         """An idle connection younger than UPSTREAM_IDLE, or None (open a new one)."""
@@ -250,6 +263,49 @@ class Pool:
             CONNECT_TIMEOUT,
         )
         return conn
+
+
+class Replicas:
+    """The instances serving one model name (one, or its replicas), and whose turn it is.
+
+    Names served by the same instances share one group, so their rotation is one."""
+
+    __slots__ = ("names", "pools", "turn")
+
+    def __init__(self, pools: tuple[Pool, ...]) -> None:
+        self.pools = pools
+        self.names = tuple(p.upstream.name for p in pools)
+        self.turn = 0
+
+    def pick(self, gateway: Gateway, exclude: tuple[Pool, ...] = ()) -> Pool | None:
+        """The ready instance with the fewest requests in flight (ties: the next in turn),
+        preferring those not failed in the last EJECT_SECONDS; None when none is ready.
+        Reads the states as last refreshed; O(replicas)."""
+        pools = self.pools
+        status = gateway.states.status
+        if len(pools) == 1:
+            pool = pools[0]
+            if pool in exclude or not status(pool.upstream.name).ready:
+                return None
+            return pool
+        inflight = gateway.inflight
+        now = time.monotonic()
+        count = len(pools)
+        best: Pool | None = None
+        best_key = (True, 0)
+        at = 0
+        for step in range(count):
+            index = (self.turn + step) % count
+            pool = pools[index]
+            name = pool.upstream.name
+            if pool in exclude or not status(name).ready:
+                continue
+            key = (pool.down_until > now, inflight[name])
+            if best is None or key < best_key:
+                best, best_key, at = pool, key, index
+        if best is not None:
+            self.turn = at + 1
+        return best
 
 
 class UpstreamConn(_Reader):
@@ -423,15 +479,18 @@ class Exchange:
         "done",
         "first_byte",
         "gateway",
+        "head_parts",
         "head_sent",
         "model",
         "path",
         "pool",
+        "replicas",
         "request",
         "retried",
         "reused",
         "started",
         "status",
+        "tried",
         "upstream",
     )
 
@@ -440,16 +499,23 @@ class Exchange:
         gateway: Gateway,
         client: ClientConn,
         pool: Pool,
+        replicas: Replicas,
         model: str,
         path: bytes,
-        request: list[bytes],
+        head_parts: tuple[bytes, bytes],
+        body: list[bytes],
     ) -> None:
         self.gateway = gateway
         self.client = client
         self.pool = pool
+        self.replicas = replicas
         self.model = model
         self.path = path
-        self.request = request
+        # The head's instance-independent parts (request line; headers), to address another
+        # replica; the head for this one, then the body's pieces (references, not copies).
+        self.head_parts = head_parts
+        self.request = [gateway.request_head(pool.upstream, *head_parts), *body]
+        self.tried: tuple[Pool, ...] = ()
         self.started = time.perf_counter()
         self.first_byte: float | None = None
         self.upstream: UpstreamConn | None = None
@@ -481,11 +547,16 @@ class Exchange:
             why = getattr(exc, "strerror", None) or type(exc).__name__
             up = self.pool.upstream
             self.gateway.say(f"instance {up.name}: cannot connect to {up.host}:{up.port}: {why}")
+            self.pool.down_until = time.monotonic() + EJECT_SECONDS
+            if self._failover("connect_failed"):
+                return
             self.gateway.metrics.error(self.model, self.instance, "connect_failed")
+            which = f"instance {up.name!r}"
+            if len(self.replicas.pools) > 1:
+                which = f"no replica accepts connections; the last, {which},"
             self.fail(
                 503,
-                f"model {self.model!r} is unavailable: instance {up.name!r} does not accept "
-                f"connections ({why})",
+                f"model {self.model!r} is unavailable: {which} does not accept connections ({why})",
                 retry_after=5,
             )
             return
@@ -493,6 +564,30 @@ class Exchange:
             self.pool.release(conn)
             return
         self._send(conn, reused=False)
+
+    def _failover(self, reason: str) -> bool:
+        """The current instance failed before sending back a byte (so nothing reached the
+        client): resend the request to another ready replica not tried yet. False when
+        there is none (the caller answers the client). Each replica is tried at most once."""
+        if self.done or self.head_sent or len(self.replicas.pools) == 1:
+            return False
+        gateway = self.gateway
+        failed = self.pool
+        self.tried = (*self.tried, failed)
+        gateway.states.refresh()
+        pool = self.replicas.pick(gateway, self.tried)
+        if pool is None:
+            return False
+        old, new = failed.upstream.name, pool.upstream.name
+        gateway.metrics.retry(self.model, old, reason)
+        gateway.say(f"instance {old}: {reason.replace('_', ' ')} before answering; resent to {new}")
+        gateway.inflight[old] -= 1
+        gateway.inflight[new] += 1
+        self.pool = pool
+        self.request[0] = gateway.request_head(pool.upstream, *self.head_parts)
+        self.retried = False
+        self.start()
+        return True
 
     def _send(self, conn: UpstreamConn, *, reused: bool) -> None:
         self.upstream = conn
@@ -508,6 +603,9 @@ class Exchange:
     def on_head(self, resp: ResponseHead, *, chunked: bool, until_close: bool) -> None:
         self.first_byte = time.perf_counter()
         self.status = resp.status
+        # No resend past this point: let the body go (the transport holds what it has yet
+        # to write) rather than keep it for the whole response.
+        self.request = []
         client = self.client
         drop = _DROP_RESPONSE
         if chunked and client.http10:
@@ -563,11 +661,19 @@ class Exchange:
         if self.done:
             return
         nothing_back = conn is not None and conn.received == 0
-        if not self.head_sent and self.reused and nothing_back and not self.retried:
-            # A pooled connection the instance closed as we reused it: try a fresh one.
-            self.retried = True
-            self.gateway.spawn(self._connect())
-            return
+        if not self.head_sent and nothing_back and not protocol_error:
+            if self.reused and not self.retried:
+                # A pooled connection the instance closed as we reused it, or the instance
+                # died: another replica if there is one, else a fresh connection to this one.
+                if self._failover("upstream_closed"):
+                    return
+                self.retried = True
+                self.gateway.spawn(self._connect())
+                return
+            # A fresh connection closed unanswered: the instance is failing.
+            self.pool.down_until = time.monotonic() + EJECT_SECONDS
+            if self._failover("upstream_closed"):
+                return
         name = self.instance
         if not self.head_sent:
             what = "sent a malformed response" if protocol_error else "closed the connection"
@@ -948,10 +1054,18 @@ class Gateway:
         self.local_handlers = frozenset({self._health, self._metrics, self._models, self._model})
         self.keys = tuple(k.encode() for k in config.keys)
         self.pools = {up.name: Pool(self, up) for up in config.instances}
-        self.routes = {
-            model.encode(): self.pools[up.name] for up in config.instances for model in up.models
-        }
-        self.route_names = {model: up.name for up in config.instances for model in up.models}
+        # model name -> its group; names served by the same instances share one group
+        groups: dict[tuple[str, ...], Replicas] = {}
+        self.routes: dict[bytes, Replicas] = {}
+        for model, ups in config.routes().items():
+            names = tuple(up.name for up in ups)
+            group = groups.get(names)
+            if group is None:
+                group = groups[names] = Replicas(tuple(self.pools[n] for n in names))
+            self.routes[model.encode()] = group
+        self.route_names = {m.decode(): g.names for m, g in self.routes.items()}
+        # A body without "model" goes to the one group when there is only one.
+        self.only_group = next(iter(groups.values())) if len(groups) == 1 else None
         self.auth_lines = {
             up.name: (f"authorization: Bearer {up.key}\r\n".encode() if up.key else b"")
             for up in config.instances
@@ -1171,8 +1285,8 @@ class Gateway:
         assert body is not None and scanner is not None
         is_object, model = scanner.result()
         if model is None:
-            if len(self.pools) == 1 and is_object:
-                pool = next(iter(self.pools.values()))
+            if self.only_group is not None and is_object:
+                replicas = self.only_group
                 model = ""
             else:
                 what = 'has no "model"' if is_object else "is not a JSON object"
@@ -1183,8 +1297,8 @@ class Gateway:
                 client.respond(400, error_body(req.path, 400, message, param="model"))
                 return
         else:
-            pool = self.routes.get(model.encode())
-            if pool is None:
+            found = self.routes.get(model.encode())
+            if found is None:
                 message = (
                     f"model {model!r} does not exist here; known models: "
                     f"{', '.join(sorted(self.route_names)) or 'none'}"
@@ -1194,33 +1308,45 @@ class Gateway:
                 )
                 self.metrics.error("(unknown)", "", "unknown_model")
                 return
-        up = pool.upstream
+            replicas = found
         self.states.refresh()
-        status = self.states.status(up.name)
-        if not status.ready:
-            why, retry_after = unavailable(up.name, status)
-            client.respond(
-                503,
-                error_body(req.path, 503, f"model {model!r} is unavailable: {why}"),
-                retry_after=retry_after,
-                model=model,
-                instance=up.name,
-            )
-            self.metrics.error(model, up.name, "not_ready")
+        pool = replicas.pick(self)
+        if pool is None:
+            self._unavailable(client, req, model, replicas)
             return
-        exchange = Exchange(
-            self, client, pool, model, req.path, self._request(client, req, body, up)
-        )
-        self.inflight[up.name] += 1
+        head = self._head_parts(client, req, body)
+        exchange = Exchange(self, client, pool, replicas, model, req.path, head, body)
+        self.inflight[pool.upstream.name] += 1
         client.exchange = exchange
         exchange.start()
 
-    def _request(
-        self, client: ClientConn, req: RequestHead, body: list[bytes], up: Upstream
-    ) -> list[bytes]:
-        """The request as the instance gets it: same target and body, our connection headers
-        and the instance's own key. The head as one piece, then the body's pieces."""
-        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", self.host_lines[up.name]]
+    def _unavailable(
+        self, client: ClientConn, req: RequestHead, model: str, replicas: Replicas
+    ) -> None:
+        """503: no instance serving ``model`` is ready; why, for each of them."""
+        reasons = [unavailable(name, self.states.status(name)) for name in replicas.names]
+        waits = [wait for _, wait in reasons if wait is not None]
+        instance = replicas.names[0] if len(replicas.names) == 1 else ""
+        client.respond(
+            503,
+            error_body(
+                req.path,
+                503,
+                f"model {model!r} is unavailable: {'; '.join(why for why, _ in reasons)}",
+            ),
+            # The soonest any replica should be back (None: none recovers by itself).
+            retry_after=min(waits) if waits else None,
+            model=model,
+            instance=instance,
+        )
+        self.metrics.error(model, instance, "not_ready")
+
+    def _head_parts(
+        self, client: ClientConn, req: RequestHead, body: list[bytes]
+    ) -> tuple[bytes, bytes]:
+        """The request head as every instance gets it, but for ``host`` and the key: (request
+        line, headers). Same target, end-to-end headers and body; our connection headers."""
+        parts = []
         drop = _DROP_REQUEST
         if req.connection_tokens - {b"close", b"keep-alive"}:
             drop = drop | req.connection_tokens
@@ -1228,14 +1354,19 @@ class Gateway:
             if name not in drop:
                 parts.append(line)
                 parts.append(b"\r\n")
-        parts.append(self.auth_lines[up.name])
         peer = client.peer
         if req.x_forwarded_for:
             peer = req.x_forwarded_for + b", " + peer
         parts.append(b"x-forwarded-for: " + peer + b"\r\n")
         size = sum(map(len, body))
-        parts.append(b"content-length: " + str(size).encode() + b"\r\n\r\n")
-        return [b"".join(parts), *body]
+        parts.append(b"content-length: " + str(size).encode() + b"\r\n")
+        return b"".join((req.method, b" ", req.target, b" HTTP/1.1\r\n")), b"".join(parts)
+
+    def request_head(self, up: Upstream, line: bytes, headers: bytes) -> bytes:
+        """The head for instance ``up``: its ``host`` and its own key (or none)."""
+        return b"".join(
+            (line, self.host_lines[up.name], headers, self.auth_lines[up.name], b"\r\n")
+        )
 
     def finished(self, ex: Exchange) -> None:
         """Bookkeeping once an exchange has its outcome (exactly once per exchange)."""
@@ -1256,7 +1387,12 @@ class Gateway:
 
     # ---- local endpoints -------------------------------------------------------------------
     def _ready_list(self) -> str:
-        ready = [m for m, n in sorted(self.route_names.items()) if self.states.status(n).ready]
+        status = self.states.status
+        ready = [
+            m
+            for m, names in sorted(self.route_names.items())
+            if any(status(n).ready for n in names)
+        ]
         return ", ".join(ready) or "none"
 
     def health_body(self) -> bytes:
@@ -1289,16 +1425,20 @@ class Gateway:
         return json.dumps(data).encode()
 
     def models_body(self, only: str | None) -> bytes | None:
+        """/v1/models (``only`` None) or /v1/models/<only>: the names some ready instance
+        serves, each once (replicas: as the first ready one, in config order, reports it)."""
         self.states.refresh()
         data = []
+        listed: set[str] = set()
         for up in self.config.instances:
             status = self.states.status(up.name)
             if not status.ready:
                 continue
             created = int(status.ready_at or self.started)
             for model in up.models:
-                if only is not None and model != only:
+                if (only is not None and model != only) or model in listed:
                     continue
+                listed.add(model)
                 item = {
                     "id": model,
                     "object": "model",
@@ -1375,7 +1515,7 @@ async def serve(config: GatewayConfig, *, say: Callable[[str], None] | None = No
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    models = sum(len(up.models) for up in config.instances)
+    models = len(config.routes())
     auth = f"{len(config.keys)} key(s)" if config.keys else "none (no api_keys configured)"
     follow = config.state_file or "none (every instance counts as running)"
     loop_name = type(loop).__module__.split(".")[0]

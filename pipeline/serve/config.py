@@ -206,7 +206,8 @@ class Server(_Strict):
         None,
         description=(
             "Name clients use in `model` (default: vLLM's, the model path). "
-            "No `/` if Claude Code is a client."
+            "No `/` if Claude Code is a client. Instances with the same name (and model) "
+            "are replicas."
         ),
     )
     dtype: Dtype = Field("auto", description="Weights and activations dtype.")
@@ -774,11 +775,17 @@ def _type_name(value: Any) -> str:
 
 
 def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
-    """Cross-instance rules: ports and names unique, GPUs consistent, one run mode."""
+    """Cross-instance rules: ports unique, replicas of one name serve one model, GPUs
+    consistent, one run mode.
+
+    Instances with the same served name (``served_model_name``, else ``model``) are replicas
+    of that model: the gateway spreads its requests over them. They must serve the same
+    ``model``: one name answered by different weights would be ambiguous.
+    """
     loc = loc or _Located(config.source, frozenset())
     enabled = config.enabled
     seen_ports: dict[int, str] = {}
-    seen_names: dict[str, str] = {}
+    seen_names: dict[str, Instance] = {}
     for inst in enabled:
         srv, ctl = inst.server, inst.control
         other = seen_ports.get(srv.port)
@@ -790,15 +797,16 @@ def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
             )
         seen_ports[srv.port] = inst.name
         for model_name in srv.model_names:
-            other = seen_names.get(model_name)
-            if other is not None:
+            first = seen_names.setdefault(model_name, inst)
+            if first.server.model != srv.model:
                 raise loc.error(
                     loc.key(inst.name, "server", "served_model_name"),
-                    f"model name {model_name!r} is also served by instance {other!r}; "
-                    "set a distinct served_model_name",
+                    f"model name {model_name!r} is also served by instance {first.name!r} from "
+                    f"model {first.server.model!r}, here from {srv.model!r}; replicas of a "
+                    "name serve the same model: set a distinct served_model_name or the same "
+                    "model",
                     inst.name,
                 )
-            seen_names[model_name] = inst.name
         if srv.api_key and srv.api_key_env:
             raise loc.error(
                 loc.key(inst.name, "server", "api_key_env"),
@@ -848,7 +856,11 @@ def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
 
 def check_gateway(config: ServeConfig, loc: _Located | None = None) -> None:
     """The gateway against the instances: aliases name instances, and with the gateway on,
-    every model name and alias routes to one instance and no instance takes its port."""
+    every model name and alias routes to one instance or to replicas of one served name, and
+    no instance takes its port.
+
+    An alias may be shared only by replicas (instances with the same served name): the
+    gateway then spreads it over them as it does their served name."""
     loc = loc or _Located(config.source, frozenset())
     gateway = config.gateway
     known = [i.name for i in config.instances]
@@ -862,22 +874,30 @@ def check_gateway(config: ServeConfig, loc: _Located | None = None) -> None:
             )
     if not gateway.enable:
         return
-    owner: dict[str, str] = {}
+    # model name or alias -> the first instance that has it
+    owner: dict[str, Instance] = {}
     for inst in config.enabled:
         for model_name in inst.server.model_names:
-            owner[model_name] = inst.name
+            owner.setdefault(model_name, inst)
     for inst in config.enabled:
         for alias in config.aliases(inst.name):
-            other = owner.get(alias)
-            if other is not None:
-                what = "is also an alias of" if alias in config.aliases(other) else "is served by"
+            if alias in inst.server.model_names:
                 raise loc.error(
                     f"gateway.aliases.{inst.name}",
-                    f"alias {alias!r} {what} instance {other!r}; a model name routes to one "
-                    "instance",
+                    f"alias {alias!r} is the instance's own served name; remove it",
                     inst.name,
                 )
-            owner[alias] = inst.name
+            other = owner.setdefault(alias, inst)
+            if other.server.model_names != inst.server.model_names:
+                what = (
+                    "is also an alias of" if alias in config.aliases(other.name) else "is served by"
+                )
+                raise loc.error(
+                    f"gateway.aliases.{inst.name}",
+                    f"alias {alias!r} {what} instance {other.name!r}; a model name routes to "
+                    "one instance, or to replicas (instances with the same served_model_name)",
+                    inst.name,
+                )
         if inst.server.port == gateway.port:
             raise loc.error(
                 loc.key(inst.name, "server", "port"),

@@ -106,8 +106,10 @@ class GatewayPlan(InstancePlan):
     and stops it like an instance) plus what ``doit plan`` shows of its routing."""
 
     kind: Literal["vllm", "gateway"] = "gateway"
-    # model name or alias -> instance name
+    # model name or alias -> instance name, for names one instance serves
     routes: dict[str, str]
+    # model name or alias -> its replicas (two or more instances), which share its requests
+    replicas: dict[str, tuple[str, ...]] = {}
     # How many keys clients may use (0: no auth), and api_keys_env names unset when planning.
     key_count: int
     missing_keys: tuple[str, ...]
@@ -367,7 +369,7 @@ def gateway_plan(
         else:
             missing.append(var)
     upstreams = []
-    routes: dict[str, str] = {}
+    served: dict[str, list[str]] = {}
     for inst in instances:
         key = inst.secret_env.get("VLLM_API_KEY")
         upstreams.append(
@@ -379,7 +381,8 @@ def gateway_plan(
                 models=inst.model_names,
             )
         )
-        routes.update(dict.fromkeys(inst.model_names, inst.name))
+        for model in inst.model_names:
+            served.setdefault(model, []).append(inst.name)
     runtime_config = GatewayConfig(
         host=gw.host,
         port=gw.port,
@@ -419,7 +422,8 @@ def gateway_plan(
         backoff_max=GATEWAY_BACKOFF[1],
         # Its keys travel in its config; the variables they came from stay behind.
         env_remove=key_variables(config),
-        routes=dict(sorted(routes.items())),
+        routes={m: names[0] for m, names in sorted(served.items()) if len(names) == 1},
+        replicas={m: tuple(names) for m, names in sorted(served.items()) if len(names) > 1},
         key_count=len(keys),
         missing_keys=tuple(missing),
     )
