@@ -197,22 +197,6 @@ def test_unreachable_channel_is_a_lock_error(tmp_path, cache_dir):
         lock(project, pixi=None, cache_dir=cache_dir, timeout=60)
 
 
-def test_pypi_dependencies_without_pixi_ask_for_pixi(tmp_path, channel_url, cache_dir):
-    project = tmp_path / "proj"
-    write_pixi_toml(
-        project,
-        channels=[channel_url],
-        dependencies={"python": "3.11.*"},
-        extra={"pypi-dependencies": {"tinywheel": "*"}},
-    )
-    with pytest.raises(LockError) as info:
-        lock(project, pixi=None, cache_dir=cache_dir)
-    message = info.value.message
-    assert "PyPI dependencies (tinywheel)" in message
-    assert "only pixi can lock" in message and "https://pixi.sh" in message
-    assert not (project / "pixi.lock").exists()
-
-
 def test_pypi_manifest_with_a_current_lock_needs_no_pixi(tmp_path, channel_url, cache_dir):
     project = tmp_path / "proj"
     write_pixi_toml(project, channels=[channel_url], dependencies={"python": "3.11.*"})
