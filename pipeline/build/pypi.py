@@ -294,7 +294,7 @@ def uv_failure(output: str) -> str | None:
         text = line.strip()
         if "Because" in text or text.startswith("╰─▶"):
             for follow in lines[index:]:
-                part = follow.strip().lstrip("╰─▶").strip()
+                part = follow.strip().lstrip("╰─▶").strip().removeprefix("cause:").strip()
                 if not part or part.startswith(("hint:", "help:")):
                     if reason:
                         break
@@ -316,6 +316,9 @@ def uv_failure(output: str) -> str | None:
         picked = list(dict.fromkeys([causes[0], causes[-1]]))
         return f"{tail} ({'; '.join(picked)})"
     text = " ".join(" ".join(reason).split()).rstrip(".")
+    hints = [ln.strip().removeprefix("hint:").strip() for ln in lines if ln.startswith("hint:")]
+    if hints:
+        text += f" (uv's hint: {hints[0].split('. ')[0].rstrip('.')})"
     match = re.search(
         r"Because (?:there is no version of |there are no versions of )?"
         r"([A-Za-z0-9][A-Za-z0-9._\-\[\]]*)",
