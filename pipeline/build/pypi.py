@@ -613,14 +613,14 @@ def write_pypi_into_lock(
     channels and conda records (synchronous API only), then its text is annotated
     (:func:`annotate_lock_text`).
     """
-    from rattler import LockFile, LockPlatform, Platform
+    from rattler import LockFile, LockPlatform, Subdir
 
     old = LockFile.from_path(lock_path)
     new = LockFile(
         [
             LockPlatform(
                 name,
-                subdir=None if name == subdir else Platform(subdir),
+                subdir=None if name == subdir else Subdir(subdir),
                 virtual_packages=list(vps),
             )
             for name, subdir, vps in platforms
