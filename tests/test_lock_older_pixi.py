@@ -148,7 +148,10 @@ def test_older_pixi_reads_a_lock_with_pypi_packages_as_we_do(tmp_path, channel_u
             project,
             channels=[channel_url],
             dependencies={"python": "*"},
-            extra={"pypi-dependencies": {"alpha": "*"}, "pypi-options": {"index-url": f"{url}simple"}},
+            extra={
+                "pypi-dependencies": {"alpha": "*"},
+                "pypi-options": {"index-url": f"{url}simple"},
+            },
         )
         lock_path = solved(project, tmp_path / "cache")
     assert lock_path.read_text(encoding="utf-8").startswith("version: 6\n")
