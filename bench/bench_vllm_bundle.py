@@ -8,10 +8,11 @@ cache). Prints ratios measured in this run, each against a baseline run in the s
 - warm-cache ``doit pack`` (``doit forget pack:tar`` first; lock and verify up to date) against
   ``tar cf`` of the same cached files. Target <= 1.25.
 - first ``doit install`` (fresh project dir and rattler cache) against ``uv pip install
-  --offline --no-index --find-links DIR`` of the same wheels (pinned) into a fresh venv of the
-  same Python, with a fresh uv cache. Target <= 1.2. Ours does more: the bundle's sha256, tar
-  extraction, the hashes against the lock, the conda install, the verify task and the import
-  check of torch and vLLM (~10 s of imports together).
+  --offline --no-index --no-deps --find-links DIR`` of the same wheels (pinned; --no-deps: the
+  lock leaves torchvision & co out on purpose, and ours installs exactly the locked files)
+  into a fresh venv of the same Python, with a fresh uv cache. Target <= 1.2. Ours does
+  more: the bundle's sha256, tar extraction, the hashes against the lock, the conda install,
+  the verify task and the import check of torch and vLLM (~10 s of imports together).
 - the same ``doit install`` against pixi-unpack's method: ``tar -x``, ``rattler.install`` of
   the channel's records, ``uv pip install`` of ``pypi/``. Reported.
 - no-op ``doit pack`` and ``doit install`` (everything up to date) against the same commands
@@ -77,8 +78,8 @@ def install_baselines(bundle: Path, wheels: list[str], work: Path) -> dict[str, 
         subprocess.run([uv, "venv", "-q", "--python", python, str(venv)], check=True)
         subprocess.run(
             [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--offline",
-             "--no-index", "--find-links", str(pypi), "--no-config", "--cache-dir", str(cache),
-             *wheels],
+             "--no-index", "--no-deps", "--find-links", str(pypi), "--no-config",
+             "--cache-dir", str(cache), *wheels],
             check=True,
         )  # fmt: skip
 
