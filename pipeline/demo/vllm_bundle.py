@@ -136,7 +136,10 @@ def pypi_options(pip: PipSettings) -> dict[str, Any]:
         ]
     if pip.extra_index_urls:
         options["index-strategy"] = "unsafe-best-match"
-    options["dependency-overrides"] = {name: f"{name} ; {NEVER}" for name in EXCLUDED}
+    # pixi's spelling of an override: a table with the version and the environment markers.
+    options["dependency-overrides"] = {
+        name: {"version": "*", "env-markers": NEVER} for name in EXCLUDED
+    }
     return options
 
 
