@@ -349,3 +349,12 @@ def test_the_real_control_endpoint_wants_the_token_and_records_heartbeats():
     finally:
         server.close()
     assert gang.http_poll(f"http://127.0.0.1:{port}", "big", TOKEN, params, 1.0) is None
+
+
+def test_a_leader_that_exits_0_after_its_follower_died_restarts_the_gang(pair):
+    # Measured: SIGKILL of the follower's member makes the leader's API server exit with
+    # code 0; a one-node instance's clean exit is not restarted, a gang leader's must be.
+    pair.ready()
+    pair.world.exit(pair.popen(0), 0)
+    pair.tick(0.1)
+    assert pair.state(0) is S.BACKOFF and pair.rec(0).reason == "exited (exit code 0)"

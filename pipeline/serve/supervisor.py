@@ -503,7 +503,10 @@ class Supervisor:
             if code is not None:
                 if now - proc.started_mono >= STABLE_AFTER:
                     proc.streak = 0
-                self._failed(proc, now, f"exited ({_describe_exit(code)})", clean=code == 0)
+                # A gang's leader exits 0 when a follower dies under it (vLLM's API server
+                # shuts down cleanly): on bare nodes that is a gang failure like any other.
+                clean = code == 0 and proc.role != "leader"
+                self._failed(proc, now, f"exited ({_describe_exit(code)})", clean=clean)
         elif state is InstanceState.BACKOFF:
             if now >= proc.deadline and self._may_start(proc, first=False):
                 self._spawn(proc, now)
