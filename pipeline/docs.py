@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.serve.config import Control, Gateway, Master, Server, json_schema
+from pipeline.serve.config import Cluster, Control, Gateway, Master, Server, json_schema
 from pipeline.settings import REPO_ROOT, variables_markdown
 
 SCHEMA = REPO_ROOT / "docs" / "serve-config.schema.json"
@@ -82,6 +82,7 @@ def keys_markdown() -> str:
             _table(Master, "[master]"),
             _table(Control, "[instance.control] and [instance.<name>.control]"),
             _table(Server, "[instance.server] and [instance.<name>.server]"),
+            _table(Cluster, "[instance.<name>.cluster]"),
             _table(Gateway, "[gateway]"),
         ]
     )

@@ -7,6 +7,7 @@ the models here by :func:`json_schema`)::
     [instance.control]       defaults for every instance: how the process runs
     [instance.server]        defaults for every instance: what vLLM is told
     [instance.<name>.control] / [instance.<name>.server]   one instance; overrides the defaults
+    [instance.<name>.cluster]  one instance across several nodes (vLLM's multi-node runtime)
     [gateway]                one port in front of every instance, routing by model name
     [gateway.aliases]        <instance> = ["more", "names"]: extra model names of an instance
 
@@ -386,6 +387,112 @@ class Gateway(_Strict):
         return value
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Flags the launcher sets from [instance.<name>.cluster] on a multi-node instance.
+CLUSTER_FLAGS = {
+    "--nnodes": "cluster.nodes",
+    "-n": "cluster.nodes",
+    "--node-rank": "cluster.rank (or doit serve --node-rank)",
+    "-r": "cluster.rank (or doit serve --node-rank)",
+    "--master-addr": "cluster.leader",
+    "--master-port": "cluster.master_port",
+    "--headless": "the node rank (ranks above 0 run headless)",
+    "--data-parallel-size": "cluster.data_parallel",
+    "-dp": "cluster.data_parallel",
+    "--data-parallel-address": "cluster.leader",
+    "-dpa": "cluster.leader",
+}
+
+
+class Cluster(_Strict):
+    """One instance across several nodes on vLLM's own multi-node runtime (``mp`` executor).
+
+    Every node reads the same TOML; each runs one member of the instance (its node rank). Rank 0
+    runs the leader member (the HTTP port); the others run ``--headless`` members.
+    """
+
+    nodes: int = Field(..., ge=2, description="Number of nodes the instance spans (>= 2).")
+    leader: str = Field(
+        "auto",
+        min_length=1,
+        pattern=r"^[^\s]+$",
+        description=(
+            "Address of rank 0, or `auto`: `LWS_LEADER_ADDRESS`, then the first host of "
+            "`SLURM_JOB_NODELIST`, then the first line of `SKYPILOT_NODE_IPS`."
+        ),
+    )
+    rank: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "This node's rank, or `auto`: `doit serve --node-rank N`, then `LWS_WORKER_INDEX`, "
+            "`SLURM_NODEID`, `SKYPILOT_NODE_RANK`."
+        ),
+    )
+    interface: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.:@-]{1,15}$",
+        description=(
+            "Network interface between the nodes: sets `GLOO_SOCKET_IFNAME` and "
+            "`NCCL_SOCKET_IFNAME`, and `VLLM_HOST_IP` from its IPv4 address."
+        ),
+    )
+    master_port: int = Field(
+        29501, ge=1, le=65535, description="Port of the leader's rendezvous (`--master-port`)."
+    )
+    data_parallel: int = Field(
+        1, ge=1, description="Data-parallel ranks over all nodes (`--data-parallel-size`)."
+    )
+    token_env: str | None = Field(
+        None,
+        pattern=_ENV_NAME,
+        description=(
+            "Name of the variable holding the shared control token of the gang (bare nodes: "
+            "the leader's supervisor and the followers' authenticate with it)."
+        ),
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f'a node rank is >= 0 or "auto" (got {value})')
+        return value
+
+
+def pipeline_parallel_size(extra_args: Iterable[str]) -> int:
+    """``--pipeline-parallel-size`` / ``-pp`` from extra_args (last one wins), else 1.
+
+    A value that is not a positive integer counts as 1: vLLM refuses it at start with its own
+    message.
+    """
+    size = 1
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--pipeline-parallel-size", "-pp"):
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value.isdigit() and int(value) >= 1:
+            size = int(value)
+    return size
+
+
+def executor_backend(extra_args: Iterable[str]) -> str | None:
+    """``--distributed-executor-backend`` from extra_args (last one wins), else None."""
+    backend = None
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag != "--distributed-executor-backend":
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        backend = value
+    return backend
+
+
 class Instance(BaseModel):
     """One resolved instance: defaults merged with its own tables."""
 
@@ -394,6 +501,12 @@ class Instance(BaseModel):
     name: str
     control: Control
     server: Server
+    cluster: Cluster | None = None
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the instance spans: 1 without a cluster table."""
+        return self.cluster.nodes if self.cluster is not None else 1
 
 
 class ServeConfig(BaseModel):
@@ -624,11 +737,16 @@ def build_config(
                 "starting with a letter or digit",
                 name,
             )
-        _check_keys(own, RESERVED_NAMES, f"instance.{name}.", loc, name)
+        _check_keys(own, (*RESERVED_NAMES, "cluster"), f"instance.{name}.", loc, name)
         own_control = _check_table(own.get("control", {}), f"instance.{name}.control", loc, name)
         own_server = _check_table(own.get("server", {}), f"instance.{name}.server", loc, name)
         _check_keys(own_control, Control.model_fields, f"instance.{name}.control.", loc, name)
         _check_keys(own_server, Server.model_fields, f"instance.{name}.server.", loc, name)
+        cluster = None
+        if "cluster" in own:
+            own_cluster = _check_table(own["cluster"], f"instance.{name}.cluster", loc, name)
+            _check_keys(own_cluster, Cluster.model_fields, f"instance.{name}.cluster.", loc, name)
+            cluster = _validate(Cluster, own_cluster, f"instance.{name}.cluster.", loc, name)
 
         implicit = name not in instance_root
         origin_of = {
@@ -661,6 +779,7 @@ def build_config(
                 name=name,
                 control=_anchor(control, base_dir),
                 server=_anchor(server, base_dir),
+                cluster=cluster,
             )
         )
 
@@ -724,6 +843,8 @@ def _validate(
         top = parts[0] if parts else ""
         key = origin(top) if origin is not None else f"{prefix}{top}"
         key = ".".join([key, *parts[1:]])
+        if err["type"] == "missing" and model is Cluster:
+            raise loc.error(key, "required in a cluster table", instance) from None
         if err["type"] == "missing":
             section = "server" if model is Server else "control"
             raise loc.error(
@@ -805,7 +926,9 @@ def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
                 "set either api_key or api_key_env, not both",
                 inst.name,
             )
-        if ctl.gpu_ids and srv.tensor_parallel_size != len(ctl.gpu_ids):
+        if inst.cluster is not None:
+            check_cluster(inst, loc)
+        elif ctl.gpu_ids and srv.tensor_parallel_size != len(ctl.gpu_ids):
             raise loc.error(
                 loc.key(inst.name, "server", "tensor_parallel_size"),
                 f"is {srv.tensor_parallel_size} but gpu_ids {ctl.gpu_ids} lists "
@@ -843,6 +966,77 @@ def check_instances(config: ServeConfig, loc: _Located | None = None) -> None:
             "all enabled instances must agree on background (one supervisor runs them all); "
             "set it in [instance.control]",
             fg[0],
+        )
+
+
+_LOOPBACK = re.compile(r"^(127\.|::1$|localhost$|0\.0\.0\.0$)")
+
+
+def check_cluster(inst: Instance, loc: _Located) -> None:
+    """The static rules of a multi-node instance (rank and platform: :mod:`pipeline.serve.cluster`).
+
+    The parallel sizes fill the nodes: ``tensor_parallel_size * data_parallel *
+    pipeline_parallel_size`` equals ``nodes * len(gpu_ids)``; with ``gpu_ids = []`` (the CPU
+    build) the per-node count is that product divided by ``nodes``, a whole number. vLLM's
+    multi-node mode needs its ``mp`` executor with multiprocessing and a routable host address.
+    """
+    cluster, srv, ctl = inst.cluster, inst.server, inst.control
+    assert cluster is not None
+    tp, dp = srv.tensor_parallel_size, cluster.data_parallel
+    pp = pipeline_parallel_size(srv.extra_args)
+    total = tp * dp * pp
+    sizes = f"tensor_parallel_size {tp} * data_parallel {dp}" + (
+        f" * pipeline_parallel_size {pp}" if pp != 1 else ""
+    )
+    if ctl.gpu_ids and total != cluster.nodes * len(ctl.gpu_ids):
+        raise loc.error(
+            loc.key(inst.name, "server", "tensor_parallel_size"),
+            f"{sizes} = {total} must equal cluster.nodes {cluster.nodes} * {len(ctl.gpu_ids)} "
+            f"GPU(s) per node (gpu_ids {ctl.gpu_ids}) = {cluster.nodes * len(ctl.gpu_ids)}",
+            inst.name,
+        )
+    if not ctl.gpu_ids and total % cluster.nodes:
+        raise loc.error(
+            loc.key(inst.name, "server", "tensor_parallel_size"),
+            f"{sizes} = {total} does not divide over cluster.nodes {cluster.nodes} "
+            "(gpu_ids = []: each node runs the product / nodes workers)",
+            inst.name,
+        )
+    for arg in srv.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in CLUSTER_FLAGS:
+            raise loc.error(
+                loc.key(inst.name, "server", "extra_args"),
+                f"{flag} is set from {CLUSTER_FLAGS[flag]} on a multi-node instance; remove it",
+                inst.name,
+            )
+    if executor_backend(srv.extra_args) == "uni":
+        raise loc.error(
+            loc.key(inst.name, "server", "extra_args"),
+            "--distributed-executor-backend uni runs one process; a multi-node instance needs "
+            "mp (the default here) or ray",
+            inst.name,
+        )
+    if ctl.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        raise loc.error(
+            loc.key(inst.name, "control", "env") + ".VLLM_ENABLE_V1_MULTIPROCESSING",
+            "0 turns off the engine processes a multi-node instance needs; remove it",
+            inst.name,
+        )
+    host_ip = ctl.env.get("VLLM_HOST_IP")
+    if host_ip is not None and _LOOPBACK.match(host_ip):
+        raise loc.error(
+            loc.key(inst.name, "control", "env") + ".VLLM_HOST_IP",
+            f"{host_ip!r} is not reachable from the other nodes; set cluster.interface or the "
+            "node's own address",
+            inst.name,
+        )
+    if isinstance(cluster.rank, int) and cluster.rank >= cluster.nodes:
+        raise loc.error(
+            f"instance.{inst.name}.cluster.rank",
+            f"rank {cluster.rank} is out of range for nodes = {cluster.nodes} "
+            f"(0 to {cluster.nodes - 1})",
+            inst.name,
         )
 
 
@@ -894,8 +1088,9 @@ def json_schema() -> dict[str, Any]:
     server = Server.model_json_schema()
     master = Master.model_json_schema()
     gateway = Gateway.model_json_schema()
+    cluster = Cluster.model_json_schema()
     defs: dict[str, Any] = {}
-    for schema in (control, server, master, gateway):
+    for schema in (control, server, master, gateway, cluster):
         defs.update(schema.pop("$defs", {}))
     # Defaults tables may leave out `model`: only the merged instance must have it.
     server_defaults = dict(server)
@@ -908,6 +1103,7 @@ def json_schema() -> dict[str, Any]:
         "properties": {
             "control": {"$ref": "#/$defs/Control"},
             "server": {"$ref": "#/$defs/ServerDefaults"},
+            "cluster": {"$ref": "#/$defs/Cluster"},
         },
     }
     defs.update(
@@ -917,6 +1113,7 @@ def json_schema() -> dict[str, Any]:
             "ServerDefaults": server_defaults,
             "Master": master,
             "Gateway": gateway,
+            "Cluster": cluster,
             "Instance": instance,
         }
     )
