@@ -438,7 +438,13 @@ class Cluster(_Strict):
         ),
     )
     master_port: int = Field(
-        29501, ge=1, le=65535, description="Port of the leader's rendezvous (`--master-port`)."
+        29501,
+        ge=1,
+        le=65534 - 100,
+        description=(
+            "Port of the leader's rendezvous (`--master-port`); on bare nodes the leader's "
+            "supervisor serves the gang's control endpoint on `master_port + 100`."
+        ),
     )
     data_parallel: int = Field(
         1, ge=1, description="Data-parallel ranks over all nodes (`--data-parallel-size`)."

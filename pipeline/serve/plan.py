@@ -14,6 +14,14 @@ instance's ``api_key_env``, the gateway's ``api_keys_env``, the pipeline's own s
 are listed in each plan's ``env_remove`` and taken out of the inherited environment. An
 instance gets its own key as ``VLLM_API_KEY`` only (``trust_remote_code`` model code runs in
 that process); the gateway gets every key it needs inside ``PIPELINE_GATEWAY_CONFIG``.
+
+A multi-node instance (``[instance.<name>.cluster]``) is planned per node: the node's rank
+(``--node-rank``, else the platform's) and its environment in, this node's member out. Its
+members start through vLLM's CLI (``python -m vllm.entrypoints.cli.main serve MODEL``: the
+OpenAI module ignores ``--headless``) with ``--nnodes``, ``--node-rank``, ``--master-addr``
+and ``--master-port``. Rank 0 runs the leader member (the HTTP port), every one-node
+instance and the gateway; a higher rank runs only ``--headless`` members of multi-node
+instances: no HTTP port, no API key.
 """
 
 from __future__ import annotations
@@ -31,10 +39,20 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
 from pipeline.pixi.envs import Runtime
-from pipeline.serve.config import GATEWAY_NAME, Instance, RestartPolicy, ServeConfig
+from pipeline.serve.cluster import Member, node_rank, resolve_member
+from pipeline.serve.config import (
+    GATEWAY_NAME,
+    Instance,
+    RestartPolicy,
+    ServeConfig,
+    executor_backend,
+    pipeline_parallel_size,
+)
 from pipeline.settings import SECRET_VARIABLES, package_pythonpath
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# `vllm serve`'s code path: the only one that honours --headless (multi-node members).
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
 GATEWAY_MODULE = "pipeline.gateway"
 LOOPBACK = "127.0.0.1"
 # The gateway starts in well under a second and holds no model: short limits, quick restarts.
@@ -77,6 +95,8 @@ class InstancePlan(BaseModel):
     notes: tuple[str, ...] = ()
     # Inherited variables the child must not see: other instances' and the gateway's keys.
     env_remove: tuple[str, ...] = ()
+    # This node's member of a multi-node instance (None: a one-node instance).
+    member: Member | None = None
 
     def display_env(self) -> dict[str, str]:
         """The added environment as shown to people: secrets masked."""
@@ -125,6 +145,10 @@ class Plan(BaseModel):
     instances: tuple[InstancePlan, ...]
     disabled: tuple[str, ...]
     gateway: GatewayPlan | None = None
+    # This node's rank (0 without multi-node instances) and the one-node instances left to
+    # rank 0 (planned elsewhere, not here).
+    node_rank: int = 0
+    elsewhere: tuple[str, ...] = ()
 
     @property
     def processes(self) -> tuple[InstancePlan, ...]:
@@ -148,12 +172,20 @@ class Plan(BaseModel):
             "disabled": list(self.disabled),
             "instances": [],
         }
+        if self.node_rank or self.elsewhere or any(i.member for i in self.instances):
+            out["node_rank"] = self.node_rank
+            out["on_rank_0"] = list(self.elsewhere)
         for order, inst in enumerate(self.instances):
             item = inst.model_dump(
                 mode="json",
-                exclude={"secret_env", "missing_secrets", "env"},
+                exclude={"secret_env", "missing_secrets", "env", "member"},
             )
             item["env"] = inst.display_env()
+            if inst.member is not None:
+                member = inst.member.model_dump(mode="json", exclude={"token"})
+                member["token"] = MASK if inst.member.token is not None else None
+                item.pop("member", None)
+                item["member"] = member
             item["start_order"] = order
             out["instances"].append(item)
         if self.gateway is not None:
@@ -182,6 +214,8 @@ class Plan(BaseModel):
         data = self.model_dump(mode="json")
         for item, inst in zip(data["instances"], self.instances, strict=True):
             item["secret_env"] = {k: v.get_secret_value() for k, v in inst.secret_env.items()}
+            if inst.member is not None and inst.member.token is not None:
+                item["member"]["token"] = inst.member.token.get_secret_value()
         if self.gateway is not None:
             data["gateway"]["secret_env"] = {
                 k: v.get_secret_value() for k, v in self.gateway.secret_env.items()
@@ -222,6 +256,73 @@ def _vllm_args(inst: Instance, host: str, aliases: tuple[str, ...]) -> list[str]
     return [*args, *srv.extra_args]
 
 
+def _member_args(inst: Instance, member: Member, host: str, aliases: tuple[str, ...]) -> list[str]:
+    """vLLM's CLI arguments for this node's member of a multi-node instance. Pure.
+
+    The leader (rank 0) gets the HTTP side (host, port, names, one API server with data
+    parallelism); the others run ``--headless``. ``mp`` is vLLM's multi-node executor, added
+    unless extra_args picks one (``ray``, the extra-args recipe).
+    """
+    srv = inst.server
+    cluster = inst.cluster
+    assert cluster is not None
+    args = ["-m", VLLM_CLI_MODULE, "serve", srv.model]
+    if member.is_leader:
+        args += ["--host", host, "--port", str(srv.port)]
+        if aliases:
+            args += ["--served-model-name", *srv.model_names, *aliases]
+        elif srv.served_model_name:
+            args += ["--served-model-name", srv.served_model_name]
+    args += ["--dtype", srv.dtype, "--tensor-parallel-size", str(srv.tensor_parallel_size)]
+    if cluster.data_parallel > 1:
+        args += ["--data-parallel-size", str(cluster.data_parallel)]
+        if member.is_leader and not any(
+            a.split("=", 1)[0] == "--api-server-count" for a in srv.extra_args
+        ):
+            args += ["--api-server-count", "1"]
+    if (
+        executor_backend(srv.extra_args) is None
+        and srv.tensor_parallel_size * pipeline_parallel_size(srv.extra_args) > 1
+    ):
+        args += ["--distributed-executor-backend", "mp"]
+    args += [
+        "--nnodes",
+        str(member.nodes),
+        "--node-rank",
+        str(member.rank),
+        "--master-addr",
+        member.leader,
+        "--master-port",
+        str(member.master_port),
+    ]
+    if not member.is_leader:
+        args.append("--headless")
+    if srv.max_model_len is not None:
+        args += ["--max-model-len", str(srv.max_model_len)]
+    if srv.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", f"{srv.gpu_memory_utilization:g}"]
+    return [*args, *srv.extra_args]
+
+
+def member_env(inst: Instance, member: Member) -> dict[str, str]:
+    """The variables a member needs on its node (before ``control.env``, which wins). Pure.
+
+    ``interface`` names the socket interface for gloo and NCCL; ``VLLM_HOST_IP`` is this
+    node's address (unset, vLLM probes 8.8.8.8 and falls back to 0.0.0.0 without a route).
+    On the CPU build (``gpu_ids = []``) OpenMP threads are not bound: vLLM's automatic binding
+    assumes it owns the cores of the node.
+    """
+    env: dict[str, str] = {}
+    if member.interface is not None:
+        env["GLOO_SOCKET_IFNAME"] = member.interface
+        env["NCCL_SOCKET_IFNAME"] = member.interface
+    if member.host_ip is not None:
+        env["VLLM_HOST_IP"] = member.host_ip
+    if not inst.control.gpu_ids:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
 def start_order(instances: tuple[Instance, ...]) -> dict[str, str | None]:
     """For each instance, the instance it must wait for (``/health`` 200) before starting.
 
@@ -258,8 +359,14 @@ def build_plan(
     *,
     state_file: Path | None = None,
     python: str | None = None,
+    node_rank_arg: int | None = None,
+    addresses: Mapping[str, str] | None = None,
 ) -> Plan:
-    """The launch plan. Pure: reads ``environ`` only for ``api_key_env`` values.
+    """The launch plan of this node. Pure: reads ``environ`` only for ``api_key_env`` values,
+    the platform's variables and the gang's token (multi-node instances).
+
+    ``node_rank_arg`` is ``--node-rank`` (None: the platform's, else 0); ``addresses`` maps
+    this node's interfaces to their IPv4 addresses (for ``cluster.interface``).
 
     Secrets reach vLLM through ``VLLM_API_KEY`` in its environment, never argv (``ps`` shows
     argv to every user) and never the plan's display.
@@ -268,8 +375,22 @@ def build_plan(
     follows (None: it treats every instance as running; for tests of the planner), and
     ``python`` runs it (default: this interpreter, which has the pipeline importable).
     """
-    enabled = config.enabled
-    gateway_on = config.gateway.enable
+    rank_here = node_rank(node_rank_arg, environ, source=config.source) or 0
+    members: dict[str, Member] = {}
+    here: list[Instance] = []
+    elsewhere: list[str] = []
+    for inst in config.enabled:
+        if inst.cluster is not None:
+            members[inst.name] = resolve_member(
+                inst, node_rank_arg, environ, addresses or {}, source=config.source
+            )
+            here.append(inst)
+        elif rank_here == 0:
+            here.append(inst)
+        else:
+            elsewhere.append(inst.name)
+    enabled = tuple(here)
+    gateway_on = config.gateway.enable and rank_here == 0
     secret_vars = key_variables(config)
     # Instances come sorted by name and a chain always waits for an earlier name, so this
     # order is also a valid start order.
@@ -277,14 +398,20 @@ def build_plan(
     instances = []
     for inst in enabled:
         ctl, srv = inst.control, inst.server
+        member = members.get(inst.name)
+        follower = member is not None and not member.is_leader
         env: dict[str, str] = dict(runtime.env)
         if ctl.gpu_ids:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ctl.gpu_ids)
+        if member is not None:
+            env.update(member_env(inst, member))
         env.update(ctl.env)
         secret_env: dict[str, SecretStr] = {}
         missing: dict[str, str] = {}
-        if srv.api_key is not None:
+        if follower:
+            pass  # headless: no HTTP port, so no key
+        elif srv.api_key is not None:
             secret_env["VLLM_API_KEY"] = SecretStr(srv.api_key)
         elif srv.api_key_env is not None:
             value = environ.get(srv.api_key_env)
@@ -302,31 +429,46 @@ def build_plan(
         aliases = config.aliases(inst.name)
         connect = _connect_host(host)
         log_dir = Path(ctl.log_dir)
+        restart, max_restarts = ctl.restart, ctl.max_restarts
+        if member is None:
+            args = _vllm_args(inst, host, aliases)
+        else:
+            args = _member_args(inst, member, host, aliases)
+            if member.platform is not None:
+                # The platform restarts the whole group; a member restarted alone could
+                # never rejoin the others.
+                restart, max_restarts = RestartPolicy.NO, 0
+                notes += (
+                    f"under {member.platform}: members never restart on their own; the "
+                    "platform restarts the group",
+                )
+        port = 0 if follower else srv.port
         instances.append(
             InstancePlan(
                 name=inst.name,
-                argv=runtime.command(*_vllm_args(inst, host, aliases)),
+                argv=runtime.command(*args),
                 env=env,
                 secret_env=secret_env,
                 missing_secrets=missing,
                 cwd=str(log_dir),
                 log_file=str(log_dir / f"{inst.name}.log"),
-                host=host,
-                port=srv.port,
-                health_url=f"http://{connect}:{srv.port}/health",
-                base_url=f"http://{connect}:{srv.port}",
+                host="" if follower else host,
+                port=port,
+                health_url="" if follower else f"http://{connect}:{srv.port}/health",
+                base_url="" if follower else f"http://{connect}:{srv.port}",
                 gpu_ids=tuple(ctl.gpu_ids),
-                model_names=config.model_names(inst),
+                model_names=() if follower else config.model_names(inst),
                 start_after=after[inst.name],
                 ready_timeout=ctl.ready_timeout,
                 stop_grace=ctl.stop_grace,
-                restart=ctl.restart,
-                max_restarts=ctl.max_restarts,
+                restart=restart,
+                max_restarts=max_restarts,
                 backoff_initial=ctl.backoff_initial,
                 backoff_max=ctl.backoff_max,
                 notes=notes,
                 # A variable the instance's own `control.env` sets is its to have.
                 env_remove=tuple(v for v in secret_vars if v not in ctl.env),
+                member=member,
             )
         )
     background = all(i.control.background for i in enabled) if enabled else True
@@ -341,6 +483,8 @@ def build_plan(
         instances=tuple(instances),
         disabled=tuple(i.name for i in config.instances if not i.control.enabled),
         gateway=gateway,
+        node_rank=rank_here,
+        elsewhere=tuple(elsewhere),
     )
 
 
@@ -369,6 +513,8 @@ def gateway_plan(
     upstreams = []
     routes: dict[str, str] = {}
     for inst in instances:
+        if inst.member is not None and not inst.member.is_leader:
+            continue  # a headless member has no HTTP port
         key = inst.secret_env.get("VLLM_API_KEY")
         upstreams.append(
             Upstream(

@@ -94,7 +94,7 @@ def host_problems(
                     f"{where}: control.gpu_ids {list(inst.gpu_ids)} but this host shows "
                     f"{available} GPU(s) (ids 0..{available - 1})"
                 )
-        if in_use(inst.host, inst.port):
+        if inst.port and in_use(inst.host, inst.port):
             problems.append(
                 f"{where}: port {inst.port} is already in use on {inst.host}; stop what holds "
                 "it or change server.port"
