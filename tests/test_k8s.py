@@ -211,15 +211,44 @@ def test_the_pods_run_only_the_instance_and_no_gateway():
     assert pod.config.gateway.enable is False
 
 
+def test_each_pod_plans_its_member_from_what_lws_and_the_manifest_give_it():
+    """The serve side, fed the pod's environment (the manifest's env plus what LWS injects),
+    plans a leader on rank 0 and a headless member without key on rank 1."""
+    from pipeline.pixi.envs import Runtime
+    from pipeline.serve.plan import build_plan
+
+    pod = k8s.pod_config(TWO_NODES, "serve.toml", "big")
+    runtime = Runtime(kind="path", description="python on PATH", python="/usr/bin/python3")
+    leader_addr = "big-0.big.default"
+    plans = {}
+    for rank, ip in ((0, "10.1.0.7"), (1, "10.1.0.8")):
+        environ = {
+            "LWS_LEADER_ADDRESS": leader_addr,
+            "LWS_WORKER_INDEX": str(rank),
+            "LWS_GROUP_SIZE": "2",
+            "VLLM_HOST_IP": ip,  # the manifest's status.podIP
+            **({"VLLM_API_KEY_BIG": "k"} if rank == 0 else {}),
+        }
+        plans[rank] = build_plan(pod.config, runtime, environ, addresses={})
+    for rank, plan in plans.items():
+        (inst,) = plan.instances
+        assert plan.gateway is None
+        assert inst.member.platform == "lws" and inst.member.rank == rank
+        assert inst.member.leader == leader_addr
+        assert inst.env["VLLM_HOST_IP"] == ("10.1.0.7", "10.1.0.8")[rank]
+        assert ("--headless" in inst.argv) == (rank == 1)
+    assert plans[0].instances[0].port == 8000
+    assert plans[1].instances[0].missing_secrets == {}
+
+
 def test_keys_come_from_the_secret_the_api_key_to_the_leader_only():
     leader, worker = templates(build(options=K8sOptions(image="i", secret="vllm-keys")))
     ref = {"secretKeyRef": {"name": "vllm-keys", "key": "VLLM_API_KEY_BIG"}}
     assert env_of(serve_container(leader))["VLLM_API_KEY_BIG"] == ref
     assert "VLLM_API_KEY_BIG" not in env_of(serve_container(worker)), "headless: no API key"
-    token = {"secretKeyRef": {"name": "vllm-keys", "key": "GANG_TOKEN"}}
-    assert env_of(serve_container(worker))["GANG_TOKEN"] == token
-    assert env_of(serve_container(leader))["GANG_TOKEN"] == token
-    assert "value" not in json.dumps(ref)
+    # The gang's control token is for bare nodes: under LWS the platform restarts the group.
+    assert "GANG_TOKEN" not in env_of(serve_container(worker))
+    assert "GANG_TOKEN" not in env_of(serve_container(leader))
 
 
 def test_the_leader_is_ready_on_health_and_the_workers_probe_the_leader():
@@ -431,8 +460,7 @@ def test_doit_k8s_writes_the_manifest_and_names_the_secret_entries(tmp_path, sta
         "serve.toml": TWO_NODES
     }
     assert (
-        "kubectl create secret generic big-keys --from-literal=GANG_TOKEN=... "
-        "--from-literal=VLLM_API_KEY_BIG=..."
+        "kubectl create secret generic big-keys --from-literal=VLLM_API_KEY_BIG=..."
     ) in result.stderr
 
 

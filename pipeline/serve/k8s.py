@@ -17,10 +17,10 @@ container shares; the main container runs ``doit serve --foreground NAME`` as PI
 ``VLLM_HOST_IP`` from ``status.podIP``; rank and leader come from the ``LWS_WORKER_INDEX`` and
 ``LWS_LEADER_ADDRESS`` that LWS puts in every container (so ``cluster.rank`` and
 ``cluster.leader`` must be ``"auto"``). ``/dev/shm`` is a memory emptyDir. Keys come from a
-Secret as ``secretKeyRef`` variables, never from the TOML. The leader has a readiness probe on
-vLLM's ``/health``; workers have a startup and a liveness probe that connect to the leader's
-rendezvous port (``cluster.master_port``: the TCP store of the leader's first worker, up for as
-long as the gang is).
+Secret as ``secretKeyRef`` variables (the leader's ``api_key_env``), never from the TOML. The
+leader has a readiness probe on vLLM's ``/health``; workers have a startup and a liveness
+probe that connect to the leader's rendezvous port (``cluster.master_port``: the TCP store of
+the leader's first worker, up for as long as the gang is).
 
 Everything else in the TOML keeps its meaning, with two changes made in the pods through
 ``AUTO_INFER_VLLM_OVERRIDES``: every other instance is disabled, and so is the gateway (the
@@ -151,10 +151,9 @@ def lws_name(options: K8sOptions, instance: str) -> str:
 
 
 def secret_entries(config: ServeConfig, instance: str) -> tuple[str, ...]:
-    """The Secret's entries the pods read: the instance's api_key_env and cluster.token_env."""
-    inst = config.instance(instance)
-    names = [inst.server.api_key_env, inst.cluster.token_env if inst.cluster else None]
-    return tuple(sorted({n for n in names if n}))
+    """The Secret's entries the pods read: the instance's ``api_key_env`` (leader only)."""
+    key = config.instance(instance).server.api_key_env
+    return (key,) if key else ()
 
 
 def manifest(pod: PodConfig, instance: str, options: K8sOptions) -> dict[str, Any]:
@@ -213,7 +212,6 @@ def manifest(pod: PodConfig, instance: str, options: K8sOptions) -> dict[str, An
         *([_env("AUTO_INFER_VLLM_OVERRIDES", overrides_text)] if overrides else []),
         {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    token = [_secret_env(cluster.token_env, secret)] if cluster.token_env else []
     keys = [_secret_env(srv.api_key_env, secret)] if srv.api_key_env else []
     serve_mounts = [
         *mounts,
@@ -226,7 +224,9 @@ def manifest(pod: PodConfig, instance: str, options: K8sOptions) -> dict[str, An
             "name": "serve",
             "image": options.image,
             "command": [*doit, "serve", "--foreground", inst.name],
-            "env": [*serve_env, *token, *(keys if leader else [])],
+            # Headless members have no HTTP port, so no key; cluster.token_env is for bare
+            # nodes (under LWS the platform restarts the group: no control endpoint).
+            "env": [*serve_env, *(keys if leader else [])],
             "volumeMounts": serve_mounts,
         }
         ports = [{"name": "rendezvous", "containerPort": cluster.master_port, "protocol": "TCP"}]
