@@ -6,11 +6,14 @@ hand-written schema of the Service and ConfigMap fields it writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +173,13 @@ def test_an_init_container_installs_the_bundle_into_the_volume_the_server_runs_f
 def test_the_main_container_serves_the_one_instance_in_the_foreground_with_the_pod_ip():
     for template in templates(build()):
         serve = serve_container(template)
-        assert serve["command"][-3:] == ["serve", "--foreground", "big"]
+        shell, flag, script = serve["command"]
+        assert (shell, flag) == ("/bin/sh", "-c")
+        assert script.endswith(
+            " exec /soft/app/infer-vllm-pipeline/.venv/bin/doit -f "
+            "/soft/app/infer-vllm-pipeline/dodo.py serve --foreground big"
+        )
+        assert script.startswith("tail -n +1 -F /tmp/vllm-logs/big.log 2>/dev/null &")
         env = env_of(serve)
         assert env["VLLM_HOST_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert env["AUTO_INFER_VLLM_CONFIG"] == "/etc/infer-vllm/serve.toml"
@@ -264,6 +273,33 @@ def test_the_leader_is_ready_on_health_and_the_workers_probe_the_leader():
     # The leader's install and load (ready_timeout 900 s) fit in the startup window.
     startup = work["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 900
+
+
+def test_the_serve_command_execs_doit_as_pid_1_and_copies_the_log_to_stdout(tmp_path):
+    """Run the command with a stand-in doit: exec keeps the shell's pid, and the log's lines
+    (written after the start, as the supervisor would) reach stdout."""
+    log = tmp_path / "logs" / "big.log"
+    fake = tmp_path / "doit"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'mkdir -p {log.parent}; echo "pid $$ args $*"; echo vllm-line >> {log}; sleep 2\n',
+        encoding="utf-8",
+    )
+    fake.chmod(0o755)
+    argv = k8s.serve_command([str(fake)], "big", str(log))
+    out_file = tmp_path / "stdout"
+    with out_file.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, start_new_session=True)
+    try:
+        proc.wait(timeout=30)
+        time.sleep(1.5)  # tail -F polls each second
+    finally:
+        # In a pod the container ends with PID 1; here the tail is left to put down.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = out_file.read_text()
+    assert f"pid {proc.pid} args serve --foreground big" in out
+    assert "vllm-line" in out
 
 
 def test_the_worker_probe_passes_while_the_leader_port_answers_and_fails_once_it_is_gone():
@@ -430,7 +466,7 @@ def test_unusable_options_are_refused(options, message):
 def test_the_set_is_named_after_the_instance_in_kubernetes_spelling():
     document = build(TWO_NODES.replace("instance.big.", "instance.Big_1."), instance="Big_1")
     assert items(document)["LeaderWorkerSet"]["metadata"]["name"] == "big-1"
-    assert serve_container(templates(document)[0])["command"][-1] == "Big_1"
+    assert serve_container(templates(document)[0])["command"][-1].endswith("--foreground Big_1")
 
 
 def test_an_instance_name_kubernetes_refuses_asks_for_a_name():

@@ -12,15 +12,16 @@ three objects, in this order:
 - a ClusterIP Service in front of the leader pods (the group's headless Service, which LWS
   names after the set, is for the members' rendezvous).
 
-Each pod: an init container runs ``doit install`` from the bundle into an emptyDir that the main
-container shares; the main container runs ``doit serve --foreground NAME`` as PID 1, with
-``VLLM_HOST_IP`` from ``status.podIP``; rank and leader come from the ``LWS_WORKER_INDEX`` and
-``LWS_LEADER_ADDRESS`` that LWS puts in every container (so ``cluster.rank`` and
-``cluster.leader`` must be ``"auto"``). ``/dev/shm`` is a memory emptyDir. Keys come from a
-Secret as ``secretKeyRef`` variables (the leader's ``api_key_env``), never from the TOML. The
-leader has a readiness probe on vLLM's ``/health``; workers have a startup and a liveness
-probe that connect to the leader's rendezvous port (``cluster.master_port``: the TCP store of
-the leader's first worker, up for as long as the gang is).
+Each pod: an init container runs ``doit install`` from the bundle into an emptyDir that the
+main container shares; the main container runs ``doit serve --foreground NAME`` as PID 1 (its
+log copied to stdout: :func:`serve_command`), with ``VLLM_HOST_IP`` from ``status.podIP``;
+rank and leader come from the ``LWS_WORKER_INDEX`` and ``LWS_LEADER_ADDRESS`` that LWS puts
+in every container (so ``cluster.rank`` and ``cluster.leader`` must be ``"auto"``).
+``/dev/shm`` is a memory emptyDir. Keys come from a Secret as ``secretKeyRef`` variables (the
+leader's ``api_key_env``), never from the TOML. The leader has a readiness probe on vLLM's
+``/health``; workers have a startup and a liveness probe that connect to the leader's
+rendezvous port (``cluster.master_port``: the TCP store of the leader's first worker, up for
+as long as the gang is).
 
 Everything else in the TOML keeps its meaning, with two changes made in the pods through
 ``AUTO_INFER_VLLM_OVERRIDES``: every other instance is disabled, and so is the gateway (the
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -223,7 +225,7 @@ def manifest(pod: PodConfig, instance: str, options: K8sOptions) -> dict[str, An
         container: dict[str, Any] = {
             "name": "serve",
             "image": options.image,
-            "command": [*doit, "serve", "--foreground", inst.name],
+            "command": serve_command(doit, inst.name, f"{ctl.log_dir}/{inst.name}.log"),
             # Headless members have no HTTP port, so no key; cluster.token_env is for bare
             # nodes (under LWS the platform restarts the group: no control endpoint).
             "env": [*serve_env, *(keys if leader else [])],
@@ -321,6 +323,21 @@ def manifest(pod: PodConfig, instance: str, options: K8sOptions) -> dict[str, An
     # No shared sub-objects (deepcopy would keep them shared): a caller may edit one
     # container without changing the others.
     return json.loads(json.dumps(document))
+
+
+def serve_command(doit: list[str], instance: str, log_file: str) -> list[str]:
+    """The main container's command: ``doit serve --foreground NAME`` as PID 1 (``exec``), with
+    the member's log copied to the container's stdout.
+
+    The supervisor writes vLLM's output to ``log_file``, never a pipe; under
+    ``RecreateGroupOnPodRestart`` a failed pod is deleted with its files, so the container log
+    (``kubectl logs``, the cluster's log collector) is where the first failure's lines survive.
+    ``tail -F`` waits for the file and follows its rotation; it stays a child of PID 1 and ends
+    with the container.
+    """
+    serve = shlex.join([*doit, "serve", "--foreground", instance])
+    tail = f"tail -n +1 -F {shlex.quote(log_file)} 2>/dev/null &"
+    return ["/bin/sh", "-c", f"{tail} exec {serve}"]
 
 
 def leader_probe_code(port: int) -> str:
