@@ -374,6 +374,18 @@ def test_the_cpu_build_asks_for_no_gpu():
         assert "resources" not in serve_container(template)
 
 
+def test_the_multi_node_example_makes_a_valid_manifest():
+    path = Path(__file__).parent.parent / "model-configs" / "vllm-multi-node.toml"
+    pod = k8s.pod_config(path.read_text(encoding="utf-8"), str(path), "big")
+    document = k8s.manifest(pod, "big", OPTIONS)
+    lws = items(document)["LeaderWorkerSet"]
+    jsonschema.Draft7Validator(LWS_SCHEMA).validate(lws)
+    assert unknown_fields(lws, LWS_SCHEMA) == []
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    leader, _ = templates(document)
+    assert serve_container(leader)["resources"] == {"limits": {"nvidia.com/gpu": 8}}
+
+
 def test_output_is_json_kubectl_reads():
     text = k8s.to_json(build())
     assert json.loads(text)["kind"] == "List" and text.endswith("}\n")
