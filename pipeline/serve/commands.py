@@ -46,10 +46,35 @@ if TYPE_CHECKING:
 Say = Callable[[str], None]
 
 
+def interface_addresses(names: list[str]) -> dict[str, str]:
+    """The IPv4 address of each named interface that has one (``SIOCGIFADDR``); the shell
+    side of ``cluster.interface``, so the planner stays pure."""
+    import fcntl
+    import socket
+    import struct
+
+    found: dict[str, str] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                packed = struct.pack("256s", name.encode()[:15])
+                answer = fcntl.ioctl(sock.fileno(), 0x8915, packed)  # SIOCGIFADDR
+            except OSError:
+                continue
+            found[name] = socket.inet_ntoa(answer[20:24])
+    return found
+
+
 def load(
-    settings: Settings, config_path: str | Path | None, environ: Mapping[str, str], *, check: bool
+    settings: Settings,
+    config_path: str | Path | None,
+    environ: Mapping[str, str],
+    *,
+    check: bool,
+    node_rank: int | None = None,
 ) -> tuple[ServeConfig, Plan]:
-    """Config file -> validated config -> plan. ``check``: the environment must exist."""
+    """Config file -> validated config -> plan. ``check``: the environment must exist.
+    ``node_rank``: ``--node-rank`` (multi-node instances; None: the platform's, else 0)."""
     from pipeline.pixi.envs import resolve_runtime
     from pipeline.serve.config import load_config
     from pipeline.serve.plan import build_plan
@@ -73,7 +98,17 @@ def load(
         explicit_project=master.pixi_project_dir is not None,
     )
     state_file = StateStore(settings.serve_state).state_file
-    return config, build_plan(config, runtime, environ, state_file=state_file)
+    interfaces = sorted(
+        {i.cluster.interface for i in config.enabled if i.cluster and i.cluster.interface}
+    )
+    return config, build_plan(
+        config,
+        runtime,
+        environ,
+        state_file=state_file,
+        node_rank_arg=node_rank,
+        addresses=interface_addresses(interfaces) if interfaces else {},
+    )
 
 
 def plan_command(
@@ -84,12 +119,14 @@ def plan_command(
     check: bool = False,
     out: TextIO | None = None,
     say: Say = reporting.say,
+    node_rank: int | None = None,
 ) -> Plan:
-    """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``)."""
+    """Print the resolved launch plan as JSON; host problems are warnings (errors: ``check``).
+    ``node_rank``: plan that node (``doit plan --node-rank 1`` shows a follower's command)."""
     out = out or sys.stdout
     from pipeline.serve.preflight import host_problems
 
-    config, plan = load(settings, config_path, environ, check=check)
+    config, plan = load(settings, config_path, environ, check=check, node_rank=node_rank)
     problems = host_problems(config, plan, environ)
     out.write(json.dumps(plan.to_display(), indent=2) + "\n")
     out.flush()
@@ -185,6 +222,7 @@ def serve_command(
     foreground: bool | None = None,
     say: Say = reporting.say,
     out: TextIO | None = None,
+    node_rank: int | None = None,
 ) -> int:
     """Start every enabled instance (``names``: only those); see the module and README for
     the two modes.
@@ -199,7 +237,7 @@ def serve_command(
     out = out or sys.stdout
     from pipeline.serve.preflight import host_problems
 
-    config, plan = load(settings, config_path, environ, check=True)
+    config, plan = load(settings, config_path, environ, check=True, node_rank=node_rank)
     if not plan.enable:
         say(f"serve: {config.source}: master.enable = false, nothing to start")
         return 0
@@ -640,9 +678,38 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
                 "log": rec.log_file,
                 "reason": rec.reason,
                 "last_exit": rec.last_exit,
+                "node_rank": rec.node_rank,
+                "nodes": rec.nodes,
+                "generation": rec.generation,
+                "members": rec.members,
+                "first_failure": rec.first_failure,
             }
         )
     return rows
+
+
+def _member_line(row: Mapping[str, object]) -> str:
+    """The line under the table for a member of a multi-node instance: rank, generation,
+    restarts, and on the leader what each follower said last."""
+    line = (
+        f"node rank {row['node_rank']} of {row['nodes']}, generation {row['generation']}, "
+        f"restarts {row['restarts']}"
+    )
+    members = row.get("members")
+    if isinstance(members, list) and members:
+        now = time.time()
+        heard = []
+        for m in members:
+            seen = m.get("seen") if isinstance(m, dict) else None
+            ago = f", seen {max(now - seen, 0):.0f}s ago" if isinstance(seen, int | float) else ""
+            if isinstance(m, dict):
+                heard.append(
+                    f"rank {m.get('rank')} {m.get('state')} (generation {m.get('generation')}{ago})"
+                )
+        line += "; members: " + "; ".join(heard)
+    if row.get("first_failure"):
+        line += f"; first failure: {row['first_failure']} (log {row['log']}.first-failure)"
+    return line
 
 
 def _status_detail(row: Mapping[str, object]) -> str:
@@ -669,8 +736,11 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup.started_at))
     except (OverflowError, OSError, ValueError):
         when = "unknown"
+    rank = f", node rank {sup.node_rank}" if sup.node_rank else ""
     if alive:
-        out.write(f"supervisor: pid {sup.pid} ({sup.mode}) since {when}, config {sup.source}\n")
+        out.write(
+            f"supervisor: pid {sup.pid} ({sup.mode}{rank}) since {when}, config {sup.source}\n"
+        )
     else:
         code = "" if sup.exit_code is None else f", exit code {sup.exit_code}"
         out.write(f"supervisor: not running (started {when}{code}), config {sup.source}\n")
@@ -705,6 +775,8 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         detail = _status_detail(row)
         if detail:
             out.write(f"{row['name']}: {detail}\n")
+        if row["node_rank"] is not None:
+            out.write(f"{row['name']}: {_member_line(row)}\n")
     out.flush()
 
 
@@ -714,8 +786,12 @@ def status_command(
     as_json: bool = False,
     out: TextIO | None = None,
     say: Say = reporting.say,
+    node_rank: int | None = None,
 ) -> int:
     """Print the instances' state (a table, or JSON). Reads the state file only: fast.
+
+    ``node_rank`` (``doit status --node-rank N``): say so when the state shown is another
+    node's (a state dir shared between nodes).
 
     Works whatever the file holds: bad fields are named on stderr (and in the JSON's
     ``problems``) and the rest is shown; a missing or unreadable file is said in one line,
@@ -739,6 +815,11 @@ def status_command(
         out.flush()
         return 0
     _warn_problems(store, state, say)
+    if state is not None and node_rank is not None and state.supervisor.node_rank != node_rank:
+        say(
+            f"warning: {store.state_file} is node rank {state.supervisor.node_rank}'s, not "
+            f"{node_rank}'s: give each node its own PIPELINE_STATE_DIR"
+        )
     print_status(state, out, alive=alive)
     return 0
 

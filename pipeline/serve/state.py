@@ -133,6 +133,14 @@ class InstanceRecord:
     last_exit: str | None = None
     reason: str | None = None
     stop_grace: float = 30.0
+    # A member of a multi-node instance: this node's rank (None: a one-node instance), the
+    # gang's generation its member runs, what the leader last heard from each follower
+    # ({"rank", "state", "generation", "seen"}), and the first failure of the gang.
+    node_rank: int | None = None
+    nodes: int = 1
+    generation: int = 0
+    members: list[dict] = field(default_factory=list)
+    first_failure: str | None = None
 
 
 def enter(record: InstanceRecord, state: InstanceState, reason: str | None) -> InstanceState:
@@ -165,6 +173,7 @@ class SupervisorRecord:
     settled: bool = False
     exited: bool = False
     exit_code: int | None = None
+    node_rank: int = 0
 
 
 @dataclass
@@ -267,6 +276,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "list[str]": (
         lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "a list of strings",
+    ),
+    "list[dict]": (
+        lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+        "a list of tables",
     ),
 }
 _SUPERVISOR_REQUIRED: dict[str, Any] = {

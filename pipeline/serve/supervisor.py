@@ -18,6 +18,23 @@ Seams for tests come through the constructor: ``spawner`` (start a process; what
 needs ``pid``, ``returncode``, ``poll()`` and ``wait()``), ``groups`` (is a process group alive,
 signal it), ``probe`` (the ``/health`` check), ``clock`` and ``sleep``.
 
+A multi-node instance (a plan with a ``member``) is a gang. Under a platform (LWS, Slurm,
+SkyPilot) its member is planned with ``restart = no``: it never restarts on its own, and the
+platform restarts the group. On bare nodes the supervisors keep the gang together through the
+leader's control endpoint (:mod:`pipeline.serve.gang`; seams ``gang_server`` and ``gang_poll``):
+
+- the leader's supervisor publishes the gang's view (its session, the generation: one per
+  start of its member, and the member's state) and restarts the whole gang, with a new
+  generation and the instance's restart policy and backoff, when its member exits, a
+  follower reports its member down for this generation, or a follower that polled during this
+  generation is silent for :data:`~pipeline.serve.gang.MISSING_AFTER` seconds;
+- a follower's supervisor starts its member when the leader's member is starting or running
+  a generation it has not run, marks it running when the leader's is, and stops it (it never
+  restarts it alone) when it exits, when the generation changes, when the leader is not up,
+  or when the leader has not answered for :data:`~pipeline.serve.gang.LEADER_GRACE` seconds;
+- the first failure's last log lines are kept in ``<log>.first-failure`` (a crash loop
+  would push them out of the rotated log).
+
 Blocking: :meth:`Supervisor.run` blocks until every instance is terminal (stopped, exited,
 failed) and returns the exit code. :meth:`Supervisor.tick` never blocks longer than one health
 probe (``probe_timeout``).
@@ -41,7 +58,8 @@ from urllib.parse import urlsplit
 
 from pipeline import reporting
 from pipeline.procs import group_alive, signal_group
-from pipeline.serve.logfiles import LOG_ROTATE_BYTES
+from pipeline.serve import gang
+from pipeline.serve.logfiles import LOG_ROTATE_BYTES, tail
 from pipeline.serve.plan import InstancePlan, Plan
 from pipeline.serve.state import (
     WAITING_STATES,
@@ -81,6 +99,23 @@ class Spawner(Protocol):
     def __call__(
         self, argv: tuple[str, ...], env: Mapping[str, str], cwd: str, log: IO[bytes]
     ) -> subprocess.Popen[bytes]: ...
+
+
+class GangServer(Protocol):
+    def __call__(
+        self, host: str, port: int, board: gang.GangBoard, tokens: Mapping[str, str]
+    ) -> gang.Closable: ...
+
+
+class GangPoll(Protocol):
+    def __call__(
+        self,
+        url: str,
+        instance: str,
+        token: str,
+        params: Mapping[str, object],
+        timeout: float,
+    ) -> dict[str, object] | None: ...
 
 
 class Groups(Protocol):
@@ -147,6 +182,23 @@ class _Proc:
     leftover_pgid: int | None = None
     leftover_kill_at: float = 0.0
     log_handles: list[IO[bytes]] = field(default_factory=list)
+    # A follower on bare nodes: the leader's last view, when it last answered, when to poll
+    # next, and the (leader session, generation) its member runs or last ran.
+    view: dict[str, object] | None = None
+    view_ok: bool = False
+    leader_ok_at: float = 0.0
+    next_poll: float = 0.0
+    ran: tuple[str, int] | None = None
+    first_failure_kept: bool = False
+
+    @property
+    def role(self) -> str | None:
+        """``leader`` / ``follower`` of a gang on bare nodes; None: a one-node instance or a
+        member under a platform (supervised like one, with restart = no)."""
+        member = self.plan.member
+        if member is None or member.platform is not None:
+            return None
+        return "leader" if member.is_leader else "follower"
 
 
 def _describe_exit(code: int) -> str:
@@ -178,6 +230,8 @@ class Supervisor:
         say: Callable[[str], None] | None = None,
         probe_timeout: float = 1.0,
         only: Collection[str] | None = None,
+        gang_server: GangServer = gang.start_control_server,
+        gang_poll: GangPoll = gang.http_poll,
     ) -> None:
         """``reap_all``: reap every child, orphans included, and become a child subreaper
         (PID 1, the detached supervisor). ``only``: start these instances; the others begin
@@ -193,6 +247,10 @@ class Supervisor:
         self.reap_all = reap_all
         self.say = say or reporting.say
         self.probe_timeout = probe_timeout
+        self.gang_server = gang_server
+        self.gang_poll = gang_poll
+        self.board = gang.GangBoard(clock)
+        self._servers: list[gang.Closable] = []
         self.procs: dict[str, _Proc] = {}
         self.stop_requested = False
         self.signals = 0
@@ -215,6 +273,8 @@ class Supervisor:
                 model_names=list(inst.model_names),
                 log_file=inst.log_file,
                 stop_grace=inst.stop_grace,
+                node_rank=inst.member.rank if inst.member is not None else None,
+                nodes=inst.member.nodes if inst.member is not None else 1,
             )
             if only is not None and inst.name not in only:
                 record.state = InstanceState.STOPPED
@@ -229,6 +289,7 @@ class Supervisor:
                 source=plan.source,
                 runtime=plan.runtime,
                 plan_digest=plan.digest(),
+                node_rank=plan.node_rank,
                 started_at=time.time(),
             ),
             instances={name: p.record for name, p in self.procs.items()},
@@ -308,6 +369,7 @@ class Supervisor:
         self.store.clear_requests()
         if self.reap_all:
             become_subreaper()
+        self.start_gang_servers()
         self._save()
         if reported is not None:
             reported()
@@ -320,10 +382,45 @@ class Supervisor:
         finally:
             # Whatever happened (an exception in the loop included), leave no child behind.
             self._kill_all_now()
+            self.close_gang_servers()
             self.state.supervisor.exited = True
             self.state.supervisor.exit_code = self.exit_code()
             self._save(force=True)
         return self.exit_code()
+
+    def start_gang_servers(self) -> None:
+        """Serve the control endpoint of every gang led here (one server per port). A port
+        that cannot be bound fails the gangs on it, with the reason. Idempotent."""
+        if self._servers:
+            return
+        by_port: dict[tuple[str, int], dict[str, str]] = {}
+        for proc in self.procs.values():
+            member = proc.plan.member
+            if proc.role != "leader" or member is None or member.token is None:
+                continue
+            self._publish(proc)
+            host = member.host_ip or "0.0.0.0"
+            by_port.setdefault((host, member.control_port), {})[proc.record.name] = (
+                member.token.get_secret_value()
+            )
+        for (host, port), tokens in sorted(by_port.items()):
+            try:
+                self._servers.append(self.gang_server(host, port, self.board, tokens))
+            except OSError as exc:
+                for name in tokens:
+                    proc = self.procs[name]
+                    if proc.record.state is InstanceState.PENDING:
+                        self._give_up(
+                            proc,
+                            f"cannot serve the gang's control endpoint on {host}:{port}: "
+                            f"{exc.strerror or exc}",
+                        )
+
+    def close_gang_servers(self) -> None:
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.close()
+        self._servers = []
 
     # ---- the loop ------------------------------------------------------------------------
     def tick(self) -> None:
@@ -339,7 +436,15 @@ class Supervisor:
         if requests.start:
             self.request_start(list(requests.start))
         for proc in self.procs.values():
-            self._advance(proc, now)
+            role = proc.role
+            if role == "follower":
+                self._poll_leader(proc, now)
+                self._advance_follower(proc, now)
+            else:
+                self._advance(proc, now)
+                if role == "leader":
+                    self._watch_followers(proc, now)
+                    self._publish(proc)
         if self.settled != self.state.supervisor.settled:
             self.state.supervisor.settled = self.settled
             self.dirty = True
@@ -374,6 +479,11 @@ class Supervisor:
                 self._failed(proc, now, f"exited during startup ({_describe_exit(code)})")
             elif now >= proc.deadline:
                 self._failed(proc, now, f"not ready within {plan.ready_timeout:g}s (ready_timeout)")
+            elif not plan.health_url:
+                # A headless member under a platform: no HTTP port; the gang's health is the
+                # leader's /health, which the platform probes.
+                rec.ready_at = time.time()
+                self._enter(proc, InstanceState.RUNNING, None, "running (headless member)")
             elif now >= proc.next_probe:
                 # Probe often at first (a fast start is seen at once), then every 0.5 s:
                 # a refused connection costs next to nothing while vLLM loads.
@@ -452,6 +562,8 @@ class Supervisor:
         proc.deadline = now + plan.ready_timeout
         proc.next_probe = now
         rec.pid = rec.pgid = popen.pid
+        if proc.role == "leader" or (plan.member is not None and plan.member.platform):
+            rec.generation += 1
         rec.proc_start = proc_start_time(popen.pid)
         rec.started_at = time.time()
         rec.ready_at = None
@@ -506,6 +618,8 @@ class Supervisor:
         """The attempt ended: clean up its group, then back off, exit or give up."""
         rec, plan = proc.record, proc.plan
         self._exit_status(proc)
+        if plan.member is not None and not self.stop_requested:
+            self._keep_first_failure(proc, why)
         if self.groups.alive(rec.pgid):
             # The leader is gone (or hung at startup) but its group lives on: a grandchild
             # may hold the port or the GPU. Kill it before any restart.
@@ -532,6 +646,168 @@ class Supervisor:
             return
         limit = "restart: no" if plan.restart == "no" else f"{plan.max_restarts} restarts"
         self._give_up(proc, f"{why}; gave up after {limit}")
+
+    # ---- gangs on bare nodes ------------------------------------------------------------
+    def _publish(self, proc: _Proc) -> None:
+        rec = proc.record
+        self.board.publish(
+            rec.name,
+            {
+                "session": self.state.supervisor.session,
+                "generation": rec.generation,
+                "state": rec.state.value,
+                "reason": rec.reason or "",
+            },
+        )
+
+    def _watch_followers(self, proc: _Proc, now: float) -> None:
+        """The leader: restart the gang when a follower's member is down for this generation
+        or a follower that polled during it went silent; keep ``members`` for status."""
+        rec = proc.record
+        beats = self.board.beats(rec.name)
+        members = [
+            {
+                "rank": hb.rank,
+                "state": hb.state,
+                "generation": hb.generation,
+                "seen": round(hb.seen_wall, 1),
+            }
+            for _, hb in sorted(beats.items())
+        ]
+        shown = [(m["rank"], m["state"], m["generation"]) for m in members]
+        if shown != [(m["rank"], m["state"], m["generation"]) for m in rec.members]:
+            self.dirty = True
+        rec.members = members
+        if rec.state not in (InstanceState.STARTING, InstanceState.RUNNING):
+            return
+        for rank, hb in sorted(beats.items()):
+            if hb.seen < proc.started_mono:
+                continue  # not heard from during this generation: the start waits for it
+            if hb.generation == rec.generation and hb.state not in gang.UP_STATES:
+                why = f"the member on rank {rank} is down" + (
+                    f" ({hb.reason})" if hb.reason else ""
+                )
+                self._failed(proc, now, why)
+                return
+            if now - hb.seen > gang.MISSING_AFTER:
+                silent = now - hb.seen
+                self._failed(proc, now, f"rank {rank} is missing (no heartbeat for {silent:.0f}s)")
+                return
+
+    def _poll_leader(self, proc: _Proc, now: float) -> None:
+        """A follower: one poll of the leader's control endpoint when due (its heartbeat)."""
+        member = proc.plan.member
+        if member is None or member.token is None or now < proc.next_poll:
+            return
+        if proc.record.state.terminal:
+            return
+        proc.next_poll = now + gang.POLL_INTERVAL
+        rec = proc.record
+        params = {
+            "rank": member.rank,
+            "generation": rec.generation,
+            "session": self.state.supervisor.session,
+            "state": rec.state.value,
+            "reason": (rec.reason or "")[:200],
+        }
+        view = self.gang_poll(
+            member.control_url,
+            rec.name,
+            member.token.get_secret_value(),
+            params,
+            self.probe_timeout,
+        )
+        proc.view_ok = view is not None
+        if view is not None:
+            proc.view = view
+            proc.leader_ok_at = now
+        elif not proc.leader_ok_at:
+            proc.leader_ok_at = now  # the grace runs from the first try
+
+    def _advance_follower(self, proc: _Proc, now: float) -> None:
+        rec = proc.record
+        self._clean_leftover(proc, now)
+        view = proc.view if proc.view_ok else None
+        lead: tuple[str, int] | None = None
+        lead_state = ""
+        if view is not None:
+            generation = view.get("generation")
+            lead = (str(view.get("session", "")), generation if isinstance(generation, int) else 0)
+            lead_state = str(view.get("state", ""))
+        state = rec.state
+        if state in (InstanceState.PENDING, InstanceState.BACKOFF):
+            if lead_state == InstanceState.FAILED.value:
+                reason = view.get("reason") if view else ""
+                self._give_up(proc, f"the leader gave up: {reason}")
+            elif (
+                lead is not None
+                and lead_state in gang.UP_STATES
+                and lead != proc.ran
+                and not self.stop_requested
+                and not proc.leftover_pgid
+            ):
+                if proc.ran is not None:
+                    rec.restarts += 1
+                proc.ran = lead
+                rec.generation = lead[1]
+                self._spawn(proc, now)
+                proc.deadline = float("inf")  # the leader's start is bounded, not ours
+        elif state in (InstanceState.STARTING, InstanceState.RUNNING):
+            code = self._exit_status(proc)
+            if code is not None:
+                self._member_down(proc, now, f"exited ({_describe_exit(code)})", failure=True)
+            elif lead is not None and lead != proc.ran:
+                self._member_down(proc, now, f"the leader moved to generation {lead[1]}")
+            elif lead is not None and lead_state not in gang.UP_STATES:
+                self._member_down(proc, now, f"the leader is {lead_state}")
+            elif view is None and now - proc.leader_ok_at > gang.LEADER_GRACE:
+                silent = now - proc.leader_ok_at
+                self._member_down(proc, now, f"the leader has not answered for {silent:.0f}s")
+            elif state is InstanceState.STARTING and lead_state == InstanceState.RUNNING.value:
+                rec.ready_at = time.time()
+                took = self.clock() - proc.started_mono
+                self._enter(
+                    proc,
+                    InstanceState.RUNNING,
+                    None,
+                    f"gang ready in {took:.1f}s (generation {rec.generation})",
+                )
+        elif state is InstanceState.STOPPING:
+            self._advance(proc, now)
+
+    def _member_down(self, proc: _Proc, now: float, why: str, *, failure: bool = False) -> None:
+        """A follower's member is not (or no longer) part of a live gang: stop what is left
+        of it and wait for the leader's next generation. Never restarts it alone."""
+        rec = proc.record
+        self._exit_status(proc)
+        if failure:
+            self._keep_first_failure(proc, why)
+        if self.groups.alive(rec.pgid):
+            self.groups.signal(rec.pgid, signal.SIGTERM)
+            proc.leftover_pgid = rec.pgid
+            proc.leftover_kill_at = now + proc.plan.stop_grace
+        rec.pid = rec.pgid = None
+        proc.deadline = float("inf")
+        self._enter(
+            proc,
+            InstanceState.BACKOFF,
+            why,
+            f"{why}; member stopped, waiting for the leader's next generation",
+        )
+
+    def _keep_first_failure(self, proc: _Proc, why: str) -> None:
+        """The first failure of a gang member: its reason in the record, the log's last
+        lines in ``<log>.first-failure`` (kept however often the gang restarts)."""
+        if proc.first_failure_kept:
+            return
+        proc.first_failure_kept = True
+        rec = proc.record
+        rec.first_failure = f"generation {rec.generation}: {why}"
+        path = Path(proc.plan.log_file + ".first-failure")
+        with contextlib.suppress(OSError):
+            lines = tail(proc.plan.log_file, 200)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            path.write_text(f"=== {stamp} {rec.first_failure}\n" + "\n".join(lines) + "\n")
 
     def _give_up(self, proc: _Proc, why: str) -> None:
         self._enter(proc, InstanceState.FAILED, why, f"FAILED: {why} (log {proc.plan.log_file})")

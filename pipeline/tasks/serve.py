@@ -18,6 +18,19 @@ _CONFIG_PARAM = {
 }
 
 
+_NODE_RANK_PARAM = {
+    "name": "node_rank",
+    "long": "node-rank",
+    "type": int,
+    "default": -1,
+    "help": "this node's rank in multi-node instances (default: the platform's, else 0)",
+}
+
+
+def _rank(value: int) -> int | None:
+    return None if value == -1 else value
+
+
 # ---- serve side -----------------------------------------------------------------------------
 
 
@@ -25,15 +38,18 @@ def task_plan() -> TaskDict:
     """Print the resolved launch plan as JSON; nothing starts (--check: host checks fail it)."""
 
     @reporting.action
-    def run(config: str, check: bool) -> None:
+    def run(config: str, check: bool, node_rank: int) -> None:
         from pipeline.serve.commands import plan_command
 
-        plan_command(SETTINGS, config or None, process_environ(), check=check)
+        plan_command(
+            SETTINGS, config or None, process_environ(), check=check, node_rank=_rank(node_rank)
+        )
 
     return {
         "actions": [run],
         "params": [
             _CONFIG_PARAM,
+            _NODE_RANK_PARAM,
             {
                 "name": "check",
                 "long": "check",
@@ -53,17 +69,27 @@ def task_serve() -> TaskDict:
     foreground, as configured); with a supervisor running, starts what is not running."""
 
     @reporting.action
-    def run(names: list[str], config: str, foreground: bool, background: bool) -> None:
+    def run(
+        names: list[str], config: str, foreground: bool, background: bool, node_rank: int
+    ) -> None:
         from pipeline.serve.commands import serve_command
 
         mode = True if foreground else (False if background else None)
-        serve_command(SETTINGS, config or None, process_environ(), names=names, foreground=mode)
+        serve_command(
+            SETTINGS,
+            config or None,
+            process_environ(),
+            names=names,
+            foreground=mode,
+            node_rank=_rank(node_rank),
+        )
 
     return {
         "actions": [run],
         "pos_arg": "names",
         "params": [
             _CONFIG_PARAM,
+            _NODE_RANK_PARAM,
             {
                 "name": "foreground",
                 "long": "foreground",
@@ -89,15 +115,16 @@ def task_status() -> TaskDict:
     """Show the served instances (--json for scripts)."""
 
     @reporting.action
-    def run(json: bool) -> None:
+    def run(json: bool, node_rank: int) -> None:
         from pipeline.serve.commands import status_command
 
-        status_command(SETTINGS, as_json=json)
+        status_command(SETTINGS, as_json=json, node_rank=_rank(node_rank))
 
     return {
         "actions": [run],
         "params": [
-            {"name": "json", "long": "json", "type": bool, "default": False, "help": "JSON"}
+            {"name": "json", "long": "json", "type": bool, "default": False, "help": "JSON"},
+            _NODE_RANK_PARAM,
         ],
         "uptodate": [False],
         "verbosity": 2,
