@@ -50,10 +50,16 @@ def test_example_loads_and_plans(path: Path):
         environ={"PATH": os.environ.get("PATH", "")},
         check=False,
     )
-    plan = build_plan(config, runtime, {"VLLM_API_KEY": "k", "VLLM_API_KEY_QWEN": "k"})
+    environ = {"VLLM_API_KEY": "k", "VLLM_API_KEY_QWEN": "k"}
+    if any(i.cluster is not None for i in config.instances):
+        # A multi-node example plans as the leader of a LeaderWorkerSet group.
+        environ |= {"LWS_LEADER_ADDRESS": "big-0.big", "LWS_WORKER_INDEX": "0"}
+    plan = build_plan(config, runtime, environ)
     assert plan.instances, "an example starts at least one instance"
     for inst in plan.instances:
-        assert "vllm.entrypoints.openai.api_server" in inst.argv
+        # Members of a multi-node instance start through vLLM's CLI (`vllm serve`).
+        entry = "vllm.entrypoints.cli.main" if inst.member else "vllm.entrypoints.openai.api_server"
+        assert entry in inst.argv
         assert all("/" not in name for name in inst.model_names), "served names without /"
 
 

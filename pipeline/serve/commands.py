@@ -1,4 +1,4 @@
-"""What ``doit plan | serve | status | stop | logs | clients`` do. The doit tasks only call these.
+"""What ``doit plan | serve | status | stop | logs | clients | k8s`` do; the tasks call these.
 
 Each function takes the settings and the process environment explicitly, prints its report,
 and raises :class:`~pipeline.errors.PipelineError` subclasses for anything a user can fix.
@@ -40,6 +40,7 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:
     # status, stop and logs must start fast: config, plan and supervisor load on demand.
     from pipeline.serve.config import ServeConfig
+    from pipeline.serve.k8s import K8sOptions
     from pipeline.serve.plan import Plan
 
 Say = Callable[[str], None]
@@ -159,6 +160,54 @@ def clients_command(
             body = text(config, plan) if text is clients.litellm_config else text(plan)
             atomic_write_text(Path(target), body)
             say(f"clients: wrote {target}")
+
+
+def k8s_command(
+    settings: Settings,
+    config_path: str | None,
+    instance: str,
+    options: K8sOptions,
+    *,
+    output: str | None = None,
+    out: TextIO | None = None,
+    say: Say = reporting.say,
+) -> None:
+    """Write the LeaderWorkerSet manifest of ``instance`` (JSON) to ``output`` or stdout, and
+    say which Secret entries it reads. Nothing is applied; raises ConfigError/PipelineError."""
+    from pipeline.fsutil import atomic_write_text
+    from pipeline.serve import k8s
+
+    path = Path(config_path) if config_path else settings.serve_config
+    if path is None:
+        raise ConfigError("no serve config: pass --config FILE or set AUTO_INFER_VLLM_CONFIG")
+    if not instance:
+        raise ConfigError("which instance? pass --instance NAME (one with a cluster table)")
+    if settings.serve_overrides:
+        raise ConfigError(
+            "AUTO_INFER_VLLM_OVERRIDES is set, but the pods read only the TOML (a ConfigMap); "
+            "write the change into the TOML, or unset the variable"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
+    pod = k8s.pod_config(text, str(path), instance)
+    document = k8s.manifest(pod, instance, options)
+    body = k8s.to_json(document)
+    if output:
+        atomic_write_text(Path(output), body)
+        say(f"k8s: wrote {output}; apply it with: kubectl apply -f {output}")
+    else:
+        (out or sys.stdout).write(body)
+        (out or sys.stdout).flush()
+    needed = k8s.secret_entries(pod.config, instance)
+    if needed:
+        secret = options.secret or f"{k8s.lws_name(options, instance)}-keys"
+        literals = " ".join(f"--from-literal={n}=..." for n in needed)
+        say(
+            f"k8s: the pods read {', '.join(needed)} from Secret {secret}: "
+            f"kubectl create secret generic {secret} {literals}"
+        )
 
 
 # ---- serve ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""doit tasks of the serve side: plan, serve, status, stop, logs, clients (always run)."""
+"""doit tasks of the serve side: plan, serve, status, stop, logs, clients, k8s (always run)."""
 
 from __future__ import annotations
 
@@ -236,6 +236,82 @@ def task_clients() -> TaskDict:
     }
 
 
+def task_k8s() -> TaskDict:
+    """Write a Kubernetes LeaderWorkerSet manifest (JSON) for a multi-node instance.
+
+    `doit k8s --instance NAME --image IMAGE [-o FILE]`; nothing is applied."""
+
+    @reporting.action
+    def run(
+        config: str,
+        instance: str,
+        image: str,
+        bundle: str,
+        volume: list[str],
+        namespace: str,
+        secret: str,
+        replicas: int,
+        name: str,
+        output: str,
+    ) -> None:
+        from pipeline.serve.commands import k8s_command
+        from pipeline.serve.k8s import K8sOptions, parse_volume
+
+        options = K8sOptions(
+            image=image,
+            bundle=bundle,
+            volumes=tuple(parse_volume(v) for v in volume),
+            namespace=namespace or None,
+            secret=secret or None,
+            replicas=replicas,
+            name=name or None,
+        )
+        k8s_command(SETTINGS, config or None, instance, options, output=output or None)
+
+    from pipeline.serve.k8s import DEFAULT_BUNDLE
+
+    def option(name: str, help_: str, default: str = "", **more: object) -> dict[str, object]:
+        return {
+            "name": name,
+            "long": name.replace("_", "-"),
+            "type": str,
+            "default": default,
+            "help": help_,
+            **more,
+        }
+
+    return {
+        "actions": [run],
+        "params": [
+            _CONFIG_PARAM,
+            option("instance", "the instance with a [instance.NAME.cluster] table (required)"),
+            option("image", "image holding the pipeline, for both containers (required)"),
+            option("bundle", "the bundle tar's path in the pod", DEFAULT_BUNDLE),
+            {
+                "name": "volume",
+                "long": "volume",
+                "type": list,
+                "default": [],
+                "help": "CLAIM:/path: a PersistentVolumeClaim mounted read-only (repeat it)",
+            },
+            option("namespace", "metadata.namespace (default: kubectl's)"),
+            option("secret", "Secret holding the keys (default: NAME-keys)"),
+            {
+                "name": "replicas",
+                "long": "replicas",
+                "type": int,
+                "default": 1,
+                "help": "groups (each one whole instance)",
+            },
+            option("name", "LeaderWorkerSet name (default: from the instance)"),
+            option("output", "write the manifest here (default: stdout)", short="o"),
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+        "meta": {"command": True},
+    }
+
+
 TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_clients": task_clients,
     "task_plan": task_plan,
@@ -243,4 +319,5 @@ TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_status": task_status,
     "task_stop": task_stop,
     "task_logs": task_logs,
+    "task_k8s": task_k8s,
 }
