@@ -175,5 +175,8 @@ def run_doit(
     )
 
 
+# The lock tests' channel, its URL and a rattler cache (module-scoped).
+from lock_helpers import cache_dir, channel, channel_url  # noqa: E402, F401
+
 # Real-vLLM fixtures (session-scoped; only the slow tests ask for them).
 from vllm_runtime import tiny_model, vllm_cpu_python, vllm_project  # noqa: E402, F401

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lock_helpers import solve
 from pypi_index import Dist, build_index, write_dist
 from rattler import LockFile, LockPlatform
 
@@ -30,8 +31,6 @@ from pipeline.build.pypi import (
 )
 from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
-    LocalChannel,
-    build_channel,
     build_wheel,
     install_lock,
     serve_directory,
@@ -43,22 +42,6 @@ from pipeline.pixi.manifest import VirtualPackage, load_manifest
 from pipeline.settings import load_settings
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> LocalChannel:
-    return build_channel(tmp_path_factory.mktemp("channel"))
-
-
-@pytest.fixture(scope="module")
-def channel_url(channel: LocalChannel) -> Iterator[str]:
-    with serve_directory(channel.root) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("rattler-cache")
-
-
 def locked(lock_path: Path, env: str = "default", platform: str = "linux-64") -> dict[str, str]:
     """``{name: location}`` of the conda packages locked for ``env`` on ``platform``."""
     lock_file = LockFile.from_path(lock_path)
@@ -68,12 +51,6 @@ def locked(lock_path: Path, env: str = "default", platform: str = "linux-64") ->
     if platform not in platforms:
         return {}
     return {p.name: p.location for p in environment.packages(platforms[platform]) or []}
-
-
-def solve(project: Path, cache_dir: Path) -> Path:
-    result = lock(project, pixi=None, cache_dir=cache_dir)
-    assert result.outcome == "solved", result
-    return result.lock_path
 
 
 # ---- py-rattler solve ------------------------------------------------------------------------

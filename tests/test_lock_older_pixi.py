@@ -14,14 +14,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lock_helpers import patched, solve
 from pypi_index import Dist, build_index
 
-from pipeline.build.lock import lock
-from pipeline.demo.channel import LocalChannel, build_channel, serve_directory, write_pixi_toml
+from pipeline.demo.channel import serve_directory, write_pixi_toml
 from pipeline.install.patch import patch_lock_text
 from pipeline.pixi.lockfile import read_environment
 
@@ -49,35 +48,6 @@ def records(lock_path: Path, rattler: str | None = None) -> dict[str, list[list[
     return json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> LocalChannel:
-    return build_channel(tmp_path_factory.mktemp("channel"))
-
-
-@pytest.fixture(scope="module")
-def channel_url(channel: LocalChannel) -> Iterator[str]:
-    with serve_directory(channel.root) as url:
-        yield url
-
-
-def solved(project: Path, cache: Path) -> Path:
-    result = lock(project, pixi=None, cache_dir=cache)
-    assert result.outcome == "solved", result
-    return result.lock_path
-
-
-def patched(lock_path: Path, channel_dir: Path) -> Path:
-    """The lock as patch-channels leaves it: every URL an absolute path in ``channel_dir``."""
-    text = lock_path.read_text(encoding="utf-8")
-    locked = read_environment(lock_path, "default", "linux-64")
-    conda_urls = {
-        f"{p.subdir}/{p.filename}": str(channel_dir / p.subdir / p.filename) for p in locked.conda
-    }
-    out = lock_path.with_name("patched.lock")
-    out.write_text(patch_lock_text(text, conda_urls, {}, str(channel_dir)), encoding="utf-8")
-    return out
-
-
 def test_pixi_050_reads_a_bare_subdir_lock_as_we_do(tmp_path, channel_url):
     project = tmp_path / "proj"
     write_pixi_toml(
@@ -90,7 +60,7 @@ def test_pixi_050_reads_a_bare_subdir_lock_as_we_do(tmp_path, channel_url):
             "system-requirements": {"libc": "2.17"},
         },
     )
-    lock_path = solved(project, tmp_path / "cache")
+    lock_path = solve(project, tmp_path / "cache")
     assert lock_path.read_text(encoding="utf-8").startswith("version: 6\n")
     ours = records(lock_path)
     assert set(ours) == {"default/linux-64", "default/osx-arm64"}
@@ -115,7 +85,7 @@ def test_pixi_076_reads_a_rich_platform_lock_as_we_do_and_pixi_050_refuses_it(
         platforms=[{"name": "gpu", "platform": "linux-64", "cuda": "12"}, "linux-64"],  # type: ignore[list-item]
         dependencies={"tinytool": "*"},
     )
-    lock_path = solved(project, tmp_path / "cache")
+    lock_path = solve(project, tmp_path / "cache")
     assert lock_path.read_text(encoding="utf-8").startswith("version: 7\n")
     ours = records(lock_path)
     assert set(ours) == {"default/linux-64", "default/p1"}
@@ -153,7 +123,7 @@ def test_older_pixi_reads_a_lock_with_pypi_packages_as_we_do(tmp_path, channel_u
                 "pypi-options": {"index-url": f"{url}simple"},
             },
         )
-        lock_path = solved(project, tmp_path / "cache")
+        lock_path = solve(project, tmp_path / "cache")
     assert lock_path.read_text(encoding="utf-8").startswith("version: 6\n")
     ours = records(lock_path)
     assert [r[:2] + r[4:] for r in ours["default/linux-64/pypi"]] == [

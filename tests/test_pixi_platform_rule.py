@@ -30,19 +30,18 @@ rich platforms: CHANGELOG.md "Rich Platform support (#6178)"). No pixi code is c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomlkit
+from lock_helpers import patched, solve
 from rattler import LockFile, Version
 
 from pipeline.build.lock import lock
-from pipeline.demo.channel import LocalChannel, build_channel, serve_directory, write_pixi_toml
-from pipeline.install.patch import patch_lock_text
-from pipeline.pixi.lockfile import read_environment
+from pipeline.demo.channel import write_pixi_toml
 
 PIXI_DATA = Path(__file__).parent / "data" / "pixi"
 
@@ -342,35 +341,6 @@ def test_pixis_multi_machine_lock_selects_by_identity():
 # ---- (a) the locks `doit lock` writes without pixi, before and after patch-channels ----------
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> LocalChannel:
-    return build_channel(tmp_path_factory.mktemp("channel"))
-
-
-@pytest.fixture(scope="module")
-def channel_url(channel: LocalChannel) -> Iterator[str]:
-    with serve_directory(channel.root) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("rattler-cache")
-
-
-def _patched(lock_path: Path, channel_dir: Path, platforms: Sequence[str]) -> Path:
-    """The lock as ``patch-channels`` leaves it: every URL an absolute path in ``channel_dir``."""
-    text = lock_path.read_text(encoding="utf-8")
-    conda_urls: dict[str, str] = {}
-    for platform in platforms:
-        for p in read_environment(lock_path, "default", platform).conda:
-            conda_urls[f"{p.subdir}/{p.filename}"] = str(channel_dir / p.subdir / p.filename)
-    out = lock_path.with_name("patched.lock")
-    out.write_text(patch_lock_text(text, conda_urls, {}, str(channel_dir)), encoding="utf-8")
-    assert out.read_text(encoding="utf-8") != text
-    return out
-
-
 CASES: dict[str, tuple[list[Any], dict[str, Any], dict[tuple[str, str], str]]] = {
     # bare subdirs: v6, the lock platforms are the subdirs
     "plain": (
@@ -407,10 +377,9 @@ def test_pixi_selects_a_non_empty_platform_in_our_locks(
         dependencies={"tinydata": "*"} if case == "plain" else {"tinytool": "*"},
         extra=extra,
     )
-    result = lock(project, pixi=None, cache_dir=cache_dir)
-    assert result.outcome == "solved", result
+    lock_path = solve(project, cache_dir)
     lock_names = sorted({name for name in expected.values()})
-    for path in (result.lock_path, _patched(result.lock_path, channel.root, lock_names)):
+    for path in (lock_path, patched(lock_path, channel.root, lock_names)):
         chosen = selections(path, manifest)
         assert {key: name for key, (name, _) in chosen.items()} == expected, path.name
         assert_every_platform_installs(path, manifest)
