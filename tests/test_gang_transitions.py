@@ -73,16 +73,10 @@ class Gang:
             plan = build_plan(config, RUNTIME, environ, node_rank_arg=rank)
             store = StateStore(tmp_path / f"state{rank}")
             store.ensure()
-            self.sups[rank] = Supervisor(
+            self.sups[rank] = world.supervisor(
                 plan,
                 store,
-                base_env={"PATH": "/usr/bin"},
-                spawner=world.spawner,
-                groups=world,
-                probe=world.probe,
-                clock=world.clock,
-                sleep=world.sleep,
-                say=self.lines[rank].append,
+                self.lines[rank].append,
                 gang_server=self._server,
                 gang_poll=self._poll,
             )
@@ -302,15 +296,11 @@ def test_under_a_platform_a_member_never_restarts_on_its_own(tmp_path, world):
     store = StateStore(tmp_path / "state")
     store.ensure()
     polls: list[str] = []
-    sup = Supervisor(
+    sup = world.supervisor(
         plan,
         store,
+        lambda line: None,
         base_env={},
-        spawner=world.spawner,
-        groups=world,
-        probe=world.probe,
-        clock=world.clock,
-        say=lambda line: None,
         gang_server=lambda *a: pytest.fail("no control endpoint under a platform"),
         gang_poll=lambda *a: polls.append("poll") or None,
     )

@@ -13,13 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, standin_config
 
 from pipeline.serve.commands import load
+from pipeline.serve.plan import Plan
 from pipeline.serve.state import (
     TRANSITIONS,
     IllegalTransition,
@@ -95,6 +98,21 @@ class World:
         self.signals.append((pgid, signal.Signals(sig).name))
         return True
 
+    def supervisor(
+        self, plan: Plan, store: StateStore, say: Callable[[str], None], **seams: Any
+    ) -> Supervisor:
+        """A Supervisor of ``plan`` wired to these fakes; ``seams`` add to them or replace them
+        (the gang's server and poll, another ``base_env``)."""
+        wired: dict[str, Any] = {
+            "base_env": {"PATH": "/usr/bin"},
+            "spawner": self.spawner,
+            "groups": self,
+            "probe": self.probe,
+            "clock": self.clock,
+            "sleep": self.sleep,
+        }
+        return Supervisor(plan, store, say=say, **(wired | seams))
+
     # --- what the test does to the processes -------------------------------------------
     def exit(self, popen: FakePopen, code: int, *, group_lives: bool = False) -> None:
         popen.code = code
@@ -129,18 +147,7 @@ def make(settings, standin_prefix, tmp_path, world):
         store = StateStore(settings.serve_state)
         store.ensure()
         lines: list[str] = []
-        supervisor = Supervisor(
-            plan,
-            store,
-            base_env={"PATH": "/usr/bin"},
-            spawner=world.spawner,
-            groups=world,
-            probe=world.probe,
-            clock=world.clock,
-            sleep=world.sleep,
-            say=lines.append,
-        )
-        return supervisor, lines
+        return world.supervisor(plan, store, lines.append), lines
 
     return build
 
