@@ -40,6 +40,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
     """A private PIPELINE_STATE_DIR; every process group recorded there is killed afterwards."""

@@ -32,7 +32,7 @@ from bundle_factory import (
     write_directory_only,
     write_lock,
 )
-from conftest import doit_env, run_doit, wait_for
+from conftest import doit_env, pid_running, run_doit, wait_for
 
 from pipeline.demo.channel import build_wheel
 from pipeline.errors import BundleError, InstallError
@@ -691,15 +691,6 @@ if "pipeline.install.worker" in sys.orig_argv:
 """
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 @contextlib.contextmanager
 def doit_install_with_a_hanging_worker(tmp_path: Path, bundle: Path, cache: Path):
     """`doit install` (own session) whose install worker hangs; yields (proc, worker pid,
@@ -749,7 +740,7 @@ def test_interrupted_install_kills_its_worker_and_leaves_no_request_file(
         assert list(ProjectPaths.of(project).state.glob("install-request-*.json"))
         os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C or `docker stop` sends
         code = proc.wait(timeout=30)
-        assert not _alive(worker)
+        assert not pid_running(worker)
     output = log.read_text()
 
     assert code == 128 + sig, output
@@ -776,7 +767,7 @@ def test_sigkilled_install_takes_its_worker_along_and_the_next_one_cleans_up(
     with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, _log):
         os.kill(proc.pid, signal.SIGKILL)  # the parent alone: nothing of it can clean up
         proc.wait(timeout=10)
-        wait_for(lambda: not _alive(worker), 5, what="the worker to die with its parent")
+        wait_for(lambda: not pid_running(worker), 5, what="the worker to die with its parent")
     state = ProjectPaths.of(project).state
     assert len(list(state.glob("install-request-*.json"))) == 1  # left behind by the SIGKILL
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from bundle_factory import Kit, make_bundle, shared_kit
+from conftest import pid_running
 
 from pipeline.errors import BundleError, InstallError
 from pipeline.fsutil import os_error_text
@@ -264,7 +265,7 @@ def test_a_sigkilled_parent_takes_its_logged_child_along(tmp_path):
         pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30))
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        assert wait_until(lambda: not _running(pid), 5), "the child outlived its parent"
+        assert wait_until(lambda: not pid_running(pid), 5), "the child outlived its parent"
     finally:
         for pgid in (parent.pid, pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -281,12 +282,3 @@ def wait_until(predicate, timeout: float):
             return value
         time.sleep(0.05)
     return None
-
-
-def _running(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
