@@ -34,15 +34,18 @@ at the end of this module: :class:`ExtractRecord`, :class:`PatchStamp`, :class:`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import InstallError
 from pipeline.fsutil import atomic_write_text, os_error_advice
@@ -258,6 +261,41 @@ def _strings(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# How a plain field is read, by its annotation. A field of another type is the record's own
+# code to read and write (``skip``); an annotation missing here is a KeyError, a bug that the
+# readers do not hide behind None.
+_READERS: dict[object, Callable[[Mapping[str, Any], str], Any]] = {
+    str: lambda doc, key: _field(doc, key, str),
+    int: lambda doc, key: _field(doc, key, int),
+    float: lambda doc, key: float(_field(doc, key, (int, float))),
+    str | None: lambda doc, key: _optional(doc, key, str),
+    tuple[str, ...]: _strings,
+}
+
+
+@functools.cache
+def _plain_fields(cls: type, skip: frozenset[str]) -> tuple[tuple[str, Any], ...]:
+    """(name, reader) of each field of the dataclass ``cls`` but ``skip``, in order."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, _READERS[hints[f.name]]) for f in dataclasses.fields(cls) if f.name not in skip
+    )
+
+
+def _read_fields(cls: type, doc: Any, *, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The plain fields of ``cls`` from the JSON object ``doc``, each checked for its type:
+    raises _Malformed (naming the field) for one missing or mistyped."""
+    if not isinstance(doc, dict):
+        raise _Malformed(cls.__name__)
+    return {name: read(doc, name) for name, read in _plain_fields(cls, skip)}
+
+
+def _write_fields(record: Any, *, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The plain fields of ``record`` as JSON values (a tuple as a list)."""
+    values = {name: getattr(record, name) for name, _ in _plain_fields(type(record), skip)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class FileFacts:
     """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
@@ -324,25 +362,13 @@ class BundleStat:
         return cls(str(bundle), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "ino": self.ino,
-            "dev": self.dev,
-        }
+        return _write_fields(self)
 
     @classmethod
     def from_json(cls, value: Any) -> BundleStat:
         if not isinstance(value, dict):
             raise _Malformed("bundle")
-        return cls(
-            path=_field(value, "path", str),
-            size=_field(value, "size", int),
-            mtime_ns=_field(value, "mtime_ns", int),
-            ino=_field(value, "ino", int),
-            dev=_field(value, "dev", int),
-        )
+        return cls(**_read_fields(cls, value))
 
 
 @dataclass(frozen=True)
@@ -368,20 +394,13 @@ class ExtractRecord:
     extracted_at: str
     files: Mapping[str, FileFacts]
 
+    _NESTED: ClassVar[frozenset[str]] = frozenset({"bundle", "files"})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": EXTRACT_RECORD_FORMAT,
+            **_write_fields(self, skip=self._NESTED),
             "bundle": self.bundle.to_json(),
-            "sha256": self.sha256,
-            "expected_from": self.expected_from,
-            "environment": self.environment,
-            "platform": self.platform,
-            "pixi_pack_version": self.pixi_pack_version,
-            "source": self.source,
-            "lock_sha256": self.lock_sha256,
-            "skipped_sdists": list(self.skipped_sdists),
-            "tool_version": self.tool_version,
-            "extracted_at": self.extracted_at,
             "files": {name: facts.to_json() for name, facts in sorted(self.files.items())},
         }
 
@@ -393,17 +412,8 @@ class ExtractRecord:
         table = _field(doc, "files", dict)
         return cls(
             bundle=BundleStat.from_json(doc.get("bundle")),
-            sha256=_field(doc, "sha256", str),
-            expected_from=_field(doc, "expected_from", str),
-            environment=_field(doc, "environment", str),
-            platform=_field(doc, "platform", str),
-            pixi_pack_version=_optional(doc, "pixi_pack_version", str),
-            source=_field(doc, "source", str),
-            lock_sha256=_field(doc, "lock_sha256", str),
-            skipped_sdists=_strings(doc, "skipped_sdists"),
-            tool_version=_field(doc, "tool_version", str),
-            extracted_at=_field(doc, "extracted_at", str),
             files={str(name): FileFacts.from_json(value) for name, value in table.items()},
+            **_read_fields(cls, doc, skip=cls._NESTED),
         )
 
 
@@ -484,6 +494,9 @@ class InstallVerify:
     versions: tuple[tuple[str, str], ...] = ()
 
 
+_VERSIONS = frozenset({"versions"})  # InstallVerify's: a JSON object on disk
+
+
 @dataclass(frozen=True)
 class InstallRecord:
     """``.installed-from.json`` in a generation: what was installed there, from what.
@@ -508,37 +521,22 @@ class InstallRecord:
     host: InstalledHost
     warnings: tuple[str, ...] = ()
 
+    _NESTED: ClassVar[frozenset[str]] = frozenset({"verify", "host"})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": INSTALLED_FROM_FORMAT,
-            "bundle": self.bundle,
-            "bundle_sha256": self.bundle_sha256,
-            "lock_sha256": self.lock_sha256,
-            "environment": self.environment,
-            "platform": self.platform,
-            "source": self.source,
             "tool": TOOL_NAME,
-            "tool_version": self.tool_version,
-            "conda_packages": self.conda_packages,
-            "pypi_packages": self.pypi_packages,
-            "prefix": self.prefix,
-            "installed_at": self.installed_at,
-            "seconds": self.seconds,
+            **_write_fields(self, skip=self._NESTED),
             "verify": (
                 None
                 if self.verify is None
                 else {
-                    "commands": list(self.verify.commands),
-                    "output": self.verify.output,
+                    **_write_fields(self.verify, skip=_VERSIONS),
                     "versions": dict(self.verify.versions),
                 }
             ),
-            "host": {
-                "glibc": self.host.glibc,
-                "cuda": self.host.cuda,
-                "cuda_source": self.host.cuda_source,
-            },
-            "warnings": list(self.warnings),
+            "host": _write_fields(self.host),
         }
 
     @classmethod
@@ -556,31 +554,14 @@ class InstallRecord:
             ):
                 raise _Malformed("verify.versions")
             verify = InstallVerify(
-                _strings(verify, "commands"),
-                _field(verify, "output", str),
-                tuple(sorted(versions.items())),
+                versions=tuple(sorted(versions.items())),
+                **_read_fields(InstallVerify, verify, skip=_VERSIONS),
             )
         host = _field(doc, "host", dict)
         return cls(
-            bundle=_optional(doc, "bundle", str),
-            bundle_sha256=_field(doc, "bundle_sha256", str),
-            lock_sha256=_field(doc, "lock_sha256", str),
-            environment=_field(doc, "environment", str),
-            platform=_field(doc, "platform", str),
-            source=_field(doc, "source", str),
-            tool_version=_field(doc, "tool_version", str),
-            conda_packages=_field(doc, "conda_packages", int),
-            pypi_packages=_field(doc, "pypi_packages", int),
-            prefix=_field(doc, "prefix", str),
-            installed_at=_field(doc, "installed_at", str),
-            seconds=float(_field(doc, "seconds", (int, float))),
             verify=verify,
-            host=InstalledHost(
-                glibc=_optional(host, "glibc", str),
-                cuda=_optional(host, "cuda", str),
-                cuda_source=_field(host, "cuda_source", str),
-            ),
-            warnings=_strings(doc, "warnings"),
+            host=InstalledHost(**_read_fields(InstalledHost, host)),
+            **_read_fields(cls, doc, skip=cls._NESTED),
         )
 
 
