@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -107,15 +106,6 @@ def doit(args: list[str], env: Mapping[str, str], *, prefix: list[str] | None = 
     return "".join(out)
 
 
-def network_namespace_prefix() -> list[str]:
-    """``unshare -n`` when this process may create a network namespace, else nothing."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return []
-    probe = subprocess.run([unshare, "-n", "true"], capture_output=True, check=False)
-    return [unshare, "-n"] if probe.returncode == 0 else []
-
-
 def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int:
     from pipeline.demo.channel import build_channel, serve_directory
     from pipeline.install.frozen import installed_record
@@ -181,7 +171,7 @@ def run(settings: Settings, workdir: Path, *, keep_running: bool = False) -> int
             result.append("rebuild downloaded nothing")
 
     with report.stage(3, total, "container: doit install (offline)") as result:
-        prefix = network_namespace_prefix()
+        prefix = vllm_bundle.network_namespace_prefix()
         print(
             "the channel's server is stopped; "
             + (
