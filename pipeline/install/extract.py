@@ -549,15 +549,20 @@ def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
     return os.pread(fd, member.size, member.offset) if member.size else b""
 
 
+def _first_error(exc: ValidationError) -> str:
+    """``<what> at <where>`` of the first error of ``exc`` (``top``: the whole document)."""
+    first = exc.errors()[0]
+    return f"{first['msg']} at {'.'.join(str(p) for p in first['loc']) or 'top'}"
+
+
 def check_metadata(data: bytes, bundle: Path, host: str) -> PixiPackMetadata:
     """Parse ``pixi-pack.json`` and require format version 1 and this host's platform."""
     try:
         metadata = PixiPackMetadata.model_validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
         raise BundleError(
-            f"bundle {bundle}: {METADATA_FILE} is not valid ({first['msg']} at "
-            f"{'.'.join(str(p) for p in first['loc']) or 'top'}); the bundle is corrupt"
+            f"bundle {bundle}: {METADATA_FILE} is not valid ({_first_error(exc)}); "
+            "the bundle is corrupt"
         ) from None
     if metadata.version != FORMAT_VERSION:
         raise BundleError(
@@ -805,10 +810,8 @@ def _read_extras(
     try:
         extras = BundleExtras.model_validate_json(read_member(fd, member, bundle))
     except ValidationError as exc:
-        first = exc.errors()[0]
         raise BundleError(
-            f"bundle {bundle}: {EXTRAS_FILE} is not valid ({first['msg']} at "
-            f"{'.'.join(str(p) for p in first['loc']) or 'top'}); pack it again"
+            f"bundle {bundle}: {EXTRAS_FILE} is not valid ({_first_error(exc)}); pack it again"
         ) from None
     if hashlib.sha256(extras.pixi_lock.encode("utf-8")).hexdigest() != extras.lock_sha256:
         raise BundleError(
