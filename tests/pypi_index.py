@@ -8,7 +8,6 @@ a ``data-core-metadata`` attribute, as PyPI serves them. Serve ``root`` with
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
 import io
@@ -18,6 +17,8 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.demo.channel import add_wheel_record
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,7 @@ def write_dist(dist: Dist, out_dir: Path) -> Path:
             f"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: {dist.tag}\n"
         ).encode(),
     }
-    record = []
-    for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{stem}.dist-info/RECORD,,")
-    files[f"{stem}.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    add_wheel_record(files, f"{stem}.dist-info")
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
             zf.writestr(_fixed(name), data)

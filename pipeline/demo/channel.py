@@ -432,6 +432,17 @@ def serve_directory(path: Path) -> Iterator[str]:
 # ---- wheel -----------------------------------------------------------------------------------
 
 
+def add_wheel_record(files: dict[str, bytes], dist_info: str) -> None:
+    """Add ``<dist_info>/RECORD`` to a wheel's ``files`` (member name -> bytes): each member's
+    urlsafe-base64 sha256 and size, in order, then the RECORD's own row."""
+    rows = []
+    for member, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{member},sha256={digest},{len(data)}")
+    rows.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(rows) + "\n").encode()
+
+
 def build_wheel(
     out_dir: Path, *, name: str = "tinywheel", version: str = "0.1", init: bytes | None = None
 ) -> Path:
@@ -460,12 +471,7 @@ def build_wheel(
         ),
         f"{dist_info}/entry_points.txt": (f"[console_scripts]\n{name} = {module}:main\n".encode()),
     }
-    record_lines = []
-    for member, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record_lines.append(f"{member},sha256={digest},{len(data)}")
-    record_lines.append(f"{dist_info}/RECORD,,")
-    files[f"{dist_info}/RECORD"] = ("\n".join(record_lines) + "\n").encode()
+    add_wheel_record(files, dist_info)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{module}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
