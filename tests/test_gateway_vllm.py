@@ -9,7 +9,6 @@ free ports with private state and log dirs; teardown stops every process group.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from pathlib import Path
@@ -17,64 +16,29 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from conftest import REPO, doit_env, free_port, kill_recorded_groups, run_doit
+from conftest import run_doit
+from vllm_runtime import serve_example_with_gateway
 
-from pipeline.demo.cpu_vllm import tiny_overrides
 from pipeline.procs import group_alive
-from pipeline.serve.state import StateStore
-from pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
 INSTANCE_KEY = "instance-key-123"
 GATEWAY_KEY = "gateway-key-456"
-EXAMPLE = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """`doit serve` of the example with the gateway on; stopped (and checked) at the end."""
-    root = tmp_path_factory.mktemp("vllm-gateway")
-    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
-    gateway_port = free_port()
-    overrides = tiny_overrides(
-        load_settings(),
-        model=tiny_model,
-        log_dir=root / "logs",
-        ports=ports,
-        tmp_root=Path(os.environ.get("TMPDIR", "/tmp")) / f"vg-{os.getpid()}",
-    )
-    overrides["gateway"] = {
-        "enable": True,
-        "host": "127.0.0.1",
-        "port": gateway_port,
-        "api_keys_env": ["GATEWAY_KEY"],
-        "aliases": {"tiny-a": ["tiny-a-alias"]},
-        "access_log": True,
-    }
-    state = root / "state"
-    env = doit_env(
-        state,
-        AUTO_INFER_VLLM_CONFIG=str(EXAMPLE),
-        AUTO_INFER_VLLM_OVERRIDES=json.dumps(overrides),
-        VLLM_API_KEY_TINY=INSTANCE_KEY,
-        GATEWAY_KEY=GATEWAY_KEY,
-    )
-    result = run_doit(["serve"], env, timeout=600)
-    store = StateStore(state / "serve")
-    try:
-        assert result.returncode == 0, result.stderr + result.stdout
-        yield {
-            "env": env,
-            "url": f"http://127.0.0.1:{gateway_port}",
-            "ports": ports,
-            "store": store,
-            "root": root,
-        }
-    finally:
-        stopped = run_doit(["stop"], env, timeout=120)
-        kill_recorded_groups(store.root)
-        assert stopped.returncode == 0, stopped.stderr
+    with serve_example_with_gateway(
+        tiny_model,
+        tmp_path_factory.mktemp("vllm-gateway"),
+        tmp_prefix="vg",
+        instance_key=INSTANCE_KEY,
+        gateway_key=GATEWAY_KEY,
+        gateway={"aliases": {"tiny-a": ["tiny-a-alias"]}, "access_log": True},
+    ) as served:
+        yield served
 
 
 def openai_client(served: dict, key: str = GATEWAY_KEY) -> openai.OpenAI:

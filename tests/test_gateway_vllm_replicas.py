@@ -7,7 +7,6 @@ log and TMPDIR; teardown stops every process group.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,56 +16,25 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import REPO, doit_env, free_port, kill_recorded_groups, run_doit
-
-from pipeline.demo.cpu_vllm import tiny_overrides
-from pipeline.serve.state import StateStore
-from pipeline.settings import load_settings
+from vllm_runtime import serve_example_with_gateway
 
 pytestmark = pytest.mark.slow
 
 INSTANCE_KEY = "replica-instance-key"
 GATEWAY_KEY = "replica-gateway-key"
-EXAMPLE = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("vllm-replicas")
-    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
-    gateway_port = free_port()
-    overrides = tiny_overrides(
-        load_settings(),
-        model=tiny_model,
-        log_dir=root / "logs",
-        ports=ports,
-        tmp_root=Path(os.environ.get("TMPDIR", "/tmp")) / f"vr-{os.getpid()}",
-    )
-    for name in ports:
-        overrides["instance"][name]["server"]["served_model_name"] = "tiny"
-    overrides["gateway"] = {
-        "enable": True,
-        "host": "127.0.0.1",
-        "port": gateway_port,
-        "api_keys_env": ["GATEWAY_KEY"],
-    }
-    state = root / "state"
-    env = doit_env(
-        state,
-        AUTO_INFER_VLLM_CONFIG=str(EXAMPLE),
-        AUTO_INFER_VLLM_OVERRIDES=json.dumps(overrides),
-        VLLM_API_KEY_TINY=INSTANCE_KEY,
-        GATEWAY_KEY=GATEWAY_KEY,
-    )
-    result = run_doit(["serve"], env, timeout=600)
-    store = StateStore(state / "serve")
-    try:
-        assert result.returncode == 0, result.stderr + result.stdout
-        yield {"env": env, "url": f"http://127.0.0.1:{gateway_port}", "store": store}
-    finally:
-        stopped = run_doit(["stop"], env, timeout=120)
-        kill_recorded_groups(store.root)
-        assert stopped.returncode == 0, stopped.stderr
+    with serve_example_with_gateway(
+        tiny_model,
+        tmp_path_factory.mktemp("vllm-replicas"),
+        tmp_prefix="vr",
+        instance_key=INSTANCE_KEY,
+        gateway_key=GATEWAY_KEY,
+        served_model_name="tiny",
+    ) as served:
+        yield served
 
 
 def client(served: dict) -> openai.OpenAI:

@@ -10,14 +10,21 @@ through ``doit serve`` with ``master.pixi_project_dir`` pointing at that install
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.demo import cpu_vllm, vllm_bundle
+from pipeline.serve.state import StateStore
 from pipeline.settings import load_settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "model-configs" / "vllm-cpu-tiny.toml"
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +77,65 @@ def ensure_vllm_dist_alias(python: Path) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another run put it there first
     return alias
+
+
+@contextlib.contextmanager
+def serve_example_with_gateway(
+    tiny_model: Path,
+    root: Path,
+    *,
+    tmp_prefix: str,
+    instance_key: str,
+    gateway_key: str,
+    gateway: Mapping[str, object] | None = None,
+    served_model_name: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`doit serve` of the example's two instances (``tiny-a``, ``tiny-b``; all served as
+    ``served_model_name`` if given) with the gateway on (``gateway`` adds to its table), on free
+    ports with state and logs under ``root``; `doit stop` (checked) and a kill of every
+    recorded group at the end. Yields ``env``, ``url`` (the gateway's), ``ports``, ``store``
+    and ``root``."""
+    from conftest import doit_env, free_port, kill_recorded_groups, run_doit
+
+    ports = {"tiny-a": free_port(), "tiny-b": free_port()}
+    gateway_port = free_port()
+    overrides = cpu_vllm.tiny_overrides(
+        load_settings(),
+        model=tiny_model,
+        log_dir=root / "logs",
+        ports=ports,
+        tmp_root=Path(os.environ.get("TMPDIR", "/tmp")) / f"{tmp_prefix}-{os.getpid()}",
+    )
+    if served_model_name is not None:
+        for name in ports:
+            overrides["instance"][name]["server"]["served_model_name"] = served_model_name
+    overrides["gateway"] = {
+        "enable": True,
+        "host": "127.0.0.1",
+        "port": gateway_port,
+        "api_keys_env": ["GATEWAY_KEY"],
+        **(gateway or {}),
+    }
+    state = root / "state"
+    env = doit_env(
+        state,
+        AUTO_INFER_VLLM_CONFIG=str(EXAMPLE),
+        AUTO_INFER_VLLM_OVERRIDES=json.dumps(overrides),
+        VLLM_API_KEY_TINY=instance_key,
+        GATEWAY_KEY=gateway_key,
+    )
+    result = run_doit(["serve"], env, timeout=600)
+    store = StateStore(state / "serve")
+    try:
+        assert result.returncode == 0, result.stderr + result.stdout
+        yield {
+            "env": env,
+            "url": f"http://127.0.0.1:{gateway_port}",
+            "ports": ports,
+            "store": store,
+            "root": root,
+        }
+    finally:
+        stopped = run_doit(["stop"], env, timeout=120)
+        kill_recorded_groups(store.root)
+        assert stopped.returncode == 0, stopped.stderr
