@@ -397,6 +397,30 @@ def test_install_imports_vllm_and_records_its_version(tmp_path, kit: Kit, cache)
     assert installed_record(project, "default").verify.versions == (("vllm", "0.32.0"),)
 
 
+def test_a_verify_task_that_imports_vllm_replaces_the_second_import(tmp_path, kit: Kit, cache):
+    wheel = vllm_wheel(tmp_path, b'__version__ = "0.32.0"\n')
+    verify = "python -c 'import vllm; print(7)'"
+    project = tmp_path / "project"
+    result = install(project, make_bundle(tmp_path, kit, wheel=wheel, verify=verify), cache)
+
+    assert result.verify_output == "7" and result.versions == (("vllm", "0.32.0"),)
+    assert installed_record(project, "default").verify.versions == (("vllm", "0.32.0"),)
+    paths = ProjectPaths.of(project)
+    assert "<import check>" not in paths.install_log("default").read_text()
+    assert not list(paths.state.glob("import-probe.*"))
+
+
+def test_an_isolated_verify_python_still_gets_the_import_check(tmp_path, kit: Kit, cache):
+    # `python -I` ignores PYTHONPATH: the probe sees nothing, so the import runs once more.
+    wheel = vllm_wheel(tmp_path, b'__version__ = "0.32.0"\n')
+    verify = "python -I -c 'import vllm; print(7)'"
+    project = tmp_path / "project"
+    result = install(project, make_bundle(tmp_path, kit, wheel=wheel, verify=verify), cache)
+
+    assert result.versions == (("vllm", "0.32.0"),)
+    assert "<import check>" in ProjectPaths.of(project).install_log("default").read_text()
+
+
 def test_verify_none_skips_the_import_check_too(tmp_path, kit: Kit, cache):
     wheel = vllm_wheel(tmp_path, b'raise ImportError("never imported")\n')
     bundle = make_bundle(tmp_path, kit, wheel=wheel, verify=None)

@@ -34,6 +34,7 @@ from pipeline.build.pack import (
     plan_bundle,
     repodata_json,
 )
+from pipeline.build.verified import VerifiedStamps
 from pipeline.bundle.format import EXTRAS_FILE, TAR_MTIME
 from pipeline.bundle.metadata import BundleExtras
 from pipeline.demo.channel import (
@@ -313,6 +314,28 @@ def test_a_corrupt_cache_entry_is_fetched_again_and_the_bundle_is_unchanged(
     assert (result.downloaded, result.reused) == (1, 4)
     assert result.bundle.read_bytes() == packed.bundle.read_bytes()
     assert len(warnings) == 1 and "libtiny-1.0-h1a2b3c4_0.conda is corrupt" in warnings[0]
+
+
+def test_a_warm_pack_trusts_entries_hashed_before_but_not_a_rewrite_with_its_mtime_put_back(
+    packed, project, tmp_path
+):
+    cache = tmp_path / "cache"
+    shutil.copytree(packed.bundle.parent / "cache", cache)
+    pack(project, tmp_path / "a.tar", cache, fetcher=quiet_fetcher([]))  # hashes and stamps
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    items = [i for i in fetch_items(plan_bundle(locked), cache) if i.check is not None]
+    stamps = VerifiedStamps(cache)
+    assert items and all(stamps.trusted(item) for item in items)
+
+    entry = cache / "linux-64" / "libtiny-1.0-h1a2b3c4_0.conda"
+    st = entry.stat()
+    entry.write_bytes(b"\0" * st.st_size)
+    os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before; ctime moved
+    warnings: list[str] = []
+    result = pack(project, tmp_path / "b.tar", cache, fetcher=quiet_fetcher(warnings))
+
+    assert result.downloaded == 1 and len(warnings) == 1 and "is corrupt" in warnings[0]
+    assert result.bundle.read_bytes() == packed.bundle.read_bytes()
 
 
 # ---- nothing corrupt is left ----------------------------------------------------------------

