@@ -56,7 +56,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def namespaces() -> Iterator[tuple[str, str]]:
     """Two namespaces joined by a veth pair named mn0 at both ends; deleted afterwards."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 (network namespaces)")
+        pytest.fail("needs root and iproute2 (network namespaces); CI runs as root with them")
     names = (f"mnt{os.getpid()}a", f"mnt{os.getpid()}b")
     try:
         for ns in names:

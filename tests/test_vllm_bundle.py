@@ -39,7 +39,9 @@ def test_the_packed_vllm_bundle_installs_offline_and_serves_both_sdks(
     cache = vllm_bundle.vllm_cache(settings, vllm_bundle.read_pip_settings())
     netns = vllm_bundle.network_namespace_prefix()
     if not netns:
-        pytest.skip("needs `unshare -n` (root): the install must run with no network")
+        pytest.fail(
+            "needs `unshare -n` (root): the install must run with no network; CI runs as root"
+        )
 
     # build host: pack the cached project into a new tar; the pack cache is warm
     bundle = tmp_path / "bundles" / "vllm-cpu.tar"
