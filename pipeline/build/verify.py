@@ -100,13 +100,31 @@ def verify(
     manifest_path = project_dir / MANIFEST_NAME
     lock_path = project_dir / LOCK_NAME
     host = host_platform()
-    if platform is not None and platform != host:
-        raise PipelineError(
-            f"cannot verify the {platform} environment on this {host} host: verify runs the "
-            f"environment here; verify on a {platform} machine, {_SKIP_HINT}"
-        )
     manifest = load_manifest(manifest_path)
-    resolved = manifest.resolve(environment, host)
+    # ``platform`` names a manifest platform, or a lock platform (pixi >= 0.71's ``p1``): the
+    # task comes from the manifest platform, the packages from the lock platform it stands for.
+    wanted = platform if platform is not None else host
+    lock_platform = wanted
+    if wanted in manifest.platforms:
+        manifest_platform = wanted
+    elif platform is not None and lock_path.is_file():
+        from pipeline.pixi.lockfile import read_environment
+
+        locked = read_environment(lock_path, environment, platform)
+        manifest_platform = manifest.platform_of_lock(
+            environment, locked.lock_platform, locked.subdir, locked.virtual_packages
+        )
+        lock_platform = locked.lock_platform
+    else:  # a subdir: the one manifest platform of that subdir, if only one
+        same = [p for p in manifest.platforms if manifest.subdir(p) == wanted]
+        manifest_platform = same[0] if len(same) == 1 else wanted
+    subdir = manifest.subdir(manifest_platform)
+    if subdir != host:
+        raise PipelineError(
+            f"cannot verify the {wanted} environment on this {host} host: verify runs the "
+            f"environment here; verify on a {subdir} machine, {_SKIP_HINT}"
+        )
+    resolved = manifest.resolve(environment, manifest_platform)
     where = f"{manifest_path}: environment '{environment}'"
     chain = task_chain(resolved.tasks, VERIFY_TASK, where, hint=_SKIP_HINT)
     if not lock_path.is_file():
@@ -144,7 +162,7 @@ def verify(
     install_environment(
         lock_path,
         environment,
-        host,
+        lock_platform,
         prefix,
         cache_dir,
         log_path=log_path,

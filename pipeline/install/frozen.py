@@ -695,17 +695,29 @@ def _rewrite_record_line(dist_info: Path, name: str, data: bytes) -> None:
 
 
 def _verify_commands(
-    paths: ProjectPaths, environment: str, platform: str, configured: str | None
+    paths: ProjectPaths, locked: LockedEnvironment, configured: str | None
 ) -> list[tuple[str, Mapping[str, str], Path]]:
-    """``[(shell text, task env, cwd)]`` to run; empty when there is nothing to check."""
+    """``[(shell text, task env, cwd)]`` to run; empty when there is nothing to check.
+
+    The task comes from the manifest platform that the installed lock platform stands for
+    (``p1`` of a pixi >= 0.71 lock is the manifest's ``linux-64`` or a rich platform).
+    """
     if configured is not None:
         if configured.strip().lower() == "none":
             return []
         return [(configured, {}, paths.root)]
     from pipeline.pixi.manifest import command_text, load_manifest, task_chain
 
+    environment = locked.environment
     try:
-        resolved = load_manifest(paths.manifest).resolve(environment, platform)
+        manifest = load_manifest(paths.manifest)
+        platform = manifest.platform_of_lock(
+            environment,
+            locked.lock_platform or locked.platform,
+            locked.subdir or locked.platform,
+            locked.virtual_packages,
+        )
+        resolved = manifest.resolve(environment, platform)
     except LockError as exc:
         raise InstallError(
             f"cannot read the verify task: {exc.message}; or set AUTO_INFER_VLLM_VERIFY"
@@ -743,11 +755,11 @@ def _verify(
     timeout: float,
     say: Callable[[str], None],
 ) -> InstallVerify | None:
-    environment, platform = locked.environment, locked.platform
+    environment = locked.environment
     if configured is not None and configured.strip().lower() == "none":
         say("verify skipped (AUTO_INFER_VLLM_VERIFY=none)")
         return None
-    commands = _verify_commands(paths, environment, platform, configured)
+    commands = _verify_commands(paths, locked, configured)
     modules = modules_to_check(locked)
     if not commands:
         say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")

@@ -142,6 +142,9 @@ class LockedEnvironment:
     # ``platform`` above is what the caller asked for (a name or a subdir).
     lock_platform: str = ""
     subdir: str = ""
+    # The lock platform's recorded virtual packages (``__cuda=12``; none in lock v6): with
+    # the subdir, its identity, which finds the manifest platform it stands for.
+    virtual_packages: tuple[str, ...] = ()
 
 
 def read_lock(path: Path) -> LockFile:
@@ -247,6 +250,7 @@ def read_environment(path: Path, environment: str, platform: str) -> LockedEnvir
         source_packages=tuple(sorted(sources)),
         lock_platform=chosen.name,
         subdir=str(chosen.subdir),
+        virtual_packages=tuple(str(v) for v in chosen.virtual_packages or ()),
     )
 
 

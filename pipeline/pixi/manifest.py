@@ -608,6 +608,46 @@ class Manifest:
                 }
         return tuple(p for p in self.platforms if p in allowed)
 
+    def platform_of_lock(
+        self, environment: str, name: str, subdir: str, virtual_packages: Sequence[str] = ()
+    ) -> str:
+        """The workspace platform that the lock platform ``name`` stands for in ``environment``.
+
+        A lock platform is not always named as the manifest's: pixi >= 0.71 calls a platform
+        with virtual packages beyond the subdir's defaults ``p1``, ``p2``... (a rich platform,
+        or ``[system-requirements]`` on a plain ``linux-64``), and older locks name the subdir
+        only. As pixi does, a platform of the same name wins; else the one of the same subdir
+        whose virtual packages have the same identity (:func:`customised`); else the only one
+        of that subdir. ``virtual_packages`` are the lock's strings (``__cuda=12``); none
+        recorded (lock v6) means "by subdir". Pure; raises :class:`LockError` naming the
+        candidates when none or several fit.
+        """
+        platforms = self.platforms_for(environment)
+        if name in platforms:
+            return name
+        same_subdir = [p for p in platforms if self.subdir(p) == subdir]
+        if virtual_packages and len(same_subdir) > 1:
+            want = customised([parse_locked_virtual_package(v) for v in virtual_packages], subdir)
+            same_identity = [
+                p
+                for p in same_subdir
+                if customised(self.resolve(environment, p).virtual_packages, subdir) == want
+            ]
+            if same_identity:
+                same_subdir = same_identity
+        if len(same_subdir) == 1:
+            return same_subdir[0]
+        where = f"{self.path}: environment {environment!r}"
+        if not same_subdir:
+            raise LockError(
+                f"{where} has no platform for the lock's platform {name!r} (subdir {subdir}); "
+                f"its platforms: {', '.join(platforms) or 'none'}; run `doit lock` again"
+            )
+        raise LockError(
+            f"{where}: the lock's platform {name!r} (subdir {subdir}) fits several platforms "
+            f"({', '.join(same_subdir)}); run `doit lock` again"
+        )
+
     def system_requirements_for(self, environment: str) -> SystemRequirements:
         """The union of the environment's features' ``[system-requirements]``."""
         result = SystemRequirements()
