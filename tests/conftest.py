@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,10 +26,38 @@ REPO = TESTS.parent
 STANDIN = TESTS / "standin_server.py"
 
 
+# Every process the tests start inherits this variable (the xdist workers get the
+# controller's value), so that the session's end can find whatever is still running.
+RUN_MARK = "INFER_VLLM_TEST_RUN"
+os.environ.setdefault(RUN_MARK, uuid.uuid4().hex)
+
+# Ports for the tests' servers: below the kernel's ephemeral range (32768-60999 here), where
+# nothing else takes them for an outgoing connection, and one slice per xdist worker, taken in
+# turn, so that two workers never pick the same port between its check and its bind.
+PORT_BASE, PORT_SLICE = 20000, 1500
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_worker_index = int(_WORKER[2:]) if _WORKER[2:].isdigit() else 0
+_ports = itertools.cycle(
+    range(
+        PORT_BASE + (_worker_index % 8) * PORT_SLICE,
+        PORT_BASE + (_worker_index % 8 + 1) * PORT_SLICE,
+    )
+)
+for _ in range(random.randrange(PORT_SLICE)):  # another run's TIME_WAIT ports come later
+    next(_ports)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, unique to this worker for its next 1,500 calls."""
+    for _ in range(PORT_SLICE):
+        port = next(_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in this worker's slice ({_WORKER})")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -59,7 +90,20 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def kill_recorded_groups(serve_root: Path) -> None:
+    """Kill what a test's serve state dir knows of: the supervisor holding its lock (even when
+    ``state.json`` is gone, as a test that deletes it may fail before it is written again),
+    then the recorded supervisor and instance groups."""
     store = StateStore(serve_root)
+    owner = store.lock_owner()
+    if owner and owner != os.getpid():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(owner, signal.SIGCONT)  # a test may have stopped it
+            os.kill(owner, signal.SIGTERM)  # it stops its instances' groups on the way out
+        deadline = time.monotonic() + 15
+        while pid_running(owner) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(owner, signal.SIGKILL)
     with contextlib.suppress(Exception):
         state = store.read()
         if state is None:
@@ -182,6 +226,81 @@ def run_doit(
         timeout=timeout,
         check=False,
     )
+
+
+# ---- the suite as a whole: the heavy tests apart, and nothing left running --------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The real-vLLM tests (``slow``) form one xdist group: one worker runs them one after the
+    other, so two vLLM servers never share the two cores (their start-up is CPU-bound)."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("real-vllm"))
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of ``pid``, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def leftover_processes(mark: str, basetemp: str | None) -> dict[int, str]:
+    """pid -> command line of every live process this test run started: those that inherited
+    ``RUN_MARK=mark``, or whose command line names the run's temporary root (a child started
+    with an environment of its own). This process and its own children (xdist workers) are
+    not counted."""
+    me = os.getpid()
+    marker = f"{RUN_MARK}={mark}".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state = _proc_state(pid)
+        if state is None or state[0] == "Z" or state[1] == me:
+            continue
+        if marker in environ or (basetemp and basetemp in argv):
+            found[pid] = argv.strip()[:200]
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a process that the tests started outlives them (a fixture's teardown
+    should have stopped it); kill those processes so that they outlive nothing else."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = None
+    with contextlib.suppress(Exception):
+        basetemp = str(factory.getbasetemp()) if factory is not None else None
+    mark = os.environ[RUN_MARK]
+    deadline = time.monotonic() + 10  # what is on its way out (SIGTERM sent) may finish
+    left = leftover_processes(mark, basetemp)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = leftover_processes(mark, basetemp)
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"error: {len(left)} process(es) started by the tests outlived them (now killed):"]
+    lines += [f"  pid {pid}: {argv}" for pid, argv in sorted(left.items())]
+    if reporter is not None:
+        reporter.write_line("\n".join(lines), red=True)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # The lock tests' channel, its URL and a rattler cache (module-scoped).

@@ -279,7 +279,7 @@ def test_read_timeouts_are_retried_then_reported(server, rec, tmp_path):
     with pytest.raises(FetchError, match="timed out") as err:
         fetcher(rec, attempts=2, timeout=(2.0, 0.2)).fetch_all([one])
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # two 0.2 s read timeouts, not a hang
     assert one.url in err.value.message
     assert server.hits[f"/linux-64/{one.cache_path.name}"] == 2
     assert leftovers(cache) == []

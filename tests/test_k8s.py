@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from conftest import doit_env, run_doit
+from conftest import doit_env, run_doit, wait_for
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.serve import k8s
@@ -292,7 +291,8 @@ def test_the_serve_command_execs_doit_as_pid_1_and_copies_the_log_to_stdout(tmp_
         proc = subprocess.Popen(argv, stdout=out, start_new_session=True)
     try:
         proc.wait(timeout=30)
-        time.sleep(1.5)  # tail -F polls each second
+        # tail -F polls each second: wait for the line itself, not for a second and a half.
+        wait_for(lambda: "vllm-line" in out_file.read_text(), 30, what="the log line on stdout")
     finally:
         # In a pod the container ends with PID 1; here the tail is left to put down.
         with contextlib.suppress(ProcessLookupError):

@@ -126,22 +126,16 @@ def test_os_error_text_never_prints_none():
 
 
 def test_a_timeout_kills_the_whole_group_and_says_the_last_line(tmp_path):
+    # A shell, not Python: its line is out within milliseconds of its start, so a loaded
+    # machine does not turn "the last line" into "no output" before the timeout.
     pids = tmp_path / "pids"
-    child = python_child(
-        f"""
-        import os, subprocess, sys, time
-        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        open({str(pids)!r}, "w").write(f"{{os.getpgid(0)}}")
-        print("waiting for the mirror", flush=True)
-        time.sleep(60)
-        """
-    )
+    child = ["sh", "-c", f"sleep 60 & echo $$ > {pids}; echo 'waiting for the mirror'; sleep 60"]
     started = time.monotonic()
     with pytest.raises(InstallError) as info:
-        run(child, tmp_path / "step.log", timeout=1.5)
+        run(child, tmp_path / "step.log", timeout=3)
     assert time.monotonic() - started < 15
     message = info.value.message
-    assert "did not finish in 2 s and was stopped; last output: waiting for the mirror" in message
+    assert "did not finish in 3 s and was stopped; last output: waiting for the mirror" in message
     assert not group_alive(int(pids.read_text())), "the grandchild was killed with its group"
     assert "waiting for the mirror" in (tmp_path / "step.log").read_text()
 
@@ -236,7 +230,7 @@ def test_a_child_whose_parent_died_before_it_was_armed_kills_itself():
     assert arm is not None
     started = time.monotonic()
     child = subprocess.run(["sleep", "30"], preexec_fn=arm, timeout=10, check=False)
-    assert child.returncode == -signal.SIGKILL and time.monotonic() - started < 5
+    assert child.returncode == -signal.SIGKILL and time.monotonic() - started < 15
 
 
 def test_a_sigkilled_parent_takes_its_logged_child_along(tmp_path):

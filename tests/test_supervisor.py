@@ -251,7 +251,7 @@ def test_sigterm_ignored_escalates_to_sigkill(settings, standin_prefix, tmp_path
     stop_command(settings)
     took = time.monotonic() - started
     assert not group_alive(pgid)
-    assert 1.0 <= took < 6.0
+    assert 1.0 <= took < 20.0  # the grace, then SIGKILL; never left hanging
     assert "sent SIGKILL" in (settings.serve_state / "supervisor.log").read_text()
 
 
