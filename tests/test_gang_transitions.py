@@ -4,7 +4,7 @@ Two supervisors, the leader's (rank 0) and a follower's (rank 1), planned from o
 wired to the fakes of tests/test_supervisor_transitions.py: a fake spawner, process groups,
 probe and clock. The follower's poll reaches the leader's :class:`GangBoard` directly (no
 socket); one test runs the real control endpoint on loopback. The gang takes only edges of
-:data:`~pipeline.serve.state.TRANSITIONS`; these tests pin why and when.
+:data:`~pipeline.serve.record.TRANSITIONS`; these tests pin why and when.
 """
 
 from __future__ import annotations

@@ -26,13 +26,8 @@ import pytest
 from conftest import REPO, STANDIN, free_port, wait_for
 
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
-from pipeline.serve.state import (
-    InstanceRecord,
-    InstanceState,
-    ServeState,
-    StateStore,
-    SupervisorRecord,
-)
+from pipeline.serve.record import InstanceRecord, InstanceState, ServeState, SupervisorRecord
+from pipeline.serve.state import StateStore
 
 KEYS = ("gw-key-one", "gw-key-two")
 BETA_KEY = "beta-instance-key"
@@ -939,3 +934,28 @@ def test_regression_a_big_body_does_not_stall_health(hardened):
     assert worst < max(0.25, stall / 2), (
         f"/health took {worst:.3f}s while a 51 MB body was read (json.loads of it: {stall:.3f}s)"
     )
+
+
+@pytest.mark.parametrize(
+    "module", ["proxy", "client", "exchange", "upstream", "endpoints", "conn", "states"]
+)
+def test_the_gateway_reads_the_state_record_without_the_store(module):
+    """Any of the gateway's modules imports first (no import cycle), and what it loads of
+    pipeline.serve is the pure record: not the store, its locks or the process helpers."""
+    code = (
+        f"import sys, pipeline.gateway.{module}; "
+        "print(' '.join(m for m in sys.modules "
+        "if m.startswith(('pipeline.serve', 'pipeline.procs'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert loaded <= {"pipeline.serve", "pipeline.serve.record"}, loaded

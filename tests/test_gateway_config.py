@@ -401,7 +401,7 @@ def test_regression_responses_with_a_0x_chunk_size_or_no_crlf_after_data_are_ref
 def test_regression_a_connection_paused_by_a_slow_client_is_pooled_reading():
     """The read that ends a response can also pause it (the client's buffer filled): back in
     the pool it must read again, or the next request on it would hang."""
-    from pipeline.gateway.proxy import Pool, UpstreamConn
+    from pipeline.gateway.upstream import Pool, UpstreamConn
 
     class Transport:
         reading = False

@@ -27,7 +27,8 @@ from conftest import STANDIN, free_port, wait_for
 from test_gateway import healthy, request, start_gateway, stop, write_state
 
 from pipeline.gateway.config import GatewayConfig, Upstream
-from pipeline.gateway.proxy import EJECT_SECONDS, Gateway
+from pipeline.gateway.proxy import Gateway
+from pipeline.gateway.upstream import EJECT_SECONDS
 
 KEY = "replica-gw-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -24,7 +24,8 @@ from pipeline.serve.commands import (
     status_command,
     stop_command,
 )
-from pipeline.serve.state import InstanceState, StateStore
+from pipeline.serve.record import InstanceState
+from pipeline.serve.state import StateStore
 from pipeline.serve.supervisor import Supervisor
 
 GW_KEY = "gw-secret-key"

@@ -2,7 +2,7 @@
 
 A fake spawner (processes that exit when the test says), fake process groups, a fake health
 probe and a fake clock: no real process, no sleep, the same outcome on every run. One
-``test_transition_<from>_to_<to>`` per edge of :data:`~pipeline.serve.state.TRANSITIONS`
+``test_transition_<from>_to_<to>`` per edge of :data:`~pipeline.serve.record.TRANSITIONS`
 (a test checks that the names and the table agree), in the manner of Supervisor/supervisor's
 ``test_transition_*`` tests, plus the refusal of an edge the table does not list.
 """
@@ -531,7 +531,7 @@ def test_terminal_states_lead_back_only_to_pending():
 
 def test_the_gateway_reads_states_without_pydantic():
     code = (
-        "import sys, pipeline.gateway.states as g, pipeline.serve.state as s; "
+        "import sys, pipeline.gateway.states as g, pipeline.serve.record as s; "
         "assert g.RUNNING is s.InstanceState.RUNNING; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))"
     )

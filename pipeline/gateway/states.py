@@ -7,8 +7,8 @@ called at most every ``min_interval`` seconds from the request path and once a s
 gateway's housekeeping, so a state change is seen within that time without restarting anything.
 
 Plain ``json`` on purpose: the gateway stays light (no pydantic model of the state here). The
-state names come from :class:`pipeline.serve.state.InstanceState`, whose module loads no
-pydantic either (a test keeps it so).
+state names come from :class:`pipeline.serve.record.InstanceState`, whose module loads no
+pydantic either, nor the state store's locks and processes (tests keep it so).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pipeline.serve.state import InstanceState, parse_instance
+from pipeline.serve.record import InstanceState, parse_instance
 
 RUNNING = InstanceState.RUNNING
 
@@ -68,7 +68,7 @@ class StateFollower:
     ``path`` empty: no supervisor, every instance is running. A missing or unreadable file
     keeps the last known states (or ``pending`` before the first read): a reader never fails.
     Each record is checked field by field, as ``doit status`` checks it
-    (:func:`~pipeline.serve.state.parse_instance`): a bad field is named once and the rest of
+    (:func:`~pipeline.serve.record.parse_instance`): a bad field is named once and the rest of
     the record is used. ``say`` gets one line per state change or problem. Not thread-safe:
     the event loop owns it.
     """

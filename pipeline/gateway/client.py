@@ -1,0 +1,470 @@
+"""The client side of the gateway: one :class:`ClientConn` per client connection, and the
+decisions taken on a request's head (:func:`route`): which handler answers it, whether its key
+is right, whether its body is read at all.
+
+Flow control: a client that reads slowly pauses reading from its instance (``pause_writing``),
+so nothing is buffered without bound; pipelined requests wait in the client's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections import deque
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+from pipeline.gateway import endpoints
+from pipeline.gateway.conn import Body, Handler, Reader
+from pipeline.gateway.endpoints import (
+    LOCAL_HANDLERS,
+    OVER_CAPACITY,
+    REQUEST_TIMEOUT,
+    error_body,
+    status_line,
+)
+from pipeline.gateway.exchange import forward
+from pipeline.gateway.wire import (
+    HttpError,
+    ModelScanner,
+    RequestHead,
+    RequestReader,
+    StopParsing,
+)
+
+if TYPE_CHECKING:
+    from pipeline.gateway.exchange import Exchange
+    from pipeline.gateway.proxy import Gateway
+
+# Requests routed by the body's "model": OpenAI, Anthropic and vLLM's own JSON endpoints.
+ROUTED = frozenset(
+    {
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/responses",
+        b"/v1/messages",
+        b"/v1/messages/count_tokens",
+        b"/tokenize",
+        b"/detokenize",
+        b"/pooling",
+        b"/classify",
+        b"/score",
+        b"/v1/score",
+        b"/rerank",
+        b"/v1/rerank",
+        b"/v2/rerank",
+    }
+)
+# Bytes of a pipelined next request buffered while one is in flight, before reading pauses.
+MAX_PIPELINED = 1024 * 1024
+# How long a kept-alive connection may wait for its next request.
+CLIENT_IDLE = 300.0
+# Connections past the cap kept for /health and /metrics, and how long they may take.
+HEALTH_RESERVE = 16
+RESERVE_HEAD_TIMEOUT = 5.0
+
+# Where a client connection is: between requests, in a head, in a body.
+_WAIT, _HEAD, _BODY = range(3)
+
+
+class _Pending(NamedTuple):
+    req: RequestHead
+    handler: Handler
+    pieces: Body
+    scanner: ModelScanner | None
+
+
+class ClientConn(Reader):
+    """One client connection: reads requests (one at a time, pipelining buffered), answers
+    local endpoints itself and hands routed requests to an :class:`Exchange`.
+
+    A request is judged on its head (:func:`route`): a wrong key, an unknown path, a
+    body over the limit or a connection over the cap is answered before any of its body is
+    read, and ``Expect: 100-continue`` gets its 100 only once the head passed. Deadlines
+    (checked by the gateway's housekeeping): the head from accept (or, on a kept-alive
+    connection, from its first byte), each body read from the one before, the next request
+    from the last answer.
+    """
+
+    __slots__ = (
+        "body_size",
+        "closing",
+        "current",
+        "dead",
+        "deadline",
+        "exchange",
+        "gateway",
+        "handler",
+        "http10",
+        "keep_alive",
+        "peer",
+        "pending",
+        "phase",
+        "pieces",
+        "raw",
+        "reader",
+        "reading_paused",
+        "req",
+        "reserved",
+        "scanner",
+        "started",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.reader = RequestReader(self)
+        # Requests read whole and waiting their turn: (head, handler, body pieces, scanner),
+        # or the HttpError that ended reading.
+        self.pending: deque[_Pending | HttpError] = deque()
+        self.raw = bytearray()  # bytes read while a request is in flight, not parsed yet
+        self.req: RequestHead | None = None
+        self.handler: Handler | None = None
+        self.pieces: list[bytes] | None = None
+        self.scanner: ModelScanner | None = None
+        self.body_size = 0
+        self.exchange: Exchange | None = None
+        self.keep_alive = True
+        self.http10 = False
+        self.closing = False
+        self.dead = False
+        self.reserved = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.peer = b""
+        self.phase = _WAIT
+        self.started = 0  # requests begun on this connection
+        self.deadline = 0.0
+        self.current = b"-"  # method and path of the request being answered, for the log
+
+    # ---- asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: other event loops' transports are not subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        gateway = self.gateway
+        open_now = len(gateway.clients)
+        if open_now >= gateway.max_connections + HEALTH_RESERVE:
+            # Past the cap and its reserve: answer without reading, so no fd is held.
+            self.closing = True
+            self.transport.write(OVER_CAPACITY)
+            self.transport.close()
+            gateway.metrics.error("", "", "over_capacity")
+            return
+        gateway.clients.add(self)
+        # Over the cap: the connection may ask for /health or /metrics, quickly, once.
+        self.reserved = open_now >= gateway.max_connections
+        timeout = gateway.header_timeout
+        if self.reserved:
+            timeout = min(timeout, RESERVE_HEAD_TIMEOUT)
+        self.deadline = time.monotonic() + timeout
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode() if isinstance(peer, tuple) else b"unix"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.gateway.clients.discard(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.client_gone()
+
+    def eof_received(self) -> bool:
+        if self.exchange is not None or self.pending:
+            # Half-closed after sending its request: answer it, then close.
+            self.keep_alive = False
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        ex = self.exchange
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.dead or self.closing:
+            return
+        if self.exchange is not None or self.pending:
+            self.raw += data
+            if len(self.raw) > MAX_PIPELINED and not self.reading_paused:
+                self.reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        phase = self.phase
+        if phase == _BODY:
+            self.deadline = time.monotonic() + self.gateway.body_timeout
+        elif phase == _WAIT:
+            self.phase = _HEAD
+            if self.started:
+                # A kept-alive connection: the next head's time runs from its first byte.
+                # (A new one's from accept, set in connection_made.)
+                self.deadline = time.monotonic() + self.gateway.header_timeout
+        try:
+            self.reader.feed(data)
+        except HttpError as exc:
+            self.dead = True
+            self.pending.append(exc)
+        except StopParsing:
+            self.dead = True
+        else:
+            if self.reader.upgraded:
+                self.dead = True
+        self.dispatch()
+
+    # ---- from the RequestReader ------------------------------------------------------------
+    def on_request_head(self, req: RequestHead) -> None:
+        gateway = self.gateway
+        self.started += 1
+        if not req.http10 and req.host_count != 1:
+            raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
+        if req.host_count > 1:
+            raise HttpError(400, "more than one Host header")
+        has_body = req.chunked or bool(req.content_length)
+        if req.content_length is not None and req.content_length > gateway.max_body:
+            raise HttpError(413, f"request body too large (limit {gateway.max_body} bytes)")
+        handler, wants_body = route(self, req)
+        self.req = req
+        self.handler = handler
+        self.body_size = 0
+        self.pieces = [] if wants_body else None
+        self.scanner = ModelScanner() if wants_body else None
+        if has_body:
+            if not wants_body and handler not in LOCAL_HANDLERS:
+                # Answered on the head: the body is never read, so the connection closes.
+                req.keep_alive = False
+                self.pending.append(_Pending(req, handler, None, None))
+                raise StopParsing
+            self.phase = _BODY
+            self.deadline = time.monotonic() + gateway.body_timeout
+            if req.expect_continue:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            self.phase = _WAIT
+            self.deadline = 0.0
+
+    def on_request_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.gateway.max_body:
+            raise HttpError(413, f"request body too large (limit {self.gateway.max_body} bytes)")
+        if self.pieces is not None:
+            self.pieces.append(data)
+            assert self.scanner is not None
+            self.scanner.feed(data)
+
+    def on_request_end(self) -> None:
+        assert self.req is not None and self.handler is not None
+        self.pending.append(_Pending(self.req, self.handler, self.pieces, self.scanner))
+        self.req = self.handler = self.pieces = self.scanner = None
+        self.phase = _WAIT
+        self.deadline = 0.0
+
+    # ---- writing -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.closing = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def respond(
+        self,
+        code: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"application/json",
+        retry_after: int | None = None,
+        extra: bytes = b"",
+        model: str | None = "",
+        instance: str = "",
+        head_only: bool = False,
+    ) -> None:
+        """Answer the current request locally; closes afterwards unless keep-alive.
+
+        ``model`` labels the request in the metrics (None: not counted, e.g. /health)."""
+        parts = [
+            status_line(code),
+            b"content-type: ",
+            content_type,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
+        if retry_after is not None:
+            parts.append(f"retry-after: {retry_after}\r\n".encode())
+        if code == 401:
+            parts.append(b'www-authenticate: Bearer realm="gateway"\r\n')
+        parts.append(extra)
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if not head_only:
+            parts.append(body)
+        self.write(b"".join(parts))
+        if model is not None:
+            self.gateway.metrics.request(model, instance, code)
+            if self.gateway.access_log:
+                self.gateway.say(
+                    f'{self.peer.decode()} "{self.current.decode("utf-8", "replace")}" '
+                    f"model={model or '-'} instance={instance or '-'} {code} (gateway)"
+                )
+        if not self.keep_alive:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def exchange_done(self) -> None:
+        self.exchange = None
+        if not self.keep_alive:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.dispatch()
+
+    # ---- answering requests -----------------------------------------------------------------
+    def dispatch(self) -> None:
+        """Answer the requests read whole, one at a time; then read what waited meanwhile."""
+        gateway = self.gateway
+        while self.pending and self.exchange is None and not self.closing:
+            item = self.pending.popleft()
+            if isinstance(item, HttpError):
+                self._reject(item)
+                return
+            req = item.req
+            self.http10 = req.http10
+            # A dead reader (refused or upgraded request) reads nothing after this one.
+            last = self.dead and not self.pending
+            self.keep_alive = (
+                req.keep_alive and not gateway.draining and not self.reserved and not last
+            )
+            self.current = req.method + b" " + req.path
+            item.handler(self, req, item.pieces, item.scanner)
+            if not self.keep_alive and self.exchange is None and not self.closing:
+                self.closing = True
+                assert self.transport is not None
+                self.transport.close()
+        if self.closing or self.exchange is not None or self.pending:
+            return
+        if self.raw:
+            data = bytes(self.raw)
+            self.raw.clear()
+            if self.reading_paused and self.transport is not None:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            self._feed(data)
+        elif self.phase == _WAIT:
+            self.deadline = time.monotonic() + CLIENT_IDLE
+
+    def _reject(self, exc: HttpError) -> None:
+        self.keep_alive = False
+        self.raw.clear()
+        body = error_body(b"", exc.status, exc.message)
+        self.respond(exc.status, body, retry_after=exc.retry_after)
+
+    def timed_out(self) -> None:
+        """The deadline passed with no request in flight: 408 mid-request, else just close."""
+        self.closing = True
+        assert self.transport is not None
+        if self.phase in (_HEAD, _BODY):
+            self.transport.write(REQUEST_TIMEOUT)
+        self.transport.close()
+
+
+# ---- decisions on the head ---------------------------------------------------------------------
+def route(client: ClientConn, req: RequestHead) -> tuple[Handler, bool]:
+    """Who answers ``req``, decided on its head: (handler, whether it needs the body).
+
+    Handlers other than the proxy and the local endpoints answer without the body; the
+    client's connection then reads none of it (and closes when there was one)."""
+    path = req.path
+    method = req.method
+    get = method in (b"GET", b"HEAD")
+    if client.reserved and not (get and path in (b"/health", b"/metrics")):
+        return _over_capacity, False
+    if method == b"POST" and path in ROUTED:
+        if not authorized(client.gateway, req):
+            return _unauthorized, False
+        return forward, True
+    if get and path == b"/health":
+        return endpoints.health, False
+    if get and path == b"/metrics":
+        return endpoints.metrics, False
+    if get and (path == b"/v1/models" or path.startswith(b"/v1/models/")):
+        if not authorized(client.gateway, req):
+            return _unauthorized, False
+        return (endpoints.models if path == b"/v1/models" else endpoints.model), False
+    if path in ROUTED or path == b"/v1/models":
+        return _not_allowed, False
+    return _not_found, False
+
+
+def authorized(gateway: Gateway, req: RequestHead) -> bool:
+    keys = gateway.keys
+    if not keys:
+        return True
+    tokens = []
+    auth = req.authorization
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        tokens.append(auth[7:].strip())
+    if req.x_api_key is not None:
+        tokens.append(req.x_api_key)
+    # compare_digest: the time taken does not tell how much of a key was right.
+    return any(hmac.compare_digest(t, k) for t in tokens for k in keys)
+
+
+def _unauthorized(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+    given = req.authorization is not None or req.x_api_key is not None
+    message = (
+        "invalid API key" if given else "missing API key"
+    ) + " (send Authorization: Bearer <key> or x-api-key: <key>)"
+    client.respond(401, error_body(req.path, 401, message), model="")
+    client.gateway.metrics.error("", "", "unauthorized")
+
+
+def _over_capacity(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+    gateway = client.gateway
+    message = (
+        f"the gateway has {gateway.max_connections} connections open (its max_connections); "
+        "only /health and /metrics are answered past it: retry shortly"
+    )
+    client.keep_alive = False
+    client.respond(503, error_body(req.path, 503, message), retry_after=1, model=None)
+    gateway.metrics.error("", "", "over_capacity")
+
+
+def _not_allowed(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+    path, method = req.path, req.method
+    client.respond(
+        405,
+        error_body(path, 405, f"{method.decode()} is not allowed on {path.decode()}"),
+        extra=b"allow: POST\r\n" if path in ROUTED else b"allow: GET\r\n",
+        model=None,
+    )
+
+
+def _not_found(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
+    path = req.path
+    routed = ", ".join(sorted(p.decode() for p in ROUTED if p.startswith(b"/v1/")))
+    message = (
+        f"{path.decode('utf-8', 'replace')} is not served by the gateway: POST to "
+        f"{routed} (routed by model); GET /v1/models, /health, /metrics"
+    )
+    client.respond(404, error_body(path, 404, message), model=None)
