@@ -27,7 +27,10 @@ from conftest import (
 
 from pipeline.errors import ConfigError, ServeError
 from pipeline.procs import group_alive
-from pipeline.serve.commands import load, serve_command, status_command, stop_command
+from pipeline.serve.commands.common import load
+from pipeline.serve.commands.serve import serve_command
+from pipeline.serve.commands.status import status_command
+from pipeline.serve.commands.stop import stop_command
 from pipeline.serve.state import InstanceState, StateStore, process_alive
 from pipeline.serve.supervisor import Supervisor
 
@@ -1088,7 +1091,7 @@ def test_regression_a_corrupt_doit_database_does_not_block_status_and_stop(state
     ],
 )
 def test_regression_doit_logs_takes_options_after_the_name(words, expected):
-    from pipeline.serve.commands import parse_logs_args
+    from pipeline.serve.commands.logs import parse_logs_args
 
     args = parse_logs_args(words, lines=50, follow=False, config=None)
     assert (args.name, args.lines, args.follow, args.config) == expected
@@ -1104,7 +1107,7 @@ def test_regression_doit_logs_takes_options_after_the_name(words, expected):
     ],
 )
 def test_regression_doit_logs_bad_options_are_one_line(words, message):
-    from pipeline.serve.commands import parse_logs_args
+    from pipeline.serve.commands.logs import parse_logs_args
 
     with pytest.raises(ServeError) as err:
         parse_logs_args(words, lines=50, follow=False, config=None)
@@ -1177,7 +1180,7 @@ def test_regression_status_of_a_crash_looping_instance_says_it_restarts(
 
 
 def test_regression_a_crash_looping_instance_is_not_reported_still_running():
-    from pipeline.serve.commands import _report_failures
+    from pipeline.serve.commands.serve import _report_failures
     from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
 
     sup = SupervisorRecord(pid=1, proc_start=None, session="s", mode="m", source="t", started_at=0)
