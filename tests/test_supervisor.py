@@ -26,7 +26,8 @@ from conftest import (
 )
 
 from pipeline.errors import ConfigError, ServeError
-from pipeline.procs import group_alive
+from pipeline.procs import group_alive, process_state
+from pipeline.serve.commands import common
 from pipeline.serve.commands.common import load
 from pipeline.serve.commands.serve import serve_command
 from pipeline.serve.commands.status import status_command
@@ -1054,6 +1055,50 @@ def test_regression_a_deleted_state_json_does_not_hide_a_live_supervisor(
     assert "was deleted or changed; writing it again" in store.supervisor_log.read_text()
     stop_command(settings)
     assert read_state(settings).supervisor.exited
+
+
+class SlowStore:
+    """A state dir whose supervisor (``owner``) writes state.json again only after ``after``
+    seconds: what a loaded machine does to a live supervisor."""
+
+    def __init__(self, tmp_path: Path, owner: int, after: float) -> None:
+        self.state_file = tmp_path / "state.json"
+        self.owner = owner
+        self.ready_at = time.monotonic() + after
+
+    def read(self):
+        return "the state" if time.monotonic() >= self.ready_at else None
+
+    def lock_owner(self):
+        return self.owner
+
+
+def test_regression_a_busy_supervisor_is_waited_for_beyond_one_tick_window(tmp_path):
+    # It used to give up after a fixed 3 s; a supervisor that can run is waited for.
+    store = SlowStore(tmp_path, os.getpid(), after=3.5)
+    assert common.read_state(store) == ("the state", "")
+    never = SlowStore(tmp_path, os.getpid(), after=1e9)
+    state, why = common.read_state(never, wait=0.2)
+    assert state is None
+    assert why.startswith(f"{never.state_file}: missing, but a supervisor (pid {os.getpid()}) runs")
+    assert "has not written it again in 0s" in why
+
+
+def test_a_stopped_supervisor_is_not_waited_for(tmp_path):
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: process_state(child.pid) == "T", 10, what="the child stopped")
+        store = SlowStore(tmp_path, child.pid, after=1e9)
+        started = time.monotonic()
+        state, why = common.read_state(store)
+        assert time.monotonic() - started < 5, "answered at once, not after REPAIR_WAIT"
+        assert state is None
+        assert f"supervisor (pid {child.pid}) runs, stopped" in why
+        assert f"`kill -CONT {child.pid}` resumes it" in why
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_regression_a_corrupt_doit_database_does_not_block_status_and_stop(state_dir):

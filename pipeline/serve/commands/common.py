@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
-from pipeline.procs import group_alive
+from pipeline.procs import group_alive, process_state
 from pipeline.serve.state import (
     InstanceRecord,
     ServeState,
@@ -92,17 +92,21 @@ def load(
     )
 
 
-# A running supervisor writes a deleted or damaged state file again within a tick (0.5 s).
-REPAIR_WAIT = 3.0
+# A running supervisor writes a deleted or damaged state file again within a tick (0.5 s), but
+# a loaded machine may keep it from running for seconds: readers wait for the file while the
+# supervisor can run, this long at most. A stopped one (SIGSTOP, a debugger) is not waited for.
+REPAIR_WAIT = 30.0
 
 
 def read_state(store: StateStore, *, wait: float = REPAIR_WAIT) -> tuple[ServeState | None, str]:
     """``state.json`` as a reader may use it, and a line saying what is wrong ("" if nothing).
 
     Never raises for a missing or damaged file. When one is missing or not JSON while a
-    supervisor holds its lock, waits up to ``wait`` seconds for it to be written again.
+    supervisor holds its lock, waits for that supervisor to write it again: up to ``wait``
+    seconds while it can run; not at all when it is stopped (state ``T``); when it ends
+    meanwhile, says what is wrong with the file, as with no supervisor.
     """
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
     while True:
         try:
             state = store.read()
@@ -114,11 +118,18 @@ def read_state(store: StateStore, *, wait: float = REPAIR_WAIT) -> tuple[ServeSt
         owner = store.lock_owner()
         if owner is None:
             return None, why
-        if time.monotonic() >= deadline:
-            gone = why or f"{store.state_file}: missing"
+        gone = why or f"{store.state_file}: missing"
+        if process_state(owner) in ("T", "t"):
+            return None, (
+                f"{gone}, but a supervisor (pid {owner}) runs, stopped (SIGSTOP or a debugger), "
+                f"and cannot write it again until continued: `kill -CONT {owner}` resumes it, "
+                f"then `kill -TERM {owner}` stops it and every instance it runs"
+            )
+        waited = time.monotonic() - started
+        if waited >= wait:
             return None, (
                 f"{gone}, but a supervisor (pid {owner}) runs and has not written it again "
-                f"within {wait:g}s; `kill -TERM {owner}` stops it and every instance it runs"
+                f"in {waited:.0f}s; `kill -TERM {owner}` stops it and every instance it runs"
             )
         time.sleep(0.05)
 
