@@ -51,6 +51,17 @@ def proc_stat_fields(pid: int | str) -> list[bytes] | None:
     return raw[raw.rfind(b")") + 2 :].split()
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` from ``/proc/<pid>/stat``, or None when it does not exist.
+
+    ``R`` running, ``S``/``D`` sleeping (it will go on), ``T``/``t`` stopped (SIGSTOP, a
+    debugger: it does nothing until continued), ``Z`` a zombie (it ended; its parent has not
+    reaped it). For a waiter that must tell "slow" from "cannot make progress". Never raises.
+    """
+    fields = proc_stat_fields(pid)
+    return fields[0].decode() if fields else None
+
+
 def group_members(pgid: int) -> dict[int, str] | None:
     """pid -> state letter of every process in group ``pgid``, zombies included, from /proc.
 

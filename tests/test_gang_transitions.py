@@ -19,7 +19,7 @@ from test_supervisor_transitions import World
 
 from pipeline.pixi.envs import Runtime
 from pipeline.serve import gang
-from pipeline.serve.commands import print_status
+from pipeline.serve.commands.status import print_status
 from pipeline.serve.config import parse_config
 from pipeline.serve.plan import build_plan
 from pipeline.serve.state import InstanceState, StateStore

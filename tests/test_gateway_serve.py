@@ -16,14 +16,12 @@ import pytest
 from conftest import doit_env, free_port, run_doit, standin_config, wait_for
 
 from pipeline.procs import group_alive
-from pipeline.serve.commands import (
-    load,
-    log_path,
-    plan_command,
-    serve_command,
-    status_command,
-    stop_command,
-)
+from pipeline.serve.commands.common import load
+from pipeline.serve.commands.logs import log_path
+from pipeline.serve.commands.plan import plan_command
+from pipeline.serve.commands.serve import serve_command
+from pipeline.serve.commands.status import status_command
+from pipeline.serve.commands.stop import stop_command
 from pipeline.serve.record import InstanceState
 from pipeline.serve.state import StateStore
 from pipeline.serve.supervisor import Supervisor

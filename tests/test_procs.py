@@ -29,6 +29,7 @@ from pipeline.procs import (
     DRAIN_GRACE,
     die_with_parent,
     group_alive,
+    process_state,
     run_logged,
     signal_group,
     stop_group,
@@ -189,6 +190,24 @@ def test_stop_group_of_a_group_that_obeys_sigterm_needs_no_sigkill():
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     assert stop_group(proc.pid, 5.0, leader=proc) is False
     assert proc.returncode == -signal.SIGTERM and not group_alive(proc.pid)
+
+
+def test_process_state_tells_running_stopped_zombie_and_gone_apart():
+    assert process_state(os.getpid()) == "R", "this process, reading its own stat"
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        assert wait_until(lambda: process_state(proc.pid) == "S", 10)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert wait_until(lambda: process_state(proc.pid) == "T", 10)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: process_state(proc.pid) == "S", 10)
+        proc.kill()
+        # Ended but not reaped: a zombie, which can no more make progress than a stopped one.
+        assert wait_until(lambda: process_state(proc.pid) == "Z", 10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_state(proc.pid) is None, "reaped: gone"
 
 
 # ---- one nvidia-smi, one PYTHONPATH ---------------------------------------------------------

@@ -26,8 +26,12 @@ from conftest import (
 )
 
 from pipeline.errors import ConfigError, ServeError
-from pipeline.procs import group_alive
-from pipeline.serve.commands import load, serve_command, status_command, stop_command
+from pipeline.procs import group_alive, process_state
+from pipeline.serve.commands import common
+from pipeline.serve.commands.common import load
+from pipeline.serve.commands.serve import serve_command
+from pipeline.serve.commands.status import status_command
+from pipeline.serve.commands.stop import stop_command
 from pipeline.serve.state import InstanceState, StateStore, process_alive
 from pipeline.serve.supervisor import Supervisor
 
@@ -1053,6 +1057,50 @@ def test_regression_a_deleted_state_json_does_not_hide_a_live_supervisor(
     assert read_state(settings).supervisor.exited
 
 
+class SlowStore:
+    """A state dir whose supervisor (``owner``) writes state.json again only after ``after``
+    seconds: what a loaded machine does to a live supervisor."""
+
+    def __init__(self, tmp_path: Path, owner: int, after: float) -> None:
+        self.state_file = tmp_path / "state.json"
+        self.owner = owner
+        self.ready_at = time.monotonic() + after
+
+    def read(self):
+        return "the state" if time.monotonic() >= self.ready_at else None
+
+    def lock_owner(self):
+        return self.owner
+
+
+def test_regression_a_busy_supervisor_is_waited_for_beyond_one_tick_window(tmp_path):
+    # It used to give up after a fixed 3 s; a supervisor that can run is waited for.
+    store = SlowStore(tmp_path, os.getpid(), after=3.5)
+    assert common.read_state(store) == ("the state", "")
+    never = SlowStore(tmp_path, os.getpid(), after=1e9)
+    state, why = common.read_state(never, wait=0.2)
+    assert state is None
+    assert why.startswith(f"{never.state_file}: missing, but a supervisor (pid {os.getpid()}) runs")
+    assert "has not written it again in 0s" in why
+
+
+def test_a_stopped_supervisor_is_not_waited_for(tmp_path):
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: process_state(child.pid) == "T", 10, what="the child stopped")
+        store = SlowStore(tmp_path, child.pid, after=1e9)
+        started = time.monotonic()
+        state, why = common.read_state(store)
+        assert time.monotonic() - started < 5, "answered at once, not after REPAIR_WAIT"
+        assert state is None
+        assert f"supervisor (pid {child.pid}) runs, stopped" in why
+        assert f"`kill -CONT {child.pid}` resumes it" in why
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_regression_a_corrupt_doit_database_does_not_block_status_and_stop(state_dir):
     env = doit_env(state_dir)
     assert run_doit(["status"], env).returncode == 0
@@ -1088,7 +1136,7 @@ def test_regression_a_corrupt_doit_database_does_not_block_status_and_stop(state
     ],
 )
 def test_regression_doit_logs_takes_options_after_the_name(words, expected):
-    from pipeline.serve.commands import parse_logs_args
+    from pipeline.serve.commands.logs import parse_logs_args
 
     args = parse_logs_args(words, lines=50, follow=False, config=None)
     assert (args.name, args.lines, args.follow, args.config) == expected
@@ -1104,7 +1152,7 @@ def test_regression_doit_logs_takes_options_after_the_name(words, expected):
     ],
 )
 def test_regression_doit_logs_bad_options_are_one_line(words, message):
-    from pipeline.serve.commands import parse_logs_args
+    from pipeline.serve.commands.logs import parse_logs_args
 
     with pytest.raises(ServeError) as err:
         parse_logs_args(words, lines=50, follow=False, config=None)
@@ -1177,7 +1225,7 @@ def test_regression_status_of_a_crash_looping_instance_says_it_restarts(
 
 
 def test_regression_a_crash_looping_instance_is_not_reported_still_running():
-    from pipeline.serve.commands import _report_failures
+    from pipeline.serve.commands.serve import _report_failures
     from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
 
     sup = SupervisorRecord(pid=1, proc_start=None, session="s", mode="m", source="t", started_at=0)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import REPO, standin_config
 
-from pipeline.serve.commands import load
+from pipeline.serve.commands.common import load
 from pipeline.serve.plan import Plan
 from pipeline.serve.state import (
     TRANSITIONS,

@@ -16,7 +16,8 @@ reaped here, not left as zombies under a container's PID 1 that never reaps.
 
 Seams for tests come through the constructor: ``spawner`` (start a process; what it returns
 needs ``pid``, ``returncode``, ``poll()`` and ``wait()``), ``groups`` (is a process group alive,
-signal it), ``probe`` (the ``/health`` check), ``clock`` and ``sleep``.
+signal it), ``probe`` (the ``/health`` check), ``clock`` and ``sleep``; their protocols and
+the real implementations are in :mod:`pipeline.serve.seams`.
 
 A multi-node instance (a plan with a ``member``) is a gang. Under a platform (LWS, Slurm,
 SkyPilot) its member is planned with ``restart = no``: it never restarts on its own, and the
@@ -43,8 +44,6 @@ probe (``probe_timeout``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import http.client
 import os
 import signal
 import subprocess
@@ -53,14 +52,22 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
-from urllib.parse import urlsplit
+from typing import IO
 
 from pipeline import reporting
-from pipeline.procs import group_alive, signal_group
 from pipeline.serve import gang
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES, tail
 from pipeline.serve.plan import InstancePlan, Plan
+from pipeline.serve.seams import (
+    GangPoll,
+    GangServer,
+    Groups,
+    ProcessGroups,
+    Spawner,
+    become_subreaper,
+    default_spawner,
+    http_probe,
+)
 from pipeline.serve.state import (
     WAITING_STATES,
     InstanceRecord,
@@ -78,91 +85,6 @@ PROBE_INTERVAL = 0.5
 FAST_PROBE_PERIOD = 5.0
 TICK = 0.05
 IDLE_TICK = 0.5
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
-
-
-def become_subreaper() -> bool:
-    """Make orphaned descendants of this process its children (Linux >= 3.4), not PID 1's.
-
-    An instance's leader that dies leaves its children (vLLM's EngineCore) to the nearest
-    subreaper; without one they go to PID 1, and a PID 1 that never reaps (``sleep`` as a
-    container's entrypoint) keeps them as zombies for good. True when the kernel agreed.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-class Spawner(Protocol):
-    def __call__(
-        self, argv: tuple[str, ...], env: Mapping[str, str], cwd: str, log: IO[bytes]
-    ) -> subprocess.Popen[bytes]: ...
-
-
-class GangServer(Protocol):
-    def __call__(
-        self, host: str, port: int, board: gang.GangBoard, tokens: Mapping[str, str]
-    ) -> gang.Closable: ...
-
-
-class GangPoll(Protocol):
-    def __call__(
-        self,
-        url: str,
-        instance: str,
-        token: str,
-        params: Mapping[str, object],
-        timeout: float,
-    ) -> dict[str, object] | None: ...
-
-
-class Groups(Protocol):
-    def alive(self, pgid: int | None) -> bool: ...
-    def signal(self, pgid: int | None, sig: int) -> bool: ...
-
-
-class ProcessGroups:
-    """The real process groups: zombie-aware liveness from /proc, ``killpg``."""
-
-    def alive(self, pgid: int | None) -> bool:
-        return group_alive(pgid)
-
-    def signal(self, pgid: int | None, sig: int) -> bool:
-        return signal_group(pgid, sig)
-
-
-def default_spawner(
-    argv: tuple[str, ...], env: Mapping[str, str], cwd: str, log: IO[bytes]
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session with output appended to ``log``. Raises OSError."""
-    return subprocess.Popen(
-        argv,
-        env=dict(env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-    )
-
-
-def http_probe(url: str, timeout: float = 1.0) -> bool:
-    """True when GET ``url`` answers 200 within ``timeout``. Never raises."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
-    try:
-        conn.request("GET", parts.path or "/")
-        response = conn.getresponse()
-        # Read the (tiny) body so the close is orderly, not a reset the server logs.
-        response.read(65536)
-        return response.status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
 
 
 @dataclass

@@ -39,7 +39,7 @@ def task_plan() -> TaskDict:
 
     @reporting.action
     def run(config: str, check: bool, node_rank: int) -> None:
-        from pipeline.serve.commands import plan_command
+        from pipeline.serve.commands.plan import plan_command
 
         plan_command(
             SETTINGS, config or None, process_environ(), check=check, node_rank=_rank(node_rank)
@@ -72,7 +72,7 @@ def task_serve() -> TaskDict:
     def run(
         names: list[str], config: str, foreground: bool, background: bool, node_rank: int
     ) -> None:
-        from pipeline.serve.commands import serve_command
+        from pipeline.serve.commands.serve import serve_command
 
         mode = True if foreground else (False if background else None)
         serve_command(
@@ -116,7 +116,7 @@ def task_status() -> TaskDict:
 
     @reporting.action
     def run(json: bool, node_rank: int) -> None:
-        from pipeline.serve.commands import status_command
+        from pipeline.serve.commands.status import status_command
 
         status_command(SETTINGS, as_json=json, node_rank=_rank(node_rank))
 
@@ -137,7 +137,7 @@ def task_stop() -> TaskDict:
 
     @reporting.action
     def run(names: list[str]) -> None:
-        from pipeline.serve.commands import stop_command
+        from pipeline.serve.commands.stop import stop_command
 
         stop_command(SETTINGS, names)
 
@@ -155,7 +155,7 @@ def task_logs() -> TaskDict:
 
     @reporting.action
     def run(names: list[str], lines: int, follow: bool, config: str) -> None:
-        from pipeline.serve.commands import logs_command, parse_logs_args
+        from pipeline.serve.commands.logs import logs_command, parse_logs_args
 
         # doit leaves options after the name among the names (`doit logs a -n 2`).
         args = parse_logs_args(names, lines=lines, follow=follow, config=config or None)
@@ -201,7 +201,7 @@ def task_clients() -> TaskDict:
 
     @reporting.action
     def run(config: str, litellm_config: str, env_file: str) -> None:
-        from pipeline.serve.commands import clients_command
+        from pipeline.serve.commands.clients import clients_command
 
         clients_command(
             SETTINGS,
@@ -254,7 +254,7 @@ def task_k8s() -> TaskDict:
         name: str,
         output: str,
     ) -> None:
-        from pipeline.serve.commands import k8s_command
+        from pipeline.serve.commands.k8s import k8s_command
         from pipeline.serve.k8s import K8sOptions, parse_volume
 
         options = K8sOptions(

@@ -1,0 +1,295 @@
+"""The rules across keys and instances, after each table validated on its own: ports, replicas,
+GPU shares, run mode, multi-node sizes and flags, gateway aliases. Pure; each refusal is a
+ConfigError naming the file, the dotted key and the instance."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+
+from pipeline.errors import ConfigError
+from pipeline.serve.config.models import (
+    VLLM_DEFAULT_GPU_MEMORY_UTILIZATION,
+    Instance,
+    ServeConfig,
+)
+
+# Flags the launcher sets from [instance.<name>.cluster] on a multi-node instance.
+CLUSTER_FLAGS = {
+    "--nnodes": "cluster.nodes",
+    "-n": "cluster.nodes",
+    "--node-rank": "cluster.rank (or doit serve --node-rank)",
+    "-r": "cluster.rank (or doit serve --node-rank)",
+    "--master-addr": "cluster.leader",
+    "--master-port": "cluster.master_port",
+    "--headless": "the node rank (ranks above 0 run headless)",
+    "--data-parallel-size": "cluster.data_parallel",
+    "-dp": "cluster.data_parallel",
+    "--data-parallel-address": "cluster.leader",
+    "-dpa": "cluster.leader",
+}
+
+
+def pipeline_parallel_size(extra_args: Iterable[str]) -> int:
+    """``--pipeline-parallel-size`` / ``-pp`` from extra_args (last one wins), else 1.
+
+    A value that is not a positive integer counts as 1: vLLM refuses it at start with its own
+    message.
+    """
+    size = 1
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--pipeline-parallel-size", "-pp"):
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value.isdigit() and int(value) >= 1:
+            size = int(value)
+    return size
+
+
+def executor_backend(extra_args: Iterable[str]) -> str | None:
+    """``--distributed-executor-backend`` from extra_args (last one wins), else None."""
+    backend = None
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag != "--distributed-executor-backend":
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        backend = value
+    return backend
+
+
+class Located:
+    """Builds error messages that name the file, the dotted key and the instance."""
+
+    def __init__(self, source: str, overridden: frozenset[str]) -> None:
+        self.source = source
+        self.overridden = overridden
+        # instance name -> section -> function from key to the dotted key the user wrote
+        self.origins: dict[str, dict[str, Callable[[str], str]]] = {}
+
+    def key(self, instance: str, section: str, key: str) -> str:
+        """Where ``instance``'s ``section.key`` was written (defaults table or its own)."""
+        origin = self.origins.get(instance, {}).get(section)
+        return origin(key) if origin else f"instance.{instance}.{section}.{key}"
+
+    def error(self, key: str, message: str, instance: str | None = None) -> ConfigError:
+        where = f"{self.source}: {key}"
+        own = f"instance.{instance}"
+        if instance is not None and key != own and not key.startswith(own + "."):
+            where += f" (instance {instance!r})"
+        if key in self.overridden:
+            where += " (set by AUTO_INFER_VLLM_OVERRIDES)"
+        return ConfigError(f"{where}: {message}")
+
+
+def check_instances(config: ServeConfig, loc: Located | None = None) -> None:
+    """Cross-instance rules: ports unique, replicas of one name serve one model, GPUs
+    consistent, one run mode.
+
+    Instances with the same served name (``served_model_name``, else ``model``) are replicas
+    of that model: the gateway spreads its requests over them. They must serve the same
+    ``model``: one name answered by different weights would be ambiguous.
+    """
+    loc = loc or Located(config.source, frozenset())
+    enabled = config.enabled
+    seen_ports: dict[int, str] = {}
+    seen_names: dict[str, Instance] = {}
+    for inst in enabled:
+        srv, ctl = inst.server, inst.control
+        other = seen_ports.get(srv.port)
+        if other is not None:
+            raise loc.error(
+                loc.key(inst.name, "server", "port"),
+                f"port {srv.port} is also used by instance {other!r}; give each instance its own",
+                inst.name,
+            )
+        seen_ports[srv.port] = inst.name
+        for model_name in srv.model_names:
+            first = seen_names.setdefault(model_name, inst)
+            if first.server.model != srv.model:
+                raise loc.error(
+                    loc.key(inst.name, "server", "served_model_name"),
+                    f"model name {model_name!r} is also served by instance {first.name!r} from "
+                    f"model {first.server.model!r}, here from {srv.model!r}; replicas of a "
+                    "name serve the same model: set a distinct served_model_name or the same "
+                    "model",
+                    inst.name,
+                )
+        if srv.api_key and srv.api_key_env:
+            raise loc.error(
+                loc.key(inst.name, "server", "api_key_env"),
+                "set either api_key or api_key_env, not both",
+                inst.name,
+            )
+        if inst.cluster is not None:
+            check_cluster(inst, loc)
+        elif ctl.gpu_ids and srv.tensor_parallel_size != len(ctl.gpu_ids):
+            raise loc.error(
+                loc.key(inst.name, "server", "tensor_parallel_size"),
+                f"is {srv.tensor_parallel_size} but gpu_ids {ctl.gpu_ids} lists "
+                f"{len(ctl.gpu_ids)} GPU(s); they must match",
+                inst.name,
+            )
+        if ctl.backoff_max < ctl.backoff_initial:
+            raise loc.error(
+                loc.key(inst.name, "control", "backoff_max"),
+                f"must be >= backoff_initial ({ctl.backoff_initial})",
+                inst.name,
+            )
+
+    usage: dict[int, list[tuple[str, float]]] = {}
+    for inst in enabled:
+        share = inst.server.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        for gpu in inst.control.gpu_ids:
+            usage.setdefault(gpu, []).append((inst.name, share))
+    for gpu, users in sorted(usage.items()):
+        total = sum(share for _, share in users)
+        if len(users) > 1 and total > 1.0 + 1e-9:
+            detail = ", ".join(f"{name}={share:g}" for name, share in users)
+            raise loc.error(
+                loc.key(users[-1][0], "server", "gpu_memory_utilization"),
+                f"GPU {gpu} is shared ({detail}; unset means {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION})"
+                f" and the sum {total:g} exceeds 1; lower gpu_memory_utilization",
+                users[-1][0],
+            )
+
+    modes = {inst.control.background for inst in enabled}
+    if len(modes) > 1:
+        fg = [i.name for i in enabled if not i.control.background]
+        raise loc.error(
+            loc.key(fg[0], "control", "background"),
+            "all enabled instances must agree on background (one supervisor runs them all); "
+            "set it in [instance.control]",
+            fg[0],
+        )
+
+
+_LOOPBACK = re.compile(r"^(127\.|::1$|localhost$|0\.0\.0\.0$)")
+
+
+def check_cluster(inst: Instance, loc: Located) -> None:
+    """The static rules of a multi-node instance (rank and platform: :mod:`pipeline.serve.cluster`).
+
+    The parallel sizes fill the nodes: ``tensor_parallel_size * data_parallel *
+    pipeline_parallel_size`` equals ``nodes * len(gpu_ids)``; with ``gpu_ids = []`` (the CPU
+    build) the per-node count is that product divided by ``nodes``, a whole number. vLLM's
+    multi-node mode needs its ``mp`` executor with multiprocessing and a routable host address.
+    """
+    cluster, srv, ctl = inst.cluster, inst.server, inst.control
+    assert cluster is not None
+    tp, dp = srv.tensor_parallel_size, cluster.data_parallel
+    pp = pipeline_parallel_size(srv.extra_args)
+    total = tp * dp * pp
+    sizes = f"tensor_parallel_size {tp} * data_parallel {dp}" + (
+        f" * pipeline_parallel_size {pp}" if pp != 1 else ""
+    )
+    if ctl.gpu_ids and total != cluster.nodes * len(ctl.gpu_ids):
+        raise loc.error(
+            loc.key(inst.name, "server", "tensor_parallel_size"),
+            f"{sizes} = {total} must equal cluster.nodes {cluster.nodes} * {len(ctl.gpu_ids)} "
+            f"GPU(s) per node (gpu_ids {ctl.gpu_ids}) = {cluster.nodes * len(ctl.gpu_ids)}",
+            inst.name,
+        )
+    if not ctl.gpu_ids and total % cluster.nodes:
+        raise loc.error(
+            loc.key(inst.name, "server", "tensor_parallel_size"),
+            f"{sizes} = {total} does not divide over cluster.nodes {cluster.nodes} "
+            "(gpu_ids = []: each node runs the product / nodes workers)",
+            inst.name,
+        )
+    for arg in srv.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in CLUSTER_FLAGS:
+            raise loc.error(
+                loc.key(inst.name, "server", "extra_args"),
+                f"{flag} is set from {CLUSTER_FLAGS[flag]} on a multi-node instance; remove it",
+                inst.name,
+            )
+    if executor_backend(srv.extra_args) == "uni":
+        raise loc.error(
+            loc.key(inst.name, "server", "extra_args"),
+            "--distributed-executor-backend uni runs one process; a multi-node instance needs "
+            "mp (the default here) or ray",
+            inst.name,
+        )
+    if ctl.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        raise loc.error(
+            loc.key(inst.name, "control", "env") + ".VLLM_ENABLE_V1_MULTIPROCESSING",
+            "0 turns off the engine processes a multi-node instance needs; remove it",
+            inst.name,
+        )
+    host_ip = ctl.env.get("VLLM_HOST_IP")
+    if host_ip is not None and _LOOPBACK.match(host_ip):
+        raise loc.error(
+            loc.key(inst.name, "control", "env") + ".VLLM_HOST_IP",
+            f"{host_ip!r} is not reachable from the other nodes; set cluster.interface or the "
+            "node's own address",
+            inst.name,
+        )
+    if isinstance(cluster.rank, int) and cluster.rank >= cluster.nodes:
+        raise loc.error(
+            f"instance.{inst.name}.cluster.rank",
+            f"rank {cluster.rank} is out of range for nodes = {cluster.nodes} "
+            f"(0 to {cluster.nodes - 1})",
+            inst.name,
+        )
+
+
+def check_gateway(config: ServeConfig, loc: Located | None = None) -> None:
+    """The gateway against the instances: aliases name instances, and with the gateway on,
+    every model name and alias routes to one instance or to replicas of one served name, and
+    no instance takes its port.
+
+    An alias may be shared only by replicas (instances with the same served name): the
+    gateway then spreads it over them as it does their served name."""
+    loc = loc or Located(config.source, frozenset())
+    gateway = config.gateway
+    known = [i.name for i in config.instances]
+    for name in gateway.aliases:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise loc.error(
+                f"gateway.aliases.{name}",
+                f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})",
+            )
+    if not gateway.enable:
+        return
+    # model name or alias -> the first instance that has it
+    owner: dict[str, Instance] = {}
+    for inst in config.enabled:
+        for model_name in inst.server.model_names:
+            owner.setdefault(model_name, inst)
+    for inst in config.enabled:
+        for alias in config.aliases(inst.name):
+            if alias in inst.server.model_names:
+                raise loc.error(
+                    f"gateway.aliases.{inst.name}",
+                    f"alias {alias!r} is the instance's own served name; remove it",
+                    inst.name,
+                )
+            other = owner.setdefault(alias, inst)
+            if other.server.model_names != inst.server.model_names:
+                what = (
+                    "is also an alias of" if alias in config.aliases(other.name) else "is served by"
+                )
+                raise loc.error(
+                    f"gateway.aliases.{inst.name}",
+                    f"alias {alias!r} {what} instance {other.name!r}; a model name routes to "
+                    "one instance, or to replicas (instances with the same served_model_name)",
+                    inst.name,
+                )
+        if inst.server.port == gateway.port:
+            raise loc.error(
+                loc.key(inst.name, "server", "port"),
+                f"port {gateway.port} is the gateway's (gateway.port); with the gateway on, "
+                "instances listen on 127.0.0.1 on ports of their own: move the instance or "
+                "the gateway",
+                inst.name,
+            )
