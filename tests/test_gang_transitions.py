@@ -22,7 +22,8 @@ from pipeline.serve import gang
 from pipeline.serve.commands.status import print_status
 from pipeline.serve.config import parse_config
 from pipeline.serve.plan import build_plan
-from pipeline.serve.state import InstanceState, StateStore
+from pipeline.serve.record import InstanceState
+from pipeline.serve.state import StateStore
 from pipeline.serve.supervisor import Supervisor
 
 S = InstanceState

@@ -32,7 +32,8 @@ from pipeline.serve.commands.common import load
 from pipeline.serve.commands.serve import serve_command
 from pipeline.serve.commands.status import status_command
 from pipeline.serve.commands.stop import stop_command
-from pipeline.serve.state import InstanceState, StateStore, process_alive
+from pipeline.serve.record import InstanceState
+from pipeline.serve.state import StateStore, process_alive
 from pipeline.serve.supervisor import Supervisor
 
 
@@ -961,7 +962,7 @@ def _damaged_state_json(good: str) -> str:
 def test_regression_a_bad_field_in_state_json_is_named_and_status_and_stop_still_work(
     settings, capsys
 ):
-    from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
+    from pipeline.serve.record import InstanceRecord, ServeState, SupervisorRecord
 
     store = StateStore(settings.serve_state)
     store.ensure()
@@ -1226,7 +1227,7 @@ def test_regression_status_of_a_crash_looping_instance_says_it_restarts(
 
 def test_regression_a_crash_looping_instance_is_not_reported_still_running():
     from pipeline.serve.commands.serve import _report_failures
-    from pipeline.serve.state import InstanceRecord, ServeState, SupervisorRecord
+    from pipeline.serve.record import InstanceRecord, ServeState, SupervisorRecord
 
     sup = SupervisorRecord(pid=1, proc_start=None, session="s", mode="m", source="t", started_at=0)
     loop = InstanceRecord(name="loop", state=InstanceState.RUNNING, restarts=4)

@@ -23,14 +23,14 @@ from conftest import REPO, standin_config
 
 from pipeline.serve.commands.common import load
 from pipeline.serve.plan import Plan
-from pipeline.serve.state import (
+from pipeline.serve.record import (
     TRANSITIONS,
     IllegalTransition,
     InstanceRecord,
     InstanceState,
-    StateStore,
     enter,
 )
+from pipeline.serve.state import StateStore
 from pipeline.serve.supervisor import Supervisor
 
 S = InstanceState

@@ -23,46 +23,7 @@ from pathlib import Path
 from pipeline.errors import ServeError
 from pipeline.fsutil import atomic_write_text
 from pipeline.procs import proc_stat_fields
-
-# Re-exported for this step of the split: commands.py and supervisor.py (and tests) still
-# import the record's names from here; new code imports them from pipeline.serve.record.
-from pipeline.serve.record import (
-    LIVE_STATES,
-    STATE_VERSION,
-    TERMINAL_STATES,
-    TRANSITIONS,
-    WAITING_STATES,
-    IllegalTransition,
-    InstanceRecord,
-    InstanceState,
-    ServeState,
-    SupervisorRecord,
-    enter,
-    parse_instance,
-)
-
-__all__ = [
-    "LIVE_STATES",
-    "STATE_VERSION",
-    "TERMINAL_STATES",
-    "TRANSITIONS",
-    "WAITING_STATES",
-    "IllegalTransition",
-    "InstanceRecord",
-    "InstanceState",
-    "Requests",
-    "ServeState",
-    "StateStore",
-    "SupervisorRecord",
-    "UnreadableState",
-    "close_inherited_locks",
-    "enter",
-    "held_lock",
-    "parse_instance",
-    "proc_start_time",
-    "process_alive",
-    "supervisor_alive",
-]
+from pipeline.serve.record import ServeState
 
 
 class UnreadableState(ServeError):

@@ -8,7 +8,7 @@ the ``state.json`` this supervisor writes.
 The supervisor owns every child: each instance runs in its own session (process group), its
 output appended to its log file (never a pipe), and every wait is bounded. Every state change
 goes through :meth:`Supervisor._enter`, which refuses an edge that
-:data:`~pipeline.serve.state.TRANSITIONS` does not list; they all happen in
+:data:`~pipeline.serve.record.TRANSITIONS` does not list; they all happen in
 :meth:`Supervisor.tick`, driven by a loop that also reaps children and writes ``state.json``
 again within a tick when someone deleted or replaced it. The supervisor makes itself a child
 subreaper, so the children of an instance whose leader died are reparented to it and
@@ -58,6 +58,14 @@ from pipeline import reporting
 from pipeline.serve import gang
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES, tail
 from pipeline.serve.plan import InstancePlan, Plan
+from pipeline.serve.record import (
+    WAITING_STATES,
+    InstanceRecord,
+    InstanceState,
+    ServeState,
+    SupervisorRecord,
+    enter,
+)
 from pipeline.serve.seams import (
     GangPoll,
     GangServer,
@@ -68,16 +76,7 @@ from pipeline.serve.seams import (
     default_spawner,
     http_probe,
 )
-from pipeline.serve.state import (
-    WAITING_STATES,
-    InstanceRecord,
-    InstanceState,
-    ServeState,
-    StateStore,
-    SupervisorRecord,
-    enter,
-    proc_start_time,
-)
+from pipeline.serve.state import StateStore, proc_start_time
 
 # An instance that stayed up this long starts a fresh count of consecutive restarts.
 STABLE_AFTER = 300.0

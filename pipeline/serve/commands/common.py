@@ -10,13 +10,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
 from pipeline.procs import group_alive, process_state
-from pipeline.serve.state import (
-    InstanceRecord,
-    ServeState,
-    StateStore,
-    UnreadableState,
-    process_alive,
-)
+from pipeline.serve.record import InstanceRecord, ServeState
+from pipeline.serve.state import StateStore, UnreadableState, process_alive
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:

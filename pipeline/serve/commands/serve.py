@@ -23,10 +23,8 @@ from pipeline.procs import stop_group
 from pipeline.serve.commands.common import Say, left_group, load, read_state, warn_problems
 from pipeline.serve.commands.status import print_status
 from pipeline.serve.logfiles import tail
+from pipeline.serve.record import InstanceRecord, InstanceState, ServeState
 from pipeline.serve.state import (
-    InstanceRecord,
-    InstanceState,
-    ServeState,
     StateStore,
     close_inherited_locks,
     held_lock,

@@ -11,13 +11,8 @@ from typing import TextIO
 
 from pipeline import reporting
 from pipeline.serve.commands.common import Say, read_state, warn_problems
-from pipeline.serve.state import (
-    InstanceState,
-    ServeState,
-    StateStore,
-    process_alive,
-    supervisor_alive,
-)
+from pipeline.serve.record import InstanceState, ServeState
+from pipeline.serve.state import StateStore, process_alive, supervisor_alive
 from pipeline.settings import Settings
 
 

@@ -8,14 +8,8 @@ from pipeline import reporting
 from pipeline.errors import ServeError
 from pipeline.procs import stop_group
 from pipeline.serve.commands.common import Say, left_group, read_state, warn_problems
-from pipeline.serve.state import (
-    InstanceState,
-    StateStore,
-    enter,
-    held_lock,
-    process_alive,
-    supervisor_alive,
-)
+from pipeline.serve.record import InstanceState, enter
+from pipeline.serve.state import StateStore, held_lock, process_alive, supervisor_alive
 from pipeline.settings import Settings
 
 
