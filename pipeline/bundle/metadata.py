@@ -1,4 +1,5 @@
-"""The bundle's two metadata files as models: ``pixi-pack.json`` and our extras file.
+"""The bundle's two metadata files, both directions: ``pixi-pack.json`` and our extras file
+as models, their bytes as the writer puts them in the tar.
 
 Apart from :mod:`pipeline.bundle.format` (names and constants only) so the doit task
 definitions, which every `doit` command loads, need no pydantic.
@@ -6,9 +7,11 @@ definitions, which every `doit` command loads, need no pydantic.
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.bundle.format import EXTRAS_FORMAT
+from pipeline.bundle.format import EXTRAS_FORMAT, FORMAT_VERSION, PIXI_PACK_COMPAT_VERSION
 
 
 class PixiPackMetadata(BaseModel):
@@ -44,3 +47,16 @@ class BundleExtras(BaseModel):
     # a platform with system requirements; two lock platforms may share one subdir). Older
     # bundles lack it: the install then selects the lock platform by ``platform``.
     lock_platform: str | None = None
+
+
+def pixi_pack_json(platform: str) -> bytes:
+    """``pixi-pack.json`` as pixi-pack writes it (serde pretty JSON, no trailing newline)."""
+    metadata = PixiPackMetadata(
+        version=FORMAT_VERSION, pixi_pack_version=PIXI_PACK_COMPAT_VERSION, platform=platform
+    )
+    return json.dumps(metadata.model_dump(by_alias=True), indent=2).encode()
+
+
+def extras_json(extras: BundleExtras) -> bytes:
+    """``infer-vllm-bundle.json``: the extras model as pretty JSON, fields in model order."""
+    return (json.dumps(extras.model_dump(mode="json"), indent=2) + "\n").encode()
