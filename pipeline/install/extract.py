@@ -25,7 +25,7 @@ reader. Verified first, safe, atomic, idempotent.
    template when its lock matches the bundle's channel, else generated from the channel's
    ``repodata.json`` for bundles written by pixi-pack itself (what pixi-unpack installs: every
    package of the channel, plus every wheel of ``pypi/``). The lock is then checked against the
-   channel (:mod:`pipeline.install.contents`): the environment is in it, its packages are
+   channel (:mod:`pipeline.bundle.contents`): the environment is in it, its packages are
    exactly the channel's, and every package file has the lock's sha256 (a swapped archive is
    refused).
 4. **Switch**: the stamps are removed, the previous bundle's names are moved to a trash dir and
@@ -53,6 +53,13 @@ from typing import Literal
 
 from pipeline import __version__, reporting
 from pipeline.bundle import reader
+from pipeline.bundle.contents import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    check_lock_against_channel,
+    read_repodata,
+    synthesize_project,
+)
 from pipeline.bundle.format import (
     BUNDLE_NAMES,
     CHANNEL_DIR,
@@ -65,13 +72,6 @@ from pipeline.bundle.format import (
 from pipeline.bundle.metadata import BundleExtras, check_extras, check_metadata
 from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
-from pipeline.install.contents import (
-    LOCK_NAME,
-    MANIFEST_NAME,
-    check_lock_against_channel,
-    read_repodata,
-    synthesize_project,
-)
 from pipeline.install.layout import (
     BundleStat,
     ExtractRecord,
