@@ -59,7 +59,7 @@ _MAX_LINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
 
 @dataclass(frozen=True)
 class BundleMember:
-    """One tar member as the extraction sees it.
+    """One tar member as the reader sees it (headers only, no data read).
 
     ``name`` is normalized (no leading ``./``, no empty or ``.`` parts). ``offset`` is where its
     data starts in the tar; ``target`` is a link's target (symlink: as written; hardlink: the
