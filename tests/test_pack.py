@@ -26,17 +26,11 @@ import yaml
 from pipeline import __version__
 from pipeline.build.fetch import Fetcher
 from pipeline.build.lock import lock
-from pipeline.build.pack import (
-    PackResult,
-    environment_yml,
-    fetch_items,
-    pack,
-    plan_bundle,
-    repodata_json,
-)
+from pipeline.build.pack import PackResult, fetch_items, pack, plan_bundle
 from pipeline.build.verified import VerifiedStamps
 from pipeline.bundle.format import EXTRAS_FILE, TAR_MTIME
 from pipeline.bundle.metadata import BundleExtras
+from pipeline.bundle.writer import environment_yml, repodata_json
 from pipeline.demo.channel import (
     LocalChannel,
     build_channel,

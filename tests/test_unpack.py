@@ -26,8 +26,8 @@ from bundle_factory import (
     write_self_extracting,
 )
 
+from pipeline.bundle import reader as unpack
 from pipeline.errors import BundleError
-from pipeline.install import extract as unpack
 from pipeline.install.extract import extract_bundle, extract_is_current
 from pipeline.install.layout import ProjectPaths, read_extract_record
 

@@ -3,6 +3,6 @@
 - :mod:`~pipeline.build.lock`: ``pixi.toml`` -> ``pixi.lock`` (pixi, else a py-rattler solve)
 - :mod:`~pipeline.build.verify`: the project's ``verify`` task in the locked environment
 - :mod:`~pipeline.build.fetch`: hash-checked downloads into a reusable cache (requests)
-- :mod:`~pipeline.build.pack`: the bundle's plan and files, in pixi-pack's format
-- :mod:`~pipeline.build.tar`: the deterministic tar writer under it
+- :mod:`~pipeline.build.pack`: the bundle's plan and packages, handed to the bundle writer
+  (:mod:`pipeline.bundle.writer`)
 """

@@ -1,32 +1,12 @@
-"""Pack one locked environment into a pixi-pack bundle: fetch, then a deterministic tar.
+"""Pack one locked environment into a pixi-pack bundle: plan, fetch, then the bundle writer.
 
 :func:`pack` reads ``<project>/pixi.lock`` for one environment and platform, refuses what cannot
 be installed offline (source packages; PyPI sdists unless ``skip_sdists``), fetches every conda
 package and wheel into the pack cache (:mod:`pipeline.build.fetch`: hashes checked, cache
-reused), and writes the bundle (:mod:`pipeline.bundle.format`)::
+reused), and has :func:`pipeline.bundle.writer.write_bundle` write the bundle: its members, the
+generated files and how they match pixi-pack's are the writer's (:mod:`pipeline.bundle`).
 
-    channel/<subdir>/<file>            the locked conda packages
-    channel/<subdir>/repodata.json     their records; only subdirs that have packages
-    environment.yml                    pixi-pack's text, byte for byte in its shape
-    infer-vllm-bundle.json             our extras (tool, env, lock sha256, pixi.toml, pixi.lock)
-    pixi-pack.json                     {"version": "1", "pixi-pack-version": ..., "platform": ...}
-    pypi/<wheel>                       the locked wheels, when there are any
-
-What matches pixi-pack (read from Quantco/pixi-pack ``src/pack.rs``, ``src/lib.rs``,
-``src/unpack.rs``): the member names (``channel``, ``pypi``), ``pixi-pack.json`` as pretty JSON
-with kebab-case keys, the ``environment.yml`` text (``./channel``, ``nodefaults``,
-``name=version=build``, then ``- pip:`` with ``--no-index``, ``--find-links ./pypi`` and
-``name==version``), ``repodata.json`` with ``info.subdir`` and ``repodata_version: 2`` written
-only for subdirs that have packages (pixi-pack writes no empty ``noarch``), directory entries in
-the tar, members in a depth-first walk sorted by name, and an uncompressed GNU-format tar.
-Where we differ, on purpose: pixi-pack lists every file under ``packages.conda``; we put
-``.tar.bz2`` files under ``packages`` and ``.conda`` files under ``packages.conda``, as conda's
-own indexers do (pixi-unpack merges both maps, so it reads either). Our fixed mtime is
-``TAR_MTIME`` (pixi-pack's tar crate uses its own constant) and we add the extras file, which
-pixi-unpack ignores. Nothing else may be in ``pypi/``: pixi-unpack parses every file there as a
-wheel name.
-
-Determinism and speed come from the tar writer (:mod:`pipeline.build.tar`): members sorted,
+Determinism and speed come from the tar writer (:mod:`pipeline.bundle.tar`): members sorted,
 fixed mtime/uid/gid/mode, files streamed with ``copy_file_range`` while two threads hash the
 tar and the cached files; the same lock and pixi.toml give the same bytes. A cached file that
 fails its hash makes the tar be discarded; the entry is evicted, fetched again (counted as
@@ -38,27 +18,18 @@ and whose ``(size, mtime, inode, ctime)`` has not moved since is not hashed agai
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import __version__
 from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
-from pipeline.build.tar import MemberMismatch, TarMember, write_tar
 from pipeline.build.verified import VerifiedStamps
-from pipeline.bundle.format import (
-    CHANNEL_DIR,
-    ENVIRONMENT_FILE,
-    EXTRAS_FILE,
-    METADATA_FILE,
-    PIXI_PACK_COMPAT_VERSION,
-    PYPI_DIR,
-    REPODATA_FILE,
-)
-from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
+from pipeline.bundle.metadata import BundleExtras
+from pipeline.bundle.tar import MemberMismatch
+from pipeline.bundle.writer import PackageFile, conda_member, wheel_member, write_bundle
 from pipeline.errors import BundleError
 from pipeline.pixi.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
 from pipeline.progress import human_bytes
@@ -111,54 +82,6 @@ def plan_bundle(locked: LockedEnvironment, *, skip_sdists: bool = False) -> Bund
 def fetch_items(plan: BundlePlan, cache: Path) -> list[FetchItem]:
     """The cache entries the bundle needs: conda packages, then wheels."""
     return [conda_item(p, cache) for p in plan.conda] + [pypi_item(p, cache) for p in plan.wheels]
-
-
-# ---- generated files ------------------------------------------------------------------------
-
-
-def pixi_pack_json(platform: str) -> bytes:
-    """``pixi-pack.json`` as pixi-pack writes it (serde pretty JSON, no trailing newline)."""
-    metadata = PixiPackMetadata(
-        version="1", pixi_pack_version=PIXI_PACK_COMPAT_VERSION, platform=platform
-    )
-    return json.dumps(metadata.model_dump(by_alias=True), indent=2).encode()
-
-
-def environment_yml(conda: Iterable[CondaPackage], wheels: Iterable[PypiPackage]) -> str:
-    """``environment.yml`` in pixi-pack's exact shape; packages sorted by name for stability."""
-    lines = ["channels:", f"  - ./{CHANNEL_DIR}", "  - nodefaults", "dependencies:"]
-    for pkg in sorted(conda, key=lambda p: (p.name, p.version, p.build, p.subdir)):
-        lines.append(f"  - {pkg.name}={pkg.version}={pkg.build}")
-    wheel_list = sorted(wheels, key=lambda p: (p.name.lower(), p.version))
-    if wheel_list:
-        lines += ["  - pip:", "    - --no-index", f"    - --find-links ./{PYPI_DIR}"]
-        lines += [f"    - {p.name}=={p.version}" for p in wheel_list]
-    return "\n".join(lines) + "\n"
-
-
-def repodata_json(subdir: str, packages: Iterable[CondaPackage]) -> bytes:
-    """``channel/<subdir>/repodata.json``: the lock's records, keyed by file name.
-
-    ``.tar.bz2`` files go under ``packages``, ``.conda`` files under ``packages.conda``; keys
-    sorted; ``repodata_version`` 2.
-    """
-    tar_bz2: dict[str, Any] = {}
-    conda: dict[str, Any] = {}
-    for pkg in sorted(packages, key=lambda p: p.filename):
-        target = conda if pkg.filename.endswith(".conda") else tar_bz2
-        target[pkg.filename] = pkg.repodata
-    document = {
-        "info": {"subdir": subdir},
-        "packages": tar_bz2,
-        "packages.conda": conda,
-        "repodata_version": 2,
-    }
-    return (json.dumps(document, indent=2, sort_keys=False) + "\n").encode()
-
-
-def extras_json(extras: BundleExtras) -> bytes:
-    """``infer-vllm-bundle.json``: the extras model as pretty JSON, fields in model order."""
-    return (json.dumps(extras.model_dump(mode="json"), indent=2) + "\n").encode()
 
 
 # ---- the whole pack -------------------------------------------------------------------------
@@ -277,7 +200,8 @@ def pack(
             for name, item in by_name.items()
             if item.cache_path in unverified and item.check is not None
         }
-        members, package_bytes = _package_members(names, items)
+        files = _package_files(names, items)
+        package_bytes = sum(f.size for f in files)
         extras = BundleExtras(
             tool_version=__version__,
             environment=environment,
@@ -295,11 +219,18 @@ def pack(
             package_bytes=package_bytes,
             skipped_sdists=tuple(f"{p.name}=={p.version}" for p in plan.skipped_sdists),
         )
-        members += _generated_members(plan, extras.platform, extras)
         hashed = [by_name[name] for name in checks]
         before = stamps.snapshot(hashed)
         try:
-            tar = write_tar(output, members, checks=checks, progress_stream=progress_stream)
+            tar = write_bundle(
+                output,
+                plan.conda,
+                plan.wheels,
+                files,
+                extras,
+                checks=checks,
+                progress_stream=progress_stream,
+            )
             stamps.record(hashed, before)
             stamps.save()
             break
@@ -328,17 +259,12 @@ def pack(
 
 def _member_names(plan: BundlePlan) -> list[str]:
     """Tar names of the package files, in the order of :func:`fetch_items`."""
-    names = [f"{CHANNEL_DIR}/{p.subdir}/{p.filename}" for p in plan.conda]
-    return names + [f"{PYPI_DIR}/{p.filename}" for p in plan.wheels]
+    return [conda_member(p) for p in plan.conda] + [wheel_member(p) for p in plan.wheels]
 
 
-def _package_members(
-    names: Sequence[str], items: Sequence[FetchItem]
-) -> tuple[list[TarMember], int]:
-    """Directory and file members for the fetched packages, and their total size."""
-    members: list[TarMember] = []
-    dirs: set[str] = set()
-    total = 0
+def _package_files(names: Sequence[str], items: Sequence[FetchItem]) -> list[PackageFile]:
+    """The fetched packages as the bundle writer takes them (cache path and size)."""
+    files: list[PackageFile] = []
     for name, item in zip(names, items, strict=True):
         try:
             size = item.cache_path.stat().st_size
@@ -347,30 +273,8 @@ def _package_members(
                 f"pack cache entry {item.cache_path} vanished after the fetch ({exc.strerror}); "
                 "is something cleaning the cache? run the pack again"
             ) from None
-        members.append(TarMember.file(name, item.cache_path, size))
-        total += size
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            dirs.add("/".join(parts[:depth]))
-    members += [TarMember.dir(d) for d in sorted(dirs)]
-    return members, total
-
-
-def _generated_members(plan: BundlePlan, platform: str, extras: BundleExtras) -> list[TarMember]:
-    """pixi-pack.json, environment.yml, our extras and one repodata.json per subdir."""
-    members = [
-        TarMember.text(METADATA_FILE, pixi_pack_json(platform)),
-        TarMember.text(ENVIRONMENT_FILE, environment_yml(plan.conda, plan.wheels).encode()),
-        TarMember.text(EXTRAS_FILE, extras_json(extras)),
-    ]
-    for subdir in sorted({p.subdir for p in plan.conda}):
-        in_subdir = [p for p in plan.conda if p.subdir == subdir]
-        members.append(
-            TarMember.text(
-                f"{CHANNEL_DIR}/{subdir}/{REPODATA_FILE}", repodata_json(subdir, in_subdir)
-            )
-        )
-    return members
+        files.append(PackageFile(name, item.cache_path, size))
+    return files
 
 
 def _warn_stderr(message: str) -> None:
@@ -380,9 +284,7 @@ def _warn_stderr(message: str) -> None:
 __all__ = [
     "BundlePlan",
     "PackResult",
-    "environment_yml",
+    "fetch_items",
     "pack",
-    "pixi_pack_json",
     "plan_bundle",
-    "repodata_json",
 ]

@@ -1,4 +1,18 @@
-"""The bundle format both sides read: pixi-pack's ``pixi-pack.json``, ``environment.yml``, the
-channel's ``repodata.json`` and our one extras file (:mod:`~pipeline.bundle.format`,
-:mod:`~pipeline.bundle.metadata`). Writing a bundle is :mod:`pipeline.build`; reading one is
-:mod:`pipeline.install`."""
+"""The bundle format, both directions: a format change touches this folder only (as pixi-pack's
+``lib.rs`` is shared by its pack and unpack).
+
+- :mod:`~pipeline.bundle.format`: member names and constants (no pydantic: the doit task
+  definitions load it)
+- :mod:`~pipeline.bundle.metadata`: ``pixi-pack.json`` and our extras file: models, bytes,
+  checks
+- :mod:`~pipeline.bundle.writer`: the members of a bundle and its generated files
+  (``environment.yml``, ``repodata.json``), what pack hands its packages to
+- :mod:`~pipeline.bundle.tar`: the deterministic tar writer under it
+- :mod:`~pipeline.bundle.reader`: the tar's members, the safety rules, the one hashing pass,
+  what extract checks a bundle with
+- :mod:`~pipeline.bundle.contents`: an extracted bundle's channel and lock, checked against
+  each other; a lock for bundles made by pixi-pack itself
+
+Pack (:mod:`pipeline.build.pack`) decides what goes in; extract (:mod:`pipeline.install.extract`)
+runs the transaction around the reader. This package imports neither.
+"""

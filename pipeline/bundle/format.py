@@ -28,6 +28,8 @@ PYPI_DIR = "pypi"
 REPODATA_FILE = "repodata.json"
 EXTRAS_FILE = "infer-vllm-bundle.json"
 EXTRAS_FORMAT = 1
+# Top-level names a bundle may hold; the reader skips anything else (never written).
+BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, CHANNEL_DIR, PYPI_DIR)
 
 # Fixed tar member attributes: the bundle's bytes depend on its content only.
 TAR_MTIME = 0

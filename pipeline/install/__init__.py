@@ -1,7 +1,7 @@
 """The container side: extract -> patch-channels -> frozen-install, offline.
 
-- :mod:`~pipeline.install.extract`: check the bundle (sha256, members, platform), extract it
-- :mod:`~pipeline.install.contents`: what an extracted bundle holds, checked against its lock
+- :mod:`~pipeline.install.extract`: the extraction transaction (staging, the switch, the
+  records) around the bundle reader (:mod:`pipeline.bundle.reader`)
 - :mod:`~pipeline.install.patch`: point ``pixi.toml`` and ``pixi.lock`` at the local channel
 - :mod:`~pipeline.install.frozen`: install exactly the locked packages, verify, switch atomically
 - :mod:`~pipeline.install.layout`: the project dir's paths, the records between the stages, the

@@ -1,4 +1,5 @@
-"""Extract a bundle into the offline project directory: verified first, safe, atomic, idempotent.
+"""Extract a bundle into the offline project directory: the transaction around the bundle
+reader. Verified first, safe, atomic, idempotent.
 
 :func:`extract_bundle` is the ``extract`` stage of ``doit install``. In order:
 
@@ -10,34 +11,27 @@
    multi-GB bundle costs a few ``stat`` calls, never a re-hash (doit's own ``file_dep`` check
    would re-hash the tar with md5 on a fresh doit database or a touched file). A replaced or
    touched tar is hashed again; a damaged extraction is extracted again.
-2. **Read-only checks, before anything is written**: the tar's headers are parsed (an
-   uncompressed tar only; a truncated or corrupt one is refused), then ONE sequential pass over
-   the file computes the bundle's sha256 and, from the same bytes, the sha256 of every member.
-   The bundle's sha256 must equal ``AUTO_INFER_VLLM_BUNDLE_SHA256``, else the one in
+2. **Read-only checks, before anything is written**, by the bundle reader
+   (:mod:`pipeline.bundle.reader`): pixi-pack's other two outputs are refused, the tar's
+   headers are parsed, ONE sequential pass over the file computes the bundle's sha256 and every
+   member's, and every member must pass the safety rules (names outside the bundle layout are
+   skipped). The bundle's sha256 must equal ``AUTO_INFER_VLLM_BUNDLE_SHA256``, else the one in
    ``<tar>.sha256`` beside it (when neither exists the sha256 is recorded, with a warning).
-   Every member must be safe: no absolute path, no ``..``, no link pointing outside its own
-   top-level directory (``channel/``, ``pypi/``), also when followed through the other link
-   members as the file system will, no path through a link, no device, FIFO or sparse file,
-   no duplicate; names outside the bundle layout are skipped. ``pixi-pack.json``
-   must say version ``1`` and this host's platform.
+   ``pixi-pack.json`` must say version ``1`` and this host's platform, and the extras must hold
+   together (:mod:`pipeline.bundle.metadata`).
 3. **Staging**: members are copied (``copy_file_range`` from the verified tar, no second hash)
    into ``.infer-vllm/staging-*`` inside the project dir, with ``pixi.toml`` and ``pixi.lock``
    taken from the bundle's extras (``infer-vllm-bundle.json``), else from the ``vllm-pixi/``
    template when its lock matches the bundle's channel, else generated from the channel's
    ``repodata.json`` for bundles written by pixi-pack itself (what pixi-unpack installs: every
    package of the channel, plus every wheel of ``pypi/``). The lock is then checked against the
-   channel (:mod:`pipeline.install.contents`): the environment is in it, its packages are
+   channel (:mod:`pipeline.bundle.contents`): the environment is in it, its packages are
    exactly the channel's, and every package file has the lock's sha256 (a swapped archive is
    refused).
 4. **Switch**: the stamps are removed, the previous bundle's names are moved to a trash dir and
    the staged ones renamed into place, the record and then the stamp are written. A crash
    before the stamp leaves no stamp, so the next run extracts again; the installed environment
    (``.pixi/envs``) is never touched by this stage.
-
-The other two outputs of pixi-pack are refused in one line before anything is read
-(:func:`refuse_other_layouts`): a ``--directory-only`` folder (the message gives the ``tar``
-command that makes a bundle of it) and a ``--create-executable`` script (its payload is
-base64, not a tar at an offset; the message gives the command that decodes it).
 
 Every problem raises :class:`~pipeline.errors.BundleError` with one line: what, which file or
 member, what to do. Serialized with the other stages by the project's install lock.
@@ -49,43 +43,35 @@ import contextlib
 import errno
 import hashlib
 import os
-import posixpath
-import queue
-import re
 import shutil
-import stat
-import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import ValidationError
+from typing import Literal
 
 from pipeline import __version__, reporting
-from pipeline.bundle.format import (
-    CHANNEL_DIR,
-    ENVIRONMENT_FILE,
-    EXTRAS_FILE,
-    FORMAT_VERSION,
-    METADATA_FILE,
-    PYPI_DIR,
-    REPODATA_FILE,
-    checksum_path,
-)
-from pipeline.bundle.metadata import BundleExtras, PixiPackMetadata
-from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
-from pipeline.install.contents import (
+from pipeline.bundle import reader
+from pipeline.bundle.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
     check_lock_against_channel,
     read_repodata,
     synthesize_project,
 )
+from pipeline.bundle.format import (
+    BUNDLE_NAMES,
+    CHANNEL_DIR,
+    ENVIRONMENT_FILE,
+    EXTRAS_FILE,
+    METADATA_FILE,
+    REPODATA_FILE,
+    checksum_path,
+)
+from pipeline.bundle.metadata import BundleExtras, check_extras, check_metadata
+from pipeline.errors import BundleError
+from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
 from pipeline.install.layout import (
     BundleStat,
     ExtractRecord,
@@ -100,42 +86,15 @@ from pipeline.install.layout import (
 from pipeline.pixi.envs import host_platform
 from pipeline.pixi.lockfile import LockedEnvironment
 
-# Top-level names a bundle may hold; anything else is skipped (never written).
-BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, CHANNEL_DIR, PYPI_DIR)
 # What an extraction owns in the project dir (replaced as a whole by the next one).
 MANAGED_NAMES = (*BUNDLE_NAMES, MANIFEST_NAME, LOCK_NAME)
-_HASH_CHUNK = 4 * CHUNK
 _COPY_CHUNK = 64 * CHUNK
-_MAX_SMALL = {METADATA_FILE: 1 << 20, ENVIRONMENT_FILE: 64 << 20, EXTRAS_FILE: 512 << 20}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_LINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 Source = Literal["extras", "template", "channel"]
 
 
-# ---- data -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BundleMember:
-    """One tar member as the extraction sees it.
-
-    ``name`` is normalized (no leading ``./``, no empty or ``.`` parts). ``offset`` is where its
-    data starts in the tar; ``target`` is a link's target (symlink: as written; hardlink: the
-    normalized name of the member it repeats).
-    """
-
-    name: str
-    kind: Literal["file", "dir", "symlink", "hardlink"]
-    size: int
-    offset: int
-    mode: int
-    target: str = ""
-
-    @property
-    def top(self) -> str:
-        return self.name.split("/", 1)[0]
+# ---- the result ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -162,422 +121,6 @@ class ExtractResult:
         )
 
 
-# ---- the expected sha256 --------------------------------------------------------------------
-
-
-def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, str]:
-    """The sha256 the bundle must have, and where it comes from.
-
-    ``configured`` (``AUTO_INFER_VLLM_BUNDLE_SHA256``, already validated) wins; else the first
-    word of ``<tar>.sha256`` when that file exists; else ``(None, "none")``. Raises BundleError
-    when the ``.sha256`` file is unreadable or malformed.
-    """
-    if configured:
-        return configured.lower(), "AUTO_INFER_VLLM_BUNDLE_SHA256"
-    path = checksum_path(bundle)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, "none"
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"cannot read {path} ({exc}); fix or remove it") from None
-    words = text.split()
-    digest = words[0].lower() if words else ""
-    if not _HEX64.match(digest):
-        raise BundleError(
-            f"{path} does not start with a sha256 (64 hex digits); write it as "
-            f"`sha256sum {bundle.name} > {path.name}` or remove it"
-        )
-    return digest, str(path)
-
-
-# ---- other things pixi-pack writes ----------------------------------------------------------
-
-# pixi-pack --create-executable (Quantco/pixi-pack at c45671612fb7c8725ce3044de0b7fd0ba597defb,
-# src/pack.rs `create_self_extracting_executable`, src/header.sh) writes src/header.sh (ending
-# in a line `@@END_HEADER@@`), a newline, the tar BASE64-encoded on one line, a newline, a line
-# `@@END_ARCHIVE@@`, then the pixi-unpack binary, base64 too. The payload is not a tar at an
-# offset: it would have to be decoded to a second multi-GB file before our checks could read
-# it, so such a script is refused with the command that decodes it.
-SFX_HEADER_END = b"\n@@END_HEADER@@\n"
-_SFX_PROBE = 64 * 1024
-
-
-def refuse_other_layouts(bundle: Path, st: os.stat_result) -> None:
-    """Refuse, in one line, the two other outputs of pixi-pack: a ``--directory-only`` folder
-    and a ``--create-executable`` script. Reads at most 64 KiB."""
-    if stat.S_ISDIR(st.st_mode):
-        if not (bundle / METADATA_FILE).is_file():
-            raise BundleError(
-                f"bundle {bundle} is a directory; set AUTO_INFER_VLLM_BUNDLE_PATH to the bundle tar"
-            )
-        raise BundleError(
-            f"bundle {bundle} is a pixi-pack --directory-only folder, not a bundle tar; make the "
-            f"tar from it (`tar -cf {bundle.name}.tar -C {bundle} .`) and set "
-            "AUTO_INFER_VLLM_BUNDLE_PATH to that, or pack without --directory-only"
-        )
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(
-            f"bundle {bundle} is not a regular file; set AUTO_INFER_VLLM_BUNDLE_PATH to the "
-            "bundle tar"
-        )
-    try:
-        with bundle.open("rb") as fh:
-            head = fh.read(_SFX_PROBE)
-    except OSError as exc:
-        raise BundleError(f"cannot read bundle {bundle} ({os_error_text(exc, bundle)})") from None
-    if head.startswith(b"#!") and SFX_HEADER_END in head:
-        raise BundleError(
-            f"bundle {bundle} is a pixi-pack --create-executable script (base64 payload after "
-            "@@END_HEADER@@), not a bundle tar; decode its tar with `sed -n "
-            f"'/^@@END_HEADER@@$/,/^@@END_ARCHIVE@@$/p' {bundle.name} | sed '1,2d;$d' | "
-            "base64 -d > bundle.tar` and install that, or pack without --create-executable"
-        )
-
-
-# ---- reading the tar ------------------------------------------------------------------------
-
-
-def scan_members(bundle: Path, size: int) -> list[BundleMember]:
-    """Parse the tar's headers (no data is read) and return its members in tar order.
-
-    Raises BundleError for a file that is not an uncompressed tar, a truncated one (a member's
-    data or the end-of-archive blocks past the end of the file) or a corrupt header.
-    """
-    members: list[BundleMember] = []
-    try:
-        with tarfile.open(bundle, mode="r:") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                members.append(_member(info))
-                if info.offset_data + info.size > size:
-                    raise BundleError(
-                        f"bundle {bundle} is truncated: member {info.name!r} needs "
-                        f"{info.offset_data + info.size} bytes, the file has {size}; copy the "
-                        "bundle again (and check it with its .sha256)"
-                    )
-            end = tar.offset
-    except tarfile.TarError as exc:
-        raise BundleError(
-            f"bundle {bundle} is not a readable uncompressed tar ({exc}); it may be truncated "
-            "or compressed: copy it again, or decompress it first"
-        ) from None
-    with bundle.open("rb") as fh:
-        fh.seek(end)
-        marker = fh.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
-        raise BundleError(
-            f"bundle {bundle} is truncated or corrupt after {len(members)} members (no "
-            "end-of-archive blocks where they belong); copy the bundle again"
-        )
-    return members
-
-
-def _member(info: tarfile.TarInfo) -> BundleMember:
-    if info.isdir():
-        kind: Literal["file", "dir", "symlink", "hardlink"] = "dir"
-    elif info.issym():
-        kind = "symlink"
-    elif info.islnk():
-        kind = "hardlink"
-    elif info.isreg() and not info.issparse():
-        kind = "file"
-    else:
-        what = (
-            "a device"
-            if info.isdev() and not info.isfifo()
-            else "a FIFO"
-            if info.isfifo()
-            else "a sparse file"
-            if info.issparse()
-            else f"of tar type {info.type!r}"
-        )
-        raise BundleError(
-            f"bundle member {info.name!r} is {what}; bundles hold only files, directories and "
-            "links: the bundle is unsafe, refusing it"
-        )
-    return BundleMember(
-        name=info.name,
-        kind=kind,
-        size=info.size if kind == "file" else 0,
-        offset=info.offset_data,
-        mode=info.mode,
-        target=info.linkname,
-    )
-
-
-def check_members(
-    members: Iterable[BundleMember], bundle: Path
-) -> tuple[list[BundleMember], list[str]]:
-    """Normalize and check every member; return the members to extract and the names skipped.
-
-    Refuses (BundleError, naming the member): absolute paths, ``..``, NUL or backslash in a
-    name, duplicates, symlinks whose target is absolute or leaves the link's top-level
-    directory, hardlinks to anything but an earlier regular file, members below a symlink.
-    Members outside :data:`BUNDLE_NAMES` are skipped (never written). Pure.
-
-    Symlinks are checked twice: lexically, one by one, then as the file system will follow
-    them once everything is extracted (:func:`_check_link_tree`): a link whose target goes
-    through another link member is resolved through that link, whichever comes first in the
-    tar, so a chain of links that are each harmless alone cannot climb out.
-    """
-    kept: list[BundleMember] = []
-    skipped: list[str] = []
-    seen: dict[str, BundleMember] = {}
-    links: dict[str, str] = {}  # symlink member -> its target, as written
-    for raw in members:
-        name = _normalize(raw.name, bundle)
-        if name == "":
-            continue  # the "./" entry of the root
-        member = BundleMember(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
-        if name in seen:
-            raise BundleError(
-                f"bundle {bundle} holds {name!r} twice; a bundle must not overwrite its own "
-                "members: the bundle is unsafe, refusing it"
-            )
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            if "/".join(parts[:depth]) in links:
-                raise BundleError(
-                    f"bundle member {name!r} lies below the symbolic link "
-                    f"{'/'.join(parts[:depth])!r}: the bundle is unsafe, refusing it"
-                )
-        if member.kind == "symlink":
-            target = member.target
-            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-            # A link must stay inside its own top-level directory (channel/, pypi/): never
-            # out of the bundle, nor into the project's other files (.pixi/, pixi.lock...).
-            top = name.split("/", 1)[0]
-            if not target or target.startswith("/") or not resolved.startswith(f"{top}/"):
-                raise BundleError(
-                    f"bundle member {name!r} is a symbolic link to {target!r}, outside the "
-                    f"bundle's {top}/: the bundle is unsafe, refusing it"
-                )
-            links[name] = target
-        elif member.kind == "hardlink":
-            target = _normalize(member.target, bundle)
-            original = seen.get(target)
-            if original is None or original.kind != "file":
-                raise BundleError(
-                    f"bundle member {name!r} is a hard link to {member.target!r}, which is not "
-                    "an earlier file of the bundle: the bundle is unsafe, refusing it"
-                )
-            member = BundleMember(
-                name, "hardlink", original.size, original.offset, original.mode, target
-            )
-        seen[name] = member
-        if member.top not in BUNDLE_NAMES:
-            skipped.append(name)
-            continue
-        kept.append(member)
-    _check_link_tree(seen, links, bundle)
-    return kept, skipped
-
-
-def _check_link_tree(
-    members: Mapping[str, BundleMember], links: Mapping[str, str], bundle: Path
-) -> None:
-    """Refuse what the lexical checks of :func:`check_members` cannot see, because the file
-    system resolves links and the order of the members does not matter to it: a member below a
-    link that comes after it, and a link that, followed through the other link members (as
-    ``open`` will follow it), leaves its top-level directory or loops. Every step of the walk
-    must stay inside that directory: outside it lie the project's own files and links
-    (``.pixi/envs``...), which the bundle does not describe. Pure."""
-    for name in members:
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if parent in links:
-                raise BundleError(
-                    f"bundle member {name!r} lies below the symbolic link {parent!r}: the "
-                    "bundle is unsafe, refusing it"
-                )
-    for name, target in links.items():
-        top = name.split("/", 1)[0]
-        try:
-            resolved = _follow(name.split("/")[:-1], target, links, budget=[_MAX_LINK_HOPS])
-        except _LinkLoop:
-            raise BundleError(
-                f"bundle member {name!r} is a symbolic link to {target!r} in a loop of links: "
-                "the bundle is unsafe, refusing it"
-            ) from None
-        if resolved is None or len(resolved) < 2:
-            raise BundleError(
-                f"bundle member {name!r} is a symbolic link to {target!r}, which leaves the "
-                f"bundle's {top}/ once the links it goes through are followed: the bundle is "
-                "unsafe, refusing it"
-            )
-
-
-class _LinkLoop(Exception):
-    """More than :data:`_MAX_LINK_HOPS` links followed for one link (the kernel's ELOOP)."""
-
-
-def _follow(
-    parent: list[str], target: str, links: Mapping[str, str], *, budget: list[int]
-) -> list[str] | None:
-    """Where ``target``, a link's text read in directory ``parent`` (path parts from the
-    extraction root, with no link in them), ends up when every link member on the way is
-    followed. None when a step leaves ``parent[0]`` (the link's top-level directory); raises
-    _LinkLoop when more than :data:`_MAX_LINK_HOPS` links are followed in all. Pure."""
-    parts = list(parent)
-    for comp in target.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if len(parts) <= 1:
-                return None
-            parts.pop()
-            continue
-        here = "/".join([*parts, comp])
-        if here not in links:
-            parts.append(comp)
-            continue
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _LinkLoop(here)
-        followed = _follow(parts, links[here], links, budget=budget)
-        if followed is None:
-            return None
-        parts = followed
-    return parts
-
-
-def _normalize(name: str, bundle: Path) -> str:
-    if "\0" in name or "\\" in name:
-        raise BundleError(
-            f"bundle member {name!r} has a NUL or backslash in its name: the bundle is unsafe, "
-            "refusing it"
-        )
-    if name.startswith("/"):
-        raise BundleError(
-            f"bundle member {name!r} has an absolute path: the bundle is unsafe, refusing it"
-        )
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise BundleError(
-            f"bundle member {name!r} climbs out with '..': the bundle is unsafe, refusing it"
-        )
-    return "/".join(parts)
-
-
-def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str, dict[int, str]]:
-    """Read the tar once, start to end: its sha256, and the sha256 of each file member's data
-    keyed by the member's data offset (names are not normalized yet at this point).
-
-    Blocks for one sequential read of ``size`` bytes. Three threads share the work: one
-    reads ahead, this one hashes the whole, another hashes the members from the same buffers
-    (``os.pread`` and ``hashlib`` release the GIL), so the two hashes cost about the time of
-    one on two cores. Raises BundleError when the file ends early (it shrank while read).
-    """
-    regions = sorted({(m.offset, m.offset + m.size) for m in members if m.kind == "file"})
-    hashers: dict[int, Any] = {start: hashlib.sha256() for start, _stop in regions}
-    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
-    work: queue.Queue[list[tuple[Any, memoryview]] | None] = queue.Queue(maxsize=8)
-    stop_reading = threading.Event()
-
-    def read_ahead() -> None:
-        pos = 0
-        try:
-            while pos < size and not stop_reading.is_set():
-                chunk = os.pread(fd, min(_HASH_CHUNK, size - pos), pos)
-                if not chunk:
-                    raise BundleError(
-                        f"the bundle shrank while it was being read (at byte {pos} of {size}); "
-                        "do not change it during the install"
-                    )
-                chunks.put(chunk)
-                pos += len(chunk)
-            chunks.put(None)
-        except BaseException as exc:
-            chunks.put(exc)
-
-    def hash_members() -> None:
-        while (batch := work.get()) is not None:
-            for hasher, view in batch:
-                hasher.update(view)
-
-    reader = threading.Thread(target=read_ahead, name="bundle-reader", daemon=True)
-    worker = threading.Thread(target=hash_members, name="member-hashes", daemon=True)
-    reader.start()
-    worker.start()
-    total = hashlib.sha256()
-    first = 0  # regions before it are complete
-    pos = 0
-    try:
-        while (chunk := chunks.get()) is not None:
-            if isinstance(chunk, BaseException):
-                raise chunk
-            end = pos + len(chunk)
-            view = memoryview(chunk)
-            batch: list[tuple[Any, memoryview]] = []
-            index = first
-            while index < len(regions) and regions[index][0] < end:
-                start, stop = regions[index]
-                lo, hi = max(start, pos), min(stop, end)
-                if lo < hi:
-                    batch.append((hashers[start], view[lo - pos : hi - pos]))
-                if stop > end:
-                    break
-                index += 1
-            first = index
-            if batch:
-                work.put(batch)
-            total.update(chunk)
-            pos = end
-    finally:
-        stop_reading.set()
-        with contextlib.suppress(queue.Empty):
-            while True:  # unblock a reader waiting on a full queue
-                chunks.get_nowait()
-        work.put(None)
-        worker.join()
-        reader.join()
-    return total.hexdigest(), {start: h.hexdigest() for start, h in hashers.items()}
-
-
-def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
-    """The data of a small member (metadata, extras), size-capped against memory blow-ups."""
-    limit = _MAX_SMALL.get(member.name, 64 << 20)
-    if member.size > limit:
-        raise BundleError(
-            f"bundle {bundle}: {member.name} is {member.size} bytes, more than the {limit} "
-            "allowed; the bundle is corrupt or not a pixi-pack bundle"
-        )
-    return os.pread(fd, member.size, member.offset) if member.size else b""
-
-
-def _first_error(exc: ValidationError) -> str:
-    """``<what> at <where>`` of the first error of ``exc`` (``top``: the whole document)."""
-    first = exc.errors()[0]
-    return f"{first['msg']} at {'.'.join(str(p) for p in first['loc']) or 'top'}"
-
-
-def check_metadata(data: bytes, bundle: Path, host: str) -> PixiPackMetadata:
-    """Parse ``pixi-pack.json`` and require format version 1 and this host's platform."""
-    try:
-        metadata = PixiPackMetadata.model_validate_json(data)
-    except ValidationError as exc:
-        raise BundleError(
-            f"bundle {bundle}: {METADATA_FILE} is not valid ({_first_error(exc)}); "
-            "the bundle is corrupt"
-        ) from None
-    if metadata.version != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle {bundle}: {METADATA_FILE} has format version {metadata.version!r}, and "
-            f"this tool reads version {FORMAT_VERSION!r} only; pack it with a matching pixi-pack "
-            "or pipeline version"
-        )
-    if metadata.platform != host:
-        raise BundleError(
-            f"bundle {bundle} is for platform {metadata.platform}, this host is {host}; pack the "
-            f"environment for {host} (PIPELINE_PLATFORM={host})"
-        )
-    return metadata
-
-
 # ---- the stage ------------------------------------------------------------------------------
 
 
@@ -588,7 +131,7 @@ def extract_is_current(
     same environment) and every extracted file is unchanged. Reads metadata only (a few
     ``stat`` calls); never raises. The doit ``uptodate`` check of ``extract``."""
     try:
-        expected, _source = expected_sha256(bundle, configured_sha256)
+        expected, _source = reader.expected_sha256(bundle, configured_sha256)
         return _stale_reason(ProjectPaths.of(project_dir), bundle, expected, environment) is None
     except (OSError, BundleError):
         return False
@@ -627,7 +170,7 @@ def extract_bundle(
         install_lock(paths, say=say),
         os_errors_as(BundleError, f"cannot extract {bundle} into {paths.root}"),
     ):
-        expected, expected_from = expected_sha256(bundle, configured_sha256)
+        expected, expected_from = reader.expected_sha256(bundle, configured_sha256)
         try:
             st = bundle.stat()
         except OSError as exc:
@@ -635,7 +178,7 @@ def extract_bundle(
                 f"no bundle at {bundle} ({exc.strerror}); set AUTO_INFER_VLLM_BUNDLE_PATH to the "
                 "bundle tar"
             ) from None
-        refuse_other_layouts(bundle, st)
+        reader.refuse_other_layouts(bundle, st)
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
             digest = read_extract_stamp(paths) or ""
@@ -649,13 +192,13 @@ def extract_bundle(
         fd = os.open(bundle, os.O_RDONLY)
         try:
             scan_error: BundleError | None = None
-            members: list[BundleMember] = []
+            members: list[reader.BundleMember] = []
             try:
-                members = scan_members(bundle, st.st_size)
+                members = reader.scan_members(bundle, st.st_size)
             except BundleError as exc:
                 scan_error = exc
             say(f"checking {bundle.name} ({st.st_size / 1e6:.1f} MB)")
-            digest, member_sha = hash_pass(fd, st.st_size, members)
+            digest, member_sha = reader.hash_pass(fd, st.st_size, members)
             if expected is not None and digest != expected:
                 raise BundleError(
                     f"bundle {bundle} has sha256 {digest}, expected {expected} (from "
@@ -669,7 +212,7 @@ def extract_bundle(
                 return ExtractResult(
                     bundle, digest, extracted=False, reason="same content (tar stat refreshed)"
                 )
-            kept, skipped = check_members(members, bundle)
+            kept, skipped = reader.check_members(members, bundle)
             if skipped:
                 warn(
                     f"bundle {bundle} has {len(skipped)} members outside "
@@ -680,15 +223,21 @@ def extract_bundle(
                 raise BundleError(
                     f"bundle {bundle} has no {METADATA_FILE}: it is not a pixi-pack bundle"
                 )
-            metadata = check_metadata(read_member(fd, by_name[METADATA_FILE], bundle), bundle, host)
-            extras = _read_extras(fd, by_name.get(EXTRAS_FILE), bundle, metadata)
+            metadata = check_metadata(
+                reader.read_member(fd, by_name[METADATA_FILE], bundle), bundle, host
+            )
+            extras = (
+                check_extras(reader.read_member(fd, by_name[EXTRAS_FILE], bundle), bundle, metadata)
+                if EXTRAS_FILE in by_name
+                else None
+            )
             env_yml = (
-                read_member(fd, by_name[ENVIRONMENT_FILE], bundle).decode("utf-8", "replace")
+                reader.read_member(fd, by_name[ENVIRONMENT_FILE], bundle).decode("utf-8", "replace")
                 if ENVIRONMENT_FILE in by_name
                 else None
             )
             file_members = {m.name: m for m in kept if m.kind in ("file", "hardlink")}
-            # A hard link's offset is its original's (check_members): same bytes, same hash.
+            # A hard link's offset is its original's (reader.check_members): same bytes, same hash.
             sha_of = {name: member_sha[m.offset] for name, m in file_members.items()}
 
             staging = paths.state / f"staging-{uuid.uuid4().hex[:12]}"
@@ -802,35 +351,15 @@ def _refresh_bundle_stat(paths: ProjectPaths, bundle: Path, st: os.stat_result) 
         write_extract_record(paths, replace(record, bundle=BundleStat.of(bundle, st)))
 
 
-def _read_extras(
-    fd: int, member: BundleMember | None, bundle: Path, metadata: PixiPackMetadata
-) -> BundleExtras | None:
-    if member is None:
-        return None
-    try:
-        extras = BundleExtras.model_validate_json(read_member(fd, member, bundle))
-    except ValidationError as exc:
-        raise BundleError(
-            f"bundle {bundle}: {EXTRAS_FILE} is not valid ({_first_error(exc)}); pack it again"
-        ) from None
-    if hashlib.sha256(extras.pixi_lock.encode("utf-8")).hexdigest() != extras.lock_sha256:
-        raise BundleError(
-            f"bundle {bundle}: the pixi.lock inside {EXTRAS_FILE} does not have its recorded "
-            "sha256; the bundle is corrupt: pack it again"
-        )
-    if extras.platform != metadata.platform:
-        raise BundleError(
-            f"bundle {bundle}: {EXTRAS_FILE} says platform {extras.platform} but "
-            f"{METADATA_FILE} says {metadata.platform}; pack it again"
-        )
-    return extras
-
-
 def _extract_members(
-    fd: int, members: Iterable[BundleMember], staging: Path, bundle: Path, st: os.stat_result
+    fd: int,
+    members: Iterable[reader.BundleMember],
+    staging: Path,
+    bundle: Path,
+    st: os.stat_result,
 ) -> None:
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
-    links as checked by :func:`check_members`."""
+    links as checked by :func:`pipeline.bundle.reader.check_members`."""
     target = staging
     try:
         for member in members:
@@ -981,15 +510,7 @@ def _commit(paths: ProjectPaths, staging: Path) -> None:
 
 
 __all__ = [
-    "BUNDLE_NAMES",
-    "BundleMember",
     "ExtractResult",
-    "check_members",
-    "check_metadata",
-    "expected_sha256",
     "extract_bundle",
     "extract_is_current",
-    "hash_pass",
-    "refuse_other_layouts",
-    "scan_members",
 ]

@@ -72,9 +72,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from pipeline import __version__, reporting
+from pipeline.bundle.contents import check_lock_against_channel, read_repodata
 from pipeline.errors import InstallError, LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
-from pipeline.install.contents import check_lock_against_channel, read_repodata
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
     INSTALLED_FROM,

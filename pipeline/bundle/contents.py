@@ -1,7 +1,9 @@
-"""What a bundle holds, checked: its channel's repodata, its lock against that channel, and
-a lock for bundles that carry none (written by pixi-pack itself).
+"""What an extracted bundle holds, checked: its channel's repodata, its lock against that
+channel, ``environment.yml``'s specs, and a lock for bundles that carry none (written by
+pixi-pack itself).
 
-Shared by the ``extract`` stage (:mod:`pipeline.install.extract`, on the staged files) and the
+The reading half of what :mod:`pipeline.bundle.writer` writes, on files already on disk: used
+by the ``extract`` stage (:mod:`pipeline.install.extract`, on the staged files) and the
 ``frozen-install`` stage (:mod:`pipeline.install.frozen`, on the extracted ones): both refuse a
 bundle whose lock does not describe exactly the packages in its channel, with the lock's
 hashes. Errors are :class:`~pipeline.errors.BundleError`, one line each.
