@@ -151,3 +151,10 @@ def left_group(rec: InstanceRecord) -> int | None:
     if rec.pid == rec.pgid and process_alive(rec.pid, None):
         return None
     return rec.pgid if group_alive(rec.pgid) else None
+
+
+# How long a new supervisor, or a `doit stop` with none running, waits for `supervisor.lock`.
+# Both checked that no supervisor is alive, so a holder can only be one on its way out (it
+# wrote `exited` and is closing) or a `doit stop` that found none: both let go soon, and the
+# wait ends the moment they do. A loaded machine can stretch "soon" past a second or two.
+LOCK_HANDOVER = 30.0

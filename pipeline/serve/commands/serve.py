@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, TextIO
 from pipeline import reporting
 from pipeline.errors import ServeError
 from pipeline.procs import stop_group
-from pipeline.serve.commands.common import Say, left_group, load, read_state, warn_problems
+from pipeline.serve.commands.common import (
+    LOCK_HANDOVER,
+    Say,
+    left_group,
+    load,
+    read_state,
+    warn_problems,
+)
 from pipeline.serve.commands.status import print_status
 from pipeline.serve.logfiles import tail
 from pipeline.serve.record import InstanceRecord, InstanceState, ServeState
@@ -200,7 +207,7 @@ def _serve_foreground(
 ) -> int:
     from pipeline.serve.supervisor import Supervisor
 
-    with held_lock(store.lock_file, wait=2.0) as ok:
+    with held_lock(store.lock_file, wait=LOCK_HANDOVER) as ok:
         if not ok:
             raise ServeError(f"another supervisor holds {store.lock_file}; run `doit status`")
         store.set_lock_owner()
@@ -340,7 +347,7 @@ def _run_supervisor(
     def say(line: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
 
-    with held_lock(store.lock_file, wait=5.0) as ok:
+    with held_lock(store.lock_file, wait=LOCK_HANDOVER) as ok:
         if not ok:
             say(f"another supervisor holds {store.lock_file}; exiting")
             return 3

@@ -7,7 +7,7 @@ import time
 from pipeline import reporting
 from pipeline.errors import ServeError
 from pipeline.procs import stop_group
-from pipeline.serve.commands.common import Say, left_group, read_state, warn_problems
+from pipeline.serve.commands.common import LOCK_HANDOVER, Say, left_group, read_state, warn_problems
 from pipeline.serve.record import InstanceState, enter
 from pipeline.serve.state import StateStore, held_lock, process_alive, supervisor_alive
 from pipeline.settings import Settings
@@ -60,7 +60,7 @@ def stop_command(
             say(f"stop: {name}: {state.instances[name].state}")
         return 0
     # No supervisor: stop what it left running, and record that under its lock.
-    with held_lock(store.lock_file, wait=5.0) as ok:
+    with held_lock(store.lock_file, wait=LOCK_HANDOVER) as ok:
         if not ok:
             raise ServeError(f"stop: a supervisor is starting ({store.lock_file}); try again")
         for name in targets:
