@@ -25,9 +25,10 @@ and leaves with ``os._exit``; the calling (doit) process only uses rattler's syn
 (reading the lock, match specs, versions), which exits cleanly.
 
 The written lock is in pixi's form (:func:`plan_lock`): format v6 when every workspace platform
-is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7; :func:`downgrade_to_v6`
-drops its platform list, proven with py-rattler 0.15.0, pixi 0.50's rattler_lock), else v7 with
-pixi's platform names (``p1``...) and virtual-package strings, which pixi >= 0.68 reads.
+is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7;
+:func:`~pipeline.pixi.locktext.downgrade_to_v6` drops its platform list, proven with py-rattler
+0.15.0, pixi 0.50's rattler_lock), else v7 with pixi's platform names (``p1``...) and
+virtual-package strings, which pixi >= 0.68 reads.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from pipeline.build.pypi import (
 )
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir
-from pipeline.pixi.lockfile import lock_version
+from pipeline.pixi.locktext import downgrade_to_v6, read_lock_version, recorded_indexes
 from pipeline.pixi.manifest import (
     MANIFEST_NAME,
     FindLinks,
@@ -322,7 +323,7 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
         lock_file = LockFile.from_path(lock_path)
     except Exception as exc:
         return f"{lock_path.name} cannot be read ({' '.join(str(exc).split())})"
-    version = lock_version(lock_path)
+    version = read_lock_version(lock_path)
     records_virtual_packages = version is None or version >= 7
 
     plan = plan_lock(manifest, project_dir)
@@ -397,20 +398,13 @@ def _matching_platform(
 
 
 def _recorded_indexes(lock_path: Path) -> dict[str, Any]:
-    """environment -> its ``indexes``/``find-links`` as the lock records them (py-rattler
-    does not expose them); an environment without them is absent."""
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    """environment -> its ``indexes``/``find-links`` as the lock at ``lock_path`` records them
+    (:func:`~pipeline.pixi.locktext.recorded_indexes`); empty when it cannot be read."""
     try:
-        data = yaml.load(lock_path.read_text(encoding="utf-8"), Loader=loader)
-    except (OSError, yaml.YAMLError):
+        text = lock_path.read_text(encoding="utf-8")
+    except OSError:
         return {}
-    out: dict[str, Any] = {}
-    for env_name, env in ((data or {}).get("environments") or {}).items():
-        if isinstance(env, Mapping) and ("indexes" in env or "find-links" in env):
-            out[str(env_name)] = env
-    return out
+    return recorded_indexes(text)
 
 
 def _indexes_stale(recorded: Mapping[str, Any] | None, options: PypiOptions) -> str | None:
@@ -824,38 +818,6 @@ async def _solve_and_write(
         pythons.append((job["environment"], job["lock_platform"], python))
     lock_file.to_path(Path(request["output"]))
     return counts, pythons
-
-
-def downgrade_to_v6(text: str) -> str:
-    """Turn a v7 lock that py-rattler wrote for bare subdir platforms into format v6.
-
-    For conda binary packages v6 is v7 without the top-level ``platforms:`` list (v6 keys the
-    packages by subdir and records no virtual packages; the package entries are the same). PyPI
-    packages are written alike in both (pixi's v6 fixture wheel-with-correct-tags and v7
-    pypi-find-links-index: ``pypi:``, name, version, sha256, requires_dist, requires_python;
-    the environment's ``indexes``/``find-links``). Proven by reading both with py-rattler 0.15.0
-    (rattler_lock 0.23.8, pixi 0.50) and 0.28.0: the same records
-    (tests/test_lock_older_pixi.py). Raises LockError for anything else: a rich platform (a
-    ``subdir:`` or virtual packages), a source package.
-    """
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0] != "version: 7\n":
-        raise LockError("py-rattler wrote an unexpected lock (no `version: 7` first); report it")
-    out = ["version: 6\n"]
-    index = 1
-    if index < len(lines) and lines[index] == "platforms:\n":
-        index += 1
-        while index < len(lines) and lines[index].startswith("- name: "):
-            index += 1
-            if index < len(lines) and lines[index].startswith("  "):
-                raise LockError(
-                    "cannot write lock format v6 for a platform with a subdir or virtual "
-                    "packages of its own; it needs v7"
-                )
-    rest = lines[index:]
-    if any(line.startswith("- conda_source:") for line in rest):
-        raise LockError("cannot write lock format v6 with source packages; it needs v7")
-    return "".join(out + rest)
 
 
 def _worker(request_path: Path) -> int:

@@ -16,7 +16,8 @@ and ``Requires-Python``: from the file itself when local, else from the index's 
 entries (the environment's ``- pypi: LOCATION`` list, the sorted ``packages:`` list) and the
 rest -- ``sha256``, ``requires_dist``, ``requires_python`` after ``version``, the environment's
 ``indexes:`` and ``find-links:`` after ``channels:`` -- is written into that text in pixi's form
-(tests/data/pixi/projects/wheel-with-correct-tags/pixi.lock, pixi's examples/pypi-find-links).
+(tests/data/pixi/projects/wheel-with-correct-tags/pixi.lock, pixi's examples/pypi-find-links) by
+:func:`pipeline.pixi.locktext.annotate_lock_text`.
 
 :func:`pypi_stale_reason` says whether locked PyPI packages still satisfy the manifest, as
 pixi's satisfiability check does: every requirement (after dependency-overrides, markers
@@ -54,6 +55,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion, Version
 
 from pipeline.errors import LockError
+from pipeline.pixi.locktext import annotate_lock_text
 from pipeline.pixi.manifest import FindLinks, PypiOptions, VirtualPackage, platform_family
 from pipeline.procs import find_uv, run_logged
 
@@ -579,25 +581,6 @@ def _log_tail_reason(log: Path, start: int) -> str | None:
 # ---- writing into pixi.lock (text) -----------------------------------------------------------
 
 
-def yaml_scalar(value: str) -> str:
-    """``value`` as a YAML scalar: plain where YAML reads it back as this string, else
-    single-quoted (as serde_yaml quotes ``'2.23'`` or ``'>=3.8'``)."""
-    plain_ok = (
-        value != ""
-        and value == value.strip()
-        and value[0] not in "!&*-?:,[]{}#|>@`'\"%<=~"
-        and ": " not in value
-        and " #" not in value
-        and not value.endswith(":")
-        and not re.fullmatch(
-            r"[-+]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?|true|false|yes|no|on|off|null|~|"
-            r"True|False|TRUE|FALSE|Null|NULL|0x[0-9a-fA-F]+|0o[0-7]+|\.inf|\.nan",
-            value,
-        )
-    )
-    return value if plain_ok else "'" + value.replace("'", "''") + "'"
-
-
 def write_pypi_into_lock(
     lock_path: Path,
     platforms: Sequence[tuple[str, str, Sequence[str]]],
@@ -611,7 +594,7 @@ def write_pypi_into_lock(
 
     py-rattler refuses to modify a lock read from disk, so the lock is built again from its
     channels and conda records (synchronous API only), then its text is annotated
-    (:func:`annotate_lock_text`).
+    (:func:`pipeline.pixi.locktext.annotate_lock_text`).
     """
     from rattler import LockFile, LockPlatform, Subdir
 
@@ -642,67 +625,6 @@ def write_pypi_into_lock(
     new.to_path(lock_path)
     text = lock_path.read_text(encoding="utf-8")
     lock_path.write_text(annotate_lock_text(text, by_location, indexes), encoding="utf-8")
-
-
-def annotate_lock_text(
-    text: str,
-    by_location: Mapping[str, LockedPypi],
-    indexes: Mapping[str, tuple[tuple[str, ...], tuple[FindLinks, ...]]],
-) -> str:
-    """py-rattler's lock ``text`` with pixi's PyPI fields added. Pure.
-
-    After each ``packages:`` entry ``- pypi: LOC`` ... ``version:``: ``sha256``,
-    ``requires_dist`` (when any), ``requires_python`` (when known). In each environment named
-    in ``indexes``, before its ``packages:``: ``indexes:`` and ``find-links:`` (when any).
-    """
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    section = ""
-    environment: str | None = None
-    current: LockedPypi | None = None
-    for line in lines:
-        if not line.startswith(" ") and line.rstrip().endswith(":"):
-            section = line.strip().rstrip(":")
-        if section == "environments":
-            match = re.match(r"^  (\S[^:]*):\s*$", line)
-            if match:
-                environment = match.group(1).strip("'\"")
-            if line.rstrip() == "    packages:" and environment in indexes:
-                urls, links = indexes[environment]
-                out.append("    indexes:\n")
-                out.extend(f"    - {yaml_scalar(u)}\n" for u in urls)
-                if links:
-                    out.append("    find-links:\n")
-                    out.extend(
-                        f"    - {link.kind}: {yaml_scalar(link.location)}\n" for link in links
-                    )
-        if section == "packages":
-            if line.startswith("- "):
-                current = None
-                match = re.match(r"^- pypi: (.*)$", line.rstrip("\n"))
-                if match:
-                    current = by_location.get(_unquote_yaml(match.group(1)))
-            elif current is not None and line.startswith("  version: "):
-                out.append(line)
-                out.append(f"  sha256: {current.sha256}\n")
-                if current.requires_dist:
-                    out.append("  requires_dist:\n")
-                    out.extend(f"  - {yaml_scalar(r)}\n" for r in current.requires_dist)
-                if current.requires_python:
-                    out.append(f"  requires_python: {yaml_scalar(current.requires_python)}\n")
-                current = None
-                continue
-        out.append(line)
-    return "".join(out)
-
-
-def _unquote_yaml(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1].replace("''", "'")
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
 
 
 # ---- staleness (pure) ------------------------------------------------------------------------
@@ -801,7 +723,6 @@ __all__ = [
     "LockedPypi",
     "LockedPypiRecord",
     "PypiLockJob",
-    "annotate_lock_text",
     "index_urls",
     "marker_environment",
     "pixi_requirement",
