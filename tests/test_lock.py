@@ -38,7 +38,8 @@ from pipeline.demo.channel import (
 )
 from pipeline.errors import BundleError, LockError
 from pipeline.pixi.lockfile import file_sha256, read_environment
-from pipeline.pixi.manifest import VirtualPackage, load_manifest
+from pipeline.pixi.manifest import load_manifest
+from pipeline.pixi.platforms import VirtualPackage
 from pipeline.settings import load_settings
 
 

@@ -59,18 +59,9 @@ from pipeline.build.pypi import (
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir
 from pipeline.pixi.locktext import downgrade_to_v6, read_lock_version, recorded_indexes
-from pipeline.pixi.manifest import (
-    MANIFEST_NAME,
-    FindLinks,
-    Manifest,
-    PypiOptions,
-    ResolvedEnvironment,
-    VirtualPackage,
-    customised,
-    load_manifest,
-    parse_locked_virtual_package,
-    pypi_name,
-)
+from pipeline.pixi.manifest import MANIFEST_NAME, load_manifest
+from pipeline.pixi.model import FindLinks, Manifest, PypiOptions, ResolvedEnvironment, pypi_name
+from pipeline.pixi.platforms import VirtualPackage, customised, parse_locked_virtual_package
 from pipeline.procs import run_logged, worker_env
 from pipeline.settings import Settings, load_settings, process_environ
 
@@ -310,7 +301,7 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
     Platforms are matched as pixi matches them, not by name (pixi calls them ``p1``, ``p2``...
     in the lock and anything in pixi.toml): a v7 lock platform stands for a manifest platform
     when its subdir is the same and so are the virtual packages that differ from pixi's subdir
-    defaults (:func:`~pipeline.pixi.manifest.customised`: versions compared as versions, build
+    defaults (:func:`~pipeline.pixi.platforms.customised`: versions compared as versions, build
     ``0`` equal to none, order ignored; an entry that lists none has only the defaults). A v5 or
     v6 lock records no virtual packages: its platforms are its subdirs. So a lock any pixi since
     0.50 wrote for this manifest is current. Uses only py-rattler's synchronous API.

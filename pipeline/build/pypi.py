@@ -56,7 +56,8 @@ from packaging.version import InvalidVersion, Version
 
 from pipeline.errors import LockError
 from pipeline.pixi.locktext import annotate_lock_text
-from pipeline.pixi.manifest import FindLinks, PypiOptions, VirtualPackage, platform_family
+from pipeline.pixi.model import FindLinks, PypiOptions
+from pipeline.pixi.platforms import VirtualPackage, platform_family
 from pipeline.procs import find_uv, run_logged
 
 DEFAULT_INDEX = "https://pypi.org/simple"

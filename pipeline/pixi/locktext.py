@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import LockError
-from pipeline.pixi.manifest import FindLinks
+from pipeline.pixi.model import FindLinks
 
 __all__ = [
     "PypiFields",
