@@ -20,7 +20,8 @@ from lock_helpers import solve
 from pypi_index import Dist, build_index, write_dist
 from rattler import LockFile, LockPlatform
 
-from pipeline.build.lock import find_pixi, lock, stale_reason
+from pipeline.build.lock import find_pixi, lock
+from pipeline.build.lockstale import stale_reason
 from pipeline.build.pack import plan_bundle
 from pipeline.build.pypi import (
     LockedPypiRecord,
