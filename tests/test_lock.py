@@ -21,15 +21,9 @@ from pypi_index import Dist, build_index, write_dist
 from rattler import LockFile, LockPlatform
 
 from pipeline.build.lock import find_pixi, lock
-from pipeline.build.lockstale import stale_reason
+from pipeline.build.lockstale import LockedPypiRecord, pypi_stale_reason, stale_reason
 from pipeline.build.pack import plan_bundle
-from pipeline.build.pypi import (
-    LockedPypiRecord,
-    pypi_stale_reason,
-    target_tags,
-    uv_failure,
-    uv_python_platform,
-)
+from pipeline.build.pypi import target_tags, uv_failure, uv_python_platform
 from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
     build_wheel,

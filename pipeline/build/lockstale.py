@@ -3,18 +3,28 @@
 The py-rattler lock path keeps a lock that already satisfies the manifest (not even its mtime
 changes), as pixi does. The check reads the lock with py-rattler's synchronous API, the
 environments' ``indexes``/``find-links`` from its text (:mod:`pipeline.pixi.locktext`), and
-compares them with the plan (:func:`pipeline.build.lockplan.plan_lock`); the PyPI part is
-:func:`pipeline.build.pypi.pypi_stale_reason`. Reads one file; runs nothing.
+compares them with the plan (:func:`pipeline.build.lockplan.plan_lock`).
+
+The PyPI part, :func:`pypi_stale_reason`, is pixi's satisfiability check: every requirement
+(after dependency-overrides, markers evaluated for the platform and the locked Python) is met by
+a locked package, so are the requirements of the locked packages, each locked package is
+reached, and each one accepts the locked Python. Reads one file; runs nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
 from pipeline.build.lockplan import plan_lock
-from pipeline.build.pypi import LockedPypiRecord, index_urls, pypi_stale_reason
+from pipeline.build.pypi import index_urls, marker_environment
 from pipeline.pixi.locktext import read_lock_version, recorded_indexes
 from pipeline.pixi.model import Manifest, PypiOptions, ResolvedEnvironment, pypi_name
 from pipeline.pixi.platforms import VirtualPackage, customised, parse_locked_virtual_package
@@ -29,7 +39,7 @@ def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str 
     reachable from the specs (a removed dependency makes the lock stale); every virtual
     package a locked package depends on is provided by the manifest's system requirements;
     every source dependency has a locked package of that name; the PyPI packages satisfy the
-    PyPI requirements (:func:`pipeline.build.pypi.pypi_stale_reason`: versions, markers,
+    PyPI requirements (:func:`pypi_stale_reason`: versions, markers,
     dependency-overrides, nothing extra) and, when the lock records them, the environment's
     ``indexes`` and ``find-links`` are the manifest's.
 
@@ -237,3 +247,94 @@ def _conda_version(package: Any) -> str | None:
 
 def _norm_url(url: str) -> str:
     return url.rstrip("/")
+
+
+# ---- the PyPI part (pure) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockedPypiRecord:
+    """What the staleness check reads of a locked PyPI package (from py-rattler)."""
+
+    name: str
+    version: str
+    requires_dist: tuple[str, ...]
+    requires_python: str | None
+
+
+def pypi_stale_reason(
+    requirements: Sequence[str],
+    overrides: Sequence[tuple[str, str]],
+    locked: Sequence[LockedPypiRecord],
+    *,
+    subdir: str,
+    python_version: str | None,
+) -> str | None:
+    """Why ``locked`` does not satisfy ``requirements`` (PEP 508, from the manifest), or None.
+
+    As pixi: an override replaces every requirement on its package; markers are evaluated for
+    ``subdir`` and the locked ``python_version`` (with the requesting extras); every applicable
+    requirement, direct or from a locked package's ``requires_dist``, is met by a locked
+    package of that name whose version the specifier allows (pre-releases included); every
+    locked package is reached; each accepts the locked Python. Without a locked Python only the
+    names are compared.
+    """
+    by_name = {canonicalize_name(p.name): p for p in locked}
+    override = {canonicalize_name(n): Requirement(r) for n, r in overrides}
+    if python_version is None:
+        for text in requirements:
+            name = canonicalize_name(Requirement(text).name)
+            if name not in by_name:
+                return f"PyPI dependency {name!r} is not locked"
+        return None
+    env = marker_environment(subdir, python_version)
+
+    reached: set[str] = set()
+    todo: list[tuple[Requirement, str]] = []
+    for text in requirements:
+        todo.append((Requirement(text), "pixi.toml"))
+    while todo:
+        req, via = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in override and via != "override":
+            replaced = override[name]
+            if replaced.marker is None or replaced.marker.evaluate({**env, "extra": ""}):
+                todo.append((Requirement(str(replaced)), "override"))
+            continue
+        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
+            continue
+        pkg = by_name.get(name)
+        if pkg is None:
+            return f"PyPI requirement {str(req)!r} ({via}) is not locked"
+        if not _version_allowed(req.specifier, pkg.version):
+            return (
+                f"PyPI requirement {str(req)!r} ({via}) is not met by locked {name} {pkg.version}"
+            )
+        first_visit = name not in reached
+        reached.add(name)
+        if pkg.requires_python and not _version_allowed(pkg.requires_python, python_version):
+            return f"locked {name} {pkg.version} needs Python {pkg.requires_python}"
+        if first_visit or req.extras:
+            for dep_text in pkg.requires_dist:
+                try:
+                    dep = Requirement(dep_text)
+                except InvalidRequirement:
+                    continue
+                if dep.marker is not None:
+                    wanted = [""] if not req.extras else [*req.extras]
+                    if not any(dep.marker.evaluate({**env, "extra": e}) for e in wanted):
+                        continue
+                    dep = Requirement(str(dep).split(";", 1)[0])
+                todo.append((dep, name))
+    unused = sorted(set(by_name) - reached)
+    if unused:
+        return f"PyPI package {unused[0]} is locked but no longer required"
+    return None
+
+
+def _version_allowed(specifier: SpecifierSet | str, version: str) -> bool:
+    try:
+        spec = specifier if isinstance(specifier, SpecifierSet) else SpecifierSet(specifier)
+        return spec.contains(Version(version), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return True  # what packaging cannot parse, pixi's uv would judge; do not churn the lock

@@ -19,11 +19,8 @@ rest -- ``sha256``, ``requires_dist``, ``requires_python`` after ``version``, th
 (tests/data/pixi/projects/wheel-with-correct-tags/pixi.lock, pixi's examples/pypi-find-links) by
 :func:`pipeline.pixi.locktext.annotate_lock_text`.
 
-:func:`pypi_stale_reason` says whether locked PyPI packages still satisfy the manifest, as
-pixi's satisfiability check does: every requirement (after dependency-overrides, markers
-evaluated for the platform and the locked Python) is met by a locked package, so are the
-requirements of the locked packages, each locked package is reached, and each one accepts the
-locked Python.
+Whether locked PyPI packages still satisfy the manifest is
+:func:`pipeline.build.lockstale.pypi_stale_reason`'s question.
 """
 
 from __future__ import annotations
@@ -50,9 +47,7 @@ from urllib.request import url2pathname
 import requests
 from packaging import tags
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from packaging.version import InvalidVersion, Version
 
 from pipeline.errors import LockError
 from pipeline.pixi.locktext import annotate_lock_text
@@ -579,7 +574,7 @@ def _log_tail_reason(log: Path, start: int) -> str | None:
         return None
 
 
-# ---- writing into pixi.lock (text) -----------------------------------------------------------
+# ---- writing into pixi.lock (py-rattler, then pipeline.pixi.locktext) -------------------------
 
 
 def write_pypi_into_lock(
@@ -628,106 +623,13 @@ def write_pypi_into_lock(
     lock_path.write_text(annotate_lock_text(text, by_location, indexes), encoding="utf-8")
 
 
-# ---- staleness (pure) ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LockedPypiRecord:
-    """What the staleness check reads of a locked PyPI package (from py-rattler)."""
-
-    name: str
-    version: str
-    requires_dist: tuple[str, ...]
-    requires_python: str | None
-
-
-def pypi_stale_reason(
-    requirements: Sequence[str],
-    overrides: Sequence[tuple[str, str]],
-    locked: Sequence[LockedPypiRecord],
-    *,
-    subdir: str,
-    python_version: str | None,
-) -> str | None:
-    """Why ``locked`` does not satisfy ``requirements`` (PEP 508, from the manifest), or None.
-
-    As pixi: an override replaces every requirement on its package; markers are evaluated for
-    ``subdir`` and the locked ``python_version`` (with the requesting extras); every applicable
-    requirement, direct or from a locked package's ``requires_dist``, is met by a locked
-    package of that name whose version the specifier allows (pre-releases included); every
-    locked package is reached; each accepts the locked Python. Without a locked Python only the
-    names are compared.
-    """
-    by_name = {canonicalize_name(p.name): p for p in locked}
-    override = {canonicalize_name(n): Requirement(r) for n, r in overrides}
-    if python_version is None:
-        for text in requirements:
-            name = canonicalize_name(Requirement(text).name)
-            if name not in by_name:
-                return f"PyPI dependency {name!r} is not locked"
-        return None
-    env = marker_environment(subdir, python_version)
-
-    reached: set[str] = set()
-    todo: list[tuple[Requirement, str]] = []
-    for text in requirements:
-        todo.append((Requirement(text), "pixi.toml"))
-    while todo:
-        req, via = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in override and via != "override":
-            replaced = override[name]
-            if replaced.marker is None or replaced.marker.evaluate({**env, "extra": ""}):
-                todo.append((Requirement(str(replaced)), "override"))
-            continue
-        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
-            continue
-        pkg = by_name.get(name)
-        if pkg is None:
-            return f"PyPI requirement {str(req)!r} ({via}) is not locked"
-        if not _version_allowed(req.specifier, pkg.version):
-            return (
-                f"PyPI requirement {str(req)!r} ({via}) is not met by locked {name} {pkg.version}"
-            )
-        first_visit = name not in reached
-        reached.add(name)
-        if pkg.requires_python and not _version_allowed(pkg.requires_python, python_version):
-            return f"locked {name} {pkg.version} needs Python {pkg.requires_python}"
-        if first_visit or req.extras:
-            for dep_text in pkg.requires_dist:
-                try:
-                    dep = Requirement(dep_text)
-                except InvalidRequirement:
-                    continue
-                if dep.marker is not None:
-                    wanted = [""] if not req.extras else [*req.extras]
-                    if not any(dep.marker.evaluate({**env, "extra": e}) for e in wanted):
-                        continue
-                    dep = Requirement(str(dep).split(";", 1)[0])
-                todo.append((dep, name))
-    unused = sorted(set(by_name) - reached)
-    if unused:
-        return f"PyPI package {unused[0]} is locked but no longer required"
-    return None
-
-
-def _version_allowed(specifier: SpecifierSet | str, version: str) -> bool:
-    try:
-        spec = specifier if isinstance(specifier, SpecifierSet) else SpecifierSet(specifier)
-        return spec.contains(Version(version), prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
-        return True  # what packaging cannot parse, pixi's uv would judge; do not churn the lock
-
-
 __all__ = [
     "DEFAULT_INDEX",
     "LockedPypi",
-    "LockedPypiRecord",
     "PypiLockJob",
     "index_urls",
     "marker_environment",
     "pixi_requirement",
-    "pypi_stale_reason",
     "resolve_pypi",
     "target_tags",
     "uv_compile_command",
