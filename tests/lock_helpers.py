@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.build.lock import lock
 from pipeline.demo.channel import LocalChannel, build_channel, serve_directory
-from pipeline.install.patch import patch_lock_text
 from pipeline.pixi.lockfile import read_environment
+from pipeline.pixi.locktext import patch_lock_text
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pipeline.demo.channel import (
 )
 from pipeline.errors import BundleError, PipelineError
 from pipeline.pixi.envs import host_platform
-from pipeline.pixi.manifest import Task, task_chain
+from pipeline.pixi.tasks import Task, task_chain
 from pipeline.settings import load_settings
 from pipeline.tasks.build import check_cache
 

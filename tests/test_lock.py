@@ -20,15 +20,10 @@ from lock_helpers import solve
 from pypi_index import Dist, build_index, write_dist
 from rattler import LockFile, LockPlatform
 
-from pipeline.build.lock import find_pixi, lock, stale_reason
+from pipeline.build.lock import find_pixi, lock
+from pipeline.build.lockstale import LockedPypiRecord, pypi_stale_reason, stale_reason
 from pipeline.build.pack import plan_bundle
-from pipeline.build.pypi import (
-    LockedPypiRecord,
-    pypi_stale_reason,
-    target_tags,
-    uv_failure,
-    uv_python_platform,
-)
+from pipeline.build.pypi import target_tags, uv_failure, uv_python_platform
 from pipeline.demo.channel import (
     PY_MAJOR_MINOR,
     build_wheel,
@@ -38,7 +33,8 @@ from pipeline.demo.channel import (
 )
 from pipeline.errors import BundleError, LockError
 from pipeline.pixi.lockfile import file_sha256, read_environment
-from pipeline.pixi.manifest import VirtualPackage, load_manifest
+from pipeline.pixi.manifest import load_manifest
+from pipeline.pixi.platforms import VirtualPackage
 from pipeline.settings import load_settings
 
 

@@ -21,8 +21,8 @@ from lock_helpers import patched, solve
 from pypi_index import Dist, build_index
 
 from pipeline.demo.channel import serve_directory, write_pixi_toml
-from pipeline.install.patch import patch_lock_text
 from pipeline.pixi.lockfile import read_environment
+from pipeline.pixi.locktext import patch_lock_text
 
 pytestmark = pytest.mark.older_pixi
 

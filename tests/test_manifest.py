@@ -11,16 +11,10 @@ import pytest
 from rattler import MatchSpec
 
 from pipeline.errors import LockError, PipelineError
-from pipeline.pixi.manifest import (
-    FindLinks,
-    Manifest,
-    PypiOptions,
-    ResolvedEnvironment,
-    Task,
-    VirtualPackage,
-    load_manifest,
-    parse_manifest,
-)
+from pipeline.pixi.manifest import load_manifest, parse_manifest
+from pipeline.pixi.model import FindLinks, Manifest, PypiOptions, ResolvedEnvironment
+from pipeline.pixi.platforms import VirtualPackage
+from pipeline.pixi.tasks import Task
 
 HEADER = """\
 [workspace]

@@ -13,15 +13,9 @@ from rattler import LockFile
 from pipeline.errors import InstallError
 from pipeline.install.extract import extract_bundle
 from pipeline.install.layout import ProjectPaths
-from pipeline.install.patch import (
-    location_form,
-    package_key,
-    patch_is_current,
-    patch_lock_text,
-    patch_manifest_text,
-    patch_project,
-)
+from pipeline.install.patch import patch_is_current, patch_manifest_text, patch_project
 from pipeline.pixi.lockfile import read_environment
+from pipeline.pixi.locktext import location_form, package_key, patch_lock_text
 
 REAL_LOCKS = Path(__file__).parent / "data" / "real-locks"
 LOCAL = "file:///srv/project/channel/"

@@ -5,9 +5,10 @@
 is current). Without one it:
 
 1. parses ``pixi.toml`` (:mod:`pipeline.pixi.manifest`) and turns every (environment, platform)
-   into a solve job: channel URLs, match specs, virtual packages;
-2. keeps an existing ``pixi.lock`` that already satisfies the manifest (:func:`stale_reason`
-   says why it does not) -- the file is not touched, not even its mtime;
+   into a solve job: channel URLs, match specs, virtual packages (:mod:`pipeline.build.lockplan`);
+2. keeps an existing ``pixi.lock`` that already satisfies the manifest
+   (:func:`pipeline.build.lockstale.stale_reason` says why it does not) -- the file is not
+   touched, not even its mtime;
 3. refuses a manifest with source dependencies (conda or PyPI ``path``/``git``/``url``: only
    pixi can lock those);
 4. solves in a child process (``python -m pipeline.build.lock --worker REQUEST.json``, run by
@@ -16,7 +17,8 @@ is current). Without one it:
    and its reply (package counts, the locked ``python`` of each job) into a file;
 5. resolves each job's ``[pypi-dependencies]`` with uv for that Python and platform
    (:mod:`pipeline.build.pypi`, also through ``run_logged``) and adds them to the temporary
-   lock in pixi's form; then renames the lock into place (atomic on POSIX).
+   lock in pixi's form (the text edits: :mod:`pipeline.pixi.locktext`); then renames the lock
+   into place (atomic on POSIX).
 
 Why a child process: py-rattler 0.28.0 crashes at interpreter exit (``Fatal Python error:
 PyGILState_Release`` / SIGABRT, sometimes SIGSEGV) in roughly a third of the processes that
@@ -24,10 +26,11 @@ called its async API -- seen here with ``solve`` and ``index_fs``. The worker fl
 and leaves with ``os._exit``; the calling (doit) process only uses rattler's synchronous API
 (reading the lock, match specs, versions), which exits cleanly.
 
-The written lock is in pixi's form (:func:`plan_lock`): format v6 when every workspace platform
-is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7; :func:`downgrade_to_v6`
-drops its platform list, proven with py-rattler 0.15.0, pixi 0.50's rattler_lock), else v7 with
-pixi's platform names (``p1``...) and virtual-package strings, which pixi >= 0.68 reads.
+The written lock is in pixi's form (:func:`pipeline.build.lockplan.plan_lock`): format v6 when
+every workspace platform is a plain subdir, which pixi >= 0.50 reads (py-rattler writes only v7;
+:func:`~pipeline.pixi.locktext.downgrade_to_v6` drops its platform list, proven with py-rattler
+0.15.0, pixi 0.50's rattler_lock), else v7 with pixi's platform names (``p1``...) and
+virtual-package strings, which pixi >= 0.68 reads.
 """
 
 from __future__ import annotations
@@ -46,30 +49,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.build.lockplan import LockPlan, plan_lock
+from pipeline.build.lockstale import stale_reason
 from pipeline.build.pypi import (
     LockedPypi,
-    LockedPypiRecord,
     PypiLockJob,
     index_urls,
-    pypi_stale_reason,
     resolve_pypi,
     write_pypi_into_lock,
 )
 from pipeline.errors import LockError, PipelineError
 from pipeline.fsutil import atomic_write_text, fsync_dir
-from pipeline.pixi.lockfile import lock_version
-from pipeline.pixi.manifest import (
-    MANIFEST_NAME,
-    FindLinks,
-    Manifest,
-    PypiOptions,
-    ResolvedEnvironment,
-    VirtualPackage,
-    customised,
-    load_manifest,
-    parse_locked_virtual_package,
-    pypi_name,
-)
+from pipeline.pixi.locktext import downgrade_to_v6
+from pipeline.pixi.manifest import MANIFEST_NAME, load_manifest
+from pipeline.pixi.model import FindLinks
 from pipeline.procs import run_logged, worker_env
 from pipeline.settings import Settings, load_settings, process_environ
 
@@ -83,38 +76,6 @@ DEFAULT_TIMEOUT = 1800.0
 DEFAULT_LOG = Path(".pixi") / "lock.log"
 
 Outcome = Literal["solved", "up-to-date", "pixi"]
-
-
-@dataclass(frozen=True)
-class SolveJob:
-    """One (environment, platform) to solve: what the worker receives.
-
-    ``platform`` is the conda subdir solved for; ``lock_platform`` the name the lock gives it
-    (the subdir itself, or ``p1``, ``p2``... for a platform with its own virtual packages).
-    """
-
-    environment: str
-    platform: str
-    lock_platform: str
-    channels: tuple[str, ...]  # URLs, highest priority first
-    channel_priority: str
-    specs: tuple[str, ...]
-    virtual_packages: tuple[VirtualPackage, ...]
-    # PEP 508 requirements and [pypi-options] of the environment, resolved by uv after the
-    # conda solve (the worker ignores them).
-    pypi_requirements: tuple[str, ...] = ()
-    pypi_options: PypiOptions = field(default_factory=PypiOptions)
-
-
-@dataclass(frozen=True)
-class LockPlan:
-    """Everything the worker needs to write a lock, derived from the manifest alone."""
-
-    environments: tuple[tuple[str, tuple[str, ...]], ...]  # (name, channel URLs)
-    # (lock name, subdir, virtual packages as pixi writes them), in the lock's order.
-    platforms: tuple[tuple[str, str, tuple[str, ...]], ...]
-    jobs: tuple[SolveJob, ...]
-    lock_version: int = 7
 
 
 @dataclass(frozen=True)
@@ -179,344 +140,6 @@ def find_pixi(
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-# ---- planning (pure, plus rattler's synchronous channel parser) -------------------------------
-
-
-def channel_url(channel: str, project_dir: Path, where: str) -> str:
-    """``channel`` (name, URL or path relative to ``project_dir``) as a URL ending in ``/``.
-
-    Names use conda's default alias (``https://conda.anaconda.org/<name>/``), as pixi does.
-    """
-    from rattler import Channel, ChannelConfig
-
-    try:
-        url = Channel(channel, ChannelConfig(root_dir=str(project_dir))).base_url
-    except Exception as exc:
-        raise LockError(
-            f"{where}: channel {channel!r} is not a name, URL or path ({exc}); fix the channel"
-        ) from None
-    return url if url.endswith("/") else url + "/"
-
-
-def plan_lock(manifest: Manifest, project_dir: Path) -> LockPlan:
-    """The solve jobs for every environment and platform of ``manifest``. No I/O.
-
-    The lock is written the way pixi writes it. Lock platforms are told apart by pixi's
-    identity (subdir plus the virtual packages that differ from the subdir defaults): one with
-    none is named after its subdir, the others ``p1``, ``p2``... in manifest order (pixi's
-    ``shorten_platform_names``), listing the virtual packages in pixi's order and spelling.
-
-    The format is the oldest that can say it all, so that the most pixi releases read it:
-    version 6 (pixi >= 0.50 and every later release; no platform list, packages keyed by
-    subdir) when every workspace platform is a bare subdir -- what pixi before 0.71 wrote for
-    such a manifest, ``[system-requirements]`` included, and what current pixi accepts as
-    satisfied -- else version 7 (pixi >= 0.68), the only format with rich platforms.
-    """
-    jobs: list[SolveJob] = []
-    environments: list[tuple[str, tuple[str, ...]]] = []
-    names: dict[tuple[str, frozenset[tuple[str, str, str]]], str] = {}
-    platforms: list[tuple[str, str, tuple[str, ...]]] = []
-    v6 = all(pdef.is_subdir_platform for pdef in manifest.platform_defs)
-    ordinal = 0
-    # Platform names follow the manifest's platform order, whatever the environment order.
-    for platform in manifest.platforms:
-        for env in manifest.environment_names:
-            if platform not in manifest.platforms_for(env):
-                continue
-            subdir = manifest.subdir(platform)
-            vps = manifest.virtual_packages(env, platform)
-            # v6 keys packages by subdir within each environment: one platform per subdir.
-            key = (subdir, frozenset() if v6 else customised(vps, subdir))
-            if key in names:
-                continue
-            if v6 or not key[1]:
-                name = subdir
-            else:
-                ordinal += 1
-                name = f"p{ordinal}"
-            names[key] = name
-            platforms.append((name, subdir, () if v6 else tuple(str(vp) for vp in vps)))
-    for env in manifest.environment_names:
-        urls: tuple[str, ...] | None = None
-        for platform in manifest.platforms_for(env):
-            resolved = manifest.resolve(env, platform)
-            urls = tuple(
-                channel_url(c, project_dir, f"{manifest.path}: environment {env!r}")
-                for c in resolved.channels
-            )
-            subdir = manifest.subdir(platform)
-            name = names[
-                (subdir, frozenset() if v6 else customised(resolved.virtual_packages, subdir))
-            ]
-            jobs.append(_job(resolved, urls, subdir, name))
-        if urls is None:  # an environment without platforms still lists its channels
-            urls = tuple(
-                channel_url(c.channel, project_dir, str(manifest.path)) for c in manifest.channels
-            )
-        environments.append((env, urls))
-    return LockPlan(
-        environments=tuple(environments),
-        platforms=tuple(platforms),
-        jobs=tuple(jobs),
-        lock_version=6 if v6 else 7,
-    )
-
-
-def _job(
-    resolved: ResolvedEnvironment, urls: tuple[str, ...], subdir: str, lock_platform: str
-) -> SolveJob:
-    # A `channel::` spec may name a channel the environment does not list; solve with it too.
-    from rattler import MatchSpec
-
-    extra: list[str] = []
-    for spec in resolved.match_specs:
-        channel = MatchSpec(spec).channel
-        if channel is not None:
-            url = channel.base_url if channel.base_url.endswith("/") else channel.base_url + "/"
-            if url not in urls and url not in extra:
-                extra.append(url)
-    return SolveJob(
-        environment=resolved.environment,
-        platform=subdir,
-        lock_platform=lock_platform,
-        channels=(*urls, *extra),
-        channel_priority=resolved.channel_priority,
-        specs=resolved.match_specs,
-        virtual_packages=resolved.virtual_packages,
-        pypi_requirements=resolved.pypi_requirements,
-        pypi_options=resolved.pypi_options,
-    )
-
-
-# ---- is the existing lock current? ------------------------------------------------------------
-
-
-def stale_reason(manifest: Manifest, lock_path: Path, project_dir: Path) -> str | None:
-    """Why ``lock_path`` does not satisfy ``manifest``, or ``None`` when it does.
-
-    Current means: the lock can be read; it holds exactly the manifest's environments; each
-    has the manifest's channels (as URLs, same order); every platform of the environment is
-    locked; every conda spec is matched by a locked package; every locked conda package is
-    reachable from the specs (a removed dependency makes the lock stale); every virtual
-    package a locked package depends on is provided by the manifest's system requirements;
-    every source dependency has a locked package of that name; the PyPI packages satisfy the
-    PyPI requirements (:func:`pipeline.build.pypi.pypi_stale_reason`: versions, markers,
-    dependency-overrides, nothing extra) and, when the lock records them, the environment's
-    ``indexes`` and ``find-links`` are the manifest's.
-
-    Platforms are matched as pixi matches them, not by name (pixi calls them ``p1``, ``p2``...
-    in the lock and anything in pixi.toml): a v7 lock platform stands for a manifest platform
-    when its subdir is the same and so are the virtual packages that differ from pixi's subdir
-    defaults (:func:`~pipeline.pixi.manifest.customised`: versions compared as versions, build
-    ``0`` equal to none, order ignored; an entry that lists none has only the defaults). A v5 or
-    v6 lock records no virtual packages: its platforms are its subdirs. So a lock any pixi since
-    0.50 wrote for this manifest is current. Uses only py-rattler's synchronous API.
-    """
-    from rattler import LockFile
-
-    if not lock_path.is_file():
-        return f"no {lock_path.name}"
-    try:
-        lock_file = LockFile.from_path(lock_path)
-    except Exception as exc:
-        return f"{lock_path.name} cannot be read ({' '.join(str(exc).split())})"
-    version = lock_version(lock_path)
-    records_virtual_packages = version is None or version >= 7
-
-    plan = plan_lock(manifest, project_dir)
-    locked_envs = {name for name, _ in lock_file.environments()}
-    wanted_envs = {name for name, _ in plan.environments}
-    if locked_envs != wanted_envs:
-        return (
-            f"environments differ (lock: {', '.join(sorted(locked_envs)) or 'none'}; "
-            f"manifest: {', '.join(sorted(wanted_envs))})"
-        )
-
-    recorded_indexes: dict[str, Any] | None = None
-    for name, urls in plan.environments:
-        env = lock_file.environment(name)
-        if env is None:  # pragma: no cover - names checked above
-            return f"environment {name!r} is not in the lock"
-        locked_urls = tuple(_norm_url(str(c)) for c in env.channels())
-        if locked_urls != tuple(_norm_url(u) for u in urls):
-            return f"channels of environment {name!r} changed"
-        pypi_jobs = [job for job in plan.jobs if job.environment == name and job.pypi_requirements]
-        if pypi_jobs:
-            if recorded_indexes is None:
-                recorded_indexes = _recorded_indexes(lock_path)
-            reason = _indexes_stale(recorded_indexes.get(name), pypi_jobs[0].pypi_options)
-            if reason:
-                return f"environment {name!r}: {reason}"
-        # The platform objects must come from this environment (py-rattler panics on a
-        # fresh LockPlatform here).
-        env_platforms = list(env.platforms())
-        used: set[str] = set()
-        for platform in manifest.platforms_for(name):
-            resolved = manifest.resolve(name, platform)
-            subdir = manifest.subdir(platform)
-            lock_platform = _matching_platform(
-                env_platforms, subdir, resolved.virtual_packages, records_virtual_packages
-            )
-            if lock_platform is None:
-                vps = customised(resolved.virtual_packages, subdir)
-                what = ", ".join("=".join(filter(None, key)) for key in sorted(vps))
-                return (
-                    f"environment {name!r}: platform {platform} ({subdir}"
-                    f"{', ' + what if what else ''}) is not in the lock"
-                )
-            used.add(lock_platform.name)
-            packages = env.packages(lock_platform)
-            reason = _environment_stale(resolved, packages or [], subdir)
-            if reason:
-                return f"environment {name!r} on {platform}: {reason}"
-        extra = sorted({p.name for p in env_platforms} - used)
-        if extra:
-            return f"environment {name!r} has platforms the manifest dropped: {', '.join(extra)}"
-    return None
-
-
-def _matching_platform(
-    platforms: Sequence[Any],
-    subdir: str,
-    virtual_packages: Sequence[VirtualPackage],
-    records_virtual_packages: bool,
-) -> Any | None:
-    """The lock platform that stands for a manifest platform (see :func:`stale_reason`)."""
-    if not records_virtual_packages:
-        return next((p for p in platforms if p.name == subdir), None)
-    want = customised(virtual_packages, subdir)
-    for lock_platform in platforms:
-        if str(lock_platform.subdir) != subdir:
-            continue
-        locked = [parse_locked_virtual_package(v) for v in lock_platform.virtual_packages]
-        if customised(locked, subdir) == want:
-            return lock_platform
-    return None
-
-
-def _recorded_indexes(lock_path: Path) -> dict[str, Any]:
-    """environment -> its ``indexes``/``find-links`` as the lock records them (py-rattler
-    does not expose them); an environment without them is absent."""
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        data = yaml.load(lock_path.read_text(encoding="utf-8"), Loader=loader)
-    except (OSError, yaml.YAMLError):
-        return {}
-    out: dict[str, Any] = {}
-    for env_name, env in ((data or {}).get("environments") or {}).items():
-        if isinstance(env, Mapping) and ("indexes" in env or "find-links" in env):
-            out[str(env_name)] = env
-    return out
-
-
-def _indexes_stale(recorded: Mapping[str, Any] | None, options: PypiOptions) -> str | None:
-    if recorded is None:  # not recorded (a lock written by hand or an old tool): not compared
-        return None
-    locked = tuple(_norm_url(str(u)) for u in recorded.get("indexes") or ())
-    wanted = tuple(_norm_url(u) for u in index_urls(options))
-    if locked != wanted:
-        return "PyPI indexes changed ([pypi-options] index-url / extra-index-urls)"
-    links = tuple(
-        (str(k), _norm_url(str(v)))
-        for item in recorded.get("find-links") or ()
-        if isinstance(item, Mapping)
-        for k, v in item.items()
-    )
-    if links != tuple((f.kind, _norm_url(f.location)) for f in options.find_links):
-        return "PyPI find-links changed ([pypi-options] find-links)"
-    return None
-
-
-def _environment_stale(
-    resolved: ResolvedEnvironment, packages: Sequence[Any], subdir: str
-) -> str | None:
-    from rattler import CondaLockedPackage, MatchSpec, PypiLockedPackage, Version, VersionSpec
-
-    conda = [p for p in packages if isinstance(p, CondaLockedPackage)]
-    pypi = {pypi_name(p.name) for p in packages if isinstance(p, PypiLockedPackage)}
-    by_name = {p.name: p for p in conda}
-    reason = _pypi_stale(
-        resolved, [p for p in packages if isinstance(p, PypiLockedPackage)], by_name, subdir
-    )
-    if reason:
-        return reason
-    vps = {vp.name: vp for vp in resolved.virtual_packages}
-
-    roots: list[str] = []
-    for spec in resolved.match_specs:
-        if not any(p.satisfies(spec) for p in conda):
-            return f"no locked package matches {spec!r}"
-        roots.append(MatchSpec(spec).name.normalized)
-    for source in resolved.source_dependencies:
-        if source not in by_name:
-            return f"source dependency {source!r} is not locked"
-        roots.append(source)
-    missing = [name for name in resolved.pypi_sources if name not in pypi]
-    if missing:
-        return f"PyPI dependency {missing[0]!r} is not locked"
-
-    reached: set[str] = set()
-    todo = list(roots)
-    while todo:
-        name = todo.pop()
-        if name in reached or name not in by_name:
-            continue
-        reached.add(name)
-        record = by_name[name].package_record
-        for dep in record.depends if record is not None else []:
-            spec = MatchSpec(dep)
-            dep_name = spec.name.normalized
-            if not dep_name.startswith("__"):
-                todo.append(dep_name)
-                continue
-            vp = vps.get(dep_name)
-            if vp is None:
-                return f"{name} needs {dep!r}, which the system requirements do not provide"
-            if spec.version and not VersionSpec(str(spec.version)).matches(Version(vp.version)):
-                return f"{name} needs {dep!r}, but the system requirements give {vp.version}"
-    unused = sorted(set(by_name) - reached)
-    if unused:
-        return f"{unused[0]} is locked but no longer required"
-    return None
-
-
-def _pypi_stale(
-    resolved: ResolvedEnvironment, pypi: Sequence[Any], conda: Mapping[str, Any], subdir: str
-) -> str | None:
-    if not resolved.pypi_requirements and not pypi:
-        return None
-    python = conda.get("python")
-    records = [
-        LockedPypiRecord(
-            name=pypi_name(p.name),
-            version=str(p.version),
-            requires_dist=tuple(p.requires_dist or ()),
-            requires_python=p.requires_python,
-        )
-        for p in pypi
-    ]
-    # A PyPI package that pixi locked from a path or git (a source) is the manifest's own.
-    sources = set(resolved.pypi_sources)
-    return pypi_stale_reason(
-        resolved.pypi_requirements,
-        resolved.pypi_options.dependency_overrides,
-        [r for r in records if r.name not in sources],
-        subdir=subdir,
-        python_version=_conda_version(python) if python is not None else None,
-    )
-
-
-def _conda_version(package: Any) -> str | None:
-    record = package.package_record
-    return str(record.version) if record is not None else None
-
-
-def _norm_url(url: str) -> str:
-    return url.rstrip("/")
 
 
 # ---- locking ---------------------------------------------------------------------------------
@@ -824,38 +447,6 @@ async def _solve_and_write(
         pythons.append((job["environment"], job["lock_platform"], python))
     lock_file.to_path(Path(request["output"]))
     return counts, pythons
-
-
-def downgrade_to_v6(text: str) -> str:
-    """Turn a v7 lock that py-rattler wrote for bare subdir platforms into format v6.
-
-    For conda binary packages v6 is v7 without the top-level ``platforms:`` list (v6 keys the
-    packages by subdir and records no virtual packages; the package entries are the same). PyPI
-    packages are written alike in both (pixi's v6 fixture wheel-with-correct-tags and v7
-    pypi-find-links-index: ``pypi:``, name, version, sha256, requires_dist, requires_python;
-    the environment's ``indexes``/``find-links``). Proven by reading both with py-rattler 0.15.0
-    (rattler_lock 0.23.8, pixi 0.50) and 0.28.0: the same records
-    (tests/test_lock_older_pixi.py). Raises LockError for anything else: a rich platform (a
-    ``subdir:`` or virtual packages), a source package.
-    """
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0] != "version: 7\n":
-        raise LockError("py-rattler wrote an unexpected lock (no `version: 7` first); report it")
-    out = ["version: 6\n"]
-    index = 1
-    if index < len(lines) and lines[index] == "platforms:\n":
-        index += 1
-        while index < len(lines) and lines[index].startswith("- name: "):
-            index += 1
-            if index < len(lines) and lines[index].startswith("  "):
-                raise LockError(
-                    "cannot write lock format v6 for a platform with a subdir or virtual "
-                    "packages of its own; it needs v7"
-                )
-    rest = lines[index:]
-    if any(line.startswith("- conda_source:") for line in rest):
-        raise LockError("cannot write lock format v6 with source packages; it needs v7")
-    return "".join(out + rest)
 
 
 def _worker(request_path: Path) -> int:

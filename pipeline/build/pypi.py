@@ -16,13 +16,11 @@ and ``Requires-Python``: from the file itself when local, else from the index's 
 entries (the environment's ``- pypi: LOCATION`` list, the sorted ``packages:`` list) and the
 rest -- ``sha256``, ``requires_dist``, ``requires_python`` after ``version``, the environment's
 ``indexes:`` and ``find-links:`` after ``channels:`` -- is written into that text in pixi's form
-(tests/data/pixi/projects/wheel-with-correct-tags/pixi.lock, pixi's examples/pypi-find-links).
+(tests/data/pixi/projects/wheel-with-correct-tags/pixi.lock, pixi's examples/pypi-find-links) by
+:func:`pipeline.pixi.locktext.annotate_lock_text`.
 
-:func:`pypi_stale_reason` says whether locked PyPI packages still satisfy the manifest, as
-pixi's satisfiability check does: every requirement (after dependency-overrides, markers
-evaluated for the platform and the locked Python) is met by a locked package, so are the
-requirements of the locked packages, each locked package is reached, and each one accepts the
-locked Python.
+Whether locked PyPI packages still satisfy the manifest is
+:func:`pipeline.build.lockstale.pypi_stale_reason`'s question.
 """
 
 from __future__ import annotations
@@ -49,12 +47,12 @@ from urllib.request import url2pathname
 import requests
 from packaging import tags
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from packaging.version import InvalidVersion, Version
 
 from pipeline.errors import LockError
-from pipeline.pixi.manifest import FindLinks, PypiOptions, VirtualPackage, platform_family
+from pipeline.pixi.locktext import annotate_lock_text
+from pipeline.pixi.model import FindLinks, PypiOptions
+from pipeline.pixi.platforms import VirtualPackage, platform_family
 from pipeline.procs import find_uv, run_logged
 
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -576,26 +574,7 @@ def _log_tail_reason(log: Path, start: int) -> str | None:
         return None
 
 
-# ---- writing into pixi.lock (text) -----------------------------------------------------------
-
-
-def yaml_scalar(value: str) -> str:
-    """``value`` as a YAML scalar: plain where YAML reads it back as this string, else
-    single-quoted (as serde_yaml quotes ``'2.23'`` or ``'>=3.8'``)."""
-    plain_ok = (
-        value != ""
-        and value == value.strip()
-        and value[0] not in "!&*-?:,[]{}#|>@`'\"%<=~"
-        and ": " not in value
-        and " #" not in value
-        and not value.endswith(":")
-        and not re.fullmatch(
-            r"[-+]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?|true|false|yes|no|on|off|null|~|"
-            r"True|False|TRUE|FALSE|Null|NULL|0x[0-9a-fA-F]+|0o[0-7]+|\.inf|\.nan",
-            value,
-        )
-    )
-    return value if plain_ok else "'" + value.replace("'", "''") + "'"
+# ---- writing into pixi.lock (py-rattler, then pipeline.pixi.locktext) -------------------------
 
 
 def write_pypi_into_lock(
@@ -611,7 +590,7 @@ def write_pypi_into_lock(
 
     py-rattler refuses to modify a lock read from disk, so the lock is built again from its
     channels and conda records (synchronous API only), then its text is annotated
-    (:func:`annotate_lock_text`).
+    (:func:`pipeline.pixi.locktext.annotate_lock_text`).
     """
     from rattler import LockFile, LockPlatform, Subdir
 
@@ -644,168 +623,13 @@ def write_pypi_into_lock(
     lock_path.write_text(annotate_lock_text(text, by_location, indexes), encoding="utf-8")
 
 
-def annotate_lock_text(
-    text: str,
-    by_location: Mapping[str, LockedPypi],
-    indexes: Mapping[str, tuple[tuple[str, ...], tuple[FindLinks, ...]]],
-) -> str:
-    """py-rattler's lock ``text`` with pixi's PyPI fields added. Pure.
-
-    After each ``packages:`` entry ``- pypi: LOC`` ... ``version:``: ``sha256``,
-    ``requires_dist`` (when any), ``requires_python`` (when known). In each environment named
-    in ``indexes``, before its ``packages:``: ``indexes:`` and ``find-links:`` (when any).
-    """
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    section = ""
-    environment: str | None = None
-    current: LockedPypi | None = None
-    for line in lines:
-        if not line.startswith(" ") and line.rstrip().endswith(":"):
-            section = line.strip().rstrip(":")
-        if section == "environments":
-            match = re.match(r"^  (\S[^:]*):\s*$", line)
-            if match:
-                environment = match.group(1).strip("'\"")
-            if line.rstrip() == "    packages:" and environment in indexes:
-                urls, links = indexes[environment]
-                out.append("    indexes:\n")
-                out.extend(f"    - {yaml_scalar(u)}\n" for u in urls)
-                if links:
-                    out.append("    find-links:\n")
-                    out.extend(
-                        f"    - {link.kind}: {yaml_scalar(link.location)}\n" for link in links
-                    )
-        if section == "packages":
-            if line.startswith("- "):
-                current = None
-                match = re.match(r"^- pypi: (.*)$", line.rstrip("\n"))
-                if match:
-                    current = by_location.get(_unquote_yaml(match.group(1)))
-            elif current is not None and line.startswith("  version: "):
-                out.append(line)
-                out.append(f"  sha256: {current.sha256}\n")
-                if current.requires_dist:
-                    out.append("  requires_dist:\n")
-                    out.extend(f"  - {yaml_scalar(r)}\n" for r in current.requires_dist)
-                if current.requires_python:
-                    out.append(f"  requires_python: {yaml_scalar(current.requires_python)}\n")
-                current = None
-                continue
-        out.append(line)
-    return "".join(out)
-
-
-def _unquote_yaml(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1].replace("''", "'")
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
-# ---- staleness (pure) ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LockedPypiRecord:
-    """What the staleness check reads of a locked PyPI package (from py-rattler)."""
-
-    name: str
-    version: str
-    requires_dist: tuple[str, ...]
-    requires_python: str | None
-
-
-def pypi_stale_reason(
-    requirements: Sequence[str],
-    overrides: Sequence[tuple[str, str]],
-    locked: Sequence[LockedPypiRecord],
-    *,
-    subdir: str,
-    python_version: str | None,
-) -> str | None:
-    """Why ``locked`` does not satisfy ``requirements`` (PEP 508, from the manifest), or None.
-
-    As pixi: an override replaces every requirement on its package; markers are evaluated for
-    ``subdir`` and the locked ``python_version`` (with the requesting extras); every applicable
-    requirement, direct or from a locked package's ``requires_dist``, is met by a locked
-    package of that name whose version the specifier allows (pre-releases included); every
-    locked package is reached; each accepts the locked Python. Without a locked Python only the
-    names are compared.
-    """
-    by_name = {canonicalize_name(p.name): p for p in locked}
-    override = {canonicalize_name(n): Requirement(r) for n, r in overrides}
-    if python_version is None:
-        for text in requirements:
-            name = canonicalize_name(Requirement(text).name)
-            if name not in by_name:
-                return f"PyPI dependency {name!r} is not locked"
-        return None
-    env = marker_environment(subdir, python_version)
-
-    reached: set[str] = set()
-    todo: list[tuple[Requirement, str]] = []
-    for text in requirements:
-        todo.append((Requirement(text), "pixi.toml"))
-    while todo:
-        req, via = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in override and via != "override":
-            replaced = override[name]
-            if replaced.marker is None or replaced.marker.evaluate({**env, "extra": ""}):
-                todo.append((Requirement(str(replaced)), "override"))
-            continue
-        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
-            continue
-        pkg = by_name.get(name)
-        if pkg is None:
-            return f"PyPI requirement {str(req)!r} ({via}) is not locked"
-        if not _version_allowed(req.specifier, pkg.version):
-            return (
-                f"PyPI requirement {str(req)!r} ({via}) is not met by locked {name} {pkg.version}"
-            )
-        first_visit = name not in reached
-        reached.add(name)
-        if pkg.requires_python and not _version_allowed(pkg.requires_python, python_version):
-            return f"locked {name} {pkg.version} needs Python {pkg.requires_python}"
-        if first_visit or req.extras:
-            for dep_text in pkg.requires_dist:
-                try:
-                    dep = Requirement(dep_text)
-                except InvalidRequirement:
-                    continue
-                if dep.marker is not None:
-                    wanted = [""] if not req.extras else [*req.extras]
-                    if not any(dep.marker.evaluate({**env, "extra": e}) for e in wanted):
-                        continue
-                    dep = Requirement(str(dep).split(";", 1)[0])
-                todo.append((dep, name))
-    unused = sorted(set(by_name) - reached)
-    if unused:
-        return f"PyPI package {unused[0]} is locked but no longer required"
-    return None
-
-
-def _version_allowed(specifier: SpecifierSet | str, version: str) -> bool:
-    try:
-        spec = specifier if isinstance(specifier, SpecifierSet) else SpecifierSet(specifier)
-        return spec.contains(Version(version), prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
-        return True  # what packaging cannot parse, pixi's uv would judge; do not churn the lock
-
-
 __all__ = [
     "DEFAULT_INDEX",
     "LockedPypi",
-    "LockedPypiRecord",
     "PypiLockJob",
-    "annotate_lock_text",
     "index_urls",
     "marker_environment",
     "pixi_requirement",
-    "pypi_stale_reason",
     "resolve_pypi",
     "target_tags",
     "uv_compile_command",

@@ -42,7 +42,8 @@ from typing import Literal
 
 from pipeline.errors import LockError, PipelineError
 from pipeline.pixi.envs import host_platform, pixi_env_prefix, prefix_runtime
-from pipeline.pixi.manifest import MANIFEST_NAME, command_text, load_manifest, task_chain
+from pipeline.pixi.manifest import MANIFEST_NAME, load_manifest
+from pipeline.pixi.tasks import command_text, task_chain
 from pipeline.procs import rattler_install_command, run_logged, worker_env
 from pipeline.settings import process_environ
 

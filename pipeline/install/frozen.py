@@ -706,7 +706,8 @@ def _verify_commands(
         if configured.strip().lower() == "none":
             return []
         return [(configured, {}, paths.root)]
-    from pipeline.pixi.manifest import command_text, load_manifest, task_chain
+    from pipeline.pixi.manifest import load_manifest
+    from pipeline.pixi.tasks import command_text, task_chain
 
     environment = locked.environment
     try:

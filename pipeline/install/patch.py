@@ -7,7 +7,8 @@ cannot point at ``file://``). :func:`patch_project` therefore rewrites both file
 - ``pixi.toml`` (tomlkit, comments and layout kept): every ``channels`` list (workspace or
   legacy ``[project]``, and each feature's) becomes the extracted channel's absolute
   ``file://`` URL, and so does the ``channel`` key of any dependency table;
-- ``pixi.lock`` (line by line, everything else byte for byte): the location of every package
+- ``pixi.lock`` (line by line, everything else byte for byte, by
+  :func:`pipeline.pixi.locktext.patch_lock_text`): the location of every package
   the bundle holds becomes its extracted file (``channel/<subdir>/<file>``, ``pypi/<wheel>``):
   an absolute path in lock v6/v7 (what py-rattler writes for local packages, read back as a
   ``file://`` URL), a ``file://`` URL in v5; and each environment's ``channels`` list
@@ -22,12 +23,10 @@ sha256, the project path and the environment.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import tomlkit
 
@@ -44,14 +43,9 @@ from pipeline.install.layout import (
     write_patch_stamp,
 )
 from pipeline.pixi.lockfile import LockedEnvironment, read_environment
+from pipeline.pixi.locktext import location_form, patch_lock_text
 
 _DEPENDENCY_TABLES = ("dependencies", "host-dependencies", "build-dependencies")
-_LOCATION_LINE = re.compile(
-    r"^(?P<lead>\s*(?:-\s+)?)(?P<key>conda|pypi|url):(?P<space>\s+)"
-    r"(?P<quote>['\"]?)(?P<value>[^'\"\s]+)(?P=quote)(?P<tail>\s*)$"
-)
-_SUBDIR_LINE = re.compile(r"^  subdir:\s")
-_DIRECT = "direct+"
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class PatchResult:
         return f"{self.project}: {done}; {self.packages} packages now come from {self.channel_url}"
 
 
-# ---- pure rewriting -------------------------------------------------------------------------
+# ---- pure rewriting of pixi.toml (pixi.lock's text: pipeline.pixi.locktext) ------------------
 
 
 def patch_manifest_text(text: str, channel_url: str) -> str:
@@ -120,123 +114,6 @@ def patch_manifest_text(text: str, channel_url: str) -> str:
             set_channels(feature)
             set_dependency_channels(feature)
     return tomlkit.dumps(doc)
-
-
-def package_key(value: str, kind: str) -> str | None:
-    """The bundle path a lock location refers to: ``<subdir>/<file>`` for conda packages,
-    ``<file>`` for PyPI ones (percent-decoded); None when the location names no file."""
-    if value.startswith(_DIRECT):
-        value = value[len(_DIRECT) :]
-    path = urlsplit(value).path if "://" in value else value
-    parts = [unquote(p) for p in PurePosixPath(path).parts if p not in ("/", "")]
-    if not parts or value.endswith("/"):
-        return None
-    if kind == "pypi":
-        return parts[-1]
-    return "/".join(parts[-2:]) if len(parts) >= 2 else None
-
-
-def patch_lock_text(
-    text: str,
-    conda_urls: Mapping[str, str],
-    wheel_urls: Mapping[str, str],
-    channel_url: str,
-) -> str:
-    """``pixi.lock`` text with the locations of the given packages replaced, and every
-    environment's ``channels`` list replaced by ``channel_url``.
-
-    ``conda_urls`` maps ``<subdir>/<file>`` and ``wheel_urls`` maps ``<wheel file>`` to the new
-    URL. Works on lock formats v5 to v7 line by line (``- conda: URL``, ``url: URL``,
-    ``- pypi: URL``); every other byte is kept, except that a rewritten conda package entry
-    gains a ``subdir:`` line when it had none: v6 locks leave it out when the URL says it, and
-    py-rattler derives it from ``https://`` URLs only, not from ``file://`` ones. Pure.
-    """
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    section = ""
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip(" "))
-        if stripped and indent == 0 and not stripped.startswith(("#", "-")):
-            section = stripped.split(":", 1)[0]
-        if section == "environments" and stripped == "channels:":
-            out.append(line)
-            index, item_indent = _skip_block(lines, index + 1, indent)
-            out.append(f"{' ' * item_indent}- url: {channel_url}\n")
-            continue
-        if section == "packages" and indent == 0 and stripped.startswith("- "):
-            end = index + 1
-            while end < len(lines) and (not lines[end].strip() or lines[end].startswith(" ")):
-                end += 1
-            out.extend(_patch_entry(lines[index:end], conda_urls, wheel_urls))
-            index = end
-            continue
-        out.append(_patch_location(line, conda_urls, wheel_urls)[0])
-        index += 1
-    return "".join(out)
-
-
-def _patch_entry(
-    entry: list[str], conda_urls: Mapping[str, str], wheel_urls: Mapping[str, str]
-) -> list[str]:
-    """One package of the top-level ``packages:`` list, its location rewritten."""
-    has_subdir = any(_SUBDIR_LINE.match(line) for line in entry)
-    out: list[str] = []
-    for number, line in enumerate(entry):
-        patched, subdir = _patch_location(line, conda_urls, wheel_urls)
-        out.append(patched)
-        # Only the entry's own location (`- conda: URL`, v5's `  url: URL`) gets a subdir;
-        # nested references (a source package's build_packages) are just rewritten.
-        own = number == 0 or line.startswith("  url:")
-        if subdir is not None and own and not has_subdir:
-            out.append(f"  subdir: {subdir}\n")
-            has_subdir = True
-    return out
-
-
-def _skip_block(lines: list[str], start: int, indent: int) -> tuple[int, int]:
-    """The index after the YAML list that follows a ``channels:`` key at ``indent``, and the
-    indentation of its items."""
-    index = start
-    item_indent: int | None = None
-    while index < len(lines):
-        line = lines[index]
-        stripped = line.strip()
-        if not stripped:
-            index += 1
-            continue
-        current = len(line) - len(line.lstrip(" "))
-        if current > indent or (current == indent and stripped.startswith("- ")):
-            if item_indent is None:
-                item_indent = current
-            index += 1
-            continue
-        break
-    return index, item_indent if item_indent is not None else indent
-
-
-def _patch_location(
-    line: str, conda_urls: Mapping[str, str], wheel_urls: Mapping[str, str]
-) -> tuple[str, str | None]:
-    """``line`` with its package location rewritten when it names a bundled package, and the
-    conda subdir of a rewritten conda location (else None)."""
-    match = _LOCATION_LINE.match(line.rstrip("\r\n"))
-    if match is None:
-        return line, None
-    kind, value = match.group("key"), match.group("value")
-    key = package_key(value, "pypi" if kind == "pypi" else "conda")
-    if key is None:
-        return line, None
-    new = (wheel_urls if kind == "pypi" else conda_urls).get(key)
-    if new is None:
-        return line, None
-    if value.startswith(_DIRECT):
-        new = _DIRECT + new
-    ending = line[len(line.rstrip("\r\n")) :] or "\n"
-    subdir = None if kind == "pypi" else key.split("/", 1)[0]
-    return f"{match.group('lead')}{kind}:{match.group('space')}{new}{ending}", subdir
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -312,22 +189,6 @@ def patch_project(
         )
 
 
-def lock_version(text: str) -> int | None:
-    """The ``version:`` of a pixi lock's text (None when it has none). Pure."""
-    match = re.search(r"^version:\s*(\d+)\s*$", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def location_form(lock_text: str) -> Callable[[Path], str]:
-    """How a local file is written in this lock: lock v5 wants a ``file://`` URL (its
-    ``url:`` key); v6 and v7 take an absolute path, which is what py-rattler itself writes
-    for local packages (a v7 lock with ``file://`` package URLs does not even read back)."""
-    version = lock_version(lock_text)
-    if version is not None and version <= 5:
-        return lambda path: path.as_uri()
-    return str
-
-
 def _check_patched(
     paths: ProjectPaths,
     environment: str,
@@ -372,11 +233,7 @@ def _check_patched(
 
 __all__ = [
     "PatchResult",
-    "location_form",
-    "lock_version",
-    "package_key",
     "patch_is_current",
-    "patch_lock_text",
     "patch_manifest_text",
     "patch_project",
 ]

@@ -1,3 +1,10 @@
-"""Reading pixi projects, what every side needs: :mod:`~pipeline.pixi.manifest` (``pixi.toml``),
-:mod:`~pipeline.pixi.lockfile` (``pixi.lock``), :mod:`~pipeline.pixi.envs` (which environment
-runs a command, and how it is activated)."""
+"""pixi projects, what every side needs.
+
+- :mod:`~pipeline.pixi.manifest`: read ``pixi.toml`` and check its shape (``load_manifest``)
+- :mod:`~pipeline.pixi.model`: the frozen objects it is read into; how an environment resolves
+- :mod:`~pipeline.pixi.platforms`: a platform's identity (subdir, virtual packages, selectors)
+- :mod:`~pipeline.pixi.tasks`: the manifest's ``[tasks]`` and the order pixi runs them in
+- :mod:`~pipeline.pixi.lockfile`: read ``pixi.lock`` with py-rattler, one environment and platform
+- :mod:`~pipeline.pixi.locktext`: the text of ``pixi.lock``: its version, every line-level edit
+- :mod:`~pipeline.pixi.envs`: which environment runs a command, and how it is activated
+"""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import ConfigError
+from pipeline.pixi.locktext import read_lock_version
 
 # Sourced before exec when a conda prefix has activation scripts (conda-forge's CUDA and
 # compiler packages set variables there). `exec` keeps the process tree flat: the shell is
@@ -88,19 +89,7 @@ def prefix_runtime(prefix: Path, environ: Mapping[str, str], description: str) -
 # (v6), 0.68.0 "This release bump the lock file version to v7". Versions not listed (v5 and
 # older) are read by every pixi that this project can meet.
 PIXI_READS_LOCK_FROM: Mapping[int, tuple[int, int, int]] = {6: (0, 39, 0), 7: (0, 68, 0)}
-_LOCK_VERSION_RE = re.compile(rb"^version:\s*(\d+)\s*$", re.MULTILINE)
 _PIXI_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
-
-
-def lock_version(lock: Path) -> int | None:
-    """The ``version:`` of a pixi.lock (its first lines), or None when unreadable or absent."""
-    try:
-        with lock.open("rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return None
-    found = _LOCK_VERSION_RE.search(head)
-    return int(found.group(1)) if found else None
 
 
 def pixi_version(pixi: str, timeout: float = 20.0) -> str | None:
@@ -126,7 +115,7 @@ def check_pixi_reads_lock(
 ) -> None:
     """Refuse, in one line, a pixi too old to read ``lock`` (or one that cannot say its
     version). Runs ``pixi --version`` once; a lock without a known version passes."""
-    version = lock_version(lock)
+    version = read_lock_version(lock)
     needed = PIXI_READS_LOCK_FROM.get(version or 0)
     if needed is None:
         return

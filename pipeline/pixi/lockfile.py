@@ -48,6 +48,7 @@ from rattler.lock import (
 )
 
 from pipeline.errors import LockError
+from pipeline.pixi.locktext import read_lock_version
 
 __all__ = [
     "CondaPackage",
@@ -55,7 +56,6 @@ __all__ = [
     "PypiPackage",
     "environments",
     "file_sha256",
-    "lock_version",
     "rattler_records",
     "read_environment",
     "read_lock",
@@ -66,7 +66,6 @@ __all__ = [
 _CHUNK = 1024 * 1024
 # The newest lock format py-rattler 0.28 reads.
 MAX_LOCK_VERSION = 7
-_VERSION_RE = re.compile(r"^version:\s*(\d+)\s*$")
 # A location with a scheme ("https://", "file://"); anything else in a lock is a path.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # pixi writes "direct+<url>" for PyPI packages given by direct URL rather than from an index.
@@ -161,7 +160,7 @@ def read_lock(path: Path) -> LockFile:
         )
     if path.is_dir():
         raise LockError(f"lock file {path} is a directory: pass the path of the pixi.lock file")
-    version = lock_version(path)
+    version = read_lock_version(path)
     if version is not None and version > MAX_LOCK_VERSION:
         raise LockError(
             f"cannot read lock file {path}: format version {version} is newer than the "
@@ -177,22 +176,6 @@ def read_lock(path: Path) -> LockFile:
             f"cannot read lock file {path}: {exc}; it must be a pixi.lock in format v5 to v7, "
             "regenerate it with `pixi lock`"
         ) from exc
-
-
-def lock_version(path: Path) -> int | None:
-    """The ``version:`` a lock file declares (its first ``version: N`` line), or ``None``.
-
-    Reads only the text; raises nothing for an unreadable or odd file (py-rattler reports it).
-    """
-    try:
-        with Path(path).open(encoding="utf-8", errors="replace") as stream:
-            for _, line in zip(range(50), stream, strict=False):
-                match = _VERSION_RE.match(line)
-                if match:
-                    return int(match.group(1))
-    except OSError:
-        return None
-    return None
 
 
 def environments(path: Path) -> dict[str, list[str]]:
