@@ -330,3 +330,12 @@ def test_a_bundle_rewritten_with_its_size_and_mtime_put_back_is_packed_again(tmp
     )
     assert not bundle_unchanged(stamp, bundle), "ctime moved: the tar is packed again"
     assert Fingerprint.read(tmp_path / "missing") is None
+
+
+def test_an_error_line_is_one_line_and_may_name_its_program(capsys):
+    from pipeline.reporting import error_line, print_error
+
+    assert error_line("no such\n  file") == "error: no such file"
+    assert error_line("port in use", "gateway") == "gateway: error: port in use"
+    print_error("disk full")
+    assert capsys.readouterr() == ("", "error: disk full\n")
