@@ -33,8 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from pipeline import rattler_worker
 from pipeline.errors import PipelineError
 from pipeline.fsutil import os_error_text
+from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import package_pythonpath
 
 KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for a stage's child
@@ -461,11 +463,37 @@ def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def rattler_install_command(request: Path) -> list[str]:
-    """argv of :mod:`pipeline.install.worker` for ``request`` (see its docstring)."""
-    # A module path, not an import: the build side (verify) spawns the install side's worker
-    # this way; nothing under pipeline/build imports pipeline.install, nor the reverse.
-    return [sys.executable, "-m", "pipeline.install.worker", str(request)]
+def run_rattler_worker(
+    request: RattlerRequest,
+    request_file: Path,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    label: str,
+    hint: str = "see the log",
+    error: type[PipelineError] = PipelineError,
+) -> None:
+    """Install ``request`` with the rattler worker (:mod:`pipeline.rattler_worker`) in a
+    child: the request is written to ``request_file``, the worker runs through
+    :func:`run_logged` (``env`` made able to import this package, :func:`worker_env`), and
+    the file is removed afterwards, also on failure. Blocks up to ``timeout``; raises
+    ``error`` as :func:`run_logged` does."""
+    request_file.write_text(request.to_json(), encoding="utf-8")
+    try:
+        run_logged(
+            rattler_worker.command(request_file),
+            cwd=cwd,
+            env=worker_env(env),
+            log=log,
+            timeout=timeout,
+            label=label,
+            hint=hint,
+            error=error,
+        )
+    finally:
+        request_file.unlink(missing_ok=True)
 
 
 # ---- host tools --------------------------------------------------------------------------------

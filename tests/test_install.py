@@ -709,7 +709,7 @@ import os, sys, time
 from pathlib import Path
 
 # Test hook: the install worker (and only it) records its pid, then hangs before installing.
-if "pipeline.install.worker" in sys.orig_argv:
+if "pipeline.rattler_worker" in sys.orig_argv:
     Path(os.environ["TEST_WORKER_PIDFILE"]).write_text(str(os.getpid()))
     time.sleep(120)
 """

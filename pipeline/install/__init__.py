@@ -7,5 +7,4 @@
 - :mod:`~pipeline.install.layout`: the project dir's paths, the records between the stages, the
   install lock
 - :mod:`~pipeline.install.host`: the host's facts (glibc, CUDA driver) against the lock's needs
-- :mod:`~pipeline.install.worker`: the py-rattler install, in a child process
 """

@@ -10,16 +10,17 @@
    depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
    warning when a CUDA environment is installed on a host without a GPU driver.
 3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
-   ``file://`` packages). A file whose ``(size, mtime, inode, ctime)`` is still what the
-   extraction recorded keeps the sha256 computed from the verified tar; any other file is
-   hashed again (ctime: size and mtime can be put back after a rewrite, ctime cannot).
+   ``file://`` packages). A file whose :class:`~pipeline.fsutil.Fingerprint` (size, mtime,
+   inode, ctime) is still what the extraction recorded keeps the sha256 computed from the
+   verified tar; any other file is hashed again.
 4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
    records, pointed at the local channel, with ``rattler.install`` in a child process
-   (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
+   (:mod:`pipeline.rattler_worker`: py-rattler can crash the interpreter at exit after its
    async calls, so the child leaves with ``os._exit``); the package cache is
    ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
    --no-index --no-deps`` (exactly those files; hardlinked from a private uv cache that is
-   deleted right after, see :func:`_install_wheels`), each then marked ``INSTALLER`` = ``uv-pixi``
+   deleted right after: :func:`pipeline.wheels.install_wheels`, which the build host's verify
+   runs too), each then marked ``INSTALLER`` = ``uv-pixi``
    as pixi's own installer writes it, so that a later ``pixi run`` or ``pixi install`` there
    keeps them instead of reinstalling them (:func:`mark_wheels_as_pixis` cites pixi's source).
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
@@ -52,7 +53,6 @@ BundleError for bundle content), one line each; the children's output is in
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import hashlib
 import io
@@ -62,7 +62,6 @@ import re
 import shlex
 import shutil
 import stat
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -91,8 +90,10 @@ from pipeline.install.layout import (
 from pipeline.install.patch import patch_is_current
 from pipeline.pixi.envs import Runtime, prefix_runtime
 from pipeline.pixi.lockfile import LockedEnvironment
-from pipeline.procs import rattler_install_command, run_logged, worker_env
+from pipeline.procs import run_logged, run_rattler_worker
+from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import process_environ
+from pipeline.wheels import UV_CACHE_PREFIX, WheelSource, install_wheels
 
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
 VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
@@ -150,7 +151,6 @@ except ImportError:
 """
 PROBE_PREFIX = "import-probe."  # .infer-vllm/import-probe.*: the probe during one verify
 REQUEST_PREFIX = "install-request-"  # .infer-vllm/install-request-*.json: the worker's input
-UV_CACHE_PREFIX = "uv-cache."  # .infer-vllm/uv-cache.*: uv's cache during one install
 
 
 @dataclass(frozen=True)
@@ -530,43 +530,24 @@ def _install_conda(
     base_env: Mapping[str, str],
     timeout: float,
 ) -> None:
-    request = {
-        "lock": str(paths.lock),
-        "environment": locked.environment,
-        "platform": locked.platform,
-        "channel_dir": str(paths.channel),
-        "prefix": str(generation),
-        "cache_dir": str(cache_dir),
-    }
-    request_path = paths.state / f"{REQUEST_PREFIX}{uuid.uuid4().hex[:8]}.json"
-    request_path.write_text(json.dumps(request), encoding="utf-8")
-    try:
-        run_logged(
-            rattler_install_command(request_path),
-            error=InstallError,
-            cwd=paths.state,
-            env=worker_env(base_env),
-            log=log,
-            timeout=timeout,
-            label=f"installing {len(locked.conda)} conda packages into {generation}",
-        )
-    finally:
-        request_path.unlink(missing_ok=True)
-
-
-def uv_binary() -> Path:
-    """The ``uv`` executable installed with this package (PyPI ``uv``), else ``uv`` on PATH."""
-    with contextlib.suppress(ImportError, FileNotFoundError):
-        from uv import find_uv_bin
-
-        return Path(find_uv_bin())
-    found = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
-    if found is None:
-        raise InstallError(
-            "the bundle has wheels but `uv` is not installed; install this package with its "
-            "dependencies (pip install -e .) so that uv comes with it"
-        )
-    return Path(found)
+    request = RattlerRequest(
+        lock=paths.lock,
+        environment=locked.environment,
+        platform=locked.platform,
+        prefix=generation,
+        cache_dir=cache_dir,
+        channel_dir=paths.channel,
+    )
+    run_rattler_worker(
+        request,
+        paths.state / f"{REQUEST_PREFIX}{uuid.uuid4().hex[:8]}.json",
+        error=InstallError,
+        cwd=paths.state,
+        env=base_env,
+        log=log,
+        timeout=timeout,
+        label=f"installing {len(locked.conda)} conda packages into {generation}",
+    )
 
 
 def _install_wheels(
@@ -578,52 +559,26 @@ def _install_wheels(
     base_env: Mapping[str, str],
     timeout: float,
 ) -> None:
-    """``uv pip install`` the locked wheel files (and nothing else) into ``generation``.
-
-    uv unpacks each wheel once into a fresh, private cache beside the environment
-    (``<project>/.infer-vllm/uv-cache.<random>``, same file system) and hardlinks the files
-    into site-packages; the cache is deleted when uv is done, also on failure. That writes the
-    2.5 GB of a vLLM environment once, where ``--no-cache --link-mode copy`` wrote it twice
-    (uv's temporary cache, then the copy), and leaves every installed file with one link: no
-    cache shares inodes with the environment afterwards, so editing a file there cannot reach
-    a later install. Blocks up to ``timeout``; InstallError on failure.
-    """
+    """The locked wheel files (and nothing else) into ``generation``, offline
+    (:func:`pipeline.wheels.install_wheels`; uv's private cache in ``<project>/.infer-vllm``,
+    the environment's file system). Blocks up to ``timeout``; InstallError on failure."""
     python = generation / "bin" / "python"
     if not python.exists():
         raise InstallError(
             f"environment '{environment}' has PyPI packages but no python in {generation}; add "
             "python to the conda dependencies and lock again"
         )
-    cache = paths.state / f"{UV_CACHE_PREFIX}{uuid.uuid4().hex[:8]}"
-    argv = [
-        str(uv_binary()),
-        "pip",
-        "install",
-        "--python",
-        str(python),
-        "--offline",
-        "--no-index",
-        "--no-deps",
-        "--no-config",
-        "--cache-dir",
-        str(cache),
-        "--link-mode",
-        "hardlink",
-        *(str(paths.pypi / w.filename) for w in wheels),
-    ]
-    env = {k: v for k, v in base_env.items() if not k.startswith(("UV_", "PIP_"))}
-    try:
-        run_logged(
-            argv,
-            error=InstallError,
-            cwd=paths.root,
-            env=env,
-            log=log,
-            timeout=timeout,
-            label=f"installing {len(wheels)} wheels into {generation}",
-        )
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    install_wheels(
+        python,
+        [WheelSource(w.name, str(paths.pypi / w.filename)) for w in wheels],
+        scratch=paths.state,
+        error=InstallError,
+        cwd=paths.root,
+        env=base_env,
+        log=log,
+        timeout=timeout,
+        label=f"installing {len(wheels)} wheels into {generation}",
+    )
 
 
 # What pixi's own uv installer writes into a wheel's ``INSTALLER`` (and the only value for
@@ -915,6 +870,5 @@ __all__ = [
     "installed_record",
     "modules_to_check",
     "switch_link",
-    "uv_binary",
     "write_activation_script",
 ]
