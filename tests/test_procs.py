@@ -342,3 +342,24 @@ def wait_until(predicate, timeout: float):
             return value
         time.sleep(0.05)
     return None
+
+
+def test_a_rattler_request_survives_its_json_and_a_bad_one_names_the_field(tmp_path):
+    from pipeline.rattler_worker import RattlerRequest, command
+
+    request = RattlerRequest(
+        tmp_path / "pixi.lock", "default", "p1", tmp_path / "env", tmp_path / "pkgs"
+    )
+    assert RattlerRequest.from_json(request.to_json()) == request
+    local = RattlerRequest(
+        tmp_path / "pixi.lock", "gpu", "linux-64", tmp_path / "env", tmp_path / "pkgs", tmp_path
+    )
+    assert RattlerRequest.from_json(local.to_json()) == local
+    with pytest.raises(ValueError, match="'prefix' must be a non-empty string"):
+        RattlerRequest.from_json('{"lock": "l", "environment": "e", "platform": "p"}')
+    assert command(tmp_path / "r.json") == [
+        sys.executable,
+        "-m",
+        "pipeline.rattler_worker",
+        str(tmp_path / "r.json"),
+    ]
