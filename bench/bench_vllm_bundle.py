@@ -43,9 +43,9 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.demo import vllm_bundle  # noqa: E402
 from pipeline.demo.channel import build_channel, default_recipes, run_rattler_child  # noqa: E402
-from pipeline.install.frozen import uv_binary  # noqa: E402
 from pipeline.pixi.lockfile import read_environment  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
+from pipeline.wheels import uv_binary  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -1,4 +1,5 @@
-"""File-system helpers that never leave a half-written file under a final name."""
+"""File-system helpers: files never left half-written under a final name, one answer to "is
+this file unchanged?" (:class:`Fingerprint`), and OSErrors turned into one line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -56,6 +58,43 @@ def sha256_file(path: Path, progress: object | None = None) -> str:
             if progress is not None:
                 progress.update(len(chunk))  # type: ignore[attr-defined]
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What says a file is unchanged without reading it: size, mtime, inode and ctime.
+
+    The one rule for the build's and the container's "trust it, do not hash it again" checks
+    (the pack stamp, the pack cache's verified stamps, the extraction record):
+
+    - size and mtime alone are not enough: anyone who rewrites a file in place can put both
+      back (``os.utime``, ``touch -r``, ``cp -p``, ``rsync -t``);
+    - ctime is what makes it safe: the kernel sets it on every change (content, mode, owner,
+      links) and no call sets it back. A chmod or a new hard link therefore costs one hash
+      too many, never one too few;
+    - the inode: a file replaced by a rename (an atomic rewrite, a copy put in its place) is
+      another file, even when its size and times happen to be the same.
+
+    Two fingerprints are equal when all four are; a stat that cannot be taken has none.
+    """
+
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Fingerprint:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+    @classmethod
+    def read(cls, path: Path) -> Fingerprint | None:
+        """The fingerprint of ``path`` now (following symlinks), or None when it cannot be
+        stat'ed (gone, unreadable). Never raises."""
+        try:
+            return cls.of(path.stat())
+        except OSError:
+            return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Child processes of the pipeline: one way to run them, logged and bounded, and one way to
-stop a process group.
+"""Child processes of the pipeline: one way to run them, logged and bounded, one way to ask a
+tool a short question, one way to start a long-lived child, and one way to stop a process group.
 
 Every child of a stage runs through :func:`run_logged`: its own session, its output appended
 to a log file, a time limit; on a timeout or Ctrl-C its whole process group gets SIGTERM,
@@ -9,6 +9,11 @@ so a failure can say what the child said even when the log could not be written 
 disk: the log usually lives on the filesystem the child just filled). A SIGKILLed stage cannot
 clean up: its child then gets SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux), so it
 does not go on installing into a generation nobody will switch in.
+
+A tool asked a question whose output is the answer (``nvidia-smi``, ``pixi --version``,
+``ldd --version``) runs through :func:`query` instead: the same session and bounds, its small
+output captured rather than logged. A child meant to outlive the call that starts it (a
+server) starts through :func:`spawn_detached`.
 """
 
 from __future__ import annotations
@@ -26,15 +31,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
+from pipeline import rattler_worker
 from pipeline.errors import PipelineError
 from pipeline.fsutil import os_error_text
+from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import package_pythonpath
 
 KILL_GRACE = 5.0  # SIGTERM -> SIGKILL for a stage's child
 KILL_WAIT = 10.0  # after SIGKILL: how long to wait for the group to vanish
 DRAIN_GRACE = 2.0  # after the child exits: how long its output may still take to arrive
 TAIL_BYTES = 16 * 1024  # the end of the output kept in memory
+QUERY_TIMEOUT = 20.0  # a tool asked for its version or its devices
+QUERY_LIMIT = 64 * 1024  # the output of a query kept, per stream
+QUERY_KILL_GRACE = 1.0  # SIGTERM -> SIGKILL for a query that overran
 
 
 # ---- process groups ---------------------------------------------------------------------------
@@ -351,6 +362,102 @@ def run_logged(
         raise error(f"{label} failed (exit {code}): {tee.last_line()}; {hint} ({tee.where()})")
 
 
+def query(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = QUERY_TIMEOUT,
+    label: str | None = None,
+    limit: int = QUERY_LIMIT,
+    error: type[PipelineError] = PipelineError,
+) -> str:
+    """The stdout of ``argv``, a short command whose output is the answer; blocks up to
+    ``timeout`` seconds.
+
+    The child gets its own session and stdin from /dev/null; its stdout and stderr are
+    captured, at most ``limit`` bytes of each kept (the rest is read and dropped, so a
+    chatty child never blocks on a full pipe). ``env`` None inherits this process's.
+    Raises ``error``, one line (``label``, default the command), when it cannot start, exits
+    non-zero (with its last line of output) or overruns (its group is killed). A grandchild
+    holding the pipes open does not make it wait: once the child has exited, what is
+    already written is read and the rest dropped. Ctrl-C kills the group and re-raises.
+    """
+    label = label or f"`{' '.join(argv)}`"
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
+        )
+    except OSError as exc:
+        raise error(f"cannot run {label} ({os_error_text(exc, argv[0])})") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out, err = kept[proc.stdout.fileno()], kept[proc.stderr.fileno()]
+    open_fds = list(kept)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(list(argv), timeout)
+            ready, _, _ = select.select(open_fds, [], [], min(left, 0.1))
+            if not ready and proc.poll() is not None:
+                break  # exited, and nothing more is waiting: a grandchild may hold the pipes
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    open_fds.remove(fd)
+                    continue
+                kept[fd] += chunk[: max(0, limit - len(kept[fd]))]
+        code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill_group(proc, QUERY_KILL_GRACE)
+        raise error(f"{label} did not answer in {timeout:g} s and was stopped") from None
+    except BaseException:
+        kill_group(proc, QUERY_KILL_GRACE)
+        raise
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    if code != 0:
+        said = last_line(err.decode("utf-8", "replace") or out.decode("utf-8", "replace"))
+        raise error(f"{label} failed (exit {code}): {said}")
+    return out.decode("utf-8", "replace")
+
+
+def spawn_detached(
+    argv: Sequence[str], *, cwd: Path | str, env: Mapping[str, str], log: Path | IO[bytes]
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session and return at once; the caller owns the child.
+
+    stdin is /dev/null; stdout and stderr are appended to ``log`` (a path, opened and
+    closed here, or an open binary file the caller keeps), never a pipe: a long-lived child
+    must not block on a reader that went away. It is not tied to this process's life (no
+    death signal): stop it with :func:`stop_group` on its pid, which leads its group.
+    Raises OSError when the log cannot be opened or the command cannot start.
+    """
+    if isinstance(log, Path):
+        with log.open("ab") as fh:
+            return spawn_detached(argv, cwd=cwd, env=env, log=fh)
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
 def last_line(text: str) -> str:
     """The last non-blank line of ``text``, stripped; ``no output`` when there is none."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -367,11 +474,37 @@ def worker_env(base_env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def rattler_install_command(request: Path) -> list[str]:
-    """argv of :mod:`pipeline.install.worker` for ``request`` (see its docstring)."""
-    # A module path, not an import: the build side (verify) spawns the install side's worker
-    # this way; nothing under pipeline/build imports pipeline.install, nor the reverse.
-    return [sys.executable, "-m", "pipeline.install.worker", str(request)]
+def run_rattler_worker(
+    request: RattlerRequest,
+    request_file: Path,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    label: str,
+    hint: str = "see the log",
+    error: type[PipelineError] = PipelineError,
+) -> None:
+    """Install ``request`` with the rattler worker (:mod:`pipeline.rattler_worker`) in a
+    child: the request is written to ``request_file``, the worker runs through
+    :func:`run_logged` (``env`` made able to import this package, :func:`worker_env`), and
+    the file is removed afterwards, also on failure. Blocks up to ``timeout``; raises
+    ``error`` as :func:`run_logged` does."""
+    request_file.write_text(request.to_json(), encoding="utf-8")
+    try:
+        run_logged(
+            rattler_worker.command(request_file),
+            cwd=cwd,
+            env=worker_env(env),
+            log=log,
+            timeout=timeout,
+            label=label,
+            hint=hint,
+            error=error,
+        )
+    finally:
+        request_file.unlink(missing_ok=True)
 
 
 # ---- host tools --------------------------------------------------------------------------------
@@ -394,15 +527,12 @@ def nvidia_smi(
     """stdout of ``nvidia-smi ARGS`` (found on ``environ``'s PATH), or None when it is not
     there, fails, or takes longer than ``timeout`` s.
 
-    A query whose output is the answer, so it is captured, not logged.
+    A question whose output is the answer: :func:`query`.
     """
     smi = shutil.which("nvidia-smi", path=environ.get("PATH", ""))
     if smi is None:
         return None
     try:
-        out = subprocess.run(
-            [smi, *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return query([smi, *args], timeout=timeout)
+    except PipelineError:
         return None
-    return out.stdout if out.returncode == 0 else None

@@ -19,7 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from doit.exceptions import BaseFail, TaskFailed
 from doit.reporter import ConsoleReporter
@@ -32,6 +32,19 @@ DEBUG = False  # set from Settings.debug when the tasks load
 def say(message: str) -> None:
     """One progress line on stderr, flushed at once (stdout stays for data)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def error_line(message: str, program: str = "") -> str:
+    """``error: <message>``, on one line whatever ``message`` holds, after ``<program>: ``
+    when a program is named (``gateway: error: ...``, for a child whose output is mixed with
+    others'). The one format of an error line."""
+    text = " ".join(str(message).split())
+    return f"{program}: error: {text}" if program else f"error: {text}"
+
+
+def print_error(message: str, *, program: str = "", file: TextIO | None = None) -> None:
+    """Print :func:`error_line` to ``file`` (stderr by default), flushed at once."""
+    print(error_line(message, program), file=sys.stderr if file is None else file, flush=True)
 
 
 class Interrupted(BaseException):
@@ -106,7 +119,7 @@ def action(
             if DEBUG:
                 traceback.print_exc()
             more = f"; {interrupt}" if interrupt else ""
-            say(f"error: interrupted ({signal.Signals(signum).name}){more}")
+            print_error(f"interrupted ({signal.Signals(signum).name}){more}")
             # SystemExit passes through doit (it closes its database on the way out).
             raise SystemExit(128 + signum) from None
 

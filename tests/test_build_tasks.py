@@ -304,3 +304,38 @@ def test_verify_without_pixi_installs_conda_packages_and_wheels_then_runs_the_ta
     assert (prefix / "conda-meta").is_dir() and (prefix / "bin" / "tinywheel").exists()
     meta = [json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")]
     assert sorted(meta) == ["libtiny", "python", "tinytool"]
+
+
+def test_a_bundle_rewritten_with_its_size_and_mtime_put_back_is_packed_again(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.fsutil import Fingerprint
+    from pipeline.tasks.stamps import bundle_unchanged, write_pack_stamp
+
+    bundle, stamp = tmp_path / "b.tar", tmp_path / "pack.json"
+    bundle.write_bytes(b"a" * 100)
+    result = SimpleNamespace(bundle=bundle, sha256="0" * 64, lock_sha256="1" * 64)
+    write_pack_stamp(result, stamp)  # type: ignore[arg-type]
+    assert bundle_unchanged(stamp, bundle)
+    before = bundle.stat()
+    time.sleep(0.05)  # past the kernel's coarse ctime clock (a jiffy)
+    bundle.write_bytes(b"b" * 100)  # same size, in place: same inode
+    os.utime(bundle, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = Fingerprint.read(bundle)
+    assert after is not None and (after.size, after.mtime_ns, after.ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    assert not bundle_unchanged(stamp, bundle), "ctime moved: the tar is packed again"
+    assert Fingerprint.read(tmp_path / "missing") is None
+
+
+def test_an_error_line_is_one_line_and_may_name_its_program(capsys):
+    from pipeline.reporting import error_line, print_error
+
+    assert error_line("no such\n  file") == "error: no such file"
+    assert error_line("port in use", "gateway") == "gateway: error: port in use"
+    print_error("disk full")
+    assert capsys.readouterr() == ("", "error: disk full\n")

@@ -42,12 +42,12 @@ from pipeline.install.frozen import (
     install_is_current,
     installed_record,
     mark_wheels_as_pixis,
-    modules_to_check,
     switch_link,
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import FileFacts, ProjectPaths
 from pipeline.install.patch import patch_project
+from pipeline.install.verify import modules_to_check
 from pipeline.pixi.lockfile import read_environment
 from pipeline.settings import load_settings
 
@@ -710,7 +710,7 @@ import os, sys, time
 from pathlib import Path
 
 # Test hook: the install worker (and only it) records its pid, then hangs before installing.
-if "pipeline.install.worker" in sys.orig_argv:
+if "pipeline.rattler_worker" in sys.orig_argv:
     Path(os.environ["TEST_WORKER_PIDFILE"]).write_text(str(os.getpid()))
     time.sleep(120)
 """

@@ -21,7 +21,7 @@ import pytest
 from bundle_factory import Kit, make_bundle, shared_kit
 from conftest import pid_running
 
-from pipeline.errors import BundleError, InstallError
+from pipeline.errors import BundleError, InstallError, PipelineError
 from pipeline.fsutil import os_error_text
 from pipeline.install import host
 from pipeline.install.extract import extract_bundle
@@ -30,8 +30,10 @@ from pipeline.procs import (
     die_with_parent,
     group_alive,
     process_state,
+    query,
     run_logged,
     signal_group,
+    spawn_detached,
     stop_group,
     worker_env,
 )
@@ -210,6 +212,64 @@ def test_process_state_tells_running_stopped_zombie_and_gone_apart():
     assert process_state(proc.pid) is None, "reaped: gone"
 
 
+# ---- a query, a detached child ----------------------------------------------------------------
+
+
+def test_a_query_returns_its_stdout_and_fails_in_one_line_with_its_last_words():
+    assert query(["sh", "-c", "echo answer; echo noise >&2"]) == "answer\n"
+    with pytest.raises(InstallError) as info:
+        query(
+            ["sh", "-c", "echo partial; printf 'first\\nno such device\\n' >&2; exit 3"],
+            label="the probe",
+            error=InstallError,
+        )
+    assert info.value.message == "the probe failed (exit 3): no such device"
+    with pytest.raises(PipelineError, match=r"^cannot run `/no/such/tool` \(No such file"):
+        query(["/no/such/tool"])
+
+
+def test_a_query_that_overruns_has_its_whole_group_killed(tmp_path):
+    pidfile = tmp_path / "grandchild"
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"^`sh -c .*` did not answer in 0.5 s and was stopped"):
+        query(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=0.5)
+    assert time.monotonic() - started < 5
+    grandchild = int(pidfile.read_text())
+    wait_for_gone = time.monotonic() + 5
+    while pid_running(grandchild) and time.monotonic() < wait_for_gone:
+        time.sleep(0.05)
+    assert not pid_running(grandchild)
+
+
+def test_a_chatty_query_keeps_its_limit_and_a_grandchild_holding_the_pipe_does_not_hang_it():
+    assert len(query(["head", "-c", "5000000", "/dev/zero"], limit=1000)) == 1000
+    started = time.monotonic()
+    out = query(["sh", "-c", "echo done; sleep 30 &"], timeout=20)
+    assert out == "done\n" and time.monotonic() - started < 5
+
+
+def test_a_detached_child_leads_its_own_session_and_logs_to_the_file(tmp_path):
+    log = tmp_path / "child.log"
+    log.write_text("before\n")
+    proc = spawn_detached(
+        ["sh", "-c", "echo out; echo err >&2; read line || echo no-stdin; sleep 60"],
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        log=log,
+    )
+    try:
+        assert os.getpgid(proc.pid) == proc.pid and os.getsid(proc.pid) == proc.pid
+        wait_for_text = time.monotonic() + 10
+        while "no-stdin" not in log.read_text() and time.monotonic() < wait_for_text:
+            time.sleep(0.05)
+        assert log.read_text() == "before\nout\nerr\nno-stdin\n"
+        assert proc.poll() is None, "returns at once, the child runs on"
+    finally:
+        assert stop_group(proc.pid, 5.0, leader=proc) is False
+    with pytest.raises(FileNotFoundError):
+        spawn_detached(["/no/such/server"], cwd=tmp_path, env={}, log=log)
+
+
 # ---- one nvidia-smi, one PYTHONPATH ---------------------------------------------------------
 
 
@@ -295,3 +355,24 @@ def wait_until(predicate, timeout: float):
             return value
         time.sleep(0.05)
     return None
+
+
+def test_a_rattler_request_survives_its_json_and_a_bad_one_names_the_field(tmp_path):
+    from pipeline.rattler_worker import RattlerRequest, command
+
+    request = RattlerRequest(
+        tmp_path / "pixi.lock", "default", "p1", tmp_path / "env", tmp_path / "pkgs"
+    )
+    assert RattlerRequest.from_json(request.to_json()) == request
+    local = RattlerRequest(
+        tmp_path / "pixi.lock", "gpu", "linux-64", tmp_path / "env", tmp_path / "pkgs", tmp_path
+    )
+    assert RattlerRequest.from_json(local.to_json()) == local
+    with pytest.raises(ValueError, match="'prefix' must be a non-empty string"):
+        RattlerRequest.from_json('{"lock": "l", "environment": "e", "platform": "p"}')
+    assert command(tmp_path / "r.json") == [
+        sys.executable,
+        "-m",
+        "pipeline.rattler_worker",
+        str(tmp_path / "r.json"),
+    ]

@@ -487,7 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pixi = None if args.no_pixi else find_pixi(settings)
         result = lock(args.project or settings.project, pixi=pixi)
     except PipelineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        from pipeline.reporting import print_error  # here: the --worker child skips doit
+
+        print_error(exc.message)
         return exc.exit_code
     print(result.summary())
     return 0

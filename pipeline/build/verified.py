@@ -3,11 +3,11 @@
 A warm ``doit pack`` copies every cached package into the tar. Hashing each against the lock on
 every pack doubled the bytes hashed (the tar's own sha256 is the other pass). Instead a file
 whose hash was checked (downloaded, or hashed while a tar was written) gets a stamp in
-``<cache>/.infer-vllm-verified.json``: its ``(size, mtime_ns, inode, ctime_ns)`` and the hash it
-matched. While the file's stat is still that and the lock still asks for that hash, it is
-trusted without reading it; any other file is hashed again while it is copied. ctime is what
-makes it safe: size and mtime can be put back after a rewrite, ctime cannot (the same rule as
-the install's extraction record). The file is pixi-pack-compatible clutter at the cache root
+``<cache>/.infer-vllm-verified.json``: its :class:`~pipeline.fsutil.Fingerprint` (size, mtime,
+inode, ctime) and the hash it matched. While the file's fingerprint is still that and the lock
+still asks for that hash, it is trusted without reading it; any other file is hashed again
+while it is copied (the same rule as the install's extraction record; the fingerprint's
+docstring says why ctime makes it safe). The file is pixi-pack-compatible clutter at the cache root
 (pixi-pack looks files up by path and never lists the root); losing it only costs one hash
 pass, so concurrent packs may overwrite each other's updates.
 """
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.build.fetch import FetchItem
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import Fingerprint, atomic_write_text
 
 STAMPS_FILE = ".infer-vllm-verified.json"
 STAMPS_VERSION = 1
@@ -64,24 +64,19 @@ class VerifiedStamps:
         stamp = self._stamps.get(key) if key is not None else None
         if stamp is None or check is None:
             return False
-        try:
-            st = item.cache_path.stat()
-        except OSError:
-            return False
-        return stamp == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, *check)
+        found = Fingerprint.read(item.cache_path)
+        return found is not None and stamp == (*_fields(found), *check)
 
-    def snapshot(self, items: Iterable[FetchItem]) -> dict[Path, tuple[int, int, int, int]]:
-        """The stat of each file now, before it is read and hashed (for :meth:`record`)."""
-        found: dict[Path, tuple[int, int, int, int]] = {}
+    def snapshot(self, items: Iterable[FetchItem]) -> dict[Path, Fingerprint]:
+        """The fingerprint of each file now, before it is read and hashed (for :meth:`record`)."""
+        found: dict[Path, Fingerprint] = {}
         for item in items:
-            with contextlib.suppress(OSError):
-                st = item.cache_path.stat()
-                found[item.cache_path] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            now = Fingerprint.read(item.cache_path)
+            if now is not None:
+                found[item.cache_path] = now
         return found
 
-    def record(
-        self, items: Iterable[FetchItem], before: dict[Path, tuple[int, int, int, int]]
-    ) -> None:
+    def record(self, items: Iterable[FetchItem], before: dict[Path, Fingerprint]) -> None:
         """Stamp ``items``, whose files have just matched their ``check`` when read; only those
         whose stat is still what :meth:`snapshot` saw before the read (a file changed meanwhile
         is hashed again next time)."""
@@ -90,13 +85,9 @@ class VerifiedStamps:
             seen = before.get(item.cache_path)
             if key is None or check is None or seen is None:
                 continue
-            try:
-                st = item.cache_path.stat()
-            except OSError:
+            if Fingerprint.read(item.cache_path) != seen:
                 continue
-            if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != seen:
-                continue
-            stamp = (*seen, *check)
+            stamp = (*_fields(seen), *check)
             if self._stamps.get(key) != stamp:
                 self._stamps[key] = stamp
                 self._dirty = True
@@ -109,6 +100,11 @@ class VerifiedStamps:
         with contextlib.suppress(OSError):
             atomic_write_text(self.path, json.dumps(document, separators=(",", ":")) + "\n")
             self._dirty = False
+
+
+def _fields(found: Fingerprint) -> tuple[int, int, int, int]:
+    """A fingerprint as the stamps file stores it (the first four fields of a :data:`Stamp`)."""
+    return (found.size, found.mtime_ns, found.ino, found.ctime_ns)
 
 
 __all__ = ["STAMPS_FILE", "VerifiedStamps"]

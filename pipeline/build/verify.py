@@ -8,10 +8,12 @@ chain) in the environment exactly as locked:
   says and never rewrites ``pixi.lock`` (the file the pack stage depends on);
 - **without pixi**: installs the locked conda packages into ``<project>/.pixi/envs/<env>``
   (pixi's own layout, so a later ``pixi run`` finds it) with ``rattler.install`` in a child
-  process (``python -m pipeline.install.worker``: py-rattler can crash the interpreter
-  at exit after async calls, so the child leaves with ``os._exit``; the package cache is
-  ``<Settings.rattler_cache>/pkgs``, as pixi's), installs the locked wheels with pip (``--no-deps``,
-  hashes required when the lock has them), then runs each task's command with ``bash -c`` with
+  process (the rattler worker, :mod:`pipeline.rattler_worker`, as the container does:
+  py-rattler can crash the interpreter at exit after async calls, so the child leaves with
+  ``os._exit``; the package cache is ``<Settings.rattler_cache>/pkgs``, as pixi's), installs
+  the locked wheels with uv exactly as the container does (:func:`pipeline.wheels.install_wheels`:
+  ``--no-deps``, hashes required when the lock has them; from the lock's URLs here, from the
+  bundle's files there), then runs each task's command with ``bash -c`` with
   the environment activated: ``PATH=<prefix>/bin:...``, ``CONDA_PREFIX``, the prefix's
   ``etc/conda/activate.d`` scripts sourced (:func:`pipeline.pixi.envs.prefix_runtime`), the task's
   ``env`` and ``cwd``, and pixi's ``PIXI_PROJECT_ROOT`` / ``PIXI_ENVIRONMENT_NAME``.
@@ -29,10 +31,8 @@ line of output and the log path.
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -44,14 +44,17 @@ from pipeline.errors import LockError, PipelineError
 from pipeline.pixi.envs import host_platform, pixi_env_prefix, prefix_runtime
 from pipeline.pixi.manifest import MANIFEST_NAME, load_manifest
 from pipeline.pixi.tasks import command_text, task_chain
-from pipeline.procs import rattler_install_command, run_logged, worker_env
+from pipeline.procs import run_logged, run_rattler_worker
+from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import process_environ
+from pipeline.wheels import WheelSource, install_wheels
 
 LOCK_NAME = "pixi.lock"
 VERIFY_TASK = "verify"
 DEFAULT_TIMEOUT = 1800.0  # the verify command (importing vLLM and torch is slow)
 INSTALL_TIMEOUT = 3600.0  # downloading a CUDA environment is slower still
 _SKIP_HINT = "or set PIPELINE_SKIP_VERIFY=1 to pack without verifying"
+_HINT = f"full output in the log, {_SKIP_HINT}"
 
 
 @dataclass(frozen=True)
@@ -215,12 +218,15 @@ def install_environment(
     timeout: float = INSTALL_TIMEOUT,
     environ: Mapping[str, str] | None = None,
 ) -> int:
-    """Install the locked conda packages (py-rattler, child process) and wheels (pip) into
-    ``prefix``; return the number of conda packages.
+    """Install the locked conda packages (the rattler worker, a child process) and wheels
+    (uv, as the container does: :func:`pipeline.wheels.install_wheels`) into ``prefix``;
+    return the number of conda packages.
 
-    Downloads from the lock's URLs into ``cache_dir`` (rattler's package cache). Idempotent:
-    rattler links only what differs from the prefix, pip skips installed wheels. Raises
-    LockError / PipelineError with one line; the child's output goes to ``log_path``.
+    Downloads from the lock's URLs: conda packages into ``cache_dir`` (rattler's package
+    cache), wheels through a private uv cache beside ``prefix``, deleted afterwards.
+    Idempotent: rattler links only what differs from the prefix, uv keeps wheels installed
+    from the same URLs. Raises LockError / PipelineError with one line; the children's
+    output goes to ``log_path``.
     """
     from pipeline.build.pack import plan_bundle
     from pipeline.pixi.lockfile import read_environment
@@ -228,67 +234,40 @@ def install_environment(
     locked = read_environment(lock_path, environment, platform)
     wheels = plan_bundle(locked, skip_sdists=skip_sdists).wheels
     base_env = dict(process_environ() if environ is None else environ)
-    request = {
-        "lock": str(lock_path),
-        "environment": environment,
-        "platform": platform,
-        "prefix": str(prefix),
-        "cache_dir": str(cache_dir),
-        "channel_dir": None,  # install from the lock's own URLs (downloads, on a build host)
-    }
-    child_env = worker_env(base_env)
+    # channel_dir None: the lock's own URLs (downloads, on a build host).
+    request = RattlerRequest(lock_path, environment, platform, prefix, cache_dir)
     _append(log_path, f"$ rattler install {len(locked.conda)} packages into {prefix}\n")
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
-        request_path = Path(tmp) / "request.json"
-        request_path.write_text(json.dumps(request), encoding="utf-8")
-        _run(
-            rattler_install_command(request_path),
+        run_rattler_worker(
+            request,
+            Path(tmp) / "request.json",
             cwd=prefix.parent if prefix.parent.is_dir() else Path(tmp),
-            env=child_env,
-            log_path=log_path,
+            env=base_env,
+            log=log_path,
             timeout=timeout,
             label=f"installing environment '{environment}' into {prefix}",
+            hint=_HINT,
         )
-        if wheels:
-            python = prefix / "bin" / "python"
-            if not python.exists():
-                raise PipelineError(
-                    f"environment '{environment}' in {lock_path} has PyPI packages but no "
-                    f"python in {prefix}; add python to the conda dependencies and re-lock"
-                )
-            hashed = all(w.sha256 for w in wheels)
-            requirements = Path(tmp) / "requirements.txt"
-            requirements.write_text(
-                "".join(
-                    f"{w.name} @ {w.url}" + (f" --hash=sha256:{w.sha256}" if hashed else "") + "\n"
-                    for w in wheels
-                ),
-                encoding="utf-8",
+    if wheels:
+        python = prefix / "bin" / "python"
+        if not python.exists():
+            raise PipelineError(
+                f"environment '{environment}' in {lock_path} has PyPI packages but no "
+                f"python in {prefix}; add python to the conda dependencies and re-lock"
             )
-            argv = [
-                sys.executable,
-                "-m",
-                "pip",
-                "--python",
-                str(python),
-                "install",
-                "--no-deps",
-                "--no-input",
-                "--disable-pip-version-check",
-                "--no-warn-script-location",
-                "-r",
-                str(requirements),
-            ]
-            if hashed:
-                argv.append("--require-hashes")
-            _append(log_path, f"$ pip install {len(wheels)} wheels into {prefix}\n")
-            _run(
-                argv,
+        _append(log_path, f"$ uv pip install {len(wheels)} wheels into {prefix}\n")
+        # uv's cache beside the prefix (its file system: hardlinks, as in the container).
+        with tempfile.TemporaryDirectory(prefix=".verify-wheels-", dir=prefix.parent) as tmp:
+            install_wheels(
+                python,
+                [WheelSource(w.name, w.url, w.sha256) for w in wheels],
+                scratch=Path(tmp),
                 cwd=Path(tmp),
                 env=base_env,
-                log_path=log_path,
+                log=log_path,
                 timeout=timeout,
                 label=f"installing {len(wheels)} wheels into {prefix}",
+                hint=_HINT,
             )
     return len(locked.conda)
 
@@ -327,5 +306,5 @@ def _run(
         log=log_path,
         timeout=timeout,
         label=label or f"`{shlex.join(argv)}`",
-        hint=f"full output in the log, {_SKIP_HINT}",
+        hint=_HINT,
     )

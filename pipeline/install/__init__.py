@@ -4,8 +4,8 @@
   records) around the bundle reader (:mod:`pipeline.bundle.reader`)
 - :mod:`~pipeline.install.patch`: point ``pixi.toml`` and ``pixi.lock`` at the local channel
 - :mod:`~pipeline.install.frozen`: install exactly the locked packages, verify, switch atomically
+- :mod:`~pipeline.install.verify`: the runtime verify of a new generation (task, import check)
 - :mod:`~pipeline.install.layout`: the project dir's paths, the records between the stages, the
   install lock
 - :mod:`~pipeline.install.host`: the host's facts (glibc, CUDA driver) against the lock's needs
-- :mod:`~pipeline.install.worker`: the py-rattler install, in a child process
 """

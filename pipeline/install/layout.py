@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.errors import InstallError
-from pipeline.fsutil import atomic_write_text, os_error_advice
+from pipeline.fsutil import Fingerprint, atomic_write_text, os_error_advice
 from pipeline.pixi.envs import pixi_env_prefix
 
 STATE_DIR = ".infer-vllm"
@@ -299,12 +299,10 @@ def _write_fields(record: Any, *, skip: frozenset[str] = frozenset()) -> dict[st
 @dataclass(frozen=True)
 class FileFacts:
     """A file of the extraction: size and sha256, plus the stat that makes them trustworthy
-    later (same size, mtime, ctime and inode: same content, without hashing it again).
-
-    ctime because size and mtime can be put back by anyone who rewrites a file in place
-    (``os.utime``); the kernel sets ctime on every change and no call sets it back. A record
-    written before ctime was kept (4 fields) has ``ctime_ns`` None and never matches: its
-    files are hashed again once.
+    later: while the file's :class:`~pipeline.fsutil.Fingerprint` (size, mtime, inode,
+    ctime; its docstring says why all four) is the recorded one, it holds the same content
+    and is not hashed again. A record written before ctime was kept (4 fields) has
+    ``ctime_ns`` None and never matches: its files are hashed again once.
     """
 
     size: int
@@ -318,7 +316,8 @@ class FileFacts:
 
     @classmethod
     def of(cls, st: os.stat_result, sha256: str) -> FileFacts:
-        return cls(st.st_size, sha256, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        found = Fingerprint.of(st)
+        return cls(found.size, sha256, found.mtime_ns, found.ino, found.ctime_ns)
 
     @classmethod
     def from_json(cls, value: Any) -> FileFacts:
@@ -334,13 +333,16 @@ class FileFacts:
             raise _Malformed("files")
         return cls(size, sha, mtime_ns, ino, ctime_ns)
 
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The recorded fingerprint; None for a record from before ctime was kept."""
+        if self.ctime_ns is None:
+            return None
+        return Fingerprint(self.size, self.mtime_ns, self.ino, self.ctime_ns)
+
     def matches(self, st: os.stat_result) -> bool:
-        return self.ctime_ns is not None and (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ino,
-            st.st_ctime_ns,
-        ) == (self.size, self.mtime_ns, self.ino, self.ctime_ns)
+        """True when ``st`` is the file as recorded (same fingerprint)."""
+        return self.fingerprint == Fingerprint.of(st)
 
 
 def _is_int(value: Any) -> bool:

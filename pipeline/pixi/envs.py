@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.pixi.locktext import read_lock_version
+from pipeline.procs import query
 
 # Sourced before exec when a conda prefix has activation scripts (conda-forge's CUDA and
 # compiler packages set variables there). `exec` keeps the process tree flat: the shell is
@@ -95,15 +95,12 @@ _PIXI_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 def pixi_version(pixi: str, timeout: float = 20.0) -> str | None:
     """``pixi --version``'s output (``pixi 0.67.2``), or None when it fails or hangs.
 
-    A query whose output is the answer, so it is captured, not logged.
+    A question whose output is the answer: :func:`pipeline.procs.query`.
     """
     try:
-        out = subprocess.run(
-            [pixi, "--version"], capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return query([pixi, "--version"], timeout=timeout).strip()
+    except PipelineError:
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def check_pixi_reads_lock(

@@ -18,7 +18,7 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except PipelineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        reporting.print_error(exc.message)
         raise SystemExit(2) from None
 
 
@@ -31,9 +31,8 @@ def doit_config(settings: Settings) -> dict[str, Any]:
     try:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        print(
-            f"error: PIPELINE_STATE_DIR {settings.state_dir}: cannot create it ({exc.strerror})",
-            file=sys.stderr,
+        reporting.print_error(
+            f"PIPELINE_STATE_DIR {settings.state_dir}: cannot create it ({exc.strerror})"
         )
         raise SystemExit(2) from None
     set_aside_corrupt_db(settings.doit_db)
@@ -80,10 +79,9 @@ def set_aside_corrupt_db(path: Path) -> Path | None:
     try:
         path.replace(aside)
     except OSError as exc:
-        print(
-            f"error: {path}: corrupt doit database ({why}) that cannot be moved aside "
-            f"({exc.strerror}); delete it",
-            file=sys.stderr,
+        reporting.print_error(
+            f"{path}: corrupt doit database ({why}) that cannot be moved aside "
+            f"({exc.strerror}); delete it"
         )
         raise SystemExit(2) from None
     print(

@@ -5,10 +5,10 @@ moves), so each build task writes a small JSON stamp as a second target, and the
 depend on that instead:
 
 - the ``verify`` stamp (:func:`write_verify_stamp`): a passed verify, with the lock's sha256;
-- the ``pack`` stamp (:func:`write_pack_stamp`): the bundle's sha256 (computed while writing),
-  size and mtime. ``pack:sha256`` writes ``<bundle>.sha256`` from it (:func:`write_checksum`)
-  and ``pack:tar``'s ``uptodate`` compares the tar's ``stat`` with it
-  (:func:`bundle_unchanged`), so the tar is never read again.
+- the ``pack`` stamp (:func:`write_pack_stamp`): the bundle's sha256 (computed while writing)
+  and its :class:`~pipeline.fsutil.Fingerprint`. ``pack:sha256`` writes ``<bundle>.sha256``
+  from it (:func:`write_checksum`) and ``pack:tar``'s ``uptodate`` compares the tar's
+  fingerprint with it (:func:`bundle_unchanged`), so the tar is never read again.
 
 The container side keeps its stamps inside the project dir, next to what they describe: they
 are records between the install stages, read by the stages themselves
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import __version__
 from pipeline.bundle.format import checksum_path
 from pipeline.errors import BundleError
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import Fingerprint, atomic_write_text
 
 if TYPE_CHECKING:  # the stage modules are imported inside the actions: `doit list` stays fast
     from pipeline.build.pack import PackResult
@@ -47,17 +47,19 @@ def write_verify_stamp(result: VerifyResult, stamp: Path) -> None:
 
 
 def write_pack_stamp(result: PackResult, stamp: Path) -> None:
-    """Record the bundle's sha256, size and mtime in ``stamp`` (small JSON, atomic).
+    """Record the bundle's sha256 and fingerprint in ``stamp`` (small JSON, atomic).
 
     The ``sha256`` task reads the digest from here, so the multi-GB tar is in no ``file_dep``
-    list; :func:`bundle_unchanged` compares the tar's size and mtime with it.
+    list; :func:`bundle_unchanged` compares the tar's fingerprint with it.
     """
-    st = result.bundle.stat()
+    found = Fingerprint.of(result.bundle.stat())
     document = {
         "bundle": str(result.bundle),
         "sha256": result.sha256,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
+        "size": found.size,
+        "mtime_ns": found.mtime_ns,
+        "ino": found.ino,
+        "ctime_ns": found.ctime_ns,
         "lock_sha256": result.lock_sha256,
     }
     atomic_write_text(stamp, json.dumps(document, indent=2) + "\n")
@@ -73,19 +75,19 @@ def read_pack_stamp(stamp: Path) -> dict[str, Any] | None:
 
 
 def bundle_unchanged(stamp: Path, bundle: Path) -> bool:
-    """True when ``bundle`` still has the size and mtime recorded in ``stamp``.
+    """True when ``bundle`` still has the fingerprint recorded in ``stamp``.
 
     Reads only metadata (one ``stat``), never the tar: a no-op ``doit pack`` stays fast with
-    a multi-GB bundle, yet a replaced or truncated tar is packed again.
+    a multi-GB bundle, yet a replaced, truncated or rewritten tar is packed again, even one
+    whose size and mtime were put back. A stamp from before the inode and ctime were kept
+    never matches: that tar is packed once more.
     """
     recorded = read_pack_stamp(stamp)
-    if recorded is None:
+    found = Fingerprint.read(bundle)
+    if recorded is None or found is None:
         return False
-    try:
-        st = bundle.stat()
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns"))
+    fields = ("size", "mtime_ns", "ino", "ctime_ns")
+    return tuple(recorded.get(key) for key in fields) == tuple(getattr(found, k) for k in fields)
 
 
 def write_checksum(stamp: Path, bundle: Path) -> Path:
