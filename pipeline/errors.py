@@ -47,3 +47,11 @@ class InstallError(PipelineError):
 
 class ServeError(PipelineError):
     """A vLLM instance that failed to start, stay up or stop."""
+
+
+def error_line(message: str, program: str = "") -> str:
+    """``error: <message>``, on one line whatever ``message`` holds, after ``<program>: ``
+    when a program is named (``gateway: error: ...``, for a child whose output is mixed with
+    others'). The one format of an error line."""
+    text = " ".join(str(message).split())
+    return f"{program}: error: {text}" if program else f"error: {text}"

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from doit.exceptions import BaseFail, TaskFailed
 from doit.reporter import ConsoleReporter
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, error_line
 
 DEBUG = False  # set from Settings.debug when the tasks load
 
@@ -32,14 +32,6 @@ DEBUG = False  # set from Settings.debug when the tasks load
 def say(message: str) -> None:
     """One progress line on stderr, flushed at once (stdout stays for data)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def error_line(message: str, program: str = "") -> str:
-    """``error: <message>``, on one line whatever ``message`` holds, after ``<program>: ``
-    when a program is named (``gateway: error: ...``, for a child whose output is mixed with
-    others'). The one format of an error line."""
-    text = " ".join(str(message).split())
-    return f"{program}: error: {text}" if program else f"error: {text}"
 
 
 def print_error(message: str, *, program: str = "", file: TextIO | None = None) -> None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, error_line
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, GatewayConfigError
 from pipeline.gateway.proxy import serve
 from pipeline.settings import load_settings
@@ -23,12 +23,15 @@ def main() -> int:
     try:
         settings = load_settings()
     except PipelineError as exc:
-        print(f"gateway: error: {exc.message}", file=sys.stderr, flush=True)
+        print(error_line(exc.message, "gateway"), file=sys.stderr, flush=True)
         return 2
     if settings.gateway_config is None:
         print(
-            f"gateway: error: {CONFIG_VAR} is not set; the gateway is started by `doit serve` "
-            "when the serve TOML has [gateway] enable = true",
+            error_line(
+                f"{CONFIG_VAR} is not set; the gateway is started by `doit serve` "
+                "when the serve TOML has [gateway] enable = true",
+                "gateway",
+            ),
             file=sys.stderr,
             flush=True,
         )
@@ -36,7 +39,7 @@ def main() -> int:
     try:
         config = GatewayConfig.from_json(settings.gateway_config)
     except GatewayConfigError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr, flush=True)
+        print(error_line(str(exc), "gateway"), file=sys.stderr, flush=True)
         return 2
     return event_loop_runner()(serve(config))
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Protocol
 from urllib.parse import urlsplit
 
-from pipeline.procs import group_alive, signal_group
+from pipeline.procs import group_alive, signal_group, spawn_detached
 from pipeline.serve import gang
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -76,17 +76,9 @@ class ProcessGroups:
 def default_spawner(
     argv: tuple[str, ...], env: Mapping[str, str], cwd: str, log: IO[bytes]
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session with output appended to ``log``. Raises OSError."""
-    return subprocess.Popen(
-        argv,
-        env=dict(env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-    )
+    """Start ``argv`` in a new session with output appended to ``log`` (:func:`spawn_detached`).
+    Raises OSError."""
+    return spawn_detached(argv, cwd=cwd, env=env, log=log)
 
 
 def http_probe(url: str, timeout: float = 1.0) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline import reporting
-from pipeline.errors import ServeError
+from pipeline.errors import ServeError, error_line
 from pipeline.procs import stop_group
 from pipeline.serve.commands.common import (
     LOCK_HANDOVER,
@@ -107,7 +107,7 @@ def serve_command(
         problems = host_problems(config, plan, environ)
         if problems:
             for problem in problems[1:]:
-                say(f"error: {problem}")
+                say(error_line(problem))
             raise ServeError(problems[0])
         for inst in plan.processes:
             Path(inst.log_file).parent.mkdir(parents=True, exist_ok=True)
