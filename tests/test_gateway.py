@@ -965,3 +965,35 @@ def test_the_gateway_reads_the_state_record_without_the_store(module):
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     assert loaded <= {"pipeline.serve", "pipeline.serve.record"}, loaded
+
+
+def test_regression_a_state_file_replaced_within_one_file_time_tick_is_read_again(tmp_path):
+    """The gateway kept an instance `starting` after serve reported it running: the state file
+    was written again with the signature (inode, mtime, size) the gateway had just read, as a
+    reused inode within one coarse file-time tick allows. A recent file is read again."""
+    from pipeline.gateway.states import RACY_NS, StateFollower
+
+    path = tmp_path / "state.json"
+    write_state(path, {"alpha": ("starting", None)})
+    follower = StateFollower(str(path), ["alpha"], min_interval=0)
+    follower.refresh()
+    assert follower.status("alpha").state == "starting"
+    st = path.stat()
+    # The same inode, size and mtime, other contents: what a reused inode can look like.
+    text = path.read_text().replace('"starting"', '"running" ')
+    assert len(text) == st.st_size
+    with path.open("r+") as fh:
+        fh.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    follower.refresh()
+    assert follower.status("alpha").state == "running"
+    # Once the file is older than a tick, its signature is trusted: no read per request.
+    old = st.st_mtime_ns - 2 * RACY_NS
+    os.utime(path, ns=(old, old))
+    follower.refresh()
+    assert follower._signature is not None
+    with path.open("r+") as fh:
+        fh.write(text.replace('"running" ', '"stopped" '))
+    os.utime(path, ns=(old, old))
+    follower.refresh()
+    assert follower.status("alpha").state == "running", "an old, unchanged signature: not read"

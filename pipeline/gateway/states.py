@@ -62,6 +62,10 @@ def unavailable(instance: str, status: InstanceStatus) -> tuple[str, int | None]
     return f"instance {instance!r} is {state}{reason}", None
 
 
+# Longer than a file-time tick (a jiffy: 1-10 ms) with room for clock skew.
+RACY_NS = 100_000_000
+
+
 class StateFollower:
     """Per-instance :class:`InstanceStatus` from the supervisor's state file.
 
@@ -110,6 +114,7 @@ class StateFollower:
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if signature == self._signature:
             return
+        read_at = time.time_ns()
         try:
             with open(self.path, "rb") as fh:  # noqa: PTH123 - hot path, no Path object
                 data = json.loads(fh.read())
@@ -118,7 +123,12 @@ class StateFollower:
         records = data.get("instances") if isinstance(data, dict) else None
         if not isinstance(records, dict):
             return
-        self._signature = signature
+        # "Racily clean", as git calls it: file times advance in coarse ticks, and a freed
+        # inode number comes back, so a file replaced again within a tick of this read can
+        # show the very signature read here with other contents. Such a signature is not
+        # trusted: the next refresh reads again, until one comes a tick after the write.
+        racy = read_at - st.st_mtime_ns < RACY_NS
+        self._signature = None if racy else signature
         for name in self.names:
             if name not in records:
                 continue
