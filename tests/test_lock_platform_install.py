@@ -14,11 +14,10 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, doit_env
+from conftest import doit_env, run_doit
 
 from pipeline.build.fetch import Fetcher
 from pipeline.build.lock import lock
@@ -81,15 +80,7 @@ def offline_install(bundle: Path, tmp_path: Path, **extra: str) -> subprocess.Co
         **extra,
     )
     prefix = ["unshare", "-n"] if os.geteuid() == 0 else []
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "install"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_doit(["install"], env, timeout=180, prefix=prefix)
 
 
 def test_regression_a_pixi_071_p1_lock_with_a_verify_task_installs_offline_and_verifies(
