@@ -231,12 +231,13 @@ def run_doit(
 # ---- the suite as a whole: the heavy tests apart, and nothing left running --------------------
 
 
-# The real-vLLM modules (``slow``) in two xdist groups, one worker each: the machines that run
-# the suite have two cores, and a vLLM start-up is CPU-bound, so no more than two of these
-# modules run at once. Each module stays whole in one group (its servers are module fixtures).
-# Balanced by their measured time on a 2-core machine (pytest --durations, this change):
-# multinode 310 s + gateway 48 s + replicas 39 s against demo 205 s + boot hook 63 s +
-# bundle 57 s + serve 43 s. A slow module not named here joins the first group.
+# The real-vLLM modules (``slow``) in two groups, each run whole by one xdist worker, one module
+# after the other: the machines that run the suite have two cores, and a vLLM start-up is
+# CPU-bound, so no more than two of these modules run at once, and each module's servers (its
+# module fixtures) start once. Balanced by their measured time on a 2-core machine (pytest
+# --durations): multinode 310 s + gateway 48 s + replicas 39 s against demo 205 s + boot
+# hook 63 s + bundle 57 s + serve 43 s. (xdist's own `--dist loadgroup` cannot do this with
+# pytest 9: it renames items through an attribute pytest 9 no longer reads.)
 HEAVY_GROUPS = {
     "test_multinode_vllm": "real-vllm-1",
     "test_gateway_vllm": "real-vllm-1",
@@ -248,12 +249,33 @@ HEAVY_GROUPS = {
 }
 
 
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put each ``slow`` test in its module's group of :data:`HEAVY_GROUPS`."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-            item.add_marker(pytest.mark.xdist_group(HEAVY_GROUPS.get(module, "real-vllm-1")))
+    """A ``slow`` test outside :data:`HEAVY_GROUPS` would run beside two others: refuse it."""
+    strays = sorted({_module_of(i.nodeid) for i in items if i.get_closest_marker("slow")})
+    strays = [m for m in strays if m not in HEAVY_GROUPS]
+    if strays:
+        raise pytest.UsageError(
+            f"tests/conftest.py: slow test modules {', '.join(strays)} are in no HEAVY_GROUPS "
+            "group; add them to the group with less measured time"
+        )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's per-test distribution, except that each :data:`HEAVY_GROUPS` group is one unit
+    of work: one worker runs it whole, in collection order. The larger units go out first, so
+    the two groups (the run's longest path) start at once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HeavyGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return HEAVY_GROUPS.get(_module_of(nodeid), nodeid)
+
+    return HeavyGroups(config, log)
 
 
 def _proc_state(pid: int) -> tuple[str, int] | None:
