@@ -123,7 +123,10 @@ def main(argv: list[str]) -> int:
         protocol_version = "HTTP/1.1"
 
         def log_message(self, fmt: str, *args: object) -> None:
-            print("standin: " + fmt % args, flush=True)
+            # One write(2) of a whole line, like the `got id` lines: print() from one handler
+            # thread can be flushed half-written by another's, and an id line written between
+            # the halves no longer starts a line (a test then missed an id r1 had logged).
+            os.write(1, f"standin: {fmt % args}\n".encode())
 
         def _send(self, code: int, body: dict) -> None:
             data = json.dumps(body).encode()
