@@ -303,8 +303,7 @@ def _proc_state(pid: int) -> tuple[str, int] | None:
 def leftover_processes(mark: str, basetemp: str | None) -> dict[int, str]:
     """pid -> command line of every live process this test run started: those that inherited
     ``RUN_MARK=mark``, or whose command line names the run's temporary root (a child started
-    with an environment of its own). This process and its own children (xdist workers) are
-    not counted."""
+    with an environment of its own). This process is not counted; zombies are gone."""
     me = os.getpid()
     marker = f"{RUN_MARK}={mark}".encode()
     found: dict[int, str] = {}
@@ -318,13 +317,14 @@ def leftover_processes(mark: str, basetemp: str | None) -> dict[int, str]:
         except OSError:
             continue
         state = _proc_state(pid)
-        if state is None or state[0] == "Z" or state[1] == me:
+        if state is None or state[0] == "Z":
             continue
         if marker in environ or (basetemp and basetemp in argv):
             found[pid] = argv.strip()[:200]
     return found
 
 
+@pytest.hookimpl(trylast=True)  # after xdist has shut its workers down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when a process that the tests started outlives them (a fixture's teardown
     should have stopped it); kill those processes so that they outlive nothing else."""

@@ -376,3 +376,31 @@ def test_a_rattler_request_survives_its_json_and_a_bad_one_names_the_field(tmp_p
         "pipeline.rattler_worker",
         str(tmp_path / "r.json"),
     ]
+
+
+# ---- the suite's own check: nothing the tests start outlives them -----------------------------
+
+
+def test_the_session_end_check_finds_a_detached_child_and_one_with_an_environment_of_its_own(
+    tmp_path,
+):
+    from conftest import RUN_MARK, leftover_processes
+
+    mark = os.environ[RUN_MARK]
+    # A daemon in a session of its own, as a detached supervisor is: it inherits the mark.
+    inherited = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    # One started with an environment of its own: found by the run's temporary root instead.
+    script = tmp_path / "own-env.sh"
+    script.write_text("#!/bin/sh\nexec sleep 60\n")
+    script.chmod(0o755)
+    own = subprocess.Popen(["sh", str(script)], env={"PATH": "/usr/bin:/bin"})
+    try:
+        found = leftover_processes(mark, str(tmp_path))
+        assert inherited.pid in found and "sleep 60" in found[inherited.pid]
+        assert own.pid not in found or str(tmp_path) in found[own.pid]
+        assert leftover_processes("another-run", None) == {}, "other runs' processes are theirs"
+    finally:
+        for proc in (inherited, own):
+            proc.kill()
+            proc.wait()
+    assert inherited.pid not in leftover_processes(mark, str(tmp_path)), "reaped: gone"
