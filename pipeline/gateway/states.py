@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from pipeline.fsutil import Fingerprint
 from pipeline.serve.record import InstanceState, parse_instance
 
 RUNNING = InstanceState.RUNNING
@@ -92,7 +93,7 @@ class StateFollower:
         self.clock = clock
         self.say = say
         self._checked = -1e9
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: Fingerprint | None = None
         default = ALWAYS_READY if not path else NOT_YET
         self.statuses: dict[str, InstanceStatus] = dict.fromkeys(self.names, default)
 
@@ -111,7 +112,7 @@ class StateFollower:
             st = os.stat(self.path)  # noqa: PTH116 - hot path, no Path object
         except OSError:
             return
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        signature = Fingerprint.of(st)
         if signature == self._signature:
             return
         read_at = time.time_ns()

@@ -71,7 +71,14 @@ from pipeline.bundle.format import (
 )
 from pipeline.bundle.metadata import BundleExtras, check_extras, check_metadata
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, fsync_dir, os_error_advice, os_error_text, os_errors_as
+from pipeline.fsutil import (
+    CHUNK,
+    Fingerprint,
+    fsync_dir,
+    os_error_advice,
+    os_error_text,
+    os_errors_as,
+)
 from pipeline.install.layout import (
     BundleStat,
     ExtractRecord,
@@ -383,8 +390,7 @@ def _extract_members(
             f"cannot extract {bundle} into {staging.parent.parent} "
             f"({os_error_text(exc, target)}); {os_error_advice(exc)}"
         ) from None
-    after = os.fstat(fd)
-    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+    if Fingerprint.of(os.fstat(fd)) != Fingerprint.of(st):
         raise BundleError(f"bundle {bundle} changed while it was extracted; run the install again")
 
 

@@ -351,17 +351,22 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class BundleStat:
-    """The bundle tar as it was when extracted: same stat, same tar (no re-hash needed)."""
+    """The bundle tar as it was when extracted: while its :class:`~pipeline.fsutil.Fingerprint`
+    (size, mtime, inode, ctime) and device are the same, it is the same tar (no re-hash). A
+    record written before ctime was kept reads as ``ctime_ns`` -1, which never matches: that
+    tar is hashed once more (not extracted again when its content is the same)."""
 
     path: str
     size: int
     mtime_ns: int
     ino: int
     dev: int
+    ctime_ns: int = -1
 
     @classmethod
     def of(cls, bundle: Path, st: os.stat_result) -> BundleStat:
-        return cls(str(bundle), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        found = Fingerprint.of(st)
+        return cls(str(bundle), found.size, found.mtime_ns, found.ino, st.st_dev, found.ctime_ns)
 
     def to_json(self) -> dict[str, Any]:
         return _write_fields(self)
@@ -370,7 +375,7 @@ class BundleStat:
     def from_json(cls, value: Any) -> BundleStat:
         if not isinstance(value, dict):
             raise _Malformed("bundle")
-        return cls(**_read_fields(cls, value))
+        return cls(**_read_fields(cls, {"ctime_ns": -1, **value}))
 
 
 @dataclass(frozen=True)

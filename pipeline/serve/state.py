@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ServeError
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import Fingerprint, atomic_write_text
 from pipeline.procs import proc_stat_fields
 from pipeline.serve.record import ServeState
 
@@ -108,14 +108,10 @@ class StateStore:
         state.updated_at = time.time()
         atomic_write_text(self.state_file, state.to_json())
 
-    def signature(self) -> tuple[int, int, int] | None:
-        """(inode, mtime, size) of ``state.json``, None when it is missing: what a writer
-        compares to see that someone deleted or replaced its file."""
-        try:
-            st = self.state_file.stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    def signature(self) -> Fingerprint | None:
+        """The :class:`~pipeline.fsutil.Fingerprint` of ``state.json``, None when it is
+        missing: what a writer compares to see that someone deleted or replaced its file."""
+        return Fingerprint.read(self.state_file)
 
     def set_lock_owner(self) -> None:
         """Write this process's pid and start time into ``supervisor.lock`` (called by the

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import IO
 
 from pipeline import reporting
+from pipeline.fsutil import Fingerprint
 from pipeline.serve import gang
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES, tail
 from pipeline.serve.plan import InstancePlan, Plan
@@ -180,7 +181,7 @@ class Supervisor:
         self.dirty = True
         # state.json as last written: (inode, mtime, size); another value means someone
         # deleted or replaced it, and the next tick writes it again.
-        self._written: tuple[int, int, int] | None = None
+        self._written: Fingerprint | None = None
         # The gateway (if any) is one more process in the same state machine.
         for inst in plan.processes:
             record = InstanceRecord(
