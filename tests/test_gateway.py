@@ -993,7 +993,7 @@ def test_regression_a_state_file_replaced_within_one_file_time_tick_is_read_agai
     follower.refresh()
     assert follower.status("alpha").state == "running"
     # Once the file is older than a tick, its signature is trusted: no read per request.
-    old = st.st_mtime_ns - 2 * RACY_NS
+    old = time.time_ns() - 2 * RACY_NS - 10**9
     os.utime(path, ns=(old, old))
     follower.refresh()
     assert follower._signature is not None
