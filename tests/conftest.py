@@ -225,6 +225,20 @@ def doit_env(state_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter with this repository's pipeline (what a fresh process
+    imports, unaffected by this one's modules); bounded."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def run_doit(
     args: list[str], env: dict[str, str], timeout: float = 120, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:

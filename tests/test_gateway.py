@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STANDIN, free_port, wait_for
+from conftest import REPO, STANDIN, free_port, fresh_python, wait_for
 
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, Upstream
 from pipeline.serve.record import InstanceRecord, InstanceState, ServeState, SupervisorRecord
@@ -953,15 +953,7 @@ def test_the_gateway_reads_the_state_record_without_the_store(module):
         "print(' '.join(m for m in sys.modules "
         "if m.startswith(('pipeline.serve', 'pipeline.procs'))))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     assert loaded <= {"pipeline.serve", "pipeline.serve.record"}, loaded

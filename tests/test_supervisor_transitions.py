@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, standin_config
+from conftest import fresh_python, standin_config
 
 from pipeline.serve.commands.common import load
 from pipeline.serve.plan import Plan
@@ -535,15 +533,7 @@ def test_the_gateway_reads_states_without_pydantic():
         "assert g.RUNNING is s.InstanceState.RUNNING; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
