@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -303,6 +304,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             return HEAVY_GROUPS.get(_module_of(nodeid), nodeid)
 
     return HeavyGroups(config, log)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run as Ctrl-C does: pytest stops its workers, tears its fixtures down
+    and runs the session-end check below, which kills what the tests left running. Without
+    this a `kill` of pytest left the detached supervisors and servers of its tests alive."""
+    if not hasattr(config, "workerinput") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def _proc_state(pid: int) -> tuple[str, int] | None:
