@@ -40,13 +40,23 @@ def atomic_output(path: Path, mode: int = 0o644, *, fsync: bool = False) -> Iter
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    with atomic_output(path, mode) as fh:
-        fh.write(data)
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> Fingerprint:
+    """Write ``data`` to ``path`` (:func:`atomic_output`); returns the written file's
+    :class:`Fingerprint`, taken after the rename through a descriptor of the file itself: a
+    path's stat taken then could already be someone else's file, or none."""
+    held: int | None = None
+    try:
+        with atomic_output(path, mode) as fh:
+            fh.write(data)
+            held = os.dup(fh.fileno())
+        return Fingerprint.of(os.fstat(held))
+    finally:
+        if held is not None:
+            os.close(held)
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> Fingerprint:
+    return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def sha256_file(path: Path, progress: object | None = None) -> str:

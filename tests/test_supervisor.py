@@ -32,7 +32,7 @@ from pipeline.serve.commands.common import load
 from pipeline.serve.commands.serve import serve_command
 from pipeline.serve.commands.status import status_command
 from pipeline.serve.commands.stop import stop_command
-from pipeline.serve.record import InstanceState
+from pipeline.serve.record import InstanceState, ServeState, SupervisorRecord
 from pipeline.serve.state import StateStore, process_alive
 from pipeline.serve.supervisor import Supervisor
 
@@ -1243,3 +1243,28 @@ def test_regression_a_crash_looping_instance_is_not_reported_still_running():
         "failed to start: bad (gave up); still running: good; "
         "restarting: loop (running after 4 restart(s), last exit code 3)"
     )
+
+
+def test_regression_a_state_file_deleted_right_after_its_write_is_still_noticed(tmp_path):
+    """The supervisor took "what I wrote" from the path's stat just after writing: a state.json
+    deleted in between (the supervisor stopped there, as under load) read as "nothing written",
+    and was never written again. The write itself now says what it wrote."""
+    store = StateStore(tmp_path)
+    state = ServeState(
+        supervisor=SupervisorRecord(
+            pid=os.getpid(),
+            proc_start=None,
+            session="t",
+            mode="background",
+            source="x",
+            started_at=0.0,
+        ),
+        instances={},
+    )
+    written = store.write(state)
+    assert store.signature() == written, "untouched after the write: no rewrite on each tick"
+    store.state_file.unlink()
+    assert store.signature() != written, "deleted: noticed"
+    written = store.write(state)
+    other = StateStore(tmp_path).write(state)  # replaced by another writer's rename
+    assert store.signature() == other != written, "replaced: noticed"

@@ -103,10 +103,11 @@ class StateStore:
         except ValueError as exc:
             raise UnreadableState(f"{self.state_file}: unreadable serve state: {exc}") from None
 
-    def write(self, state: ServeState) -> None:
-        """Atomically replace ``state.json`` (readers never see a half-written file)."""
+    def write(self, state: ServeState) -> Fingerprint:
+        """Atomically replace ``state.json`` (readers never see a half-written file); returns
+        the written file's fingerprint, to compare :meth:`signature` with later."""
         state.updated_at = time.time()
-        atomic_write_text(self.state_file, state.to_json())
+        return atomic_write_text(self.state_file, state.to_json())
 
     def signature(self) -> Fingerprint | None:
         """The :class:`~pipeline.fsutil.Fingerprint` of ``state.json``, None when it is

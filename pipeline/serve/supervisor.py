@@ -779,6 +779,7 @@ class Supervisor:
 
     def _save(self, force: bool = False) -> None:
         if self.dirty or force:
-            self.store.write(self.state)
-            self._written = self.store.signature()
+            # The fingerprint of what was written, not of the path a moment later: a file
+            # deleted in between read as "nothing written", and was never written again.
+            self._written = self.store.write(self.state)
             self.dirty = False
