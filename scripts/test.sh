@@ -51,5 +51,11 @@ if [[ "${1:-}" == "--setup" ]]; then
   exit 0
 fi
 
+# The slow tests write up to 6 GB at once under the temp dir (the CPU demo); with less room
+# they fail on ENOSPC halfway through, so say it first.
+free_kb=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
+if [[ -n "$free_kb" && "$free_kb" -lt $((10 * 1024 * 1024)) ]]; then
+  say "warning: only $((free_kb / 1024)) MiB free under ${TMPDIR:-/tmp}; the slow tests need about 10 GiB"
+fi
 say "running: python -m pytest $*"
 exec .venv/bin/python -m pytest "$@"
