@@ -3,9 +3,9 @@
 
 When the chosen replica fails before sending back a single byte (connection refused or reset,
 closed before its status line), the request is resent to another ready replica; once any byte
-of a response has reached the client, never. The body is kept as the pieces it arrived in (the
-one copy the gateway already holds) until the response head arrives, so a resend costs no
-second copy.
+of a response has reached the client, never. The body is kept in the pieces it was read into
+(:class:`~pipeline.gateway.wire.BodyCollector`: the one copy the gateway already holds) until
+the response head arrives, so a resend costs no second copy.
 
 What passes through untouched: the request body (read whole, to find ``model``, then sent as
 received), the request target with its query, every end-to-end header except the
