@@ -14,6 +14,7 @@ import yaml
 from pipeline.errors import ConfigError
 from pipeline.gateway.config import CONFIG_VAR, GatewayConfig, GatewayConfigError, Upstream
 from pipeline.gateway.wire import (
+    BodyModel,
     ChunkedReader,
     HttpError,
     ModelScanner,
@@ -322,16 +323,16 @@ def test_clients_point_at_the_gateway_with_its_key():
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b'{"model": "a", "messages": [{"model": "b"}]}', (True, "a")),
-        (b'{"messages": [{"content": "x"}], "model": "a", "stream": true}', (True, "a")),
-        (b'{"metadata": {"model": "b"}, "model": "a", "x": {}}', (True, "a")),
-        (b'{"metadata": {"model": "b"}, "x": []}', (True, None)),
-        (b'{"a": "{\\"model\\": \\"b\\"}", "model": "c"}', (True, "c")),
-        (b'{"model": "caf\\u00e9"}', (True, "caf\u00e9")),
-        (b'{"model": 3}', (True, None)),
-        (b'[{"model": "a"}]', (False, None)),
-        (b"not json", (False, None)),
-        (b"", (False, None)),
+        (b'{"model": "a", "messages": [{"model": "b"}]}', BodyModel(True, "a")),
+        (b'{"messages": [{"content": "x"}], "model": "a", "stream": true}', BodyModel(True, "a")),
+        (b'{"metadata": {"model": "b"}, "model": "a", "x": {}}', BodyModel(True, "a")),
+        (b'{"metadata": {"model": "b"}, "x": []}', BodyModel(True)),
+        (b'{"a": "{\\"model\\": \\"b\\"}", "model": "c"}', BodyModel(True, "c")),
+        (b'{"model": "caf\\u00e9"}', BodyModel(True, "caf\u00e9")),
+        (b'{"model": null}', BodyModel(True)),
+        (b'[{"model": "a"}]', BodyModel(False)),
+        (b"not json", BodyModel(False)),
+        (b"", BodyModel(False)),
     ],
 )
 def test_find_model_reads_only_the_top_level_key(body, expected):
@@ -385,10 +386,10 @@ def test_the_model_is_found_whatever_the_body_is_split_into():
         scanner = ModelScanner()
         scanner.feed(body[:split])
         scanner.feed(body[split:])
-        assert scanner.result() == (True, "m\u00e9"), split
-    # As json.loads (and so vLLM) reads it: the last "model" wins.
-    assert find_model(b'{"model": "a", "model": "b"}') == (True, "b")
-    assert find_model(b'{"model": "a"} trailing') == (False, None)
+        assert scanner.result() == (True, "m\u00e9", None), split
+    # json.loads (and so vLLM) would take the last "model": the gateway refuses to guess.
+    assert find_model(b'{"model": "a", "model": "b"}').problem is not None
+    assert find_model(b'{"model": "a"} trailing') == (False, None, None)
 
 
 def test_regression_responses_with_a_0x_chunk_size_or_no_crlf_after_data_are_refused():

@@ -25,6 +25,7 @@ from pipeline.gateway.endpoints import (
 )
 from pipeline.gateway.exchange import forward
 from pipeline.gateway.wire import (
+    BodyCollector,
     HttpError,
     ModelScanner,
     RequestHead,
@@ -88,6 +89,7 @@ class ClientConn(Reader):
     """
 
     __slots__ = (
+        "body",
         "body_size",
         "closing",
         "current",
@@ -101,7 +103,6 @@ class ClientConn(Reader):
         "peer",
         "pending",
         "phase",
-        "pieces",
         "raw",
         "reader",
         "reading_paused",
@@ -123,7 +124,7 @@ class ClientConn(Reader):
         self.raw = bytearray()  # bytes read while a request is in flight, not parsed yet
         self.req: RequestHead | None = None
         self.handler: Handler | None = None
-        self.pieces: list[bytes] | None = None
+        self.body: BodyCollector | None = None  # the body being read, when it is kept
         self.scanner: ModelScanner | None = None
         self.body_size = 0
         self.exchange: Exchange | None = None
@@ -239,8 +240,8 @@ class ClientConn(Reader):
         self.req = req
         self.handler = handler
         self.body_size = 0
-        self.pieces = [] if wants_body else None
         self.scanner = ModelScanner() if wants_body else None
+        self.body = BodyCollector(self.scanner) if wants_body else None
         if has_body:
             if not wants_body and handler not in LOCAL_HANDLERS:
                 # Answered on the head: the body is never read, so the connection closes.
@@ -259,15 +260,14 @@ class ClientConn(Reader):
         self.body_size += len(data)
         if self.body_size > self.gateway.max_body:
             raise HttpError(413, f"request body too large (limit {self.gateway.max_body} bytes)")
-        if self.pieces is not None:
-            self.pieces.append(data)
-            assert self.scanner is not None
-            self.scanner.feed(data)
+        if self.body is not None:
+            self.body.add(data)  # which feeds the scanner
 
     def on_request_end(self) -> None:
         assert self.req is not None and self.handler is not None
-        self.pending.append(_Pending(self.req, self.handler, self.pieces, self.scanner))
-        self.req = self.handler = self.pieces = self.scanner = None
+        pieces = None if self.body is None else self.body.finish()
+        self.pending.append(_Pending(self.req, self.handler, pieces, self.scanner))
+        self.req = self.handler = self.body = self.scanner = None
         self.phase = _WAIT
         self.deadline = 0.0
 

@@ -1,5 +1,5 @@
 """What the gateway's connections share: one read buffer for all of them, and the shape of a
-request's handler (the function that answers it) and of its body (the pieces it arrived in).
+request's handler (the function that answers it) and of its body (the pieces it was read into).
 
 The client side (:mod:`~pipeline.gateway.client`) and the upstream side
 (:mod:`~pipeline.gateway.upstream`) both read through :class:`Reader`.
@@ -16,7 +16,7 @@ from pipeline.gateway.wire import ModelScanner, RequestHead
 if TYPE_CHECKING:
     from pipeline.gateway.client import ClientConn
 
-# Bodies are kept as the pieces they arrived in, and forwarded as such.
+# Bodies are kept in a few large pieces (wire.BodyCollector), and forwarded as such.
 Body = list[bytes] | None
 Handler = Callable[["ClientConn", RequestHead, Body, ModelScanner | None], None]
 

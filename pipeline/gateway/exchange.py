@@ -3,9 +3,9 @@
 
 When the chosen replica fails before sending back a single byte (connection refused or reset,
 closed before its status line), the request is resent to another ready replica; once any byte
-of a response has reached the client, never. The body is kept as the pieces it arrived in (the
-one copy the gateway already holds) until the response head arrives, so a resend costs no
-second copy.
+of a response has reached the client, never. The body is kept in the pieces it was read into
+(:class:`~pipeline.gateway.wire.BodyCollector`: the one copy the gateway already holds) until
+the response head arrives, so a resend costs no second copy.
 
 What passes through untouched: the request body (read whole, to find ``model``, then sent as
 received), the request target with its query, every end-to-end header except the
@@ -313,7 +313,12 @@ def forward(client: ClientConn, req: RequestHead, body: Body, scanner: ModelScan
     """Route by the body's model (the key was checked on the head) and forward."""
     gateway = client.gateway
     assert body is not None and scanner is not None
-    is_object, model = scanner.result()
+    is_object, model, problem = scanner.result()
+    if problem is not None:
+        # Read otherwise by the instance, or by nobody: refused rather than guessed.
+        message = f"{problem}; the gateway routes by it (models: {_models(gateway)})"
+        client.respond(400, error_body(req.path, 400, message, param="model"))
+        return
     if model is None:
         if gateway.only_group is not None and is_object:
             replicas = gateway.only_group
@@ -321,8 +326,7 @@ def forward(client: ClientConn, req: RequestHead, body: Body, scanner: ModelScan
         else:
             what = 'has no "model"' if is_object else "is not a JSON object"
             message = (
-                f"the request body {what}; the gateway routes by it "
-                f"(models: {', '.join(sorted(gateway.route_names))})"
+                f"the request body {what}; the gateway routes by it (models: {_models(gateway)})"
             )
             client.respond(400, error_body(req.path, 400, message, param="model"))
             return
@@ -349,6 +353,10 @@ def forward(client: ClientConn, req: RequestHead, body: Body, scanner: ModelScan
     gateway.inflight[pool.upstream.name] += 1
     client.exchange = exchange
     exchange.start()
+
+
+def _models(gateway: Gateway) -> str:
+    return ", ".join(sorted(gateway.route_names)) or "none"
 
 
 def _unavailable(client: ClientConn, req: RequestHead, model: str, replicas: Replicas) -> None:

@@ -14,8 +14,9 @@ Why llhttp and not h11 (both refuse the smuggling cases above; measured here, on
 cores, with an OpenAI SDK's 12-header chat-completions request and a 300-byte body): parsing
 it takes 10 us with httptools, this module's callbacks and a fresh parser included, and 30 us
 with h11 0.16 (pure Python, per event). The gateway's budget is 1 ms of added latency and
-60 us of CPU per request, so llhttp. The request body is handed over in the pieces it
-arrived in and forwarded as such (no copy).
+60 us of CPU per request, so llhttp. The request body is kept by :class:`BodyCollector`: a
+large piece as it arrived (no copy), small ones (a chunked body's tiny chunks, a trickling
+client's reads) copied together, so its memory is its size whatever it arrived in.
 
 Responses from the instances (vLLM: a peer the gateway trusts, on loopback) are framed by
 hand (:func:`parse_response_head`, :class:`ChunkedReader`): the streaming hot path relays each
@@ -24,7 +25,12 @@ read as it came and only follows where the chunked body ends; that reader is str
 The body's ``model`` is found by :class:`ModelScanner` as the body arrives, one read at a
 time, without decoding the JSON: the event loop never spends more than one read's worth of
 scanning at once, whatever the body's size (a 51 MB body through ``json.loads`` held it for
-0.68 s and tripled the memory).
+0.68 s and tripled the memory). It reads the key as vLLM does: vLLM 0.32 takes request bodies
+through FastAPI, which calls Starlette's ``Request.json()``, i.e. the standard library's
+``json.loads`` on the body's bytes, and hands the dict to pydantic; so keys and values are
+unescaped (``"mod\\u0065l"`` is ``model``), a UTF-8 byte order mark is skipped, and of two
+``model`` keys the last wins. Rather than guess which one a client meant, the gateway refuses
+a body with two (:class:`BodyModel`).
 
 Pure code, no I/O. Everything works on ``bytes``.
 """
@@ -34,7 +40,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
@@ -438,71 +444,195 @@ class ChunkedReader:
         return -1
 
 
-def _decode(value: bytes) -> str | None:
-    if b"\\" not in value:
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+# A request body is kept in pieces of at least this size (all but its last).
+BODY_PIECE = 64 * 1024
+
+
+class BodyCollector:
+    """A request body as it arrives (:meth:`add`), kept in few pieces (:meth:`finish`), each
+    handed to ``scanner`` once it is whole.
+
+    A piece of :data:`BODY_PIECE` bytes or more is kept as it came: no copy (a
+    ``Content-Length`` body arrives in reads of up to 256 KiB). Smaller ones are copied together
+    into pieces of about that size. So a body costs its size plus one object per 64 KiB,
+    whatever it arrived in: kept as they came, the 2-byte chunks of a chunked body cost about
+    50 bytes of objects per payload byte (a 64 MiB body, 3 GiB). A body of one small piece
+    (the common chat request) is not copied either. The scanner sees each piece once, not each
+    chunk: one call per 64 KiB instead of one per 2 bytes.
+    """
+
+    __slots__ = ("_scanner", "_tail", "pieces", "size")
+
+    def __init__(self, scanner: ModelScanner | None = None) -> None:
+        self._scanner = scanner
+        self._tail: bytes | bytearray | None = None  # small pieces not yet a whole one
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        tail = self._tail
+        if len(data) >= BODY_PIECE:
+            if tail is not None:
+                self._push(bytes(tail))
+                self._tail = None
+            self._push(data)
+        elif tail is None:
+            self._tail = data  # copied only if another small piece follows
+        else:
+            if not isinstance(tail, bytearray):
+                tail = self._tail = bytearray(tail)
+            tail += data
+            if len(tail) >= BODY_PIECE:
+                self._push(bytes(tail))
+                self._tail = None
+
+    def finish(self) -> list[bytes]:
+        """The body's pieces, in order (their concatenation is the body). Call once, last."""
+        if self._tail is not None:
+            self._push(bytes(self._tail))
+            self._tail = None
+        return self.pieces
+
+    def _push(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+        if self._scanner is not None:
+            self._scanner.feed(piece)
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+def _decode(raw: bytes) -> str | None:
+    """A JSON string's bytes between its quotes, as ``json.loads`` reads them (escapes
+    decoded); None where ``json.loads`` would refuse them (bad escape, control byte, not
+    UTF-8), or where what it reads is no Unicode text (a lone surrogate, ``"\\ud800"``: no
+    model is named so, and it cannot be encoded to look the name up)."""
     try:
-        text = json.loads(b'"' + value + b'"')
-    except ValueError:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
         return None
-    return text if isinstance(text, str) else None
+    if b"\\" not in raw:
+        return None if _CONTROL.search(raw) else text
+    try:
+        # A str, not bytes: json.loads would guess the encoding of bytes from the first ones.
+        value = json.loads('"' + text + '"')
+        value.encode()
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
+def _is_model_key(raw: bytes) -> bool:
+    return raw == b"model" or (b"\\" in raw and _decode(raw) == "model")
+
+
+class BodyModel(NamedTuple):
+    """What a request body says its model is, read as the instance reads it (``json.loads``).
+
+    ``is_object``: the body is one JSON object (checked for its structure: strings closed, as
+    many brackets closed as opened, the top level's colons and commas; the instance checks the
+    rest and answers for it: a body json.loads refuses never reaches a model). ``model``: its
+    top-level ``model`` string; None when there is none, or it is ``null`` (vLLM then uses its
+    default model). ``problem``: why the gateway will not route this object by its ``model``
+    (two ``model`` keys, a value that is not a string, not valid JSON, or too long to be a
+    name), one line for a 400 answer; None when it will.
+    """
+
+    is_object: bool
+    model: str | None = None
+    problem: str | None = None
+
+
+_BOM = b"\xef\xbb\xbf"
 # Where a top-level token starts (depth 0 and 1): a structural byte, a string, or a scalar.
-_TOP = re.compile(rb'[ \t\r\n]*(?:([{}\[\],:"])|[^{}\[\],:" \t\r\n]+)')
+_TOP = re.compile(rb'[ \t\r\n]*(?:([{}\[\],:"])|([^{}\[\],:" \t\r\n]+))')
 _SCALAR = re.compile(rb'[^{}\[\],:" \t\r\n]+')
 # Inside nested values only strings and brackets matter.
 _NESTED = re.compile(rb'[{}\[\]"]')
+# "model" with each letter escaped ("\u006d..."): a longer key is not "model" (and not kept).
+_MAX_KEY = 30
 # Model names are short; a longer string value is not one (and is not kept).
-_MAX_KEPT = 1024
+_MAX_MODEL = 1024
+# Enough of a scalar value to tell null from anything else.
+_MAX_SCALAR = 8
 _KEY, _COLON, _VALUE, _COMMA, _END = range(5)
+# What the (last) top-level "model" key holds.
+_ABSENT, _STRING, _LONG, _SCALAR_VALUE, _CONTAINER = range(5)
 
 
 class ModelScanner:
-    """Finds the top-level ``"model"`` string of a JSON object body, fed piece by piece.
+    """Finds the top-level ``"model"`` of a JSON object body, fed piece by piece.
 
     Work per piece is a few C-speed searches per string and bracket, and only the top level's
-    keys and the model's value are kept: a 50 MB body costs no copy and no parse, and a read's
-    worth of scanning is all the event loop spends at once. Like ``json.loads`` (and so vLLM),
-    the last ``model`` key wins. ``result()`` -> ``(is_json_object, model)``; model is None when
-    absent or not a string. The check of the JSON is structural (brackets, strings, one
-    object); the instance validates the rest and answers for it.
+    short keys and the model's value are kept: a 50 MB body costs no copy and no parse, and a
+    piece's worth of scanning is all the event loop spends at once. Keys and the value are
+    read as ``json.loads`` (and so vLLM) reads them: escapes decoded, so ``"mod\\u0065l"`` is a
+    ``model`` key; keys inside nested values do not count. Where ``json.loads`` would take the
+    last of two ``model`` keys, :meth:`result` reports a problem instead, so the gateway never
+    routes by a different ``model`` than the instance reads. :meth:`result` is
+    :class:`BodyModel`.
     """
 
     __slots__ = (
         "_bad",
+        "_bom",
         "_depth",
         "_esc",
         "_expect",
         "_in_str",
+        "_is_model",
         "_keep",
         "_kept",
-        "_key",
-        "_model",
+        "_kept_size",
+        "_kind",
+        "_limit",
+        "_models",
         "_scalar",
         "_started",
+        "_value",
     )
 
     def __init__(self) -> None:
         self._depth = 0
         self._started = False
         self._bad = False
+        self._bom = 0  # bytes of a leading byte order mark read; -1 once past the start
         self._in_str = False
         self._esc = False
-        self._keep = False
+        self._keep = False  # the string being read is kept (a top-level key, the model)
         self._kept: list[bytes] = []
+        self._kept_size = 0
+        self._limit = 0
         self._expect = _KEY
-        self._key: bytes | None = None
-        self._model: bytes | None = None
+        self._is_model = False  # the last top-level key read is "model"
+        self._models = 0  # top-level "model" keys seen
+        self._kind = _ABSENT
+        self._value = b""  # the model's raw string (or scalar) value
         self._scalar = False  # the last piece ended inside a top-level number or literal
 
-    def result(self) -> tuple[bool, str | None]:
+    def result(self) -> BodyModel:
         if self._bad or not self._started or self._expect != _END or self._in_str:
-            return False, None
-        return True, None if self._model is None else _decode(self._model)
+            return BodyModel(False)
+        if self._models > 1:
+            return BodyModel(
+                True,
+                problem='the request body has more than one "model" key (after JSON '
+                "unescaping); send it once",
+            )
+        kind = self._kind
+        if kind == _STRING:
+            model = _decode(self._value)
+            if model is None:
+                return BodyModel(True, problem='the request body\'s "model" is not a valid '
+                                 "string (a bad escape, a control byte, not UTF-8)")  # fmt: skip
+            return BodyModel(True, model)
+        if kind == _ABSENT or (kind == _SCALAR_VALUE and self._value == b"null"):
+            return BodyModel(True)
+        if kind == _LONG:
+            return BodyModel(True, problem=f'the request body\'s "model" is longer than '
+                             f"{_MAX_MODEL} bytes: no model is named so")  # fmt: skip
+        return BodyModel(True, problem='the request body\'s "model" is not a string')
 
     def _string_end(self, data: bytes, pos: int) -> int:
         """Offset just past the closing quote of the string being read, or -1 (it goes on)."""
@@ -523,27 +653,55 @@ class ModelScanner:
             pos = slash + 2
         return -1
 
+    def _skip_bom(self, data: bytes) -> int:
+        """Where the JSON starts in the body's first bytes (json.loads skips a UTF-8 byte
+        order mark), or -1 when ``data`` was all (part of) one."""
+        seen = self._bom
+        take = data[: 3 - seen]
+        if not take:
+            return -1
+        if _BOM.startswith(take, seen):
+            seen += len(take)
+            if seen < 3:
+                self._bom = seen
+                return -1
+            self._bom = -1
+            return len(take)
+        self._bom = -1
+        if seen:
+            self._bad = True  # the start of a byte order mark, then something else
+            return -1
+        return 0
+
     def feed(self, data: bytes) -> None:
         if self._bad:
             return
         pos = 0
         end = len(data)
+        if self._bom >= 0:
+            pos = self._skip_bom(data)
+            if pos < 0:
+                return
         if self._scalar:
             self._scalar = False
-            more = _SCALAR.match(data)
+            more = _SCALAR.match(data, pos)
             if more is not None:
                 pos = more.end()
                 self._scalar = pos == end
+                if self._is_model and self._kind == _SCALAR_VALUE:
+                    self._value = (self._value + more.group())[:_MAX_SCALAR]
         while pos < end:
             if self._in_str:
                 start = pos
                 stop = self._string_end(data, pos)
                 if self._keep:
                     piece = data[start : stop - 1 if stop >= 0 else end]
-                    self._kept.append(piece)
-                    if sum(map(len, self._kept)) > _MAX_KEPT:
-                        self._keep = False  # not a model name (nor the key "model")
+                    self._kept_size += len(piece)
+                    if self._kept_size > self._limit:
+                        self._keep = False  # too long for "model" (or a model's name)
                         self._kept = []
+                    else:
+                        self._kept.append(piece)
                 if stop < 0:
                     return
                 self._in_str = False
@@ -571,10 +729,10 @@ class ModelScanner:
             if match is None:  # only whitespace left
                 return
             pos = match.end()
-            char = match.group(1)
-            if char is None and pos == end:
+            scalar = match.group(2)
+            if scalar is not None and pos == end:
                 self._scalar = True
-            self._token(char)
+            self._token(match.group(1), scalar)
             if self._bad:
                 return
 
@@ -582,14 +740,19 @@ class ModelScanner:
         text = b"".join(self._kept) if self._keep else None
         self._kept = []
         if self._expect == _KEY:
-            self._key = text
+            self._is_model = text is not None and _is_model_key(text)
+            self._models += self._is_model
             self._expect = _COLON
         else:  # a value (checked when the string began)
-            if self._key == b"model":
-                self._model = text
+            if self._is_model:
+                if text is None:
+                    self._kind = _LONG
+                else:
+                    self._kind = _STRING
+                    self._value = text
             self._expect = _COMMA
 
-    def _token(self, char: bytes | None) -> None:
+    def _token(self, char: bytes | None, scalar: bytes | None) -> None:
         depth = self._depth
         expect = self._expect
         if depth == 0:
@@ -606,7 +769,9 @@ class ModelScanner:
                 return
             self._in_str = True
             # Keep a key (to compare with "model") and the model's value; skip the rest.
-            self._keep = expect == _KEY or self._key == b"model"
+            self._keep = expect == _KEY or self._is_model
+            self._limit = _MAX_KEY if expect == _KEY else _MAX_MODEL
+            self._kept_size = 0
         elif char == b":":
             if expect != _COLON:
                 self._bad = True
@@ -623,24 +788,22 @@ class ModelScanner:
         elif char in (b"{", b"["):
             if expect != _VALUE:
                 self._bad = True
-            if self._key == b"model":
-                self._model = None
+            if self._is_model:
+                self._kind = _CONTAINER
             self._depth = 2
-        elif char is None:  # a scalar: number, true, false, null
+        elif scalar is not None:  # a number, true, false, null
             if expect != _VALUE:
                 self._bad = True
-            if self._key == b"model":
-                self._model = None
+            if self._is_model:
+                self._kind = _SCALAR_VALUE
+                self._value = scalar[:_MAX_SCALAR]
             self._expect = _COMMA
         else:  # "]" at the top level
             self._bad = True
 
 
-def find_model(body: bytes) -> tuple[bool, str | None]:
-    """The top-level ``model`` string of a JSON object body, without decoding all of it.
-
-    Returns ``(is_json_object, model)``; model is None when absent or not a string.
-    """
+def find_model(body: bytes) -> BodyModel:
+    """The top-level ``model`` of a JSON object body, without decoding all of it."""
     scanner = ModelScanner()
     scanner.feed(body)
     return scanner.result()
