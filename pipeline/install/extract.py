@@ -26,8 +26,9 @@ reader. Verified first, safe, atomic, idempotent.
    ``repodata.json`` for bundles written by pixi-pack itself (what pixi-unpack installs: every
    package of the channel, plus every wheel of ``pypi/``). The lock is then checked against the
    channel (:mod:`pipeline.bundle.contents`): the environment is in it, its packages are
-   exactly the channel's, and every package file has the lock's sha256 (a swapped archive is
-   refused).
+   exactly the channel's, every package file has the lock's sha256 (a swapped archive is
+   refused), and no member lies where packages go (``channel/<subdir>/``, ``pypi/``) without
+   being a locked package file (an unlocked wheel is refused, not quietly left there).
 4. **Switch**: the stamps are removed, the previous bundle's names are moved to a trash dir and
    the staged ones renamed into place, the record and then the stamp are written. A crash
    before the stamp leaves no stamp, so the next run extracts again; the installed environment
@@ -57,6 +58,7 @@ from pipeline.bundle.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
     check_lock_against_channel,
+    check_package_members,
     read_repodata,
     synthesize_project,
 )
@@ -262,6 +264,7 @@ def extract_bundle(
                     template_dir=template_dir,
                     env_yml=env_yml,
                     sha_of=sha_of,
+                    names=[m.name for m in kept],
                     warn=warn,
                 )
                 lock_sha = hashlib.sha256((staging / LOCK_NAME).read_bytes()).hexdigest()
@@ -425,14 +428,17 @@ def _project_files(
     template_dir: Path | None,
     env_yml: str | None,
     sha_of: Mapping[str, str],
+    names: Iterable[str],
     warn: Callable[[str], None],
 ) -> Source:
     """Put ``pixi.toml`` and ``pixi.lock`` into ``staging`` and check the lock against the
-    staged channel; return where they came from."""
+    staged channel and the bundle's member ``names`` (no package file it does not list);
+    return where they came from."""
     repodata = read_repodata(staging / CHANNEL_DIR)
+    names = list(names)
 
     def check(label: str, skipped: Iterable[str] = ()) -> LockedEnvironment:
-        return check_lock_against_channel(
+        locked = check_lock_against_channel(
             staging / LOCK_NAME,
             environment,
             platform,
@@ -442,6 +448,8 @@ def _project_files(
             skipped_sdists=skipped,
             file_md5=lambda rel: _md5(staging / rel),
         )
+        check_package_members(names, locked, lock_label=label)
+        return locked
 
     if extras is not None:
         (staging / MANIFEST_NAME).write_text(extras.pixi_toml, encoding="utf-8")
