@@ -46,7 +46,7 @@ from pipeline.install.frozen import (
 )
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import FileFacts, ProjectPaths
-from pipeline.install.patch import patch_project
+from pipeline.install.patch import patch_is_current, patch_project
 from pipeline.install.verify import modules_to_check
 from pipeline.pixi.lockfile import read_environment
 from pipeline.settings import load_settings
@@ -368,6 +368,95 @@ def test_verify_none_skips_the_check(tmp_path, kit: Kit, cache):
     assert result.installed and result.verify_output is None
 
 
+def project_files(project: Path) -> dict[str, bytes]:
+    """What describes the environment in the project dir: pixi.toml, pixi.lock, and every file
+    below channel/ and pypi/, by relative name."""
+    found = {name: (project / name).read_bytes() for name in ("pixi.toml", "pixi.lock")}
+    for top in ("channel", "pypi"):
+        for path in sorted((project / top).rglob("*")):
+            if path.is_file():
+                found[str(path.relative_to(project))] = path.read_bytes()
+    return found
+
+
+def bundle_digest(bundle: Path) -> str:
+    return bundle.with_name(bundle.name + ".sha256").read_text().split()[0]
+
+
+def assert_no_leftovers(project: Path) -> None:
+    state = ProjectPaths.of(project).state
+    assert not (state / "previous").exists()
+    assert not list(state.glob("staging-*")) and not list(state.glob("trash-*"))
+
+
+def test_regression_a_refused_install_keeps_the_project_files_of_the_running_env(
+    tmp_path, kit: Kit, cache
+):
+    # The project's pixi.toml, pixi.lock and channel/ were the refused bundle's while
+    # .pixi/envs/default still ran the old environment: `pixi run` (launcher = "pixi") there
+    # would have "updated" the running environment in place to the refused lock.
+    project = tmp_path / "project"
+    old = make_bundle(tmp_path / "a", kit, names=("python", "tinydata"), wheel=False, verify=None)
+    install(project, old, cache)
+    before = project_files(project)
+    generation = current_generation(project)
+    new = make_bundle(tmp_path / "b", kit)
+
+    with pytest.raises(InstallError, match="not switched in"):
+        install(project, new, cache, verify_command="exit 3")
+
+    assert current_generation(project) == generation
+    assert project_files(project) == before
+    assert not (project / "pypi").exists()
+    paths = ProjectPaths.of(project)
+    assert paths.extract_stamp.read_text() == f"{bundle_digest(old)}\n"
+    assert patch_is_current(project, "default") and install_is_current(project, "default")
+    # The records were put back with the files: the old bundle is current again, unread.
+    assert extract_is_current(old, project, environment="default", configured_sha256=None)
+    assert not extract_is_current(new, project, environment="default", configured_sha256=None)
+    assert_no_leftovers(project)
+
+    # The same bundle, now accepted: extracted again, switched in, no rollback point left.
+    done = install(project, new, cache)
+    assert done.installed and current_generation(project) == done.generation.name
+    assert (project / "pypi/tinywheel-0.1-py3-none-any.whl").is_file()
+    assert_no_leftovers(project)
+
+
+def test_a_refusal_in_patch_channels_puts_back_the_project_files_too(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit, wheel=False, verify=None), cache)
+    before = project_files(project)
+
+    def broken_manifest(parts) -> None:
+        document = json.loads(parts.entries["infer-vllm-bundle.json"].data)
+        document["pixi_toml"] = "[workspace\nname = 'tiny'\n"
+        parts.replace_data("infer-vllm-bundle.json", json.dumps(document).encode())
+
+    bad = make_bundle(tmp_path / "b", kit, names=("tinydata",), wheel=False, tamper=broken_manifest)
+    extract_bundle(bad, project, environment="default", say=quiet)
+    assert project_files(project) != before  # extracted: the new files are in place
+
+    with pytest.raises(InstallError, match="is not valid TOML"):
+        patch_project(project, "default", say=quiet)
+
+    assert project_files(project) == before
+    assert install_is_current(project, "default")
+    assert_no_leftovers(project)
+
+
+def test_a_refused_first_install_leaves_its_extraction_and_no_environment(tmp_path, kit, cache):
+    # Nothing ran before: there is nothing to put back; the extraction stays, complete, so
+    # that the next try does not extract it again.
+    project = tmp_path / "project"
+    bundle = make_bundle(tmp_path, kit, wheel=False)
+    with pytest.raises(InstallError):
+        install(project, bundle, cache, verify_command="exit 3")
+    assert not ProjectPaths.of(project).env_link("default").exists()
+    assert extract_is_current(bundle, project, environment="default", configured_sha256=None)
+    assert_no_leftovers(project)
+
+
 # ---- the import check of torch and vllm ----------------------------------------------------
 
 
@@ -598,6 +687,9 @@ def test_sigkill_in_the_middle_then_rerun_completes(tmp_path, kit: Kit, cache):
 
     assert current_generation(project) == before
     assert run_in_env(project, "tinytool") == TOOL_OUTPUT
+    # Nothing can put the old project files back after a SIGKILL; they wait aside for the
+    # next install (put back if it is refused).
+    assert (ProjectPaths.of(project).previous / "pixi.lock").is_file()
 
     rerun = run_doit(["install"], install_env(tmp_path, new, cache))
     assert rerun.returncode == 0, rerun.stderr
@@ -605,6 +697,7 @@ def test_sigkill_in_the_middle_then_rerun_completes(tmp_path, kit: Kit, cache):
     # The half-built generation is gone; the replaced one is kept until the next install.
     assert sorted(generations(project)) == sorted([before, current_generation(project)])
     assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
+    assert_no_leftovers(project)  # the rollback point the SIGKILL left went with the switch
 
 
 def test_two_installs_at_once_both_succeed_one_after_the_other(tmp_path, kit: Kit, cache):
@@ -759,6 +852,7 @@ def test_interrupted_install_kills_its_worker_and_leaves_no_request_file(
     old = make_bundle(tmp_path / "old", kit, wheel=False, verify=None)
     assert run_doit(["install"], install_env(tmp_path, old, cache)).returncode == 0
     before = current_generation(project)
+    before_files = project_files(project)
     new = make_bundle(tmp_path / "new", kit)
 
     with doit_install_with_a_hanging_worker(tmp_path, new, cache) as (proc, worker, log):
@@ -769,6 +863,7 @@ def test_interrupted_install_kills_its_worker_and_leaves_no_request_file(
     output = log.read_text()
 
     assert code == 128 + sig, output
+    assert project_files(project) == before_files  # put back with the environment
     errors = error_lines(output)
     assert errors == [
         f"error: interrupted ({sig.name}); an environment is switched in only once complete, "

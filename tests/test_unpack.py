@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from bundle_factory import (
     Entry,
     Kit,
     make_bundle,
+    sha256_of,
     shared_kit,
     swap_tinytool,
     write_bundle,
@@ -611,3 +613,213 @@ def test_record_of_another_extraction_than_the_stamp_reads_as_none(tmp_path, kit
     paths = ProjectPaths.of(project)
     paths.extract_stamp.write_text("0" * 64 + "\n")
     assert read_extract_record(paths) is None
+
+
+# ---- issue 17: what a crafted bundle must not slip past ----------------------------------------
+
+
+def rewrite_checksum(bundle: Path) -> None:
+    """The ``.sha256`` of ``bundle`` as it is now: whoever altered the tar made its checksum too."""
+    bundle.with_name(bundle.name + ".sha256").write_text(f"{sha256_of(bundle)}  {bundle.name}\n")
+
+
+def end_of_archive(bundle: Path) -> int:
+    """Where the two zero blocks that end the archive start."""
+    with tarfile.open(bundle) as tar:
+        tar.getmembers()
+        return tar.offset
+
+
+TRAILING = {
+    # bytes written after the two end blocks; None: the file is cut right after them
+    "a second tar appended": "second tar",
+    "garbage in the record padding": b"rm -rf /\n",
+    "zero blocks beyond the record": b"\0" * tarfile.RECORDSIZE,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAILING), ids=lambda c: c.replace(" ", "-"))
+def test_regression_trailing_data_after_end_of_archive_is_refused(tmp_path, kit: Kit, case: str):
+    bundle = make_bundle(tmp_path, kit)
+    data = bundle.read_bytes()
+    padded = len(data)  # Python's tarfile fills the last 10240-byte record with zeros
+    tail_start = end_of_archive(bundle) + 2 * tarfile.BLOCKSIZE
+    if TRAILING[case] == "second tar":
+        hidden = tmp_path / "hidden.tar"
+        write_bundle(hidden, [Entry.file("channel/linux-64/evil.conda", "x")], checksum=False)
+        data += hidden.read_bytes()  # `tar --ignore-zeros` would extract its member
+    elif case.startswith("garbage"):
+        data = data[:tail_start] + TRAILING[case] + data[tail_start + len(TRAILING[case]) :]
+        assert len(data) == padded
+    else:
+        data += TRAILING[case]
+    bundle.write_bytes(data)
+    rewrite_checksum(bundle)
+
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+
+    assert_one_line(info.value, "data after its end-of-archive blocks", "unsafe")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+@pytest.mark.parametrize("writer", ["python-tarfile-record-padding", "rust-tar-crate-no-padding"])
+def test_zero_padding_after_end_of_archive_is_accepted(tmp_path, kit: Kit, writer: str):
+    bundle = make_bundle(tmp_path, kit)
+    if writer.startswith("rust"):
+        # pixi-pack's writer (the Rust tar crate's `finish`) stops after the two zero blocks.
+        data = bundle.read_bytes()
+        bundle.write_bytes(data[: end_of_archive(bundle) + 2 * tarfile.BLOCKSIZE])
+        assert bundle.stat().st_size < len(data)
+        rewrite_checksum(bundle)
+    assert extract(bundle, tmp_path / "project").extracted
+
+
+def test_regression_a_sha256_file_naming_another_file_is_refused(tmp_path, kit: Kit):
+    bundle = make_bundle(tmp_path, kit)
+    checksum = bundle.with_name("bundle.tar.sha256")
+    # The right digest even: a checksum file of another name must not pass as this one's.
+    checksum.write_text(f"{sha256_of(bundle)}  other.tar\n")
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, str(checksum), "of 'other.tar', not of 'bundle.tar'")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+HEX = "ab" * 32
+CHECKSUM_FORMS = {
+    "what doit pack writes": f"{HEX}  bundle.tar\n",
+    "binary mode": f"{HEX} *bundle.tar\n",
+    "tagged": f"SHA256 (bundle.tar) = {HEX}\n",
+    "bare digest": f"{HEX}\n",
+    "upper case, a directory, CRLF": f"{HEX.upper()}  ./bundles/bundle.tar\r\n",
+}
+
+
+@pytest.mark.parametrize("form", sorted(CHECKSUM_FORMS), ids=lambda c: c.replace(" ", "-"))
+def test_the_forms_sha256sum_writes_are_read(form: str):
+    text = CHECKSUM_FORMS[form]
+    assert unpack.parse_checksum_file(text, "bundle.tar", Path("bundle.tar.sha256")) == HEX
+
+
+BAD_CHECKSUMS = {
+    "another file, tagged": (f"SHA256 (other.tar) = {HEX}\n", "of 'other.tar', not of"),
+    "another file in a directory": (f"{HEX}  bundle.tar/other.tar\n", "of 'bundle.tar/other"),
+    "two lines": (f"{HEX}  bundle.tar\n{HEX}  other.tar\n", "holds 2 lines"),
+    "no name after the star": (f"{HEX} *\n", "does not start with a sha256"),
+    "a control character in the name": (f"{HEX}  bundle.tar\x1b[2J\n", "'bundle.tar\\x1b[2J'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKSUMS), ids=lambda c: c.replace(" ", "-"))
+def test_checksum_files_about_something_else_are_refused(case: str):
+    text, needle = BAD_CHECKSUMS[case]
+    with pytest.raises(BundleError) as info:
+        unpack.parse_checksum_file(text, "bundle.tar", Path("bundle.tar.sha256"))
+    assert_one_line(info.value, needle, "sha256sum bundle.tar > bundle.tar.sha256")
+    assert "\x1b" not in info.value.message
+
+
+CONTROL_NAMES = {
+    "newline": ("channel/linux-64/evil\nname.conda", "'channel/linux-64/evil\\nname.conda'"),
+    "carriage return": ("channel/noarch/x\r.txt", "'channel/noarch/x\\r.txt'"),
+    "escape sequence": ("pypi/\x1b[31mred.whl", "'pypi/\\x1b[31mred.whl'"),
+    "DEL": ("channel/x\x7f", "'channel/x\\x7f'"),
+    "tab, outside the bundle names": ("README\t", "'README\\t'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTROL_NAMES), ids=lambda c: c.replace(" ", "-"))
+def test_regression_a_member_name_with_a_newline_is_refused(tmp_path, kit: Kit, case: str):
+    name, shown = CONTROL_NAMES[case]
+    bundle = make_bundle(tmp_path, kit, tamper=lambda parts: parts.add(Entry.file(name, "x")))
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, shown, "control character", "unsafe")
+    assert not any(ch in info.value.message for ch in "\n\r\t\x1b\x7f")  # escaped, never raw
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_a_control_character_in_a_link_target_or_a_nul_is_refused():
+    link = unpack.BundleMember("channel/l", "symlink", 0, 512, 0o777, "linux-64\n/etc")
+    with pytest.raises(BundleError) as info:
+        unpack.check_members([link], Path("bundle.tar"))
+    assert_one_line(info.value, "'channel/l'", "('\\n') in its link target")
+    nul = unpack.BundleMember("channel/a\0b", "file", 1, 512, 0o644)
+    with pytest.raises(BundleError) as info:
+        unpack.check_members([nul], Path("bundle.tar"))
+    assert_one_line(info.value, "'channel/a\\x00b'", "control character")
+
+
+def evil_wheel(folder: Path) -> Path:
+    """A wheel no lock lists: a ``.pth`` file (runs at every interpreter start) and a member
+    that climbs out of site-packages."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("evil.pth", "import os; os.system('echo owned')\n")
+        zf.writestr("../../../bin/python-hook", "#!/bin/sh\n")
+        zf.writestr("evil-1.0.dist-info/METADATA", "Name: evil\nVersion: 1.0\n")
+    return wheel
+
+
+def test_regression_an_unlocked_wheel_in_pypi_is_refused_not_extracted(tmp_path, kit: Kit):
+    wheel = evil_wheel(tmp_path / "evil")
+    bundle = make_bundle(
+        tmp_path, kit, tamper=lambda parts: parts.add(Entry.path(f"pypi/{wheel.name}", wheel))
+    )
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(
+        info.value, "'pypi/evil-1.0-py3-none-any.whl'", "no package of", "environment 'default'"
+    )
+    assert_nothing_extracted(tmp_path / "project")
+
+
+UNLOCKED = {
+    "a conda archive the channel does not list": "channel/linux-64/evil-1.0-h0_0.conda",
+    "another file in a channel subdir": "channel/noarch/notes.txt",
+    "a file in a folder below pypi": "pypi/sub/tinywheel-0.1-py3-none-any.whl",
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNLOCKED), ids=lambda c: c.replace(" ", "-"))
+def test_unlocked_files_where_packages_go_are_refused(tmp_path, kit: Kit, case: str):
+    name = UNLOCKED[case]
+    bundle = make_bundle(tmp_path, kit, tamper=lambda parts: parts.add(Entry.file(name, "x")))
+    with pytest.raises(BundleError) as info:
+        extract(bundle, tmp_path / "project")
+    assert_one_line(info.value, repr(name), "no package of")
+    assert_nothing_extracted(tmp_path / "project")
+
+
+def test_a_template_whose_lock_lacks_a_bundled_wheel_is_not_used(tmp_path, kit: Kit):
+    # A bundle without extras (pixi-pack's own) is described by the template only when the
+    # template's lock lists every package file; else its lock is generated from the bundle,
+    # as pixi-unpack installs it (every wheel of pypi/).
+    from bundle_factory import pixi_toml, write_lock
+
+    from pipeline.demo.channel import build_wheel
+
+    template = tmp_path / "template"
+    write_lock(template / "pixi.lock", kit.channel, ("tinydata",))
+    (template / "pixi.toml").write_text(pixi_toml(["tinydata"], verify=None))
+    wheel = build_wheel(tmp_path / "other", name="otherwheel", version="1.0")
+    bundle = make_bundle(
+        tmp_path,
+        kit,
+        names=("tinydata",),
+        wheel=False,
+        extras=False,
+        tamper=lambda parts: parts.add(Entry.path(f"pypi/{wheel.name}", wheel)),
+    )
+    messages: list[str] = []
+    result = extract_bundle(
+        bundle,
+        tmp_path / "project",
+        environment="default",
+        template_dir=template,
+        say=messages.append,
+    )
+    assert result.source == "channel"
+    assert any(f"'pypi/{wheel.name}'" in m and "does not describe" in m for m in messages)

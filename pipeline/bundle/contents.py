@@ -6,7 +6,8 @@ The reading half of what :mod:`pipeline.bundle.writer` writes, on files already 
 by the ``extract`` stage (:mod:`pipeline.install.extract`, on the staged files) and the
 ``frozen-install`` stage (:mod:`pipeline.install.frozen`, on the extracted ones): both refuse a
 bundle whose lock does not describe exactly the packages in its channel, with the lock's
-hashes. Errors are :class:`~pipeline.errors.BundleError`, one line each.
+hashes; extract also refuses package files the lock does not list
+(:func:`check_package_members`). Errors are :class:`~pipeline.errors.BundleError`, one line each.
 """
 
 from __future__ import annotations
@@ -176,6 +177,34 @@ def check_lock_against_channel(
     return locked
 
 
+def check_package_members(
+    names: Iterable[str], locked: LockedEnvironment, *, lock_label: str
+) -> None:
+    """Refuse a bundle member that sits where packages go but is no package of ``locked``.
+
+    ``names`` are the bundle's member names (normalized, as extracted). Where packages go:
+    anything below a subdir of ``channel/`` but its ``repodata.json``, and anything below
+    ``pypi/``. Each such member must be a locked conda file (``channel/<subdir>/<file>``) or a
+    locked wheel (``pypi/<file>``): no installer here reads the others, but they would lie in
+    the project's channel and ``pypi/`` folder (``--find-links ./pypi``) where another
+    installer could take them (a wheel holding a ``.pth`` file runs code in every Python of
+    the environment). Raises BundleError naming the first such member (sorted). Pure.
+    """
+    allowed = {f"{CHANNEL_DIR}/{p.subdir}/{p.filename}" for p in locked.conda}
+    allowed |= {f"{PYPI_DIR}/{w.filename}" for w in locked.pypi if w.is_wheel}
+    for name in sorted(names):
+        parts = name.split("/")
+        in_subdir = parts[0] == CHANNEL_DIR and len(parts) > 2
+        if in_subdir and len(parts) == 3 and parts[2] == REPODATA_FILE:
+            continue
+        if (in_subdir or (parts[0] == PYPI_DIR and len(parts) > 1)) and name not in allowed:
+            raise BundleError(
+                f"bundle member {name!r} lies where packages go but is no package of "
+                f"{lock_label} (environment '{locked.environment}', {locked.platform}): the "
+                "bundle is unsafe, refusing it; pack it again from the lock"
+            )
+
+
 def environment_yml_specs(text: str) -> list[tuple[str, str, str]]:
     """The conda ``name=version=build`` lines of a pixi-pack ``environment.yml``. Pure."""
     specs: list[tuple[str, str, str]] = []
@@ -267,6 +296,7 @@ def synthesize_project(
 
 __all__ = [
     "check_lock_against_channel",
+    "check_package_members",
     "environment_yml_specs",
     "read_repodata",
     "synthesize_project",

@@ -3,14 +3,17 @@ written.
 
 - :func:`refuse_other_layouts`: pixi-pack's two other outputs (a ``--directory-only`` folder, a
   ``--create-executable`` script) are refused in one line with the command that makes a tar.
-- :func:`expected_sha256`: the sha256 the bundle must have (configured, else ``<tar>.sha256``).
+- :func:`expected_sha256`: the sha256 the bundle must have (configured, else ``<tar>.sha256``,
+  which must name the bundle's file: :func:`parse_checksum_file`).
 - :func:`scan_members`: the tar's headers only (an uncompressed tar; a truncated or corrupt one
-  is refused), as :class:`BundleMember` items; devices, FIFOs and sparse files are refused.
+  is refused, and so is data after the end-of-archive blocks beyond the record's zero padding),
+  as :class:`BundleMember` items; devices, FIFOs and sparse files are refused.
 - :func:`check_members`: the member safety rules, pure, each refusal naming the member: no
-  absolute path, no ``..``, no link pointing outside its own top-level directory (``channel/``,
-  ``pypi/``), also when followed through the other link members as the file system will, no
-  path through a link, no duplicate; names outside :data:`~pipeline.bundle.format.BUNDLE_NAMES`
-  are skipped.
+  control character in a name, no absolute path, no ``..``, no link pointing outside its own
+  top-level directory (``channel/``, ``pypi/``), also when followed through the other link
+  members as the file system will, no path through a link, no duplicate; names outside
+  :data:`~pipeline.bundle.format.BUNDLE_NAMES` are skipped. (Which package files the lock
+  allows is :func:`pipeline.bundle.contents.check_package_members`'s, once the lock is known.)
 - :func:`hash_pass`: ONE sequential pass over the file for the bundle's sha256 and, from the
   same bytes, the sha256 of every member.
 - :func:`read_member`: a small member's bytes (metadata, extras), size-capped.
@@ -51,7 +54,11 @@ from pipeline.fsutil import CHUNK, os_error_text
 _HASH_CHUNK = 4 * CHUNK
 _MAX_SMALL = {METADATA_FILE: 1 << 20, ENVIRONMENT_FILE: 64 << 20, EXTRAS_FILE: 512 << 20}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TAGGED_LINE = re.compile(r"^SHA256 \((.*)\) = ([0-9A-Fa-f]+)$")  # `sha256sum --tag`
 _MAX_LINK_HOPS = 40  # Linux's limit for one path lookup (ELOOP)
+# C0 (NUL and newline included), DEL and C1: the characters ``str.isprintable`` and ``repr``
+# treat as control characters (Unicode category Cc).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 # ---- members --------------------------------------------------------------------------------
@@ -84,9 +91,10 @@ class BundleMember:
 def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, str]:
     """The sha256 the bundle must have, and where it comes from.
 
-    ``configured`` (``AUTO_INFER_VLLM_BUNDLE_SHA256``, already validated) wins; else the first
-    word of ``<tar>.sha256`` when that file exists; else ``(None, "none")``. Raises BundleError
-    when the ``.sha256`` file is unreadable or malformed.
+    ``configured`` (``AUTO_INFER_VLLM_BUNDLE_SHA256``, already validated) wins; else the
+    digest in ``<tar>.sha256`` when that file exists (:func:`parse_checksum_file`); else
+    ``(None, "none")``. Raises BundleError when the ``.sha256`` file is unreadable, malformed
+    or names another file.
     """
     if configured:
         return configured.lower(), "AUTO_INFER_VLLM_BUNDLE_SHA256"
@@ -97,14 +105,47 @@ def expected_sha256(bundle: Path, configured: str | None) -> tuple[str | None, s
         return None, "none"
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"cannot read {path} ({exc}); fix or remove it") from None
-    words = text.split()
-    digest = words[0].lower() if words else ""
-    if not _HEX64.match(digest):
+    return parse_checksum_file(text, bundle.name, path), str(path)
+
+
+def parse_checksum_file(text: str, bundle_name: str, path: Path) -> str:
+    """The sha256 (lower-case hex) in the text of ``path``, a ``.sha256`` file that must be
+    about the file ``bundle_name``. Pure.
+
+    One line, in one of the forms ``sha256sum`` writes or reads: ``<hex>  <name>`` (what
+    ``doit pack`` writes), ``<hex> *<name>`` (binary mode), ``SHA256 (<name>) = <hex>``
+    (``--tag``), or a bare ``<hex>`` (no name: nothing to compare). The name may carry the
+    directory ``sha256sum`` was given (``bundles/x.tar``): its last part must be
+    ``bundle_name``. pixi-pack writes no such file. Raises BundleError (one line) for
+    another form, several lines, or a name of another file: a checksum copied from another
+    bundle must not pass as this one's.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        raise BundleError(
+            f"{path} holds {len(lines)} lines; it must hold the sha256 of {bundle_name} alone: "
+            f"write it as `sha256sum {bundle_name} > {path.name}` or remove it"
+        )
+    line = lines[0] if lines else ""
+    tagged = _TAGGED_LINE.match(line)
+    if tagged:
+        named: str | None = tagged.group(1)
+        digest = tagged.group(2)
+    else:
+        digest, _space, rest = line.partition(" ")
+        named = rest[1:] if rest[:1] in (" ", "*") else rest or None
+    digest = digest.lower()
+    if not _HEX64.match(digest) or named == "":
         raise BundleError(
             f"{path} does not start with a sha256 (64 hex digits); write it as "
-            f"`sha256sum {bundle.name} > {path.name}` or remove it"
+            f"`sha256sum {bundle_name} > {path.name}` or remove it"
         )
-    return digest, str(path)
+    if named is not None and posixpath.basename(named) != bundle_name:
+        raise BundleError(
+            f"{path} is the sha256 of {named!r}, not of {bundle_name!r}; write it as "
+            f"`sha256sum {bundle_name} > {path.name}` beside the bundle, or remove it"
+        )
+    return digest
 
 
 # ---- other things pixi-pack writes ----------------------------------------------------------
@@ -158,7 +199,9 @@ def scan_members(bundle: Path, size: int) -> list[BundleMember]:
     """Parse the tar's headers (no data is read) and return its members in tar order.
 
     Raises BundleError for a file that is not an uncompressed tar, a truncated one (a member's
-    data or the end-of-archive blocks past the end of the file) or a corrupt header.
+    data or the end-of-archive blocks past the end of the file), a corrupt header, or data
+    after the end-of-archive blocks other than the zero padding of the last record
+    (:func:`trailing_data_at`). Reads the headers and at most one record after them.
     """
     members: list[BundleMember] = []
     try:
@@ -180,15 +223,45 @@ def scan_members(bundle: Path, size: int) -> list[BundleMember]:
             f"bundle {bundle} is not a readable uncompressed tar ({exc}); it may be truncated "
             "or compressed: copy it again, or decompress it first"
         ) from None
+    tail_start = end + 2 * tarfile.BLOCKSIZE
+    record_end = -(-tail_start // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
     with bundle.open("rb") as fh:
         fh.seek(end)
         marker = fh.read(2 * tarfile.BLOCKSIZE)
+        # One byte past the record: is there anything beyond the padding?
+        tail = fh.read(record_end - tail_start + 1)
     if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
         raise BundleError(
             f"bundle {bundle} is truncated or corrupt after {len(members)} members (no "
             "end-of-archive blocks where they belong); copy the bundle again"
         )
+    stray = trailing_data_at(tail, tail_start, record_end)
+    if stray is not None:
+        raise BundleError(
+            f"bundle {bundle} has data after its end-of-archive blocks (byte {stray} of "
+            f"{size}; a tar ends with its two zero blocks and at most the zero padding of its "
+            f"last {tarfile.RECORDSIZE}-byte record): data no member describes, such as a "
+            "second archive appended; the bundle is unsafe, refusing it: make the tar again"
+        )
     return members
+
+
+def trailing_data_at(tail: bytes, tail_start: int, record_end: int) -> int | None:
+    """Where the bytes after a tar's end-of-archive blocks stop being valid padding, or None
+    when they are. ``tail`` is the file from ``tail_start`` (just after the two zero blocks)
+    up to one byte past ``record_end`` (the end of the record those blocks end in). Pure.
+
+    Valid: nothing (pixi-pack: the Rust ``tar`` crate's ``finish`` writes the two blocks and
+    stops), or zeros up to the end of the record (Python's ``tarfile``, GNU tar and bsdtar
+    fill the last 10240-byte record). Anything else is data that ``tarfile`` stops before and
+    that a reader which skips zero blocks (``tar --ignore-zeros``) would extract unchecked.
+    """
+    zeros = len(tail) - len(tail.lstrip(b"\0"))
+    if zeros < len(tail):
+        return tail_start + zeros
+    if tail_start + len(tail) > record_end:
+        return record_end
+    return None
 
 
 def _member(info: tarfile.TarInfo) -> BundleMember:
@@ -232,8 +305,9 @@ def check_members(
 ) -> tuple[list[BundleMember], list[str]]:
     """Normalize and check every member; return the members to extract and the names skipped.
 
-    Refuses (BundleError, naming the member): absolute paths, ``..``, NUL or backslash in a
-    name, duplicates, symlinks whose target is absolute or leaves the link's top-level
+    Refuses (BundleError, naming the member): absolute paths, ``..``, a control character
+    (C0 with NUL and newline, DEL, C1) in a name or link target, a backslash in a name,
+    duplicates, symlinks whose target is absolute or leaves the link's top-level
     directory, hardlinks to anything but an earlier regular file, members below a symlink.
     Members outside :data:`BUNDLE_NAMES` are skipped (never written). Pure.
 
@@ -265,6 +339,7 @@ def check_members(
                 )
         if member.kind == "symlink":
             target = member.target
+            _refuse_control_characters(name, target, "link target")
             resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
             # A link must stay inside its own top-level directory (channel/, pypi/): never
             # out of the bundle, nor into the project's other files (.pixi/, pixi.lock...).
@@ -276,6 +351,7 @@ def check_members(
                 )
             links[name] = target
         elif member.kind == "hardlink":
+            _refuse_control_characters(name, member.target, "link target")
             target = _normalize(member.target, bundle)
             original = seen.get(target)
             if original is None or original.kind != "file":
@@ -364,11 +440,25 @@ def _follow(
     return parts
 
 
-def _normalize(name: str, bundle: Path) -> str:
-    if "\0" in name or "\\" in name:
+def _refuse_control_characters(name: str, text: str, what: str) -> None:
+    """Refuse a control character in ``text`` (the member ``name``'s name or link target).
+
+    No package file name holds one, and printed raw it could end a line of the log early or
+    drive the terminal (escape sequences); every message shows the name through ``repr``,
+    which escapes them."""
+    found = _CONTROL.search(text)
+    if found is not None:
         raise BundleError(
-            f"bundle member {name!r} has a NUL or backslash in its name: the bundle is unsafe, "
-            "refusing it"
+            f"bundle member {name!r} has a control character ({found.group()!r}) in its "
+            f"{what}: the bundle is unsafe, refusing it"
+        )
+
+
+def _normalize(name: str, bundle: Path) -> str:
+    _refuse_control_characters(name, name, "name")
+    if "\\" in name:
+        raise BundleError(
+            f"bundle member {name!r} has a backslash in its name: the bundle is unsafe, refusing it"
         )
     if name.startswith("/"):
         raise BundleError(
@@ -476,7 +566,9 @@ __all__ = [
     "check_members",
     "expected_sha256",
     "hash_pass",
+    "parse_checksum_file",
     "read_member",
     "refuse_other_layouts",
     "scan_members",
+    "trailing_data_at",
 ]

@@ -26,12 +26,18 @@ reader. Verified first, safe, atomic, idempotent.
    ``repodata.json`` for bundles written by pixi-pack itself (what pixi-unpack installs: every
    package of the channel, plus every wheel of ``pypi/``). The lock is then checked against the
    channel (:mod:`pipeline.bundle.contents`): the environment is in it, its packages are
-   exactly the channel's, and every package file has the lock's sha256 (a swapped archive is
-   refused).
-4. **Switch**: the stamps are removed, the previous bundle's names are moved to a trash dir and
-   the staged ones renamed into place, the record and then the stamp are written. A crash
-   before the stamp leaves no stamp, so the next run extracts again; the installed environment
-   (``.pixi/envs``) is never touched by this stage.
+   exactly the channel's, every package file has the lock's sha256 (a swapped archive is
+   refused), and no member lies where packages go (``channel/<subdir>/``, ``pypi/``) without
+   being a locked package file (an unlocked wheel is refused, not quietly left there).
+4. **Switch**: the stamps are removed, the previous bundle's names are moved aside (kept, with
+   their records, as the rollback point ``.infer-vllm/previous/`` when the environment runs
+   from them, else deleted) and the staged ones renamed into place, the record and then the
+   stamp are written. A crash before the stamp leaves no stamp, so the next run extracts
+   again; the installed environment (``.pixi/envs``) is never touched by this stage. The
+   later stages run under :func:`previous_extraction_guard`: when they fail before the new
+   environment is switched in, the rollback point is put back, so the project's pixi.toml,
+   pixi.lock and channel describe the environment that runs (what ``launcher = "pixi"``
+   runs through); once switched in, it is deleted.
 
 Every problem raises :class:`~pipeline.errors.BundleError` with one line: what, which file or
 member, what to do. Serialized with the other stages by the project's install lock.
@@ -46,7 +52,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -57,6 +63,7 @@ from pipeline.bundle.contents import (
     LOCK_NAME,
     MANIFEST_NAME,
     check_lock_against_channel,
+    check_package_members,
     read_repodata,
     synthesize_project,
 )
@@ -83,10 +90,13 @@ from pipeline.install.layout import (
     BundleStat,
     ExtractRecord,
     FileFacts,
+    PatchStamp,
     ProjectPaths,
     install_lock,
     read_extract_record,
     read_extract_stamp,
+    read_install_record,
+    read_patch_stamp,
     write_extract_record,
     write_extract_stamp,
 )
@@ -262,10 +272,11 @@ def extract_bundle(
                     template_dir=template_dir,
                     env_yml=env_yml,
                     sha_of=sha_of,
+                    names=[m.name for m in kept],
                     warn=warn,
                 )
                 lock_sha = hashlib.sha256((staging / LOCK_NAME).read_bytes()).hexdigest()
-                _commit(paths, staging)
+                _commit(paths, staging, environment)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         finally:
@@ -425,14 +436,17 @@ def _project_files(
     template_dir: Path | None,
     env_yml: str | None,
     sha_of: Mapping[str, str],
+    names: Iterable[str],
     warn: Callable[[str], None],
 ) -> Source:
     """Put ``pixi.toml`` and ``pixi.lock`` into ``staging`` and check the lock against the
-    staged channel; return where they came from."""
+    staged channel and the bundle's member ``names`` (no package file it does not list);
+    return where they came from."""
     repodata = read_repodata(staging / CHANNEL_DIR)
+    names = list(names)
 
     def check(label: str, skipped: Iterable[str] = ()) -> LockedEnvironment:
-        return check_lock_against_channel(
+        locked = check_lock_against_channel(
             staging / LOCK_NAME,
             environment,
             platform,
@@ -442,6 +456,8 @@ def _project_files(
             skipped_sdists=skipped,
             file_md5=lambda rel: _md5(staging / rel),
         )
+        check_package_members(names, locked, lock_label=label)
+        return locked
 
     if extras is not None:
         (staging / MANIFEST_NAME).write_text(extras.pixi_toml, encoding="utf-8")
@@ -487,19 +503,32 @@ def _remove_leftovers(paths: ProjectPaths) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _commit(paths: ProjectPaths, staging: Path) -> None:
+def _commit(paths: ProjectPaths, staging: Path, environment: str) -> None:
     """Replace the project's managed names with the staged ones. The stamps go first, so a
-    crash in between leaves a project that the next run extracts again."""
-    for stamp in (paths.extract_stamp, paths.patch_stamp):
-        stamp.unlink(missing_ok=True)
-    fsync_dir(paths.state)
-    trash = paths.state / f"trash-{uuid.uuid4().hex[:12]}"
-    trash.mkdir()
+    crash in between leaves a project that the next run extracts again.
+
+    The names replaced become the rollback point (:func:`_keep_as_previous`) when the
+    environment runs from them; else they are deleted. A rollback point already there for
+    the running environment (an install refused or killed since) is kept as it is."""
+    keep = _keep_as_previous(paths, environment)
+    aside = paths.state / f"trash-{uuid.uuid4().hex[:12]}"
+    aside.mkdir()
     try:
+        if keep:
+            # The records that describe the names moved aside, copied before the stamps go.
+            saved = ProjectPaths.of(aside).state
+            saved.mkdir()
+            for record in (paths.extract_record, paths.extract_stamp, paths.patch_stamp):
+                shutil.copy2(record, saved / record.name)
+        for stamp in (paths.extract_stamp, paths.patch_stamp):
+            stamp.unlink(missing_ok=True)
+        fsync_dir(paths.state)
         for name in MANAGED_NAMES:
             current = paths.root / name
             if os.path.lexists(current):
-                current.rename(trash / name)
+                current.rename(aside / name)
+        if keep:
+            aside.rename(paths.previous)  # one rename: a rollback point is whole or absent
         for name in MANAGED_NAMES:
             staged = staging / name
             if os.path.lexists(staged):
@@ -512,11 +541,134 @@ def _commit(paths: ProjectPaths, staging: Path) -> None:
         ) from None
     finally:
         with contextlib.suppress(OSError):
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- the rollback point ---------------------------------------------------------------------
+#
+# `extract` replaces pixi.toml, pixi.lock, channel/ ... at once, but the environment built from
+# them is switched in only by `frozen-install`, after its checks and the verify. Until then,
+# and for good when that install is refused, the project would describe an environment that
+# does not run, and `launcher = "pixi"` (`pixi run` there) would "update" the running
+# environment in place to match it. So the names an environment runs from are kept in
+# `.infer-vllm/previous/` (laid out as a project dir: the names, and `.infer-vllm/` with their
+# extract.json, extract.sha256 and patch.stamp) while a new extraction is being installed: put
+# back when that install fails, deleted once it is switched in. A first install has none: a
+# refused one leaves its (complete) extraction, which describes no running environment.
+
+
+def _runs_from(paths: ProjectPaths, where: ProjectPaths, environment: str) -> bool:
+    """True when ``environment``'s current generation was installed from the extraction that
+    ``where`` records (same bundle and lock sha256), patched. Small reads; never raises."""
+    record = read_extract_record(where)
+    installed = read_install_record(paths.installed_from(environment))
+    return (
+        record is not None
+        and installed is not None
+        and record.environment == environment == installed.environment
+        and (installed.bundle_sha256, installed.lock_sha256) == (record.sha256, record.lock_sha256)
+        and read_patch_stamp(where) == PatchStamp(record.sha256, str(paths.root), environment)
+    )
+
+
+def _keep_as_previous(paths: ProjectPaths, environment: str) -> bool:
+    """Whether the names about to be replaced must become the rollback point: they are what
+    ``environment`` runs from and no rollback point for it exists. A stale one (of another
+    environment or generation, or half made) is removed here."""
+    if paths.previous.exists():
+        if _runs_from(paths, ProjectPaths.of(paths.previous), environment):
+            return False
+        shutil.rmtree(paths.previous, ignore_errors=True)
+    return _runs_from(paths, paths, environment)
+
+
+def _restore_previous(paths: ProjectPaths, environment: str, *, say: Callable[[str], None]) -> bool:
+    """Put the rollback point back (see above): the project's managed names and records
+    become again those ``environment`` runs from (:func:`previous_extraction_guard` calls it
+    when an install of a newer extraction failed before its switch). Returns False (and removes a
+    stale one) when there is none for the running environment. Never raises: a failure is
+    said as a warning (the install's own error is the one to report); the stamps are gone by
+    then, so the next install extracts again."""
+    previous = ProjectPaths.of(paths.previous)
+    record = read_extract_record(previous)
+    if record is None or not _runs_from(paths, previous, environment):
+        shutil.rmtree(paths.previous, ignore_errors=True)
+        return False
+    aside = paths.state / f"trash-{uuid.uuid4().hex[:12]}"
+    try:
+        for stamp in (paths.extract_stamp, paths.patch_stamp):
+            stamp.unlink(missing_ok=True)
+        fsync_dir(paths.state)
+        aside.mkdir()
+        for name in MANAGED_NAMES:
+            if os.path.lexists(paths.root / name):
+                (paths.root / name).rename(aside / name)
+        for name in MANAGED_NAMES:
+            if os.path.lexists(previous.root / name):
+                (previous.root / name).rename(paths.root / name)
+        fsync_dir(paths.root)
+        previous.patch_stamp.replace(paths.patch_stamp)
+        # Renaming a file moves its ctime: the top-level files went aside and back by our
+        # hands, under the install lock, so their new ctime is taken (nothing else differs).
+        write_extract_record(paths, _moved_back(paths, record))
+        previous.extract_stamp.replace(paths.extract_stamp)  # last: now it is current
+        fsync_dir(paths.state)
+    except OSError as exc:
+        say(
+            f"warning: could not put back the project files of the running environment from "
+            f"{paths.previous} ({os_error_text(exc, paths.previous)}); the next `doit install` "
+            "extracts its bundle again"
+        )
+        return False
+    finally:
+        # Half put back, it must not serve as a rollback point again: the next extraction
+        # starts from no stamp, whatever is left.
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(paths.previous, ignore_errors=True)
+    say(
+        f"put back pixi.toml, pixi.lock and {CHANNEL_DIR}/ of the environment that runs "
+        f"({record.bundle.path}, {record.sha256[:12]})"
+    )
+    return True
+
+
+def _moved_back(paths: ProjectPaths, record: ExtractRecord) -> ExtractRecord:
+    files = dict(record.files)
+    for name, facts in record.files.items():
+        if "/" in name:
+            continue  # below a directory that was renamed: the file's own inode is untouched
+        with contextlib.suppress(OSError):
+            st = (paths.root / name).lstat()
+            if (st.st_size, st.st_mtime_ns, st.st_ino) == (facts.size, facts.mtime_ns, facts.ino):
+                files[name] = FileFacts.of(st, facts.sha256)
+    return replace(record, files=files)
+
+
+@contextlib.contextmanager
+def previous_extraction_guard(
+    paths: ProjectPaths, environment: str, *, say: Callable[[str], None]
+) -> Iterator[None]:
+    """Wrap a stage that works on the project's extraction (patch-channels, frozen-install),
+    under the install lock. When the block ends and ``environment`` runs from that extraction
+    (switched in, or current already), the rollback point is deleted. When the block raises
+    (a refusal, an interruption) and the environment still runs from the rollback point, it
+    is put back: pixi.toml, pixi.lock and the channel describe again what runs. The decision
+    is taken from the records, so an error after the switch deletes it too."""
+    try:
+        yield
+    except BaseException:
+        if _runs_from(paths, paths, environment):
+            shutil.rmtree(paths.previous, ignore_errors=True)
+        else:
+            _restore_previous(paths, environment, say=say)
+        raise
+    if _runs_from(paths, paths, environment):
+        shutil.rmtree(paths.previous, ignore_errors=True)
 
 
 __all__ = [
     "ExtractResult",
     "extract_bundle",
     "extract_is_current",
+    "previous_extraction_guard",
 ]

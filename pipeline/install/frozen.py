@@ -36,11 +36,13 @@
    a rollback is one ``ln -sfn``); older ones and crash leftovers are removed.
 
 A failure or a SIGKILL at any step before the switch leaves ``.pixi/envs/<env>`` as it was
-(the half-built generation is removed by the next run); nothing after the switch can leave
-the environment unusable. The whole stage holds the project's install lock, so two installs
-at once run one after the other. Errors are :class:`~pipeline.errors.InstallError` (or
-BundleError for bundle content), one line each; the children's output is in
-``.infer-vllm/install-<env>.log``.
+(the half-built generation is removed by the next run); a failure (a SIGKILL cannot) also puts
+back the project files that environment was installed from (``pixi.toml``, ``pixi.lock``,
+``channel/``: :func:`pipeline.install.extract.previous_extraction_guard`). Nothing after the
+switch can leave the environment unusable. The whole stage holds the project's install
+lock, so two installs at once run one after the other. Errors are
+:class:`~pipeline.errors.InstallError` (or BundleError for bundle content), one line each; the
+children's output is in ``.infer-vllm/install-<env>.log``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from pipeline import __version__, reporting
 from pipeline.bundle.contents import check_lock_against_channel, read_repodata
 from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
+from pipeline.install.extract import previous_extraction_guard
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
     INSTALLED_FROM,
@@ -189,6 +192,7 @@ def frozen_install(
     warnings: list[str] = []
     with (
         install_lock(paths, say=say),
+        previous_extraction_guard(paths, environment, say=say),
         os_errors_as(InstallError, f"cannot install environment '{environment}' in {paths.root}"),
     ):
         record = read_extract_record(paths)

@@ -17,6 +17,9 @@
     .infer-vllm/install-<env>.log        output of the last install's children
     .infer-vllm/install-request-*.json   transient: the install worker's input; left over
                                          only by a SIGKILL, removed by the next install
+    .infer-vllm/previous/                while a newer extraction is being installed: the names
+                                         above (and their records) that the environment runs
+                                         from; put back if that install fails, else deleted
     .infer-vllm/staging-*/ trash-*/      transient; left over only by a crash, removed next time
 
 Why a symlink and generations: conda prefixes are not relocatable (packages embed the prefix
@@ -87,6 +90,13 @@ class ProjectPaths:
     @property
     def patch_stamp(self) -> Path:
         return self.state / "patch.stamp"
+
+    @property
+    def previous(self) -> Path:
+        """The rollback point: the project files the environment runs from, while a newer
+        extraction is being installed (:mod:`pipeline.install.extract`). Laid out as a
+        project dir itself (``ProjectPaths.of(paths.previous)`` reads its records)."""
+        return self.state / "previous"
 
     @property
     def manifest(self) -> Path:

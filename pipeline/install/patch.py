@@ -18,7 +18,8 @@ cannot point at ``file://``). :func:`patch_project` therefore rewrites both file
 The result is read back with py-rattler: every package of the installed environment must then
 point at its extracted file, else :class:`~pipeline.errors.InstallError`. Idempotent (patching
 a patched project changes nothing); its stamp, ``.infer-vllm/patch.stamp``, holds the bundle's
-sha256, the project path and the environment.
+sha256, the project path and the environment. A failure puts back the project files of the
+environment that runs (:func:`pipeline.install.extract.previous_extraction_guard`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tomlkit
 from pipeline import reporting
 from pipeline.errors import InstallError, LockError
 from pipeline.fsutil import atomic_write_text
+from pipeline.install.extract import previous_extraction_guard
 from pipeline.install.layout import (
     PatchStamp,
     ProjectPaths,
@@ -142,7 +144,8 @@ def patch_project(
     Raises InstallError (nothing extracted, unparsable files, a package left unpatched).
     """
     paths = ProjectPaths.of(project_dir)
-    with install_lock(paths, say=say or reporting.say):
+    say = say or reporting.say
+    with install_lock(paths, say=say), previous_extraction_guard(paths, environment, say=say):
         record = read_extract_record(paths)
         if record is None:
             raise InstallError(
