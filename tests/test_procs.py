@@ -241,11 +241,19 @@ def test_a_query_that_overruns_has_its_whole_group_killed(tmp_path):
     assert not pid_running(grandchild)
 
 
-def test_a_chatty_query_keeps_its_limit_and_a_grandchild_holding_the_pipe_does_not_hang_it():
+def test_a_chatty_query_keeps_its_limit_and_a_grandchild_holding_the_pipe_does_not_hang_it(
+    tmp_path: Path,
+):
     assert len(query(["head", "-c", "5000000", "/dev/zero"], limit=1000)) == 1000
     started = time.monotonic()
-    out = query(["sh", "-c", "echo done; sleep 30 &"], timeout=20)
-    assert out == "done\n" and time.monotonic() - started < 5
+    pidfile = tmp_path / "grandchild.pid"
+    try:
+        out = query(["sh", "-c", f"echo done; sleep 30 & echo $! > {pidfile}"], timeout=20)
+        assert out == "done\n" and time.monotonic() - started < 5
+    finally:
+        # the grandchild outlives the query by design; it must not outlive the test
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_a_detached_child_leads_its_own_session_and_logs_to_the_file(tmp_path):
