@@ -499,3 +499,19 @@ def test_without_the_gateway_replicas_are_separate_ports_and_litellm_balances_th
 )
 def test_an_alias_is_shared_only_by_replicas(change, expected):
     assert expected in error_of(REPLICAS.replace(*change))
+
+
+def test_upstream_timeout_reaches_the_gateway_with_a_generous_default():
+    _, plan = plan_of()
+    gw = GatewayConfig.from_json(plan.gateway.secret_env[CONFIG_VAR].get_secret_value())
+    assert gw.upstream_timeout == 600.0, "long prompts and whole non-streamed answers fit"
+    _, plan = plan_of(config_text(gateway=GATEWAY + "\nupstream_timeout = 1.5"))
+    gw = GatewayConfig.from_json(plan.gateway.secret_env[CONFIG_VAR].get_secret_value())
+    assert gw.upstream_timeout == 1.5
+    for bad, expected in (("0", "greater than 0"), ("100000", "less than or equal to 86400")):
+        message = error_of(config_text(gateway=GATEWAY + f"\nupstream_timeout = {bad}"))
+        assert message.startswith("serve.toml: gateway.upstream_timeout: ") and expected in message
+    # A gateway config written before the key existed reads with the default.
+    data = json.loads(gw.to_json())
+    del data["upstream_timeout"]
+    assert GatewayConfig.from_json(json.dumps(data)).upstream_timeout == 600.0

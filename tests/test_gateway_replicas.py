@@ -332,3 +332,144 @@ def test_a_replica_killed_mid_load_loses_no_request_that_had_not_started_streami
 
 def vars_of(outcome: Outcome) -> dict:
     return {name: getattr(outcome, name) for name in Outcome.__slots__}
+
+
+def test_pick_passes_over_a_suspect_replica_until_it_is_cleared_or_restarted():
+    """The choice itself, on a Gateway that never listens: a suspect replica (no response head
+    within upstream_timeout) gets requests only when no other is ready."""
+    from pipeline.gateway.states import InstanceStatus
+
+    ups = tuple(Upstream(n, "127.0.0.1", 1, None, ("m",)) for n in ("a", "b"))
+    gateway = Gateway(GatewayConfig(host="127.0.0.1", port=1, instances=ups), say=lambda _: None)
+    group = gateway.routes[b"m"]
+    pools = gateway.pools
+    gateway.states.statuses["a"] = InstanceStatus("running", ready_at=100.0)
+    pools["a"].mark_suspect(100.0)
+    gateway.inflight.update(a=0, b=5)
+    assert {group.pick(gateway).upstream.name for _ in range(4)} == {"b"}, "even when busier"
+    pools["b"].down_until = time.monotonic() + EJECT_SECONDS
+    assert group.pick(gateway).upstream.name == "b", "suspect ranks below just failed"
+    assert group.pick(gateway, exclude=(pools["b"],)).upstream.name == "a", "...or when alone"
+    gateway.states.statuses["a"] = InstanceStatus("running", ready_at=200.0)  # restarted
+    assert not pools["a"].suspected(200.0)
+    pools["b"].down_until = 0.0
+    assert group.pick(gateway).upstream.name == "a", "no longer suspect: fewest in flight"
+
+
+# ---- a hung replica ----------------------------------------------------------------------------
+
+
+def write_runs(path: Path, runs: dict[str, tuple[str, float]]) -> None:
+    """``state.json`` with each instance's state and ``ready_at`` (which run of it this is)."""
+    from pipeline.serve.record import InstanceRecord, InstanceState, ServeState, SupervisorRecord
+    from pipeline.serve.state import StateStore
+
+    sup = SupervisorRecord(
+        pid=os.getpid(), proc_start=None, session="t", mode="background", source="t", started_at=0
+    )
+    records = {
+        name: InstanceRecord(name=name, state=InstanceState(state), ready_at=ready_at)
+        for name, (state, ready_at) in runs.items()
+    }
+    StateStore(path.parent).write(ServeState(supervisor=sup, instances=records))
+    time.sleep(0.05)  # the gateway looks at the file at most every 20 ms
+
+
+@pytest.fixture
+def hangable(tmp_path: Path) -> Iterator[dict]:
+    """Two replicas of ``m`` behind a gateway with ``upstream_timeout`` 1 s; r1 can be stopped
+    (SIGSTOP) and is continued in teardown."""
+    ports = {name: free_port() for name in ("r1", "r2", "gateway")}
+    logs = {name: tmp_path / f"{name}.log" for name in ("r1", "r2", "gateway")}
+    state = tmp_path / "state.json"
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in ("r1", "r2"):
+            procs[name] = start_replica(ports[name], ["m"], logs[name])
+        write_runs(state, {"r1": ("running", 1000.0), "r2": ("running", 1000.0)})
+        config = GatewayConfig(
+            host="127.0.0.1",
+            port=ports["gateway"],
+            keys=(KEY,),
+            instances=tuple(Upstream(n, "127.0.0.1", ports[n], None, ("m",)) for n in ("r1", "r2")),
+            state_file=str(state),
+            upstream_timeout=1.0,
+        )
+        procs["gateway"] = start_gateway(config, logs["gateway"])
+        yield {"ports": ports, "logs": logs, "procs": procs, "state": state}
+    finally:
+        if "gateway" in procs:
+            stop(procs["gateway"])
+        for name in ("r1", "r2"):
+            if name in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(procs[name].pid, signal.SIGCONT)
+                kill_group(procs[name])
+
+
+def metric(port: int, sample: str) -> str | None:
+    for line in request(port, "GET", "/metrics")[2].decode().splitlines():
+        if line.startswith(sample + " "):
+            return line.split()[-1]
+    return None
+
+
+def test_regression_a_hung_instance_gives_504_not_a_hang(hangable):
+    """An instance that accepted a request and never answered (a deadlocked engine; here
+    SIGSTOP) held its client for ever: the gateway waited without a limit for the first byte.
+    Now the wait for the response head is bounded by upstream_timeout, and the client gets a
+    504 in the gateway's usual error form."""
+    procs, port = hangable["procs"], hangable["ports"]["gateway"]
+    write_runs(hangable["state"], {"r1": ("running", 1000.0), "r2": ("stopped", 1000.0)})
+    os.killpg(procs["r1"].pid, signal.SIGSTOP)
+    began = time.monotonic()
+    status, head, raw = request(port, "POST", "/v1/chat/completions", {"model": "m"}, AUTH)
+    took = time.monotonic() - began
+    assert status == 504 and 0.9 <= took < 15, (status, took)
+    assert head["content-type"] == "application/json"
+    assert json.loads(raw) == {
+        "error": {
+            "message": "instance 'r1' sent no response within 1 s (upstream_timeout); "
+            "it may be hung",
+            "type": "server_error",
+            "param": None,
+            "code": "gateway_timeout",
+        }
+    }
+    assert metric(port, 'gateway_errors_total{model="m",instance="r1",reason="upstream_timeout"}')
+    assert metric(port, 'gateway_instance_suspect{instance="r1"}') == "1"
+    assert metric(port, 'gateway_instance_suspect{instance="r2"}') == "0"
+    assert "instance r1: no response within 1s (upstream_timeout)" in (
+        hangable["logs"]["gateway"].read_text()
+    )
+    # The connection stays usable: the next answer on it is the gateway's own.
+    assert request(port, "GET", "/health")[0] == 200
+
+
+def test_a_suspect_replica_is_passed_over_until_it_answers_in_time(hangable):
+    ports, procs, port = hangable["ports"], hangable["procs"], hangable["ports"]["gateway"]
+    r1, r2 = str(ports["r1"]), str(ports["r2"])
+    os.killpg(procs["r1"].pid, signal.SIGSTOP)
+    status, _, _ = chat(port, {"model": "m"})  # both idle: r1's turn first
+    assert status == 504
+    answers = [chat(port, {"model": "m"})[:2] for _ in range(4)]
+    assert answers == [(200, r2)] * 4, "the suspect replica gets nothing while r2 is ready"
+    os.killpg(procs["r1"].pid, signal.SIGCONT)
+    assert {chat(port, {"model": "m"})[1] for _ in range(2)} == {r2}, "suspect until it answers"
+    # r2 restarting (r1's run unchanged): r1 is the only one, and answers in time.
+    write_runs(hangable["state"], {"r1": ("running", 1000.0), "r2": ("starting", 1000.0)})
+    assert chat(port, {"model": "m"})[:2] == (200, r1)
+    assert metric(port, 'gateway_instance_suspect{instance="r1"}') == "0"
+    write_runs(hangable["state"], {"r1": ("running", 1000.0), "r2": ("running", 2000.0)})
+    assert {chat(port, {"model": "m"})[1] for _ in range(4)} == {r1, r2}, "both in turn again"
+
+
+def test_a_stream_longer_than_upstream_timeout_is_not_cut(hangable):
+    """Only the wait for the response head is bounded: a stream may run far longer."""
+    port = hangable["ports"]["gateway"]
+    body = {"model": "m", "stream": True, "standin_chunks": 5, "standin_delay": 0.5}
+    began = time.monotonic()
+    status, _, raw = request(port, "POST", "/v1/chat/completions", body, AUTH)
+    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    assert raw.count(b"data: {") == 5 and time.monotonic() - began >= 2.0
+    assert metric(port, 'gateway_instance_suspect{instance="r1"}') == "0"

@@ -570,3 +570,47 @@ def test_the_plan_writes_logs_where_doit_logs_reads_them_whatever_the_cwd(tmp_pa
         plans.append(build_plan(config, runtime, {}).instances[0])
     assert {p.log_file for p in plans} == {str(tmp_path / "l" / "default.log")}
     assert {p.cwd for p in plans} == {str(tmp_path / "l")}
+
+
+# ---- liveness keys ------------------------------------------------------------------------------
+
+
+def test_health_keys_default_merge_per_instance_and_reach_the_plan():
+    from pipeline.pixi.envs import Runtime
+    from pipeline.serve.plan import build_plan
+
+    text = (
+        BASE.replace("gpu_ids = []", "gpu_ids = []\nhealth_interval = 5")
+        + "[instance.a.server]\nport = 9001\n"
+        + "[instance.b.server]\nport = 9002\n[instance.b.control]\nhealth_failures = 6\n"
+        + "[instance.c.server]\nport = 9003\n[instance.c.control]\nhealth_interval = 0.5\n"
+    )
+    config = parse_config(text, source="serve.toml")
+    got = {i.name: (i.control.health_interval, i.control.health_failures) for i in config.instances}
+    assert got == {"a": (5.0, 3), "b": (5.0, 6), "c": (0.5, 3)}
+    runtime = Runtime(kind="path", description="python on PATH", python="/usr/bin/python3")
+    plan = build_plan(config, runtime, {})
+    assert {i.name: (i.health_interval, i.health_failures) for i in plan.instances} == got
+    defaults = parse_config(BASE, source="serve.toml").instances[0].control
+    assert (defaults.health_interval, defaults.health_failures) == (10.0, 3)
+
+
+@pytest.mark.parametrize(
+    ("table", "bad", "expected"),
+    [
+        ("a.control", "health_interval = 0", "instance.a.control.health_interval: "),
+        ("a.control", "health_interval = 0.05", "greater than or equal to 0.1"),
+        ("a.control", "health_interval = 7200", "less than or equal to 3600"),
+        ("a.control", 'health_interval = "10"', "valid number"),
+        ("a.control", "health_failures = 0", "instance.a.control.health_failures: "),
+        ("a.control", "health_failures = 101", "less than or equal to 100"),
+        ("a.control", "health_failures = 2.5", "valid integer"),
+        ("control", "health_failures = -1", "instance.control.health_failures (instance 'a'): "),
+    ],
+)
+def test_health_keys_are_bounded_with_one_located_line(table, bad, expected):
+    if table == "control":
+        text = BASE.replace("gpu_ids = []", f"gpu_ids = []\n{bad}") + "[instance.a.server]\n"
+    else:
+        text = BASE + f"[instance.{table}]\n{bad}\n"
+    assert expected in error_of(text)

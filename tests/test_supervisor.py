@@ -6,6 +6,8 @@ fixture kills every process group recorded there afterwards, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -30,10 +32,10 @@ from pipeline.procs import group_alive, process_state
 from pipeline.serve.commands import common
 from pipeline.serve.commands.common import load
 from pipeline.serve.commands.serve import serve_command
-from pipeline.serve.commands.status import status_command
+from pipeline.serve.commands.status import print_status, status_command, status_rows
 from pipeline.serve.commands.stop import stop_command
 from pipeline.serve.record import InstanceState, ServeState, SupervisorRecord
-from pipeline.serve.state import StateStore, process_alive
+from pipeline.serve.state import StateStore, proc_start_time, process_alive
 from pipeline.serve.supervisor import Supervisor
 
 
@@ -1268,3 +1270,112 @@ def test_regression_a_state_file_deleted_right_after_its_write_is_still_noticed(
     written = store.write(state)
     other = StateStore(tmp_path).write(state)  # replaced by another writer's rename
     assert store.signature() == other != written, "replaced: noticed"
+
+
+# ---- regressions: a hung instance ----------------------------------------------------------
+
+
+def test_regression_a_stopped_instance_is_restarted_after_failed_health_probes(
+    settings, standin_prefix, tmp_path, capsys
+):
+    """An instance stopped with SIGSTOP (as a deadlocked engine or a wedged GPU hangs) stayed
+    `running` with 0 restarts for ever: nothing probed an instance once it was ready. Now its
+    /health is probed every health_interval, and health_failures misses in a row restart it
+    by the usual rules, with the reason said."""
+    config = write_config(
+        tmp_path,
+        standin_config(
+            standin_prefix,
+            tmp_path / "logs",
+            {"a": {"port": free_port()}},
+            control={"health_interval": 0.2, "health_failures": 2, "stop_grace": 2},
+        ),
+    )
+    serve_command(settings, str(config), os.environ)
+    wait_for(lambda: read_state(settings).instances["a"].probe_ok, 10, what="a good probe")
+    hung = read_state(settings).instances["a"]
+    assert hung.probe_misses == 0 and hung.probe_latency is not None
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+
+        def restarted() -> bool:
+            rec = read_state(settings).instances["a"]
+            return rec.restarts == 1 and rec.state is InstanceState.RUNNING
+
+        wait_for(restarted, timeout=30, what="the hung instance to be restarted and ready")
+        wait_for(lambda: not process_alive(hung.pid, hung.proc_start), 10, what="the hung one gone")
+    finally:
+        if process_alive(hung.pid, hung.proc_start):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hung.pgid, signal.SIGKILL)
+    rec = read_state(settings).instances["a"]
+    assert rec.pid != hung.pid and get_json(f"{rec.base_url}/health")[0] == 200
+    log = StateStore(settings.serve_state).supervisor_log.read_text()
+    assert "serve: a: health probe failed (1/2): timed out after 1 s" in log
+    assert "serve: a: health probe failed 2 times in a row (timed out after 1 s); restart 1/3" in (
+        log
+    )
+    capsys.readouterr()
+    status_command(settings)
+    out = capsys.readouterr().out
+    assert "a: restarted 1 time(s)" in out
+    stop_command(settings)
+
+
+def _running(name: str, **fields: object):
+    from pipeline.serve.record import InstanceRecord
+
+    me = os.getpid()
+    return InstanceRecord(
+        name=name,
+        state=InstanceState.RUNNING,
+        pid=me,
+        pgid=me,
+        proc_start=proc_start_time(me),
+        port=1,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def test_status_shows_the_last_health_probe_of_each_instance():
+    now = time.time()
+    sup = SupervisorRecord(pid=1, proc_start=None, session="s", mode="m", source="t", started_at=0)
+    records = {
+        "fresh": _running("fresh"),
+        "good": _running("good", probe_at=now - 4, probe_ok=True, probe_latency=0.0123),
+        "hung": _running(
+            "hung",
+            probe_at=now - 2,
+            probe_ok=False,
+            probe_latency=5.0,
+            probe_error="timed out after 5 s",
+            probe_misses=2,
+        ),
+    }
+    state = ServeState(supervisor=sup, instances=records)
+    out = io.StringIO()
+    print_status(state, out, alive=True)
+    lines = out.getvalue().splitlines()
+    assert lines[1].split()[-1] == "HEALTH"
+    rows = {line.split()[0]: line for line in lines[2:5]}
+    assert rows["fresh"].endswith(" -"), "no probe yet: ready a moment ago"
+    assert rows["good"].endswith(" ok 12ms 4s ago")
+    assert rows["hung"].endswith(" failed 2s ago")
+    assert lines[5:] == [
+        "hung: health probe failed 2 time(s) in a row, last 2s ago: timed out after 5 s"
+    ]
+    by_name = {row["name"]: row for row in status_rows(state, True)}
+    assert by_name["hung"]["probe_ok"] is False and by_name["hung"]["probe_misses"] == 2
+    assert by_name["good"]["probe_latency"] == 0.0123 and by_name["fresh"]["probe_at"] is None
+
+
+def test_a_state_file_without_probe_fields_still_reads_and_a_bad_one_is_named():
+    old = {
+        "supervisor": {"pid": 1, "session": "s", "mode": "m", "source": "t", "started_at": 0},
+        "instances": {"a": {"state": "running"}, "b": {"state": "running", "probe_ok": "yes"}},
+    }
+    state = ServeState.from_json(json.dumps(old))
+    a, b = state.instances["a"], state.instances["b"]
+    assert (a.probe_at, a.probe_ok, a.probe_misses) == (None, None, 0)
+    assert b.probe_ok is None
+    assert state.problems == ["instance 'b': probe_ok: \"yes\" is not true, false or null; ignored"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fresh_python, standin_config
+from conftest import fresh_python, standin_config, wait_for
 
 from pipeline.serve.commands.common import load
 from pipeline.serve.plan import Plan
@@ -486,6 +487,128 @@ def test_transition_failed_to_pending(world, make):
     assert supervisor.procs["a"].streak == 0
     supervisor.tick()
     assert state_of(supervisor, "a") is S.STARTING
+
+
+# ---- liveness of a running instance ---------------------------------------------------------
+
+
+def probe_round(world: World, supervisor: Supervisor, seconds: float, name: str = "a") -> None:
+    """Let ``seconds`` pass, tick (a liveness probe starts when due), wait for its thread (a
+    fake probe returns at once; bounded anyway) and tick again to take its result."""
+    world.now += seconds
+    supervisor.tick()
+    call = supervisor.procs[name].health
+    if call is not None:
+        call.thread.join(timeout=5)
+        assert not call.thread.is_alive()
+    supervisor.tick()
+
+
+def test_a_running_instance_failing_health_failures_probes_in_a_row_is_restarted(world, make):
+    supervisor, lines = make(health_interval=2, health_failures=3)
+    popen = run_to_ready(world, supervisor)
+    rec = supervisor.procs["a"].record
+    probe_round(world, supervisor, 1.9)
+    assert rec.probe_at is None, "the first probe comes one health_interval after ready"
+    probe_round(world, supervisor, 0.1)
+    assert (rec.probe_ok, rec.probe_misses, rec.probe_error) == (True, 0, None)
+    world.healthy.clear()  # hung: /health no longer answers 200
+    for misses in (1, 2):
+        probe_round(world, supervisor, 2)
+        assert rec.state is S.RUNNING and rec.probe_misses == misses
+        assert lines[-1] == f"serve: a: health probe failed ({misses}/3): did not answer 200"
+    assert supervisor.store.read().instances["a"].probe_misses == 2, "status sees the count"
+    probe_round(world, supervisor, 2)
+    assert rec.state is S.BACKOFF and rec.restarts == 1
+    assert rec.reason == "health probe failed 3 times in a row (did not answer 200)"
+    # The usual restart: its group is put down (continued, should it be stopped) first.
+    assert world.signals == [(popen.pid, "SIGTERM"), (popen.pid, "SIGCONT")]
+    world.exit(popen, -15)
+    world.healthy.add(health(supervisor))
+    world.now += 1
+    supervisor.tick()
+    supervisor.tick()
+    assert rec.state is S.RUNNING and rec.pid == popen.pid + 1
+    assert (rec.probe_at, rec.probe_misses) == (None, 0), "a fresh count once ready again"
+
+
+def test_a_good_probe_ends_a_run_of_misses(world, make):
+    supervisor, lines = make(health_interval=1, health_failures=2)
+    run_to_ready(world, supervisor)
+    rec = supervisor.procs["a"].record
+    url = health(supervisor)
+    for healthy in (False, True, False, True):
+        (world.healthy.add if healthy else world.healthy.discard)(url)
+        probe_round(world, supervisor, 1)
+        assert rec.state is S.RUNNING and rec.probe_misses == (0 if healthy else 1)
+    assert lines[-1] == "serve: a: health probe ok again (1 missed)"
+    assert rec.restarts == 0
+
+
+def test_no_liveness_probe_runs_or_counts_while_an_instance_starts(world, make):
+    supervisor, _ = make(health_interval=0.5, health_failures=1, ready_timeout=60)
+    start(world, supervisor)
+    for _ in range(20):
+        probe_round(world, supervisor, 1)
+    proc = supervisor.procs["a"]
+    assert proc.record.state is S.STARTING and proc.health is None
+    assert proc.record.probe_at is None and proc.record.probe_misses == 0
+
+
+def test_a_probe_that_never_returns_counts_as_timed_out_without_a_second_thread(world, make):
+    supervisor, _ = make(health_interval=2, health_failures=2)
+    run_to_ready(world, supervisor)
+    release = threading.Event()
+    calls: list[float] = []
+
+    def hanging(url: str, timeout: float) -> bool:
+        calls.append(timeout)
+        release.wait(10)  # what a probe stuck past its own timeout looks like
+        return False
+
+    supervisor.probe = hanging
+    rec = supervisor.procs["a"].record
+    try:
+        world.now += 2
+        supervisor.tick()
+        wait_for(lambda: calls, timeout=5, what="the probe's thread")
+        assert calls == [2], "its timeout: health_interval, within 1 to 5 s"
+        world.now += 2.9  # its deadline: the timeout (2 s) and a second of slack
+        supervisor.tick()
+        assert rec.state is S.RUNNING and rec.probe_misses == 0
+        world.now += 0.1
+        supervisor.tick()
+        assert rec.probe_misses == 1 and rec.probe_error == "timed out after 2 s"
+        world.now += 1.9
+        supervisor.tick()
+        assert rec.probe_misses == 1, "the next miss is counted one interval later"
+        world.now += 0.1
+        supervisor.tick()
+        assert rec.state is S.BACKOFF
+        assert rec.reason == (
+            "health probe failed 2 times in a row "
+            "(timed out after 2 s (the last probe still hangs))"
+        )
+        assert len(calls) == 1, "never two probes on one hung instance"
+    finally:
+        release.set()
+
+
+def test_a_probe_that_raises_is_a_failed_probe(world, make):
+    supervisor, _ = make(health_interval=1, health_failures=1, restart="no")
+    run_to_ready(world, supervisor)
+
+    def broken(url: str, timeout: float) -> bool:
+        raise RuntimeError("probe broke")
+
+    supervisor.probe = broken
+    probe_round(world, supervisor, 1)
+    rec = supervisor.procs["a"].record
+    assert rec.state is S.FAILED
+    assert rec.reason == (
+        "health probe failed 1 time in a row (the probe raised RuntimeError: probe broke); "
+        "gave up after restart: no"
+    )
 
 
 # ---- refusals and the table itself --------------------------------------------------------

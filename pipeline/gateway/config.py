@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 # Defaults of the limits (the serve TOML's [gateway] keys; docs/serve-config.md says why).
 HEADER_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
+UPSTREAM_TIMEOUT = 600.0
 MAX_BODY = 64 * 1024 * 1024
 MAX_CONNECTIONS = 4096
 
@@ -52,7 +53,8 @@ class GatewayConfig:
     accept, or from a kept-alive request's first byte, to the end of its head),
     ``body_timeout`` (seconds between two reads of a body), ``max_body`` (bytes) and
     ``max_connections`` (open client connections, beyond a small reserve for /health and
-    /metrics) bound what a client can hold.
+    /metrics) bound what a client can hold; ``upstream_timeout`` (seconds from a request sent
+    to an instance to its response head) bounds what a hung instance can hold.
     """
 
     host: str
@@ -63,6 +65,7 @@ class GatewayConfig:
     access_log: bool = False
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
+    upstream_timeout: float = UPSTREAM_TIMEOUT
     max_body: int = MAX_BODY
     max_connections: int = MAX_CONNECTIONS
 
@@ -85,6 +88,7 @@ class GatewayConfig:
             "access_log": self.access_log,
             "header_timeout": self.header_timeout,
             "body_timeout": self.body_timeout,
+            "upstream_timeout": self.upstream_timeout,
             "max_body": self.max_body,
             "max_connections": self.max_connections,
             "instances": [
@@ -132,6 +136,7 @@ class GatewayConfig:
                 access_log=bool(data.get("access_log", False)),
                 header_timeout=float(data.get("header_timeout", HEADER_TIMEOUT)),
                 body_timeout=float(data.get("body_timeout", BODY_TIMEOUT)),
+                upstream_timeout=float(data.get("upstream_timeout", UPSTREAM_TIMEOUT)),
                 max_body=int(data.get("max_body", MAX_BODY)),
                 max_connections=int(data.get("max_connections", MAX_CONNECTIONS)),
             )

@@ -188,6 +188,19 @@ def metrics_body(gateway: Gateway) -> bytes:
             ],
         ),
         (
+            "gateway_instance_suspect",
+            "gauge",
+            "1 while the instance is suspect: it sent no response head within upstream_timeout "
+            "and has not answered in time since (its replicas are preferred).",
+            [
+                (
+                    {"instance": name},
+                    1.0 if pool.suspected(gateway.states.status(name).ready_at) else 0.0,
+                )
+                for name, pool in gateway.pools.items()
+            ],
+        ),
+        (
             "gateway_inflight_requests",
             "gauge",
             "Requests being forwarded, by instance.",

@@ -21,7 +21,10 @@ connection is aborted, which vLLM sees as a disconnect and cancels the request),
 closing a pooled keep-alive connection just as it is reused (retried once on a fresh
 connection when nothing came back), an instance dying before it answered (resent to another
 replica, if there is one), an instance dying mid-response (the client's connection is
-closed, so it sees a truncated response rather than a clean end).
+closed, so it sees a truncated response rather than a clean end), an instance that sends no
+response head within ``upstream_timeout`` of the request (504, never resent: it may still be
+working on it; the instance is marked suspect). Only the wait for the head is bounded: once it
+has come, a stream runs as long as the instance keeps sending.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Exchange:
         "request",
         "retried",
         "reused",
+        "sent_at",
         "started",
         "status",
         "tried",
@@ -113,6 +117,9 @@ class Exchange:
         self.reused = False
         self.dechunk: ChunkedReader | None = None
         self.body_pieces = 0
+        # When the request was last sent (monotonic): the gateway's housekeeping answers 504
+        # once upstream_timeout has passed with no response head (no timer per request).
+        self.sent_at = 0.0
 
     @property
     def instance(self) -> str:
@@ -185,11 +192,45 @@ class Exchange:
         conn.transport.writelines(self.request)
         if self.client.writing_paused:
             conn.transport.pause_reading()
+        self.sent_at = time.monotonic()
+
+    def check_timeout(self, now: float) -> None:
+        """Called by the gateway's housekeeping (about once a second): past upstream_timeout
+        since the request was sent with no response head, answer 504 and mark the instance
+        suspect (its replicas are preferred) until it answers in time again. Not resent: the
+        instance may still be working on it, and another wait as long would follow."""
+        timeout = self.gateway.config.upstream_timeout
+        conn = self.upstream
+        if self.done or self.head_sent or now - self.sent_at < timeout or conn is None:
+            # (No connection: between two sends, a resend connecting under its own limit.)
+            return
+        gateway, name, pool = self.gateway, self.instance, self.pool
+        pool.mark_suspect(gateway.states.status(name).ready_at)
+        gateway.metrics.error(self.model, name, "upstream_timeout")
+        gateway.say(
+            f"instance {name}: no response within {timeout:g}s (upstream_timeout): 504, and "
+            "its replicas are preferred until it answers in time"
+        )
+        self.upstream = None
+        conn.exchange = None
+        conn.closed = True
+        if conn.transport is not None:
+            # Not close(): a hung instance may never read what is still to be written.
+            conn.transport.abort()
+        self.fail(
+            504,
+            f"instance {name!r} sent no response within {timeout:g} s (upstream_timeout); "
+            "it may be hung",
+        )
 
     # ---- from the upstream connection --------------------------------------------------
     def on_head(self, resp: ResponseHead, *, chunked: bool, until_close: bool) -> None:
         self.first_byte = time.perf_counter()
         self.status = resp.status
+        pool = self.pool
+        if pool.suspect and resp.status < 500:
+            pool.suspect = False
+            self.gateway.say(f"instance {self.instance}: answered in time again, not suspect")
         # No resend past this point: let the body go (the transport holds what it has yet
         # to write) rather than keep it for the whole response.
         self.request = []

@@ -142,10 +142,14 @@ class Gateway:
         task.add_done_callback(self.tasks.discard)
 
     async def _housekeeping(self) -> None:
-        """Follow the state file, drop stale connections and clients past their deadline.
+        """Follow the state file, drop stale connections and clients past their deadline,
+        answer 504 for requests whose instance sent no response head within upstream_timeout.
 
         Runs until cancelled, at least once a second and four times per shortest timeout."""
-        interval = min(HOUSEKEEPING, self.header_timeout / 4, self.body_timeout / 4)
+        upstream_timeout = self.config.upstream_timeout
+        interval = min(
+            HOUSEKEEPING, self.header_timeout / 4, self.body_timeout / 4, upstream_timeout / 4
+        )
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -153,7 +157,10 @@ class Gateway:
             for pool in self.pools.values():
                 pool.sweep(now)
             for conn in list(self.clients):
-                if conn.exchange is not None or conn.transport is None or conn.closing:
+                if conn.exchange is not None:
+                    conn.exchange.check_timeout(now)
+                    continue
+                if conn.transport is None or conn.closing:
                     continue
                 if conn.deadline and now > conn.deadline:
                     conn.timed_out()

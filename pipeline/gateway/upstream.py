@@ -5,7 +5,9 @@ its :class:`~pipeline.gateway.exchange.Exchange`.
 
 Replicas (several instances serving one model name) are a :class:`Replicas` group: a request
 goes to the ready replica with the fewest requests in flight, ties taken in turn. A replica
-that just failed is passed over while others are ready (:data:`EJECT_SECONDS`).
+that just failed is passed over while others are ready (:data:`EJECT_SECONDS`), and so is a
+suspect one (it sent no response head within ``upstream_timeout``) until it answers in time
+again or the supervisor has restarted it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _IDLE = range(5)
 class Pool:
     """Idle keep-alive connections to one instance; most recently used first."""
 
-    __slots__ = ("down_until", "gateway", "idle", "upstream")
+    __slots__ = ("down_until", "gateway", "idle", "suspect", "suspect_run", "upstream")
 
     def __init__(self, gateway: Gateway, upstream: Upstream) -> None:
         self.gateway = gateway
@@ -47,6 +49,21 @@ class Pool:
         self.idle: list[UpstreamConn] = []
         # monotonic time until which this instance is passed over (it just failed)
         self.down_until = 0.0
+        # It sent no response head within upstream_timeout (it may be hung), during the run
+        # of the instance that became ready at ``suspect_run`` (the state file's ready_at).
+        self.suspect = False
+        self.suspect_run: float | None = None
+
+    def mark_suspect(self, ready_at: float | None) -> None:
+        self.suspect = True
+        self.suspect_run = ready_at
+
+    def suspected(self, ready_at: float | None) -> bool:
+        """Still suspect: no response head in time since it was marked, and the same run of
+        the instance (a restart, seen as another ``ready_at``, clears it)."""
+        if self.suspect and ready_at != self.suspect_run:
+            self.suspect = False
+        return self.suspect
 
     def acquire(self) -> UpstreamConn | None:
         """An idle connection younger than UPSTREAM_IDLE, or None (open a new one)."""
@@ -113,8 +130,8 @@ class Replicas:
 
     def pick(self, gateway: Gateway, exclude: tuple[Pool, ...] = ()) -> Pool | None:
         """The ready instance with the fewest requests in flight (ties: the next in turn),
-        preferring those not failed in the last EJECT_SECONDS; None when none is ready.
-        Reads the states as last refreshed; O(replicas)."""
+        preferring those not suspect, then those not failed in the last EJECT_SECONDS; None
+        when none is ready. Reads the states as last refreshed; O(replicas)."""
         pools = self.pools
         status = gateway.states.status
         if len(pools) == 1:
@@ -126,15 +143,17 @@ class Replicas:
         now = time.monotonic()
         count = len(pools)
         best: Pool | None = None
-        best_key = (True, 0)
+        best_key = (True, True, 0)
         at = 0
         for step in range(count):
             index = (self.turn + step) % count
             pool = pools[index]
             name = pool.upstream.name
-            if pool in exclude or not status(name).ready:
+            state = status(name)
+            if pool in exclude or not state.ready:
                 continue
-            key = (pool.down_until > now, inflight[name])
+            suspect = pool.suspect and pool.suspected(state.ready_at)
+            key = (suspect, pool.down_until > now, inflight[name])
             if best is None or key < best_key:
                 best, best_key, at = pool, key, index
         if best is not None:

@@ -60,6 +60,9 @@ GATEWAY_READY_TIMEOUT = 30.0
 GATEWAY_STOP_GRACE = 10.0
 GATEWAY_MAX_RESTARTS = 5
 GATEWAY_BACKOFF = (0.5, 10.0)
+# The liveness probe of a ready process: every 10 s, restarted after 3 misses in a row.
+HEALTH_INTERVAL = 10.0
+HEALTH_FAILURES = 3
 MASK = "***"
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
@@ -90,6 +93,10 @@ class InstancePlan(BaseModel):
     max_restarts: int
     backoff_initial: float
     backoff_max: float
+    # Liveness once ready: a /health probe every health_interval seconds; health_failures
+    # misses in a row restart it (defaults: plans written before these fields existed).
+    health_interval: float = HEALTH_INTERVAL
+    health_failures: int = HEALTH_FAILURES
     kind: Literal["vllm", "gateway"] = "vllm"
     # What the planner changed from the config, said in `doit plan` (e.g. a forced host).
     notes: tuple[str, ...] = ()
@@ -467,6 +474,8 @@ def build_plan(
                 max_restarts=max_restarts,
                 backoff_initial=ctl.backoff_initial,
                 backoff_max=ctl.backoff_max,
+                health_interval=ctl.health_interval,
+                health_failures=ctl.health_failures,
                 notes=notes,
                 # A variable the instance's own `control.env` sets is its to have.
                 env_remove=tuple(v for v in secret_vars if v not in ctl.env),
@@ -538,6 +547,7 @@ def gateway_plan(
         access_log=gw.access_log,
         header_timeout=gw.header_timeout,
         body_timeout=gw.body_timeout,
+        upstream_timeout=gw.upstream_timeout,
         max_body=gw.max_body_mib * 1024 * 1024,
         max_connections=gw.max_connections,
     )

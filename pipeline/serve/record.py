@@ -124,6 +124,14 @@ class InstanceRecord:
     generation: int = 0
     members: list[dict] = field(default_factory=list)
     first_failure: str | None = None
+    # The last liveness probe of a ready instance (None: none since it became ready): when
+    # (Unix time), whether /health answered 200, how long it took (seconds), why it failed,
+    # and how many failed in a row.
+    probe_at: float | None = None
+    probe_ok: bool | None = None
+    probe_latency: float | None = None
+    probe_error: str | None = None
+    probe_misses: int = 0
 
 
 def enter(record: InstanceRecord, state: InstanceState, reason: str | None) -> InstanceState:
@@ -252,6 +260,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "float": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "list[int]": (
         lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
         "a list of integers >= 0",

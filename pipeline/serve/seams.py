@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import http.client
 import subprocess
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import IO, Protocol
 from urllib.parse import urlsplit
 
@@ -81,17 +83,56 @@ def default_spawner(
     return spawn_detached(argv, cwd=cwd, env=env, log=log)
 
 
-def http_probe(url: str, timeout: float = 1.0) -> bool:
-    """True when GET ``url`` answers 200 within ``timeout``. Never raises."""
+@dataclass(frozen=True)
+class ProbeResult:
+    """One ``/health`` probe: whether it answered 200, how long it took (seconds), and why it
+    failed (a short phrase: ``timed out after 5 s``, ``connection refused``, ``status 503``)."""
+
+    ok: bool
+    latency: float = 0.0
+    error: str | None = None
+
+
+class Probe(Protocol):
+    """The ``/health`` check: GET ``url`` within ``timeout`` seconds. A plain bool is accepted
+    for a test's fake (:func:`as_result` turns it into a :class:`ProbeResult`)."""
+
+    def __call__(self, url: str, timeout: float) -> ProbeResult | bool: ...
+
+
+def as_result(value: ProbeResult | bool, latency: float) -> ProbeResult:
+    """``value`` as a :class:`ProbeResult`; a bool gets ``latency`` and a generic error."""
+    if isinstance(value, ProbeResult):
+        return value
+    return ProbeResult(bool(value), latency, None if value else "did not answer 200")
+
+
+def http_check(url: str, timeout: float = 1.0) -> ProbeResult:
+    """GET ``url``: ok when it answers 200 within ``timeout`` (each socket operation is
+    bounded by it). Never raises; blocks at most a few times ``timeout``."""
     parts = urlsplit(url)
+    began = time.monotonic()
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    error: str | None
     try:
         conn.request("GET", parts.path or "/")
         response = conn.getresponse()
         # Read the (tiny) body so the close is orderly, not a reset the server logs.
         response.read(65536)
-        return response.status == 200
-    except (OSError, http.client.HTTPException):
-        return False
+        error = None if response.status == 200 else f"status {response.status}"
+    except TimeoutError:
+        error = f"timed out after {timeout:g} s"
+    except ConnectionRefusedError:
+        error = "connection refused"
+    except OSError as exc:
+        error = exc.strerror or type(exc).__name__
+    except http.client.HTTPException as exc:
+        error = f"bad response ({type(exc).__name__})"
     finally:
         conn.close()
+    return ProbeResult(error is None, time.monotonic() - began, error)
+
+
+def http_probe(url: str, timeout: float = 1.0) -> bool:
+    """True when GET ``url`` answers 200 within ``timeout``. Never raises."""
+    return http_check(url, timeout).ok

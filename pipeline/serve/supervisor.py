@@ -19,6 +19,12 @@ needs ``pid``, ``returncode``, ``poll()`` and ``wait()``), ``groups`` (is a proc
 signal it), ``probe`` (the ``/health`` check), ``clock`` and ``sleep``; their protocols and
 the real implementations are in :mod:`pipeline.serve.seams`.
 
+Liveness: once an instance is running, its ``/health`` is probed every ``health_interval``
+seconds, each probe in a daemon thread of its own (a hung instance cannot stall the loop: a
+probe not back by its deadline counts as timed out, and a new one starts only once the last
+has ended). ``health_failures`` failed probes in a row restart it through :meth:`_failed`, as a
+crash would; probes never run while it starts (readiness has its own probe and limit).
+
 A multi-node instance (a plan with a ``member``) is a gang. Under a platform (LWS, Slurm,
 SkyPilot) its member is planned with ``restart = no``: it never restarts on its own, and the
 platform restarts the group. On bare nodes the supervisors keep the gang together through the
@@ -37,8 +43,8 @@ leader's control endpoint (:mod:`pipeline.serve.gang`; seams ``gang_server`` and
   would push them out of the rotated log).
 
 Blocking: :meth:`Supervisor.run` blocks until every instance is terminal (stopped, exited,
-failed) and returns the exit code. :meth:`Supervisor.tick` never blocks longer than one health
-probe (``probe_timeout``).
+failed) and returns the exit code. :meth:`Supervisor.tick` never blocks longer than one
+readiness probe (``probe_timeout``); liveness probes run beside it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -71,11 +78,14 @@ from pipeline.serve.seams import (
     GangPoll,
     GangServer,
     Groups,
+    Probe,
+    ProbeResult,
     ProcessGroups,
     Spawner,
+    as_result,
     become_subreaper,
     default_spawner,
-    http_probe,
+    http_check,
 )
 from pipeline.serve.state import StateStore, proc_start_time
 
@@ -85,6 +95,37 @@ PROBE_INTERVAL = 0.5
 FAST_PROBE_PERIOD = 5.0
 TICK = 0.05
 IDLE_TICK = 0.5
+# A liveness probe times out after health_interval seconds, within these bounds; the loop
+# gives its thread this much longer before it counts the probe as timed out itself.
+HEALTH_TIMEOUT = (1.0, 5.0)
+HEALTH_SLACK = 1.0
+
+
+class _HealthCall:
+    """One liveness probe, run in a daemon thread so that the loop never waits for it.
+
+    ``result`` is None until the probe returns; a probe that raises counts as failed. The
+    thread ends by itself: the probe's own timeout bounds it."""
+
+    __slots__ = ("deadline", "result", "thread", "timeout")
+
+    def __init__(self, probe: Probe, name: str, url: str, timeout: float, deadline: float) -> None:
+        self.timeout = timeout
+        self.deadline = deadline  # on the supervisor's clock: counted as timed out after it
+        self.result: ProbeResult | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(probe, url), name=f"health {name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, probe: Probe, url: str) -> None:
+        began = time.monotonic()
+        try:
+            value = probe(url, self.timeout)
+        except Exception as exc:  # a broken probe is a failed probe, not a dead thread
+            value = ProbeResult(False, error=f"the probe raised {type(exc).__name__}: {exc}")
+        # One assignment: the loop sees either nothing or the whole result.
+        self.result = as_result(value, time.monotonic() - began)
 
 
 @dataclass
@@ -112,6 +153,11 @@ class _Proc:
     next_poll: float = 0.0
     ran: tuple[str, int] | None = None
     first_failure_kept: bool = False
+    # Liveness while RUNNING: the probe in flight, when the next is due, and whether the one
+    # in flight was already counted as timed out.
+    health: _HealthCall | None = None
+    next_health: float = 0.0
+    health_counted: bool = False
 
     @property
     def role(self) -> str | None:
@@ -145,7 +191,7 @@ class Supervisor:
         session: str | None = None,
         spawner: Spawner = default_spawner,
         groups: Groups | None = None,
-        probe: Callable[[str, float], bool] = http_probe,
+        probe: Probe = http_check,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         reap_all: bool = False,
@@ -382,9 +428,17 @@ class Supervisor:
         self, proc: _Proc, state: InstanceState, reason: str | None, line: str | None = None
     ) -> None:
         """The one place an instance changes state: checks the edge (IllegalTransition),
-        marks the state for saving, and says ``line`` when given."""
+        marks the state for saving, and says ``line`` when given. Entering RUNNING starts
+        liveness afresh: the first probe one ``health_interval`` later, no misses counted."""
         enter(proc.record, state, reason)
         self.dirty = True
+        if state is InstanceState.RUNNING:
+            rec = proc.record
+            proc.health = None
+            proc.health_counted = False
+            proc.next_health = self.clock() + proc.plan.health_interval
+            rec.probe_at = rec.probe_ok = rec.probe_latency = rec.probe_error = None
+            rec.probe_misses = 0
         if line is not None:
             self.say(f"serve: {proc.record.name}: {line}")
 
@@ -411,7 +465,7 @@ class Supervisor:
                 # a refused connection costs next to nothing while vLLM loads.
                 early = now - proc.started_mono < FAST_PROBE_PERIOD
                 proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
-                if self.probe(plan.health_url, self.probe_timeout):
+                if as_result(self.probe(plan.health_url, self.probe_timeout), 0.0).ok:
                     rec.ready_at = time.time()
                     took = self.clock() - proc.started_mono
                     self._enter(
@@ -429,6 +483,8 @@ class Supervisor:
                 # shuts down cleanly): on bare nodes that is a gang failure like any other.
                 clean = code == 0 and proc.role != "leader"
                 self._failed(proc, now, f"exited ({_describe_exit(code)})", clean=clean)
+            elif plan.health_url:
+                self._watch_health(proc, now)
         elif state is InstanceState.BACKOFF:
             if now >= proc.deadline and self._may_start(proc, first=False):
                 self._spawn(proc, now)
@@ -444,6 +500,71 @@ class Supervisor:
                     f"serve: {rec.name}: still running {plan.stop_grace:g}s after SIGTERM "
                     "(stop_grace), sent SIGKILL"
                 )
+
+    def _watch_health(self, proc: _Proc, now: float) -> None:
+        """A running instance's liveness: take the result of the probe in flight (or count it
+        as timed out past its deadline), and start the next when due. Never blocks."""
+        plan = proc.plan
+        call = proc.health
+        if call is not None:
+            result = call.result
+            if result is not None:
+                proc.health = None
+                if not proc.health_counted:
+                    self._health_outcome(proc, now, result)
+            elif not proc.health_counted and now >= call.deadline:
+                proc.health_counted = True
+                # If it hangs on, the next miss is counted one interval from now.
+                proc.next_health = now + plan.health_interval
+                error = f"timed out after {call.timeout:g} s"
+                self._health_outcome(proc, now, ProbeResult(False, call.timeout, error))
+        if proc.record.state is not InstanceState.RUNNING or now < proc.next_health:
+            return
+        call = proc.health
+        if call is not None and not proc.health_counted:
+            return  # still within its time (longer than the interval): the next follows it
+        proc.next_health = now + plan.health_interval
+        if call is not None:
+            # Counted as timed out, and not even ended by itself since: another miss, and no
+            # second thread on the same hung instance.
+            error = f"timed out after {call.timeout:g} s (the last probe still hangs)"
+            self._health_outcome(proc, now, ProbeResult(False, call.timeout, error))
+            return
+        timeout = min(max(plan.health_interval, HEALTH_TIMEOUT[0]), HEALTH_TIMEOUT[1])
+        proc.health_counted = False
+        proc.health = _HealthCall(
+            self.probe, proc.record.name, plan.health_url, timeout, now + timeout + HEALTH_SLACK
+        )
+
+    def _health_outcome(self, proc: _Proc, now: float, result: ProbeResult) -> None:
+        """Record one liveness probe; the ``health_failures``-th miss in a row restarts the
+        instance by the usual rules (a hung instance is treated as a crashed one)."""
+        rec, plan = proc.record, proc.plan
+        was_failing = rec.probe_misses > 0
+        rec.probe_at = time.time()
+        rec.probe_ok = result.ok
+        rec.probe_latency = round(result.latency, 4)
+        rec.probe_error = result.error
+        self.dirty = True
+        if result.ok:
+            if was_failing:
+                self.say(f"serve: {rec.name}: health probe ok again ({rec.probe_misses} missed)")
+            rec.probe_misses = 0
+            return
+        rec.probe_misses += 1
+        misses, limit = rec.probe_misses, plan.health_failures
+        if misses < limit:
+            self.say(f"serve: {rec.name}: health probe failed ({misses}/{limit}): {result.error}")
+            return
+        times = "time" if misses == 1 else "times"
+        why = f"health probe failed {misses} {times} in a row ({result.error})"
+        if now - proc.started_mono >= STABLE_AFTER:
+            proc.streak = 0
+        self._failed(proc, now, why)
+        proc.health = None
+        if proc.leftover_pgid:
+            # A stopped (SIGSTOP) process handles its SIGTERM only once continued.
+            self.groups.signal(proc.leftover_pgid, signal.SIGCONT)
 
     def _may_start(self, proc: _Proc, *, first: bool) -> bool:
         if self.stop_requested or proc.leftover_pgid:

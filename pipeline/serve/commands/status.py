@@ -59,9 +59,45 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
                 "generation": rec.generation,
                 "members": rec.members,
                 "first_failure": rec.first_failure,
+                "probe_at": rec.probe_at,
+                "probe_ok": rec.probe_ok,
+                "probe_latency": rec.probe_latency,
+                "probe_error": rec.probe_error,
+                "probe_misses": rec.probe_misses,
             }
         )
     return rows
+
+
+def _ago(when: object) -> str:
+    if not isinstance(when, int | float):
+        return "?"
+    return f"{max(time.time() - when, 0):.0f}s ago"
+
+
+def _health_cell(row: Mapping[str, object]) -> str:
+    """The HEALTH column: the last liveness probe since the instance became ready (``-``:
+    none yet), ``ok 3ms 4s ago`` or ``failed 2s ago``."""
+    ok, at = row.get("probe_ok"), row.get("probe_at")
+    if ok is None or at is None:
+        return "-"
+    if ok:
+        latency = row.get("probe_latency")
+        ms = f" {latency * 1000:.0f}ms" if isinstance(latency, int | float) else ""
+        return f"ok{ms} {_ago(at)}"
+    return f"failed {_ago(at)}"
+
+
+def _health_detail(row: Mapping[str, object]) -> str:
+    """The line under the table for a running instance whose last probe failed: how many in
+    a row, and why (a hung instance must not look healthy until its restart)."""
+    if row.get("probe_ok") is not False or not str(row["state"]).startswith("running"):
+        return ""
+    misses = row.get("probe_misses") or 1
+    return (
+        f"health probe failed {misses} time(s) in a row, last {_ago(row.get('probe_at'))}: "
+        f"{row.get('probe_error') or 'no reason recorded'}"
+    )
 
 
 def _member_line(row: Mapping[str, object]) -> str:
@@ -120,7 +156,7 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
     else:
         code = "" if sup.exit_code is None else f", exit code {sup.exit_code}"
         out.write(f"supervisor: not running (started {when}{code}), config {sup.source}\n")
-    headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "UP", "MODEL", "URL"]
+    headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "UP", "MODEL", "URL", "HEALTH"]
     table = [headers]
     for row in status_rows(state, alive):
         gpus, models = row["gpus"], row["models"]
@@ -140,6 +176,7 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
                 str(row["uptime"]),
                 model_cell,
                 str(row["url"]),
+                _health_cell(row),
             ]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
@@ -151,6 +188,9 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         detail = _status_detail(row)
         if detail:
             out.write(f"{row['name']}: {detail}\n")
+        health = _health_detail(row)
+        if health:
+            out.write(f"{row['name']}: {health}\n")
         if row["node_rank"] is not None:
             out.write(f"{row['name']}: {_member_line(row)}\n")
     out.flush()

@@ -145,6 +145,24 @@ class Control(_Strict):
         2.0, gt=0, description="Seconds before the first restart; doubles each time."
     )
     backoff_max: float = Field(60.0, gt=0, description="Upper bound of the restart delay.")
+    health_interval: float = Field(
+        10.0,
+        ge=0.1,
+        le=3600,
+        description=(
+            "Seconds between two `/health` probes once the instance is ready (none while it "
+            "starts); a probe times out after this long, at most 5 s and at least 1 s."
+        ),
+    )
+    health_failures: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description=(
+            "Failed `/health` probes in a row after which a ready instance counts as hung and "
+            "is restarted like a crashed one (`restart`, `max_restarts`, backoff)."
+        ),
+    )
 
     @field_validator("gpu_ids")
     @classmethod
@@ -317,6 +335,17 @@ class Gateway(_Strict):
         description=(
             "Largest request body, in MiB (413 beyond). 64: above OpenAI's 50 MB and "
             "Anthropic's 32 MB request limits, so base64 images pass; nginx's 1 MB would not."
+        ),
+    )
+    upstream_timeout: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description=(
+            "Seconds an instance has to send the head of its answer once a request is sent "
+            "(a long prompt, or a whole answer when not streaming, must fit); then 504 and "
+            "the instance is suspect: its replicas get the requests until it answers again. "
+            "A stream's body is never cut."
         ),
     )
     max_connections: int = Field(
