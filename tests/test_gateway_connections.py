@@ -211,6 +211,22 @@ def test_pipelined_answers_resume_on_the_stdlib_event_loop_too():
         loop.close()
 
 
+def test_a_client_that_never_reads_its_answers_is_dropped_after_its_idle_time(gateway):
+    """A close would wait for it to read for ever: it is aborted, its descriptor freed."""
+    port, _ = gateway()
+    with connect(port) as sock:
+        sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            for _ in range(200):
+                sock.send(get("/metrics") * 2000)
+        assert b'"connections": 2,' in request(port, "GET", "/health")[2]
+        wait_for(
+            lambda: b'"connections": 1,' in request(port, "GET", "/health")[2],
+            timeout=HEADER_TIMEOUT + NOT_HUNG,
+            what="the connection that does not read to be dropped",
+        )
+
+
 # ---- time limits on requests without a key ------------------------------------------------------
 
 
@@ -248,6 +264,27 @@ def test_a_body_for_health_that_arrives_with_its_head_is_dropped_and_the_connect
         sock.sendall(get("/health", "Content-Length: 5") + b"hello" + get("/health"))
         answers = read_responses(sock, 2)
     assert all(b'"instances"' in body for body in answers)
+
+
+def test_a_head_begun_in_the_read_of_the_request_before_it_has_the_header_timeout(gateway):
+    """It waited the idle time (minutes), not a head's."""
+    port, _ = gateway()
+    with connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(get("/health") + b"GET /hea")
+        data = read_until_closed(sock)
+        took = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in data, data
+    assert HEADER_TIMEOUT * 0.8 < took < HEADER_TIMEOUT + NOT_HUNG, took
+
+
+def test_a_client_that_half_closes_gets_every_pipelined_answer_then_the_close(gateway):
+    port, _ = gateway()
+    with connect(port) as sock:
+        sock.sendall(get("/health") + get("/nope") + get("/metrics"))
+        sock.shutdown(socket.SHUT_WR)
+        data = read_until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) [A-Z]", data) == [b"200", b"404", b"200"]
 
 
 # ---- idle connections, the cap, 401 ------------------------------------------------------------
