@@ -99,7 +99,8 @@ class ClientConn(Reader):
     does not read (``pause_writing``) nothing more is answered, nothing more is read from it
     and its instance's connection is paused too, so a connection holds at most one read
     ahead (:data:`MAX_PIPELINED`), one slice of parsed requests (:data:`FEED_SLICE`) and the
-    transport's write buffer plus one answer. Such a connection counts as idle.
+    transport's write buffer plus one answer. It has its idle time to read them; then it is
+    aborted.
 
     Idle keep-alive connections are *parked* (``gateway.idle``, oldest first), those without
     a keyed request apart: at the connection cap the gateway closes one of them for a new
