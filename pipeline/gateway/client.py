@@ -2,8 +2,10 @@
 decisions taken on a request's head (:func:`route`): which handler answers it, whether its key
 is right, whether its body is read at all.
 
-Flow control: a client that reads slowly pauses reading from its instance (``pause_writing``),
-so nothing is buffered without bound; pipelined requests wait in the client's buffer.
+Flow control: a client that reads slowly pauses reading from its instance (``pause_writing``)
+and from itself, so nothing is buffered without bound, the gateway's own answers included;
+pipelined requests wait, unparsed, in the client's buffer. Idle keep-alive connections are
+closed first at the connection cap.
 """
 
 from __future__ import annotations
@@ -57,9 +59,15 @@ ROUTED = frozenset(
         b"/v2/rerank",
     }
 )
-# Bytes of a pipelined next request buffered while one is in flight, before reading pauses.
-MAX_PIPELINED = 1024 * 1024
-# How long a kept-alive connection may wait for its next request.
+# Bytes read ahead of the request being answered (pipelined requests, or the next one's body)
+# before reading pauses: one read's worth.
+MAX_PIPELINED = 256 * 1024
+# What is parsed at once (but a proxied body, whose key was right): a request read whole
+# stops parsing there, and the rest of the read waits, unparsed, for its turn. So a read of
+# tiny pipelined requests queues at most this many bytes' worth (about 200), not thousands.
+FEED_SLICE = 4096
+# How long a kept-alive connection may wait for its next request (or not read its answers),
+# once a request on it had a key; before that, header_timeout (Gateway.open_idle).
 CLIENT_IDLE = 300.0
 # Connections past the cap kept for /health and /metrics, and how long they may take.
 HEALTH_RESERVE = 16
@@ -82,24 +90,40 @@ class ClientConn(Reader):
 
     A request is judged on its head (:func:`route`): a wrong key, an unknown path, a
     body over the limit or a connection over the cap is answered before any of its body is
-    read, and ``Expect: 100-continue`` gets its 100 only once the head passed. Deadlines
-    (checked by the gateway's housekeeping): the head from accept (or, on a kept-alive
-    connection, from its first byte), each body read from the one before, the next request
-    from the last answer.
+    read, and ``Expect: 100-continue`` gets its 100 only once the head passed; a 401 closes
+    the connection. Deadlines (checked by the gateway's housekeeping): the head from accept
+    (or, on a kept-alive connection, from its first byte); a proxied request's body, each read
+    from the one before (``body_timeout``); any other body, with its head (a request without a
+    key arrives whole within ``header_timeout``); the next request from the last answer.
+
+    Flow control, the same for every answer, proxied or the gateway's own: while the client
+    does not read (``pause_writing``) nothing more is answered, nothing more is read from it
+    and its instance's connection is paused too, so a connection holds at most one read
+    ahead (:data:`MAX_PIPELINED`), one slice of parsed requests (:data:`FEED_SLICE`) and the
+    transport's write buffer plus one answer. It has its idle time to read them; then it is
+    aborted.
+
+    Idle keep-alive connections are *parked* (``gateway.idle``, oldest first), those without
+    a keyed request apart: at the connection cap the gateway closes one of them for a new
+    connection (:meth:`Gateway.evict_idle <pipeline.gateway.proxy.Gateway.evict_idle>`).
     """
 
     __slots__ = (
+        "authed",
         "body",
         "body_size",
         "closing",
         "current",
         "dead",
         "deadline",
+        "eof",
         "exchange",
         "gateway",
         "handler",
+        "head_only",
         "http10",
         "keep_alive",
+        "parked",
         "peer",
         "pending",
         "phase",
@@ -110,6 +134,7 @@ class ClientConn(Reader):
         "reserved",
         "scanner",
         "started",
+        "timed_body",
         "transport",
         "writing_paused",
     )
@@ -121,7 +146,7 @@ class ClientConn(Reader):
         # Requests read whole and waiting their turn: (head, handler, body pieces, scanner),
         # or the HttpError that ended reading.
         self.pending: deque[_Pending | HttpError] = deque()
-        self.raw = bytearray()  # bytes read while a request is in flight, not parsed yet
+        self.raw = bytearray()  # bytes read but not parsed yet (they wait for their turn)
         self.req: RequestHead | None = None
         self.handler: Handler | None = None
         self.body: BodyCollector | None = None  # the body being read, when it is kept
@@ -130,9 +155,14 @@ class ClientConn(Reader):
         self.exchange: Exchange | None = None
         self.keep_alive = True
         self.http10 = False
+        self.head_only = False  # the request being answered is a HEAD: no body in the answer
         self.closing = False
-        self.dead = False
+        self.dead = False  # nothing more is parsed (a refused or upgraded request)
+        self.eof = False  # the client sent its last byte
         self.reserved = False
+        self.authed = False  # a request on this connection had a key (or needed none)
+        self.timed_body = False  # each read of the body restarts its deadline (proxied)
+        self.parked: dict[ClientConn, None] | None = None  # which idle list holds it
         self.reading_paused = False
         self.writing_paused = False
         self.peer = b""
@@ -146,6 +176,9 @@ class ClientConn(Reader):
         # cast, not isinstance: other event loops' transports are not subclasses.
         self.transport = cast(asyncio.Transport, transport)
         gateway = self.gateway
+        if len(gateway.clients) >= gateway.max_connections:
+            # At the cap: an idle keep-alive connection makes room before the reserve is used.
+            gateway.evict_idle()
         open_now = len(gateway.clients)
         if open_now >= gateway.max_connections + HEALTH_RESERVE:
             # Past the cap and its reserve: answer without reading, so no fd is held.
@@ -166,6 +199,7 @@ class ClientConn(Reader):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.unpark()
         self.gateway.clients.discard(self)
         ex = self.exchange
         if ex is not None:
@@ -173,8 +207,11 @@ class ClientConn(Reader):
             ex.client_gone()
 
     def eof_received(self) -> bool:
-        if self.exchange is not None or self.pending:
-            # Half-closed after sending its request: answer it, then close.
+        self.eof = True
+        if self.pending or self.raw:
+            # Half-closed after sending its requests: answer them; the last one closes.
+            return True
+        if self.exchange is not None:
             self.keep_alive = False
             return True
         return False
@@ -184,29 +221,75 @@ class ClientConn(Reader):
         ex = self.exchange
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
             ex.upstream.transport.pause_reading()
+        # Nor read what it sends meanwhile: it waits in the kernel's buffers, not in ours.
+        self._flow()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         ex = self.exchange
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.resume_reading()
+        if ex is not None:
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.resume_reading()
+            self._flow()
+        elif not self.closing:
+            # The answers that waited for the client to read, then reading again.
+            self.dispatch()
+
+    def _flow(self) -> None:
+        """Pause reading while the client does not read its answers or a read's worth waits
+        unparsed; resume once neither holds."""
+        pause = self.writing_paused or len(self.raw) > MAX_PIPELINED
+        if pause != self.reading_paused and not self.closing and self.transport is not None:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.parked is not None:
+            self.unpark()
         if self.dead or self.closing:
             return
-        if self.exchange is not None or self.pending:
+        if self.exchange is not None or self.pending or self.raw or self.writing_paused:
+            # Not its turn: kept as it came, parsed when the answers before it are out.
             self.raw += data
-            if len(self.raw) > MAX_PIPELINED and not self.reading_paused:
-                self.reading_paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+            if len(self.raw) > MAX_PIPELINED:
+                self._flow()
             return
         self._feed(data)
+        self.dispatch()
 
     def _feed(self, data: bytes) -> None:
+        """Parse one read, a slice at a time; once a request is read whole, the rest of the
+        read waits in ``raw`` (pipelined requests are parsed as they are answered)."""
+        end = len(data)
+        if end <= FEED_SLICE:
+            self._parse(data)
+            return
+        view = memoryview(data)
+        at = 0
+        while at < end:
+            step = self._slice(end - at)
+            self._parse(view[at : at + step])
+            at += step
+            if self.pending or self.dead or self.closing:
+                if at < end and not self.dead:
+                    self.raw += view[at:]
+                return
+
+    def _slice(self, size: int) -> int:
+        """How much of ``size`` unparsed bytes to parse next: all of them in a proxied body
+        (a keyed client's upload, parsed as it comes), else at most FEED_SLICE."""
+        if self.phase == _BODY and self.timed_body:
+            return size
+        return min(size, FEED_SLICE)
+
+    def _parse(self, data: bytes | bytearray | memoryview) -> None:
         phase = self.phase
         if phase == _BODY:
-            self.deadline = time.monotonic() + self.gateway.body_timeout
+            if self.timed_body:
+                self.deadline = time.monotonic() + self.gateway.body_timeout
         elif phase == _WAIT:
             self.phase = _HEAD
             if self.started:
@@ -223,7 +306,6 @@ class ClientConn(Reader):
         else:
             if self.reader.upgraded:
                 self.dead = True
-        self.dispatch()
 
     # ---- from the RequestReader ------------------------------------------------------------
     def on_request_head(self, req: RequestHead) -> None:
@@ -249,7 +331,14 @@ class ClientConn(Reader):
                 self.pending.append(_Pending(req, handler, None, None))
                 raise StopParsing
             self.phase = _BODY
-            self.deadline = time.monotonic() + gateway.body_timeout
+            # A proxied body (its key was right): body_timeout between reads. A body for a
+            # local endpoint is dropped: it has the head's time, not a timer each byte resets.
+            self.timed_body = wants_body
+            if wants_body:
+                self.deadline = time.monotonic() + gateway.body_timeout
+            elif not self.deadline:
+                # Its head began in the read that ended the request before it.
+                self.deadline = time.monotonic() + gateway.header_timeout
             if req.expect_continue:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         else:
@@ -277,8 +366,15 @@ class ClientConn(Reader):
             self.transport.write(data)
 
     def abort(self) -> None:
-        self.closing = True
         self.exchange = None
+        self.close()
+
+    def close(self) -> None:
+        """Close once what was written is sent. A client that does not read it within its
+        idle time is aborted by the housekeeping (:meth:`timed_out`): a close waits for it."""
+        self.closing = True
+        self.unpark()
+        self.deadline = time.monotonic() + self.idle_timeout()
         if self.transport is not None:
             self.transport.close()
 
@@ -292,9 +388,9 @@ class ClientConn(Reader):
         extra: bytes = b"",
         model: str | None = "",
         instance: str = "",
-        head_only: bool = False,
     ) -> None:
-        """Answer the current request locally; closes afterwards unless keep-alive.
+        """Answer the current request locally; closes afterwards unless keep-alive. A HEAD
+        request gets the head alone, with the length of the body a GET would get.
 
         ``model`` labels the request in the metrics (None: not counted, e.g. /health)."""
         parts = [
@@ -315,7 +411,7 @@ class ClientConn(Reader):
         elif self.http10:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        if not head_only:
+        if not self.head_only:
             parts.append(body)
         self.write(b"".join(parts))
         if model is not None:
@@ -326,66 +422,129 @@ class ClientConn(Reader):
                     f"model={model or '-'} instance={instance or '-'} {code} (gateway)"
                 )
         if not self.keep_alive:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
 
     def exchange_done(self) -> None:
         self.exchange = None
         if not self.keep_alive:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
             return
         self.dispatch()
 
     # ---- answering requests -----------------------------------------------------------------
     def dispatch(self) -> None:
-        """Answer the requests read whole, one at a time; then read what waited meanwhile."""
+        """Answer the requests read whole, in order, one at a time; then parse what waited
+        meanwhile, one slice per turn of the event loop (a client pipelining thousands of
+        requests does not hold the loop). Stops while a request is proxied (until
+        :meth:`exchange_done`) or the client does not read its answers (until
+        :meth:`resume_writing`); then reads on once nothing waits."""
         gateway = self.gateway
-        while self.pending and self.exchange is None and not self.closing:
-            item = self.pending.popleft()
-            if isinstance(item, HttpError):
-                self._reject(item)
+        sliced = False
+        while True:
+            if self.closing or self.exchange is not None:
                 return
-            req = item.req
-            self.http10 = req.http10
-            # A dead reader (refused or upgraded request) reads nothing after this one.
-            last = self.dead and not self.pending
-            self.keep_alive = (
-                req.keep_alive and not gateway.draining and not self.reserved and not last
-            )
-            self.current = req.method + b" " + req.path
-            item.handler(self, req, item.pieces, item.scanner)
-            if not self.keep_alive and self.exchange is None and not self.closing:
-                self.closing = True
-                assert self.transport is not None
-                self.transport.close()
-        if self.closing or self.exchange is not None or self.pending:
+            if self.writing_paused:
+                # Answers wait for the client to read; it has the idle time to do so.
+                self.deadline = time.monotonic() + self.idle_timeout()
+                return
+            if self.pending:
+                item = self.pending.popleft()
+                if isinstance(item, HttpError):
+                    self._reject(item)
+                    return
+                req = item.req
+                self.http10 = req.http10
+                self.head_only = req.method == b"HEAD"
+                # A dead reader (refused or upgraded request) or a client that half-closed
+                # sends nothing after this one.
+                last = (self.dead or self.eof) and not self.pending and not self.raw
+                self.keep_alive = (
+                    req.keep_alive and not gateway.draining and not self.reserved and not last
+                )
+                self.current = req.method + b" " + req.path
+                item.handler(self, req, item.pieces, item.scanner)
+                if not self.keep_alive and self.exchange is None and not self.closing:
+                    self.close()
+                continue
+            if self.dead or not self.raw:
+                break
+            if sliced:
+                # One slice per turn: the rest after the other connections' callbacks.
+                asyncio.get_running_loop().call_soon(self.dispatch)
+                return
+            sliced = True
+            step = self._slice(len(self.raw))
+            piece = self.raw[:step]
+            del self.raw[:step]
+            self._parse(piece)
+        # Nothing waits: read on, and time what comes next.
+        if self.eof:
+            self.close()
             return
-        if self.raw:
-            data = bytes(self.raw)
-            self.raw.clear()
-            if self.reading_paused and self.transport is not None:
-                self.reading_paused = False
-                self.transport.resume_reading()
-            self._feed(data)
-        elif self.phase == _WAIT:
-            self.deadline = time.monotonic() + CLIENT_IDLE
+        if self.reading_paused:
+            self._flow()
+        if self.phase == _WAIT:
+            if self.reader.in_head:
+                # Part of the next head came with the last request: its time runs now.
+                self.phase = _HEAD
+                self.deadline = time.monotonic() + gateway.header_timeout
+            else:
+                idle = CLIENT_IDLE if self.authed else gateway.open_idle  # idle_timeout()
+                self.deadline = time.monotonic() + idle
+                if self.parked is None:
+                    parked = gateway.idle[self.authed]
+                    parked[self] = None
+                    self.parked = parked
+
+    def idle_timeout(self) -> float:
+        """How long this connection may wait for its next request: CLIENT_IDLE once a
+        request on it had a key, else ``header_timeout`` (at most CLIENT_IDLE)."""
+        return CLIENT_IDLE if self.authed else self.gateway.open_idle
+
+    def unpark(self) -> None:
+        """Off the gateway's idle list (a request came, or the connection is closing)."""
+        parked = self.parked
+        if parked is not None:
+            self.parked = None
+            del parked[self]
+
+    def evict(self) -> None:
+        """Close this idle keep-alive connection to make room for a new one (at the cap).
+
+        It leaves the count at once; so that its descriptor goes at once too, one that has
+        not read all of its last answer yet is aborted rather than waited for."""
+        self.unpark()
+        self.closing = True
+        self.gateway.clients.discard(self)
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def _reject(self, exc: HttpError) -> None:
         self.keep_alive = False
         self.raw.clear()
+        # The refused request, as far as it was read (a HEAD's answer has no body).
+        self.head_only = self.reader.current.method == b"HEAD"
         body = error_body(b"", exc.status, exc.message)
         self.respond(exc.status, body, retry_after=exc.retry_after)
 
     def timed_out(self) -> None:
-        """The deadline passed with no request in flight: 408 mid-request, else just close."""
-        self.closing = True
+        """The deadline passed with no request in flight: 408 mid-request, else just close.
+
+        A client that does not read what it is owed (its answers, or what a close waits to
+        send) is aborted: a close would wait for it."""
         assert self.transport is not None
+        if self.closing or self.writing_paused:
+            self.closing = True
+            self.unpark()
+            self.transport.abort()
+            return
         if self.phase in (_HEAD, _BODY):
             self.transport.write(REQUEST_TIMEOUT)
-        self.transport.close()
+        self.close()
 
 
 # ---- decisions on the head ---------------------------------------------------------------------
@@ -393,7 +552,9 @@ def route(client: ClientConn, req: RequestHead) -> tuple[Handler, bool]:
     """Who answers ``req``, decided on its head: (handler, whether it needs the body).
 
     Handlers other than the proxy and the local endpoints answer without the body; the
-    client's connection then reads none of it (and closes when there was one)."""
+    client's connection then reads none of it (and closes when there was one). A request
+    whose key is right marks its connection as keyed (``authed``): it may idle longer, and is
+    closed last at the cap."""
     path = req.path
     method = req.method
     get = method in (b"GET", b"HEAD")
@@ -402,6 +563,7 @@ def route(client: ClientConn, req: RequestHead) -> tuple[Handler, bool]:
     if method == b"POST" and path in ROUTED:
         if not authorized(client.gateway, req):
             return _unauthorized, False
+        client.authed = True
         return forward, True
     if get and path == b"/health":
         return endpoints.health, False
@@ -410,6 +572,7 @@ def route(client: ClientConn, req: RequestHead) -> tuple[Handler, bool]:
     if get and (path == b"/v1/models" or path.startswith(b"/v1/models/")):
         if not authorized(client.gateway, req):
             return _unauthorized, False
+        client.authed = True
         return (endpoints.models if path == b"/v1/models" else endpoints.model), False
     if path in ROUTED or path == b"/v1/models":
         return _not_allowed, False
@@ -435,6 +598,8 @@ def _unauthorized(client: ClientConn, req: RequestHead, body: Body, _: object) -
     message = (
         "invalid API key" if given else "missing API key"
     ) + " (send Authorization: Bearer <key> or x-api-key: <key>)"
+    # Closed after it: a client without the key gets no connection to keep.
+    client.keep_alive = False
     client.respond(401, error_body(req.path, 401, message), model="")
     client.gateway.metrics.error("", "", "unauthorized")
 
@@ -451,7 +616,9 @@ def _over_capacity(client: ClientConn, req: RequestHead, body: Body, _: object) 
 
 
 def _not_allowed(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
-    path, method = req.path, req.method
+    path = req.path
+    # A HEAD's answer has the length of a GET's (RFC 9110 9.3.2), so its message too.
+    method = b"GET" if req.method == b"HEAD" else req.method
     client.respond(
         405,
         error_body(path, 405, f"{method.decode()} is not allowed on {path.decode()}"),

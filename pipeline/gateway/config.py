@@ -50,11 +50,12 @@ class GatewayConfig:
 
     ``state_file`` is the supervisor's ``state.json``; empty means "no supervisor": every
     instance counts as running (tests and ad-hoc use). ``header_timeout`` (seconds from
-    accept, or from a kept-alive request's first byte, to the end of its head),
-    ``body_timeout`` (seconds between two reads of a body), ``max_body`` (bytes) and
-    ``max_connections`` (open client connections, beyond a small reserve for /health and
-    /metrics) bound what a client can hold; ``upstream_timeout`` (seconds from a request sent
-    to an instance to its response head) bounds what a hung instance can hold.
+    accept, or from a kept-alive request's first byte, to the end of its head, or of its
+    body when that is not proxied; also the idle time of a connection without a keyed
+    request), ``body_timeout`` (seconds between two reads of a proxied body), ``max_body``
+    (bytes) and ``max_connections`` (open client connections, beyond a small reserve for
+    /health and /metrics) bound what a client can hold; ``upstream_timeout`` (seconds from a
+    request sent to an instance to its response head) bounds what a hung instance can hold.
     """
 
     host: str

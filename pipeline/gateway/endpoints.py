@@ -4,7 +4,9 @@ lines.
 
 These endpoints read the instances' states as last refreshed (:mod:`~pipeline.gateway.states`)
 and the gateway's own counts; they never reach an instance. A request for one of them may carry
-a body: it is read and dropped, and the connection stays open (:data:`LOCAL_HANDLERS`).
+a body: it is read and dropped, and the connection stays open (:data:`LOCAL_HANDLERS`); it must
+arrive with its head, within ``header_timeout``. A HEAD request gets each answer's head alone
+(:meth:`ClientConn.respond <pipeline.gateway.client.ClientConn.respond>`).
 """
 
 from __future__ import annotations
@@ -71,8 +73,7 @@ def error_body(path: bytes, code: int, message: str, *, param: str | None = None
 
 # ---- the local endpoints' handlers (the client's gateway is the one answering) ---------------
 def health(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
-    head_only = req.method == b"HEAD"
-    client.respond(200, health_body(client.gateway), model=None, head_only=head_only)
+    client.respond(200, health_body(client.gateway), model=None)
 
 
 def metrics(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
@@ -81,13 +82,12 @@ def metrics(client: ClientConn, req: RequestHead, body: Body, _: object) -> None
         metrics_body(client.gateway),
         content_type=b"text/plain; version=0.0.4; charset=utf-8",
         model=None,
-        head_only=req.method == b"HEAD",
     )
 
 
 def models(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
     found = models_body(client.gateway, None) or b""
-    client.respond(200, found, model=None, head_only=req.method == b"HEAD")
+    client.respond(200, found, model=None)
 
 
 def model(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
@@ -98,7 +98,7 @@ def model(client: ClientConn, req: RequestHead, body: Body, _: object) -> None:
         message = f"model {name!r} is not served here (ready: {ready_list(client.gateway)})"
         client.respond(404, error_body(path, 404, message, param="model"), model=None)
     else:
-        client.respond(200, found, model=None, head_only=req.method == b"HEAD")
+        client.respond(200, found, model=None)
 
 
 # Handlers that read (and drop) a request's body rather than close the connection over it.

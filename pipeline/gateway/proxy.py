@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pipeline.gateway.client import HEALTH_RESERVE, ClientConn
+from pipeline.gateway.client import CLIENT_IDLE, HEALTH_RESERVE, ClientConn
 from pipeline.gateway.config import GatewayConfig, Upstream
 from pipeline.gateway.metrics import Metrics
 from pipeline.gateway.states import StateFollower
@@ -90,6 +90,11 @@ class Gateway:
         )
         self.metrics = Metrics()
         self.clients: set[ClientConn] = set()
+        # Idle keep-alive connections, oldest first: [0] none of whose requests had a key,
+        # [1] the others. At the cap, one of them is closed for a new connection.
+        self.idle: tuple[dict[ClientConn, None], dict[ClientConn, None]] = ({}, {})
+        # How long a connection without a keyed request may idle: no longer than a head.
+        self.open_idle = min(CLIENT_IDLE, self.header_timeout)
         self.inflight: dict[str, int] = dict.fromkeys(self.pools, 0)
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
@@ -160,10 +165,19 @@ class Gateway:
                 if conn.exchange is not None:
                     conn.exchange.check_timeout(now)
                     continue
-                if conn.transport is None or conn.closing:
+                if conn.transport is None:
                     continue
                 if conn.deadline and now > conn.deadline:
                     conn.timed_out()
+
+    def evict_idle(self) -> bool:
+        """Close the idle keep-alive connection idle longest, one without a keyed request
+        first, to make room for a new one. False when none is idle."""
+        for parked in self.idle:
+            if parked:
+                next(iter(parked)).evict()
+                return True
+        return False
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Stop accepting, close idle connections, wait (bounded) for requests in flight."""

@@ -210,7 +210,18 @@ class RequestReader:
         # connection closes after that request is answered.
         self.upgraded = False
 
-    def feed(self, data: bytes | memoryview) -> None:
+    @property
+    def current(self) -> RequestHead:
+        """The request being read (or the last one read): its method is known once its
+        target began, so a refusal of a HEAD request can leave its body out."""
+        return self._req
+
+    @property
+    def in_head(self) -> bool:
+        """True while part of a request head has been read but not all of it."""
+        return self._in_head
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._in_head:
             # A head spread over reads: bounded here, since llhttp keeps a header it is still
             # reading in memory. (One that arrives whole is bounded in the callbacks.)
@@ -240,6 +251,9 @@ class RequestReader:
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:
+            # Known from here on (not only once the head is whole): see ``current``.
+            self._req.method = self._parser.get_method()
         self._url += url
         self._size += len(url)
         if self._size > self.max_head:
@@ -292,7 +306,6 @@ class RequestReader:
                 target = target[slash:] if slash > 0 else b"/"
             else:
                 raise HttpError(400, "unsupported request target")
-        req.method = parser.get_method()
         req.target = target
         query = target.find(b"?")
         req.path = target if query < 0 else target[:query]

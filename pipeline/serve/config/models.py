@@ -316,16 +316,17 @@ class Gateway(_Strict):
         gt=0,
         description=(
             "Seconds a client has to send a request head, from accept (or, on a kept-alive "
-            "connection, from its first byte); then 408 and close (nginx's "
-            "`client_header_timeout`)."
+            "connection, from its first byte); a body not proxied (one for `/health`, say) "
+            "must come within it too. Then 408 and close (nginx's `client_header_timeout`). "
+            "Also how long a connection none of whose requests had a key may stay idle."
         ),
     )
     body_timeout: float = Field(
         60.0,
         gt=0,
         description=(
-            "Seconds allowed between two reads of a request body; then 408 and close "
-            "(nginx's `client_body_timeout`)."
+            "Seconds allowed between two reads of a proxied request's body (its key was "
+            "checked on its head); then 408 and close (nginx's `client_body_timeout`)."
         ),
     )
     max_body_mib: int = Field(
@@ -352,8 +353,9 @@ class Gateway(_Strict):
         4096,
         ge=1,
         description=(
-            "Open client connections; past it only /health and /metrics are answered (16 "
-            "more), then 503. Lowered to fit the open-files limit."
+            "Open client connections; at it, an idle keep-alive connection is closed for a new "
+            "one (those whose requests had no key first); past it only /health and /metrics "
+            "are answered (16 more), then 503. Lowered to fit the open-files limit."
         ),
     )
 
