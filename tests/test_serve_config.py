@@ -120,11 +120,11 @@ def test_overrides_deep_merge_into_the_document():
 
 def test_overrides_can_add_an_instance_and_replace_lists():
     overrides = json.dumps(
-        {"instance": {"extra": {"server": {"port": 9100, "extra_args": ["--a", "--b"]}}}}
+        {"instance": {"extra": {"server": {"port": 9100, "extra_args": ["--seed", "1"]}}}}
     )
     config = parse_config(BASE, overrides=overrides)
     assert [i.name for i in config.instances] == ["extra"]
-    assert config.instance("extra").server.extra_args == ["--a", "--b"]
+    assert config.instance("extra").server.extra_args == ["--seed", "1"]
 
 
 def test_deep_merge_does_not_modify_its_inputs():
@@ -570,3 +570,92 @@ def test_the_plan_writes_logs_where_doit_logs_reads_them_whatever_the_cwd(tmp_pa
         plans.append(build_plan(config, runtime, {}).instances[0])
     assert {p.log_file for p in plans} == {str(tmp_path / "l" / "default.log")}
     assert {p.cwd for p in plans} == {str(tmp_path / "l")}
+
+
+# --- extra_args as vLLM reads them (issue 17): prefixes, `_` for `-`, aliases ----------------
+
+
+def extra_args_error(args: list[str]) -> str:
+    return error_of(BASE + f"[instance.a.server]\nextra_args = {json.dumps(args)}\n")
+
+
+def test_regression_extra_args_prefix_of_host_is_refused():
+    # vLLM took `--hos 0.0.0.0` as --host: an instance meant for 127.0.0.1 behind the gateway
+    # listened on every interface.
+    assert extra_args_error(["--hos", "0.0.0.0"]) == (
+        "serve.toml: instance.a.server.extra_args: --hos is read by vLLM as --host (it takes _ "
+        "for - and any unambiguous prefix), which is set from server.host; remove it here"
+    )
+
+
+def test_regression_extra_args_api_key_with_underscore_is_refused_without_the_key():
+    # `--api_key=SECRET` is vLLM's --api-key: the key went to argv, unmasked in `doit plan`.
+    message = extra_args_error(["--api_key=SECRET-4711"])
+    assert message.startswith("serve.toml: instance.a.server.extra_args: --api_key is read by ")
+    assert "as --api-key" in message and "set from server.api_key or server.api_key_env" in message
+    assert "SECRET" not in message
+    overrides = json.dumps({"instance": {"b": {"server": {"extra_args": ["--api-key.x", "K-1"]}}}})
+    message = error_of(BASE, overrides)
+    assert (
+        "instance.b.server.extra_args (set by AUTO_INFER_VLLM_OVERRIDES): --api-key is" in message
+    )
+    assert "K-1" not in message
+
+
+def test_regression_extra_args_prefix_of_port_is_refused():
+    # `--por 9` made vLLM listen on 9 while the supervisor waited on server.port for ever.
+    message = extra_args_error(["--por", "9"])
+    assert "extra_args: --por is read by vLLM as --port" in message
+    assert "set from server.port; remove it here" in message
+
+
+def test_regression_extra_args_served_model_name_with_underscores_is_refused():
+    message = extra_args_error(["--served_model_name", "x"])
+    assert "extra_args: --served_model_name is read by vLLM as --served-model-name" in message
+    assert "set from server.served_model_name" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "option", "key"),
+    [
+        (["--model_impl", "x", "--mode", "m"], "--mode", "--model", "server.model"),
+        (["--device-memory-utilization", "0.5"], "--device-memory-utilization", "", "server.gpu"),
+        (["-t", "2"], "-t", "--tensor-parallel-size", "server.tensor_parallel_size"),
+        (["-tp=2"], "-tp", "", "server.tensor_parallel_size"),
+        (["--max_model_len=99"], "--max_model_len", "--max-model-len", "server.max_model_len"),
+        (["--dt", "half"], "--dt", "--dtype", "server.dtype"),
+        (["--host.x", "0.0.0.0"], "--host", "", "server.host"),
+        (["--uds", "/tmp/s"], "--uds", "", "server.host and server.port"),
+    ],
+)
+def test_extra_args_that_vllm_reads_as_a_managed_option_are_refused(args, flag, option, key):
+    message = extra_args_error(args)
+    assert f"extra_args: {flag} " in message and key in message
+    assert option in message
+
+
+def test_an_ambiguous_prefix_of_a_managed_option_is_refused_with_its_candidates():
+    message = extra_args_error(["--mode", "x"])
+    assert "--mode is an abbreviation of --model, --model-class-overrides, --model-impl" in message
+    assert "vLLM refuses it as ambiguous" in message
+    assert "--model is set from server.model: write the option you mean in full" in message
+
+
+def test_other_options_pass_as_written_even_unknown_ones():
+    args = [
+        "--trust-remote-code",
+        "--max_num_seqs",
+        "4",
+        "--enforce-eager",
+        "--seed=1",
+        "-O3",
+        "--compilation-config.level",
+        "3",
+        "--no-such-option",
+        "--model-impl",
+        "vllm",
+        "-pp",
+        "1",
+    ]
+    config = parse_config(BASE + f"[instance.a.server]\nextra_args = {json.dumps(args)}\n")
+    assert config.instance("a").server.extra_args == args
