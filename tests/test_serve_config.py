@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -659,3 +661,129 @@ def test_other_options_pass_as_written_even_unknown_ones():
     ]
     config = parse_config(BASE + f"[instance.a.server]\nextra_args = {json.dumps(args)}\n")
     assert config.instance("a").server.extra_args == args
+
+
+# --- control characters, overrides and files (issue 17) --------------------------------------
+
+
+def test_regression_a_nul_in_control_env_is_one_located_line():
+    # It passed `doit plan`; `doit serve` then died with "embedded null byte" in the log.
+    message = error_of(BASE + '[instance.a.control]\nenv = { HF_TOKEN = "hf_abc\\u0000def" }\n')
+    assert message == (
+        "serve.toml: instance.a.control.env.HF_TOKEN: the value holds control characters (NUL, "
+        "CR or LF), which no argument, environment variable or path of a served process may "
+        "hold; remove them (the value is not shown)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        (
+            '[instance.a.server]\nextra_args = ["--seed", "1\\n2"]\n',
+            "instance.a.server.extra_args.1",
+        ),
+        ('[instance.a.server]\nmodel = "/m\\r"\n', "instance.a.server.model"),
+        (
+            '[instance.a.server]\nserved_model_name = "a\\nb"\n',
+            "instance.a.server.served_model_name",
+        ),
+        ('[instance.a.control]\nlog_dir = "/tmp/l\\u0000"\n', "instance.a.control.log_dir"),
+        ('[instance.a.control]\nenv = { "A\\nB" = "x" }\n', "instance.a.control.env:"),
+        ('[instance.a.cluster]\nnodes = 2\nleader = "h\\u0000"\n', "instance.a.cluster.leader"),
+        ('[master]\npixi_environment = "d\\n"\n', "master.pixi_environment"),
+        ('[gateway]\nhost = "0.0.0.0\\n"\n', "gateway.host"),
+    ],
+)
+def test_a_nul_or_line_break_anywhere_is_one_located_line(toml, key):
+    message = error_of(BASE + toml)
+    assert f"serve.toml: {key}" in message and "holds control characters" in message
+
+
+def test_a_nul_through_the_overrides_is_located_too():
+    overrides = json.dumps({"instance": {"control": {"env": {"X": "a\u0000"}}}})
+    message = error_of(BASE, overrides)
+    assert message.startswith(
+        "serve.toml: instance.control.env.X (instance 'default') (set by AUTO_INFER_VLLM_OVERRIDES)"
+    )
+
+
+@pytest.mark.parametrize("bracket", ["{", "["])
+def test_regression_deeply_nested_overrides_are_one_line(bracket):
+    # 20,000 levels crashed the JSON parser with RecursionError.
+    close = "}" if bracket == "{" else "]"
+    opener = '{"a":' if bracket == "{" else "["
+    overrides = opener * 20_000 + "1" + close * 20_000
+    message = error_of(BASE, overrides)
+    assert message.startswith(
+        "AUTO_INFER_VLLM_OVERRIDES: arrays or objects nested more than 32 levels deep"
+    )
+
+
+def test_overrides_are_bounded_in_size_and_never_echoed():
+    overrides = json.dumps({"instance": {"server": {"api_key": "K" * (2 * 1024 * 1024)}}})
+    message = error_of(BASE, overrides)
+    assert message.startswith("AUTO_INFER_VLLM_OVERRIDES: ")
+    assert "more than 1024 KiB" in message and "KKK" not in message
+
+
+def test_brackets_inside_override_strings_do_not_count_as_nesting():
+    overrides = json.dumps({"instance": {"server": {"extra_args": ["--chat-template", "[" * 100]}}})
+    assert parse_config(BASE, overrides=overrides).instances[0].server.extra_args[1] == "[" * 100
+
+
+def test_deeply_nested_toml_is_one_line():
+    message = error_of(BASE + "[gateway]\nx = " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert message.startswith("serve.toml: arrays or tables nested deeper than Python can read")
+    message = error_of(BASE + "[gateway]\nx = " + "[" * 40 + "]" * 40 + "\n")
+    assert message.startswith("serve.toml: arrays or tables nested more than 32 levels deep")
+
+
+def load_within(path: Path, seconds: float) -> str:
+    """load_config(path)'s error, or a failure when it has not returned within ``seconds``
+    (then a writer is opened on the FIFO, so that the stuck reader returns)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load_config(path)
+            outcome.append(None)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"load_config({path}) blocked for more than {seconds} s")
+    [error] = outcome
+    assert isinstance(error, ConfigError), error
+    return str(error)
+
+
+def test_regression_a_fifo_config_is_refused_at_once(tmp_path):
+    # `doit plan --config FIFO` waited for a writer for ever.
+    fifo = tmp_path / "serve.toml"
+    os.mkfifo(fifo)
+    assert load_within(fifo, 10) == (
+        f"{fifo}: the serve config is a FIFO (named pipe), not a regular file; pass the TOML "
+        "file itself with --config or AUTO_INFER_VLLM_CONFIG"
+    )
+
+
+def test_a_directory_or_a_device_is_not_a_config(tmp_path):
+    assert "is a directory, not a regular file" in load_within(tmp_path, 10)
+    assert "is a character device, not a regular file" in load_within(Path("/dev/null"), 10)
+
+
+def test_a_config_path_with_a_nul_byte_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="a path cannot hold a NUL byte"):
+        load_config(tmp_path / "a\0b.toml")
+
+
+def test_a_symlink_to_a_config_file_is_read(tmp_path):
+    (tmp_path / "real.toml").write_text(BASE)
+    (tmp_path / "link.toml").symlink_to(tmp_path / "real.toml")
+    assert load_config(tmp_path / "link.toml").instances[0].server.model == "/models/m"
