@@ -787,3 +787,67 @@ def test_a_symlink_to_a_config_file_is_read(tmp_path):
     (tmp_path / "real.toml").write_text(BASE)
     (tmp_path / "link.toml").symlink_to(tmp_path / "real.toml")
     assert load_config(tmp_path / "link.toml").instances[0].server.model == "/models/m"
+
+
+# --- log_dir on the host (issue 17) -----------------------------------------------------------
+
+
+def plan_check(settings, standin_prefix: Path, tmp_path: Path, log_dir: Path) -> list[str]:
+    """`doit plan --check` of one stand-in instance logging to ``log_dir``, in process: its
+    error (or "") and its warnings."""
+    import io
+
+    from conftest import free_port, standin_config
+
+    from pipeline.errors import ServeError
+    from pipeline.serve.commands.plan import plan_command
+
+    config = tmp_path / "serve.toml"
+    config.write_text(standin_config(standin_prefix, log_dir, {"a": {"port": free_port()}}))
+    warnings: list[str] = []
+    try:
+        plan_command(
+            settings, str(config), os.environ, check=True, out=io.StringIO(), say=warnings.append
+        )
+    except ServeError as exc:
+        return [str(exc), *warnings]
+    return ["", *warnings]
+
+
+def test_regression_a_log_dir_that_is_a_file_fails_plan_check(settings, standin_prefix, tmp_path):
+    # It passed `doit plan --check`; `doit serve` then failed making the folder.
+    log_file = tmp_path / "logs"
+    log_file.write_text("not a folder\n")
+    error, *warnings = plan_check(settings, standin_prefix, tmp_path, log_file)
+    assert error == (
+        f"{tmp_path / 'serve.toml'}: instance 'a': control.log_dir {log_file} is a regular file; "
+        "set log_dir to a directory"
+    )
+    assert warnings == [f"warning: {error}"]
+
+
+def test_a_log_dir_under_a_file_fails_plan_check(settings, standin_prefix, tmp_path):
+    (tmp_path / "file").write_text("")
+    error, *_ = plan_check(settings, standin_prefix, tmp_path, tmp_path / "file" / "a" / "logs")
+    assert error.endswith(
+        f"control.log_dir {tmp_path / 'file' / 'a' / 'logs'} cannot be created: "
+        f"{tmp_path / 'file'} is a regular file; set log_dir elsewhere"
+    )
+
+
+def test_a_missing_log_dir_is_made_and_an_existing_one_is_used(settings, standin_prefix, tmp_path):
+    assert plan_check(settings, standin_prefix, tmp_path, tmp_path / "new" / "logs") == [""]
+    assert not (tmp_path / "new").exists(), "planning makes nothing"
+    assert plan_check(settings, standin_prefix, tmp_path, tmp_path) == [""]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_log_dir_in_a_read_only_folder_is_refused(tmp_path):
+    from pipeline.serve.preflight import log_dir_problem
+
+    tmp_path.chmod(0o555)
+    try:
+        assert "is not writable by this user" in (log_dir_problem(tmp_path / "logs") or "")
+        assert "is not writable by this user" in (log_dir_problem(tmp_path) or "")
+    finally:
+        tmp_path.chmod(0o755)
