@@ -724,7 +724,7 @@ def test_overrides_are_bounded_in_size_and_never_echoed():
     overrides = json.dumps({"instance": {"server": {"api_key": "K" * (2 * 1024 * 1024)}}})
     message = error_of(BASE, overrides)
     assert message.startswith("AUTO_INFER_VLLM_OVERRIDES: ")
-    assert "more than 1024 KiB" in message and "KKK" not in message
+    assert "more than 1 MiB" in message and "KKK" not in message
 
 
 def test_brackets_inside_override_strings_do_not_count_as_nesting():

@@ -150,7 +150,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
     if len(text) > MAX_OVERRIDES_CHARS:
         raise ConfigError(
             f"AUTO_INFER_VLLM_OVERRIDES: {len(text)} characters, more than "
-            f"{MAX_OVERRIDES_CHARS // 1024} KiB; put the settings in the TOML file"
+            f"{MAX_OVERRIDES_CHARS // (1024 * 1024)} MiB; put the settings in the TOML file"
         )
     if _json_depth(text) > MAX_DEPTH:
         raise ConfigError(
