@@ -158,7 +158,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
              "Serve TOML for `doit plan` / `doit serve` (or `--config`)."),
     Variable("serve_overrides", ("AUTO_INFER_VLLM_OVERRIDES",), _text, None,
-             "JSON object deep-merged into the serve TOML (tables by key; lists replace). "
+             "JSON object deep-merged into the serve TOML (tables by key; lists replace); at "
+             "most 1 MiB, nested at most 32 deep. "
              "May hold keys: kept from the instances and the gateway.",
              secret=True),
     Variable("serve_state_dir", ("AUTO_INFER_VLLM_STATE_DIR",), _path, None,

@@ -274,6 +274,8 @@ HEAVY_GROUPS = {
     "test_container": "real-vllm-2",
     "test_vllm_bundle": "real-vllm-2",
     "test_serve_vllm": "real-vllm-2",
+    # vLLM's parser only (20 s): beside the group with less measured time.
+    "test_vllm_args_agree": "real-vllm-2",
 }
 
 

@@ -161,6 +161,42 @@ def test_flags_the_cluster_sets_are_refused_in_extra_args(flag):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "key"),
+    [
+        ('["--nnode", "2"]', "--nnode is read by vLLM as --nnodes", "cluster.nodes"),
+        ('["--node_rank=1"]', "--node_rank is read by vLLM as --node-rank", "cluster.rank"),
+        ('["-n2"]', "-n is set from", "cluster.nodes"),
+        ('["--master_addr", "h"]', "--master_addr is read by vLLM as --master-addr", "leader"),
+        (
+            '["--data_parallel_size", "2"]',
+            "--data_parallel_size is read by vLLM as --data-parallel-size",
+            "data_parallel",
+        ),
+    ],
+)
+def test_cluster_flags_under_other_spellings_are_refused(args, flag, key):
+    text = TWO_NODES.replace(
+        "tensor_parallel_size = 2", f"tensor_parallel_size = 2\nextra_args = {args}"
+    )
+    message = error_of(text)
+    assert f"instance.big.server.extra_args: {flag}" in message
+    assert f"{key}" in message and "on a multi-node instance; remove it" in message
+
+
+def test_pipeline_parallel_and_the_executor_count_under_any_spelling():
+    text = TWO_NODES.replace("gpu_ids = []", "gpu_ids = [0, 1]").replace(
+        "tensor_parallel_size = 2", 'tensor_parallel_size = 2\nextra_args = ["-pp", "2"]'
+    )
+    wrong = text.replace('"-pp", "2"', '"--pipeline_parallel_size", "3"')
+    assert "* pipeline_parallel_size 3 = 6 must equal" in error_of(wrong)
+    uni = TWO_NODES.replace(
+        "tensor_parallel_size = 2",
+        'tensor_parallel_size = 2\nextra_args = ["--distributed_executor_backend=uni"]',
+    )
+    assert "--distributed-executor-backend uni runs one process" in error_of(uni)
+
+
 def test_one_node_instances_keep_their_extra_args():
     # -dp on a one-node instance is vLLM's own business, as before.
     text = TWO_NODES.replace("[instance.big.cluster]\nnodes = 2\n", "").replace(

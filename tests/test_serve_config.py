@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -120,11 +122,11 @@ def test_overrides_deep_merge_into_the_document():
 
 def test_overrides_can_add_an_instance_and_replace_lists():
     overrides = json.dumps(
-        {"instance": {"extra": {"server": {"port": 9100, "extra_args": ["--a", "--b"]}}}}
+        {"instance": {"extra": {"server": {"port": 9100, "extra_args": ["--seed", "1"]}}}}
     )
     config = parse_config(BASE, overrides=overrides)
     assert [i.name for i in config.instances] == ["extra"]
-    assert config.instance("extra").server.extra_args == ["--a", "--b"]
+    assert config.instance("extra").server.extra_args == ["--seed", "1"]
 
 
 def test_deep_merge_does_not_modify_its_inputs():
@@ -614,3 +616,282 @@ def test_health_keys_are_bounded_with_one_located_line(table, bad, expected):
     else:
         text = BASE + f"[instance.{table}]\n{bad}\n"
     assert expected in error_of(text)
+
+
+# --- extra_args as vLLM reads them (issue 17): prefixes, `_` for `-`, aliases ----------------
+
+
+def extra_args_error(args: list[str]) -> str:
+    return error_of(BASE + f"[instance.a.server]\nextra_args = {json.dumps(args)}\n")
+
+
+def test_regression_extra_args_prefix_of_host_is_refused():
+    # vLLM took `--hos 0.0.0.0` as --host: an instance meant for 127.0.0.1 behind the gateway
+    # listened on every interface.
+    assert extra_args_error(["--hos", "0.0.0.0"]) == (
+        "serve.toml: instance.a.server.extra_args: --hos is read by vLLM as --host (it takes _ "
+        "for - and any unambiguous prefix), which is set from server.host; remove it here"
+    )
+
+
+def test_regression_extra_args_api_key_with_underscore_is_refused_without_the_key():
+    # `--api_key=SECRET` is vLLM's --api-key: the key went to argv, unmasked in `doit plan`.
+    message = extra_args_error(["--api_key=SECRET-4711"])
+    assert message.startswith("serve.toml: instance.a.server.extra_args: --api_key is read by ")
+    assert "as --api-key" in message and "set from server.api_key or server.api_key_env" in message
+    assert "SECRET" not in message
+    overrides = json.dumps({"instance": {"b": {"server": {"extra_args": ["--api-key.x", "K-1"]}}}})
+    message = error_of(BASE, overrides)
+    assert (
+        "instance.b.server.extra_args (set by AUTO_INFER_VLLM_OVERRIDES): --api-key is" in message
+    )
+    assert "K-1" not in message
+
+
+def test_regression_extra_args_prefix_of_port_is_refused():
+    # `--por 9` made vLLM listen on 9 while the supervisor waited on server.port for ever.
+    message = extra_args_error(["--por", "9"])
+    assert "extra_args: --por is read by vLLM as --port" in message
+    assert "set from server.port; remove it here" in message
+
+
+def test_regression_extra_args_served_model_name_with_underscores_is_refused():
+    message = extra_args_error(["--served_model_name", "x"])
+    assert "extra_args: --served_model_name is read by vLLM as --served-model-name" in message
+    assert "set from server.served_model_name" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "option", "key"),
+    [
+        (["--model_impl", "x", "--mode", "m"], "--mode", "--model", "server.model"),
+        (["--device-memory-utilization", "0.5"], "--device-memory-utilization", "", "server.gpu"),
+        (["-t", "2"], "-t", "--tensor-parallel-size", "server.tensor_parallel_size"),
+        (["-tp=2"], "-tp", "", "server.tensor_parallel_size"),
+        (["--max_model_len=99"], "--max_model_len", "--max-model-len", "server.max_model_len"),
+        (["--dt", "half"], "--dt", "--dtype", "server.dtype"),
+        (["--host.x", "0.0.0.0"], "--host", "", "server.host"),
+        (["--uds", "/tmp/s"], "--uds", "", "server.host and server.port"),
+    ],
+)
+def test_extra_args_that_vllm_reads_as_a_managed_option_are_refused(args, flag, option, key):
+    message = extra_args_error(args)
+    assert f"extra_args: {flag} " in message and key in message
+    assert option in message
+
+
+def test_an_ambiguous_prefix_of_a_managed_option_is_refused_with_its_candidates():
+    message = extra_args_error(["--mode", "x"])
+    assert "--mode is an abbreviation of --model, --model-class-overrides, --model-impl" in message
+    assert "vLLM refuses it as ambiguous" in message
+    assert "--model is set from server.model: write the option you mean in full" in message
+
+
+def test_other_options_pass_as_written_even_unknown_ones():
+    args = [
+        "--trust-remote-code",
+        "--max_num_seqs",
+        "4",
+        "--enforce-eager",
+        "--seed=1",
+        "-O3",
+        "--compilation-config.level",
+        "3",
+        "--no-such-option",
+        "--model-impl",
+        "vllm",
+        "-pp",
+        "1",
+    ]
+    config = parse_config(BASE + f"[instance.a.server]\nextra_args = {json.dumps(args)}\n")
+    assert config.instance("a").server.extra_args == args
+
+
+# --- control characters, overrides and files (issue 17) --------------------------------------
+
+
+def test_regression_a_nul_in_control_env_is_one_located_line():
+    # It passed `doit plan`; `doit serve` then died with "embedded null byte" in the log.
+    message = error_of(BASE + '[instance.a.control]\nenv = { HF_TOKEN = "hf_abc\\u0000def" }\n')
+    assert message == (
+        "serve.toml: instance.a.control.env.HF_TOKEN: the value holds control characters (NUL, "
+        "CR or LF), which no argument, environment variable or path of a served process may "
+        "hold; remove them (the value is not shown)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        (
+            '[instance.a.server]\nextra_args = ["--seed", "1\\n2"]\n',
+            "instance.a.server.extra_args.1",
+        ),
+        ('[instance.a.server]\nmodel = "/m\\r"\n', "instance.a.server.model"),
+        (
+            '[instance.a.server]\nserved_model_name = "a\\nb"\n',
+            "instance.a.server.served_model_name",
+        ),
+        ('[instance.a.control]\nlog_dir = "/tmp/l\\u0000"\n', "instance.a.control.log_dir"),
+        ('[instance.a.control]\nenv = { "A\\nB" = "x" }\n', "instance.a.control.env:"),
+        ('[instance.a.cluster]\nnodes = 2\nleader = "h\\u0000"\n', "instance.a.cluster.leader"),
+        ('[master]\npixi_environment = "d\\n"\n', "master.pixi_environment"),
+        ('[gateway]\nhost = "0.0.0.0\\n"\n', "gateway.host"),
+    ],
+)
+def test_a_nul_or_line_break_anywhere_is_one_located_line(toml, key):
+    message = error_of(BASE + toml)
+    assert f"serve.toml: {key}" in message and "holds control characters" in message
+
+
+def test_a_nul_through_the_overrides_is_located_too():
+    overrides = json.dumps({"instance": {"control": {"env": {"X": "a\u0000"}}}})
+    message = error_of(BASE, overrides)
+    assert message.startswith(
+        "serve.toml: instance.control.env.X (instance 'default') (set by AUTO_INFER_VLLM_OVERRIDES)"
+    )
+
+
+@pytest.mark.parametrize("bracket", ["{", "["])
+def test_regression_deeply_nested_overrides_are_one_line(bracket):
+    # 20,000 levels crashed the JSON parser with RecursionError.
+    close = "}" if bracket == "{" else "]"
+    opener = '{"a":' if bracket == "{" else "["
+    overrides = opener * 20_000 + "1" + close * 20_000
+    message = error_of(BASE, overrides)
+    assert message.startswith(
+        "AUTO_INFER_VLLM_OVERRIDES: arrays or objects nested more than 32 levels deep"
+    )
+
+
+def test_overrides_are_bounded_in_size_and_never_echoed():
+    overrides = json.dumps({"instance": {"server": {"api_key": "K" * (2 * 1024 * 1024)}}})
+    message = error_of(BASE, overrides)
+    assert message.startswith("AUTO_INFER_VLLM_OVERRIDES: ")
+    assert "more than 1 MiB" in message and "KKK" not in message
+
+
+def test_brackets_inside_override_strings_do_not_count_as_nesting():
+    overrides = json.dumps({"instance": {"server": {"extra_args": ["--chat-template", "[" * 100]}}})
+    assert parse_config(BASE, overrides=overrides).instances[0].server.extra_args[1] == "[" * 100
+
+
+def test_deeply_nested_toml_is_one_line():
+    message = error_of(BASE + "[gateway]\nx = " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert message.startswith("serve.toml: arrays or tables nested deeper than Python can read")
+    message = error_of(BASE + "[gateway]\nx = " + "[" * 40 + "]" * 40 + "\n")
+    assert message.startswith("serve.toml: arrays or tables nested more than 32 levels deep")
+
+
+def load_within(path: Path, seconds: float) -> str:
+    """load_config(path)'s error, or a failure when it has not returned within ``seconds``
+    (then a writer is opened on the FIFO, so that the stuck reader returns)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load_config(path)
+            outcome.append(None)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"load_config({path}) blocked for more than {seconds} s")
+    [error] = outcome
+    assert isinstance(error, ConfigError), error
+    return str(error)
+
+
+def test_regression_a_fifo_config_is_refused_at_once(tmp_path):
+    # `doit plan --config FIFO` waited for a writer for ever.
+    fifo = tmp_path / "serve.toml"
+    os.mkfifo(fifo)
+    assert load_within(fifo, 10) == (
+        f"{fifo}: the serve config is a FIFO (named pipe), not a regular file; pass the TOML "
+        "file itself with --config or AUTO_INFER_VLLM_CONFIG"
+    )
+
+
+def test_a_directory_or_a_device_is_not_a_config(tmp_path):
+    assert "is a directory, not a regular file" in load_within(tmp_path, 10)
+    assert "is a character device, not a regular file" in load_within(Path("/dev/null"), 10)
+
+
+def test_a_config_path_with_a_nul_byte_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="a path cannot hold a NUL byte"):
+        load_config(tmp_path / "a\0b.toml")
+
+
+def test_a_symlink_to_a_config_file_is_read(tmp_path):
+    (tmp_path / "real.toml").write_text(BASE)
+    (tmp_path / "link.toml").symlink_to(tmp_path / "real.toml")
+    assert load_config(tmp_path / "link.toml").instances[0].server.model == "/models/m"
+
+
+# --- log_dir on the host (issue 17) -----------------------------------------------------------
+
+
+def plan_check(settings, standin_prefix: Path, tmp_path: Path, log_dir: Path) -> list[str]:
+    """`doit plan --check` of one stand-in instance logging to ``log_dir``, in process: its
+    error (or "") and its warnings."""
+    import io
+
+    from conftest import free_port, standin_config
+
+    from pipeline.errors import ServeError
+    from pipeline.serve.commands.plan import plan_command
+
+    config = tmp_path / "serve.toml"
+    config.write_text(standin_config(standin_prefix, log_dir, {"a": {"port": free_port()}}))
+    warnings: list[str] = []
+    try:
+        plan_command(
+            settings, str(config), os.environ, check=True, out=io.StringIO(), say=warnings.append
+        )
+    except ServeError as exc:
+        return [str(exc), *warnings]
+    return ["", *warnings]
+
+
+def test_regression_a_log_dir_that_is_a_file_fails_plan_check(settings, standin_prefix, tmp_path):
+    # It passed `doit plan --check`; `doit serve` then failed making the folder.
+    log_file = tmp_path / "logs"
+    log_file.write_text("not a folder\n")
+    error, *warnings = plan_check(settings, standin_prefix, tmp_path, log_file)
+    assert error == (
+        f"{tmp_path / 'serve.toml'}: instance 'a': control.log_dir {log_file} is a regular file; "
+        "set log_dir to a directory"
+    )
+    assert warnings == [f"warning: {error}"]
+
+
+def test_a_log_dir_under_a_file_fails_plan_check(settings, standin_prefix, tmp_path):
+    (tmp_path / "file").write_text("")
+    error, *_ = plan_check(settings, standin_prefix, tmp_path, tmp_path / "file" / "a" / "logs")
+    assert error.endswith(
+        f"control.log_dir {tmp_path / 'file' / 'a' / 'logs'} cannot be created: "
+        f"{tmp_path / 'file'} is a regular file; set log_dir elsewhere"
+    )
+
+
+def test_a_missing_log_dir_is_made_and_an_existing_one_is_used(settings, standin_prefix, tmp_path):
+    assert plan_check(settings, standin_prefix, tmp_path, tmp_path / "new" / "logs") == [""]
+    assert not (tmp_path / "new").exists(), "planning makes nothing"
+    assert plan_check(settings, standin_prefix, tmp_path, tmp_path) == [""]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_log_dir_in_a_read_only_folder_is_refused(tmp_path):
+    from pipeline.serve.preflight import log_dir_problem
+
+    tmp_path.chmod(0o555)
+    try:
+        assert "is not writable by this user" in (log_dir_problem(tmp_path / "logs") or "")
+        assert "is not writable by this user" in (log_dir_problem(tmp_path) or "")
+    finally:
+        tmp_path.chmod(0o755)

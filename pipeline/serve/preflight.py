@@ -9,7 +9,9 @@ at install time by :mod:`pipeline.install.host`.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -45,6 +47,42 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def log_dir_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot hold logs, as the end of a sentence that starts with its key
+    (``control.log_dir``); None when it is a writable directory or can be made one.
+
+    It cannot when it, or the nearest of its parents that exists, is not a directory (a
+    regular file in the way), or that one is not writable: ``doit serve`` makes the missing
+    folders (``mkdir -p``) and appends to ``<log_dir>/<name>.log``."""
+    path = directory
+    while True:
+        try:
+            mode = path.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            # Missing, or under a file: `mkdir -p` would make it, unless a parent is in the way.
+            if path.parent == path:
+                return None
+            path = path.parent
+            continue
+        except OSError as exc:
+            return f"{directory} cannot be checked: {exc.strerror or exc}"
+        kind = "a regular file" if stat.S_ISREG(mode) else "not a directory"
+        if path == directory:
+            if not stat.S_ISDIR(mode):
+                return f"{directory} is {kind}; set log_dir to a directory"
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"{directory} is not writable by this user; set log_dir elsewhere"
+            return None
+        if not stat.S_ISDIR(mode):
+            return f"{directory} cannot be created: {path} is {kind}; set log_dir elsewhere"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return (
+                f"{directory} cannot be created: {path} is not writable by this user; "
+                "set log_dir elsewhere"
+            )
+        return None
+
+
 def looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
@@ -61,6 +99,7 @@ def host_problems(
     problems: list[str] = []
     src = config.source
     by_name = {i.name: i for i in config.instances}
+    log_dirs: set[Path] = set()  # each folder is checked (and reported) once
     needed = sorted({g for inst in plan.instances for g in inst.gpu_ids})
     available = gpus(environ) if needed else None
     for inst in plan.instances:
@@ -102,9 +141,19 @@ def host_problems(
         python = inst.argv[0]
         if python.startswith("/") and not Path(python).exists():
             problems.append(f"{where}: {python} does not exist; run `doit install`")
+        log_dir = Path(inst.log_file).parent
+        if log_dir not in log_dirs:
+            log_dirs.add(log_dir)
+            why = log_dir_problem(log_dir)
+            if why:
+                problems.append(f"{where}: control.log_dir {why}")
     gateway = plan.gateway
     if gateway is not None:
         where = f"{src}: gateway"
+        log_dir = Path(gateway.log_file).parent
+        why = log_dir_problem(log_dir) if log_dir not in log_dirs else None
+        if why:
+            problems.append(f"{where}: gateway.log_dir {why}")
         for name in gateway.missing_keys:
             problems.append(
                 f"{where}: gateway.api_keys_env names {name}, which is not set; export it or "

@@ -29,6 +29,7 @@ def k8s_command(
     say which Secret entries it reads. Nothing is applied; raises ConfigError/PipelineError."""
     from pipeline.fsutil import atomic_write_text
     from pipeline.serve import k8s
+    from pipeline.serve.config.loader import read_config_text
 
     path = Path(config_path) if config_path else settings.serve_config
     if path is None:
@@ -40,10 +41,7 @@ def k8s_command(
             "AUTO_INFER_VLLM_OVERRIDES is set, but the pods read only the TOML (a ConfigMap); "
             "write the change into the TOML, or unset the variable"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
+    text = read_config_text(path)  # a regular file, or ConfigError (a FIFO would block)
     pod = k8s.pod_config(text, str(path), instance)
     document = k8s.manifest(pod, instance, options)
     body = k8s.to_json(document)

@@ -22,7 +22,8 @@ dotted key and the instance, and what is allowed.
 The package: :mod:`.models` (the pydantic models, their per-field rules and the JSON schema),
 :mod:`.loader` (TOML and overrides in, merged and validated out; every message located) and
 :mod:`.checks` (the rules across keys and instances: ports, replicas, GPUs, multi-node
-sizes, gateway aliases). Import from here.
+sizes, gateway aliases) and :mod:`.vllm_args` (how vLLM reads ``extra_args``: prefixes, ``_``
+for ``-``, against vLLM's own list of options). Import from here.
 """
 
 from pipeline.serve.config.checks import executor_backend, pipeline_parallel_size

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 from pipeline.errors import ConfigError
 from pipeline.serve.config.models import (
@@ -14,54 +14,40 @@ from pipeline.serve.config.models import (
     Instance,
     ServeConfig,
 )
+from pipeline.serve.config.vllm_args import option_values, overriding, refusal
 
-# Flags the launcher sets from [instance.<name>.cluster] on a multi-node instance.
-CLUSTER_FLAGS = {
-    "--nnodes": "cluster.nodes",
-    "-n": "cluster.nodes",
-    "--node-rank": "cluster.rank (or doit serve --node-rank)",
-    "-r": "cluster.rank (or doit serve --node-rank)",
-    "--master-addr": "cluster.leader",
-    "--master-port": "cluster.master_port",
-    "--headless": "the node rank (ranks above 0 run headless)",
-    "--data-parallel-size": "cluster.data_parallel",
-    "-dp": "cluster.data_parallel",
-    "--data-parallel-address": "cluster.leader",
-    "-dpa": "cluster.leader",
+# vLLM's options (by dest) that the launcher sets from [instance.<name>.cluster] on a
+# multi-node instance; extra_args may not give them under any spelling vLLM accepts.
+CLUSTER_OPTIONS = {
+    "nnodes": "cluster.nodes",
+    "node_rank": "cluster.rank (or doit serve --node-rank)",
+    "master_addr": "cluster.leader",
+    "master_port": "cluster.master_port",
+    "headless": "the node rank (ranks above 0 run headless)",
+    "data_parallel_size": "cluster.data_parallel",
+    "data_parallel_address": "cluster.leader",
 }
 
 
-def pipeline_parallel_size(extra_args: Iterable[str]) -> int:
-    """``--pipeline-parallel-size`` / ``-pp`` from extra_args (last one wins), else 1.
+def pipeline_parallel_size(extra_args: Sequence[str]) -> int:
+    """``--pipeline-parallel-size`` (under any spelling vLLM reads as it: ``-pp``,
+    ``--pipeline_parallel_size``, a prefix) from extra_args, the last one; else 1.
 
     A value that is not a positive integer counts as 1: vLLM refuses it at start with its own
     message.
     """
     size = 1
-    args = list(extra_args)
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if flag not in ("--pipeline-parallel-size", "-pp"):
-            continue
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
+    for value in option_values(extra_args, "pipeline_parallel_size"):
         if value.isdigit() and int(value) >= 1:
             size = int(value)
     return size
 
 
-def executor_backend(extra_args: Iterable[str]) -> str | None:
-    """``--distributed-executor-backend`` from extra_args (last one wins), else None."""
-    backend = None
-    args = list(extra_args)
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if flag != "--distributed-executor-backend":
-            continue
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
-        backend = value
-    return backend
+def executor_backend(extra_args: Sequence[str]) -> str | None:
+    """``--distributed-executor-backend`` (any spelling vLLM reads as it) from extra_args, the
+    last one; else None."""
+    values = option_values(extra_args, "distributed_executor_backend")
+    return values[-1] if values else None
 
 
 class Located:
@@ -203,14 +189,12 @@ def check_cluster(inst: Instance, loc: Located) -> None:
             "(gpu_ids = []: each node runs the product / nodes workers)",
             inst.name,
         )
-    for arg in srv.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in CLUSTER_FLAGS:
-            raise loc.error(
-                loc.key(inst.name, "server", "extra_args"),
-                f"{flag} is set from {CLUSTER_FLAGS[flag]} on a multi-node instance; remove it",
-                inst.name,
-            )
+    for reading, option, where in overriding(srv.extra_args, CLUSTER_OPTIONS):
+        raise loc.error(
+            loc.key(inst.name, "server", "extra_args"),
+            refusal(reading, option, f"{where} on a multi-node instance", "remove it"),
+            inst.name,
+        )
     if executor_backend(srv.extra_args) == "uni":
         raise loc.error(
             loc.key(inst.name, "server", "extra_args"),

@@ -8,6 +8,7 @@ import difflib
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -34,26 +35,78 @@ from pipeline.serve.config.models import (
 _M = TypeVar("_M", bound=BaseModel)
 
 
+# A serve config is a few KiB; past these something else was given. The overrides arrive in
+# one environment variable (Linux caps one at 128 KiB); the deepest key of a serve config is
+# 5 tables down (instance.<name>.control.env.<VAR>).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_OVERRIDES_CHARS = 1024 * 1024
+MAX_DEPTH = 32
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 def load_config(path: Path, overrides: str | None = None) -> ServeConfig:
     """Read, merge and validate the serve TOML at ``path``.
 
     ``overrides`` is the raw ``AUTO_INFER_VLLM_OVERRIDES`` text (a JSON object) or None.
-    Raises ConfigError for a missing file, bad TOML, bad overrides or an invalid value.
+    Raises ConfigError for a missing file, one that is not a regular file, bad TOML, bad
+    overrides or an invalid value. Never blocks (see :func:`read_config_text`).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: serve config not found; pass --config or set AUTO_INFER_VLLM_CONFIG"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
+    text = read_config_text(path)
     return parse_config(
         text,
         source=str(path),
         overrides=overrides,
         base_dir=Path(os.path.normpath(path.absolute())).parent,
     )
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the serve config at ``path``, which must be a regular file.
+
+    Anything else (a FIFO, a directory, a device, a socket) is refused from its ``stat``,
+    without opening it: reading a FIFO blocks until something writes to it, and a device may
+    never end. The file is then opened non-blocking (a FIFO swapped in after the ``stat`` does
+    not block the open either) and checked again through the open descriptor. Raises
+    ConfigError naming the path and what to pass instead.
+    """
+    hint = "pass the TOML file itself with --config or AUTO_INFER_VLLM_CONFIG"
+    try:
+        kind = _not_a_file(path.stat().st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            with os.fdopen(fd, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                kind = _not_a_file(info.st_mode)
+                if kind is None and info.st_size > MAX_CONFIG_BYTES:
+                    raise ConfigError(
+                        f"{path}: the serve config is {info.st_size} bytes, more than "
+                        f"{MAX_CONFIG_BYTES // (1024 * 1024)} MiB; {hint}"
+                    )
+                if kind is None:
+                    return handle.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+        raise ConfigError(f"{path}: the serve config is {kind}, not a regular file; {hint}")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: serve config not found; pass --config or set AUTO_INFER_VLLM_CONFIG"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the serve config: {exc}") from None
+    except ValueError:
+        # os.stat refuses a path with a NUL byte (no file can have one).
+        raise ConfigError(f"{str(path)!r}: a path cannot hold a NUL byte; {hint}") from None
+
+
+def _not_a_file(mode: int) -> str | None:
+    """What a file of ``mode`` is, when it is not a regular file; None when it is one."""
+    if stat.S_ISREG(mode):
+        return None
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def parse_config(
@@ -72,13 +125,38 @@ def parse_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables recursively.
+        raise ConfigError(
+            f"{source}: arrays or tables nested deeper than Python can read; a serve config "
+            f"needs at most {MAX_DEPTH} levels"
+        ) from None
+    if _depth(document) > MAX_DEPTH:
+        raise ConfigError(
+            f"{source}: arrays or tables nested more than {MAX_DEPTH} levels deep; a serve "
+            "config needs 5"
+        )
     patch = parse_overrides(overrides) if overrides else {}
     document = deep_merge(document, patch)
     return build_config(document, source=source, overridden=_paths(patch), base_dir=base_dir)
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse ``AUTO_INFER_VLLM_OVERRIDES``: a JSON object, or ConfigError."""
+    """Parse ``AUTO_INFER_VLLM_OVERRIDES``: a JSON object, or ConfigError.
+
+    Bounded before it is parsed: at most :data:`MAX_OVERRIDES_CHARS` characters, arrays and
+    objects nested at most :data:`MAX_DEPTH` deep (Python's JSON parser recurses, and so does
+    the merge). The messages never show the text: it may hold keys."""
+    if len(text) > MAX_OVERRIDES_CHARS:
+        raise ConfigError(
+            f"AUTO_INFER_VLLM_OVERRIDES: {len(text)} characters, more than "
+            f"{MAX_OVERRIDES_CHARS // (1024 * 1024)} MiB; put the settings in the TOML file"
+        )
+    if _json_depth(text) > MAX_DEPTH:
+        raise ConfigError(
+            f"AUTO_INFER_VLLM_OVERRIDES: arrays or objects nested more than {MAX_DEPTH} levels "
+            'deep; a serve config needs 5, as in {"instance": {"server": {"port": 8001}}}'
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -92,6 +170,43 @@ def parse_overrides(text: str) -> dict[str, Any]:
             '{"instance": {"server": {"port": 8001}}}, got ' + type(value).__name__
         )
     return value
+
+
+# A JSON string (closed or not) or a bracket: strings are skipped whole, so that brackets in
+# them do not count.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+def _json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON ``text``, without parsing it (no recursion)."""
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
+def _depth(tree: Any) -> int:
+    """How deep lists and tables nest in a parsed document (iterative: no recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, Mapping):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,6 +413,17 @@ def _validate(
     instance: str | None = None,
     origin: Callable[[str], str] | None = None,
 ) -> Any:
+    bad = _line_breaking(data)
+    if bad is not None:
+        parts, what = bad
+        top = parts[0]
+        key = origin(top) if origin is not None else f"{prefix}{top}"
+        raise loc.error(
+            ".".join([key, *parts[1:]]),
+            f"{what} holds control characters (NUL, CR or LF), which no argument, environment "
+            "variable or path of a served process may hold; remove them (the value is not shown)",
+            instance,
+        )
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
@@ -317,6 +443,33 @@ def _validate(
             ) from None
         message = _describe(err, model, top)
         raise loc.error(key, message, instance) from None
+
+
+_LINE_BREAKING = re.compile(r"[\x00\r\n]")
+
+
+def _line_breaking(table: Mapping[str, Any]) -> tuple[list[str], str] | None:
+    """The first string in ``table`` (a value, or a key of a table inside, at any depth) that
+    holds a NUL byte, CR or LF: its dotted path and "the value" or "a name"; None when none.
+
+    Such a string cannot be an argument, an environment variable or a path (NUL: the kernel
+    refuses it, and ``doit serve`` failed with "embedded null byte"), and would break the
+    plan's, the logs' and the state file's lines. Iterative: the depth is bounded elsewhere."""
+    # The table's own keys are known field names (checked before).
+    stack: list[tuple[list[str], Any]] = [([str(k)], v) for k, v in reversed(table.items())]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _LINE_BREAKING.search(value):
+                return path, "the value"
+        elif isinstance(value, Mapping):
+            for key in value:
+                if isinstance(key, str) and _LINE_BREAKING.search(key):
+                    return path, "a name"
+            stack.extend(([*path, str(k)], v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(([*path, str(i)], v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 # Keys whose values are secrets (api_key, api_keys, an env var such as HF_TOKEN): an error

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import ConfigError
+from pipeline.serve.config.vllm_args import overriding, refusal
 
 RESERVED_NAMES = ("control", "server")
 DEFAULT_INSTANCE = "default"
@@ -19,18 +20,20 @@ GATEWAY_NAME = "gateway"
 # vLLM's own default when --gpu-memory-utilization is not given; used for the shared-GPU sum.
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 INSTANCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-# Flags the launcher sets from typed keys; repeating them in extra_args would contradict them.
-MANAGED_FLAGS = {
-    "--model": "server.model",
-    "--host": "server.host",
-    "--port": "server.port",
-    "--served-model-name": "server.served_model_name",
-    "--dtype": "server.dtype",
-    "--tensor-parallel-size": "server.tensor_parallel_size",
-    "-tp": "server.tensor_parallel_size",
-    "--max-model-len": "server.max_model_len",
-    "--gpu-memory-utilization": "server.gpu_memory_utilization",
-    "--api-key": "server.api_key or server.api_key_env (kept out of argv)",
+# vLLM's options (by dest: every name of one) that the launcher sets from typed keys; in
+# extra_args, under any spelling vLLM accepts, they would contradict them (a later one wins).
+MANAGED_OPTIONS = {
+    "model": "server.model",
+    "host": "server.host",
+    "port": "server.port",
+    "served_model_name": "server.served_model_name",
+    "dtype": "server.dtype",
+    "tensor_parallel_size": "server.tensor_parallel_size",
+    "max_model_len": "server.max_model_len",
+    "gpu_memory_utilization": "server.gpu_memory_utilization",
+    "api_key": "server.api_key or server.api_key_env (kept out of argv)",
+    # A Unix socket instead of host:port: the supervisor and the gateway would never reach it.
+    "uds": "server.host and server.port (vLLM is reached over TCP)",
 }
 
 
@@ -241,10 +244,10 @@ class Server(_Strict):
     @field_validator("extra_args")
     @classmethod
     def _no_managed_flags(cls, value: list[str]) -> list[str]:
-        for arg in value:
-            flag = arg.split("=", 1)[0]
-            if flag in MANAGED_FLAGS:
-                raise ValueError(f"{flag} is set from {MANAGED_FLAGS[flag]}; remove it here")
+        # Read as vLLM reads them: `--hos`, `--api_key=...` and `--por` are --host, --api-key
+        # and --port to it. The message names the flag, never a value (it may be a key).
+        for reading, option, where in overriding(value, MANAGED_OPTIONS):
+            raise ValueError(refusal(reading, option, where))
         return value
 
     @field_validator("model")
