@@ -989,3 +989,79 @@ def test_regression_a_state_file_replaced_within_one_file_time_tick_is_read_agai
     os.utime(path, ns=(old, old))
     follower.refresh()
     assert follower._signature is not None
+
+
+# ---- states a moment old --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def in_process_gateway(config: GatewayConfig, state_interval: float) -> Iterator[None]:
+    """A gateway on its own event loop in a thread, which re-reads the state file on the
+    request path only every ``state_interval`` seconds (a long one makes "a moment old"
+    deterministic: the view read at start stays until something forces a refresh)."""
+    import asyncio
+
+    from pipeline.gateway.proxy import Gateway
+
+    loop = asyncio.new_event_loop()
+    gateway = Gateway(config, say=lambda _: None, state_interval=state_interval)
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(gateway.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(gateway.drain(1.0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_regression_an_instance_ready_a_moment_ago_gets_no_503(env, tmp_path):
+    """`doit serve` returns once state.json says every instance runs; a request sent at once
+    got 503 "is starting" from a gateway whose view of the file was up to 20 ms old."""
+    state = tmp_path / "state.json"
+    write_state(state, {"beta": ("starting", None)})
+    port = free_port()
+    config = GatewayConfig(
+        host="127.0.0.1",
+        port=port,
+        keys=KEYS,
+        instances=(Upstream("beta", "127.0.0.1", env["ports"]["beta"], BETA_KEY, ("beta",)),),
+        state_file=str(state),
+    )
+    with in_process_gateway(config, state_interval=3600):
+        assert post(port, "/v1/chat/completions", {"model": "beta"})[0] == 503
+        write_state(state, {"beta": ("running", None)})
+        status, _, data = post(port, "/v1/chat/completions", {"model": "beta"})
+        assert status == 200, data
+        assert data["served_by"] == "beta"
+
+
+def test_regression_an_instance_stopped_a_moment_ago_is_said_to_be_stopped(tmp_path):
+    """`doit stop a` then a request at once: a gateway whose view was a moment old tried the
+    stopped instance and answered "does not accept connections" instead of why."""
+    state = tmp_path / "state.json"
+    write_state(state, {"gone": ("running", None)})
+    port = free_port()
+    config = GatewayConfig(
+        host="127.0.0.1",
+        port=port,
+        keys=KEYS,
+        instances=(Upstream("gone", "127.0.0.1", free_port(), None, ("gone",)),),
+        state_file=str(state),
+    )
+    with in_process_gateway(config, state_interval=3600):
+        write_state(state, {"gone": ("stopped", "stopped on request")})
+        status, headers, data = post(port, "/v1/chat/completions", {"model": "gone"})
+    assert status == 503
+    assert "instance 'gone' is stopped: stopped on request" in data["error"]["message"]
+    assert "retry-after" not in headers

@@ -144,6 +144,15 @@ class Exchange:
             self.pool.down_until = time.monotonic() + EJECT_SECONDS
             if self._failover("connect_failed"):
                 return
+            # Stopped on request a moment ago, in states up to one refresh old: say so, as a
+            # request that came a moment later would be told.
+            self.gateway.states.refresh(force=True)
+            status = self.gateway.states.status(up.name)
+            if len(self.replicas.pools) == 1 and not status.ready:
+                message, wait = unavailable(up.name, status)
+                self.gateway.metrics.error(self.model, self.instance, "not_ready")
+                self.fail(503, f"model {self.model!r} is unavailable: {message}", retry_after=wait)
+                return
             self.gateway.metrics.error(self.model, self.instance, "connect_failed")
             which = f"instance {up.name!r}"
             if len(self.replicas.pools) > 1:
@@ -386,6 +395,11 @@ def forward(client: ClientConn, req: RequestHead, body: Body, scanner: ModelScan
         replicas = found
     gateway.states.refresh()
     pool = replicas.pick(gateway)
+    if pool is None:
+        # The states may be up to one refresh interval old: an instance that became ready
+        # just now (`doit serve` has returned) must not get a 503. One stat, on this path only.
+        gateway.states.refresh(force=True)
+        pool = replicas.pick(gateway)
     if pool is None:
         _unavailable(client, req, model, replicas)
         return
