@@ -7,7 +7,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,44 @@ class Fingerprint:
             return cls.of(path.stat())
         except OSError:
             return None
+
+
+class BackgroundRemoval:
+    """Remove directory trees on worker threads while the caller goes on with its work.
+
+    For scratch trees whose removal is pure garbage collection (uv's cache of an install:
+    tens of thousands of hard links, about a second of ``unlink`` calls) and need not hold up
+    the next step. Use as a context manager: leaving the block (also by an exception or
+    Ctrl-C) waits until every tree handed over is gone, so nothing outlives the stage that
+    made it. Removal is best effort, like ``shutil.rmtree(ignore_errors=True)``: a tree left
+    by a crash is the next run's leftover to remove (its name says what it is).
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+
+    def remove(self, path: Path) -> None:
+        """Start removing ``path``; returns at once."""
+        thread = threading.Thread(
+            target=shutil.rmtree,
+            args=(path,),
+            kwargs={"ignore_errors": True},
+            name=f"remove-{path.name}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def wait(self) -> None:
+        """Block until every removal started so far has finished."""
+        while self._threads:
+            self._threads.pop().join()
+
+    def __enter__(self) -> BackgroundRemoval:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,7 @@ def install_wheels(
     label: str,
     hint: str = "see the log",
     error: type[PipelineError] = PipelineError,
+    remove_cache: Callable[[Path], None] | None = None,
 ) -> None:
     """``uv pip install`` exactly ``wheels`` (no dependencies) into ``python``'s environment.
 
@@ -74,6 +75,9 @@ def install_wheels(
     installed file with one link: no cache shares inodes with the environment afterwards.
     Wheels already installed from the same file or URL are kept (idempotent). Blocks up to
     ``timeout``; raises ``error`` (one line, :func:`pipeline.procs.run_logged`).
+    ``remove_cache`` disposes of the cache once uv has exited (default: removed before this
+    returns); the container hands it to a :class:`~pipeline.fsutil.BackgroundRemoval`, so
+    that the second of unlinking overlaps its next steps.
     """
     online = any(w.is_url for w in wheels)
     cache = scratch / f"{UV_CACHE_PREFIX}{uuid.uuid4().hex[:8]}"
@@ -119,8 +123,11 @@ def install_wheels(
             hint=hint,
         )
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
         requirements.unlink(missing_ok=True)
+        if remove_cache is None:
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            remove_cache(cache)
 
 
 __all__ = ["UV_CACHE_PREFIX", "WheelSource", "install_wheels", "uv_binary"]

@@ -36,6 +36,7 @@ from conftest import doit_env, pid_running, run_doit, wait_for
 
 from pipeline.demo.channel import build_wheel
 from pipeline.errors import BundleError, InstallError
+from pipeline.fsutil import BackgroundRemoval
 from pipeline.install.extract import extract_bundle, extract_is_current
 from pipeline.install.frozen import (
     frozen_install,
@@ -50,6 +51,8 @@ from pipeline.install.patch import patch_is_current, patch_project
 from pipeline.install.verify import modules_to_check
 from pipeline.pixi.lockfile import read_environment
 from pipeline.settings import load_settings
+from pipeline.timing import PhaseClock
+from pipeline.wheels import UV_CACHE_PREFIX
 
 HOST = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
 TOOL_OUTPUT = "tinytool 1.0: hello from libtiny 1.0"
@@ -219,6 +222,66 @@ def test_installed_wheels_say_pixis_installer_so_pixi_keeps_them(tmp_path, kit: 
     assert source.stat().st_mtime_ns <= (dist_info / "METADATA").stat().st_mtime_ns
     assert mark_wheels_as_pixis(prefix, [source]) == [dist_info.name], "idempotent"
     assert (dist_info / "INSTALLER").read_bytes() == b"uv-pixi"
+
+
+def test_install_records_where_its_time_went_and_leaves_no_uv_cache(tmp_path, kit, cache):
+    project = tmp_path / "project"
+    clock = PhaseClock()
+    extract_bundle(make_bundle(tmp_path, kit), project, environment="default", clock=clock)
+    patch_project(project, "default", say=quiet)
+    result = frozen_install(
+        project, "default", cache_dir=cache / "pkgs", facts=HOST, say=quiet, clock=clock
+    )
+
+    names = [p.name for p in result.phases]
+    assert names == [
+        *("bundle hash", "member checks", "extract", "lock check", "extract commit"),
+        *("preflight", "package hashes", "conda link", "wheel install", "wheel marking"),
+        *("verify", "record + switch", "cache removal wait"),
+    ]
+    assert all(p.wall >= 0 and p.cpu >= p.children >= 0 for p in result.phases)
+    by_name = {p.name: p for p in result.phases}
+    assert by_name["wheel install"].children > 0  # uv's CPU, a child's
+    record = installed_record(project, "default")
+    assert record is not None
+    assert [p.name for p in record.phases] == names[: names.index("verify") + 1]
+    log = ProjectPaths.of(project).install_log("default").read_text()
+    assert "# phases of this `doit install` run" in log and "cache removal wait" in log
+    state = ProjectPaths.of(project).state
+    assert not list(state.glob(f"{UV_CACHE_PREFIX}*")), "the background removal was waited for"
+
+
+def test_an_install_record_without_phases_still_reads(tmp_path, kit, cache):
+    # Records written before the phases existed have no "phases" key; a mistyped one is
+    # malformed like any other field.
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path, kit), cache)
+    path = ProjectPaths.of(project).installed_from("default")
+    document = json.loads(path.read_text())
+    assert isinstance(document["phases"], list) and document["phases"]
+    del document["phases"]
+    path.write_text(json.dumps(document))
+    record = installed_record(project, "default")
+    assert record is not None and record.phases == ()
+    path.write_text(json.dumps({**document, "phases": [["x", "1", 0, 0]]}))
+    assert installed_record(project, "default") is None
+
+
+def test_background_removal_is_waited_for_even_when_the_block_fails(tmp_path):
+    trees = []
+    for n in range(3):
+        tree = tmp_path / f"tree{n}" / "a" / "b"
+        tree.mkdir(parents=True)
+        for i in range(50):
+            (tree / f"f{i}").write_bytes(b"x")
+        trees.append(tmp_path / f"tree{n}")
+    with pytest.raises(RuntimeError), BackgroundRemoval() as garbage:
+        for tree in trees:
+            garbage.remove(tree)
+        raise RuntimeError("the install failed")
+    assert not any(tree.exists() for tree in trees)
+    with BackgroundRemoval() as garbage:
+        garbage.remove(tmp_path / "never-there")  # best effort: no error
 
 
 def test_corrupt_install_record_reads_as_none_and_installs_again(tmp_path, kit: Kit, cache):
@@ -570,6 +633,9 @@ def test_doit_install_roundtrip_then_all_up_to_date(tmp_path, kit: Kit, cache):
 
     first = run_doit(["install"], env)
     assert first.returncode == 0, first.stderr
+    (timing,) = [line for line in first.stderr.splitlines() if line.startswith("timing (s,")]
+    for phase in ("start-up", "bundle hash", "extract", "patch", "conda link", "wheel install"):
+        assert f" {phase} " in timing, timing
     assert run_in_env(project, "tinytool") == TOOL_OUTPUT
     assert run_in_env(project, "tinywheel") == "tinywheel 0.1"
     script = ProjectPaths.of(project).activation_script("default")

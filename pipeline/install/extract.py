@@ -102,6 +102,7 @@ from pipeline.install.layout import (
 )
 from pipeline.pixi.envs import host_platform
 from pipeline.pixi.lockfile import LockedEnvironment
+from pipeline.timing import PhaseClock
 
 # What an extraction owns in the project dir (replaced as a whole by the next one).
 MANAGED_NAMES = (*BUNDLE_NAMES, MANIFEST_NAME, LOCK_NAME)
@@ -163,16 +164,20 @@ def extract_bundle(
     template_dir: Path | None = None,
     host: str | None = None,
     say: Callable[[str], None] | None = None,
+    clock: PhaseClock | None = None,
 ) -> ExtractResult:
     """Extract ``bundle`` into ``project_dir`` (see the module docstring for every step).
 
     Idempotent: the same bundle again returns at once (``extracted`` False) without reading
     the tar. Blocks on the project's install lock, then for one read of the tar and one copy of
     its members. ``template_dir`` is the ``vllm-pixi/`` project used for bundles without
-    extras; ``host`` replaces this host's platform (tests). Raises BundleError; on any failure
+    extras; ``host`` replaces this host's platform (tests). Each step's wall and CPU time goes
+    into ``clock`` (bundle hash, member checks, extract, lock check, commit). Raises BundleError;
+    on any failure
     the project dir keeps its previous extraction (or none) and ``.pixi/envs`` is untouched.
     """
     say = say or reporting.say
+    clock = clock or PhaseClock()
     bundle = Path(bundle).absolute()
     paths = ProjectPaths.of(project_dir)
     host = host or host_platform()
@@ -200,6 +205,7 @@ def extract_bundle(
         if reason is None:
             digest = read_extract_stamp(paths) or ""
             return ExtractResult(bundle, digest, extracted=False, reason="nothing changed")
+        clock.begin()
         if expected is None:
             warn(
                 f"no expected sha256 for {bundle} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
@@ -222,6 +228,7 @@ def extract_bundle(
                     f"{expected_from}): the file is truncated, corrupt or not the bundle you "
                     "meant; copy it again or fix the expected sha256"
                 )
+            clock.lap("bundle hash")
             if scan_error is not None:
                 raise scan_error
             if _same_content(paths, digest, environment):
@@ -259,10 +266,12 @@ def extract_bundle(
 
             staging = paths.state / f"staging-{uuid.uuid4().hex[:12]}"
             _remove_leftovers(paths)
+            clock.lap("member checks")
             try:
                 staging.mkdir(parents=True)
                 say(f"extracting {len(kept)} members into {paths.root}")
                 _extract_members(fd, kept, staging, bundle, st)
+                clock.lap("extract")
                 source = _project_files(
                     staging,
                     paths,
@@ -276,6 +285,7 @@ def extract_bundle(
                     warn=warn,
                 )
                 lock_sha = hashlib.sha256((staging / LOCK_NAME).read_bytes()).hexdigest()
+                clock.lap("lock check")
                 _commit(paths, staging, environment)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -308,6 +318,7 @@ def extract_bundle(
         )
         write_extract_stamp(paths, digest)
         fsync_dir(paths.state)
+        clock.lap("extract commit")
         return ExtractResult(
             bundle,
             digest,

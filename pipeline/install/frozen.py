@@ -67,7 +67,13 @@ from urllib.parse import unquote
 from pipeline import __version__, reporting
 from pipeline.bundle.contents import check_lock_against_channel, read_repodata
 from pipeline.errors import InstallError, LockError
-from pipeline.fsutil import atomic_write_text, fsync_dir, os_errors_as, sha256_file
+from pipeline.fsutil import (
+    BackgroundRemoval,
+    atomic_write_text,
+    fsync_dir,
+    os_errors_as,
+    sha256_file,
+)
 from pipeline.install.extract import previous_extraction_guard
 from pipeline.install.host import HostFacts, check_virtual_packages, detect_host
 from pipeline.install.layout import (
@@ -87,6 +93,8 @@ from pipeline.pixi.lockfile import LockedEnvironment
 from pipeline.procs import run_rattler_worker
 from pipeline.rattler_worker import RattlerRequest
 from pipeline.settings import process_environ
+from pipeline.timing import PhaseClock, PhaseTime
+from pipeline.timing import table as timing_table
 from pipeline.wheels import UV_CACHE_PREFIX, WheelSource, install_wheels
 
 INSTALL_TIMEOUT = 3600.0  # linking a CUDA environment of several GB
@@ -109,6 +117,7 @@ class InstallResult:
     verify_output: str | None = None
     versions: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    phases: tuple[PhaseTime, ...] = ()
 
     def summary(self) -> str:
         if not self.installed:
@@ -175,17 +184,22 @@ def frozen_install(
     say: Callable[[str], None] | None = None,
     timeout: float = INSTALL_TIMEOUT,
     verify_timeout: float = VERIFY_TIMEOUT,
+    clock: PhaseClock | None = None,
 ) -> InstallResult:
     """Install ``environment`` of the extracted, patched project (see the module docstring).
 
     ``cache_dir`` is rattler's package cache (``<rattler cache>/pkgs``); ``verify_command`` is
     ``AUTO_INFER_VLLM_VERIFY``; ``override_cuda`` / ``override_glibc`` are the
     ``CONDA_OVERRIDE_*`` settings, and ``facts`` replaces host detection altogether (tests).
-    Idempotent: the same extraction and environment again returns at once. Blocks on the
+    ``clock`` gets each step's wall and CPU time, after the phases of the stages before it in
+    this run (extract, patch-channels); all of them go into the install record, and a table
+    into the install log. Idempotent: the same extraction and environment again returns at
+    once. Blocks on the
     install lock, then on the children (each bounded by ``timeout`` / ``verify_timeout``).
     Raises InstallError or BundleError; the previous environment is then untouched.
     """
     say = say or reporting.say
+    clock = clock or PhaseClock()
     paths = ProjectPaths.of(project_dir)
     base_env = dict(process_environ() if environ is None else environ)
     started = time.monotonic()
@@ -212,6 +226,7 @@ def frozen_install(
         reason = _current_reason(paths, environment, record)
         if reason is None:
             return InstallResult(environment, link, _link_target(link), False, "nothing changed")
+        clock.begin()
         platform = record.platform
         locked = _locked(paths, environment, platform)
 
@@ -235,6 +250,7 @@ def frozen_install(
                 f"{'; '.join(preflight.errors)}"
             )
 
+        clock.lap("preflight")
         # 3. hashes: every file against the lock
         files = record.files
         rehashed: list[str] = []
@@ -264,6 +280,7 @@ def frozen_install(
         )
         if rehashed:
             say(f"re-hashed {len(rehashed)} files changed since the extraction; all match")
+        clock.lap("package hashes")
 
         # 4. install into a new generation, built at its final path
         _remove_generations(paths, environment, keep=(_link_target(link),))
@@ -272,66 +289,81 @@ def frozen_install(
         )
         log = paths.install_log(environment)
         log.write_bytes(b"")
-        try:
-            say(f"installing {len(locked.conda)} conda packages into {generation}")
-            _install_conda(paths, locked, generation, cache_dir, log, base_env, timeout)
-            wheels = [w for w in locked.pypi if w.is_wheel]
-            if wheels:
-                say(f"installing {len(wheels)} wheels")
-                _install_wheels(paths, environment, wheels, generation, log, base_env, timeout)
-                marked = mark_wheels_as_pixis(generation, [paths.pypi / w.filename for w in wheels])
-                if len(marked) != len(wheels):
-                    say(
-                        f"warning: {len(wheels) - len(marked)} of {len(wheels)} wheels have no "
-                        f"direct_url.json naming their file under {paths.pypi}; a `pixi run` "
-                        "there would reinstall them"
+        # uv's cache (hard links to the installed files) is removed on a thread while the
+        # marking, the verify and the switch go on; the block waits for it before it ends.
+        with BackgroundRemoval() as garbage:
+            try:
+                say(f"installing {len(locked.conda)} conda packages into {generation}")
+                _install_conda(paths, locked, generation, cache_dir, log, base_env, timeout)
+                clock.lap("conda link")
+                wheels = [w for w in locked.pypi if w.is_wheel]
+                if wheels:
+                    say(f"installing {len(wheels)} wheels")
+                    _install_wheels(
+                        paths, environment, wheels, generation, log, base_env, timeout, garbage
                     )
-            # 5. the activation script; 6. the runtime verify, inside the new generation
-            write_activation_script(paths, environment)
-            verify = runtime_verify(
-                paths,
-                locked,
-                generation,
-                configured=verify_command,
-                log=log,
-                base_env=base_env,
-                timeout=verify_timeout,
-                say=say,
-            )
-            # 7. the switch, first half: the record goes into the generation
-            write_install_record(
-                generation,
-                InstallRecord(
-                    bundle=record.bundle.path,
-                    bundle_sha256=record.sha256,
-                    lock_sha256=record.lock_sha256,
-                    environment=environment,
-                    platform=platform,
-                    source=record.source,
-                    tool_version=__version__,
-                    conda_packages=len(locked.conda),
-                    pypi_packages=len(wheels),
-                    prefix=str(generation),
-                    installed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    seconds=round(time.monotonic() - started, 2),
-                    verify=verify,
-                    host=InstalledHost(
-                        glibc=host.glibc, cuda=host.cuda, cuda_source=host.cuda_source
+                    clock.lap("wheel install")
+                    files = [paths.pypi / w.filename for w in wheels]
+                    marked = mark_wheels_as_pixis(generation, files)
+                    clock.lap("wheel marking")
+                    if len(marked) != len(wheels):
+                        say(
+                            f"warning: {len(wheels) - len(marked)} of {len(wheels)} wheels have no "
+                            f"direct_url.json naming their file under {paths.pypi}; a `pixi run` "
+                            "there would reinstall them"
+                        )
+                # 5. the activation script; 6. the runtime verify, inside the new generation
+                write_activation_script(paths, environment)
+                verify = runtime_verify(
+                    paths,
+                    locked,
+                    generation,
+                    configured=verify_command,
+                    log=log,
+                    base_env=base_env,
+                    timeout=verify_timeout,
+                    say=say,
+                )
+                clock.lap("verify")
+                # 7. the switch, first half: the record goes into the generation
+                write_install_record(
+                    generation,
+                    InstallRecord(
+                        bundle=record.bundle.path,
+                        bundle_sha256=record.sha256,
+                        lock_sha256=record.lock_sha256,
+                        environment=environment,
+                        platform=platform,
+                        source=record.source,
+                        tool_version=__version__,
+                        conda_packages=len(locked.conda),
+                        pypi_packages=len(wheels),
+                        prefix=str(generation),
+                        installed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        seconds=round(time.monotonic() - started, 2),
+                        verify=verify,
+                        host=InstalledHost(
+                            glibc=host.glibc, cuda=host.cuda, cuda_source=host.cuda_source
+                        ),
+                        warnings=tuple(warnings),
+                        # Up to the verify: the record is written before the switch it precedes.
+                        phases=clock.phases,
                     ),
-                    warnings=tuple(warnings),
-                ),
-            )
-            fsync_dir(generation)
-        except BaseException:
-            shutil.rmtree(generation, ignore_errors=True)
-            raise
+                )
+                fsync_dir(generation)
+            except BaseException:
+                shutil.rmtree(generation, ignore_errors=True)
+                raise
 
-        # 7. the switch, second half: one rename, then the garbage. The generation the link
-        # pointed at until now is kept until the next install: a server started from it keeps
-        # its files.
-        previous = _link_target(link)
-        switch_link(link, generation)
-        _remove_generations(paths, environment, keep=(generation, previous))
+            # 7. the switch, second half: one rename, then the garbage. The generation the link
+            # pointed at until now is kept until the next install: a server started from it keeps
+            # its files.
+            previous = _link_target(link)
+            switch_link(link, generation)
+            _remove_generations(paths, environment, keep=(generation, previous))
+            clock.lap("record + switch")
+        clock.lap("cache removal wait")
+        _log_phases(log, clock.phases)
         return InstallResult(
             environment=environment,
             prefix=link,
@@ -345,7 +377,18 @@ def frozen_install(
             verify_output=verify.output if verify and verify.commands else None,
             versions=verify.versions if verify else (),
             warnings=tuple(warnings),
+            phases=clock.phases,
         )
+
+
+def _log_phases(log: Path, phases: Sequence[PhaseTime]) -> None:
+    """Append the run's phase table to the install log (a log that cannot be written is
+    not worth failing an install that is switched in already)."""
+    try:
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write("\n# phases of this `doit install` run\n" + timing_table(phases))
+    except OSError:
+        pass
 
 
 def switch_link(link: Path, generation: Path) -> None:
@@ -499,10 +542,12 @@ def _install_wheels(
     log: Path,
     base_env: Mapping[str, str],
     timeout: float,
+    garbage: BackgroundRemoval,
 ) -> None:
     """The locked wheel files (and nothing else) into ``generation``, offline
     (:func:`pipeline.wheels.install_wheels`; uv's private cache in ``<project>/.infer-vllm``,
-    the environment's file system). Blocks up to ``timeout``; InstallError on failure."""
+    the environment's file system, handed to ``garbage`` once uv is done). Blocks up to
+    ``timeout``; InstallError on failure."""
     python = generation / "bin" / "python"
     if not python.exists():
         raise InstallError(
@@ -519,6 +564,7 @@ def _install_wheels(
         log=log,
         timeout=timeout,
         label=f"installing {len(wheels)} wheels into {generation}",
+        remove_cache=garbage.remove,
     )
 
 

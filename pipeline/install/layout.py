@@ -53,6 +53,7 @@ from typing import Any, ClassVar
 from pipeline.errors import InstallError
 from pipeline.fsutil import Fingerprint, atomic_write_text, os_error_advice
 from pipeline.pixi.envs import pixi_env_prefix
+from pipeline.timing import PhaseTime
 
 STATE_DIR = ".infer-vllm"
 INSTALLED_FROM = ".installed-from.json"
@@ -537,8 +538,10 @@ class InstallRecord:
     verify: InstallVerify | None
     host: InstalledHost
     warnings: tuple[str, ...] = ()
+    # Where the install's time went, up to the verify (pipeline.timing); () in older records.
+    phases: tuple[PhaseTime, ...] = ()
 
-    _NESTED: ClassVar[frozenset[str]] = frozenset({"verify", "host"})
+    _NESTED: ClassVar[frozenset[str]] = frozenset({"verify", "host", "phases"})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -554,6 +557,7 @@ class InstallRecord:
                 }
             ),
             "host": _write_fields(self.host),
+            "phases": [p.to_json() for p in self.phases],
         }
 
     @classmethod
@@ -578,8 +582,26 @@ class InstallRecord:
         return cls(
             verify=verify,
             host=InstalledHost(**_read_fields(InstalledHost, host)),
+            phases=_phases(doc.get("phases", [])),
             **_read_fields(cls, doc, skip=cls._NESTED),
         )
+
+
+def _phases(value: Any) -> tuple[PhaseTime, ...]:
+    """``[[name, wall, cpu, children], ...]`` (:meth:`PhaseTime.to_json`) as PhaseTimes."""
+    if not isinstance(value, list):
+        raise _Malformed("phases")
+    phases = []
+    for row in value:
+        if (
+            not isinstance(row, list)
+            or len(row) != 4
+            or not isinstance(row[0], str)
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in row[1:])
+        ):
+            raise _Malformed("phases")
+        phases.append(PhaseTime(row[0], float(row[1]), float(row[2]), float(row[3])))
+    return tuple(phases)
 
 
 def write_install_record(generation: Path, record: InstallRecord) -> None:

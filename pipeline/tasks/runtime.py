@@ -11,12 +11,14 @@ safe.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from pipeline import reporting
 from pipeline.install.layout import ProjectPaths
 from pipeline.settings import Settings, process_environ
 from pipeline.tasks.common import SETTINGS, TaskDict
+from pipeline.timing import PhaseClock, summary
 
 # What an interrupted stage leaves (reporting.action's one line): the stages stop their
 # children and remove their half-done work on the way out, and only ever switch whole things.
@@ -29,6 +31,15 @@ _SWITCHED_WHOLE = (
 
 def _paths(settings: Settings) -> ProjectPaths:
     return ProjectPaths.of(settings.pixi_project_dir)
+
+
+@functools.cache
+def _clock() -> PhaseClock:
+    """The phase clock of this run's stages (made when the first one runs, which records
+    doit's start-up up to then): frozen-install writes them all into its record."""
+    clock = PhaseClock()
+    clock.add_startup()
+    return clock
 
 
 def task_extract() -> TaskDict:
@@ -57,6 +68,7 @@ def task_extract() -> TaskDict:
             environment=env,
             configured_sha256=settings.bundle_sha256,
             template_dir=settings.project,
+            clock=_clock(),
         )
         reporting.say(result.summary())
 
@@ -83,7 +95,9 @@ def task_patch_channels() -> TaskDict:
     def run() -> None:
         from pipeline.install.patch import patch_project
 
-        reporting.say(patch_project(paths.root, env).summary())
+        with _clock().phase("patch"):
+            result = patch_project(paths.root, env)
+        reporting.say(result.summary())
 
     return {
         "basename": "patch-channels",
@@ -118,8 +132,11 @@ def task_frozen_install() -> TaskDict:
             override_cuda=settings.conda_override_cuda,
             override_glibc=settings.conda_override_glibc,
             environ=process_environ(),
+            clock=_clock(),
         )
         reporting.say(result.summary())
+        if result.phases:
+            reporting.say(summary(result.phases))
 
     return {
         "basename": "frozen-install",
