@@ -2,23 +2,22 @@
 the cached vLLM bundle (vLLM 0.32.0, the CPU build; ``scripts/setup-vllm-bundle.sh``).
 
 Slow: importing vLLM's parser takes 10 to 20 s (19.5 s measured on a 2-core machine), so
-this is one subprocess for every case, in a HEAVY_GROUPS group; skipped, with the setup
-command, where that environment is not installed.
+this is one subprocess for every case, in a HEAVY_GROUPS group. Where that environment is
+not installed it errors with the setup command, as every real-vLLM test does (the
+``vllm_cpu_python`` fixture of ``tests/vllm_runtime.py``); it never skips.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-from pipeline.demo import vllm_bundle
-from pipeline.errors import PipelineError
 from pipeline.serve.config.models import MANAGED_OPTIONS
 from pipeline.serve.config.vllm_args import OPTIONS_FILE, read_args
-from pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -76,14 +75,9 @@ def expected(args: list[str]) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def vllm_report() -> dict[str, object]:
-    try:
-        project = vllm_bundle.installed_vllm_project(load_settings())
-    except PipelineError as exc:
-        pytest.skip(str(exc))
-    python = vllm_bundle.env_python(project)
+def vllm_report(vllm_cpu_python: Path) -> dict[str, object]:
     proc = subprocess.run(
-        [str(python), str(REPO / "scripts" / "vllm-serve-options.py"), "--parse"],
+        [str(vllm_cpu_python), str(REPO / "scripts" / "vllm-serve-options.py"), "--parse"],
         input=json.dumps(CASES),
         capture_output=True,
         text=True,
