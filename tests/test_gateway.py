@@ -66,6 +66,39 @@ def start_gateway(config: GatewayConfig, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+@contextlib.contextmanager
+def in_process_gateway(config: GatewayConfig, state_interval: float = 0.02) -> Iterator[None]:
+    """A gateway in this process, on asyncio's own event loop (not uvloop) in a thread,
+    drained and stopped on exit. ``state_interval``: how often the request path may re-read
+    the state file (a long one makes "a moment old" deterministic: the view read at start
+    stays until something forces a refresh)."""
+    import asyncio
+
+    from pipeline.gateway.proxy import Gateway
+
+    loop = asyncio.new_event_loop()
+    assert type(loop).__module__.startswith("asyncio")
+    gateway = Gateway(config, say=lambda _: None, state_interval=state_interval)
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(gateway.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(gateway.drain(1.0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 def healthy(port: int) -> bool:
     try:
         return request(port, "GET", "/health")[0] == 200
@@ -530,11 +563,6 @@ def test_a_client_disconnect_cancels_the_upstream_request(all_running):
 
 def test_the_same_gateway_runs_on_the_stdlib_event_loop(env):
     """uvloop is the default; without it the stdlib loop runs the very same code."""
-    import asyncio
-    import threading
-
-    from pipeline.gateway.proxy import Gateway
-
     port = free_port()
     config = GatewayConfig(
         host="127.0.0.1",
@@ -542,21 +570,7 @@ def test_the_same_gateway_runs_on_the_stdlib_event_loop(env):
         keys=KEYS,
         instances=(Upstream("beta", "127.0.0.1", env["ports"]["beta"], BETA_KEY, ("beta",)),),
     )
-    loop = asyncio.new_event_loop()
-    assert type(loop).__module__.startswith("asyncio")
-    gateway = Gateway(config, say=lambda _: None)
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(gateway.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
+    with in_process_gateway(config):
         status, _, data = post(port, "/v1/chat/completions", {"model": "beta"})
         assert status == 200 and data["headers"]["authorization"] == f"Bearer {BETA_KEY}"
         with stream_request(port, "beta", chunks=3, delay=0.01) as sock:
@@ -564,11 +578,6 @@ def test_the_same_gateway_runs_on_the_stdlib_event_loop(env):
             while LAST_CHUNK not in data and (piece := sock.recv(65536)):
                 data += piece
         assert data.count(b"data: {") == 3
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.drain(1.0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 # ---- HTTP/1.1 details -------------------------------------------------------------------------
@@ -992,37 +1001,6 @@ def test_regression_a_state_file_replaced_within_one_file_time_tick_is_read_agai
 
 
 # ---- states a moment old --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def in_process_gateway(config: GatewayConfig, state_interval: float) -> Iterator[None]:
-    """A gateway on its own event loop in a thread, which re-reads the state file on the
-    request path only every ``state_interval`` seconds (a long one makes "a moment old"
-    deterministic: the view read at start stays until something forces a refresh)."""
-    import asyncio
-
-    from pipeline.gateway.proxy import Gateway
-
-    loop = asyncio.new_event_loop()
-    gateway = Gateway(config, say=lambda _: None, state_interval=state_interval)
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(gateway.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.drain(1.0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def test_regression_an_instance_ready_a_moment_ago_gets_no_503(env, tmp_path):

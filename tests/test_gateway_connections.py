@@ -10,7 +10,6 @@ about. Raw sockets on loopback, every read under a timeout; memory is the gatewa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 import h11
 import pytest
 from conftest import free_port, wait_for
-from test_gateway import read_responses, request, start_gateway, stop
+from test_gateway import in_process_gateway, read_responses, request, start_gateway, stop
 
 from pipeline.gateway.config import GatewayConfig, Upstream
 
@@ -181,34 +180,14 @@ def test_pipelined_answers_wait_for_a_client_that_reads_late_and_all_arrive_in_o
 def test_pipelined_answers_resume_on_the_stdlib_event_loop_too():
     """The same flow control on asyncio's own loop (uvloop's transports are not the same
     code): a client that reads late still gets every answer."""
-    from pipeline.gateway.proxy import Gateway
-
     port = free_port()
-    loop = asyncio.new_event_loop()
-    gw = Gateway(config(port), say=lambda _: None)
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(gw.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
+    with in_process_gateway(config(port)):
         count = 2000
         with connect(port, timeout=30) as sock:
             sock.sendall(get("/metrics") * count + get("/health", "Connection: close"))
             time.sleep(0.5)
             data = read_until_closed(sock)
         assert len(re.findall(rb"HTTP/1\.1 200 OK", data)) == count + 1
-    finally:
-        asyncio.run_coroutine_threadsafe(gw.drain(1.0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def test_a_client_that_never_reads_its_answers_is_dropped_after_its_idle_time(gateway):
