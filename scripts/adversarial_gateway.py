@@ -496,46 +496,37 @@ def chat_status(t: Target, raw_body: bytes) -> int:
     return status_of(t, req("POST", "/v1/chat/completions", body=raw_body, key=True))
 
 
-@case("model")
-def escaped_duplicate_model_key_is_refused(t: Target) -> None:
-    status = chat_status(t, b'{"model":"alpha","mod\\u0065l":"hung"}')
-    check(status == 400, f"answered {status}")
+# name -> (raw body, the status a safe gateway gives); 200 means routed to alpha, which answers.
+MODEL_BODIES: dict[str, tuple[bytes, int]] = {
+    "escaped_duplicate_model_key_is_refused": (b'{"model":"alpha","mod\\u0065l":"hung"}', 400),
+    "plain_duplicate_model_key_is_refused": (
+        b'{"model":"hung","messages":[],"model":"alpha"}',
+        400,
+    ),
+    "escaped_model_value_is_read_as_json_reads_it": (b'{"model":"\\u0061lpha","messages":[]}', 200),
+    "model_only_inside_a_nested_object_is_no_model": (
+        b'{"metadata":{"model":"alpha"},"messages":[]}',
+        400,
+    ),
+    "model_that_is_not_a_string_is_refused": (b'{"model":["alpha"],"messages":[]}', 400),
+    "model_after_a_string_holding_a_model_key": (
+        b'{"x":"\\"model\\":\\"hung\\"","model":"alpha","messages":[]}',
+        200,
+    ),
+    "invalid_json_is_refused": (b'{"model":"alpha",', 400),
+}
 
 
-@case("model")
-def plain_duplicate_model_key_is_refused(t: Target) -> None:
-    status = chat_status(t, b'{"model":"hung","messages":[],"model":"alpha"}')
-    check(status == 400, f"answered {status}")
+def model_case(name: str, body: bytes, want: int) -> None:
+    def run(t: Target) -> None:
+        status = chat_status(t, body)
+        check(status == want, f"answered {status}")
+
+    CASES.append(Case("model", name, run))
 
 
-@case("model")
-def escaped_model_value_is_read_as_json_reads_it(t: Target) -> None:
-    status = chat_status(t, b'{"model":"\\u0061lpha","messages":[]}')
-    check(status == 200, f"answered {status}")
-
-
-@case("model")
-def model_only_inside_a_nested_object_is_no_model(t: Target) -> None:
-    status = chat_status(t, b'{"metadata":{"model":"alpha"},"messages":[]}')
-    check(status == 400, f"answered {status}")
-
-
-@case("model")
-def model_that_is_not_a_string_is_refused(t: Target) -> None:
-    status = chat_status(t, b'{"model":["alpha"],"messages":[]}')
-    check(status == 400, f"answered {status}")
-
-
-@case("model")
-def model_after_a_string_holding_a_model_key(t: Target) -> None:
-    status = chat_status(t, b'{"x":"\\"model\\":\\"hung\\"","model":"alpha","messages":[]}')
-    check(status == 200, f"answered {status}")
-
-
-@case("model")
-def invalid_json_is_refused(t: Target) -> None:
-    status = chat_status(t, b'{"model":"alpha",')
-    check(status == 400, f"answered {status}")
+for _name, (_body, _want) in MODEL_BODIES.items():
+    model_case(_name, _body, _want)
 
 
 @case("model")
