@@ -40,15 +40,25 @@ Comparisons (A against B):
   ``doit serve`` took (it returns once the instance is ready), and "our overhead" = A - A's
   install - B per pair. Target: median overhead <= 2 s.
 
+Fresh file systems: every run gets its own new ext4 file system (a sparse 12 GiB image made
+by ``mkfs.ext4``, loop-mounted; needs root; ``--no-fresh-fs`` runs in plain dirs and says so).
+On a file system that has just deleted the previous run's 35,000 files, ext4's inode
+allocator skips the recently deleted inodes one buffer lookup at a time, and that alone made
+the same uv install take 6.5 s or 18.5 s: the order of the runs decided the ratio. A fresh
+container volume has no such history.
 Fresh caches: every run gets a fresh project dir, a fresh rattler package cache and a fresh uv
 cache (ours keeps uv's in the project dir); nothing is shared between runs but the inputs.
 Page cache: before every run (both sides alike) ``sync``, then every input file (the bundle;
 for ``pack`` and ``floor`` the pack cache's package files, the lock, and the previous output)
 is dropped from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)``; so each run reads
 its inputs from the disk (or whatever cache the disk has below this kernel). The time of a run
-ends when its command returns (``floor``: after its ``sync``). Python writes no bytecode
-anywhere (``PYTHONDONTWRITEBYTECODE=1`` for every child, as our import check does), so no run
-leaves ``.pyc`` files that a later one reads.
+ends when its command returns (``floor``: after its ``sync``).
+Bytecode: no run reads bytecode that another run wrote (no ``PYTHONPYCACHEPREFIX``; each
+environment is new). The import of torch and vLLM writes the bytecode of what it imports on
+both sides of ``install-verify`` (ours: the verify does, so that later starts of vLLM read
+it); every other child runs with ``PYTHONDONTWRITEBYTECODE=1``. ``boot``'s B, vLLM's own
+start, reads the bytecode that one untimed start before the pairs wrote into a cache of its
+own: an environment that pip installed has its bytecode.
 
 The machine's load average is printed before and after each comparison: the figures are only
 as good as the machine is quiet. Everything lives in one temporary directory under
@@ -135,11 +145,77 @@ def warm_cache(paths: Iterable[Path]) -> None:
                 pass
 
 
-def child_env(env: dict[str, str]) -> dict[str, str]:
-    return {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+# ---- one fresh file system per run --------------------------------------------------------------
+
+VOLUME_GIB = 12  # sparse: only what a run writes takes space
 
 
-def run(argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path = REPO) -> None:
+def mount_fresh_volume(work: Path, image: Path) -> None:
+    """Make a new ext4 file system in the sparse file ``image`` and mount it on ``work``.
+
+    Why: on ext4, creating a file skips the inodes deleted in the last minute or so
+    (``recently_deleted()`` in the inode allocator) and every skip costs a buffer lookup. A
+    run that follows the removal of the previous run's 35,000 files then spends most of its
+    time in the kernel looking for inodes: the same wheels took 6.5 s to 18.5 s with uv, and
+    7 s to 18 s unzipped, depending only on what was deleted before. A container's fresh
+    volume has no such history, and each run here gets one. The inode tables and the journal
+    are written by ``mkfs`` (untimed), not lazily while a run is timed."""
+    image.unlink(missing_ok=True)
+    with image.open("wb") as fh:
+        fh.truncate(VOLUME_GIB << 30)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "check": True}
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+        **quiet,
+    )
+    subprocess.run(["mount", "-o", "loop", str(image), str(work)], **quiet)
+    os.sync()
+
+
+def unmount_volume(work: Path, image: Path) -> None:
+    subprocess.run(["umount", str(work)], check=True, stdout=subprocess.DEVNULL)
+    image.unlink(missing_ok=True)
+
+
+def fresh_fs_problem(workdir: Path) -> str | None:
+    """Why a fresh file system per run is not possible here (None: it is)."""
+    if os.geteuid() != 0:
+        return "not root (mount needs it)"
+    if shutil.which("mkfs.ext4") is None:
+        return "no mkfs.ext4"
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
+    try:
+        mount_fresh_volume(probe, probe.with_suffix(".img"))
+        unmount_volume(probe, probe.with_suffix(".img"))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return f"cannot mount a loop file system ({detail.decode(errors='replace').strip() or exc})"
+    finally:
+        probe.with_suffix(".img").unlink(missing_ok=True)
+        shutil.rmtree(probe, ignore_errors=True)
+    return None
+
+
+def child_env(env: dict[str, str], *, bytecode: bool = False) -> dict[str, str]:
+    """``env`` for a child: no shared bytecode cache (``PYTHONPYCACHEPREFIX``), and
+    ``PYTHONDONTWRITEBYTECODE=1`` unless ``bytecode`` (an import check that is to write it, as
+    ours does)."""
+    out = {k: v for k, v in env.items() if k != "PYTHONPYCACHEPREFIX"}
+    if bytecode:
+        out.pop("PYTHONDONTWRITEBYTECODE", None)
+    else:
+        out["PYTHONDONTWRITEBYTECODE"] = "1"
+    return out
+
+
+def run(
+    argv: list[str],
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    bytecode: bool = False,
+) -> None:
     """Run ``argv`` with its output appended to ``log`` (never a pipe: ``doit serve`` leaves a
     detached supervisor behind); raises SystemExit with the log's tail when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +225,7 @@ def run(argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: P
         proc = subprocess.run(
             argv,
             cwd=cwd,
-            env=child_env(env if env is not None else dict(os.environ)),
+            env=child_env(env if env is not None else dict(os.environ), bytecode=bytecode),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -243,6 +319,7 @@ class Bench:
     settings: Settings
     root: Path
     pairs: int
+    fresh_fs: bool = True
     cache: vllm_bundle.VllmCache = field(init=False)
     bundle: Path = field(init=False)
     wheel_files: list[Path] = field(init=False)
@@ -266,12 +343,18 @@ class Bench:
         ]
 
     def fresh(self, name: str) -> Path:
+        """A fresh, empty work dir for one run: on its own new ext4 file system (a loop-mounted
+        image) unless ``--no-fresh-fs``."""
         work = self.root / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        if self.fresh_fs:
+            mount_fresh_volume(work, self.root / f"{name}.img")
         return work
 
     def remove(self, work: Path) -> None:
+        if self.fresh_fs and os.path.ismount(work):
+            unmount_volume(work, self.root / f"{work.name}.img")
         shutil.rmtree(work, ignore_errors=True)
 
     # ---- install sides
@@ -325,9 +408,12 @@ class Bench:
                 work / "pu.log",
             )  # fmt: skip
             if import_check:
+                # Writing the bytecode of what it imports, as the import of a fresh environment
+                # does by default, and as our verify does.
                 run(
                     [str(out / "env" / "bin" / "python"), "-c", "import torch, vllm"],
                     work / "pu.log",
+                    bytecode=True,
                 )
 
         return timed(go)
@@ -622,7 +708,7 @@ class Bench:
                     proc = subprocess.Popen(
                         inst["argv"],
                         cwd=inst["cwd"],
-                        env=child_env(child),
+                        env=child_env(child, bytecode=True) | {"PYTHONPYCACHEPREFIX": str(pycache)},
                         stdin=subprocess.DEVNULL,
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -637,6 +723,11 @@ class Bench:
                 shutil.rmtree(f"{tmp_root}-tiny-a", ignore_errors=True)
                 self.remove(work)
 
+        # vLLM's own start is that of an environment with bytecode, as pip leaves one: a start
+        # before the pairs (untimed) writes it into a cache that B's starts read.
+        pycache = self.root / "boot-b-pycache"
+        say("[boot] B's bytecode: one start of vLLM, untimed")
+        side_b(-1)
         alternate(comp, self.pairs, side_a, side_b)
         overheads = [a - inst - b for a, inst, b in zip(comp.a, installs, comp.b, strict=True)]
         after = [a - n for a, n in zip(comp.a, installs, strict=True)]
@@ -742,6 +833,11 @@ def main() -> int:
         "--only", action="append", choices=COMPARISONS, help="run this comparison (repeatable)"
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument(
+        "--no-fresh-fs",
+        action="store_true",
+        help="run in plain dirs under --workdir, not each on a new ext4 file system",
+    )
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
@@ -752,8 +848,21 @@ def main() -> int:
     failed: list[tuple[str, str]] = []
     overheads: list[float] | None = None
     try:
-        bench = Bench(load_settings(), root, args.pairs)
+        problem = None if args.no_fresh_fs else fresh_fs_problem(root)
+        bench = Bench(
+            load_settings(), root, args.pairs, fresh_fs=problem is None and not args.no_fresh_fs
+        )
         print("\n".join(machine_info()), flush=True)
+        if bench.fresh_fs:
+            print(f"each run on a new ext4 file system ({VOLUME_GIB} GiB loop image)", flush=True)
+        else:
+            print(
+                "WARNING: runs share the file system of --workdir"
+                + (f" ({problem})" if problem else "")
+                + "; ext4 slows file creation after a big removal, so the figures depend "
+                "on what the previous run deleted",
+                flush=True,
+            )
         size = bench.bundle.stat().st_size
         print(
             f"bundle: {size / 2**20:.0f} MiB, {len(bench.conda_files)} conda package(s), "
@@ -786,6 +895,9 @@ def main() -> int:
                 print(f"  load average before / after: {before} / {load()}", flush=True)
             results.extend(got)
     finally:
+        for left in sorted(root.iterdir()) if root.is_dir() else ():
+            if os.path.ismount(left):  # a run that failed before its clean-up
+                unmount_volume(left, root / f"{left.name}.img")
         shutil.rmtree(root, ignore_errors=True)
     print()
     print("targets (issue 21):")

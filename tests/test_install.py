@@ -573,6 +573,25 @@ def test_an_isolated_verify_python_still_gets_the_import_check(tmp_path, kit: Ki
     assert "<import check>" in ProjectPaths.of(project).install_log("default").read_text()
 
 
+@pytest.mark.parametrize("verify", [None, "python -c 'import vllm'"])
+def test_the_verify_writes_the_bytecode_of_what_it_imports(tmp_path, kit: Kit, cache, verify):
+    # Even where the caller's environment says not to: later starts of vLLM then read it.
+    wheel = vllm_wheel(tmp_path, b'__version__ = "0.32.0"\n')
+    project = tmp_path / "project"
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONPATH")
+    }
+    environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    bundle = make_bundle(tmp_path, kit, wheel=wheel, verify=verify)
+    result = install(project, bundle, cache, environ=environ)
+
+    assert result.versions == (("vllm", "0.32.0"),)
+    site = ProjectPaths.of(project).env_link("default") / "lib"
+    assert [
+        p.name.split(".")[0] for p in site.glob("python*/site-packages/vllm/__pycache__/*")
+    ] == ["__init__"]
+
+
 def test_verify_none_skips_the_import_check_too(tmp_path, kit: Kit, cache):
     wheel = vllm_wheel(tmp_path, b'raise ImportError("never imported")\n')
     bundle = make_bundle(tmp_path, kit, wheel=wheel, verify=None)

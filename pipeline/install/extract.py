@@ -46,7 +46,6 @@ member, what to do. Serialized with the other stages by the project's install lo
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -81,6 +80,7 @@ from pipeline.errors import BundleError
 from pipeline.fsutil import (
     CHUNK,
     Fingerprint,
+    RangeCopier,
     fsync_dir,
     os_error_advice,
     os_error_text,
@@ -106,8 +106,6 @@ from pipeline.timing import PhaseClock
 
 # What an extraction owns in the project dir (replaced as a whole by the next one).
 MANAGED_NAMES = (*BUNDLE_NAMES, MANIFEST_NAME, LOCK_NAME)
-_COPY_CHUNK = 64 * CHUNK
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 Source = Literal["extras", "template", "channel"]
 
@@ -390,6 +388,7 @@ def _extract_members(
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`pipeline.bundle.reader.check_members`."""
     target = staging
+    copier = RangeCopier(fd)
     try:
         for member in members:
             target = staging / member.name
@@ -403,7 +402,7 @@ def _extract_members(
             mode = 0o755 if member.mode & 0o111 else 0o644
             out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
-                _copy_region(fd, out, member.offset, member.size)
+                copier.copy(out, member.offset, member.size)
             finally:
                 os.close(out)
             target.chmod(mode)
@@ -414,27 +413,6 @@ def _extract_members(
         ) from None
     if Fingerprint.of(os.fstat(fd)) != Fingerprint.of(st):
         raise BundleError(f"bundle {bundle} changed while it was extracted; run the install again")
-
-
-def _copy_region(src: int, dst: int, offset: int, size: int) -> None:
-    done = 0
-    kernel = hasattr(os, "copy_file_range")
-    while done < size:
-        count = min(_COPY_CHUNK, size - done)
-        if kernel:
-            try:
-                copied = os.copy_file_range(src, dst, count, offset + done, done)
-            except OSError as exc:
-                if exc.errno not in _NO_COPY_RANGE:
-                    raise
-                kernel = False
-                continue
-        else:
-            data = os.pread(src, count, offset + done)
-            copied = os.pwrite(dst, data, done) if data else 0
-        if copied <= 0:
-            raise OSError(errno.EIO, "unexpected end of the bundle", "bundle")
-        done += copied
 
 
 def _project_files(
