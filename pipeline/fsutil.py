@@ -17,48 +17,66 @@ from typing import IO
 
 CHUNK = 1 << 20
 _RANGE_CHUNK = 64 * CHUNK  # per kernel copy call: big enough to be fast, small enough for ^C
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_NO_KERNEL_COPY = {
+    errno.EXDEV,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EINVAL,
+    errno.EBADF,
+    errno.EPERM,
+}
 
 
 class RangeCopier:
-    """Copies byte ranges of one open file into new files, in the kernel where it can.
+    """Copies byte ranges of files into other files, in the kernel where it can.
 
     ``copy_file_range(2)`` first (a reflink or an in-kernel copy on one file system), else
-    ``sendfile(2)`` (any two files; what a bundle on another mount gets), else ``preadv`` into
-    one reused buffer. The first call that a file system refuses switches this copier to the
-    next way for good. Never a fresh buffer per read: ``os.pread`` of 64 MiB allocates and
-    page-faults its buffer every time, which made extracting a 587 MiB bundle across mounts
-    take 1.6 s of CPU where ``sendfile`` takes 0.25 s.
+    ``sendfile(2)`` (any two files: a bundle on another mount, a pack cache on another disk),
+    else ``preadv`` into one reused buffer. The first call that a file system refuses switches
+    this copier to the next way for good. Never a fresh buffer per read: ``os.pread`` of 64 MiB
+    allocates and page-faults its buffer every time, which made extracting a 587 MiB bundle
+    across mounts take 1.6 s of CPU where ``sendfile`` takes 0.25 s.
     """
 
-    def __init__(self, src: int) -> None:
-        self.src = src
+    def __init__(self) -> None:
         self.way = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
         self._buffer: bytearray | None = None
 
-    def copy(self, dst: int, offset: int, size: int) -> None:
-        """Append ``size`` bytes of the source from ``offset`` to ``dst`` (a new file, at its
-        position 0). Raises OSError (EIO when the source ends early)."""
+    def copy(
+        self,
+        src: int,
+        dst: int,
+        offset: int,
+        size: int,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Write ``size`` bytes of ``src`` from ``offset`` at ``dst``'s position, and leave that
+        position after them (``src``'s is not used). ``progress`` gets each piece's size.
+        Raises OSError (EIO when ``src`` ends early)."""
+        at = os.lseek(dst, 0, os.SEEK_CUR)
         done = 0
         while done < size:
             count = min(_RANGE_CHUNK, size - done)
-            copied = self._copy_some(dst, offset + done, count, done)
+            copied = self._copy_some(src, dst, offset + done, count, at + done)
             if copied <= 0:
                 raise OSError(errno.EIO, "unexpected end of the file copied from")
             done += copied
+            if progress is not None:
+                progress(copied)
+        os.lseek(dst, at + size, os.SEEK_SET)
 
-    def _copy_some(self, dst: int, offset: int, count: int, dst_offset: int) -> int:
+    def _copy_some(self, src: int, dst: int, offset: int, count: int, at: int) -> int:
         if self.way == "copy_file_range":
             try:
-                return os.copy_file_range(self.src, dst, count, offset, dst_offset)
+                return os.copy_file_range(src, dst, count, offset, at)
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY:
                     raise
                 self.way = "sendfile"
         if self.way == "sendfile":
             try:
-                os.lseek(dst, dst_offset, os.SEEK_SET)
-                return os.sendfile(dst, self.src, offset, count)
+                os.lseek(dst, at, os.SEEK_SET)
+                return os.sendfile(dst, src, offset, count)
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY:
                     raise
@@ -66,10 +84,10 @@ class RangeCopier:
         if self._buffer is None:
             self._buffer = bytearray(CHUNK)
         view = memoryview(self._buffer)[: min(count, CHUNK)]
-        got = os.preadv(self.src, [view], offset)
+        got = os.preadv(src, [view], offset)
         written = 0
         while written < got:
-            written += os.pwrite(dst, view[written:got], dst_offset + written)
+            written += os.pwrite(dst, view[written:got], at + written)
         return got
 
 

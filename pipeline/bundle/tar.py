@@ -33,22 +33,13 @@ from typing import TextIO
 
 from pipeline.bundle.format import TAR_DIR_MODE, TAR_FILE_MODE, TAR_GID, TAR_MTIME, TAR_UID
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, atomic_output, os_error_advice, os_error_text
+from pipeline.fsutil import CHUNK, RangeCopier, atomic_output, os_error_advice, os_error_text
 from pipeline.progress import Progress, human_bytes
 
 TAR_FORMAT = tarfile.GNU_FORMAT  # the tar crate (pixi-pack) writes GNU headers too
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
-_COPY_CHUNK = 64 * CHUNK  # per copy_file_range call: big enough to be fast, small enough for ^C
 _HASH_QUEUE = 64
-_NO_COPY_RANGE = {
-    errno.EXDEV,
-    errno.ENOSYS,
-    errno.EOPNOTSUPP,
-    errno.EINVAL,
-    errno.EBADF,
-    errno.EPERM,
-}
 
 
 @dataclass(frozen=True)
@@ -217,10 +208,11 @@ def _hash_fd(fd: int, size: int, algo: str, stop: threading.Event, buffer: bytea
 
 
 class _Copier:
-    """Copies file members into the tar: ``copy_file_range`` until the kernel refuses."""
+    """Copies file members into the tar (:class:`~pipeline.fsutil.RangeCopier`: in the kernel
+    where the file systems allow), with their two hashes read on other threads."""
 
     def __init__(self) -> None:
-        self.kernel_copy = hasattr(os, "copy_file_range")
+        self.ranges = RangeCopier()
 
     def copy(
         self,
@@ -247,31 +239,14 @@ class _Copier:
             hasher.add_file(os.dup(src), size)
             if check is not None:
                 verifier.submit(member.name, os.dup(src), size, check)
-            remaining = size
-            while remaining:
-                count = self._copy_some(src, out_fd, min(remaining, _COPY_CHUNK))
-                if count == 0:
-                    raise _changed(member)
-                remaining -= count
-                progress.update(count)
+            try:
+                self.ranges.copy(src, out_fd, 0, size, progress.update)
+            except OSError as exc:
+                if exc.errno == errno.EIO and os.fstat(src).st_size != size:
+                    raise _changed(member) from None
+                raise
         finally:
             os.close(src)
-
-    def _copy_some(self, src: int, out_fd: int, count: int) -> int:
-        if self.kernel_copy:
-            try:
-                copied = os.copy_file_range(src, out_fd, count)
-            except OSError as exc:
-                if exc.errno not in _NO_COPY_RANGE:
-                    raise
-                copied = 0
-            if copied:
-                return copied
-            # 0 before the end: this file system does not support it; read/write from now on.
-            self.kernel_copy = False
-        data = os.read(src, min(count, CHUNK))
-        _write_all(out_fd, data)
-        return len(data)
 
 
 def _changed(member: TarMember) -> BundleError:

@@ -388,7 +388,7 @@ def _extract_members(
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`pipeline.bundle.reader.check_members`."""
     target = staging
-    copier = RangeCopier(fd)
+    copier = RangeCopier()
     try:
         for member in members:
             target = staging / member.name
@@ -402,7 +402,7 @@ def _extract_members(
             mode = 0o755 if member.mode & 0o111 else 0o644
             out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
-                copier.copy(out, member.offset, member.size)
+                copier.copy(fd, out, member.offset, member.size)
             finally:
                 os.close(out)
             target.chmod(mode)
