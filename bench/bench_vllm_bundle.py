@@ -38,7 +38,9 @@ Comparisons (A against B):
   into the page cache first, as A's are just written). Both poll the same way (a chat
   completion every 20 ms until one answers). Prints both, A's install time and the time its
   ``doit serve`` took (it returns once the instance is ready), and "our overhead" = A - A's
-  install - B per pair. Target: median overhead <= 2 s.
+  install - B per pair. Target: median overhead <= 2 s. B reads the bytecode that A's
+  environment has (see Bytecode below); C, after each B, reads all of it: B - C is what a
+  first start spends compiling the server's modules, on both sides (reported).
 
 Fresh file systems: every run gets its own new ext4 file system (a sparse 12 GiB image made
 by ``mkfs.ext4``, loop-mounted; needs root; ``--no-fresh-fs`` runs in plain dirs and says so).

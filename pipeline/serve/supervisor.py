@@ -91,7 +91,7 @@ from pipeline.serve.state import StateStore, proc_start_time
 
 # An instance that stayed up this long starts a fresh count of consecutive restarts.
 STABLE_AFTER = 300.0
-PROBE_INTERVAL = 0.5
+PROBE_INTERVAL = 0.1
 FAST_PROBE_PERIOD = 5.0
 TICK = 0.05
 IDLE_TICK = 0.5
@@ -461,8 +461,9 @@ class Supervisor:
                 rec.ready_at = time.time()
                 self._enter(proc, InstanceState.RUNNING, None, "running (headless member)")
             elif now >= proc.next_probe:
-                # Probe often at first (a fast start is seen at once), then every 0.5 s:
-                # a refused connection costs next to nothing while vLLM loads.
+                # Probe every tick at first (a fast start is seen at once), then every 0.1 s:
+                # a refused connection costs next to nothing while vLLM loads, and each
+                # interval is time to the first token (0.5 s lost 0.25 s per start on average).
                 early = now - proc.started_mono < FAST_PROBE_PERIOD
                 proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
                 if as_result(self.probe(plan.health_url, self.probe_timeout), 0.0).ok:
