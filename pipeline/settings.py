@@ -171,7 +171,10 @@ VARIABLES: tuple[Variable, ...] = (
              "glibc version to assume for `__glibc`, as conda and pixi do."),
     Variable("install_verify", ("AUTO_INFER_VLLM_VERIFY",), _text, None,
              "Shell command run in a newly installed environment before it is switched in "
-             "(default: the project's `verify` task, if any; `none`: no check)."),
+             "(default: the project's `verify` task, if any; `none`: no check, and no import "
+             "of torch and vLLM). The verify and the import check write the bytecode of what "
+             "they import into the environment, even where `PYTHONDONTWRITEBYTECODE` is set, "
+             "so that vLLM's starts read it."),
     Variable("gateway_config", ("PIPELINE_GATEWAY_CONFIG",), _text, None,
              "Internal: the gateway's whole configuration (routes, instance and client keys, "
              "state file) as JSON, put in the gateway process's environment by the supervisor. "

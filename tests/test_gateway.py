@@ -293,6 +293,60 @@ def test_other_paths_and_methods(all_running):
     assert status == 404 and b"not served by the gateway" in raw
 
 
+# vLLM 0.32's dev, admin, RL and profiling paths (read in its source: the dev-mode routers of
+# entrypoints/serve/dev/ and entrypoints/rl/online/, attached when VLLM_SERVER_DEV_MODE=1;
+# /start_profile and /stop_profile with --profiler-config; the LoRA, elastic-EP, fault-
+# tolerance and scale-out ones behind their flags). vLLM's --api-key guards /v1, /v2,
+# /inference and /cohere only: none of these asks for a key. Issue 18 puts instances to
+# sleep through /sleep and /wake_up; a client must never reach them.
+VLLM_ADMIN_PATHS = [
+    ("POST", "/sleep?level=1"),
+    ("POST", "/wake_up?tags=weights"),
+    ("GET", "/is_sleeping"),
+    ("POST", "/release_kv_cache_memory"),
+    ("POST", "/collective_rpc"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/reset_mm_cache"),
+    ("POST", "/reset_encoder_cache"),
+    ("GET", "/server_info"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("POST", "/abort_requests"),
+    ("GET", "/is_paused"),
+    ("POST", "/init_weight_transfer_engine"),
+    ("POST", "/update_weights"),
+    ("GET", "/weight_info"),
+    ("GET", "/get_world_size"),
+    ("POST", "/start_profile"),
+    ("POST", "/stop_profile"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/scale_elastic_ep"),
+    ("POST", "/is_scaling_elastic_ep"),
+    ("POST", "/fault_tolerance/apply"),
+    ("POST", "/inference/v1/generate"),
+    ("POST", "/inference/v1/abort_requests"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+]
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
+def test_vllms_dev_and_admin_paths_are_never_forwarded(all_running, with_key):
+    port = all_running["port"]
+    before = {name: standin_stats(all_running, name)["requests"] for name in ("alpha", "beta")}
+    body = json.dumps({"model": "alpha", "method": "reload_weights"}).encode()
+    for method, path in VLLM_ADMIN_PATHS:
+        headers = {**(AUTH if with_key else {}), "Content-Type": "application/json"}
+        status, _, raw = request(
+            port, method, path, body=body if method == "POST" else None, headers=headers
+        )
+        expected = (404,) if with_key else (401, 404)
+        assert status in expected, (method, path, status, raw[:200])
+    after = {name: standin_stats(all_running, name)["requests"] for name in ("alpha", "beta")}
+    assert after == before, "an admin path reached an instance"
+
+
 # ---- keys -------------------------------------------------------------------------------------
 
 
