@@ -7,7 +7,7 @@ reused), and has :func:`pipeline.bundle.writer.write_bundle` write the bundle: i
 generated files and how they match pixi-pack's are the writer's (:mod:`pipeline.bundle`).
 
 Determinism and speed come from the tar writer (:mod:`pipeline.bundle.tar`): members sorted,
-fixed mtime/uid/gid/mode, files streamed with ``copy_file_range`` while two threads hash the
+fixed mtime/uid/gid/mode, files streamed in the kernel while two threads hash the
 tar and the cached files; the same lock and pixi.toml give the same bytes. A cached file that
 fails its hash makes the tar be discarded; the entry is evicted, fetched again (counted as
 downloaded) and the tar written again. A cached file that passed its hash in an earlier pack

@@ -7,9 +7,10 @@ depth-first walk with names sorted in each directory, GNU headers, fixed mtime/u
 ``tarfile``. The same members give the same bytes. Which members a bundle has is decided by
 :mod:`pipeline.bundle.writer`; this module knows nothing of bundles beyond those constants.
 
-Speed and memory: file members are streamed into the tar with ``copy_file_range`` (in-kernel
-copy; read/write fallback), never loaded whole. Two hashes run on threads while the copy goes on
-(``hashlib`` and ``preadv`` release the GIL): the tar's own sha256, in stream order, so the
+Speed and memory: file members are streamed into the tar by
+:class:`~pipeline.fsutil.RangeCopier` (``copy_file_range``, else ``sendfile`` across file
+systems, else one reused buffer), never loaded whole. Two hashes run on threads while the copy
+goes on (``hashlib`` and ``preadv`` release the GIL): the tar's own sha256, in stream order, so the
 tar is never read back; and, for the members named in ``checks``, their expected sha256 (or
 md5), so a caller that reuses cached files reads each of them once instead of twice. A mismatch
 raises :class:`MemberMismatch` and the tar is discarded. The tar goes through

@@ -19,7 +19,8 @@ reader. Verified first, safe, atomic, idempotent.
    ``<tar>.sha256`` beside it (when neither exists the sha256 is recorded, with a warning).
    ``pixi-pack.json`` must say version ``1`` and this host's platform, and the extras must hold
    together (:mod:`pipeline.bundle.metadata`).
-3. **Staging**: members are copied (``copy_file_range`` from the verified tar, no second hash)
+3. **Staging**: members are copied (:class:`~pipeline.fsutil.RangeCopier`: ``copy_file_range``,
+   else ``sendfile``, from the verified tar, no second hash)
    into ``.infer-vllm/staging-*`` inside the project dir, with ``pixi.toml`` and ``pixi.lock``
    taken from the bundle's extras (``infer-vllm-bundle.json``), else from the ``vllm-pixi/``
    template when its lock matches the bundle's channel, else generated from the channel's
