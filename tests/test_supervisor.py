@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1084,7 +1085,10 @@ def test_regression_a_busy_supervisor_is_waited_for_beyond_one_tick_window(tmp_p
     state, why = common.read_state(never, wait=0.2)
     assert state is None
     assert why.startswith(f"{never.state_file}: missing, but a supervisor (pid {os.getpid()}) runs")
-    assert "has not written it again in 0s" in why
+    # The seconds are the wait measured, not the one asked for: a loaded machine's last sleep
+    # may overrun 0.2 s by half a second or more (CI saw "1s").
+    waited = re.search(r"has not written it again in (\d+)s; `kill -TERM \d+` stops it", why)
+    assert waited is not None, why
 
 
 def test_a_stopped_supervisor_is_not_waited_for(tmp_path):
