@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from backports import zstd  # noqa: E402
 from bundle_factory import REMOTE, bundle_entries, write_bundle  # noqa: E402
 
-from pipeline.demo.channel import LocalChannel, index_channel, run_rattler_child  # noqa: E402
+from pipeline.demo.channel import LocalChannel, index_channel, install_channel  # noqa: E402
 
 MiB = 1024 * 1024
 _BLOCK = 64 * 1024
@@ -177,24 +177,7 @@ def baseline(bundle: Path, work: Path) -> None:
     out = work / "baseline"
     out.mkdir(parents=True)
     subprocess.run(["tar", "-xf", str(bundle), "-C", str(out)], check=True)
-    run_rattler_child(
-        """
-        import rattler
-        from rattler import Channel, RepoData
-        channel = Path(args[0])
-        records = []
-        for sub in ("linux-64", "noarch"):
-            repodata = channel / sub / "repodata.json"
-            if repodata.is_file():
-                records += RepoData.from_path(repodata).into_repo_data(Channel(channel.as_uri()))
-        await rattler.install(records, target_prefix=Path(args[1]), cache_dir=Path(args[2]),
-                              show_progress=False)
-        """,
-        str(out / "channel"),
-        str(out / "env"),
-        str(work / "baseline-cache" / "pkgs"),
-        timeout=1800,
-    )
+    install_channel(out / "channel", out / "env", work / "baseline-cache" / "pkgs", timeout=1800)
 
 
 def doit_env(work: Path, bundle: Path, name: str) -> dict[str, str]:

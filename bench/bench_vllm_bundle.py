@@ -86,7 +86,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +95,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.demo import cpu_vllm, vllm_bundle  # noqa: E402
-from pipeline.demo.channel import build_channel, default_recipes, run_rattler_child  # noqa: E402
+from pipeline.demo.channel import build_channel, default_recipes, install_channel  # noqa: E402
 from pipeline.pixi.lockfile import read_environment  # noqa: E402
 from pipeline.procs import group_alive, kill_group, signal_group  # noqa: E402
 from pipeline.serve.state import StateStore  # noqa: E402
@@ -367,6 +367,15 @@ class Bench:
             unmount_volume(work, self.root / f"{work.name}.img")
         shutil.rmtree(work, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def workspace(self, name: str) -> Iterator[Path]:
+        """:meth:`fresh`, removed (:meth:`remove`) when the block ends."""
+        work = self.fresh(name)
+        try:
+            yield work
+        finally:
+            self.remove(work)
+
     # ---- install sides
 
     def doit_install(self, work: Path, *, verify: bool, sync: bool = False) -> float:
@@ -392,25 +401,7 @@ class Bench:
         def go() -> None:
             out.mkdir()
             run(["tar", "-xf", str(self.bundle), "-C", str(out)], work / "pu.log")
-            run_rattler_child(
-                """
-                import rattler
-                from rattler import Channel, RepoData
-                channel = Path(args[0])
-                records = []
-                for sub in ("linux-64", "noarch"):
-                    repodata = channel / sub / "repodata.json"
-                    if repodata.is_file():
-                        records += RepoData.from_path(repodata).into_repo_data(
-                            Channel(channel.as_uri()))
-                await rattler.install(records, target_prefix=Path(args[1]),
-                                      cache_dir=Path(args[2]), show_progress=False)
-                """,
-                str(out / "channel"),
-                str(out / "env"),
-                str(work / "pu-cache"),
-                timeout=1800,
-            )
+            install_channel(out / "channel", out / "env", work / "pu-cache", timeout=1800)
             run(
                 [uv, "pip", "install", "-q", "--python", str(out / "env" / "bin" / "python"),
                  "--offline", "--no-index", "--no-deps", "--no-config", "--cache-dir",
@@ -434,21 +425,7 @@ class Bench:
         channel = self.cache.build_dir / "channel"
 
         def go() -> None:
-            run_rattler_child(
-                """
-                import rattler
-                from rattler import Channel, RepoData
-                channel = Path(args[0])
-                records = RepoData.from_path(channel / "linux-64" / "repodata.json"
-                                             ).into_repo_data(Channel(channel.as_uri()))
-                await rattler.install(records, target_prefix=Path(args[1]),
-                                      cache_dir=Path(args[2]), show_progress=False)
-                """,
-                str(channel),
-                str(env_dir),
-                str(work / "rattler"),
-                timeout=600,
-            )
+            install_channel(channel, env_dir, work / "rattler")
             site = env_dir / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
             site = site / "site-packages"
             site.mkdir(parents=True, exist_ok=True)
@@ -479,18 +456,12 @@ class Bench:
             )
 
         def side_a(i: int) -> float:
-            work = self.fresh(f"{comp.name}-a{i}")
-            try:
+            with self.workspace(f"{comp.name}-a{i}") as work:
                 return self.doit_install(work, verify=verify)
-            finally:
-                self.remove(work)
 
         def side_b(i: int) -> float:
-            work = self.fresh(f"{comp.name}-b{i}")
-            try:
+            with self.workspace(f"{comp.name}-b{i}") as work:
                 return self.pixi_unpack(work, import_check=verify)
-            finally:
-                self.remove(work)
 
         return alternate(comp, self.pairs, side_a, side_b)
 
@@ -503,18 +474,12 @@ class Bench:
         )
 
         def side_a(i: int) -> float:
-            work = self.fresh(f"floor-a{i}")
-            try:
+            with self.workspace(f"floor-a{i}") as work:
                 return self.doit_install(work, verify=False, sync=True)
-            finally:
-                self.remove(work)
 
         def side_b(i: int) -> float:
-            work = self.fresh(f"floor-b{i}")
-            try:
+            with self.workspace(f"floor-b{i}") as work:
                 return self.floor(work)
-            finally:
-                self.remove(work)
 
         inflated = sum(
             sum(info.file_size for info in zipfile.ZipFile(w).infolist()) for w in self.wheel_files

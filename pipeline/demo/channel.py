@@ -366,6 +366,31 @@ def run_rattler_child(body: str, *args: str, timeout: float = 120) -> Any:
     return json.loads(out[-1]) if out else None
 
 
+def install_channel(channel: Path, prefix: Path, cache_dir: Path, *, timeout: float = 600) -> None:
+    """Install every package of a local conda ``channel`` (its ``linux-64`` and ``noarch``
+    repodata) into ``prefix`` with ``rattler.install``: what pixi-unpack does with the channel
+    of a bundle, which the benches time as the method users would otherwise pick. Runs in a
+    child process (:func:`run_rattler_child`)."""
+    run_rattler_child(
+        """
+        import rattler
+        from rattler import Channel, RepoData
+        channel = Path(args[0])
+        records = []
+        for sub in ("linux-64", "noarch"):
+            repodata = channel / sub / "repodata.json"
+            if repodata.is_file():
+                records += RepoData.from_path(repodata).into_repo_data(Channel(channel.as_uri()))
+        await rattler.install(records, target_prefix=Path(args[1]), cache_dir=Path(args[2]),
+                              show_progress=False)
+        """,
+        str(channel),
+        str(prefix),
+        str(cache_dir),
+        timeout=timeout,
+    )
+
+
 def install_lock(
     lock_path: Path,
     prefix: Path,
