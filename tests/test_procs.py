@@ -403,6 +403,13 @@ def test_the_session_end_check_finds_a_detached_child_and_one_with_an_environmen
     script.chmod(0o755)
     own = subprocess.Popen(["sh", str(script)], env={"PATH": "/usr/bin:/bin"})
     try:
+        # Popen returns once exec has closed its pipe, which the kernel does before it lays out
+        # the new program's argv and environment: until then /proc shows both empty (CI once
+        # read them in that window). Wait for sleep's own command line.
+        cmdline = Path(f"/proc/{inherited.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while not cmdline.read_bytes().startswith(b"sleep\0") and time.monotonic() < deadline:
+            time.sleep(0.01)
         found = leftover_processes(mark, str(tmp_path))
         assert inherited.pid in found and "sleep 60" in found[inherited.pid]
         assert own.pid not in found or str(tmp_path) in found[own.pid]
