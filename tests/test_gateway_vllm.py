@@ -74,11 +74,20 @@ def test_openai_sdk_reaches_each_instance_by_model_name(served):
         assert reply.usage.completion_tokens > 0
 
 
-STREAM_TOKENS = 256
+STREAM_TOKENS = 1024
 
 
-def content_arrivals(client: openai.OpenAI) -> list[float]:
-    """When each content event of a greedy, EOS-ignoring stream from tiny-b reached the SDK."""
+def test_streaming_arrives_incrementally(served):
+    # Regressions: a fixed wall-clock spread (`> 0.05 s`) failed on a quiet machine, where the
+    # tiny model made 32 tokens in 40 ms; then "one event per token" failed on a loaded CI
+    # machine, where vLLM merged 256 tokens into 111 events (its output collector coalesces
+    # deltas a busy API server has not yet sent). Neither the event count nor the speed is the
+    # gateway's to promise. What is: a relaying gateway hands over the first token while the
+    # instance is still decoding the rest, so it arrives early in the stream's life; a
+    # buffering one hands everything over at the end. 1,024 greedy tokens take the tiny model
+    # about a second, so only a stall longer than that could make a relay look like a buffer.
+    client = openai_client(served)
+    started = time.monotonic()
     stream = client.chat.completions.create(
         model="tiny-b",
         messages=[{"role": "user", "content": "Count to ten."}],
@@ -87,29 +96,10 @@ def content_arrivals(client: openai.OpenAI) -> list[float]:
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    return [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
-
-
-def test_streaming_arrives_incrementally(served):
-    # Regression: `arrivals[-1] - arrivals[0] > 0.05` failed on a quiet machine, where the tiny
-    # model made 32 tokens in 40 ms. Instead of a fixed wall-clock spread, compare with the
-    # same stream straight from the instance: through a relaying gateway the events spread out
-    # as they do there; a buffering one would hand them over in one read (microseconds apart).
-    through = content_arrivals(openai_client(served))
-    direct = content_arrivals(
-        openai.OpenAI(
-            base_url=f"http://127.0.0.1:{served['ports']['tiny-b']}/v1",
-            api_key=INSTANCE_KEY,
-            timeout=60,
-            max_retries=0,
-        )
-    )
-    assert len(through) >= STREAM_TOKENS // 2, "one event per token or so"
-    assert len(direct) >= STREAM_TOKENS // 2
-    direct_spread = direct[-1] - direct[0]
-    assert direct_spread > 0
-    # 0.1: tolerant of a 10x load swing between the two runs, far above a buffered relay's ~0.
-    assert through[-1] - through[0] > 0.1 * direct_spread, (through[-1] - through[0], direct_spread)
+    arrivals = [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(arrivals) >= 8, len(arrivals)
+    first, last = arrivals[0] - started, arrivals[-1] - started
+    assert first < 0.5 * last, (first, last)
 
 
 def test_anthropic_sdk_with_either_header(served):
