@@ -168,9 +168,11 @@ def standin_config(
     background: bool = True,
     control: dict[str, object] | None = None,
     server: dict[str, object] | None = None,
+    extra: str = "",
 ) -> str:
     """A serve TOML for stand-in instances: ``instances`` maps name -> {port, env, ...};
-    ``control`` / ``server`` add to (or replace) the defaults tables."""
+    ``control`` / ``server`` add to (or replace) the defaults tables; ``extra`` is more TOML
+    (a [gateway] or [pool.*] table)."""
     control_defaults: dict[str, object] = {
         "log_dir": str(log_dir),
         "background": background,
@@ -203,6 +205,8 @@ def standin_config(
         if spec.get("env"):
             env = ", ".join(f"{k} = {_toml(v)}" for k, v in spec["env"].items())
             lines.append(f"env = {{ {env} }}")
+    if extra:
+        lines.append(extra)
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ from pipeline.serve.record import (
     InstanceState,
     enter,
 )
+from pipeline.serve.seams import ProbeResult
 from pipeline.serve.state import StateStore
 from pipeline.serve.supervisor import Supervisor
 
@@ -131,6 +132,8 @@ def make(settings, standin_prefix, tmp_path, world):
     def build(
         instances: dict[str, dict] | None = None,
         server: dict[str, object] | None = None,
+        extra: str = "",
+        seams: dict[str, Any] | None = None,
         **control: object,
     ) -> tuple[Supervisor, list[str]]:
         text = standin_config(
@@ -139,6 +142,7 @@ def make(settings, standin_prefix, tmp_path, world):
             instances or {"a": {"port": 18001}},
             control={"backoff_initial": 1, "backoff_max": 4, "stop_grace": 5, **control},
             server=server,
+            extra=extra,
         )
         path = tmp_path / "serve.toml"
         path.write_text(text)
@@ -146,7 +150,7 @@ def make(settings, standin_prefix, tmp_path, world):
         store = StateStore(settings.serve_state)
         store.ensure()
         lines: list[str] = []
-        return world.supervisor(plan, store, lines.append), lines
+        return world.supervisor(plan, store, lines.append, **(seams or {})), lines
 
     return build
 
@@ -609,6 +613,457 @@ def test_a_probe_that_raises_is_a_failed_probe(world, make):
         "health probe failed 1 time in a row (the probe raised RuntimeError: probe broke); "
         "gave up after restart: no"
     )
+
+
+# ---- the model pool: UNLOADED, SLEEPING, ASLEEP, WAKING, UNLOADING -------------------------
+# Two managed instances (a, b) in a pool of max_awake 1 behind the gateway. The gateway's side
+# of the control channel is a fake (FakeControl: what it was told, what it says), and so are
+# vLLM's sleep endpoints and the first request (FakeCalls; their threads are joined before the
+# tick that reads them, so every run sees the same).
+
+
+@dataclass
+class FakeControl:
+    connected: bool = True
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.inbox = self.inbox, []
+        return out
+
+    changes: int = 0
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if not self.connected:
+            return False
+        if message == {"op": "changed"}:
+            self.changes += 1
+        else:
+            self.sent.append(message)
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def released(self, ok: bool = True) -> list[str]:
+        """Answer every release asked so far; the names answered."""
+        names = [m["instance"] for m in self.sent if m["op"] == "release"]
+        self.sent = [m for m in self.sent if m["op"] != "release"]
+        self.inbox += [{"op": "released", "instance": n, "ok": ok} for n in names]
+        return names
+
+
+@dataclass
+class FakeCalls:
+    sleep_result: ProbeResult = field(default_factory=lambda: ProbeResult(True, 0.2))
+    wake_result: ProbeResult = field(default_factory=lambda: ProbeResult(True, 0.3))
+    canary_results: list[ProbeResult] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    # Each call waits for the test's next tick (Pool.tick): its outcome is read one tick after
+    # it began, whatever the threads' timing.
+    gate: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+    def sleep(self, base_url: str, timeout: float) -> ProbeResult:
+        self.gate.acquire(timeout=5)
+        self.calls.append(("sleep", base_url))
+        return self.sleep_result
+
+    def wake(self, base_url: str, timeout: float) -> ProbeResult:
+        self.gate.acquire(timeout=5)
+        self.calls.append(("wake", base_url))
+        return self.wake_result
+
+    def canary(self, base_url: str, model: str, key: str | None, timeout: float) -> ProbeResult:
+        if not self.calls or self.calls[-1][0] != "wake":
+            self.gate.acquire(timeout=5)  # after a wake: the same call
+        self.calls.append(("canary", model))
+        return self.canary_results.pop(0) if self.canary_results else ProbeResult(True, 0.01)
+
+
+@dataclass
+class Pool:
+    supervisor: Supervisor
+    control: FakeControl
+    calls: FakeCalls
+    lines: list[str]
+    world: World
+
+    def state(self, name: str) -> InstanceState:
+        return self.supervisor.procs[name].record.state
+
+    def tick(self) -> None:
+        """Let the calls begun in earlier ticks end, then tick."""
+        for proc in self.supervisor.procs.values():
+            if proc.call is not None and proc.call.result is None:
+                self.calls.gate.release()
+                proc.call.thread.join(5)
+        self.supervisor.tick()
+
+    def want(self, name: str) -> None:
+        self.control.inbox.append({"op": "want", "instance": name})
+
+    def activity(self, name: str, inflight: int, queued: int = 0) -> None:
+        self.control.inbox.append(
+            {"op": "activity", "instance": name, "inflight": inflight, "queued": queued}
+        )
+
+    def up(self, name: str) -> FakePopen:
+        """Ask for ``name`` and bring it to RUNNING through its first request."""
+        self.want(name)
+        self.tick()
+        assert self.state(name) is S.STARTING
+        popen = self.supervisor.procs[name].popen
+        self.world.healthy.add(self.supervisor.procs[name].plan.health_url)
+        self.tick()  # /health answers: the first request goes out
+        assert self.state(name) is S.STARTING
+        self.tick()
+        assert self.state(name) is S.RUNNING
+        return popen
+
+    def put_away(self, name: str, *, idle_for: float = 10) -> None:
+        """Let ``name`` idle past its idle_timeout and confirm the release."""
+        self.world.now += idle_for
+        self.tick()
+        assert self.control.released() == [name]
+        self.tick()
+
+
+@pytest.fixture
+def pool(make, world):
+    def build(*, sleep: bool = True, idle_timeout: float = 5, **control: object) -> Pool:
+        fake_control, calls = FakeControl(), FakeCalls()
+        gpu = {"gpu_ids": [0]} if sleep else {}
+        instances = {
+            name: {"port": port, "control": {"start": "on-demand", **gpu}}
+            for name, port in (("a", 18001), ("b", 18002))
+        }
+        extra = (
+            "[gateway]\nenable = true\nport = 18999\n"
+            '[pool.p]\ninstances = ["a", "b"]\nmax_awake = 1\n'
+        )
+        supervisor, lines = make(
+            instances,
+            server={"gpu_memory_utilization": 0.4},
+            extra=extra,
+            seams={"control": fake_control, "pool_calls": calls},
+            idle_timeout=idle_timeout,
+            **control,
+        )
+        world.healthy.add(supervisor.procs["gateway"].plan.health_url)
+        supervisor.tick()
+        supervisor.tick()
+        return Pool(supervisor, fake_control, calls, lines, world)
+
+    return build
+
+
+def asleep(p: Pool, name: str = "a") -> FakePopen:
+    popen = p.up(name)
+    p.put_away(name)
+    assert p.state(name) is S.SLEEPING
+    p.tick()
+    assert p.state(name) is S.ASLEEP
+    return popen
+
+
+def test_transition_pending_to_unloaded(pool):
+    p = pool()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.UNLOADED and rec.reason == "starts on the first request for it"
+    assert rec.managed and rec.pool == "p"
+    assert [popen.argv[-1] for popen in p.world.spawned] == ["pipeline.gateway"], (
+        "only the gateway starts at boot"
+    )
+    assert p.supervisor.settled
+
+
+def test_transition_unloaded_to_starting(pool):
+    p = pool()
+    p.want("a")
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.STARTING and rec.wakes == 1
+    assert "--enable-sleep-mode" in p.supervisor.procs["a"].popen.argv
+    assert p.supervisor.procs["a"].popen.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert p.state("b") is S.UNLOADED
+
+
+def test_transition_unloaded_to_stopped(pool):
+    p = pool()
+    p.supervisor.request_stop(["a"])
+    assert p.state("a") is S.STOPPED and p.world.signals == []
+
+
+def test_transition_running_to_sleeping(pool):
+    p = pool()
+    p.up("a")
+    p.world.now += 4.9
+    p.tick()
+    assert p.control.sent == [], "not idle long enough"
+    p.world.now += 0.1
+    p.tick()
+    assert p.control.sent == [{"op": "release", "instance": "a"}]
+    assert p.state("a") is S.RUNNING, "nothing happens before the gateway confirms"
+    p.control.released()
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.SLEEPING and rec.reason == "idle for 5s (idle_timeout)"
+    assert p.lines[-1] == "serve: a: putting to sleep (idle for 5s (idle_timeout))"
+
+
+def test_transition_running_to_unloading(pool):
+    p = pool(sleep=False)
+    popen = p.up("a")
+    assert "--enable-sleep-mode" not in popen.argv, "no GPU: the CPU build has no sleep mode"
+    p.put_away("a")
+    assert p.state("a") is S.UNLOADING
+    assert p.world.signals[-1] == (popen.pid, "SIGTERM")
+
+
+def test_transition_sleeping_to_asleep(pool):
+    p = pool()
+    p.up("a")
+    p.put_away("a")
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.ASLEEP and rec.put_away == "sleep" and rec.pid is not None
+    assert ("sleep", rec.base_url) in p.calls.calls
+    assert p.lines[-1] == "serve: a: asleep in 0.2s"
+    assert p.supervisor.settled
+
+
+def test_transition_sleeping_to_unloading(pool):
+    p = pool()
+    p.calls.sleep_result = ProbeResult(False, 0.1, "/sleep answered 500")
+    popen = p.up("a")
+    p.put_away("a")
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.UNLOADING
+    assert rec.reason == "sleeping failed (/sleep answered 500); stopped instead"
+    assert p.world.signals[-1] == (popen.pid, "SIGTERM")
+
+
+def test_transition_sleeping_to_unloaded(pool):
+    p = pool()
+    popen = p.up("a")
+    p.put_away("a")
+    p.world.exit(popen, -9)
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.UNLOADED and rec.put_away == "stop"
+    assert rec.reason == "exited while sleeping (killed by SIGKILL)"
+
+
+def test_transition_sleeping_to_stopping(pool):
+    p = pool()
+    popen = p.up("a")
+    p.put_away("a")
+    p.supervisor.request_stop(["a"])
+    assert p.state("a") is S.STOPPING and p.world.signals[-1] == (popen.pid, "SIGTERM")
+
+
+def test_transition_sleeping_to_stopped(pool):
+    p = pool()
+    p.up("a")
+    p.put_away("a")
+    p.supervisor._kill_all_now()
+    assert p.state("a") is S.STOPPED
+
+
+def test_transition_asleep_to_waking(pool):
+    p = pool()
+    asleep(p)
+    p.want("a")
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.WAKING and rec.wakes == 2
+
+
+def test_transition_asleep_to_unloaded(pool):
+    p = pool()
+    popen = asleep(p)
+    p.world.exit(popen, 1)
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.UNLOADED and rec.reason == "exited while asleep (exit code 1)"
+
+
+def test_transition_asleep_to_stopping(pool):
+    p = pool()
+    popen = asleep(p)
+    p.supervisor.request_stop()
+    assert p.state("a") is S.STOPPING and (popen.pid, "SIGTERM") in p.world.signals
+
+
+def test_transition_asleep_to_stopped(pool):
+    p = pool()
+    asleep(p)
+    p.supervisor._kill_all_now()
+    assert p.state("a") is S.STOPPED
+
+
+def test_transition_waking_to_running(pool):
+    p = pool()
+    asleep(p)
+    p.want("a")
+    p.tick()
+    p.tick()
+    assert p.state("a") is S.RUNNING
+    # The wake, then the first request, before RUNNING.
+    assert p.calls.calls[-2:] == [("wake", p.supervisor.procs["a"].plan.base_url), ("canary", "a")]
+
+
+def test_transition_waking_to_backoff(pool):
+    # A bad first answer after the wake is a failed wake: the restart rules apply.
+    p = pool()
+    popen = asleep(p)
+    p.calls.canary_results.append(ProbeResult(False, 0.1, "the first request answered 500"))
+    p.want("a")
+    p.tick()
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.BACKOFF
+    assert rec.reason == "waking failed: the first request after it: the first request answered 500"
+    assert (popen.pid, "SIGTERM") in p.world.signals
+
+
+def test_transition_waking_to_failed(pool):
+    p = pool(restart="no")
+    asleep(p)
+    p.calls.wake_result = ProbeResult(False, 1.0, "/wake_up answered 500")
+    p.want("a")
+    p.tick()
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.FAILED
+    assert rec.reason == "waking failed: /wake_up answered 500; gave up after restart: no"
+
+
+def test_transition_waking_to_stopping(pool):
+    p = pool()
+    asleep(p)
+    p.want("a")
+    p.tick()
+    p.supervisor.request_stop(["a"])
+    assert p.state("a") is S.STOPPING
+
+
+def test_transition_waking_to_stopped(pool):
+    p = pool()
+    asleep(p)
+    p.want("a")
+    p.tick()
+    p.supervisor._kill_all_now()
+    assert p.state("a") is S.STOPPED
+
+
+def test_transition_unloading_to_unloaded(pool):
+    p = pool(sleep=False)
+    popen = p.up("a")
+    p.put_away("a")
+    p.world.exit(popen, 0)
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.UNLOADED and rec.put_away == "stop" and rec.pid is None
+    assert p.lines[-1] == "serve: a: put away (stopped)"
+
+
+def test_transition_unloading_to_stopping(pool):
+    p = pool(sleep=False)
+    p.up("a")
+    p.put_away("a")
+    p.supervisor.request_stop(["a"])
+    assert p.state("a") is S.STOPPING
+
+
+def test_transition_unloading_to_stopped(pool):
+    p = pool(sleep=False)
+    p.up("a")
+    p.put_away("a")
+    p.supervisor._kill_all_now()
+    assert p.state("a") is S.STOPPED
+
+
+# ---- the model pool: eviction, budgets, the first request -----------------------------------
+
+
+def test_a_wanted_instance_waits_for_the_idle_one_to_sleep_first(pool):
+    p = pool(idle_timeout=0)
+    p.up("a")
+    p.want("b")
+    p.tick()
+    assert p.state("b") is S.UNLOADED, "never two awake in a pool of one"
+    assert p.control.released() == ["a"]
+    p.tick()
+    assert (p.state("a"), p.state("b")) == (S.SLEEPING, S.UNLOADED)
+    p.tick()  # a confirmed asleep; b starts in the same tick
+    assert (p.state("a"), p.state("b")) == (S.ASLEEP, S.STARTING)
+    assert p.supervisor.procs["a"].record.reason == "to make room for b"
+
+
+def test_a_busy_instance_is_never_put_away(pool):
+    p = pool(idle_timeout=0)
+    p.up("a")
+    p.activity("a", inflight=2)
+    p.want("b")
+    p.tick()
+    assert p.control.sent == [] and p.state("b") is S.UNLOADED, "b waits"
+    p.world.now += 100
+    p.tick()
+    assert p.control.sent == [], "still busy"
+    p.activity("a", inflight=0)
+    p.tick()
+    assert p.control.released() == ["a"]
+
+
+def test_a_release_the_gateway_refuses_keeps_the_instance(pool):
+    # A request reached the gateway between the supervisor's view and its question.
+    p = pool()
+    p.up("a")
+    p.world.now += 10
+    p.tick()
+    p.control.released(ok=False)
+    p.tick()
+    assert p.state("a") is S.RUNNING
+
+
+def test_no_release_without_the_gateway(pool):
+    p = pool()
+    p.up("a")
+    p.control.connected = False
+    p.world.now += 100
+    p.tick()
+    assert p.control.sent == [] and p.state("a") is S.RUNNING
+
+
+def test_a_bad_first_answer_after_a_start_is_a_failed_start(pool):
+    p = pool()
+    p.calls.canary_results.append(
+        ProbeResult(False, 0.1, "the first request's answer is malformed")
+    )
+    p.want("a")
+    p.tick()
+    p.world.healthy.add(p.supervisor.procs["a"].plan.health_url)
+    p.tick()
+    p.tick()
+    rec = p.supervisor.procs["a"].record
+    assert rec.state is S.BACKOFF
+    assert rec.reason == (
+        "the first request after the start failed: the first request's answer is malformed"
+    )
+
+
+def test_the_gateway_hears_of_every_state_change(pool):
+    p = pool()
+    before = p.control.changes
+    p.tick()
+    assert p.control.changes == before, "nothing changed"
+    p.want("a")
+    p.tick()
+    assert p.control.changes == before + 1
 
 
 # ---- refusals and the table itself --------------------------------------------------------

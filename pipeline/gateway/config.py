@@ -23,6 +23,8 @@ BODY_TIMEOUT = 60.0
 UPSTREAM_TIMEOUT = 600.0
 MAX_BODY = 64 * 1024 * 1024
 MAX_CONNECTIONS = 4096
+MAX_QUEUED = 256
+QUEUE_TIMEOUT = 600.0
 
 
 class GatewayConfigError(ValueError):
@@ -38,6 +40,9 @@ class Upstream:
     port: int
     key: str | None = field(default=None, repr=False)
     models: tuple[str, ...] = ()
+    # May be put away and brought back: a request for it while it is not running is held
+    # while the supervisor starts or wakes it (it needs ``control_socket``).
+    managed: bool = False
 
     @property
     def base_url(self) -> str:
@@ -63,6 +68,11 @@ class GatewayConfig:
     keys: tuple[str, ...] = field(default=(), repr=False)
     instances: tuple[Upstream, ...] = ()
     state_file: str = ""
+    # The supervisor's control socket (empty: none; requests are never held) and how many
+    # requests per model are held, for how long, while a managed instance starts or wakes.
+    control_socket: str = ""
+    max_queued: int = MAX_QUEUED
+    queue_timeout: float = QUEUE_TIMEOUT
     access_log: bool = False
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
@@ -86,6 +96,9 @@ class GatewayConfig:
             "port": self.port,
             "keys": list(self.keys),
             "state_file": self.state_file,
+            "control_socket": self.control_socket,
+            "max_queued": self.max_queued,
+            "queue_timeout": self.queue_timeout,
             "access_log": self.access_log,
             "header_timeout": self.header_timeout,
             "body_timeout": self.body_timeout,
@@ -99,6 +112,7 @@ class GatewayConfig:
                     "port": up.port,
                     "key": up.key,
                     "models": list(up.models),
+                    "managed": up.managed,
                 }
                 for up in self.instances
             ],
@@ -125,6 +139,7 @@ class GatewayConfig:
                     port=int(item["port"]),
                     key=None if item.get("key") is None else str(item["key"]),
                     models=tuple(str(m) for m in item["models"]),
+                    managed=bool(item.get("managed", False)),
                 )
                 for item in data["instances"]
             )
@@ -134,6 +149,9 @@ class GatewayConfig:
                 keys=tuple(str(k) for k in data["keys"]),
                 instances=instances,
                 state_file=str(data.get("state_file") or ""),
+                control_socket=str(data.get("control_socket") or ""),
+                max_queued=int(data.get("max_queued", MAX_QUEUED)),
+                queue_timeout=float(data.get("queue_timeout", QUEUE_TIMEOUT)),
                 access_log=bool(data.get("access_log", False)),
                 header_timeout=float(data.get("header_timeout", HEADER_TIMEOUT)),
                 body_timeout=float(data.get("body_timeout", BODY_TIMEOUT)),

@@ -48,6 +48,7 @@ from pipeline.serve.config import (
     executor_backend,
     pipeline_parallel_size,
 )
+from pipeline.serve.config.checks import gpu_share
 from pipeline.settings import SECRET_VARIABLES, package_pythonpath
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -104,6 +105,18 @@ class InstancePlan(BaseModel):
     env_remove: tuple[str, ...] = ()
     # This node's member of a multi-node instance (None: a one-node instance).
     member: Member | None = None
+    # The model pool (docs/serve-config.md, "On-demand models"). managed: the instance may be
+    # put away and brought back (on-demand, an idle timeout, or a pool); on_demand: it waits
+    # for its first request instead of starting at boot; sleep: it runs with vLLM's sleep
+    # mode and is put to sleep (level 1), else it is stopped; pool and max_awake: its pool;
+    # gpu_share: the fraction of each of its GPUs it may take, for the run-time memory rule.
+    managed: bool = False
+    on_demand: bool = False
+    idle_timeout: float = 0.0
+    sleep: bool = False
+    pool: str | None = None
+    max_awake: int = 0
+    gpu_share: float = 0.0
 
     def display_env(self) -> dict[str, str]:
         """The added environment as shown to people: secrets masked."""
@@ -403,7 +416,8 @@ def build_plan(
     secret_vars = key_variables(config)
     # Instances come sorted by name and a chain always waits for an earlier name, so this
     # order is also a valid start order.
-    after = start_order(enabled)
+    # On-demand instances start when asked, one at a time per GPU (the supervisor's rule).
+    after = start_order(tuple(i for i in enabled if not i.on_demand))
     instances = []
     for inst in enabled:
         ctl, srv = inst.control, inst.server
@@ -452,6 +466,17 @@ def build_plan(
                     "platform restarts the group",
                 )
         port = 0 if follower else srv.port
+        managed = gateway_on and config.managed(inst)
+        # vLLM's sleep mode exists on CUDA, ROCm and XPU; the CPU build refuses the flag.
+        sleep = managed and ctl.unload == "sleep" and bool(ctl.gpu_ids)
+        if managed and ctl.unload == "sleep" and not ctl.gpu_ids:
+            notes += ("no GPU (the CPU build has no sleep mode): put away means stopped",)
+        if sleep:
+            args += ["--enable-sleep-mode"]
+            # vLLM serves /sleep and /wake_up only in dev mode; they take no key, so the
+            # instance listens on loopback behind the gateway, which never forwards them.
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        group = config.pool_of(inst.name) if managed else None
         instances.append(
             InstancePlan(
                 name=inst.name,
@@ -467,7 +492,7 @@ def build_plan(
                 base_url="" if follower else f"http://{connect}:{srv.port}",
                 gpu_ids=tuple(ctl.gpu_ids),
                 model_names=() if follower else config.model_names(inst),
-                start_after=after[inst.name],
+                start_after=after.get(inst.name),
                 ready_timeout=ctl.ready_timeout,
                 stop_grace=ctl.stop_grace,
                 restart=restart,
@@ -480,6 +505,13 @@ def build_plan(
                 # A variable the instance's own `control.env` sets is its to have.
                 env_remove=tuple(v for v in secret_vars if v not in ctl.env),
                 member=member,
+                managed=managed,
+                on_demand=managed and inst.on_demand,
+                idle_timeout=ctl.idle_timeout if managed else 0.0,
+                sleep=sleep,
+                pool=group,
+                max_awake=config.pools[group].max_awake if group is not None else 0,
+                gpu_share=gpu_share(inst),
             )
         )
     background = all(i.control.background for i in enabled) if enabled else True
@@ -497,6 +529,12 @@ def build_plan(
         node_rank=rank_here,
         elsewhere=tuple(elsewhere),
     )
+
+
+def control_socket(state_file: Path) -> Path:
+    """The supervisor's control socket (mode 0600) beside its state file: the gateway asks
+    it there to start or wake an instance and tells it the requests in flight."""
+    return state_file.parent / "control.sock"
 
 
 def gateway_plan(
@@ -534,6 +572,7 @@ def gateway_plan(
                 port=inst.port,
                 key=key.get_secret_value() if key is not None else None,
                 models=inst.model_names,
+                managed=inst.managed,
             )
         )
         for model in inst.model_names:
@@ -544,6 +583,9 @@ def gateway_plan(
         keys=tuple(keys),
         instances=tuple(upstreams),
         state_file=str(state_file) if state_file is not None else "",
+        control_socket=str(control_socket(state_file)) if state_file is not None else "",
+        max_queued=gw.max_queued,
+        queue_timeout=gw.queue_timeout,
         access_log=gw.access_log,
         header_timeout=gw.header_timeout,
         body_timeout=gw.body_timeout,

@@ -32,6 +32,12 @@ class InstanceState(StrEnum):
     STOPPED = "stopped"  # stopped on request
     EXITED = "exited"  # ended and the restart policy says leave it
     FAILED = "failed"  # gave up: restart limit reached or cannot start
+    # The model pool: an instance that may be put away and brought back on demand.
+    UNLOADED = "unloaded"  # no process; starts on the next request for its model
+    SLEEPING = "sleeping"  # asked to sleep (vLLM's sleep mode, level 1), not yet confirmed
+    ASLEEP = "asleep"  # its process lives, its GPU memory is released; woken on demand
+    WAKING = "waking"  # woken up; the first request after the wake not yet answered
+    UNLOADING = "unloading"  # being stopped to be put away (SIGTERM sent to its group)
 
     @property
     def terminal(self) -> bool:
@@ -39,14 +45,45 @@ class InstanceState(StrEnum):
 
     @property
     def settled(self) -> bool:
-        """Nothing more will happen without a crash or a request: ready or terminal."""
-        return self is InstanceState.RUNNING or self.terminal
+        """Nothing more will happen without a crash or a request: ready, put away, or
+        terminal."""
+        return self in SETTLED_STATES or self.terminal
+
+    @property
+    def awake(self) -> bool:
+        """It holds (or may be taking) its memory and pool slot: everything between a spawn
+        and the confirmation that it sleeps or is gone."""
+        return self in AWAKE_STATES
 
 
 # Named sets, in the manner of Supervisor/supervisor's states.py.
 TERMINAL_STATES = frozenset({InstanceState.STOPPED, InstanceState.EXITED, InstanceState.FAILED})
 # A process of the instance may exist: a stop must signal its group.
-LIVE_STATES = frozenset({InstanceState.STARTING, InstanceState.RUNNING, InstanceState.STOPPING})
+LIVE_STATES = frozenset(
+    {
+        InstanceState.STARTING,
+        InstanceState.RUNNING,
+        InstanceState.STOPPING,
+        InstanceState.SLEEPING,
+        InstanceState.ASLEEP,
+        InstanceState.WAKING,
+        InstanceState.UNLOADING,
+    }
+)
+# Put away: nothing happens until a request comes for it.
+PUT_AWAY_STATES = frozenset({InstanceState.UNLOADED, InstanceState.ASLEEP})
+SETTLED_STATES = frozenset({InstanceState.RUNNING, *PUT_AWAY_STATES})
+# Holding memory and a pool slot (for the budget: never exceeded, not even for a moment).
+AWAKE_STATES = frozenset(
+    {
+        InstanceState.STARTING,
+        InstanceState.RUNNING,
+        InstanceState.SLEEPING,
+        InstanceState.WAKING,
+        InstanceState.UNLOADING,
+        InstanceState.STOPPING,
+    }
+)
 # Not yet (or no longer) spawned, not given up either: a stop needs no signal.
 WAITING_STATES = frozenset({InstanceState.PENDING, InstanceState.BACKOFF})
 
@@ -54,9 +91,20 @@ WAITING_STATES = frozenset({InstanceState.PENDING, InstanceState.BACKOFF})
 # (PENDING, BACKOFF), a group that is gone (STOPPING), and the supervisor's exit or a
 # `doit stop` without a supervisor (STARTING, RUNNING). A terminal instance goes back to
 # PENDING only when `doit serve` asks for it again.
+#
+# The model pool adds: PENDING -> UNLOADED (an on-demand instance waits for its first
+# request); RUNNING -> SLEEPING -> ASLEEP -> WAKING -> RUNNING (sleep mode); RUNNING ->
+# UNLOADING -> UNLOADED -> STARTING (stop and cold start); SLEEPING -> UNLOADING (sleeping
+# failed: stopped instead); SLEEPING/ASLEEP -> UNLOADED (the process ended while put away);
+# WAKING -> BACKOFF/FAILED (a failed wake counts as a failed start).
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     InstanceState.PENDING: frozenset(
-        {InstanceState.STARTING, InstanceState.STOPPED, InstanceState.FAILED}
+        {
+            InstanceState.STARTING,
+            InstanceState.STOPPED,
+            InstanceState.FAILED,
+            InstanceState.UNLOADED,
+        }
     ),
     # Not EXITED: a start ends in EXITED only once a full stop is under way, and that stop
     # has moved every starting instance to STOPPING already.
@@ -76,6 +124,8 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
             InstanceState.STOPPED,
             InstanceState.EXITED,
             InstanceState.FAILED,
+            InstanceState.SLEEPING,
+            InstanceState.UNLOADING,
         }
     ),
     InstanceState.BACKOFF: frozenset(
@@ -85,6 +135,36 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     InstanceState.STOPPED: frozenset({InstanceState.PENDING}),
     InstanceState.EXITED: frozenset({InstanceState.PENDING}),
     InstanceState.FAILED: frozenset({InstanceState.PENDING}),
+    InstanceState.UNLOADED: frozenset({InstanceState.STARTING, InstanceState.STOPPED}),
+    InstanceState.SLEEPING: frozenset(
+        {
+            InstanceState.ASLEEP,
+            InstanceState.UNLOADING,
+            InstanceState.UNLOADED,
+            InstanceState.STOPPING,
+            InstanceState.STOPPED,
+        }
+    ),
+    InstanceState.ASLEEP: frozenset(
+        {
+            InstanceState.WAKING,
+            InstanceState.UNLOADED,
+            InstanceState.STOPPING,
+            InstanceState.STOPPED,
+        }
+    ),
+    InstanceState.WAKING: frozenset(
+        {
+            InstanceState.RUNNING,
+            InstanceState.BACKOFF,
+            InstanceState.FAILED,
+            InstanceState.STOPPING,
+            InstanceState.STOPPED,
+        }
+    ),
+    InstanceState.UNLOADING: frozenset(
+        {InstanceState.UNLOADED, InstanceState.STOPPING, InstanceState.STOPPED}
+    ),
 }
 
 
@@ -132,6 +212,17 @@ class InstanceRecord:
     probe_latency: float | None = None
     probe_error: str | None = None
     probe_misses: int = 0
+    # The model pool: its pool, how it was last put away ("sleep": asleep, its process
+    # lives; "stop": its process ended), the requests in flight and held for it (as the
+    # gateway last told), since when it has had none in flight (Unix time), and how many
+    # times it was started or woken on demand.
+    pool: str | None = None
+    managed: bool = False
+    put_away: str | None = None
+    inflight: int = 0
+    queued: int = 0
+    idle_since: float | None = None
+    wakes: int = 0
 
 
 def enter(record: InstanceRecord, state: InstanceState, reason: str | None) -> InstanceState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import json
 import subprocess
 import time
 from collections.abc import Mapping
@@ -136,3 +137,123 @@ def http_check(url: str, timeout: float = 1.0) -> ProbeResult:
 def http_probe(url: str, timeout: float = 1.0) -> bool:
     """True when GET ``url`` answers 200 within ``timeout``. Never raises."""
     return http_check(url, timeout).ok
+
+
+def _http(
+    method: str,
+    url: str,
+    timeout: float,
+    body: dict[str, object] | None = None,
+    key: str | None = None,
+) -> tuple[int, bytes]:
+    """One request; (status, body). Raises OSError or http.client.HTTPException."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    headers = {"content-type": "application/json"} if body is not None else {}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request(
+            method, target, json.dumps(body).encode() if body is not None else None, headers
+        )
+        response = conn.getresponse()
+        return response.status, response.read(1 << 20)
+    finally:
+        conn.close()
+
+
+def _failure(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(exc, http.client.HTTPException):
+        return f"bad response ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_sleeping(base_url: str, timeout: float) -> bool | None:
+    status, data = _http("GET", f"{base_url}/is_sleeping", timeout)
+    if status != 200:
+        return None
+    value = json.loads(data).get("is_sleeping")
+    return value if isinstance(value, bool) else None
+
+
+SLEEP_POLL = 0.1
+
+
+class SleepCalls:
+    """vLLM's sleep mode over HTTP (the endpoints of a server run with ``--enable-sleep-mode``
+    and ``VLLM_SERVER_DEV_MODE=1``, read in vLLM 0.32's source), and the first request after
+    a start or wake. Each call blocks up to about ``timeout`` and never raises: it returns
+    a :class:`ProbeResult` whose error says what went wrong. The supervisor runs them in
+    threads of their own."""
+
+    def sleep(self, base_url: str, timeout: float) -> ProbeResult:
+        """``POST /sleep?level=1`` (the weights to host RAM, the KV cache dropped), then
+        ``GET /is_sleeping`` until it says true."""
+        began = time.monotonic()
+        try:
+            status, _ = _http("POST", f"{base_url}/sleep?level=1", timeout)
+            if status != 200:
+                return ProbeResult(False, time.monotonic() - began, f"/sleep answered {status}")
+            while time.monotonic() - began < timeout:
+                if _is_sleeping(base_url, timeout):
+                    return ProbeResult(True, time.monotonic() - began)
+                time.sleep(SLEEP_POLL)
+            return ProbeResult(
+                False, time.monotonic() - began, f"not asleep {timeout:g} s after /sleep"
+            )
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
+            return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))
+
+    def wake(self, base_url: str, timeout: float) -> ProbeResult:
+        """``POST /wake_up`` (weights and KV cache), then ``GET /is_sleeping`` until false."""
+        began = time.monotonic()
+        try:
+            status, _ = _http("POST", f"{base_url}/wake_up", timeout)
+            if status != 200:
+                return ProbeResult(False, time.monotonic() - began, f"/wake_up answered {status}")
+            while time.monotonic() - began < timeout:
+                if _is_sleeping(base_url, timeout) is False:
+                    return ProbeResult(True, time.monotonic() - began)
+                time.sleep(SLEEP_POLL)
+            return ProbeResult(
+                False, time.monotonic() - began, f"still asleep {timeout:g} s after /wake_up"
+            )
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
+            return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))
+
+    def canary(self, base_url: str, model: str, key: str | None, timeout: float) -> ProbeResult:
+        """One short completion (1 token, greedy): ok when it answers 200 with a completion
+        of at least one token. Wakes have been seen to answer wrongly once; no client's
+        request goes to the instance before this one passed."""
+        began = time.monotonic()
+        body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        try:
+            status, data = _http("POST", f"{base_url}/v1/completions", timeout, body, key)
+            if status != 200:
+                return ProbeResult(
+                    False, time.monotonic() - began, f"the first request answered {status}"
+                )
+            reply = json.loads(data)
+            choices = reply.get("choices") if isinstance(reply, dict) else None
+            usage = reply.get("usage") if isinstance(reply, dict) else None
+            good = (
+                isinstance(choices, list)
+                and len(choices) > 0
+                and isinstance(choices[0], dict)
+                and isinstance(choices[0].get("text"), str)
+                and isinstance(usage, dict)
+                and isinstance(usage.get("completion_tokens"), int)
+                and usage["completion_tokens"] >= 1
+            )
+            if not good:
+                return ProbeResult(
+                    False, time.monotonic() - began, "the first request's answer is malformed"
+                )
+            return ProbeResult(True, time.monotonic() - began)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))

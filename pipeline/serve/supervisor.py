@@ -64,8 +64,11 @@ from typing import IO
 from pipeline import reporting
 from pipeline.fsutil import Fingerprint
 from pipeline.serve import gang
+from pipeline.serve.control import ControlError, ControlServer
 from pipeline.serve.logfiles import LOG_ROTATE_BYTES, tail
-from pipeline.serve.plan import InstancePlan, Plan
+from pipeline.serve.plan import InstancePlan, Plan, control_socket
+from pipeline.serve.pool import Slot, fits, make_room
+from pipeline.serve.pool import conflicts as _conflict
 from pipeline.serve.record import (
     WAITING_STATES,
     InstanceRecord,
@@ -81,6 +84,7 @@ from pipeline.serve.seams import (
     Probe,
     ProbeResult,
     ProcessGroups,
+    SleepCalls,
     Spawner,
     as_result,
     become_subreaper,
@@ -128,6 +132,29 @@ class _HealthCall:
         self.result = as_result(value, time.monotonic() - began)
 
 
+class _Call:
+    """One call to an instance that may take long (sleep, wake, the first request after a
+    start or wake), in a daemon thread: ``result`` is None until it returns. Bounded by the
+    call's own timeout; a call whose instance was stopped meanwhile is simply dropped."""
+
+    __slots__ = ("kind", "result", "thread")
+
+    def __init__(self, kind: str, name: str, run: Callable[[], ProbeResult]) -> None:
+        self.kind = kind
+        self.result: ProbeResult | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(run,), name=f"{kind} {name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, run: Callable[[], ProbeResult]) -> None:
+        try:
+            value = run()
+        except Exception as exc:  # a broken call is a failed call, not a dead thread
+            value = ProbeResult(False, error=f"{type(exc).__name__}: {exc}")
+        self.result = value
+
+
 @dataclass
 class _Proc:
     """Runtime bookkeeping of one instance (the persisted part lives in ``record``)."""
@@ -158,6 +185,20 @@ class _Proc:
     health: _HealthCall | None = None
     next_health: float = 0.0
     health_counted: bool = False
+    # The model pool: the sleep, wake or first-request call in flight; since when (monotonic)
+    # a request waits for it to start or wake (None: none); why it is being released (the
+    # gateway was asked whether it is idle) and when to ask again; when it last had no
+    # request in flight (monotonic).
+    call: _Call | None = None
+    wanted_at: float | None = None
+    releasing: str | None = None
+    release_retry: float = 0.0
+    last_active: float = 0.0
+
+    @property
+    def slot(self) -> Slot:
+        plan = self.plan
+        return Slot(plan.name, plan.pool, plan.max_awake, plan.gpu_ids, plan.gpu_share)
 
     @property
     def role(self) -> str | None:
@@ -200,6 +241,8 @@ class Supervisor:
         only: Collection[str] | None = None,
         gang_server: GangServer = gang.start_control_server,
         gang_poll: GangPoll = gang.http_poll,
+        pool_calls: SleepCalls | None = None,
+        control: ControlServer | None = None,
     ) -> None:
         """``reap_all``: reap every child, orphans included, and become a child subreaper
         (PID 1, the detached supervisor). ``only``: start these instances; the others begin
@@ -217,6 +260,13 @@ class Supervisor:
         self.probe_timeout = probe_timeout
         self.gang_server = gang_server
         self.gang_poll = gang_poll
+        self.pool_calls = pool_calls or SleepCalls()
+        # The control channel with the gateway: served when an instance is managed (may be
+        # put away and brought back); tests hand their own.
+        self.managed = any(i.managed for i in plan.instances)
+        self.control = control
+        self._own_control = False
+        self._changed = False
         self.board = gang.GangBoard(clock)
         self._servers: list[gang.Closable] = []
         self.procs: dict[str, _Proc] = {}
@@ -243,6 +293,8 @@ class Supervisor:
                 stop_grace=inst.stop_grace,
                 node_rank=inst.member.rank if inst.member is not None else None,
                 nodes=inst.member.nodes if inst.member is not None else 1,
+                pool=inst.pool,
+                managed=inst.managed,
             )
             if only is not None and inst.name not in only:
                 record.state = InstanceState.STOPPED
@@ -338,6 +390,7 @@ class Supervisor:
         if self.reap_all:
             become_subreaper()
         self.start_gang_servers()
+        self.start_control()
         self._save()
         if reported is not None:
             reported()
@@ -345,12 +398,15 @@ class Supervisor:
             while not self.finished:
                 self.tick()
                 # Quick while anything is in motion; a calm loop when all is settled (a stop
-                # request or a crash is then seen within IDLE_TICK).
-                self.sleep(IDLE_TICK if self.settled and not self._cleaning else TICK)
+                # request or a crash is then seen within IDLE_TICK; the gateway's messages
+                # at once).
+                self._wait(IDLE_TICK if self.settled and not self._cleaning else TICK)
         finally:
             # Whatever happened (an exception in the loop included), leave no child behind.
             self._kill_all_now()
             self.close_gang_servers()
+            if self._own_control and self.control is not None:
+                self.control.close()
             self.state.supervisor.exited = True
             self.state.supervisor.exit_code = self.exit_code()
             self._save(force=True)
@@ -384,6 +440,30 @@ class Supervisor:
                             f"{exc.strerror or exc}",
                         )
 
+    def start_control(self) -> None:
+        """Serve the control channel with the gateway when an instance is managed. A socket
+        that cannot be served leaves every managed instance unable to start on demand: they
+        fail with the reason (the others run as usual)."""
+        if not self.managed or self.control is not None:
+            return
+        server = ControlServer(control_socket(self.store.state_file))
+        try:
+            server.start()
+        except ControlError as exc:
+            for proc in self.procs.values():
+                if proc.plan.managed and proc.record.state is InstanceState.PENDING:
+                    self._give_up(proc, str(exc))
+            return
+        self.control = server
+        self._own_control = True
+
+    def _wait(self, seconds: float) -> None:
+        control = self.control
+        if control is not None and self.sleep is time.sleep:
+            control.arrived.wait(seconds)
+        else:
+            self.sleep(seconds)
+
     def close_gang_servers(self) -> None:
         for server in self._servers:
             with contextlib.suppress(Exception):
@@ -403,6 +483,9 @@ class Supervisor:
             self.request_stop(list(requests.stop))
         if requests.start:
             self.request_start(list(requests.start))
+        if self.control is not None:
+            self._take_messages(now)
+            self._schedule(now)
         for proc in self.procs.values():
             role = proc.role
             if role == "follower":
@@ -421,6 +504,11 @@ class Supervisor:
             self.say(f"serve: {self.store.state_file} was deleted or changed; writing it again")
             self.dirty = True
         self._save()
+        if self._changed and self.control is not None:
+            # The gateway re-reads the states now, not at its next housekeeping: a held
+            # request goes out as soon as its instance is running.
+            self._changed = False
+            self.control.send({"op": "changed"})
         # Only now: whoever asked sees the request gone once the state file shows its effect.
         self.store.done(requests)
 
@@ -432,7 +520,15 @@ class Supervisor:
         liveness afresh: the first probe one ``health_interval`` later, no misses counted."""
         enter(proc.record, state, reason)
         self.dirty = True
+        self._changed = True
+        if state in (InstanceState.STARTING, InstanceState.WAKING, InstanceState.RUNNING):
+            proc.wanted_at = None
+        if state is not InstanceState.RUNNING:
+            proc.releasing = None
         if state is InstanceState.RUNNING:
+            proc.last_active = self.clock()
+            if proc.record.inflight == 0:
+                proc.record.idle_since = time.time()
             rec = proc.record
             proc.health = None
             proc.health_counted = False
@@ -447,7 +543,13 @@ class Supervisor:
         self._clean_leftover(proc, now)
         state = rec.state
         if state is InstanceState.PENDING:
-            if self._may_start(proc, first=True):
+            if plan.on_demand:
+                self._enter(proc, InstanceState.UNLOADED, "starts on the first request for it")
+            elif self._may_start(proc, first=True):
+                self._spawn(proc, now)
+        elif state is InstanceState.UNLOADED:
+            if proc.wanted_at is not None and self._may_start(proc, first=False):
+                proc.record.wakes += 1
                 self._spawn(proc, now)
         elif state is InstanceState.STARTING:
             code = self._exit_status(proc)
@@ -460,6 +562,8 @@ class Supervisor:
                 # leader's /health, which the platform probes.
                 rec.ready_at = time.time()
                 self._enter(proc, InstanceState.RUNNING, None, "running (headless member)")
+            elif proc.call is not None:
+                self._first_request_done(proc, now)
             elif now >= proc.next_probe:
                 # Probe every tick at first (a fast start is seen at once), then every 0.1 s:
                 # a refused connection costs next to nothing while vLLM loads, and each
@@ -467,6 +571,10 @@ class Supervisor:
                 early = now - proc.started_mono < FAST_PROBE_PERIOD
                 proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
                 if as_result(self.probe(plan.health_url, self.probe_timeout), 0.0).ok:
+                    if plan.managed:
+                        # No client's request before one of ours has been answered.
+                        self._first_request(proc, now)
+                        return
                     rec.ready_at = time.time()
                     took = self.clock() - proc.started_mono
                     self._enter(
@@ -489,6 +597,17 @@ class Supervisor:
         elif state is InstanceState.BACKOFF:
             if now >= proc.deadline and self._may_start(proc, first=False):
                 self._spawn(proc, now)
+        elif state in (InstanceState.SLEEPING, InstanceState.ASLEEP, InstanceState.WAKING):
+            self._advance_sleeper(proc, now)
+        elif state is InstanceState.UNLOADING:
+            self._exit_status(proc)
+            if not self.groups.alive(rec.pgid) and proc.popen is None:
+                rec.pid = rec.pgid = None
+                rec.put_away = "stop"
+                self._enter(proc, InstanceState.UNLOADED, rec.reason, "put away (stopped)")
+            elif now >= proc.deadline and not proc.killed:
+                proc.killed = True
+                self.groups.signal(rec.pgid, signal.SIGKILL)
         elif state is InstanceState.STOPPING:
             self._exit_status(proc)
             if not self.groups.alive(rec.pgid) and proc.popen is None:
@@ -581,7 +700,7 @@ class Supervisor:
                 continue
             if set(other.plan.gpu_ids) & set(plan.gpu_ids):
                 return False
-        return True
+        return not plan.managed or self._fits_now(proc)
 
     def _spawn(self, proc: _Proc, now: float) -> None:
         rec, plan = proc.record, proc.plan
@@ -664,6 +783,7 @@ class Supervisor:
     def _failed(self, proc: _Proc, now: float, why: str, *, clean: bool = False) -> None:
         """The attempt ended: clean up its group, then back off, exit or give up."""
         rec, plan = proc.record, proc.plan
+        proc.call = None
         self._exit_status(proc)
         if plan.member is not None and not self.stop_requested:
             self._keep_first_failure(proc, why)
@@ -693,6 +813,246 @@ class Supervisor:
             return
         limit = "restart: no" if plan.restart == "no" else f"{plan.max_restarts} restarts"
         self._give_up(proc, f"{why}; gave up after {limit}")
+
+    # ---- the model pool ----------------------------------------------------------------
+    def _take_messages(self, now: float) -> None:
+        """What the gateway said since the last tick (see :mod:`pipeline.serve.control`)."""
+        assert self.control is not None
+        for message in self.control.take():
+            op = message.get("op")
+            if op == "disconnected":
+                # No answer will come to a release in flight; none is asked until it is back.
+                for proc in self.procs.values():
+                    proc.releasing = None
+                continue
+            name = message.get("instance")
+            proc = self.procs.get(name) if isinstance(name, str) else None
+            if proc is None:
+                continue
+            rec = proc.record
+            if op == "activity":
+                inflight, queued = message.get("inflight"), message.get("queued")
+                if isinstance(inflight, int) and isinstance(queued, int):
+                    if inflight == 0 and rec.inflight > 0:
+                        proc.last_active = now
+                        rec.idle_since = time.time()
+                    elif inflight > 0:
+                        rec.idle_since = None
+                    rec.inflight, rec.queued = max(0, inflight), max(0, queued)
+                    self.dirty = True
+            elif op == "want" and proc.plan.managed:
+                if rec.state is InstanceState.RUNNING and proc.releasing is None:
+                    continue  # running: the gateway routes to it once it has re-read states
+                if proc.wanted_at is None and not rec.state.terminal:
+                    proc.wanted_at = now
+            elif op == "released" and proc.releasing is not None:
+                why, proc.releasing = proc.releasing, None
+                if message.get("ok") is True:
+                    if rec.state is InstanceState.RUNNING and not self.stop_requested:
+                        self._put_away(proc, now, why)
+                else:
+                    # A request came first: it stays; ask again later if still needed.
+                    proc.wanted_at = None
+                    proc.release_retry = now + TICK
+
+    def _schedule(self, now: float) -> None:
+        """Make room for the instances that wait to start or wake (first come, first
+        served), then put away those idle past their ``idle_timeout``. Only idle instances
+        (nothing in flight or held, as the gateway last told) are put away, and only once the
+        gateway confirms it (``release``), so no request is ever cut; with everything busy,
+        a waiter waits."""
+        assert self.control is not None
+        if not self.control.connected:
+            return
+        managed = [p for p in self.procs.values() if p.plan.managed]
+        going = {
+            p.plan.name
+            for p in managed
+            if p.releasing is not None
+            or p.record.state in (InstanceState.SLEEPING, InstanceState.UNLOADING)
+        }
+        waiters = sorted(
+            (since, p.plan.name) for p in managed if (since := self._waiting_since(p)) is not None
+        )
+        for _, name in waiters:
+            proc = self.procs[name]
+            awake = self._awake(proc)
+            if fits(proc.slot, awake):
+                continue  # it starts (or wakes) in _advance
+            idle = [p.slot for p in self._idle(now) if p.plan.name not in going]
+            remaining = [a for a in awake if a.name not in going]
+            victims = make_room(proc.slot, remaining, idle)
+            if victims is None:
+                continue  # everything in its way is busy: it waits
+            for victim in victims:
+                self._release(self.procs[victim.name], f"to make room for {name}")
+                going.add(victim.name)
+        for proc in self._idle(now):
+            timeout = proc.plan.idle_timeout
+            if timeout > 0 and now - proc.last_active >= timeout:
+                self._release(proc, f"idle for {timeout:g}s (idle_timeout)")
+
+    def _waiting_since(self, proc: _Proc) -> float | None:
+        """Since when a managed instance waits for room to start or wake (None: it does not)."""
+        state = proc.record.state
+        if state in (InstanceState.UNLOADED, InstanceState.ASLEEP):
+            return proc.wanted_at
+        if state is InstanceState.BACKOFF and self.clock() >= proc.deadline:
+            return proc.deadline
+        return None
+
+    def _awake(self, exclude: _Proc) -> list[Slot]:
+        """What holds memory and pool slots now: every awake instance (until it is confirmed
+        asleep or gone), and every group of a failed attempt not yet gone."""
+        return [
+            p.slot
+            for p in self.procs.values()
+            if p is not exclude and (p.record.state.awake or p.leftover_pgid)
+        ]
+
+    def _fits_now(self, proc: _Proc) -> bool:
+        """Whether a managed instance may start or wake now: within every budget, and no
+        instance in its way has waited longer."""
+        slot = proc.slot
+        if not fits(slot, self._awake(proc)):
+            return False
+        mine = self._waiting_since(proc)
+        if mine is None:
+            return True
+        for other in self.procs.values():
+            if other is proc or not other.plan.managed:
+                continue
+            since = self._waiting_since(other)
+            if since is not None and since < mine and _conflict(slot, other.slot):
+                return False
+        return True
+
+    def _idle(self, now: float) -> list[_Proc]:
+        """Running managed instances with nothing in flight or held, least recently used
+        first: those that may be put away."""
+        idle = [
+            p
+            for p in self.procs.values()
+            if p.plan.managed
+            and p.record.state is InstanceState.RUNNING
+            and p.record.inflight == 0
+            and p.record.queued == 0
+            and p.releasing is None
+            and p.wanted_at is None
+            and now >= p.release_retry
+        ]
+        return sorted(idle, key=lambda p: p.last_active)
+
+    def _release(self, proc: _Proc, why: str) -> None:
+        """Ask the gateway whether ``proc`` is idle (it then routes nothing more to it)."""
+        assert self.control is not None
+        if self.control.send({"op": "release", "instance": proc.plan.name}):
+            proc.releasing = why
+
+    def _put_away(self, proc: _Proc, now: float, why: str) -> None:
+        """Sleep (sleep mode) or stop an idle instance the gateway has released."""
+        plan = proc.plan
+        if plan.sleep:
+            self._enter(proc, InstanceState.SLEEPING, why, f"putting to sleep ({why})")
+            url, grace = plan.base_url, plan.stop_grace
+            proc.call = _Call("sleep", plan.name, lambda: self.pool_calls.sleep(url, grace))
+            return
+        self._unload(proc, now, why, f"putting away: stopping ({why})")
+
+    def _unload(self, proc: _Proc, now: float, why: str, line: str) -> None:
+        proc.deadline = now + proc.plan.stop_grace
+        proc.killed = False
+        self._enter(proc, InstanceState.UNLOADING, why, line)
+        self.groups.signal(proc.record.pgid, signal.SIGTERM)
+
+    def _first_request(self, proc: _Proc, now: float) -> None:
+        """After /health answers: one short request of ours, in a thread, before RUNNING."""
+        plan = proc.plan
+        key = plan.secret_env.get("VLLM_API_KEY")
+        secret = key.get_secret_value() if key is not None else None
+        timeout = max(1.0, proc.deadline - now)
+        model = plan.model_names[0] if plan.model_names else ""
+
+        def run() -> ProbeResult:
+            return self.pool_calls.canary(plan.base_url, model, secret, timeout)
+
+        proc.call = _Call("first request", plan.name, run)
+
+    def _first_request_done(self, proc: _Proc, now: float) -> None:
+        call = proc.call
+        if call is None or call.result is None:
+            return
+        proc.call = None
+        result = call.result
+        if not result.ok:
+            self._failed(proc, now, f"the first request after the start failed: {result.error}")
+            return
+        rec = proc.record
+        rec.ready_at = time.time()
+        took = self.clock() - proc.started_mono
+        self._enter(
+            proc, InstanceState.RUNNING, None, f"ready in {took:.1f}s at {proc.plan.base_url}"
+        )
+
+    def _advance_sleeper(self, proc: _Proc, now: float) -> None:
+        """SLEEPING, ASLEEP and WAKING: the process must live on; the call decides."""
+        rec, plan = proc.record, proc.plan
+        state = rec.state
+        code = self._exit_status(proc)
+        if code is not None:
+            if state is InstanceState.WAKING:
+                self._failed(proc, now, f"exited while waking ({_describe_exit(code)})")
+                return
+            proc.call = None
+            if self.groups.alive(rec.pgid):
+                self.groups.signal(rec.pgid, signal.SIGTERM)
+                proc.leftover_pgid = rec.pgid
+                proc.leftover_kill_at = now + plan.stop_grace
+            rec.pid = rec.pgid = None
+            rec.put_away = "stop"
+            why = f"exited while {state} ({_describe_exit(code)})"
+            self._enter(proc, InstanceState.UNLOADED, why, f"{why}; starts again on demand")
+            return
+        if state is InstanceState.ASLEEP:
+            if proc.wanted_at is not None and self._may_start(proc, first=False):
+                rec.wakes += 1
+                proc.started_mono = now
+                self._enter(proc, InstanceState.WAKING, None, "waking")
+                proc.call = _Call("wake", plan.name, lambda: self._wake_and_check(plan))
+            return
+        call = proc.call
+        if call is None or call.result is None:
+            return
+        proc.call = None
+        result = call.result
+        if state is InstanceState.SLEEPING:
+            if result.ok:
+                rec.put_away = "sleep"
+                self._enter(
+                    proc, InstanceState.ASLEEP, rec.reason, f"asleep in {result.latency:.1f}s"
+                )
+            else:
+                why = f"sleeping failed ({result.error}); stopped instead"
+                self._unload(proc, now, why, why)
+        elif result.ok:
+            rec.ready_at = time.time()
+            took = self.clock() - proc.started_mono
+            self._enter(proc, InstanceState.RUNNING, None, f"awake in {took:.1f}s")
+        else:
+            self._failed(proc, now, f"waking failed: {result.error}")
+
+    def _wake_and_check(self, plan: InstancePlan) -> ProbeResult:
+        """``/wake_up``, then the first request: both must pass."""
+        woke = self.pool_calls.wake(plan.base_url, plan.ready_timeout)
+        if not woke.ok:
+            return woke
+        key = plan.secret_env.get("VLLM_API_KEY")
+        secret = key.get_secret_value() if key is not None else None
+        model = plan.model_names[0] if plan.model_names else ""
+        first = self.pool_calls.canary(plan.base_url, model, secret, plan.ready_timeout)
+        if not first.ok:
+            return ProbeResult(False, first.latency, f"the first request after it: {first.error}")
+        return ProbeResult(True, woke.latency + first.latency)
 
     # ---- gangs on bare nodes ------------------------------------------------------------
     def _publish(self, proc: _Proc) -> None:
@@ -863,7 +1223,9 @@ class Supervisor:
         rec = proc.record
         if rec.state.terminal or rec.state is InstanceState.STOPPING:
             return
-        if rec.state in WAITING_STATES:
+        proc.call = None  # a sleep, wake or first request in flight: its outcome is moot
+        proc.wanted_at = None
+        if rec.state in WAITING_STATES or rec.state is InstanceState.UNLOADED:
             self._enter(proc, InstanceState.STOPPED, reason)
             return
         proc.deadline = now + proc.plan.stop_grace

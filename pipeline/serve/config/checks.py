@@ -129,9 +129,13 @@ def check_instances(config: ServeConfig, loc: Located | None = None) -> None:
                 inst.name,
             )
 
+    # Boot instances start together and hold their memory: today's refusal. On-demand ones
+    # are placed at run time (check_pools), never beside one they do not fit with.
     usage: dict[int, list[tuple[str, float]]] = {}
     for inst in enabled:
-        share = inst.server.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        if inst.on_demand:
+            continue
+        share = gpu_share(inst)
         for gpu in inst.control.gpu_ids:
             usage.setdefault(gpu, []).append((inst.name, share))
     for gpu, users in sorted(usage.items()):
@@ -157,6 +161,105 @@ def check_instances(config: ServeConfig, loc: Located | None = None) -> None:
 
 
 _LOOPBACK = re.compile(r"^(127\.|::1$|localhost$|0\.0\.0\.0$)")
+
+
+def gpu_share(inst: Instance) -> float:
+    """The fraction of each of its GPUs the instance may take (vLLM's default when unset)."""
+    return inst.server.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+
+
+def check_pools(config: ServeConfig, loc: Located | None = None) -> None:
+    """On-demand instances, idle timeouts and pools: what they need and what they may share.
+
+    An instance that may be put away (on-demand, an idle timeout, or in a pool) needs the
+    gateway (it counts the requests that make an instance busy or idle, and holds those that
+    wait for one), runs on one node, and, when it may sleep, listens on loopback only: vLLM's
+    sleep endpoints take no key. A pool names known instances, each in one pool. Instances
+    that are never put away hold their memory for good: each on-demand or pooled instance
+    must fit beside them on its GPUs, and a pool's boot members must fit its ``max_awake``.
+    """
+    loc = loc or Located(config.source, frozenset())
+    known = [i.name for i in config.instances]
+    member_of: dict[str, str] = {}
+    for group, pool in config.pools.items():
+        for name in pool.instances:
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+                raise loc.error(
+                    f"pool.{group}.instances",
+                    f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})",
+                )
+            if name in member_of:
+                raise loc.error(
+                    f"pool.{group}.instances",
+                    f"instance {name!r} is also in pool {member_of[name]!r}; an instance is in "
+                    "one pool at most",
+                )
+            member_of[name] = group
+    enabled = config.enabled
+    for inst in enabled:
+        if not config.managed(inst):
+            continue
+        ctl = inst.control
+        if inst.on_demand:
+            key, what = loc.key(inst.name, "control", "start"), 'start = "on-demand"'
+        elif ctl.idle_timeout > 0:
+            key, what = loc.key(inst.name, "control", "idle_timeout"), "an idle_timeout"
+        else:
+            key, what = f"pool.{member_of[inst.name]}.instances", "a pool"
+        if not config.gateway.enable:
+            raise loc.error(
+                key,
+                f"{what} needs the gateway, which counts each instance's requests and holds "
+                "those that wait for a start: set [gateway] enable = true",
+                inst.name,
+            )
+        if inst.cluster is not None:
+            raise loc.error(
+                key,
+                f"{what} is for one-node instances; a multi-node instance runs for good",
+                inst.name,
+            )
+        if ctl.unload == "sleep" and not _LOOPBACK.match(inst.server.host):
+            raise loc.error(
+                loc.key(inst.name, "server", "host"),
+                f"is {inst.server.host}, but an instance that may sleep serves vLLM's sleep "
+                "endpoints, which take no key: it must listen on loopback (the gateway's "
+                'default; remove host) or set control.unload = "stop"',
+                inst.name,
+            )
+    # What never goes away: enabled boot instances that are neither idle-timed nor pooled.
+    fixed: dict[int, list[tuple[str, float]]] = {}
+    for inst in enabled:
+        if not config.managed(inst):
+            for gpu in inst.control.gpu_ids:
+                fixed.setdefault(gpu, []).append((inst.name, gpu_share(inst)))
+    for inst in enabled:
+        if not config.managed(inst):
+            continue
+        share = gpu_share(inst)
+        for gpu in inst.control.gpu_ids:
+            held = fixed.get(gpu, [])
+            total = sum(s for _, s in held)
+            if held and total + share > 1.0 + 1e-9:
+                detail = ", ".join(f"{name}={s:g}" for name, s in held)
+                raise loc.error(
+                    loc.key(held[-1][0], "server", "gpu_memory_utilization"),
+                    f"boot instance(s) on GPU {gpu} ({detail}) hold their memory for good and "
+                    f"leave no room for {inst.name!r} ({share:g}), which shares it; lower "
+                    "gpu_memory_utilization, or let them be put away (an idle_timeout or a pool)",
+                    held[-1][0],
+                )
+    by_name = {i.name: i for i in enabled}
+    for group, pool in config.pools.items():
+        boot = [n for n in pool.instances if n in by_name and not by_name[n].on_demand]
+        if len(boot) > pool.max_awake:
+            raise loc.error(
+                f"pool.{group}.max_awake",
+                f"is {pool.max_awake}, but {len(boot)} of its instances start at boot "
+                f'({", ".join(boot)}); raise max_awake or make some start = "on-demand"',
+            )
 
 
 def check_cluster(inst: Instance, loc: Located) -> None:

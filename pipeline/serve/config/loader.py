@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import ConfigError
-from pipeline.serve.config.checks import Located, check_gateway, check_instances
+from pipeline.serve.config.checks import Located, check_gateway, check_instances, check_pools
 from pipeline.serve.config.models import (
     DEFAULT_INSTANCE,
     GATEWAY_NAME,
@@ -28,6 +28,7 @@ from pipeline.serve.config.models import (
     Gateway,
     Instance,
     Master,
+    Pool,
     ServeConfig,
     Server,
 )
@@ -271,7 +272,7 @@ def build_config(
     paths stay as written.
     """
     loc = Located(source, overridden)
-    _check_keys(document, ("master", "instance", "gateway"), "", loc)
+    _check_keys(document, ("master", "instance", "gateway", "pool"), "", loc)
     master_raw = _check_table(document.get("master", {}), "master", loc)
     _check_keys(master_raw, Master.model_fields, "master.", loc)
     master = _anchor(_validate(Master, master_raw, "master.", loc), base_dir)
@@ -280,6 +281,19 @@ def build_config(
     if "aliases" in gateway_raw:
         _check_table(gateway_raw["aliases"], "gateway.aliases", loc)
     gateway = _anchor(_validate(Gateway, gateway_raw, "gateway.", loc), base_dir)
+    pools: dict[str, Pool] = {}
+    for group, table in _check_table(document.get("pool", {}), "pool", loc).items():
+        if not INSTANCE_NAME_RE.match(group):
+            raise loc.error(
+                f"pool.{group}",
+                "pool names use letters, digits, '.', '_' and '-' (at most 63), "
+                "starting with a letter or digit",
+            )
+        raw = _check_table(table, f"pool.{group}", loc)
+        _check_keys(raw, Pool.model_fields, f"pool.{group}.", loc)
+        if "instances" not in raw:
+            raise loc.error(f"pool.{group}.instances", "required: the instances of the pool")
+        pools[group] = _validate(Pool, raw, f"pool.{group}.", loc)
 
     instance_root = _check_table(document.get("instance", {}), "instance", loc)
     default_control = _check_table(instance_root.get("control", {}), "instance.control", loc)
@@ -369,9 +383,12 @@ def build_config(
         if base_dir is not None and not log_dir.is_absolute():
             log_dir = base_dir / log_dir
         gateway = gateway.model_copy(update={"log_dir": log_dir})
-    config = ServeConfig(source=source, master=master, instances=tuple(instances), gateway=gateway)
+    config = ServeConfig(
+        source=source, master=master, instances=tuple(instances), gateway=gateway, pools=pools
+    )
     check_instances(config, loc)
     check_gateway(config, loc)
+    check_pools(config, loc)
     return config
 
 

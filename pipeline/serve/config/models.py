@@ -58,6 +58,22 @@ class RestartPolicy(StrEnum):
     ON_FAILURE = "on-failure"
 
 
+class StartPolicy(StrEnum):
+    """``boot``: started by `doit serve`. ``on-demand``: started on the first request for its
+    model (through the gateway), and put away when idle."""
+
+    BOOT = "boot"
+    ON_DEMAND = "on-demand"
+
+
+class UnloadPolicy(StrEnum):
+    """How an idle instance is put away: ``sleep`` (vLLM's sleep mode, level 1, where the
+    platform has it; a stop where it does not) or ``stop`` (the process ends)."""
+
+    SLEEP = "sleep"
+    STOP = "stop"
+
+
 class _Strict(BaseModel):
     # strict: TOML has real booleans, integers and strings, so `enable = "yes"`, `port = "8000"`
     # or `gpu_ids = [true]` are mistakes to report, not values to coerce. Paths and enums opt
@@ -164,6 +180,30 @@ class Control(_Strict):
         description=(
             "Failed `/health` probes in a row after which a ready instance counts as hung and "
             "is restarted like a crashed one (`restart`, `max_restarts`, backoff)."
+        ),
+    )
+    start: StartPolicy = Field(
+        StartPolicy.BOOT,
+        strict=False,
+        description=(
+            "`boot` (started by `doit serve`) or `on-demand` (started on the first request "
+            "for its model; needs `[gateway] enable = true`)."
+        ),
+    )
+    idle_timeout: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Seconds with no request in flight after which the instance is put away "
+            "(`unload`); `0`: never. Needs the gateway, which counts the requests."
+        ),
+    )
+    unload: UnloadPolicy = Field(
+        UnloadPolicy.SLEEP,
+        strict=False,
+        description=(
+            "How an idle or evicted instance is put away: `sleep` (vLLM's sleep mode level 1 "
+            "on a GPU; a stop on the CPU build or when sleeping fails) or `stop`."
         ),
     )
 
@@ -352,6 +392,22 @@ class Gateway(_Strict):
             "A stream's body is never cut."
         ),
     )
+    max_queued: int = Field(
+        256,
+        ge=0,
+        description=(
+            "Requests held per model while its on-demand instance starts or wakes; beyond "
+            "it, 503 with `Retry-After`."
+        ),
+    )
+    queue_timeout: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "Seconds a held request waits for its model to start or wake (a large model's "
+            "cold start takes minutes); then 503 with `Retry-After`."
+        ),
+    )
     max_connections: int = Field(
         4096,
         ge=1,
@@ -462,6 +518,24 @@ class Cluster(_Strict):
         return value
 
 
+class Pool(_Strict):
+    """A group of instances of which at most ``max_awake`` hold their memory at once."""
+
+    instances: list[str] = Field(
+        ..., min_length=1, description="Instance names in the pool (each in one pool at most)."
+    )
+    max_awake: int = Field(
+        1, ge=1, description="How many of them may be awake (starting, running) at once."
+    )
+
+    @field_validator("instances")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an instance twice: {value}")
+        return value
+
+
 class Instance(BaseModel):
     """One resolved instance: defaults merged with its own tables."""
 
@@ -477,6 +551,10 @@ class Instance(BaseModel):
         """Nodes the instance spans: 1 without a cluster table."""
         return self.cluster.nodes if self.cluster is not None else 1
 
+    @property
+    def on_demand(self) -> bool:
+        return self.control.start is StartPolicy.ON_DEMAND
+
 
 class ServeConfig(BaseModel):
     """A validated serve config: the instances sorted by name."""
@@ -487,6 +565,7 @@ class ServeConfig(BaseModel):
     master: Master
     instances: tuple[Instance, ...]
     gateway: Gateway = Gateway()
+    pools: dict[str, Pool] = {}
 
     @property
     def enabled(self) -> tuple[Instance, ...]:
@@ -501,6 +580,20 @@ class ServeConfig(BaseModel):
     def model_names(self, inst: Instance) -> tuple[str, ...]:
         """Every name clients may use for ``inst``'s model: its served name, then its aliases."""
         return (*inst.server.model_names, *self.aliases(inst.name))
+
+    def pool_of(self, name: str) -> str | None:
+        """The pool that lists instance ``name`` (None: in none)."""
+        for group, pool in self.pools.items():
+            if name in pool.instances:
+                return group
+        return None
+
+    def managed(self, inst: Instance) -> bool:
+        """Whether the instance may be put away and brought back on demand: on-demand, with
+        an idle timeout, or in a pool."""
+        return (
+            inst.on_demand or inst.control.idle_timeout > 0 or self.pool_of(inst.name) is not None
+        )
 
     def instance(self, name: str) -> Instance:
         for inst in self.instances:
@@ -519,8 +612,9 @@ def json_schema() -> dict[str, Any]:
     master = Master.model_json_schema()
     gateway = Gateway.model_json_schema()
     cluster = Cluster.model_json_schema()
+    pool = Pool.model_json_schema()
     defs: dict[str, Any] = {}
-    for schema in (control, server, master, gateway, cluster):
+    for schema in (control, server, master, gateway, cluster, pool):
         defs.update(schema.pop("$defs", {}))
     # Defaults tables may leave out `model`: only the merged instance must have it.
     server_defaults = dict(server)
@@ -544,6 +638,7 @@ def json_schema() -> dict[str, Any]:
             "Master": master,
             "Gateway": gateway,
             "Cluster": cluster,
+            "Pool": pool,
             "Instance": instance,
         }
     )
@@ -562,6 +657,11 @@ def json_schema() -> dict[str, Any]:
         "properties": {
             "master": {"$ref": "#/$defs/Master"},
             "gateway": {"$ref": "#/$defs/Gateway"},
+            "pool": {
+                "type": "object",
+                "propertyNames": {"pattern": INSTANCE_NAME_RE.pattern},
+                "additionalProperties": {"$ref": "#/$defs/Pool"},
+            },
             "instance": {
                 "type": "object",
                 "properties": {
