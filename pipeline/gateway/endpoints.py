@@ -17,6 +17,8 @@ import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from pipeline.gateway.states import GIVEN_UP
+
 if TYPE_CHECKING:
     from pipeline.gateway.client import ClientConn
     from pipeline.gateway.conn import Body
@@ -130,7 +132,10 @@ def health_body(gateway: Gateway) -> bytes:
                 "inflight": gateway.inflight[up.name],
             }
         )
-    ready = all(i["ready"] for i in instances)
+    ready = all(
+        i["ready"] or (up.managed and i["state"] not in GIVEN_UP)
+        for i, up in zip(instances, gateway.config.instances, strict=True)
+    )
     data = {
         "status": "ok" if ready else "degraded",
         "gateway": {
@@ -152,7 +157,8 @@ def models_body(gateway: Gateway, only: str | None) -> bytes | None:
     listed: set[str] = set()
     for up in gateway.config.instances:
         status = gateway.states.status(up.name)
-        if not status.ready:
+        # An on-demand model is listed awake or not: a request for it starts it.
+        if not status.ready and not (up.managed and status.state not in GIVEN_UP):
             continue
         created = int(status.ready_at or gateway.started)
         for model in up.models:

@@ -184,8 +184,8 @@ class Exchange:
         old, new = failed.upstream.name, pool.upstream.name
         gateway.metrics.retry(self.model, old, reason)
         gateway.say(f"instance {old}: {reason.replace('_', ' ')} before answering; resent to {new}")
-        gateway.inflight[old] -= 1
-        gateway.inflight[new] += 1
+        gateway.count(old, -1)
+        gateway.count(new, 1)
         self.pool = pool
         self.request[0] = gateway.request_head(pool.upstream, *self.head_parts)
         self.retried = False
@@ -401,11 +401,15 @@ def forward(client: ClientConn, req: RequestHead, body: Body, scanner: ModelScan
         gateway.states.refresh(force=True)
         pool = replicas.pick(gateway)
     if pool is None:
+        if gateway.holding.can_hold(replicas):
+            # On-demand: held while the supervisor starts or wakes an instance.
+            gateway.holding.hold(client, req, body, scanner, model, replicas)
+            return
         _unavailable(client, req, model, replicas)
         return
     head = _head_parts(client, req, body)
     exchange = Exchange(gateway, client, pool, replicas, model, req.path, head, body)
-    gateway.inflight[pool.upstream.name] += 1
+    gateway.count(pool.upstream.name, 1)
     client.exchange = exchange
     exchange.start()
 

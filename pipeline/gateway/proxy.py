@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.gateway.client import CLIENT_IDLE, HEALTH_RESERVE, ClientConn
 from pipeline.gateway.config import GatewayConfig, Upstream
+from pipeline.gateway.control import ControlLink
+from pipeline.gateway.hold import Holding
 from pipeline.gateway.metrics import Metrics
 from pipeline.gateway.states import StateFollower
 from pipeline.gateway.upstream import MAX_IDLE_PER_INSTANCE, Pool, Replicas
@@ -96,6 +98,15 @@ class Gateway:
         # How long a connection without a keyed request may idle: no longer than a head.
         self.open_idle = min(CLIENT_IDLE, self.header_timeout)
         self.inflight: dict[str, int] = dict.fromkeys(self.pools, 0)
+        # The model pool: held requests, the supervisor's control channel (when an instance
+        # is managed), and the instances released to it (name -> their ready_at then): routed
+        # nothing until they are running again after being put away.
+        self.upstreams = {up.name: up for up in config.instances}
+        self.holding = Holding(self)
+        self.released: dict[str, float | None] = {}
+        self.control: ControlLink | None = None
+        if config.control_socket and any(up.managed for up in config.instances):
+            self.control = ControlLink(self, config.control_socket)
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
@@ -117,6 +128,8 @@ class Gateway:
         )
         self.states.refresh(force=True)
         self.spawn(self._housekeeping())
+        if self.control is not None:
+            self.spawn(self.control.run())
 
     def _fit_connections(self) -> None:
         """Raise the open-files limit as far as allowed, and keep the cap under it: each
@@ -159,6 +172,8 @@ class Gateway:
             await asyncio.sleep(interval)
             now = time.monotonic()
             self.states.refresh(force=True)
+            self.forget_released()
+            self.holding.kick()
             for pool in self.pools.values():
                 pool.sweep(now)
             for conn in list(self.clients):
@@ -184,6 +199,7 @@ class Gateway:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        self.holding.fail_all("the gateway is stopping (`doit stop`); the request was not sent")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for conn in list(self.clients):
@@ -204,6 +220,28 @@ class Gateway:
             task.cancel()
 
     # ---- requests' bookkeeping --------------------------------------------------------------
+    def count(self, name: str, delta: int) -> None:
+        """One more (or fewer) request in flight to instance ``name``; a managed instance's
+        count goes to the supervisor (it drives idleness)."""
+        self.inflight[name] += delta
+        if self.control is not None and self.upstreams[name].managed:
+            self.control.note(name)
+
+    def routable(self, name: str) -> bool:
+        """Whether instance ``name`` takes requests: running, and not released to be put away."""
+        status = self.states.status(name)
+        if not status.ready:
+            return False
+        released = self.released
+        return not released or name not in released or released[name] != status.ready_at
+
+    def forget_released(self) -> None:
+        """Releases that are over: the instance left running (or came back) since."""
+        for name, ready_at in list(self.released.items()):
+            status = self.states.status(name)
+            if not status.ready or status.ready_at != ready_at:
+                del self.released[name]
+
     def request_head(self, up: Upstream, line: bytes, headers: bytes) -> bytes:
         """The head for instance ``up``: its ``host`` and its own key (or none)."""
         return b"".join(
@@ -213,7 +251,7 @@ class Gateway:
     def finished(self, ex: Exchange) -> None:
         """Bookkeeping once an exchange has its outcome (exactly once per exchange)."""
         name = ex.instance
-        self.inflight[name] -= 1
+        self.count(name, -1)
         now = time.perf_counter()
         total = now - ex.started
         first = ex.first_byte - ex.started if ex.first_byte is not None else None

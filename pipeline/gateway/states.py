@@ -37,6 +37,17 @@ class InstanceStatus:
         return self.state == RUNNING
 
 
+# A managed instance in one of these will not come back by itself for a held request.
+GIVEN_UP = frozenset(
+    {
+        InstanceState.BACKOFF,
+        InstanceState.FAILED,
+        InstanceState.EXITED,
+        InstanceState.STOPPED,
+        InstanceState.STOPPING,
+    }
+)
+
 ALWAYS_READY = InstanceStatus(RUNNING, None)
 NOT_YET = InstanceStatus(InstanceState.PENDING, "the supervisor has not reported this instance yet")
 
@@ -56,6 +67,12 @@ def unavailable(instance: str, status: InstanceStatus) -> tuple[str, int | None]
             f"instance {instance!r} is {state}{reason}; `doit serve` starts it again",
             None,
         )
+    if state in (InstanceState.UNLOADED, InstanceState.ASLEEP):
+        return f"instance {instance!r} is {state} (on demand){reason}", 5
+    if state in (InstanceState.SLEEPING, InstanceState.UNLOADING):
+        return f"instance {instance!r} is being put away ({state}){reason}", 5
+    if state == InstanceState.WAKING:
+        return f"instance {instance!r} is waking up", 5
     if state == InstanceState.EXITED:
         return f"instance {instance!r} exited{reason}", None
     if state == InstanceState.FAILED:

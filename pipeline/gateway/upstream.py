@@ -134,9 +134,10 @@ class Replicas:
         when none is ready. Reads the states as last refreshed; O(replicas)."""
         pools = self.pools
         status = gateway.states.status
+        routable = gateway.routable
         if len(pools) == 1:
             pool = pools[0]
-            if pool in exclude or not status(pool.upstream.name).ready:
+            if pool in exclude or not routable(pool.upstream.name):
                 return None
             return pool
         inflight = gateway.inflight
@@ -150,7 +151,7 @@ class Replicas:
             pool = pools[index]
             name = pool.upstream.name
             state = status(name)
-            if pool in exclude or not state.ready:
+            if pool in exclude or not routable(name):
                 continue
             suspect = pool.suspect and pool.suspected(state.ready_at)
             key = (suspect, pool.down_until > now, inflight[name])
