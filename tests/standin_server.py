@@ -32,6 +32,20 @@ away mid-stream), for tests of disconnects. Every ``POST`` answer carries ``x-st
 (which replica answered), and a body's ``standin_id`` is logged (``standin: got id ...``) as
 soon as it is read, so a test can tell what a replica received even after killing it.
 
+vLLM's sleep mode, as vLLM 0.32's source defines it (``entrypoints/serve/dev``, the worker's
+``sleep``/``wake_up``): the endpoints exist only with ``VLLM_SERVER_DEV_MODE=1`` (404
+otherwise, as unregistered routes), and answer 500 unless ``--enable-sleep-mode`` was given.
+``POST /sleep?level=1`` offloads the weights (to host RAM) and drops the KV cache; ``level=2``
+discards the weights too. ``POST /wake_up`` (optionally ``?tags=weights`` and/or
+``?tags=kv_cache``) allocates them again: weights discarded at level 2 come back as garbage
+until ``POST /collective_rpc`` with ``{"method": "reload_weights"}``. ``GET /is_sleeping`` is
+``{"is_sleeping": ...}`` (true while weights or KV cache are not allocated). While asleep, or
+with garbage weights, a ``POST`` on ``/v1/*`` answers 500. Knobs: ``STANDIN_BAD_AFTER_WAKE=N``:
+the first N answers after each wake are malformed (a reply with no ``choices``), as a wake that
+returns wrong output; ``STANDIN_SLEEP_FAIL=1``: ``/sleep`` answers 500. ``GET /stats`` also
+counts ``sleeps`` and ``wakes``. Non-streaming answers carry ``choices[0].text`` too, so a
+``/v1/completions`` reply reads as one.
+
 ``STANDIN_FAST=1`` runs a minimal asyncio server instead (for bench/bench_gateway.py): keep-alive,
 ``GET /health``, ``GET /v1/models``, and any ``POST`` answered with a fixed chat completion, or
 with ``STANDIN_FAST_CHUNKS`` (default 64) SSE chunks when the body asks for ``"stream": true``,
@@ -111,8 +125,24 @@ def main(argv: list[str]) -> int:
     key = env.get("VLLM_API_KEY")
     never_ready = bool(env.get("STANDIN_NEVER_READY"))
     response_delay = float(env.get("STANDIN_RESPONSE_DELAY", "0"))
-    stats = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_aborted": 0}
+    stats = {
+        "requests": 0,
+        "streams_started": 0,
+        "streams_completed": 0,
+        "streams_aborted": 0,
+        "sleeps": 0,
+        "wakes": 0,
+    }
     lock = threading.Lock()
+    dev_mode = env.get("VLLM_SERVER_DEV_MODE", "0").strip() not in ("", "0")
+    sleep_mode = "--enable-sleep-mode" in argv
+    # weights: "ok", "offloaded" (level 1), "discarded" (level 2), "garbage" (woken from
+    # level 2, not reloaded); kv: "ok" or "dropped".
+    memory = {"weights": "ok", "kv": "ok", "bad_left": 0}
+    bad_after_wake = int(env.get("STANDIN_BAD_AFTER_WAKE", "0"))
+
+    def is_sleeping() -> bool:
+        return memory["weights"] in ("offloaded", "discarded") or memory["kv"] == "dropped"
 
     def count(what: str) -> None:
         with lock:
@@ -138,8 +168,62 @@ def main(argv: list[str]) -> int:
             self.end_headers()
             self.wfile.write(data)
 
+        def _dev(self, url) -> bool:
+            """vLLM's dev endpoints; True when this request was one of them (answered)."""
+            if url.path not in ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc"):
+                return False
+            if not dev_mode:
+                self._send(404, {"detail": "Not Found"})
+                return True
+            if url.path == "/is_sleeping":
+                with lock:
+                    self._send(200, {"is_sleeping": is_sleeping()})
+                return True
+            if not sleep_mode:
+                self._send(500, {"error": "Sleep mode is not enabled"})
+                return True
+            query = parse_qs(url.query)
+            if url.path == "/sleep":
+                if env.get("STANDIN_SLEEP_FAIL"):
+                    self._send(500, {"error": "sleep failed (STANDIN_SLEEP_FAIL)"})
+                    return True
+                level = int(query.get("level", ["1"])[0])
+                with lock:
+                    memory["weights"] = "offloaded" if level == 1 else "discarded"
+                    memory["kv"] = "dropped"
+                    stats["sleeps"] += 1
+                os.write(1, f"standin: asleep (level {level})\n".encode())
+                self._send(200, {"status": "sleeping", "level": level})
+                return True
+            if url.path == "/wake_up":
+                tags = query.get("tags") or ["weights", "kv_cache"]
+                with lock:
+                    if "weights" in tags and memory["weights"] == "offloaded":
+                        memory["weights"] = "ok"
+                    elif "weights" in tags and memory["weights"] == "discarded":
+                        memory["weights"] = "garbage"
+                    if "kv_cache" in tags:
+                        memory["kv"] = "ok"
+                    if not is_sleeping():
+                        stats["wakes"] += 1
+                        memory["bad_left"] = bad_after_wake
+                    awake = not is_sleeping()
+                os.write(1, f"standin: wake_up {tags}\n".encode())
+                self._send(200, {"status": "awake" if awake else "sleeping", "tags": tags})
+                return True
+            # /collective_rpc
+            body = self._body()
+            method = json.loads(body or b"{}").get("method")
+            with lock:
+                if method == "reload_weights" and memory["weights"] == "garbage":
+                    memory["weights"] = "ok"
+            self._send(200, {"results": [None]})
+            return True
+
         def do_GET(self) -> None:
             url = urlsplit(self.path)
+            if self._dev(url):
+                return
             if url.path == "/health":
                 self._send(503 if never_ready else 200, {})
             elif url.path == "/env":
@@ -171,8 +255,22 @@ def main(argv: list[str]) -> int:
 
         def do_POST(self) -> None:
             url = urlsplit(self.path)
+            if self._dev(url):
+                return
             body = self._body()
             count("requests")
+            if url.path.startswith("/v1/"):
+                with lock:
+                    unusable = is_sleeping() or memory["weights"] == "garbage"
+                    bad = not unusable and memory["bad_left"] > 0
+                    if bad:
+                        memory["bad_left"] -= 1
+                if unusable:
+                    self._send(500, {"error": "the engine is asleep or its weights are garbage"})
+                    return
+                if bad:
+                    self._send(200, {"id": "standin-bad", "object": "text_completion"})
+                    return
             unauthorized = key and self.headers.get("Authorization") != f"Bearer {key}"
             if url.path.startswith("/v1/") and unauthorized:
                 self._send(401, {"error": "Unauthorized"})
@@ -209,6 +307,7 @@ def main(argv: list[str]) -> int:
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": "hi"},
+                            "text": "hi",
                             "finish_reason": "stop",
                         }
                     ],

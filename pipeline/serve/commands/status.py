@@ -39,6 +39,8 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
             shown = "crashed" if alive else "dead"
         elif rec.state is InstanceState.STARTING and rec.restarts:
             shown = "restarting"
+        elif rec.state is InstanceState.UNLOADED:
+            shown = "unloaded (stopped)" if rec.put_away == "stop" else "unloaded (not started)"
         rows.append(
             {
                 "name": rec.name,
@@ -64,9 +66,23 @@ def status_rows(state: ServeState, alive: bool) -> list[dict[str, object]]:
                 "probe_latency": rec.probe_latency,
                 "probe_error": rec.probe_error,
                 "probe_misses": rec.probe_misses,
+                "managed": rec.managed,
+                "pool": rec.pool,
+                "put_away": rec.put_away,
+                "inflight": rec.inflight,
+                "queued": rec.queued,
+                "idle_s": _idle_seconds(rec.idle_since, rec.state),
+                "wakes": rec.wakes,
             }
         )
     return rows
+
+
+def _idle_seconds(since: float | None, state: InstanceState) -> float | None:
+    """Seconds with no request in flight, while running (None: busy, or not running)."""
+    if since is None or state is not InstanceState.RUNNING:
+        return None
+    return round(max(0.0, time.time() - since), 1)
 
 
 def _ago(when: object) -> str:
@@ -157,8 +173,13 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         code = "" if sup.exit_code is None else f", exit code {sup.exit_code}"
         out.write(f"supervisor: not running (started {when}{code}), config {sup.source}\n")
     headers = ["NAME", "STATE", "PID", "PORT", "GPUS", "RESTARTS", "UP", "MODEL", "URL", "HEALTH"]
+    rows = status_rows(state, alive)
+    # The model pool's columns, when an instance may be put away and brought back.
+    pooled = any(row["managed"] for row in rows)
+    if pooled:
+        headers += ["POOL", "IDLE", "QUEUED"]
     table = [headers]
-    for row in status_rows(state, alive):
+    for row in rows:
         gpus, models = row["gpus"], row["models"]
         if row["kind"] == "gateway":
             gpu_cell, model_cell = "-", "(gateway: all models)"
@@ -179,6 +200,13 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
                 _health_cell(row),
             ]
         )
+        if pooled:
+            idle = row["idle_s"]
+            table[-1] += [
+                str(row["pool"] or "-") if row["managed"] else "-",
+                f"{idle:.0f}s" if isinstance(idle, float) else "-",
+                str(row["queued"]) if row["managed"] else "-",
+            ]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for r in table:
         out.write(
