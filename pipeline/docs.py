@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pipeline.serve.config import Cluster, Control, Gateway, Master, Server, json_schema
+from pipeline.serve.config.models import Pool
 from pipeline.settings import REPO_ROOT, variables_markdown
 
 SCHEMA = REPO_ROOT / "docs" / "serve-config.schema.json"
@@ -84,6 +85,7 @@ def keys_markdown() -> str:
             _table(Server, "[instance.server] and [instance.<name>.server]"),
             _table(Cluster, "[instance.<name>.cluster]"),
             _table(Gateway, "[gateway]"),
+            _table(Pool, "[pool.<group>]"),
         ]
     )
 
