@@ -274,6 +274,7 @@ HEAVY_GROUPS = {
     "test_multinode_vllm": "real-vllm-1",
     "test_gateway_vllm": "real-vllm-1",
     "test_gateway_vllm_replicas": "real-vllm-1",
+    "test_pool_vllm": "real-vllm-1",
     "test_demo": "real-vllm-2",
     "test_container": "real-vllm-2",
     "test_vllm_bundle": "real-vllm-2",
@@ -393,3 +394,50 @@ from lock_helpers import cache_dir, channel, channel_url  # noqa: E402, F401
 
 # Real-vLLM fixtures (session-scoped; only the slow tests ask for them).
 from vllm_runtime import tiny_model, vllm_cpu_python, vllm_project  # noqa: E402, F401
+
+
+class ProcessSampler:
+    """Samples, every few milliseconds in a thread, which instances have a process: a process
+    belongs to an instance when its stdout is the instance's log (every process of an
+    instance inherits it: vLLM's API server, its engine core, a stand-in). ``both`` counts the
+    samples that found more than ``limit`` instances up at once."""
+
+    def __init__(self, logs: dict[str, Path], limit: int = 1) -> None:
+        self.logs = {str(path): name for name, path in logs.items()}
+        self.limit = limit
+        self.both = 0
+        self.samples = 0
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def up(self) -> set[str]:
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                target = str((entry / "fd" / "1").readlink())
+            except OSError:
+                continue
+            name = self.logs.get(target)
+            if name is not None:
+                found.add(name)
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            up = self.up()
+            self.seen |= up
+            if len(up) > self.limit:
+                self.both += 1
+            self.samples += 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, standin_config, wait_for
+from conftest import ProcessSampler, free_port, standin_config, wait_for
 
 from pipeline.procs import group_alive
 from pipeline.serve.commands.serve import serve_command
@@ -73,6 +73,10 @@ def ask(port: int, model: str, timeout: float = 30, path: str = "/v1/chat/comple
         return err.code, {k.lower(): v for k, v in err.headers.items()}, json.loads(err.read())
 
 
+def logs(tmp_path: Path) -> dict[str, Path]:
+    return {name: tmp_path / "logs" / f"{name}.log" for name in ("a", "b")}
+
+
 def with_gpus(tmp_path: Path) -> dict[str, str]:
     """This environment with an ``nvidia-smi`` that lists two GPUs, for the host check of a
     config with ``gpu_ids`` (the plan then takes the platform for one with sleep mode; the
@@ -96,47 +100,6 @@ def record(settings, name: str):
     return StateStore(settings.serve_state).read().instances[name]
 
 
-class Sampler:
-    """Samples, every few milliseconds, which stand-ins' processes exist (by their pid files in
-    /proc: the argv names the port), to show two are never up together."""
-
-    def __init__(self, ports: dict[str, int]) -> None:
-        self.ports = {name: ports[name] for name in ("a", "b")}
-        self.both = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def up(self) -> set[str]:
-        found = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for name, port in self.ports.items():
-                if b"--port" in argv and str(port).encode() in argv and b"-m" in argv:
-                    found.add(name)
-        return found
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if len(self.up()) > 1:
-                self.both += 1
-            self.samples += 1
-            time.sleep(0.005)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
 def test_on_demand_models_take_turns_in_a_pool_of_one(settings, standin_prefix, tmp_path, capsys):
     config, ports = pool_config(standin_prefix, tmp_path)
     assert serve_command(settings, str(config), os.environ) == 0
@@ -150,11 +113,12 @@ def test_on_demand_models_take_turns_in_a_pool_of_one(settings, standin_prefix, 
         timeout=10,
     ) as resp:
         assert [m["id"] for m in json.loads(resp.read())["data"]] == ["a", "b"]
-    with Sampler(ports) as sampler:
+    with ProcessSampler(logs(tmp_path)) as sampler:
         for model in ("a", "b", "a", "b", "a"):
             status, _, body = ask(gw, model)
             assert (status, body["served_by"]) == (200, model)
     assert sampler.samples > 20 and sampler.both == 0, "never both up at once"
+    assert sampler.seen == {"a", "b"}, "the sampler sees them"
     assert states(settings)["a"] is S.RUNNING and states(settings)["b"] is S.UNLOADED
     rec = record(settings, "b")
     assert rec.put_away == "stop" and rec.wakes == 2 and rec.reason == "to make room for a"
@@ -179,7 +143,7 @@ def test_concurrent_requests_for_both_models_all_succeed(settings, standin_prefi
             with lock:
                 results.append((status, body.get("served_by", body.get("error", {}))))
 
-    with Sampler(ports) as sampler:
+    with ProcessSampler(logs(tmp_path)) as sampler:
         threads = [threading.Thread(target=client, args=(m,)) for m in ("a", "b") * 3]
         for t in threads:
             t.start()

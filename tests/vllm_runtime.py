@@ -89,12 +89,15 @@ def serve_example_with_gateway(
     gateway_key: str,
     gateway: Mapping[str, object] | None = None,
     served_model_name: str | None = None,
+    control: Mapping[str, object] | None = None,
+    pools: Mapping[str, object] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """`doit serve` of the example's two instances (``tiny-a``, ``tiny-b``; all served as
     ``served_model_name`` if given) with the gateway on (``gateway`` adds to its table), on free
     ports with state and logs under ``root``; `doit stop` (checked) and a kill of every
-    recorded group at the end. Yields ``env``, ``url`` (the gateway's), ``ports``, ``store``
-    and ``root``."""
+    recorded group at the end. ``control`` adds to ``[instance.control]``, ``pools`` is the
+    ``[pool]`` table. Yields ``env``, ``url`` (the gateway's), ``ports``, ``store`` and
+    ``root``."""
     from conftest import doit_env, free_port, kill_recorded_groups, run_doit
 
     ports = {"tiny-a": free_port(), "tiny-b": free_port()}
@@ -109,6 +112,10 @@ def serve_example_with_gateway(
     if served_model_name is not None:
         for name in ports:
             overrides["instance"][name]["server"]["served_model_name"] = served_model_name
+    if control:
+        overrides["instance"]["control"].update(control)
+    if pools:
+        overrides["pool"] = dict(pools)
     overrides["gateway"] = {
         "enable": True,
         "host": "127.0.0.1",
