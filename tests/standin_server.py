@@ -23,7 +23,8 @@ For the gateway's tests it also speaks HTTP/1.1 with keep-alive and takes ``POST
 OpenAI, Anthropic and vLLM JSON endpoints (``/v1/*`` needs the key, as in vLLM; ``x-api-key``
 is not accepted, as in vLLM). The body's ``model`` must be one of the ``--served-model-name``
 values (404 otherwise). Without ``"stream": true`` it answers JSON echoing what it received:
-``served_by`` (its first name), ``path``, ``query``, ``headers`` (lower-case), ``body_sha256``.
+``served_by`` (its first name), ``path``, ``query``, ``headers`` (lower-case), ``body_sha256``,
+``received_at`` (``time.time()`` when its body was read).
 With it, an SSE stream in chunked encoding: ``standin_chunks`` events (default 5), each
 ``data: {...}`` carrying ``index`` and ``sent_at`` (``time.time()`` when written), with
 ``standin_delay`` seconds between them, then ``data: [DONE]``. ``GET /stats`` (no key) counts
@@ -45,6 +46,9 @@ the first N answers after each wake are malformed (a reply with no ``choices``),
 returns wrong output; ``STANDIN_SLEEP_FAIL=1``: ``/sleep`` answers 500. ``GET /stats`` also
 counts ``sleeps`` and ``wakes``. Non-streaming answers carry ``choices[0].text`` too, so a
 ``/v1/completions`` reply reads as one.
+
+``STANDIN_LOG_TIMES=1`` logs each ``POST``'s path with the times (``time.time()``) it arrived
+and was answered, for bench/bench_pool.py.
 
 ``STANDIN_FAST=1`` runs a minimal asyncio server instead (for bench/bench_gateway.py): keep-alive,
 ``GET /health``, ``GET /v1/models``, and any ``POST`` answered with a fixed chat completion, or
@@ -140,6 +144,7 @@ def main(argv: list[str]) -> int:
     # level 2, not reloaded); kv: "ok" or "dropped".
     memory = {"weights": "ok", "kv": "ok", "bad_left": 0}
     bad_after_wake = int(env.get("STANDIN_BAD_AFTER_WAKE", "0"))
+    log_times = bool(env.get("STANDIN_LOG_TIMES"))
 
     def is_sleeping() -> bool:
         return memory["weights"] in ("offloaded", "discarded") or memory["kv"] == "dropped"
@@ -167,6 +172,9 @@ def main(argv: list[str]) -> int:
                 self.send_header("x-standin-port", str(port))
             self.end_headers()
             self.wfile.write(data)
+            if log_times and self.command == "POST":
+                url = urlsplit(self.path)
+                os.write(1, f"standin: POST {url.path} answered at {time.time():.6f}\n".encode())
 
         def _dev(self, url) -> bool:
             """vLLM's dev endpoints; True when this request was one of them (answered)."""
@@ -258,6 +266,9 @@ def main(argv: list[str]) -> int:
             if self._dev(url):
                 return
             body = self._body()
+            received_at = time.time()
+            if log_times:
+                os.write(1, f"standin: POST {url.path} received at {received_at:.6f}\n".encode())
             count("requests")
             if url.path.startswith("/v1/"):
                 with lock:
@@ -303,6 +314,7 @@ def main(argv: list[str]) -> int:
                     "query": url.query,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "received_at": received_at,
                     "choices": [
                         {
                             "index": 0,
@@ -349,13 +361,17 @@ def main(argv: list[str]) -> int:
                 self.close_connection = True
 
     class Server(ThreadingHTTPServer):
+        # uvicorn's (vLLM's) backlog, not socketserver's 5: a gateway sending out ten held
+        # requests at once must not see SYNs dropped (and resent a second later).
+        request_queue_size = 2048
+
         def handle_error(self, request: object, client_address: object) -> None:
             # A client that hangs up on a keep-alive connection is normal, not an error.
             if not isinstance(sys.exc_info()[1], ConnectionError):
                 super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     server = Server((host, port), Handler)
-    print(f"standin: listening on {host}:{port}", flush=True)
+    print(f"standin: listening on {host}:{port} at {time.time():.6f}", flush=True)
     if crash_after:
         deadline = time.monotonic() + float(crash_after)
         server.timeout = 0.1

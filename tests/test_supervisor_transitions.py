@@ -634,12 +634,15 @@ class FakeControl:
         return out
 
     changes: int = 0
+    running: list[str] = field(default_factory=list)
 
     def send(self, message: dict[str, Any]) -> bool:
         if not self.connected:
             return False
         if message == {"op": "changed"}:
             self.changes += 1
+        elif message["op"] == "running":
+            self.running.append(message["instance"])
         else:
             self.sent.append(message)
         return True
@@ -710,7 +713,8 @@ class Pool:
         )
 
     def up(self, name: str) -> FakePopen:
-        """Ask for ``name`` and bring it to RUNNING through its first request."""
+        """Ask for ``name`` and bring it to RUNNING through its first request (the gateway is
+        told at once)."""
         self.want(name)
         self.tick()
         assert self.state(name) is S.STARTING
@@ -720,6 +724,7 @@ class Pool:
         assert self.state(name) is S.STARTING
         self.tick()
         assert self.state(name) is S.RUNNING
+        assert self.control.running[-1] == name
         return popen
 
     def put_away(self, name: str, *, idle_for: float = 10) -> None:

@@ -87,6 +87,12 @@ class ControlLink:
             gateway.states.refresh(force=True)
             gateway.forget_released()
             gateway.holding.kick()
+        elif op == "running" and isinstance(name, str) and name in gateway.inflight:
+            ready_at, at = message.get("ready_at"), message.get("at")
+            if isinstance(ready_at, float) and isinstance(at, float):
+                gateway.states.push_running(name, ready_at, at)
+                gateway.forget_released()
+                gateway.holding.kick()
         elif op == "release" and isinstance(name, str) and name in gateway.inflight:
             ok = gateway.inflight[name] == 0 and gateway.holding.queued(name) == 0
             if ok:

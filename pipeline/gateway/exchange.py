@@ -74,6 +74,7 @@ class Exchange:
         "model",
         "path",
         "pool",
+        "ready_seen",
         "replicas",
         "request",
         "retried",
@@ -120,6 +121,8 @@ class Exchange:
         # When the request was last sent (monotonic): the gateway's housekeeping answers 504
         # once upstream_timeout has passed with no response head (no timer per request).
         self.sent_at = 0.0
+        # A held request: when the gateway learned its instance was ready (perf_counter).
+        self.ready_seen: float | None = None
 
     @property
     def instance(self) -> str:
@@ -202,6 +205,9 @@ class Exchange:
         if self.client.writing_paused:
             conn.transport.pause_reading()
         self.sent_at = time.monotonic()
+        if self.ready_seen is not None:
+            self.gateway.metrics.held_dispatch.observe(time.perf_counter() - self.ready_seen)
+            self.ready_seen = None
 
     def check_timeout(self, now: float) -> None:
         """Called by the gateway's housekeeping (about once a second): past upstream_timeout

@@ -93,16 +93,25 @@ class Held:
             )
 
     # ---- from the queue --------------------------------------------------------------------
-    def release(self) -> None:
-        """Its model has a running instance: route it now (held again if it lost the race)."""
-        from pipeline.gateway.exchange import forward
+    def release(self, ready_seen: float) -> None:
+        """Its model has a running instance (the gateway learned it at ``ready_seen``,
+        perf_counter): route it now (held again if it lost the race)."""
+        from pipeline.gateway.exchange import Exchange, forward
 
         self.done = True
         client = self.client
         client.exchange = None
+        self.holding.gateway.metrics.held_for(self.model, time.monotonic() - self.since)
         forward(client, self.req, self.body, self.scanner)
-        if client.exchange is None:
+        exchange = client.exchange
+        if exchange is None:
             client.exchange_done()  # answered at once: on to its next request
+        elif isinstance(exchange, Exchange):
+            if exchange.sent_at:  # sent at once, on a kept-alive connection
+                seconds = time.perf_counter() - ready_seen
+                self.holding.gateway.metrics.held_dispatch.observe(seconds)
+            else:
+                exchange.ready_seen = ready_seen
 
     def fail(self, message: str, kind: str, retry_after: int | None = RETRY_AFTER) -> None:
         self.done = True
@@ -211,9 +220,10 @@ class Holding:
             if not queue:
                 continue
             if replicas.pick(gateway) is not None:
+                ready_seen = time.perf_counter()
                 for held in list(queue):
                     del queue[held]
-                    held.release()
+                    held.release(ready_seen)
                 self._noted(replicas)
                 continue
             statuses = [gateway.states.status(n) for n in replicas.names]

@@ -13,15 +13,20 @@ from collections.abc import Iterable
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
-class Histogram:
-    __slots__ = ("counts", "sum")
+# Seconds from the gateway learning that an instance is ready to a held request written to it.
+DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1, 1.0)
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
 
@@ -45,6 +50,16 @@ class Metrics:
         self.duration: dict[tuple[str, str], Histogram] = {}
         self.first_byte: dict[tuple[str, str], Histogram] = {}
         self.stream_chunks: dict[tuple[str, str], int] = {}
+        # Requests held while their model started or woke: how long, per model; and the
+        # gateway's own part once the instance was ready (all models together).
+        self.held: dict[tuple[str, str], Histogram] = {}
+        self.held_dispatch = Histogram(DISPATCH_BUCKETS)
+
+    def held_for(self, model: str, seconds: float) -> None:
+        hist = self.held.get((model, ""))
+        if hist is None:
+            hist = self.held[(model, "")] = Histogram()
+        hist.observe(seconds)
 
     def request(self, model: str, instance: str, code: int) -> None:
         key = (model, instance, code)
@@ -110,6 +125,17 @@ class Metrics:
                 "Time from the request's arrival to its response's last byte.",
             ),
             (
+                "gateway_held_seconds",
+                self.held,
+                "Time a request was held while its on-demand model started or woke.",
+            ),
+            (
+                "gateway_held_dispatch_seconds",
+                {("", ""): self.held_dispatch} if any(self.held_dispatch.counts) else {},
+                "Time from the gateway learning that a held request's instance is ready to "
+                "the request written to it (a new connection included): the gateway's own part.",
+            ),
+            (
                 "gateway_first_byte_seconds",
                 self.first_byte,
                 "Time from the request's arrival to the instance's response head.",
@@ -119,7 +145,7 @@ class Metrics:
             for (model, instance), hist in sorted(table.items()):
                 base = _labels((("model", model), ("instance", instance)))
                 running = 0
-                for bound, count in zip((*BUCKETS, None), hist.counts, strict=True):
+                for bound, count in zip((*hist.bounds, None), hist.counts, strict=True):
                     running += count
                     le = "+Inf" if bound is None else repr(bound)
                     out.append(f'{name}_bucket{{{base},le="{le}"}} {running}')

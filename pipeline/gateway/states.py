@@ -113,6 +113,20 @@ class StateFollower:
         self._signature: Fingerprint | None = None
         default = ALWAYS_READY if not path else NOT_YET
         self.statuses: dict[str, InstanceStatus] = dict.fromkeys(self.names, default)
+        # Statuses the supervisor pushed ahead of its state file (name -> when, Unix time):
+        # a file written before that cannot take them back.
+        self.pushed: dict[str, float] = {}
+
+    def push_running(self, name: str, ready_at: float, at: float) -> None:
+        """The supervisor says ``name`` is running since ``ready_at`` (sent at ``at``), ahead
+        of the state file; the file replaces it once it was written after ``at``."""
+        before = self.statuses.get(name)
+        restarts = before.restarts if before is not None else 0
+        self.statuses[name] = InstanceStatus(RUNNING, None, restarts, ready_at)
+        self.pushed[name] = at
+        if self.say is not None and (before is None or before.state != RUNNING):
+            was = before.state if before is not None else "unknown"
+            self.say(f"instance {name}: {was} -> running")
 
     def status(self, name: str) -> InstanceStatus:
         return self.statuses.get(name, NOT_YET)
@@ -147,9 +161,16 @@ class StateFollower:
         # trusted: the next refresh reads again, until one comes a tick after the write.
         racy = read_at - st.st_mtime_ns < RACY_NS
         self._signature = None if racy else signature
+        written = data.get("updated_at")
+        written = written if isinstance(written, int | float) else 0.0
         for name in self.names:
             if name not in records:
                 continue
+            pushed = self.pushed.get(name)
+            if pushed is not None:
+                if written < pushed:
+                    continue  # older than what the supervisor told since
+                del self.pushed[name]
             problems: list[str] = []
             rec = parse_instance(name, records[name], problems)
             for problem in problems:

@@ -17,7 +17,9 @@ Messages are JSON objects, one per line, both ways:
   it has no request in flight to N, and from then on routes nothing to N (it holds the
   requests for it) until N has left ``running``, or until ``{"op": "keep", "instance": N}``;
   ``{"op": "changed"}``: ``state.json`` was written (the gateway re-reads it at once rather
-  than at its next housekeeping).
+  than at its next housekeeping);
+  ``{"op": "running", "instance": N, "ready_at": T, "at": W}``: N has just become ready (sent
+  at once, before the state file that says so is written: held requests go out sooner).
 
 The server runs in threads; :meth:`ControlServer.take` hands the messages to the supervisor's
 loop, and :attr:`ControlServer.arrived` is set when one comes (the loop waits on it).

@@ -137,10 +137,13 @@ class _Call:
     start or wake), in a daemon thread: ``result`` is None until it returns. Bounded by the
     call's own timeout; a call whose instance was stopped meanwhile is simply dropped."""
 
-    __slots__ = ("kind", "result", "thread")
+    __slots__ = ("done", "kind", "result", "thread")
 
-    def __init__(self, kind: str, name: str, run: Callable[[], ProbeResult]) -> None:
+    def __init__(
+        self, kind: str, name: str, run: Callable[[], ProbeResult], done: Callable[[], None]
+    ) -> None:
         self.kind = kind
+        self.done = done  # wakes the supervisor's loop: the outcome is acted on at once
         self.result: ProbeResult | None = None
         self.thread = threading.Thread(
             target=self._run, args=(run,), name=f"{kind} {name}", daemon=True
@@ -153,6 +156,7 @@ class _Call:
         except Exception as exc:  # a broken call is a failed call, not a dead thread
             value = ProbeResult(False, error=f"{type(exc).__name__}: {exc}")
         self.result = value
+        self.done()
 
 
 @dataclass
@@ -457,6 +461,12 @@ class Supervisor:
         self.control = server
         self._own_control = True
 
+    def _poke(self) -> None:
+        """Wake the loop now (from another thread): a call to an instance has ended."""
+        control = self.control
+        if control is not None:
+            control.arrived.set()
+
     def _wait(self, seconds: float) -> None:
         control = self.control
         if control is not None and self.sleep is time.sleep:
@@ -529,6 +539,17 @@ class Supervisor:
             proc.last_active = self.clock()
             if proc.record.inflight == 0:
                 proc.record.idle_since = time.time()
+            if self.control is not None and proc.plan.managed:
+                # Requests may be held for it: tell the gateway now, not after this tick's
+                # save (the state file follows within the tick).
+                self.control.send(
+                    {
+                        "op": "running",
+                        "instance": proc.record.name,
+                        "ready_at": proc.record.ready_at,
+                        "at": time.time(),
+                    }
+                )
             rec = proc.record
             proc.health = None
             proc.health_counted = False
@@ -955,7 +976,9 @@ class Supervisor:
         if plan.sleep:
             self._enter(proc, InstanceState.SLEEPING, why, f"putting to sleep ({why})")
             url, grace = plan.base_url, plan.stop_grace
-            proc.call = _Call("sleep", plan.name, lambda: self.pool_calls.sleep(url, grace))
+            proc.call = _Call(
+                "sleep", plan.name, lambda: self.pool_calls.sleep(url, grace), self._poke
+            )
             return
         self._unload(proc, now, why, f"putting away: stopping ({why})")
 
@@ -976,7 +999,7 @@ class Supervisor:
         def run() -> ProbeResult:
             return self.pool_calls.canary(plan.base_url, model, secret, timeout)
 
-        proc.call = _Call("first request", plan.name, run)
+        proc.call = _Call("first request", plan.name, run, self._poke)
 
     def _first_request_done(self, proc: _Proc, now: float) -> None:
         call = proc.call
@@ -1018,7 +1041,9 @@ class Supervisor:
                 rec.wakes += 1
                 proc.started_mono = now
                 self._enter(proc, InstanceState.WAKING, None, "waking")
-                proc.call = _Call("wake", plan.name, lambda: self._wake_and_check(plan))
+                proc.call = _Call(
+                    "wake", plan.name, lambda: self._wake_and_check(plan), self._poke
+                )
             return
         call = proc.call
         if call is None or call.result is None:
