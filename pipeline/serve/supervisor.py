@@ -1041,9 +1041,7 @@ class Supervisor:
                 rec.wakes += 1
                 proc.started_mono = now
                 self._enter(proc, InstanceState.WAKING, None, "waking")
-                proc.call = _Call(
-                    "wake", plan.name, lambda: self._wake_and_check(plan), self._poke
-                )
+                proc.call = _Call("wake", plan.name, lambda: self._wake_and_check(plan), self._poke)
             return
         call = proc.call
         if call is None or call.result is None:
