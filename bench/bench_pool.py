@@ -300,7 +300,7 @@ def main() -> int:
     count, mean, within, median = dispatch_figures(final["metrics"])
     print(
         f"gateway's own overhead per held request (from learning its instance is ready to the "
-        f"request written to it, a new connection included; its /metrics): mean "
+        f"request written to it; its /metrics): mean "
         f"{mean * 1000:.3f} ms, median <= {median * 1000:g} ms, {within:.0%} within 1 ms, over "
         f"{count} held requests (target <= 1 ms): {'PASS' if median <= 0.001 else 'FAIL'}"
     )

@@ -119,6 +119,24 @@ def test_on_demand_models_take_turns_in_a_pool_of_one(settings, standin_prefix, 
             assert (status, body["served_by"]) == (200, model)
     assert sampler.samples > 20 and sampler.both == 0, "never both up at once"
     assert sampler.seen == {"a", "b"}, "the sampler sees them"
+    # Each request held for a start is in the gateway's metrics.
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{gw}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+        ),
+        timeout=10,
+    ) as resp:
+        metrics = resp.read().decode()
+    counts = {
+        line.split("{")[0] + line.split('model="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith(("gateway_held_seconds_count", "gateway_held_dispatch_seconds_count"))
+    }
+    assert counts == {
+        "gateway_held_seconds_counta": 3.0,
+        "gateway_held_seconds_countb": 2.0,
+        "gateway_held_dispatch_seconds_count": 5.0,
+    }
     assert states(settings)["a"] is S.RUNNING and states(settings)["b"] is S.UNLOADED
     rec = record(settings, "b")
     assert rec.put_away == "stop" and rec.wakes == 2 and rec.reason == "to make room for a"

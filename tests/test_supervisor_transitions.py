@@ -635,6 +635,7 @@ class FakeControl:
 
     changes: int = 0
     running: list[str] = field(default_factory=list)
+    healthy: list[str] = field(default_factory=list)
 
     def send(self, message: dict[str, Any]) -> bool:
         if not self.connected:
@@ -643,6 +644,8 @@ class FakeControl:
             self.changes += 1
         elif message["op"] == "running":
             self.running.append(message["instance"])
+        elif message["op"] == "healthy":
+            self.healthy.append(message["instance"])
         else:
             self.sent.append(message)
         return True
@@ -722,6 +725,7 @@ class Pool:
         self.world.healthy.add(self.supervisor.procs[name].plan.health_url)
         self.tick()  # /health answers: the first request goes out
         assert self.state(name) is S.STARTING
+        assert self.control.healthy[-1] == name, "the gateway may open its connections"
         self.tick()
         assert self.state(name) is S.RUNNING
         assert self.control.running[-1] == name

@@ -93,6 +93,8 @@ class ControlLink:
                 gateway.states.push_running(name, ready_at, at)
                 gateway.forget_released()
                 gateway.holding.kick()
+        elif op == "healthy" and isinstance(name, str) and name in gateway.inflight:
+            gateway.warm(name)
         elif op == "release" and isinstance(name, str) and name in gateway.inflight:
             ok = gateway.inflight[name] == 0 and gateway.holding.queued(name) == 0
             if ok:

@@ -133,7 +133,8 @@ class Metrics:
                 "gateway_held_dispatch_seconds",
                 {("", ""): self.held_dispatch} if any(self.held_dispatch.counts) else {},
                 "Time from the gateway learning that a held request's instance is ready to "
-                "the request written to it (a new connection included): the gateway's own part.",
+                "the request written to it (with a connect when none was opened ahead): the "
+                "gateway's own part.",
             ),
             (
                 "gateway_first_byte_seconds",

@@ -235,6 +235,21 @@ class Gateway:
         released = self.released
         return not released or name not in released or released[name] != status.ready_at
 
+    def warm(self, name: str) -> None:
+        """Open, in the background, one connection to instance ``name`` per request held for
+        it (beyond its idle ones): sent out the moment it is ready, no connect in between."""
+        pool = self.pools[name]
+        want = min(self.holding.queued(name), MAX_IDLE_PER_INSTANCE) - len(pool.idle)
+        for _ in range(max(0, want)):
+            self.spawn(self._warm_one(pool))
+
+    async def _warm_one(self, pool: Pool) -> None:
+        try:
+            conn = await pool.connect()
+        except (OSError, TimeoutError):
+            return  # the request will connect itself
+        pool.release(conn)
+
     def forget_released(self) -> None:
         """Releases that are over: the instance left running (or came back) since."""
         for name, ready_at in list(self.released.items()):

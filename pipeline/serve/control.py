@@ -19,7 +19,9 @@ Messages are JSON objects, one per line, both ways:
   ``{"op": "changed"}``: ``state.json`` was written (the gateway re-reads it at once rather
   than at its next housekeeping);
   ``{"op": "running", "instance": N, "ready_at": T, "at": W}``: N has just become ready (sent
-  at once, before the state file that says so is written: held requests go out sooner).
+  at once, before the state file that says so is written: held requests go out sooner);
+  ``{"op": "healthy", "instance": N}``: N's server answers, and the supervisor's first request
+  (or its wake) is under way: the gateway opens the connections its held requests will need.
 
 The server runs in threads; :meth:`ControlServer.take` hands the messages to the supervisor's
 loop, and :attr:`ControlServer.arrived` is set when one comes (the loop waits on it).

@@ -593,8 +593,10 @@ class Supervisor:
                 proc.next_probe = now + (TICK if early else PROBE_INTERVAL)
                 if as_result(self.probe(plan.health_url, self.probe_timeout), 0.0).ok:
                     if plan.managed:
-                        # No client's request before one of ours has been answered.
+                        # No client's request before one of ours has been answered; the
+                        # gateway may open its connections meanwhile.
                         self._first_request(proc, now)
+                        self._tell_healthy(proc)
                         return
                     rec.ready_at = time.time()
                     took = self.clock() - proc.started_mono
@@ -1001,6 +1003,12 @@ class Supervisor:
 
         proc.call = _Call("first request", plan.name, run, self._poke)
 
+    def _tell_healthy(self, proc: _Proc) -> None:
+        """The instance's server answers (its first request or its wake is under way): the
+        gateway opens the connections its held requests will need."""
+        if self.control is not None:
+            self.control.send({"op": "healthy", "instance": proc.record.name})
+
     def _first_request_done(self, proc: _Proc, now: float) -> None:
         call = proc.call
         if call is None or call.result is None:
@@ -1041,6 +1049,7 @@ class Supervisor:
                 rec.wakes += 1
                 proc.started_mono = now
                 self._enter(proc, InstanceState.WAKING, None, "waking")
+                self._tell_healthy(proc)
                 proc.call = _Call("wake", plan.name, lambda: self._wake_and_check(plan), self._poke)
             return
         call = proc.call
