@@ -354,3 +354,75 @@ def test_plan_says_how_an_instance_is_put_away(settings, standin_prefix, tmp_pat
     assert a["managed"] and a["on_demand"] and a["pool"] == "one" and not a["sleep"]
     if unload == "sleep":
         assert "no GPU (the CPU build has no sleep mode): put away means stopped" in a["notes"]
+
+
+def test_the_sleep_standin_follows_vllms_rules(tmp_path):
+    """The stand-in's sleep endpoints, as vLLM 0.32's source defines them: dev mode only,
+    sleep mode required, level 1 keeps the weights (a wake restores them), level 2 drops them
+    (a weights-only wake leaves garbage until reload_weights, then the KV cache)."""
+    import subprocess
+    import sys
+
+    from conftest import STANDIN
+
+    def post(port: int, path: str, body: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=json.dumps(body or {}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def sleeping(port: int) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/is_sleeping", timeout=10) as r:
+            return json.loads(r.read())["is_sleeping"]
+
+    def serve(*flags: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, str(STANDIN), "--port", str(port), "--served-model-name", "m", *flags],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _healthy(port), timeout=10, what="the stand-in")
+        return proc, port
+
+    completion = {"model": "m", "prompt": "x", "max_tokens": 1}
+    plain, port = serve()
+    dev, dev_port = serve(VLLM_SERVER_DEV_MODE="1")
+    full, full_port = serve("--enable-sleep-mode", VLLM_SERVER_DEV_MODE="1")
+    try:
+        assert post(port, "/sleep?level=1")[0] == 404, "no dev mode: no such route"
+        assert post(dev_port, "/sleep?level=1")[0] == 500, "dev mode without sleep mode"
+        assert post(full_port, "/sleep?level=1") == (200, {"status": "sleeping", "level": 1})
+        assert sleeping(full_port) and post(full_port, "/v1/completions", completion)[0] == 500
+        assert post(full_port, "/wake_up")[0] == 200 and not sleeping(full_port)
+        assert post(full_port, "/v1/completions", completion)[1]["choices"][0]["text"] == "hi"
+        # Level 2: the wake order of vLLM's RL recipes.
+        post(full_port, "/sleep?level=2")
+        assert post(full_port, "/wake_up?tags=weights")[1]["status"] == "sleeping"
+        post(full_port, "/collective_rpc", {"method": "reload_weights"})
+        assert sleeping(full_port), "the KV cache is still dropped"
+        assert post(full_port, "/wake_up?tags=kv_cache")[1]["status"] == "awake"
+        assert post(full_port, "/v1/completions", completion)[0] == 200
+        # Woken from level 2 without reloading: garbage weights, wrong answers.
+        post(full_port, "/sleep?level=2")
+        post(full_port, "/wake_up")
+        assert not sleeping(full_port) and post(full_port, "/v1/completions", completion)[0] == 500
+    finally:
+        for proc in (plain, dev, full):
+            proc.terminate()
+            proc.wait(10)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -1129,3 +1129,26 @@ def test_the_fake_pids_cannot_be_real_processes():
     # The fake pids are beyond any pid_max: had a signal left the fakes, it would have failed.
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     assert pid_max < FIRST_PID
+
+
+def test_a_replica_running_ends_the_other_replicas_wait(make, world):
+    # Two on-demand replicas of one model in a pool of one: a held request asks for both;
+    # once one runs, the other is no longer wanted (it would only push the first out).
+    fake, calls = FakeControl(), FakeCalls()
+    instances = {
+        name: {"port": port, "served": "m", "control": {"start": "on-demand"}}
+        for name, port in (("r1", 18001), ("r2", 18002))
+    }
+    supervisor, lines = make(
+        instances,
+        extra='[gateway]\nenable = true\nport = 18999\n[pool.p]\ninstances = ["r1", "r2"]\n',
+        seams={"control": fake, "pool_calls": calls},
+    )
+    p = Pool(supervisor, fake, calls, lines, world)
+    p.tick()
+    p.want("r2")
+    p.up("r1")
+    assert supervisor.procs["r2"].wanted_at is None
+    p.world.now += 60
+    p.tick()
+    assert fake.sent == [] and p.state("r2") is S.UNLOADED

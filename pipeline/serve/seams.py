@@ -192,11 +192,13 @@ class SleepCalls:
     threads of their own."""
 
     def sleep(self, base_url: str, timeout: float) -> ProbeResult:
-        """``POST /sleep?level=1`` (the weights to host RAM, the KV cache dropped), then
+        """``POST /sleep?level=1&mode=wait`` (the weights to host RAM, the KV cache dropped;
+        ``wait``: requests in flight finish first, where vLLM's default ``abort`` would cut
+        them, although the gateway released the instance with none in flight), then
         ``GET /is_sleeping`` until it says true."""
         began = time.monotonic()
         try:
-            status, _ = _http("POST", f"{base_url}/sleep?level=1", timeout)
+            status, _ = _http("POST", f"{base_url}/sleep?level=1&mode=wait", timeout)
             if status != 200:
                 return ProbeResult(False, time.monotonic() - began, f"/sleep answered {status}")
             while time.monotonic() - began < timeout:

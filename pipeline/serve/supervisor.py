@@ -537,6 +537,11 @@ class Supervisor:
             proc.releasing = None
         if state is InstanceState.RUNNING:
             proc.last_active = self.clock()
+            if proc.plan.managed:
+                # Its replicas' requests go to it now: none of them need start for them.
+                for other in self.procs.values():
+                    if other.plan.model_names == proc.plan.model_names:
+                        other.wanted_at = None
             if proc.record.inflight == 0:
                 proc.record.idle_since = time.time()
             if self.control is not None and proc.plan.managed:
