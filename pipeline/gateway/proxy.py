@@ -11,8 +11,9 @@ limits decided on a request's head; flow control), :mod:`~pipeline.gateway.excha
 proxied request: resends to another replica, what passes through and what changes, the races
 with the peers), :mod:`~pipeline.gateway.upstream` (the pools, the choice among replicas, the
 connection to an instance), :mod:`~pipeline.gateway.endpoints` (``/health``, ``/v1/models``,
-``/metrics``, error bodies, status lines) and :mod:`~pipeline.gateway.conn` (the read buffer
-every connection shares). Imports go one way: this module, then client, exchange, upstream,
+``/metrics``, error bodies, status lines), :mod:`~pipeline.gateway.conn` (the read buffer
+every connection shares), :mod:`~pipeline.gateway.hold` (requests held while an on-demand model
+starts or wakes) and :mod:`~pipeline.gateway.control` (the supervisor's control channel). Imports go one way: this module, then client, exchange, upstream,
 endpoints, conn.
 
 Everything runs on one event loop thread; callbacks never block.

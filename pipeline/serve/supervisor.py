@@ -42,6 +42,21 @@ leader's control endpoint (:mod:`pipeline.serve.gang`; seams ``gang_server`` and
 - the first failure's last log lines are kept in ``<log>.first-failure`` (a crash loop
   would push them out of the rotated log).
 
+The model pool (instances that are on-demand, have an ``idle_timeout`` or sit in a
+``[pool.<group>]``: ``plan.managed``): an on-demand instance waits in ``unloaded`` for its
+first request. The gateway asks for it over the control channel
+(:mod:`pipeline.serve.control`; ``want``), tells the requests in flight and held per
+instance (``activity``), and answers ``release`` questions. To start or wake an instance, the
+supervisor first puts away the least recently used idle instance in its way (its pool's
+``max_awake``, its GPUs' memory: :mod:`pipeline.serve.pool`), once the gateway has released it
+(nothing in flight, nothing routed to it any more) and only once it is confirmed asleep or gone
+(it counts as awake until then: no budget is ever exceeded). Put away means vLLM's sleep mode
+(``sleeping`` -> ``asleep``; ``waking`` back) where the plan has it, else a stop (``unloading``
+-> ``unloaded``; a cold start back). After every start or wake, one short request of its own
+(``SleepCalls.canary``) must pass before ``running``; a failure is a failed start, with the
+usual restarts. Sleep, wake and that request run in threads (:class:`_Call`) that wake the loop
+when done.
+
 Blocking: :meth:`Supervisor.run` blocks until every instance is terminal (stopped, exited,
 failed) and returns the exit code. :meth:`Supervisor.tick` never blocks longer than one
 readiness probe (``probe_timeout``); liveness probes run beside it.
