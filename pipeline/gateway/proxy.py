@@ -13,8 +13,9 @@ with the peers), :mod:`~pipeline.gateway.upstream` (the pools, the choice among 
 connection to an instance), :mod:`~pipeline.gateway.endpoints` (``/health``, ``/v1/models``,
 ``/metrics``, error bodies, status lines), :mod:`~pipeline.gateway.conn` (the read buffer
 every connection shares), :mod:`~pipeline.gateway.hold` (requests held while an on-demand model
-starts or wakes) and :mod:`~pipeline.gateway.control` (the supervisor's control channel). Imports go one way: this module, then client, exchange, upstream,
-endpoints, conn.
+starts or wakes) and :mod:`~pipeline.gateway.control` (the supervisor's control channel).
+Imports go one way: this module, then control, client, exchange, hold, upstream, endpoints,
+conn (hold imports exchange's ``forward`` inside a function, for the one way back).
 
 Everything runs on one event loop thread; callbacks never block.
 """
