@@ -100,6 +100,14 @@ def record(settings, name: str):
     return StateStore(settings.serve_state).read().instances[name]
 
 
+def record_in(settings, name: str, state: InstanceState):
+    """``name``'s record once the state file shows it in ``state``: the supervisor tells the
+    gateway that an instance is running before it writes the file, so a held request can be
+    answered a moment before the file says so."""
+    wait_for(lambda: record(settings, name).state is state, timeout=10, what=f"{name} {state}")
+    return record(settings, name)
+
+
 def test_on_demand_models_take_turns_in_a_pool_of_one(settings, standin_prefix, tmp_path, capsys):
     config, ports = pool_config(standin_prefix, tmp_path)
     assert serve_command(settings, str(config), os.environ) == 0
@@ -137,7 +145,8 @@ def test_on_demand_models_take_turns_in_a_pool_of_one(settings, standin_prefix, 
         "gateway_held_seconds_countb": 2.0,
         "gateway_held_dispatch_seconds_count": 5.0,
     }
-    assert states(settings)["a"] is S.RUNNING and states(settings)["b"] is S.UNLOADED
+    record_in(settings, "a", S.RUNNING)
+    assert states(settings)["b"] is S.UNLOADED
     rec = record(settings, "b")
     assert rec.put_away == "stop" and rec.wakes == 2 and rec.reason == "to make room for a"
     capsys.readouterr()
@@ -182,7 +191,7 @@ def test_idle_timeout_puts_an_instance_away_and_a_request_brings_it_back(
     wait_for(lambda: states(settings)["a"] is S.UNLOADED, timeout=10, what="a put away")
     assert record(settings, "a").reason == "idle for 1s (idle_timeout)"
     assert ask(ports["gateway"], "a")[0] == 200
-    assert record(settings, "a").wakes == 2
+    assert record_in(settings, "a", S.RUNNING).wakes == 2
 
 
 def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, tmp_path):
@@ -204,11 +213,11 @@ def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, 
     assert ask(gw, "a")[0] == 200
     pid_a = record(settings, "a").pid
     assert ask(gw, "b")[0] == 200
-    rec = record(settings, "a")
-    assert rec.state is S.ASLEEP and rec.put_away == "sleep" and rec.pid == pid_a
+    rec = record_in(settings, "a", S.ASLEEP)
+    assert rec.put_away == "sleep" and rec.pid == pid_a
     assert ask(gw, "a")[0] == 200
-    rec = record(settings, "a")
-    assert rec.state is S.RUNNING and rec.pid == pid_a, "woken, not restarted"
+    rec = record_in(settings, "a", S.RUNNING)
+    assert rec.pid == pid_a, "woken, not restarted"
     assert record(settings, "b").state is S.ASLEEP
     stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['a']}/stats").read())
     assert (stats["sleeps"], stats["wakes"]) == (1, 1)
@@ -256,7 +265,7 @@ def test_the_gateway_never_forwards_the_sleep_endpoints(settings, standin_prefix
     for path in ("/sleep?level=1", "/wake_up", "/is_sleeping", "/collective_rpc"):
         status, _, _ = ask(ports["gateway"], "a", path=path)
         assert status == 404, path
-    assert record(settings, "a").state is S.RUNNING
+    record_in(settings, "a", S.RUNNING)
     stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['a']}/stats").read())
     assert stats["sleeps"] == 0
 

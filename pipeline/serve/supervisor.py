@@ -550,26 +550,9 @@ class Supervisor:
             proc.wanted_at = None
         if state is not InstanceState.RUNNING:
             proc.releasing = None
+        if state is InstanceState.RUNNING and proc.plan.managed:
+            self._running_managed(proc)
         if state is InstanceState.RUNNING:
-            proc.last_active = self.clock()
-            if proc.plan.managed:
-                # Its replicas' requests go to it now: none of them need start for them.
-                for other in self.procs.values():
-                    if other.plan.model_names == proc.plan.model_names:
-                        other.wanted_at = None
-            if proc.record.inflight == 0:
-                proc.record.idle_since = time.time()
-            if self.control is not None and proc.plan.managed:
-                # Requests may be held for it: tell the gateway now, not after this tick's
-                # save (the state file follows within the tick).
-                self.control.send(
-                    {
-                        "op": "running",
-                        "instance": proc.record.name,
-                        "ready_at": proc.record.ready_at,
-                        "at": time.time(),
-                    }
-                )
             rec = proc.record
             proc.health = None
             proc.health_counted = False
@@ -858,6 +841,26 @@ class Supervisor:
         self._give_up(proc, f"{why}; gave up after {limit}")
 
     # ---- the model pool ----------------------------------------------------------------
+    def _running_managed(self, proc: _Proc) -> None:
+        """A managed instance became ready: idle from now (as far as we know), its replicas
+        no longer wanted for its requests, and the gateway told at once (requests may be held
+        for it), ahead of this tick's save of the state file."""
+        proc.last_active = self.clock()
+        if proc.record.inflight == 0:
+            proc.record.idle_since = time.time()
+        for other in self.procs.values():
+            if other.plan.model_names == proc.plan.model_names:
+                other.wanted_at = None
+        if self.control is not None:
+            self.control.send(
+                {
+                    "op": "running",
+                    "instance": proc.record.name,
+                    "ready_at": proc.record.ready_at,
+                    "at": time.time(),
+                }
+            )
+
     def _take_messages(self, now: float) -> None:
         """What the gateway said since the last tick (see :mod:`pipeline.serve.control`)."""
         assert self.control is not None

@@ -202,10 +202,11 @@ def print_status(state: ServeState | None, out: TextIO, *, alive: bool) -> None:
         )
         if pooled:
             idle = row["idle_s"]
+            managed = bool(row["managed"])
             table[-1] += [
-                str(row["pool"] or "-") if row["managed"] else "-",
-                f"{idle:.0f}s" if isinstance(idle, float) else "-",
-                str(row["queued"]) if row["managed"] else "-",
+                str(row["pool"] or "-") if managed else "-",
+                f"{idle:.0f}s" if managed and isinstance(idle, float) else "-",
+                str(row["queued"]) if managed else "-",
             ]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for r in table:
