@@ -194,14 +194,22 @@ def test_idle_timeout_puts_an_instance_away_and_a_request_brings_it_back(
     assert record_in(settings, "a", S.RUNNING).wakes == 2
 
 
-def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, tmp_path):
-    # gpu_ids: the plan takes the platform for one with sleep mode (the stand-in needs none).
+def sleeping_a(
+    settings,
+    prefix: Path,
+    tmp_path: Path,
+    control: dict | None = None,
+    a_env: dict | None = None,
+) -> tuple[dict[str, int], int]:
+    """Serve a and b with sleep mode (``gpu_ids``: the plan takes the platform for one with
+    sleep mode; the stand-ins need no GPU), ask a then b: a is put to sleep for b. The ports
+    and a's pid."""
     gpu = {"gpu_ids": [0]}
     config, ports = pool_config(
-        standin_prefix,
+        prefix,
         tmp_path,
-        control={"unload": "sleep", "gpu_ids": [0]},
-        a={"control": gpu},
+        control={"unload": "sleep", "gpu_ids": [0], **(control or {})},
+        a={"control": gpu, **({"env": a_env} if a_env else {})},
         b={"control": gpu},
     )
     text = config.read_text().replace(
@@ -209,10 +217,15 @@ def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, 
     )
     config.write_text(text)
     assert serve_command(settings, str(config), with_gpus(tmp_path)) == 0
-    gw = ports["gateway"]
-    assert ask(gw, "a")[0] == 200
+    assert ask(ports["gateway"], "a")[0] == 200
     pid_a = record(settings, "a").pid
-    assert ask(gw, "b")[0] == 200
+    assert ask(ports["gateway"], "b")[0] == 200
+    return ports, pid_a
+
+
+def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, tmp_path):
+    ports, pid_a = sleeping_a(settings, standin_prefix, tmp_path)
+    gw = ports["gateway"]
     rec = record_in(settings, "a", S.ASLEEP)
     assert rec.put_away == "sleep" and rec.pid == pid_a
     assert ask(gw, "a")[0] == 200
@@ -224,23 +237,14 @@ def test_sleep_mode_is_used_where_the_platform_has_it(settings, standin_prefix, 
 
 
 def test_a_bad_first_answer_after_a_wake_fails_the_wake(settings, standin_prefix, tmp_path):
-    gpu = {"gpu_ids": [0]}
-    config, ports = pool_config(
+    ports, pid_a = sleeping_a(
+        settings,
         standin_prefix,
         tmp_path,
-        control={"unload": "sleep", "gpu_ids": [0], "backoff_initial": 0.5, "max_restarts": 2},
-        a={"control": gpu, "env": {"STANDIN_BAD_AFTER_WAKE": "1"}},
-        b={"control": gpu},
+        control={"backoff_initial": 0.5, "max_restarts": 2},
+        a_env={"STANDIN_BAD_AFTER_WAKE": "1"},
     )
-    text = config.read_text().replace(
-        "[instance.server]", "[instance.server]\ngpu_memory_utilization = 0.6"
-    )
-    config.write_text(text)
-    assert serve_command(settings, str(config), with_gpus(tmp_path)) == 0
     gw = ports["gateway"]
-    assert ask(gw, "a")[0] == 200
-    pid_a = record(settings, "a").pid
-    assert ask(gw, "b")[0] == 200
     status, _, body = ask(gw, "a")
     assert status == 503
     assert (

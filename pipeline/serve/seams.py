@@ -184,6 +184,25 @@ def _is_sleeping(base_url: str, timeout: float) -> bool | None:
 SLEEP_POLL = 0.1
 
 
+def _switch(base_url: str, target: str, asleep: bool, timeout: float) -> ProbeResult:
+    """POST ``target`` (``/sleep...`` or ``/wake_up``), then poll ``/is_sleeping`` until it
+    says ``asleep``, all within ``timeout``. Never raises."""
+    began = time.monotonic()
+    path = target.split("?", 1)[0]
+    try:
+        status, _ = _http("POST", f"{base_url}{target}", timeout)
+        if status != 200:
+            return ProbeResult(False, time.monotonic() - began, f"{path} answered {status}")
+        while time.monotonic() - began < timeout:
+            if _is_sleeping(base_url, timeout) is asleep:
+                return ProbeResult(True, time.monotonic() - began)
+            time.sleep(SLEEP_POLL)
+        state = "not asleep" if asleep else "still asleep"
+        return ProbeResult(False, time.monotonic() - began, f"{state} {timeout:g} s after {path}")
+    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
+        return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))
+
+
 class SleepCalls:
     """vLLM's sleep mode over HTTP (the endpoints of a server run with ``--enable-sleep-mode``
     and ``VLLM_SERVER_DEV_MODE=1``, read in vLLM 0.32's source), and the first request after
@@ -196,37 +215,11 @@ class SleepCalls:
         ``wait``: requests in flight finish first, where vLLM's default ``abort`` would cut
         them, although the gateway released the instance with none in flight), then
         ``GET /is_sleeping`` until it says true."""
-        began = time.monotonic()
-        try:
-            status, _ = _http("POST", f"{base_url}/sleep?level=1&mode=wait", timeout)
-            if status != 200:
-                return ProbeResult(False, time.monotonic() - began, f"/sleep answered {status}")
-            while time.monotonic() - began < timeout:
-                if _is_sleeping(base_url, timeout):
-                    return ProbeResult(True, time.monotonic() - began)
-                time.sleep(SLEEP_POLL)
-            return ProbeResult(
-                False, time.monotonic() - began, f"not asleep {timeout:g} s after /sleep"
-            )
-        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-            return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))
+        return _switch(base_url, "/sleep?level=1&mode=wait", True, timeout)
 
     def wake(self, base_url: str, timeout: float) -> ProbeResult:
         """``POST /wake_up`` (weights and KV cache), then ``GET /is_sleeping`` until false."""
-        began = time.monotonic()
-        try:
-            status, _ = _http("POST", f"{base_url}/wake_up", timeout)
-            if status != 200:
-                return ProbeResult(False, time.monotonic() - began, f"/wake_up answered {status}")
-            while time.monotonic() - began < timeout:
-                if _is_sleeping(base_url, timeout) is False:
-                    return ProbeResult(True, time.monotonic() - began)
-                time.sleep(SLEEP_POLL)
-            return ProbeResult(
-                False, time.monotonic() - began, f"still asleep {timeout:g} s after /wake_up"
-            )
-        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-            return ProbeResult(False, time.monotonic() - began, _failure(exc, timeout))
+        return _switch(base_url, "/wake_up", False, timeout)
 
     def canary(self, base_url: str, model: str, key: str | None, timeout: float) -> ProbeResult:
         """One short completion (1 token, greedy): ok when it answers 200 with a completion

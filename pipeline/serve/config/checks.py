@@ -163,6 +163,13 @@ def check_instances(config: ServeConfig, loc: Located | None = None) -> None:
 _LOOPBACK = re.compile(r"^(127\.|::1$|localhost$|0\.0\.0\.0$)")
 
 
+def unknown_instance(name: str, known: list[str]) -> str:
+    """``no instance named 'x' (did you mean 'y'? instances: ...)``."""
+    hint = difflib.get_close_matches(name, known, n=1)
+    did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+    return f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})"
+
+
 def gpu_share(inst: Instance) -> float:
     """The fraction of each of its GPUs the instance may take (vLLM's default when unset)."""
     return inst.server.gpu_memory_utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
@@ -184,12 +191,7 @@ def check_pools(config: ServeConfig, loc: Located | None = None) -> None:
     for group, pool in config.pools.items():
         for name in pool.instances:
             if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1)
-                did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-                raise loc.error(
-                    f"pool.{group}.instances",
-                    f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})",
-                )
+                raise loc.error(f"pool.{group}.instances", unknown_instance(name, known))
             if name in member_of:
                 raise loc.error(
                     f"pool.{group}.instances",
@@ -340,12 +342,7 @@ def check_gateway(config: ServeConfig, loc: Located | None = None) -> None:
     known = [i.name for i in config.instances]
     for name in gateway.aliases:
         if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1)
-            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-            raise loc.error(
-                f"gateway.aliases.{name}",
-                f"no instance named {name!r} ({did_you_mean}instances: {', '.join(known)})",
-            )
+            raise loc.error(f"gateway.aliases.{name}", unknown_instance(name, known))
     if not gateway.enable:
         return
     # model name or alias -> the first instance that has it
