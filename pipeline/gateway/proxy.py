@@ -36,7 +36,7 @@ from pipeline.gateway.config import GatewayConfig, Upstream
 from pipeline.gateway.control import ControlLink
 from pipeline.gateway.hold import Holding
 from pipeline.gateway.metrics import Metrics
-from pipeline.gateway.states import StateFollower
+from pipeline.gateway.states import InstanceStatus, StateFollower
 from pipeline.gateway.upstream import MAX_IDLE_PER_INSTANCE, Pool, Replicas
 
 if TYPE_CHECKING:
@@ -229,9 +229,11 @@ class Gateway:
         if self.control is not None and self.upstreams[name].managed:
             self.control.note(name)
 
-    def routable(self, name: str) -> bool:
-        """Whether instance ``name`` takes requests: running, and not released to be put away."""
-        status = self.states.status(name)
+    def routable(self, name: str, status: InstanceStatus | None = None) -> bool:
+        """Whether instance ``name`` (whose ``status`` the caller may have read) takes requests:
+        running, and not released to be put away."""
+        if status is None:
+            status = self.states.status(name)
         if not status.ready:
             return False
         released = self.released

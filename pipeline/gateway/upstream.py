@@ -151,7 +151,7 @@ class Replicas:
             pool = pools[index]
             name = pool.upstream.name
             state = status(name)
-            if pool in exclude or not routable(name):
+            if pool in exclude or not routable(name, state):
                 continue
             suspect = pool.suspect and pool.suspected(state.ready_at)
             key = (suspect, pool.down_until > now, inflight[name])
