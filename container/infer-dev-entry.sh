@@ -4,6 +4,8 @@
 # entrypoint (or make it the ENTRYPOINT: with arguments, it runs them at the end with exec).
 #
 #   AUTO_INFER_VLLM_BUNDLE_ON_BOOT=1|true  and AUTO_INFER_VLLM_BUNDLE_PATH set -> doit install
+#   AUTO_INFER_VLLM_MODEL_BUNDLES set (paths separated by ':')        -> doit install-model
+#                                                  (into AUTO_INFER_VLLM_MODELS_DIR, /models)
 #   AUTO_INFER_VLLM_ON_BOOT=1|true         and AUTO_INFER_VLLM_CONFIG exists  -> doit serve
 #                                                                     (in the background)
 #   AUTO_INFER_VLLM_STRICT=1|true   a failed step fails the hook (exit 1); by default it is
@@ -106,6 +108,15 @@ if [[ "$install_on" == 1 ]]; then
   fi
 else
   say "install skipped (AUTO_INFER_VLLM_BUNDLE_ON_BOOT is off)"
+fi
+
+# 2b. the model bundles, checked file by file, before anything serves them
+if [[ -n "${AUTO_INFER_VLLM_MODEL_BUNDLES:-}" ]]; then
+  if ! run_step models "${DOIT[@]}" install-model; then
+    fail "installing the model bundles $AUTO_INFER_VLLM_MODEL_BUNDLES (each model that was installed before is untouched)"
+  fi
+else
+  say "model install skipped (AUTO_INFER_VLLM_MODEL_BUNDLES is not set)"
 fi
 
 # 3. auto-serve, in the background so the container's other services go on

@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pipeline.bundle.format import parse_part_size
 from pipeline.errors import PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,14 @@ def _flag(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+
+
+def _part_size(text: str) -> int:
+    return parse_part_size(text)
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(_path(part) for part in text.split(":") if part.strip())
 
 
 def _role(text: str) -> Role:
@@ -145,6 +154,32 @@ VARIABLES: tuple[Variable, ...] = (
              "else `~/.cache/rattler/cache`)."),
     Variable("pixi_home", ("PIXI_HOME",), _path, None,
              "pixi's home (`~/.pixi`); its `bin/` is searched for `pixi`."),
+    Variable("part_size", ("PIPELINE_PART_SIZE",), _part_size, None,
+             "Also write the bundle in parts of this size (`4G`, `700M`: powers of 1024): "
+             "`<bundle>.part-0001`... and `<bundle>.parts.json`, for `doit pack` and "
+             "`doit pack-model`. Both installs take the parts file in place of the tar."),
+    # ---- build host: pack-model
+    Variable("model_source", ("PIPELINE_MODEL_SOURCE",), _text, None,
+             "Model to pack with `doit pack-model`: a local model directory (what `hf "
+             "download` wrote; a Hugging Face cache snapshot's links into `blobs/` are "
+             "followed), or a hub id (`org/name`) fetched with huggingface_hub."),
+    Variable("model_revision", ("PIPELINE_MODEL_REVISION",), _text, None,
+             "Revision (branch, tag or commit) of a hub id (default: `main`)."),
+    Variable("model_name", ("PIPELINE_MODEL_NAME",), _text, None,
+             "The model's name under the models dir (`/models/<name>`); default: the hub "
+             "id's or the directory's last part."),
+    Variable("model_bundle", ("PIPELINE_MODEL_BUNDLE",), _path, None,
+             "Model bundle that `doit pack-model` writes (`<tar>.sha256` beside it).",
+             default_doc="`bundles/<name>.model.tar`"),
+    Variable("model_allow_pickle", ("PIPELINE_MODEL_ALLOW_PICKLE",), _flag, False,
+             "Pack pickle-format weights (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`); refused "
+             "otherwise: loading a pickle runs code."),
+    Variable("hf_endpoint", ("HF_ENDPOINT",), _text, None,
+             "Hub that `doit pack-model` downloads a hub id from (huggingface_hub's "
+             "variable; default `https://huggingface.co`)."),
+    Variable("hf_token", ("HF_TOKEN",), _text, None,
+             "Token for gated or private hub models (huggingface_hub's variable); never "
+             "printed."),
     # ---- container: extract -> patch-channels -> frozen-install -> serve
     Variable("bundle_path", ("AUTO_INFER_VLLM_BUNDLE_PATH",), _path, None,
              "Bundle tar to install in the container (default: `PIPELINE_BUNDLE`)."),
@@ -155,6 +190,12 @@ VARIABLES: tuple[Variable, ...] = (
              "Where the bundle is extracted and its environment installed."),
     Variable("install_environment", ("AUTO_INFER_VLLM_ENVIRONMENT",), _text, None,
              "Environment to install in the container (default: `PIPELINE_ENVIRONMENT`)."),
+    Variable("model_bundles", ("AUTO_INFER_VLLM_MODEL_BUNDLES",), _paths, (),
+             "Model bundles (tars or `.parts.json` files) for `doit install-model`, "
+             "separated by `:`; the entrypoint installs them before serving, and "
+             "`doit install` installs them with the environment."),
+    Variable("models_dir", ("AUTO_INFER_VLLM_MODELS_DIR",), _path, Path("/models"),
+             "Where `doit install-model` puts each model: `<dir>/<name>/`."),
     Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
              "Serve TOML for `doit plan` / `doit serve` (or `--config`)."),
     Variable("serve_overrides", ("AUTO_INFER_VLLM_OVERRIDES",), _text, None,
@@ -216,6 +257,17 @@ class Settings:
     conda_override_cuda: str | None
     conda_override_glibc: str | None
     install_verify: str | None
+    part_size: int | None = None
+    model_source: str | None = None
+    model_revision: str | None = None
+    model_name: str | None = None
+    model_bundle: Path | None = None
+    model_allow_pickle: bool = False
+    hf_endpoint: str | None = None
+    # Never printed: kept out of repr.
+    hf_token: str | None = dataclasses.field(default=None, repr=False)
+    model_bundles: tuple[Path, ...] = ()
+    models_dir: Path = Path("/models")
     # A secret (it holds API keys): kept out of repr, so out of logs and tracebacks.
     gateway_config: str | None = dataclasses.field(default=None, repr=False)
 

@@ -155,6 +155,7 @@ def test_bundle_layout_is_pixi_packs(packed: PackResult, channel: LocalChannel):
         "channel/noarch/tinydata-1.0-pyh0_0.tar.bz2",
         "environment.yml",
         "infer-vllm-bundle.json",
+        "infer-vllm-index.json",
         "pixi-pack.json",
         "pypi",
         "pypi/tinywheel-0.1-py3-none-any.whl",
@@ -288,6 +289,7 @@ def test_an_environment_without_noarch_or_wheels_has_no_such_directories(packed,
         "channel/linux-64/tinytool-1.0-h5d6e7f8_0.conda",
         "environment.yml",
         "infer-vllm-bundle.json",
+        "infer-vllm-index.json",
         "pixi-pack.json",
     ]
     assert "pip:" not in read_member(small.bundle, "environment.yml").decode()

@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.pixi.envs import Runtime, resolve_runtime
 from pipeline.serve.config import parse_config
-from pipeline.serve.plan import MASK, Plan, build_plan, start_order
+from pipeline.serve.plan import MASK, OFFLINE_ENV, Plan, build_plan, start_order
 
 PATH_RUNTIME = Runtime(kind="path", description="python on PATH", python="/usr/bin/python3")
 
@@ -174,11 +174,12 @@ api_keys_env = ["GW_KEYS"]
     }
     plan = plan_of(text, base)
     a, b = plan.instances
-    assert a.child_env(base) == {"PATH": "/bin", "VLLM_API_KEY": "a"}
+    assert a.child_env(base) == {"PATH": "/bin", "VLLM_API_KEY": "a", **OFFLINE_ENV}
     assert b.child_env(base) == {
         "PATH": "/bin",
         "VLLM_API_KEY": "b",
         "KEY_A": "b asked for this one by name",
+        **OFFLINE_ENV,
     }
     assert plan.gateway is not None
     gateway_env = plan.gateway.child_env(base)
@@ -454,3 +455,17 @@ def test_nothing_installed_falls_back_to_python_on_path(tmp_path):
         environ={"PATH": "/usr/bin:/bin"},
     )
     assert rt.kind == "path" and rt.python.endswith("python3")
+
+
+def test_instances_are_offline_unless_their_config_says_otherwise():
+    text = (
+        "[instance.control]\ngpu_ids = []\n"
+        "[instance.a.server]\nmodel = '/models/a'\n"
+        "[instance.b.server]\nmodel = '/models/b'\nport = 8001\n"
+        "[instance.b.control]\nenv = { HF_HUB_OFFLINE = '0' }\n"
+    )
+    a, b = plan_of(text).instances
+    assert a.env["HF_HUB_OFFLINE"] == "1" and a.env["TRANSFORMERS_OFFLINE"] == "1"
+    # the process environment does not switch it back: the plan's env wins over it
+    assert a.child_env({"HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "1"
+    assert b.env["HF_HUB_OFFLINE"] == "0" and b.env["TRANSFORMERS_OFFLINE"] == "1"

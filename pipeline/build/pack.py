@@ -273,7 +273,13 @@ def _package_files(names: Sequence[str], items: Sequence[FetchItem]) -> list[Pac
                 f"pack cache entry {item.cache_path} vanished after the fetch ({exc.strerror}); "
                 "is something cleaning the cache? run the pack again"
             ) from None
-        files.append(PackageFile(name, item.cache_path, size))
+        # The index's sha256: the lock's (checked while the tar is written), else hashed first.
+        check = item.check
+        files.append(
+            PackageFile(
+                name, item.cache_path, size, check[1] if check and check[0] == "sha256" else None
+            )
+        )
     return files
 
 

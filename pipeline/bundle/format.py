@@ -8,6 +8,11 @@ An uncompressed tar, members sorted, fixed mtime/uid/gid/mode (same inputs, same
     pypi/*.whl               wheels, when the lock has PyPI packages
     infer-vllm-bundle.json   our extras (pixi-unpack ignores it): see
                              :class:`pipeline.bundle.metadata.BundleExtras`
+    infer-vllm-index.json    every other member's name, size and sha256
+                             (:mod:`pipeline.bundle.index`; pixi-unpack ignores it too)
+
+A model bundle (``doit pack-model``) is the index, then ``model/<the model's files>``.
+A bundle of any kind may travel in parts (:mod:`pipeline.bundle.parts`).
 
 Bundles from pixi-pack itself carry no extras file; the install side then takes ``pixi.toml``
 and ``pixi.lock`` from the ``vllm-pixi/`` template, or rebuilds what it needs from the channel.
@@ -15,6 +20,7 @@ and ``pixi.lock`` from the ``vllm-pixi/`` template, or rebuilds what it needs fr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # pixi-pack.json
@@ -28,8 +34,13 @@ PYPI_DIR = "pypi"
 REPODATA_FILE = "repodata.json"
 EXTRAS_FILE = "infer-vllm-bundle.json"
 EXTRAS_FORMAT = 1
+# The index of every member (:mod:`pipeline.bundle.index`), in every bundle this project writes.
+INDEX_FILE = "infer-vllm-index.json"
+INDEX_FORMAT = 1
+# A model bundle: the index, then the model's files under ``model/``.
+MODEL_DIR = "model"
 # Top-level names a bundle may hold; the reader skips anything else (never written).
-BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, CHANNEL_DIR, PYPI_DIR)
+BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, INDEX_FILE, CHANNEL_DIR, PYPI_DIR)
 
 # Fixed tar member attributes: the bundle's bytes depend on its content only.
 TAR_MTIME = 0
@@ -38,7 +49,29 @@ TAR_FILE_MODE = 0o644
 TAR_DIR_MODE = 0o755
 
 
+def model_bundle_name(name: str) -> str:
+    """The default file name of the model bundle of ``name``."""
+    return f"{name}.model.tar"
+
+
 def checksum_path(bundle: Path) -> Path:
     """``<bundle>.sha256`` beside the bundle (``sha256sum`` format): written by the pack side,
     read by the extract side."""
     return bundle.with_name(bundle.name + ".sha256")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_PART_SIZE = 1 << 20
+
+
+def parse_part_size(text: str) -> int:
+    """``PIPELINE_PART_SIZE``: bytes, or a number with K, M, G or T (powers of 1024: ``4G``,
+    ``700M``, ``1.5GiB``). At least 1M. Raises ValueError saying what is allowed. Pure."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("expected a size such as 4G, 700M or 1048576 (bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < MIN_PART_SIZE:
+        raise ValueError(f"a part must be at least 1M ({MIN_PART_SIZE} bytes)")
+    return size

@@ -36,7 +36,7 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     checksum_path,
 )
+from pipeline.bundle.parts import BundleSource, is_parts_file
 from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, os_error_text
 
@@ -148,6 +149,41 @@ def parse_checksum_file(text: str, bundle_name: str, path: Path) -> str:
     return digest
 
 
+def open_bundle(bundle: Path, configured: str | None) -> tuple[BundleSource, str]:
+    """Open a bundle tar or its parts file for reading, with the sha256 it must have set on
+    it, and say where that sha256 comes from (:func:`expected_sha256`; for parts, the parts
+    file, which must agree with ``configured`` and with a ``<tar>.sha256`` beside it). A tar
+    that is one of pixi-pack's other outputs is refused (:func:`refuse_other_layouts`)."""
+    if is_parts_file(bundle):
+        source = BundleSource.open(bundle)
+        assert source.parts is not None
+        whole = source.parts.sha256
+        try:
+            beside, beside_from = expected_sha256(bundle.parent / source.parts.bundle, configured)
+        except BaseException:
+            source.close()
+            raise
+        if beside is not None and beside != whole:
+            source.close()
+            raise BundleError(
+                f"parts file {bundle} is for a bundle with sha256 {whole}, but {beside_from} "
+                f"says {beside}: they are of different bundles; copy the right ones"
+            )
+        return source, str(bundle)
+    try:
+        st = bundle.stat()
+    except OSError as exc:
+        raise BundleError(
+            f"no bundle at {bundle} ({exc.strerror}); set the bundle variable to the bundle tar "
+            "or its .parts.json"
+        ) from None
+    refuse_other_layouts(bundle, st)
+    expected, expected_from = expected_sha256(bundle, configured)
+    source = BundleSource.open(bundle, expected)
+    source.expected_from = expected_from
+    return source, expected_from
+
+
 # ---- other things pixi-pack writes ----------------------------------------------------------
 
 # pixi-pack --create-executable (Quantco/pixi-pack at c45671612fb7c8725ce3044de0b7fd0ba597defb,
@@ -195,7 +231,7 @@ def refuse_other_layouts(bundle: Path, st: os.stat_result) -> None:
 # ---- reading the tar ------------------------------------------------------------------------
 
 
-def scan_members(bundle: Path, size: int) -> list[BundleMember]:
+def scan_members(source: BundleSource) -> list[BundleMember]:
     """Parse the tar's headers (no data is read) and return its members in tar order.
 
     Raises BundleError for a file that is not an uncompressed tar, a truncated one (a member's
@@ -203,9 +239,10 @@ def scan_members(bundle: Path, size: int) -> list[BundleMember]:
     after the end-of-archive blocks other than the zero padding of the last record
     (:func:`trailing_data_at`). Reads the headers and at most one record after them.
     """
+    bundle, size = source.label, source.size
     members: list[BundleMember] = []
     try:
-        with tarfile.open(bundle, mode="r:") as tar:
+        with source.stream() as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             while True:
                 info = tar.next()
                 if info is None:
@@ -225,11 +262,9 @@ def scan_members(bundle: Path, size: int) -> list[BundleMember]:
         ) from None
     tail_start = end + 2 * tarfile.BLOCKSIZE
     record_end = -(-tail_start // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-    with bundle.open("rb") as fh:
-        fh.seek(end)
-        marker = fh.read(2 * tarfile.BLOCKSIZE)
-        # One byte past the record: is there anything beyond the padding?
-        tail = fh.read(record_end - tail_start + 1)
+    marker = source.pread(2 * tarfile.BLOCKSIZE, end)
+    # One byte past the record: is there anything beyond the padding?
+    tail = source.pread(record_end - tail_start + 1, tail_start)
     if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
         raise BundleError(
             f"bundle {bundle} is truncated or corrupt after {len(members)} members (no "
@@ -244,6 +279,17 @@ def scan_members(bundle: Path, size: int) -> list[BundleMember]:
             "second archive appended; the bundle is unsafe, refusing it: make the tar again"
         )
     return members
+
+
+def scan_checked(source: BundleSource) -> list[BundleMember]:
+    """:func:`scan_members`, and when the headers do not parse, the bundle's own sha256 (or
+    its parts') checked first: a damaged or misplaced part is named rather than the header
+    it broke."""
+    try:
+        return scan_members(source)
+    except BundleError:
+        source.verify_segments()
+        raise
 
 
 def trailing_data_at(tail: bytes, tail_start: int, record_end: int) -> int | None:
@@ -321,7 +367,7 @@ def check_members(
     seen: dict[str, BundleMember] = {}
     links: dict[str, str] = {}  # symlink member -> its target, as written
     for raw in members:
-        name = _normalize(raw.name, bundle)
+        name = normalize_name(raw.name, bundle)
         if name == "":
             continue  # the "./" entry of the root
         member = BundleMember(name, raw.kind, raw.size, raw.offset, raw.mode, raw.target)
@@ -352,7 +398,7 @@ def check_members(
             links[name] = target
         elif member.kind == "hardlink":
             _refuse_control_characters(name, member.target, "link target")
-            target = _normalize(member.target, bundle)
+            target = normalize_name(member.target, bundle)
             original = seen.get(target)
             if original is None or original.kind != "file":
                 raise BundleError(
@@ -454,7 +500,9 @@ def _refuse_control_characters(name: str, text: str, what: str) -> None:
         )
 
 
-def _normalize(name: str, bundle: Path) -> str:
+def normalize_name(name: str, bundle: Path) -> str:
+    """A member name with no leading ``./`` or empty parts; refuses control characters, a
+    backslash, an absolute path and ``..`` (BundleError naming the member). Pure."""
     _refuse_control_characters(name, name, "name")
     if "\\" in name:
         raise BundleError(
@@ -475,33 +523,45 @@ def _normalize(name: str, bundle: Path) -> str:
 # ---- the data -------------------------------------------------------------------------------
 
 
-def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str, dict[int, str]]:
-    """Read the tar once, start to end: its sha256, and the sha256 of each file member's data
-    keyed by the member's data offset (names are not normalized yet at this point).
+def hash_pass(
+    source: BundleSource,
+    members: Iterable[BundleMember],
+    *,
+    segments: bool = True,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[list[str], dict[int, str]]:
+    """Read the bundle once, start to end: the sha256 of each of its segments (the tar, or
+    each part: :class:`~pipeline.bundle.parts.BundleSource`) and the sha256 of each file
+    member's data keyed by the member's data offset (names are not normalized yet here).
 
-    Blocks for one sequential read of ``size`` bytes. Three threads share the work: one
-    reads ahead, this one hashes the whole, another hashes the members from the same buffers
-    (``os.pread`` and ``hashlib`` release the GIL), so the two hashes cost about the time of
-    one on two cores. Raises BundleError when the file ends early (it shrank while read).
+    Blocks for one sequential read. Three threads share the work: one reads ahead, this one
+    hashes the segments, another hashes the members from the same buffers (``os.pread`` and
+    ``hashlib`` release the GIL), so the two hashes cost about the time of one on two cores.
+    ``segments`` False skips the segments' hash (nothing to compare it with): the list is
+    then empty. ``progress`` gets the size of each chunk read. Raises BundleError when a file
+    ends early (it shrank while read).
     """
+    size = source.size
     regions = sorted({(m.offset, m.offset + m.size) for m in members if m.kind == "file"})
     hashers: dict[int, Any] = {start: hashlib.sha256() for start, _stop in regions}
     chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
     work: queue.Queue[list[tuple[Any, memoryview]] | None] = queue.Queue(maxsize=8)
     stop_reading = threading.Event()
+    ends = [s.end for s in source.segments]
 
     def read_ahead() -> None:
         pos = 0
         try:
-            while pos < size and not stop_reading.is_set():
-                chunk = os.pread(fd, min(_HASH_CHUNK, size - pos), pos)
-                if not chunk:
-                    raise BundleError(
-                        f"the bundle shrank while it was being read (at byte {pos} of {size}); "
-                        "do not change it during the install"
-                    )
-                chunks.put(chunk)
-                pos += len(chunk)
+            for stop in ends:
+                while pos < stop and not stop_reading.is_set():
+                    chunk = source.pread(min(_HASH_CHUNK, stop - pos), pos)
+                    if not chunk:
+                        raise BundleError(
+                            f"the bundle shrank while it was being read (at byte {pos} of "
+                            f"{size}); do not change it during the install"
+                        )
+                    chunks.put(chunk)
+                    pos += len(chunk)
             chunks.put(None)
         except BaseException as exc:
             chunks.put(exc)
@@ -515,7 +575,9 @@ def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str,
     worker = threading.Thread(target=hash_members, name="member-hashes", daemon=True)
     reader.start()
     worker.start()
+    digests: list[str] = []
     total = hashlib.sha256()
+    segment = 0
     first = 0  # regions before it are complete
     pos = 0
     try:
@@ -537,8 +599,20 @@ def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str,
             first = index
             if batch:
                 work.put(batch)
-            total.update(chunk)
+            if segments:
+                total.update(chunk)
+                if end == ends[segment]:
+                    digests.append(total.hexdigest())
+                    total = hashlib.sha256()
+                    segment += 1
             pos = end
+            if progress is not None:
+                progress(len(chunk))
+        if segments:  # empty segments (an empty file) end where they start
+            while segment < len(ends):
+                digests.append(total.hexdigest())
+                total = hashlib.sha256()
+                segment += 1
     finally:
         stop_reading.set()
         with contextlib.suppress(queue.Empty):
@@ -547,10 +621,10 @@ def hash_pass(fd: int, size: int, members: Iterable[BundleMember]) -> tuple[str,
         work.put(None)
         worker.join()
         reader.join()
-    return total.hexdigest(), {start: h.hexdigest() for start, h in hashers.items()}
+    return digests, {start: h.hexdigest() for start, h in hashers.items()}
 
 
-def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
+def read_member(source: BundleSource, member: BundleMember, bundle: Path) -> bytes:
     """The data of a small member (metadata, extras), size-capped against memory blow-ups."""
     limit = _MAX_SMALL.get(member.name, 64 << 20)
     if member.size > limit:
@@ -558,7 +632,7 @@ def read_member(fd: int, member: BundleMember, bundle: Path) -> bytes:
             f"bundle {bundle}: {member.name} is {member.size} bytes, more than the {limit} "
             "allowed; the bundle is corrupt or not a pixi-pack bundle"
         )
-    return os.pread(fd, member.size, member.offset) if member.size else b""
+    return source.pread(member.size, member.offset) if member.size else b""
 
 
 __all__ = [
@@ -566,9 +640,12 @@ __all__ = [
     "check_members",
     "expected_sha256",
     "hash_pass",
+    "normalize_name",
+    "open_bundle",
     "parse_checksum_file",
     "read_member",
     "refuse_other_layouts",
+    "scan_checked",
     "scan_members",
     "trailing_data_at",
 ]

@@ -7,6 +7,7 @@ members and writes them with :func:`pipeline.bundle.tar.write_tar`::
     channel/<subdir>/repodata.json     their records; only subdirs that have packages
     environment.yml                    pixi-pack's text, byte for byte in its shape
     infer-vllm-bundle.json             our extras (tool, env, lock sha256, pixi.toml, pixi.lock)
+    infer-vllm-index.json              every other file's name, size and sha256 (kind "env")
     pixi-pack.json                     {"version": "1", "pixi-pack-version": ..., "platform": ...}
     pypi/<wheel>                       the locked wheels, when there are any
 
@@ -30,6 +31,7 @@ What goes in (fetching, the cache, which packages) is the pack stage's
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,12 +42,16 @@ from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
     EXTRAS_FILE,
+    INDEX_FILE,
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
 )
+from pipeline.bundle.index import IndexedFile, index_json, make_index
 from pipeline.bundle.metadata import BundleExtras, extras_json, pixi_pack_json
 from pipeline.bundle.tar import TarMember, TarResult, write_tar
+from pipeline.errors import BundleError
+from pipeline.fsutil import sha256_file
 from pipeline.pixi.lockfile import CondaPackage, PypiPackage
 
 # ---- member names ---------------------------------------------------------------------------
@@ -68,6 +74,9 @@ class PackageFile:
     name: str
     source: Path
     size: int
+    # Its sha256 when known (the lock's; the tar writer checks it while copying), else the
+    # index's entry is hashed from the file before the tar is written.
+    sha256: str | None = None
 
 
 # ---- generated files ------------------------------------------------------------------------
@@ -119,7 +128,8 @@ def bundle_members(
     ``environment.yml``, the extras and one ``repodata.json`` per subdir. Pure."""
     members: list[TarMember] = []
     dirs: set[str] = set()
-    for file in files:
+    files_list = list(files)
+    for file in files_list:
         members.append(TarMember.file(file.name, file.source, file.size))
         parts = file.name.split("/")
         for depth in range(1, len(parts)):
@@ -137,7 +147,42 @@ def bundle_members(
                 f"{CHANNEL_DIR}/{subdir}/{REPODATA_FILE}", repodata_json(subdir, in_subdir)
             )
         )
+    known = {f.name: f.sha256 for f in files_list}
+    entries = [
+        IndexedFile(
+            name=m.name,
+            size=m.size,
+            sha256=(
+                hashlib.sha256(m.data).hexdigest()
+                if m.data is not None
+                else known.get(m.name) or _sha256_of(m)
+            ),
+        )
+        for m in members
+        if not m.directory
+    ]
+    index = make_index(
+        "env",
+        extras.environment,
+        entries,
+        tool_version=extras.tool_version,
+        source={"platform": extras.platform, "lock_sha256": extras.lock_sha256},
+    )
+    members.append(TarMember.text(INDEX_FILE, index_json(index)))
     return members
+
+
+def _sha256_of(member: TarMember) -> str:
+    """A package file's sha256, when the lock gave only its md5: read before the tar is
+    written (the tar writer then checks the md5 while copying)."""
+    assert member.source is not None
+    try:
+        return sha256_file(member.source)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot read {member.source} for {member.name} ({exc.strerror}); run the pack "
+            "again to fetch it"
+        ) from None
 
 
 def write_bundle(

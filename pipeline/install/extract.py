@@ -72,16 +72,17 @@ from pipeline.bundle.format import (
     CHANNEL_DIR,
     ENVIRONMENT_FILE,
     EXTRAS_FILE,
+    INDEX_FILE,
     METADATA_FILE,
     REPODATA_FILE,
     checksum_path,
 )
+from pipeline.bundle.index import check_digests, check_listing, read_index
 from pipeline.bundle.metadata import BundleExtras, check_extras, check_metadata
+from pipeline.bundle.parts import BundleSource, is_parts_file, read_parts_file
 from pipeline.errors import BundleError
 from pipeline.fsutil import (
     CHUNK,
-    Fingerprint,
-    RangeCopier,
     fsync_dir,
     os_error_advice,
     os_error_text,
@@ -148,7 +149,7 @@ def extract_is_current(
     same environment) and every extracted file is unchanged. Reads metadata only (a few
     ``stat`` calls); never raises. The doit ``uptodate`` check of ``extract``."""
     try:
-        expected, _source = reader.expected_sha256(bundle, configured_sha256)
+        expected = _expected(bundle, configured_sha256)
         return _stale_reason(ProjectPaths.of(project_dir), bundle, expected, environment) is None
     except (OSError, BundleError):
         return False
@@ -191,42 +192,38 @@ def extract_bundle(
         install_lock(paths, say=say),
         os_errors_as(BundleError, f"cannot extract {bundle} into {paths.root}"),
     ):
-        expected, expected_from = reader.expected_sha256(bundle, configured_sha256)
         try:
             st = bundle.stat()
         except OSError as exc:
             raise BundleError(
                 f"no bundle at {bundle} ({exc.strerror}); set AUTO_INFER_VLLM_BUNDLE_PATH to the "
-                "bundle tar"
+                "bundle tar or its .parts.json"
             ) from None
-        reader.refuse_other_layouts(bundle, st)
+        if not is_parts_file(bundle):
+            reader.refuse_other_layouts(bundle, st)
+        expected = _expected(bundle, configured_sha256)
         reason = _stale_reason(paths, bundle, expected, environment)
         if reason is None:
             digest = read_extract_stamp(paths) or ""
             return ExtractResult(bundle, digest, extracted=False, reason="nothing changed")
         clock.begin()
+        source, expected_from = reader.open_bundle(bundle, configured_sha256)
         if expected is None:
             warn(
                 f"no expected sha256 for {bundle} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
                 f"{checksum_path(bundle).name} beside it): its integrity is not checked"
             )
 
-        fd = os.open(bundle, os.O_RDONLY)
-        try:
+        with source:
             scan_error: BundleError | None = None
             members: list[reader.BundleMember] = []
             try:
-                members = reader.scan_members(bundle, st.st_size)
+                members = reader.scan_members(source)
             except BundleError as exc:
                 scan_error = exc
-            say(f"checking {bundle.name} ({st.st_size / 1e6:.1f} MB)")
-            digest, member_sha = reader.hash_pass(fd, st.st_size, members)
-            if expected is not None and digest != expected:
-                raise BundleError(
-                    f"bundle {bundle} has sha256 {digest}, expected {expected} (from "
-                    f"{expected_from}): the file is truncated, corrupt or not the bundle you "
-                    "meant; copy it again or fix the expected sha256"
-                )
+            say(f"checking {bundle.name} ({source.size / 1e6:.1f} MB)")
+            digests, member_sha = reader.hash_pass(source, members)
+            digest = source.check_digests(digests) or digests[0]
             clock.lap("bundle hash")
             if scan_error is not None:
                 raise scan_error
@@ -242,20 +239,26 @@ def extract_bundle(
                     f"{', '.join(BUNDLE_NAMES)} (first: {skipped[0]}); they are not extracted"
                 )
             by_name = {m.name: m for m in kept}
+            if INDEX_FILE in by_name:
+                _check_index(source, kept, skipped, member_sha, bundle)
             if METADATA_FILE not in by_name:
                 raise BundleError(
                     f"bundle {bundle} has no {METADATA_FILE}: it is not a pixi-pack bundle"
                 )
             metadata = check_metadata(
-                reader.read_member(fd, by_name[METADATA_FILE], bundle), bundle, host
+                reader.read_member(source, by_name[METADATA_FILE], bundle), bundle, host
             )
             extras = (
-                check_extras(reader.read_member(fd, by_name[EXTRAS_FILE], bundle), bundle, metadata)
+                check_extras(
+                    reader.read_member(source, by_name[EXTRAS_FILE], bundle), bundle, metadata
+                )
                 if EXTRAS_FILE in by_name
                 else None
             )
             env_yml = (
-                reader.read_member(fd, by_name[ENVIRONMENT_FILE], bundle).decode("utf-8", "replace")
+                reader.read_member(source, by_name[ENVIRONMENT_FILE], bundle).decode(
+                    "utf-8", "replace"
+                )
                 if ENVIRONMENT_FILE in by_name
                 else None
             )
@@ -269,7 +272,7 @@ def extract_bundle(
             try:
                 staging.mkdir(parents=True)
                 say(f"extracting {len(kept)} members into {paths.root}")
-                _extract_members(fd, kept, staging, bundle, st)
+                _extract_members(source, kept, staging, bundle)
                 clock.lap("extract")
                 source = _project_files(
                     staging,
@@ -288,8 +291,6 @@ def extract_bundle(
                 _commit(paths, staging, environment)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        finally:
-            os.close(fd)
 
         files: dict[str, FileFacts] = {}
         total = 0
@@ -345,6 +346,57 @@ def _files_intact(paths: ProjectPaths, record: ExtractRecord) -> bool:
     return paths.manifest.is_file() and paths.lock.is_file()
 
 
+def _check_index(
+    source: BundleSource,
+    kept: list[reader.BundleMember],
+    skipped: list[str],
+    member_sha: Mapping[int, str],
+    bundle: Path,
+) -> None:
+    """A bundle that carries an index (every bundle this project writes) must hold exactly
+    the files it lists, with their sizes and sha256 (:mod:`pipeline.bundle.index`)."""
+    by_name = {m.name: m for m in kept}
+    index = read_index(_read(source, by_name, INDEX_FILE, bundle), bundle)
+    if index.kind != "env":
+        raise BundleError(
+            f"bundle {bundle} is a {index.kind} bundle ({index.name}), not an environment "
+            "bundle; install it with `doit install-model` (AUTO_INFER_VLLM_MODEL_BUNDLES)"
+        )
+    if skipped:
+        raise BundleError(
+            f"bundle {bundle} holds {skipped[0]!r}, which its {INDEX_FILE} does not list: the "
+            "bundle was changed after it was packed; refusing it"
+        )
+    files = {m.name: m for m in kept if m.kind in ("file", "hardlink") and m.name != INDEX_FILE}
+    links = [m.name for m in kept if m.kind == "symlink"]
+    if links:
+        raise BundleError(
+            f"bundle {bundle} holds the link {links[0]!r}, which its {INDEX_FILE} does not "
+            "list: the bundle was changed after it was packed; refusing it"
+        )
+    check_listing(
+        index,
+        {name: m.size for name, m in files.items()},
+        [m.name for m in kept if m.kind == "dir"],
+        bundle,
+    )
+    check_digests(index, {name: member_sha[m.offset] for name, m in files.items()}, bundle)
+
+
+def _read(
+    source: BundleSource, by_name: Mapping[str, reader.BundleMember], name: str, bundle: Path
+) -> bytes:
+    return reader.read_member(source, by_name[name], bundle)
+
+
+def _expected(bundle: Path, configured: str | None) -> str | None:
+    """The sha256 the bundle must have, without reading it: the configured one, the
+    ``.sha256`` beside a tar, or the whole bundle's in a parts file."""
+    if is_parts_file(bundle):
+        return read_parts_file(bundle).sha256
+    return reader.expected_sha256(bundle, configured)[0]
+
+
 def _stale_reason(
     paths: ProjectPaths, bundle: Path, expected: str | None, environment: str
 ) -> str | None:
@@ -380,16 +432,14 @@ def _refresh_bundle_stat(paths: ProjectPaths, bundle: Path, st: os.stat_result) 
 
 
 def _extract_members(
-    fd: int,
+    source: BundleSource,
     members: Iterable[reader.BundleMember],
     staging: Path,
     bundle: Path,
-    st: os.stat_result,
 ) -> None:
     """Write the members under ``staging``: directories, files copied from the tar's bytes,
     links as checked by :func:`pipeline.bundle.reader.check_members`."""
     target = staging
-    copier = RangeCopier()
     try:
         for member in members:
             target = staging / member.name
@@ -403,7 +453,7 @@ def _extract_members(
             mode = 0o755 if member.mode & 0o111 else 0o644
             out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
-                copier.copy(fd, out, member.offset, member.size)
+                source.copy_to(out, member.offset, member.size)
             finally:
                 os.close(out)
             target.chmod(mode)
@@ -412,8 +462,7 @@ def _extract_members(
             f"cannot extract {bundle} into {staging.parent.parent} "
             f"({os_error_text(exc, target)}); {os_error_advice(exc)}"
         ) from None
-    if Fingerprint.of(os.fstat(fd)) != Fingerprint.of(st):
-        raise BundleError(f"bundle {bundle} changed while it was extracted; run the install again")
+    source.check_unchanged()
 
 
 def _project_files(

@@ -365,6 +365,10 @@ def start_order(instances: tuple[Instance, ...]) -> dict[str, str | None]:
     return after
 
 
+# What every instance gets unless its config's env says otherwise.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def key_variables(config: ServeConfig) -> tuple[str, ...]:
     """Every environment variable that may hold a key, sorted: the ``api_key_env`` of each
     instance (disabled ones too), the gateway's ``api_keys_env``, ``VLLM_API_KEY`` and the
@@ -429,6 +433,9 @@ def build_plan(
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ctl.gpu_ids)
         if member is not None:
             env.update(member_env(inst, member))
+        # The container is offline: huggingface_hub and transformers must not try the hub
+        # (a model is a path, /models/<name>). The config's env wins.
+        env.update(OFFLINE_ENV)
         env.update(ctl.env)
         secret_env: dict[str, SecretStr] = {}
         missing: dict[str, str] = {}

@@ -87,6 +87,20 @@ def looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~"))
 
 
+def _missing_model(where: str, model: str, models_dir: Path | None) -> str:
+    """The line for a model path that does not exist: below the models dir it names the
+    model bundle to install."""
+    path = Path(model).expanduser()
+    if models_dir is not None and path.parent == models_dir:
+        bundle = f"{path.name}.model.tar"
+        return (
+            f"{where}: server.model {model} is not installed: install its model bundle "
+            f"({bundle}, made by `doit pack-model`) with AUTO_INFER_VLLM_MODEL_BUNDLES=<path>/"
+            f"{bundle} doit install-model"
+        )
+    return f"{where}: server.model {model} does not exist on this host"
+
+
 def host_problems(
     config: ServeConfig,
     plan: Plan,
@@ -94,8 +108,11 @@ def host_problems(
     *,
     gpus: Callable[[Mapping[str, str]], int | None] = count_gpus,
     in_use: Callable[[str, int], bool] = port_in_use,
+    models_dir: Path | None = None,
 ) -> list[str]:
-    """Every reason the plan cannot start here, one line each (empty: go)."""
+    """Every reason the plan cannot start here, one line each (empty: go). ``models_dir``
+    (``AUTO_INFER_VLLM_MODELS_DIR``): a model path below it that is missing is a model
+    bundle not installed, and the line says which bundle to install."""
     problems: list[str] = []
     src = config.source
     by_name = {i.name: i for i in config.instances}
@@ -120,7 +137,7 @@ def host_problems(
             )
         model = cfg.server.model
         if looks_like_path(model) and not Path(model).expanduser().exists():
-            problems.append(f"{where}: server.model {model} does not exist on this host")
+            problems.append(_missing_model(where, model, models_dir))
         if inst.gpu_ids:
             if available is None:
                 problems.append(

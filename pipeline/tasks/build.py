@@ -55,9 +55,15 @@ from typing import Any
 from doit.tools import config_changed
 
 from pipeline import __version__, reporting
-from pipeline.bundle.format import EXTRAS_FORMAT, PIXI_PACK_COMPAT_VERSION, checksum_path
+from pipeline.bundle.format import (
+    EXTRAS_FORMAT,
+    INDEX_FORMAT,
+    PIXI_PACK_COMPAT_VERSION,
+    checksum_path,
+    model_bundle_name,
+)
 from pipeline.errors import BundleError
-from pipeline.settings import Settings
+from pipeline.settings import REPO_ROOT, Settings
 from pipeline.tasks.common import SETTINGS, TaskDict
 
 MANIFEST_NAME = "pixi.toml"
@@ -237,6 +243,7 @@ def task_pack() -> Any:
                     "tool_version": __version__,
                     "pixi_pack_version": PIXI_PACK_COMPAT_VERSION,
                     "extras_format": EXTRAS_FORMAT,
+                    "index_format": INDEX_FORMAT,
                 }
             ),
             tar_intact,
@@ -257,6 +264,116 @@ def task_pack() -> Any:
         "actions": [checksum],
         "file_dep": [str(stamp)],
         "targets": [str(checksum_path(bundle))],
+        "verbosity": 2,
+    }
+
+    if settings.part_size:
+        part_size = settings.part_size
+
+        @reporting.action(interrupt="each part is replaced only when complete; run again")
+        def parts() -> None:
+            from pipeline.bundle.parts import write_parts
+            from pipeline.tasks.stamps import read_pack_sha256
+
+            written = write_parts(bundle, read_pack_sha256(stamp, bundle), part_size)
+            reporting.say(f"{len(written.parts)} parts of {bundle.name} beside it")
+
+        yield {
+            "name": "parts",
+            "doc": "Cut the bundle into parts of PIPELINE_PART_SIZE, with <bundle>.parts.json.",
+            "actions": [parts],
+            "file_dep": [str(stamp)],
+            "targets": [str(bundle.with_name(bundle.name + ".parts.json"))],
+            "uptodate": [config_changed({"part_size": part_size})],
+            "verbosity": 2,
+        }
+
+
+def model_source(settings: Settings) -> str:
+    """``PIPELINE_MODEL_SOURCE``, required by ``pack-model``."""
+    if not settings.model_source:
+        raise BundleError(
+            "PIPELINE_MODEL_SOURCE is not set; set it to a model directory (what `hf download` "
+            "wrote) or a hub id (org/name)"
+        )
+    return settings.model_source
+
+
+def model_names(settings: Settings) -> tuple[str, Path]:
+    """The model's name and its bundle's path (``PIPELINE_MODEL_NAME``,
+    ``PIPELINE_MODEL_BUNDLE``, else derived from the source)."""
+    from pipeline.build.model import check_model_name, default_model_name
+
+    name = check_model_name(settings.model_name or default_model_name(model_source(settings)))
+    bundle = settings.model_bundle or REPO_ROOT / "bundles" / model_bundle_name(name)
+    return name, bundle.absolute()
+
+
+def task_pack_model() -> TaskDict:
+    """Pack a model's weights (PIPELINE_MODEL_SOURCE) into a model bundle, checked file by file."""
+    settings = SETTINGS
+
+    def stamp_of(bundle: Path) -> Path:
+        return settings.state_dir / "stamps" / f"pack-model-{bundle.name}-{_key(bundle)}.json"
+
+    def current() -> bool:
+        from pipeline.build.model import is_hub_id, model_pack_is_current
+
+        if not settings.model_source or is_hub_id(settings.model_source):
+            return False  # a hub id: its revision may have moved; the action decides
+        try:
+            name, bundle = model_names(settings)
+        except BundleError:
+            return False
+        return model_pack_is_current(
+            stamp_of(bundle),
+            Path(settings.model_source),
+            name,
+            bundle,
+            settings.model_allow_pickle,
+            settings.part_size,
+        )
+
+    @reporting.action(interrupt="the bundle is replaced only when complete; run again")
+    def run() -> None:
+        from pipeline.build.model import (
+            download_model,
+            is_hub_id,
+            model_pack_is_current,
+            pack_model,
+            write_model_stamp,
+        )
+
+        text = model_source(settings)
+        name, bundle = model_names(settings)
+        origin: dict[str, str] = {}
+        if is_hub_id(text):
+            reporting.say(f"fetching {text}@{settings.model_revision or 'main'} (huggingface_hub)")
+            source = download_model(
+                text,
+                settings.model_revision,
+                settings.pack_cache / "huggingface",
+                endpoint=settings.hf_endpoint,
+                token=settings.hf_token,
+            )
+            origin = {"repo": text, "revision": source.name}
+        else:
+            source = Path(text)
+        stamp = stamp_of(bundle)
+        allow, part_size = settings.model_allow_pickle, settings.part_size
+        if model_pack_is_current(stamp, source, name, bundle, allow, part_size):
+            reporting.say(f"{bundle.name} is up to date with {source}")
+            return
+        result = pack_model(
+            source, name, bundle, allow_pickle=allow, part_size=part_size, origin=origin
+        )
+        write_model_stamp(stamp, result, source, name, allow, part_size)
+        reporting.say(result.summary())
+
+    return {
+        "basename": "pack-model",
+        "actions": [run],
+        "uptodate": [current],
         "verbosity": 2,
     }
 
@@ -308,4 +425,5 @@ TASKS: dict[str, Callable[[], Any]] = {
     "task_pack": task_pack,
     "task_sha256": task_sha256,
     "task_check_cache": task_check_cache,
+    "task_pack_model": task_pack_model,
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline import reporting
 from pipeline.install.layout import ProjectPaths
@@ -149,8 +150,85 @@ def task_frozen_install() -> TaskDict:
 
 
 def task_install() -> TaskDict:
-    """Extract, patch and install the bundle's environment (offline; nothing if current)."""
-    return {"actions": None, "task_dep": ["extract", "patch-channels", "frozen-install"]}
+    """Install the environment bundle, and the model bundles when set (offline; idempotent).
+
+    The models are those of AUTO_INFER_VLLM_MODEL_BUNDLES (``install-model``)."""
+    stages = ["extract", "patch-channels", "frozen-install"]
+    if SETTINGS.model_bundles:
+        stages.append("install-model")
+    return {"actions": None, "task_dep": stages}
+
+
+def task_install_model() -> TaskDict:
+    """Install the model bundles of AUTO_INFER_VLLM_MODEL_BUNDLES into the models dir."""
+    settings = SETTINGS
+    bundles = settings.model_bundles
+    models_dir = settings.models_dir
+
+    def current() -> bool:
+        from pipeline.install.model import models_are_current
+
+        return bool(bundles) and models_are_current(bundles, models_dir)
+
+    @reporting.action(interrupt="each model is switched in only once complete; run it again")
+    def run() -> None:
+        from pipeline.errors import BundleError
+        from pipeline.install.model import install_models
+
+        if not bundles:
+            raise BundleError(
+                "AUTO_INFER_VLLM_MODEL_BUNDLES is not set; set it to the model bundles to "
+                "install (tars or .parts.json files, separated by ':')"
+            )
+        for result in install_models(bundles, models_dir):
+            reporting.say(result.summary())
+
+    return {
+        "basename": "install-model",
+        "actions": [run],
+        "uptodate": [current],
+        "verbosity": 2,
+    }
+
+
+def task_join_parts() -> TaskDict:
+    """Rebuild bundle tars from their parts (for pixi-unpack and other tools that want one)."""
+    settings = SETTINGS
+
+    @reporting.action(interrupt="a tar appears only when complete; run it again")
+    def run(parts: list[str]) -> None:
+        from pipeline.bundle.parts import is_parts_file, join_parts
+        from pipeline.errors import BundleError
+
+        chosen = [Path(p) for p in parts] or [
+            p for p in (settings.install_bundle, *settings.model_bundles) if is_parts_file(p)
+        ]
+        if not chosen:
+            raise BundleError(
+                "no parts file to join: pass `doit join-parts --parts <bundle>.parts.json`, or "
+                "point AUTO_INFER_VLLM_BUNDLE_PATH or AUTO_INFER_VLLM_MODEL_BUNDLES at one"
+            )
+        for path in chosen:
+            if not is_parts_file(path):
+                raise BundleError(f"{path} is not a parts file (<bundle>.parts.json)")
+            joined = join_parts(path)
+            reporting.say(f"joined {path.name} into {joined} (and {joined.name}.sha256)")
+
+    return {
+        "basename": "join-parts",
+        "actions": [run],
+        "params": [
+            {
+                "name": "parts",
+                "long": "parts",
+                "type": list,
+                "default": [],
+                "help": "a <bundle>.parts.json to join (repeat for more)",
+            }
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 TASKS: dict[str, Callable[[], TaskDict]] = {
@@ -158,4 +236,6 @@ TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_patch_channels": task_patch_channels,
     "task_frozen_install": task_frozen_install,
     "task_install": task_install,
+    "task_install_model": task_install_model,
+    "task_join_parts": task_join_parts,
 }

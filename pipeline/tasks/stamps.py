@@ -90,8 +90,8 @@ def bundle_unchanged(stamp: Path, bundle: Path) -> bool:
     return tuple(recorded.get(key) for key in fields) == tuple(getattr(found, k) for k in fields)
 
 
-def write_checksum(stamp: Path, bundle: Path) -> Path:
-    """Write ``<bundle>.sha256`` (``<hex>  <file name>``, as ``sha256sum``) from ``stamp``.
+def read_pack_sha256(stamp: Path, bundle: Path) -> str:
+    """The bundle's sha256 as the pack stamp recorded it (computed while the tar was written).
 
     Raises BundleError when the stamp is missing or does not describe ``bundle``.
     """
@@ -102,6 +102,15 @@ def write_checksum(stamp: Path, bundle: Path) -> Path:
             f"no pack record for {bundle} in {stamp}; run `doit pack` (or `doit forget pack` "
             "first if the bundle was changed by hand)"
         )
+    return digest
+
+
+def write_checksum(stamp: Path, bundle: Path) -> Path:
+    """Write ``<bundle>.sha256`` (``<hex>  <file name>``, as ``sha256sum``) from ``stamp``.
+
+    Raises BundleError when the stamp is missing or does not describe ``bundle``.
+    """
+    digest = read_pack_sha256(stamp, bundle)
     out = checksum_path(bundle)
     atomic_write_text(out, f"{digest}  {bundle.name}\n")
     return out
@@ -109,6 +118,7 @@ def write_checksum(stamp: Path, bundle: Path) -> Path:
 
 __all__ = [
     "bundle_unchanged",
+    "read_pack_sha256",
     "read_pack_stamp",
     "write_checksum",
     "write_pack_stamp",

@@ -32,7 +32,7 @@ def plan_command(
     from pipeline.serve.preflight import host_problems
 
     config, plan = load(settings, config_path, environ, check=check, node_rank=node_rank)
-    problems = host_problems(config, plan, environ)
+    problems = host_problems(config, plan, environ, models_dir=settings.models_dir)
     out.write(json.dumps(plan.to_display(), indent=2) + "\n")
     out.flush()
     for problem in problems:

@@ -104,7 +104,7 @@ def serve_command(
             # That supervisor ended before it took the request: start a new one.
             previous = _read_for_serve(store, say)
         _stop_orphans(previous, say)
-        problems = host_problems(config, plan, environ)
+        problems = host_problems(config, plan, environ, models_dir=settings.models_dir)
         if problems:
             for problem in problems[1:]:
                 say(error_line(problem))
