@@ -143,6 +143,22 @@ def test_doit_pack_runs_the_chain_then_is_a_no_op_and_a_repack_hits_the_cache(
     assert bundle.read_bytes() == original
 
 
+def test_pack_with_a_part_size_writes_the_parts_and_a_rerun_skips_them(tmp_path, channel_url):
+    project = make_project(tmp_path / "proj", channel_url)
+    env = env_for(tmp_path, project, PIPELINE_PART_SIZE="1M", PIPELINE_SKIP_VERIFY="1")
+    bundle = tmp_path / "bundles" / "offline.tar"
+    first = run_doit(["pack"], env)
+    assert first.returncode == 0, first.stderr
+    assert ran(first, "pack:parts")
+    parts = json.loads((tmp_path / "bundles" / "offline.tar.parts.json").read_text())
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert parts["sha256"] == digest and parts["size"] == bundle.stat().st_size
+    part = tmp_path / "bundles" / parts["parts"][0]["name"]
+    assert part.read_bytes() == bundle.read_bytes(), "a bundle under 1 MiB is one part"
+    again = run_doit(["pack"], env)
+    assert skipped(again, "pack:parts"), again.stderr
+
+
 def test_a_failing_verify_stops_the_pack_and_skip_verify_packs_anyway(tmp_path, channel_url):
     project = make_project(tmp_path / "proj", channel_url, "echo 'libtiny is broken' >&2; exit 3")
     env = env_for(tmp_path, project)

@@ -203,6 +203,35 @@ def test_hook_reports_a_missing_bundle_and_config(tmp_path):
     assert "AUTO_INFER_VLLM_BUNDLE_PATH is not set" in unset.stderr
 
 
+def test_hook_installs_the_model_bundles_before_serving(tmp_path):
+    from model_factory import hf_cache_model
+
+    from pipeline.build.model import pack_model
+
+    files = {"config.json": b"{}", "model.safetensors": os.urandom(4096)}
+    snapshot = hf_cache_model(tmp_path / "hub", "org/tiny", files)
+    bundle = pack_model(snapshot, "tiny", tmp_path / "tiny.model.tar").bundle
+    models = tmp_path / "models"
+    result = run_hook(
+        tmp_path,
+        AUTO_INFER_VLLM_MODEL_BUNDLES=str(bundle),
+        AUTO_INFER_VLLM_MODELS_DIR=str(models),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "models: done" in result.stderr
+    assert (models / "tiny" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    log = boot_log(tmp_path)
+    assert "installed model tiny" in log
+    assert log.index("models: done") < log.index("serve skipped")
+    broken = run_hook(
+        tmp_path,
+        AUTO_INFER_VLLM_MODEL_BUNDLES=str(tmp_path / "nope.model.tar"),
+        AUTO_INFER_VLLM_MODELS_DIR=str(models),
+    )
+    assert "FAILED: installing the model bundles" in broken.stderr
+    assert (models / "tiny" / "config.json").exists(), "the installed model is untouched"
+
+
 def test_helpers_explain_their_usage(tmp_path):
     result = subprocess.run(
         [str(REPO / "container/vllm/install-vllm-offline.sh")],

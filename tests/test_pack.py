@@ -587,3 +587,74 @@ def test_a_named_lock_platform_is_packed_as_its_subdir_and_installed_by_its_name
     extract_bundle(bundle, tmp_path / "project", environment="default", host="linux-64")
     record = read_extract_record(ProjectPaths.of(tmp_path / "project"))
     assert record is not None and record.platform == "p1"
+
+
+# ---- the index, and the bundle in parts -----------------------------------------------------
+
+
+def test_the_index_lists_every_other_file_with_its_size_and_sha256(packed: PackResult):
+    from pipeline.bundle.index import read_index
+
+    index = read_index(read_member(packed.bundle, "infer-vllm-index.json"), packed.bundle)
+    assert index.kind == "env" and index.name == "default"
+    with tarfile.open(packed.bundle) as tar:
+        files = [m for m in tar.getmembers() if m.isfile() and m.name != "infer-vllm-index.json"]
+        assert {f.name for f in index.files} == {m.name for m in files}
+        for member in files:
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            listed = index.by_name[member.name]
+            assert (listed.size, listed.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_extract_refuses_a_file_that_differs_from_the_index(packed: PackResult, tmp_path):
+    """A member changed after packing, its size kept (no .sha256 beside it): the index names it."""
+    from pipeline.install.extract import extract_bundle
+
+    changed = tmp_path / "changed.tar"
+    with (
+        tarfile.open(packed.bundle) as src,
+        tarfile.open(changed, "w", format=tarfile.GNU_FORMAT) as out,
+    ):
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            if member.name == "environment.yml":
+                data = data.replace(b"nodefaults", b"nodefaultz")  # type: ignore[union-attr]
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    with pytest.raises(BundleError) as exc:
+        extract_bundle(changed, tmp_path / "project", environment="default", say=lambda _m: None)
+    assert "'environment.yml'" in exc.value.message and "infer-vllm-index.json" in exc.value.message
+    assert not (tmp_path / "project" / "environment.yml").exists()
+
+
+def test_extract_takes_the_parts_file_in_place_of_the_tar(packed: PackResult, tmp_path):
+    from pipeline.bundle.parts import parts_path, write_parts
+    from pipeline.install.extract import extract_bundle
+
+    carried = tmp_path / "carried" / packed.bundle.name
+    carried.parent.mkdir()
+    shutil.copy(packed.bundle, carried)
+    parts = write_parts(carried, packed.sha256, 8 << 10)
+    carried.unlink()  # only the parts cross the gap
+    assert len(parts.parts) > 3
+    result = extract_bundle(
+        parts_path(carried), tmp_path / "project", environment="default", say=lambda _m: None
+    )
+    assert result.extracted and result.sha256 == packed.sha256
+    same = extract_bundle(
+        parts_path(carried), tmp_path / "project", environment="default", say=lambda _m: None
+    )
+    assert not same.extracted
+    # one byte flipped in part 2: named, with its expected sha256; nothing written
+    part = carried.with_name(parts.parts[1].name)
+    data = bytearray(part.read_bytes())
+    data[100] ^= 1
+    part.write_bytes(bytes(data))
+    with pytest.raises(BundleError) as exc:
+        extract_bundle(
+            parts_path(carried), tmp_path / "other", environment="default", say=lambda _m: None
+        )
+    message = exc.value.message
+    assert (
+        "part 2" in message and parts.parts[1].sha256 in message and "send part 2 again" in message
+    )
+    assert not (tmp_path / "other" / "pixi.lock").exists()

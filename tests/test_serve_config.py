@@ -895,3 +895,30 @@ def test_a_log_dir_in_a_read_only_folder_is_refused(tmp_path):
         assert "is not writable by this user" in (log_dir_problem(tmp_path) or "")
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_a_model_below_the_models_dir_that_is_missing_names_its_bundle(tmp_path):
+    from pipeline.pixi.envs import Runtime
+    from pipeline.serve.plan import build_plan
+    from pipeline.serve.preflight import host_problems
+
+    models = tmp_path / "models"
+    (models / "here").mkdir(parents=True)
+    text = (
+        "[instance.control]\ngpu_ids = []\n"
+        f'[instance.a.server]\nmodel = "{models}/qwen2-vl-7b"\n'
+        f'[instance.b.server]\nmodel = "{models}/here"\nport = 8001\n'
+        f'[instance.c.server]\nmodel = "{tmp_path}/elsewhere"\nport = 8002\n'
+    )
+    config = parse_config(text, source="serve.toml")
+    plan = build_plan(config, Runtime(kind="path", description="python", python="python"), {})
+    problems = host_problems(
+        config, plan, {}, gpus=lambda _: None, in_use=lambda h, p: False, models_dir=models
+    )
+    [missing] = [p for p in problems if "qwen2-vl-7b" in p]
+    assert missing.startswith("serve.toml: instance 'a': server.model ")
+    assert "is not installed" in missing and "qwen2-vl-7b.model.tar" in missing
+    assert "doit install-model" in missing and "AUTO_INFER_VLLM_MODEL_BUNDLES" in missing
+    assert not [p for p in problems if "instance 'b'" in p]
+    [other] = [p for p in problems if "elsewhere" in p]
+    assert "does not exist on this host" in other

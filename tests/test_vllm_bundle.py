@@ -2,6 +2,10 @@
 network namespace with no interfaces, served by `doit serve` from the installed project, asked
 by the OpenAI and Anthropic SDKs, stopped by `doit stop` with no process left.
 
+The model travels too: the tiny model, laid out as the Hugging Face cache lays it out (snapshot
+links into ``blobs/``), is packed by `doit pack-model` in parts, installed by the same
+`doit install` (both kinds of variables) into a models dir, and served from there by path.
+
 Slow (about two minutes): the pack reuses the cached build project and the warm pack cache of
 ``scripts/setup-vllm-bundle.sh`` (so nothing is downloaded, which the test checks), but writes
 a fresh ~600 MB tar and installs it into a private dir. Loopback only, free ports, private
@@ -18,6 +22,7 @@ import anthropic
 import openai
 import pytest
 from conftest import REPO, doit_env, free_port, kill_recorded_groups, run_doit
+from model_factory import cache_model_from
 
 from pipeline.demo import vllm_bundle
 from pipeline.demo.cpu_vllm import tiny_overrides
@@ -52,13 +57,35 @@ def test_the_packed_vllm_bundle_installs_offline_and_serves_both_sdks(
     sha = bundle.with_name(bundle.name + ".sha256").read_text().split()[0]
     assert sha == cache.sha256_file.read_text().split()[0], "same inputs, same bytes"
 
-    # container: install with no network at all
+    # build host: the model, from a Hugging Face cache snapshot, in parts of 1 MiB
+    snapshot = cache_model_from(tiny_model, tmp_path / "hf-cache", "tiny-org/tiny-chat")
+    model_bundle = tmp_path / "bundles" / "tiny-chat.model.tar"
+    model_env = {
+        **build,
+        "PIPELINE_MODEL_SOURCE": str(snapshot),
+        "PIPELINE_MODEL_BUNDLE": str(model_bundle),
+        "PIPELINE_PART_SIZE": "1M",
+    }
+    packed_model = run_doit(["pack-model"], model_env)
+    assert packed_model.returncode == 0, packed_model.stderr[-2000:]
+    parts = model_bundle.with_name(model_bundle.name + ".parts.json")
+    assert len(json.loads(parts.read_text())["parts"]) == 2
+
+    # container: install the environment and the model with no network at all
     project = tmp_path / "container" / "vllm-pixi-offline"
+    models = tmp_path / "container" / "models"
     runtime = vllm_bundle.runtime_env(
         bundle, project, tmp_path / "container" / "state", tmp_path / "rattler"
     )
+    runtime["AUTO_INFER_VLLM_MODEL_BUNDLES"] = str(parts)
+    runtime["AUTO_INFER_VLLM_MODELS_DIR"] = str(models)
     installed = run_doit(["install"], runtime, timeout=900, prefix=netns)
     assert installed.returncode == 0, installed.stderr[-2000:]
+    assert "installed model tiny-chat" in installed.stderr
+    served_model = models / "tiny-chat"
+    assert (served_model / "model.safetensors").read_bytes() == (
+        tiny_model / "model.safetensors"
+    ).read_bytes()
     record = installed_record(project, "default")
     assert record is not None and record.pypi_packages > 100
     versions = dict(record.verify.versions)
@@ -69,7 +96,7 @@ def test_the_packed_vllm_bundle_installs_offline_and_serves_both_sdks(
     port = free_port()
     overrides = tiny_overrides(
         settings,
-        model=tiny_model,
+        model=served_model,
         log_dir=tmp_path / "logs",
         ports={"tiny-a": port},
         disabled=["tiny-b"],
