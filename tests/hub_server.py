@@ -4,6 +4,9 @@
 It answers exactly what huggingface_hub 2.4.0's ``snapshot_download`` asks of a model repo
 (``_snapshot_download.py``, ``hf_api.py``, ``file_download.py``), in this order:
 
+0. ``GET /api/agent-harnesses``, without a token: the first User-Agent it builds looks up
+   which AI agents it knows (``utils/_headers.py``, ``utils/_detect_agent.py``; once a day,
+   cached in ``HF_HOME``; not with ``HF_HUB_DISABLE_TELEMETRY=1``). An empty list here.
 1. ``GET /api/models/<repo>/revision/<rev>``: the repo's info (``HfApi.model_info``); only
    ``sha`` is read, the commit that the revision names (skipped when the revision is a commit).
 2. ``GET /api/models/<repo>/tree/<commit>?recursive=...``: the file list
@@ -41,6 +44,8 @@ from conftest import free_port
 from model_factory import LFS_SUFFIXES, git_blob_sha1
 
 HUB_COMMIT = "c0ffee00" * 5
+# Asked by huggingface_hub's User-Agent (utils/_headers.py, utils/_detect_agent.py).
+HARNESSES = "/api/agent-harnesses"
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,10 @@ class HubServer:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def authorizations(self) -> set[str | None]:
+    def seen(self) -> list[Seen]:
+        """The requests so far, in the order they came."""
         with self._lock:
-            return {seen.authorization for seen in self.requests}
-
-    def paths(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return [(seen.method, seen.path) for seen in self.requests]
+            return list(self.requests)
 
     # ---- what the Hub holds ------------------------------------------------------------------
 
@@ -157,41 +159,42 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, {"Content-Type": "application/json", **headers}, data, body)
 
         def _answer(self, body: bool) -> None:
-            path = unquote(urlsplit(self.path).path)
+            path = unquote(urlsplit(self.path).path)  # the query (tree: recursive=...) is moot
             auth = self.headers.get("Authorization")
             with hub._lock:
                 hub.requests.append(Seen(self.command, path, auth))
+            if path == HARNESSES:  # public on the Hub, and asked without a token
+                return self._json(200, {"standardEnvVars": [], "harnesses": {}}, body)
             if hub.token is not None and auth != f"Bearer {hub.token}":
                 message = "Invalid credentials in Authorization header"
                 return self._json(401, {"error": message}, body, **{"X-Error-Message": message})
             revisions = ("main", hub.commit)
-            api = f"/api/models/{hub.repo_id}/"
-            resolve = f"/{hub.repo_id}/resolve/"
-            if path.startswith(api + "revision/") and path[len(api) + 9 :] in revisions:
-                info = {
-                    "id": hub.repo_id,
-                    "sha": hub.commit,
-                    "private": hub.token is not None,
-                    "siblings": [{"rfilename": p} for p in sorted(hub.files)],
-                }
-                return self._json(200, info, body)
-            if path.startswith(api + "tree/") and path[len(api) + 5 :] in revisions:
-                return self._json(200, hub.tree(), body)
-            if path.startswith(resolve):
-                revision, _, name = path[len(resolve) :].partition("/")
+            api = path.removeprefix(f"/api/models/{hub.repo_id}/")
+            if api != path:
+                kind, _, revision = api.partition("/")
+                if kind == "revision" and revision in revisions:
+                    info = {
+                        "id": hub.repo_id,
+                        "sha": hub.commit,
+                        "private": hub.token is not None,
+                        "siblings": [{"rfilename": p} for p in sorted(hub.files)],
+                    }
+                    return self._json(200, info, body)
+                if kind == "tree" and revision in revisions:
+                    return self._json(200, hub.tree(), body)
+            resolve = path.removeprefix(f"/{hub.repo_id}/resolve/")
+            if resolve != path:
+                revision, _, name = resolve.partition("/")
                 if revision in revisions and name in hub.files:
                     etag, lfs = hub.etag(name)
                     size = str(len(hub.files[name]))
                     headers = {"ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
                     if lfs:
                         headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": size}
-                    data = hub.damaged.get(name, hub.files[name])
-                    return self._send(200, headers, data, body)
-                return self._json(
-                    404, {"error": "Entry not found"}, body, **{"X-Error-Code": "EntryNotFound"}
-                )
-            return self._json(
-                404, {"error": "Repository not found"}, body, **{"X-Error-Code": "RepoNotFound"}
-            )
+                    return self._send(200, headers, hub.damaged.get(name, hub.files[name]), body)
+                error = {"X-Error-Code": "EntryNotFound"}
+                return self._json(404, {"error": "Entry not found"}, body, **error)
+            error = {"X-Error-Code": "RepoNotFound"}
+            return self._json(404, {"error": "Repository not found"}, body, **error)
 
     return Handler

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import doit_env, run_doit
-from hub_server import HUB_COMMIT, HubServer
+from hub_server import HARNESSES, HUB_COMMIT, HubServer
 
 from pipeline.bundle.format import INDEX_FILE
 
@@ -80,16 +80,26 @@ def test_pack_model_from_the_hub(tmp_path, hub):
     # The LFS file's blob is named by the sha256 the hub announced: what pack-model checks.
     blobs = tmp_path / "cache" / "huggingface" / "models--org--tiny-chat" / "blobs"
     assert (blobs / sha256(FILES["model.safetensors"])).is_file()
-    # Every request carried the token, and only the plain HTTP endpoints were asked (no Xet).
-    assert hub.authorizations() == {f"Bearer {TOKEN}"}
+    # Only the plain HTTP endpoints were asked (no Xet), each once, all with the token.
     resolve = f"/{REPO_ID}/resolve/{HUB_COMMIT}/"
-    assert sorted(hub.paths()) == sorted(
+    bearer = f"Bearer {TOKEN}"
+    assert sorted((s.method, s.path, s.authorization) for s in hub.seen()) == sorted(
         [
-            ("GET", f"/api/models/{REPO_ID}/revision/main"),
-            ("GET", f"/api/models/{REPO_ID}/tree/{HUB_COMMIT}"),
-            *[(method, resolve + p) for p in FILES for method in ("HEAD", "GET")],
+            ("GET", HARNESSES, None),
+            ("GET", f"/api/models/{REPO_ID}/revision/main", bearer),
+            ("GET", f"/api/models/{REPO_ID}/tree/{HUB_COMMIT}", bearer),
+            *[(method, resolve + p, bearer) for p in FILES for method in ("HEAD", "GET")],
         ]
     )
+    # Again: the revision is looked up (it may have moved), the files come from the cache.
+    before = len(hub.seen())
+    again = pack_from_hub(tmp_path, hub.endpoint, TOKEN)
+    assert again.returncode == 0 and "tiny-chat.model.tar is up to date" in again.stderr, (
+        again.stderr
+    )
+    assert [(s.path, s.authorization) for s in hub.seen()[before:]] == [
+        (f"/api/models/{REPO_ID}/revision/main", bearer)
+    ]
 
 
 def test_a_refused_token_is_one_line(tmp_path, hub):
@@ -101,14 +111,15 @@ def test_a_refused_token_is_one_line(tmp_path, hub):
     assert REPO_ID in errors[0] and "HF_TOKEN" in errors[0] and "401" in errors[0], errors[0]
     assert wrong not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    assert hub.authorizations() == {f"Bearer {wrong}"}
+    asked = [(s.path, s.authorization) for s in hub.seen() if s.path != HARNESSES]
+    assert asked == [(f"/api/models/{REPO_ID}/revision/main", f"Bearer {wrong}")]
     assert not (tmp_path / "tiny-chat.model.tar").exists()
 
 
-def test_a_damaged_download_is_refused(tmp_path):
-    """The safetensors bytes arrive changed (same size): huggingface_hub checks the size only
-    and stores them as ``blobs/<the sha256 the hub announced>``; pack-model hashes the blob,
-    finds another sha256, and refuses in one line."""
+def test_changed_bytes_are_refused_by_pack_model(tmp_path):
+    """The safetensors bytes arrive changed, at the right size: huggingface_hub checks the
+    size only and stores them as ``blobs/<the sha256 the hub announced>``; pack-model hashes
+    the blob, finds another sha256, and refuses in one line."""
     good = FILES["model.safetensors"]
     bad = bytes([good[0] ^ 0xFF]) + good[1:]
     with HubServer(REPO_ID, FILES, token=TOKEN, damaged={"model.safetensors": bad}) as hub:
@@ -121,4 +132,21 @@ def test_a_damaged_download_is_refused(tmp_path):
     assert "Traceback" not in result.stderr
     blobs = tmp_path / "cache" / "huggingface" / "models--org--tiny-chat" / "blobs"
     assert (blobs / sha256(good)).read_bytes() == bad  # what huggingface_hub let through
+    assert not (tmp_path / "tiny-chat.model.tar").exists()
+
+
+def test_a_short_download_is_refused_by_huggingface_hub(tmp_path):
+    """The safetensors file arrives cut short (a complete answer of fewer bytes than the
+    ``X-Linked-Size`` announced): huggingface_hub refuses it, nothing reaches the cache."""
+    short = FILES["model.safetensors"][:1000]
+    with HubServer(REPO_ID, FILES, token=TOKEN, damaged={"model.safetensors": short}) as hub:
+        result = pack_from_hub(tmp_path, hub.endpoint, TOKEN)
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr
+    assert f"cannot download {REPO_ID}@main" in errors[0], errors[0]
+    assert "should be of size 6000 but has size 1000" in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    blobs = tmp_path / "cache" / "huggingface" / "models--org--tiny-chat" / "blobs"
+    assert not (blobs / sha256(FILES["model.safetensors"])).exists()
     assert not (tmp_path / "tiny-chat.model.tar").exists()

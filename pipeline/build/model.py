@@ -132,6 +132,7 @@ def download_model(
     Hugging Face cache layout) and return the snapshot directory. Raises BundleError with
     huggingface_hub's reason in one line (never the token)."""
     try:
+        import httpx2  # huggingface_hub's HTTP client: connection, protocol and proxy errors
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError
     except ImportError:  # pragma: no cover - a declared dependency
@@ -147,7 +148,7 @@ def download_model(
             endpoint=endpoint,
             token=token or False,
         )
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, OSError, ValueError, httpx2.HTTPError) as exc:
         text = " ".join(str(exc).split())
         if token:
             text = text.replace(token, "<HF_TOKEN>")
@@ -264,7 +265,7 @@ def pack_model(
                 raise BundleError(
                     f"model file {file.name} has sha256 {digest[:16]}..., the hub recorded "
                     f"{file.hub_sha256[:16]}... (its blob's name in the cache): the download is "
-                    "damaged; delete that blob and download again"
+                    f"damaged; delete {file.path} and download again"
                 )
             entries.append(
                 IndexedFile(name=f"{MODEL_DIR}/{file.name}", size=file.size, sha256=digest)
