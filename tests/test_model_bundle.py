@@ -24,7 +24,7 @@ from conftest import REPO, doit_env, run_doit
 from model_factory import COMMIT, hf_cache_model
 
 from pipeline.build.model import pack_model, scan_model_dir
-from pipeline.bundle.format import INDEX_FILE, parse_part_size
+from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, parse_part_size
 from pipeline.bundle.index import (
     IndexedFile,
     check_digests,
@@ -341,8 +341,12 @@ def hostile(tmp_path: Path, files: dict[str, bytes], *, listed=None, links=()) -
     """A model bundle named 'tiny' whose index lists ``listed`` (default: ``files``)."""
     listed = files if listed is None else listed
     index = make_index("model", "tiny", [entry(n, d) for n, d in listed.items()], tool_version="1")
+    data = index_json(index)
+    summed = f"{hashlib.sha256(data).hexdigest()}  {INDEX_FILE}\n".encode()
     return write_raw(
-        tmp_path / "hostile.tar", [(INDEX_FILE, index_json(index)), *files.items()], links=links
+        tmp_path / "hostile.tar",
+        [(INDEX_FILE, data), (INDEX_SUM_FILE, summed), *files.items()],
+        links=links,
     )
 
 

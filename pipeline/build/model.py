@@ -18,8 +18,8 @@ cache. :func:`scan_model_dir` refuses, in one line each, what must not cross the
 :func:`pack_model` then hashes every file (the index comes first in the tar), writes the
 bundle with the tar writer (which hashes each file again while it copies it: a file changed
 in between is refused), the ``.sha256`` beside it and, with ``PIPELINE_PART_SIZE``, its parts.
-The bundle is ``infer-vllm-index.json`` then ``model/<the files>``; members sorted, fixed
-metadata: the same files give the same bytes.
+The bundle is ``infer-vllm-index.json``, its sha256 (``infer-vllm-index.sha256``), then
+``model/<the files>``; members sorted, fixed metadata: the same files give the same bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline import __version__
-from pipeline.bundle.format import INDEX_FILE, MODEL_DIR, checksum_path
+from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR, checksum_path
 from pipeline.bundle.index import IndexedFile, index_digest, index_json, make_index
 from pipeline.bundle.parts import PartsFile, write_parts
 from pipeline.bundle.tar import MemberMismatch, TarMember, write_tar
@@ -281,7 +281,10 @@ def pack_model(
     info = dict(origin or ({"repo": repo[0], "revision": repo[1]} if repo else {}))
     index = make_index("model", name, entries, tool_version=__version__, source=info)
     index_bytes = index_json(index)
-    members = [TarMember.text(INDEX_FILE, index_bytes)]
+    members = [
+        TarMember.text(INDEX_FILE, index_bytes),
+        TarMember.text(INDEX_SUM_FILE, f"{index_digest(index_bytes)}  {INDEX_FILE}\n".encode()),
+    ]
     dirs = {MODEL_DIR}
     for file, entry in zip(files, entries, strict=True):
         members.append(TarMember.file(entry.name, file.path, file.size))

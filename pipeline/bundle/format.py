@@ -11,7 +11,8 @@ An uncompressed tar, members sorted, fixed mtime/uid/gid/mode (same inputs, same
     infer-vllm-index.json    every other member's name, size and sha256
                              (:mod:`pipeline.bundle.index`; pixi-unpack ignores it too)
 
-A model bundle (``doit pack-model``) is the index, then ``model/<the model's files>``.
+A model bundle (``doit pack-model``) is the index and its sha256, then
+``model/<the model's files>``.
 A bundle of any kind may travel in parts (:mod:`pipeline.bundle.parts`).
 
 Bundles from pixi-pack itself carry no extras file; the install side then takes ``pixi.toml``
@@ -37,7 +38,10 @@ EXTRAS_FORMAT = 1
 # The index of every member (:mod:`pipeline.bundle.index`), in every bundle this project writes.
 INDEX_FILE = "infer-vllm-index.json"
 INDEX_FORMAT = 1
-# A model bundle: the index, then the model's files under ``model/``.
+# The index's own sha256 (``sha256sum`` format), right after it in a model bundle: the index
+# is checked before anything it lists is trusted.
+INDEX_SUM_FILE = "infer-vllm-index.sha256"
+# A model bundle: the index and its sha256, then the model's files under ``model/``.
 MODEL_DIR = "model"
 # Top-level names a bundle may hold; the reader skips anything else (never written).
 BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, INDEX_FILE, CHANNEL_DIR, PYPI_DIR)

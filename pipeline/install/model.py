@@ -9,16 +9,18 @@ writes it, atomic, idempotent, offline.
    is read ("already installed"). A bundle touched or copied again: its headers and index are
    read (a few KiB); the same index and intact files: nothing else is.
 2. **Checked before anything is written**: the tar's headers (a truncated or corrupt tar is
-   refused), every member is the index, ``model/`` or a file or directory below it (no links,
-   no ``..``, no absolute path, no duplicate), the index's format and kind, and the members are
-   exactly the files the index lists with their sizes. Free space for the model is checked
-   (the shortfall is named).
+   refused), every member is the index, its sha256, ``model/`` or a file or directory below it
+   (no links, no ``..``, no absolute path, no duplicate), the index has its recorded sha256,
+   its format and kind, and the members are exactly the files the index lists with their
+   sizes. Free space for the model is checked (the shortfall is named).
 3. **One pass**: a thread copies each file into a staging directory beside the target (in the
-   kernel: ``copy_file_range``) while this one reads the bundle once, start to end, for each
-   file's sha256 and (when the bundle's own sha256 is known: its ``.sha256``, or the parts
-   file) the tar's or each part's. The bytes come from disk once; the copy and the hashes run
-   on two cores. Any mismatch: the staging directory is removed and the message names the
-   file, or the part to send again.
+   kernel: ``copy_file_range``) while this one reads the bundle once, start to end, and hashes
+   each file from the same bytes. The bytes come from disk once; the copy and the hash run on
+   two cores. Every byte that is installed is then checked (the names and sizes against the
+   index, the contents against its sha256s, the index against its own), so the tar's sha256
+   would add nothing: it is computed only when a check fails, to name what was damaged: with
+   the ``.sha256`` beside the tar, the tar; with the parts file, each damaged part by number
+   and expected sha256, to send again. On any failure the staging directory is removed.
 4. **Switch**: the staging directory and the installed one trade places in one
    ``renameat2(RENAME_EXCHANGE)``, then the old one is removed: a SIGKILL at any moment leaves
    either the old model or the new one at ``<models dir>/<name>``, never a mix or nothing.
@@ -49,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import __version__, reporting
 from pipeline.build.model import check_model_name
 from pipeline.bundle import reader
-from pipeline.bundle.format import INDEX_FILE, MODEL_DIR
+from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR
 from pipeline.bundle.index import (
     BundleIndex,
     check_digests,
@@ -152,18 +154,25 @@ def install_model(
         source, _from = reader.open_bundle(bundle, None)
         with source:
             members = reader.scan_checked(source)
-            index_member = _index_member(members, bundle)
-            index_bytes = reader.read_member(source, index_member, bundle)
-            index = read_index(index_bytes, bundle)
-            if index.kind != "model":
-                raise BundleError(
-                    f"bundle {bundle} is an {index.kind} bundle, not a model bundle; install it "
-                    "with `doit install` (AUTO_INFER_VLLM_BUNDLE_PATH)"
+            with _blame_the_transfer(source):
+                index_member = _top_file(members, INDEX_FILE, bundle)
+                index_bytes = reader.read_member(source, index_member, bundle)
+                index = read_index(index_bytes, bundle)
+                if index.kind != "model":
+                    raise BundleError(
+                        f"bundle {bundle} is an {index.kind} bundle, not a model bundle; "
+                        "install it with `doit install` (AUTO_INFER_VLLM_BUNDLE_PATH)"
+                    )
+                sum_member = _top_file(members, INDEX_SUM_FILE, bundle)
+                _check_index_sum(
+                    reader.read_member(source, sum_member, bundle), index_bytes, bundle
                 )
             files, dirs = _check_members(members, bundle)
             files.pop(INDEX_FILE)
+            files.pop(INDEX_SUM_FILE)
             name = check_model_name(index.name, f"the index of {bundle} names the model")
-            check_listing(index, {n: m.size for n, m in files.items()}, dirs, bundle)
+            with _blame_the_transfer(source):
+                check_listing(index, {n: m.size for n, m in files.items()}, dirs, bundle)
             target = models_dir / name
             digest = index_digest(index_bytes)
             record = _read_record(models_dir, name)
@@ -233,24 +242,51 @@ def _check_members(
         inside = name == MODEL_DIR or name.startswith(f"{MODEL_DIR}/")
         if raw.kind == "dir" and inside:
             dirs.append(name)
-        elif raw.kind == "file" and (name == INDEX_FILE or (inside and name != MODEL_DIR)):
+        elif raw.kind == "file" and (
+            name in (INDEX_FILE, INDEX_SUM_FILE) or (inside and name != MODEL_DIR)
+        ):
             files[name] = reader.BundleMember(name, "file", raw.size, raw.offset, raw.mode)
         else:
             raise BundleError(
-                f"bundle member {name!r} is not part of a model bundle ({INDEX_FILE} and "
-                f"{MODEL_DIR}/ only): the bundle is unsafe, refusing it"
+                f"bundle member {name!r} is not part of a model bundle ({INDEX_FILE}, "
+                f"{INDEX_SUM_FILE} and {MODEL_DIR}/ only): the bundle is unsafe, refusing it"
             )
     return files, dirs
 
 
-def _index_member(members: Sequence[reader.BundleMember], bundle: Path) -> reader.BundleMember:
+def _top_file(
+    members: Sequence[reader.BundleMember], name: str, bundle: Path
+) -> reader.BundleMember:
     for member in members:
-        if member.kind == "file" and reader.normalize_name(member.name, bundle) == INDEX_FILE:
-            return reader.BundleMember(INDEX_FILE, "file", member.size, member.offset, member.mode)
+        if member.kind == "file" and reader.normalize_name(member.name, bundle) == name:
+            return reader.BundleMember(name, "file", member.size, member.offset, member.mode)
     raise BundleError(
-        f"bundle {bundle} has no {INDEX_FILE}: it is not a model bundle; pack it with "
-        "`doit pack-model`"
+        f"bundle {bundle} has no {name}: it is not a model bundle (or one packed by another "
+        "version); pack it with `doit pack-model`"
     )
+
+
+def _check_index_sum(text: bytes, index_bytes: bytes, bundle: Path) -> None:
+    """The index must have the sha256 the member after it records."""
+    recorded = text.decode("ascii", "replace").split(" ", 1)[0].strip()
+    if recorded != index_digest(index_bytes):
+        raise BundleError(
+            f"bundle {bundle}: {INDEX_FILE} does not have the sha256 recorded in "
+            f"{INDEX_SUM_FILE}: the index is damaged; copy the bundle again"
+        )
+
+
+@contextlib.contextmanager
+def _blame_the_transfer(source: BundleSource) -> Iterator[None]:
+    """Turn an integrity refusal into the more useful one when the bundle's own sha256 (its
+    ``.sha256``, or its parts') shows what was damaged: the part to send again. Those hashes
+    are computed only here, on the failure path: when every file matches its index entry,
+    every byte that is installed has been checked."""
+    try:
+        yield
+    except BundleError:
+        source.verify_segments()
+        raise
 
 
 def _check_space(models_dir: Path, index: BundleIndex, bundle: Path) -> None:
@@ -317,14 +353,11 @@ def _extract(
         if copy_error:
             raise _CopyFailed
 
-    expected = any(s.expected is not None for s in source.segments)
     copier.start()
     try:
-        digests, by_offset = reader.hash_pass(
-            source, list(ordered), segments=expected, progress=tick
-        )
+        _digests, by_offset = reader.hash_pass(source, list(ordered), segments=False, progress=tick)
     except _CopyFailed:
-        digests, by_offset = [], {}
+        by_offset = {}
     except BaseException:
         stop.set()
         copier.join()
@@ -342,9 +375,8 @@ def _extract(
             ) from None
         raise exc
     try:
-        if expected:
-            source.check_digests(digests)
-        check_digests(index, {m.name: by_offset[m.offset] for m in ordered}, bundle)
+        with _blame_the_transfer(source):
+            check_digests(index, {m.name: by_offset[m.offset] for m in ordered}, bundle)
         source.check_unchanged()
     finally:
         progress.done(None)
