@@ -10,8 +10,6 @@ Prints, from one run on this machine (every figure measured in this run):
   the same files (one pass to write, one to read back). Target: ratio <= 0.75 (one pass beats
   two).
 - the same against ``tar xf`` alone (no check at all). Target: ratio <= 1.15.
-- the same without the ``.sha256`` (every file still checked against the index, the tar's
-  own hash skipped), for information.
 - from the bundle's parts (``--part-mb``, default 512) against from the one tar.
   Target: ratio <= 1.05.
 - sha256 throughput of this machine's ``hashlib`` (OpenSSL), in GB/s per core, and what the
@@ -117,9 +115,6 @@ def main() -> int:
         with_sum = out / "bench.model.tar"
         with Path(os.devnull).open("w") as quiet:
             packed = pack_model(source, "bench", with_sum, progress_stream=quiet)
-        no_sum = root / "nosum" / "bench.model.tar"
-        no_sum.parent.mkdir()
-        os.link(with_sum, no_sum)
         write_parts(with_sum, packed.sha256, args.part_mb * MiB)
         parts = parts_path(with_sum)
         # The floor by hand: the index's hashes as a `sha256sum -c` file.
@@ -168,7 +163,6 @@ def main() -> int:
 
         runs = {
             "install-model": ours(with_sum),
-            "install-model, no .sha256": ours(no_sum),
             "install-model from parts": ours(parts),
             "tar xf + sha256sum -c": tar_x_sum,
             "tar xf": tar_x,
@@ -194,10 +188,6 @@ def main() -> int:
     for label, ratio, target_ratio in rows:
         verdict = "PASS" if ratio <= target_ratio else "MISS"
         print(f"  {label:42s} {ratio:5.2f}x  (target <= {target_ratio}x: {verdict})")
-    print(
-        f"  {'install-model, no .sha256 / tar xf':42s} "
-        f"{best['install-model, no .sha256'] / best['tar xf']:5.2f}x  (information)"
-    )
     print(f"\nsha256 (hashlib): {rate:.2f} GB/s per core")
     return 0
 

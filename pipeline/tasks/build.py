@@ -14,6 +14,9 @@ task               file_dep -> target                   notes
 ``sha256``         (alias)                               runs ``pack:sha256``
 ``check-cache``    getargs pack:tar's values             fails when the last pack downloaded
                                                          anything; always runs
+``pack:parts``     pack stamp -> ``<tar>.parts.json``    only with ``PIPELINE_PART_SIZE``: the parts
+``pack-model``     the model's files -> model bundle     a stamp of the source files' fingerprints;
+                   (+ .sha256, parts)                    a hub id is fetched first
 =================  ===================================  ==========================================
 
 ``doit pack`` runs the whole chain: ``pack`` is a group of ``pack:tar`` and ``pack:sha256``;

@@ -1,4 +1,5 @@
-"""doit tasks of the container side: extract -> patch-channels -> frozen-install, and `install`.
+"""doit tasks of the container side: extract -> patch-channels -> frozen-install, and `install`;
+install-model (the model bundles) and join-parts.
 
 No task here produces the bundle tar: the container has no pack task, so a fresh doit database
 never tries to lock or pack. Each stage has a target inside the project dir and an
