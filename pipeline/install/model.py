@@ -73,8 +73,10 @@ from pipeline.progress import Progress, human_bytes
 STATE_DIR = ".infer-vllm"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-# Room kept free beyond the model's bytes: file system blocks and the record.
-_SLACK = 64 << 20
+# Room needed beyond the model's bytes: each file's last block, and 1 MiB for the record and
+# the directories.
+_BLOCK = 4096
+_SLACK = 1 << 20
 
 
 class InstalledModel(BaseModel):
@@ -292,7 +294,7 @@ def _blame_the_transfer(source: BundleSource) -> Iterator[None]:
 def _check_space(models_dir: Path, index: BundleIndex, bundle: Path) -> None:
     st = os.statvfs(models_dir)
     free = st.f_bavail * st.f_frsize
-    need = index.total_bytes + _SLACK
+    need = index.total_bytes + _BLOCK * len(index.files) + _SLACK
     if free < need:
         raise BundleError(
             f"not enough space in {models_dir} for model {index.name} from {bundle.name}: it "
