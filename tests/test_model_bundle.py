@@ -92,7 +92,15 @@ def test_index_of_an_unknown_version_is_refused_in_one_line():
     data = json.dumps({"index_format": 2, "kind": "model", "name": "m", "files": []}).encode()
     with pytest.raises(BundleError) as exc:
         read_index(data, "b.tar")
-    one_line(exc, "index format 2", "reads format 1 only")
+    one_line(exc, "index format 2", "reads index format 1 only")
+
+
+def test_a_parts_file_of_an_unknown_version_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "b.tar.parts.json"
+    path.write_text(json.dumps({"parts_format": 9, "bundle": "b.tar"}))
+    with pytest.raises(BundleError) as exc:
+        read_parts_file(path)
+    one_line(exc, "parts format 9", "reads parts format 1 only")
 
 
 def test_index_listing_refuses_missing_extra_and_resized_members():

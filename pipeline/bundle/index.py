@@ -31,19 +31,46 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from pipeline.bundle.format import INDEX_FILE, INDEX_FORMAT
 from pipeline.errors import BundleError
 
 Kind = Literal["env", "model"]
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_INDEX_BYTES = 64 << 20
+# A sha256 as the bundle's documents write it: 64 lower-case hex digits.
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+_Doc = TypeVar("_Doc", bound=BaseModel)
+
+
+def load_versioned(
+    data: bytes, model: type[_Doc], *, key: str, version: int, what: str, advice: str
+) -> _Doc:
+    """Parse a versioned JSON document of the bundle (the index, a parts file): JSON first,
+    then ``key`` must be ``version`` (checked before anything else in it, so a newer format
+    is refused as such), then ``model``. Raises BundleError (one line: ``what``, the problem,
+    ``advice``)."""
+    try:
+        document: Any = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{what} is not JSON ({exc}); {advice}") from None
+    found = document.get(key) if isinstance(document, dict) else None
+    if found != version:
+        raise BundleError(
+            f"{what} has {key.replace('_', ' ')} {found!r}, and this tool reads "
+            f"{key.replace('_', ' ')} {version} only; "
+            "use the pipeline version that wrote it (or newer), or write it again with this one"
+        )
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "top"
+        raise BundleError(f"{what} is not valid ({first['msg']} at {where}); {advice}") from None
 
 
 class IndexedFile(BaseModel):
@@ -53,14 +80,7 @@ class IndexedFile(BaseModel):
 
     name: str
     size: int = Field(ge=0)
-    sha256: str
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX64.match(value):
-            raise ValueError("must be 64 lower-case hex digits")
-        return value
+    sha256: Sha256Hex
 
 
 class BundleIndex(BaseModel):
@@ -134,29 +154,14 @@ def read_index(data: bytes, bundle: Path | str) -> BundleIndex:
             f"bundle {bundle}: {INDEX_FILE} is {len(data)} bytes, more than the "
             f"{MAX_INDEX_BYTES} allowed; the bundle is corrupt"
         )
-    try:
-        document: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(
-            f"bundle {bundle}: {INDEX_FILE} is not JSON ({exc}); the bundle is corrupt: copy "
-            "it again"
-        ) from None
-    version = document.get("index_format") if isinstance(document, dict) else None
-    if version != INDEX_FORMAT:
-        raise BundleError(
-            f"bundle {bundle}: {INDEX_FILE} has index format {version!r}, and this tool reads "
-            f"format {INDEX_FORMAT} only; install it with the pipeline version that packed it "
-            f"(or newer), or pack it again with this one"
-        )
-    try:
-        return BundleIndex.model_validate(document)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "top"
-        raise BundleError(
-            f"bundle {bundle}: {INDEX_FILE} is not valid ({first['msg']} at {where}); the "
-            "bundle is corrupt: copy it again"
-        ) from None
+    return load_versioned(
+        data,
+        BundleIndex,
+        key="index_format",
+        version=INDEX_FORMAT,
+        what=f"bundle {bundle}: {INDEX_FILE}",
+        advice="the bundle is corrupt: copy it again",
+    )
 
 
 def check_listing(
@@ -218,6 +223,7 @@ __all__ = [
     "check_listing",
     "index_digest",
     "index_json",
+    "load_versioned",
     "make_index",
     "read_index",
 ]

@@ -22,23 +22,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.bundle.format import checksum_path, parse_part_size
+from pipeline.bundle.format import checksum_path
+from pipeline.bundle.index import Sha256Hex, load_versioned
 from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, Fingerprint, RangeCopier, atomic_output, os_error_text
 from pipeline.progress import Progress, human_bytes
 
 PARTS_FORMAT = 1
 PARTS_SUFFIX = ".parts.json"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def parts_path(bundle: Path) -> Path:
@@ -60,14 +59,7 @@ class Part(BaseModel):
 
     name: str
     size: int = Field(gt=0)
-    sha256: str
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX64.match(value):
-            raise ValueError("must be 64 lower-case hex digits")
-        return value
+    sha256: Sha256Hex
 
     @field_validator("name")
     @classmethod
@@ -85,16 +77,9 @@ class PartsFile(BaseModel):
     parts_format: int = PARTS_FORMAT
     bundle: str
     size: int = Field(ge=0)
-    sha256: str
+    sha256: Sha256Hex
     part_size: int = Field(gt=0)
     parts: tuple[Part, ...]
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX64.match(value):
-            raise ValueError("must be 64 lower-case hex digits")
-        return value
 
 
 def read_parts_file(path: Path) -> PartsFile:
@@ -104,26 +89,14 @@ def read_parts_file(path: Path) -> PartsFile:
         data = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read the parts file {os_error_text(exc, path)}") from None
-    import json
-
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"parts file {path} is not JSON ({exc}); copy it again") from None
-    version = document.get("parts_format") if isinstance(document, dict) else None
-    if version != PARTS_FORMAT:
-        raise BundleError(
-            f"parts file {path} has parts format {version!r}, and this tool reads format "
-            f"{PARTS_FORMAT} only; use the pipeline version that wrote it, or newer"
-        )
-    try:
-        parts = PartsFile.model_validate(document)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "top"
-        raise BundleError(
-            f"parts file {path} is not valid ({first['msg']} at {where}); copy it again"
-        ) from None
+    parts = load_versioned(
+        data,
+        PartsFile,
+        key="parts_format",
+        version=PARTS_FORMAT,
+        what=f"parts file {path}",
+        advice="copy it again",
+    )
     if sum(p.size for p in parts.parts) != parts.size or not parts.parts:
         raise BundleError(
             f"parts file {path}: its {len(parts.parts)} parts do not add up to the bundle's "
@@ -506,7 +479,6 @@ __all__ = [
     "PartsFile",
     "is_parts_file",
     "join_parts",
-    "parse_part_size",
     "part_name",
     "parts_path",
     "read_parts_file",
