@@ -349,6 +349,15 @@ def test_an_env_bundle_is_not_a_model_bundle(tmp_path):
     one_line(exc, "env bundle", "doit install")
 
 
+def test_extract_refuses_a_model_bundle_and_names_install_model(tmp_path, packed):
+    from pipeline.install.extract import extract_bundle
+
+    with pytest.raises(BundleError) as exc:
+        extract_bundle(packed.bundle, tmp_path / "project", environment="default", say=print)
+    one_line(exc, "is a model bundle (tiny)", "doit install-model")
+    assert not (tmp_path / "project" / "model").exists()
+
+
 # ---- hostile bundles: refused, the previous model intact ------------------------------------
 
 
