@@ -371,11 +371,13 @@ def query(
     label: str | None = None,
     limit: int = QUERY_LIMIT,
     error: type[PipelineError] = PipelineError,
+    stdin: Path | None = None,
 ) -> str:
     """The stdout of ``argv``, a short command whose output is the answer; blocks up to
     ``timeout`` seconds.
 
-    The child gets its own session and stdin from /dev/null; its stdout and stderr are
+    The child gets its own session and stdin from /dev/null (or the file ``stdin``, for a
+    tool that reads its question there); its stdout and stderr are
     captured, at most ``limit`` bytes of each kept (the rest is read and dropped, so a
     chatty child never blocks on a full pipe). ``env`` None inherits this process's.
     Raises ``error``, one line (``label``, default the command), when it cannot start, exits
@@ -385,11 +387,15 @@ def query(
     """
     label = label or f"`{' '.join(argv)}`"
     try:
+        source = stdin.open("rb") if stdin is not None else None
+    except OSError as exc:
+        raise error(f"cannot run {label} ({os_error_text(exc, stdin)})") from None
+    try:
         proc = subprocess.Popen(
             list(argv),
             cwd=cwd,
             env=None if env is None else dict(env),
-            stdin=subprocess.DEVNULL,
+            stdin=source if source is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -397,6 +403,9 @@ def query(
         )
     except OSError as exc:
         raise error(f"cannot run {label} ({os_error_text(exc, argv[0])})") from None
+    finally:
+        if source is not None:
+            source.close()
     assert proc.stdout is not None and proc.stderr is not None
     kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     out, err = kept[proc.stdout.fileno()], kept[proc.stderr.fileno()]

@@ -158,6 +158,11 @@ VARIABLES: tuple[Variable, ...] = (
              "Also write the bundle in parts of this size (`4G`, `700M`: powers of 1024): "
              "`<bundle>.part-0001`... and `<bundle>.parts.json`, for `doit pack` and "
              "`doit pack-model`. Both installs take the parts file in place of the tar."),
+    Variable("signing_key", ("PIPELINE_SIGNING_KEY",), _path, None,
+             "SSH private key (Ed25519, or any type `ssh-keygen -Y sign` takes; no "
+             "passphrase, or its public key with the private one in ssh-agent) that signs "
+             "each bundle's index: `infer-vllm-index.sig` inside, `<bundle>.sig` beside "
+             "(docs/signing.md)."),
     # ---- build host: pack-model
     Variable("model_source", ("PIPELINE_MODEL_SOURCE",), _text, None,
              "Model to pack with `doit pack-model`: a local model directory (what `hf "
@@ -194,6 +199,10 @@ VARIABLES: tuple[Variable, ...] = (
              "Model bundles (tars or `.parts.json` files) for `doit install-model`, "
              "separated by `:`; the entrypoint installs them before serving, and "
              "`doit install` installs them with the environment."),
+    Variable("trusted_signers", ("AUTO_INFER_VLLM_TRUSTED_SIGNERS",), _path, None,
+             "OpenSSH `allowed_signers` file: when set, `doit install` and `doit "
+             "install-model` refuse a bundle not signed by a key it lists, before anything "
+             "is extracted (docs/signing.md)."),
     Variable("models_dir", ("AUTO_INFER_VLLM_MODELS_DIR",), _path, Path("/models"),
              "Where `doit install-model` puts each model: `<dir>/<name>/`."),
     Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
@@ -267,6 +276,8 @@ class Settings:
     # Never printed: kept out of repr.
     hf_token: str | None = dataclasses.field(default=None, repr=False)
     model_bundles: tuple[Path, ...] = ()
+    signing_key: Path | None = None
+    trusted_signers: Path | None = None
     models_dir: Path = Path("/models")
     # A secret (it holds API keys): kept out of repr, so out of logs and tracebacks.
     gateway_config: str | None = dataclasses.field(default=None, repr=False)

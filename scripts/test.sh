@@ -4,7 +4,8 @@
 #   scripts/test.sh [PYTEST_ARGS...]   e.g. scripts/test.sh -m "not slow"; scripts/test.sh tests/test_demo.py
 #   scripts/test.sh --setup            steps 1-4 only (.ci/run: set up, lint, then test)
 #
-# 1. shellcheck (tests/test_container.py runs it): apt-get installs it when missing and root
+# 1. shellcheck (tests/test_container.py runs it) and ssh-keygen (OpenSSH: the bundle signature
+#    tests): apt-get installs them when missing and root
 # 2. the project venv .venv with the pipeline and its test extra (skipped when up to date)
 # 3. the real vLLM bundle for the real-server tests, packed and installed by the pipeline
 #    itself (scripts/setup-vllm-bundle.sh; several minutes once, then reused from
@@ -24,12 +25,15 @@ log="$PWD/.venv/setup.log"
 # shellcheck source=scripts/steps.sh
 source scripts/steps.sh
 
-if ! command -v shellcheck >/dev/null 2>&1; then
+missing=()
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+if [[ ${#missing[@]} -gt 0 ]]; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    step "installing shellcheck" sh -c 'apt-get update -qq && apt-get install -y -qq shellcheck'
+    step "installing ${missing[*]}" sh -c "apt-get update -qq && apt-get install -y -qq ${missing[*]}"
   else
-    say "warning: shellcheck is missing (and this is not root with apt-get): its test will fail"
+    say "warning: ${missing[*]} missing (and this is not root with apt-get): their tests will fail"
   fi
 fi
 

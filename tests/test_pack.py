@@ -658,3 +658,53 @@ def test_extract_takes_the_parts_file_in_place_of_the_tar(packed: PackResult, tm
         "part 2" in message and parts.parts[1].sha256 in message and "send part 2 again" in message
     )
     assert not (tmp_path / "other" / "pixi.lock").exists()
+
+
+# ---- signed environment bundles --------------------------------------------------------------
+
+
+def test_a_signed_env_bundle_extracts_with_its_signer_and_an_unsigned_one_is_refused(
+    project: Path, packed: PackResult, tmp_path
+):
+    import subprocess
+
+    from pipeline.bundle.signature import signature_path
+    from pipeline.install.extract import extract_bundle
+
+    key = tmp_path / "builder"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f", str(key)],
+        check=True,
+        timeout=30,
+    )
+    kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"builder@site {kind} {blob}\n")
+    signed = pack(
+        project,
+        tmp_path / "signed" / "bundle.tar",
+        tmp_path / "cache",
+        fetcher=quiet_fetcher(),
+        signing_key=key,
+    )
+    assert signature_path(signed.bundle).exists()
+    with tarfile.open(signed.bundle) as tar:
+        assert "infer-vllm-index.sig" in tar.getnames()
+    said: list[str] = []
+    result = extract_bundle(
+        signed.bundle, tmp_path / "p1", environment="default", say=said.append,
+        trusted_signers=allowed,
+    )  # fmt: skip
+    assert result.extracted and any("signed by builder@site" in line for line in said)
+    with pytest.raises(BundleError) as exc:
+        extract_bundle(
+            packed.bundle, tmp_path / "p2", environment="default", say=print,
+            trusted_signers=allowed,
+        )  # fmt: skip
+    assert "is not signed" in exc.value.message
+    assert not (tmp_path / "p2" / "pixi.lock").exists()
+    said.clear()
+    unchecked = extract_bundle(
+        packed.bundle, tmp_path / "p3", environment="default", say=said.append
+    )
+    assert "not checked for a signature" in " ".join(unchecked.warnings)

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline import __version__
-from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR, checksum_path
+from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR, SIG_FILE, checksum_path
 from pipeline.bundle.index import IndexedFile, index_digest, index_json, make_index
 from pipeline.bundle.parts import PartsFile, write_parts
+from pipeline.bundle.signature import sign, signature_path, write_signature
 from pipeline.bundle.tar import MemberMismatch, TarMember, write_tar
 from pipeline.errors import BundleError
 from pipeline.fsutil import Fingerprint, atomic_write_text, sha256_file
@@ -246,6 +247,7 @@ def pack_model(
     allow_pickle: bool = False,
     part_size: int | None = None,
     origin: Mapping[str, str] | None = None,
+    signing_key: Path | None = None,
     progress_stream: TextIO | None = None,
 ) -> ModelPackResult:
     """Write the model bundle of the directory ``source`` at ``output`` (see the module
@@ -285,6 +287,9 @@ def pack_model(
         TarMember.text(INDEX_FILE, index_bytes),
         TarMember.text(INDEX_SUM_FILE, f"{index_digest(index_bytes)}  {INDEX_FILE}\n".encode()),
     ]
+    signature = sign(index_bytes, signing_key) if signing_key is not None else None
+    if signature is not None:
+        members.append(TarMember.text(SIG_FILE, signature))
     dirs = {MODEL_DIR}
     for file, entry in zip(files, entries, strict=True):
         members.append(TarMember.file(entry.name, file.path, file.size))
@@ -308,14 +313,22 @@ def pack_model(
         ) from None
     try:
         atomic_write_text(checksum_path(output), f"{tar.sha256}  {output.name}\n")
+        write_signature(output, signature)
         parts = (
-            write_parts(output, tar.sha256, part_size, progress_stream=progress_stream)
+            write_parts(
+                output,
+                tar.sha256,
+                part_size,
+                signing_key=signing_key,
+                progress_stream=progress_stream,
+            )
             if part_size
             else None
         )
     except BaseException:
         output.unlink(missing_ok=True)
         checksum_path(output).unlink(missing_ok=True)
+        signature_path(output).unlink(missing_ok=True)
         raise
     return ModelPackResult(
         bundle=output,
@@ -332,7 +345,11 @@ def pack_model(
 
 
 def _inputs(
-    source: Path, name: str, allow_pickle: bool, part_size: int | None
+    source: Path,
+    name: str,
+    allow_pickle: bool,
+    part_size: int | None,
+    signing_key: Path | None = None,
 ) -> dict[str, object]:
     """What the bundle's bytes depend on, read from metadata only: every source file's
     fingerprint (the real file behind a link), the name, the settings and the tool."""
@@ -341,13 +358,20 @@ def _inputs(
         "name": name,
         "allow_pickle": allow_pickle,
         "part_size": part_size,
+        "signing_key": str(signing_key) if signing_key else None,
         "tool_version": __version__,
         "files": {f.name: list(dataclasses.astuple(Fingerprint.of(f.path.stat()))) for f in files},
     }
 
 
 def model_pack_is_current(
-    stamp: Path, source: Path, name: str, output: Path, allow_pickle: bool, part_size: int | None
+    stamp: Path,
+    source: Path,
+    name: str,
+    output: Path,
+    allow_pickle: bool,
+    part_size: int | None,
+    signing_key: Path | None = None,
 ) -> bool:
     """True when ``stamp`` says ``output`` (and its ``.sha256`` and parts) was written from
     these very source files and settings and is unchanged since. Metadata only; never
@@ -355,7 +379,7 @@ def model_pack_is_current(
     try:
         document = json.loads(stamp.read_text(encoding="utf-8"))
         if document.get("inputs") != json.loads(
-            json.dumps(_inputs(source, name, allow_pickle, part_size))
+            json.dumps(_inputs(source, name, allow_pickle, part_size, signing_key))
         ):
             return False
         outputs = [output, checksum_path(output)]
@@ -375,13 +399,14 @@ def write_model_stamp(
     name: str,
     allow_pickle: bool,
     part_size: int | None,
+    signing_key: Path | None = None,
 ) -> None:
     """Record what :func:`model_pack_is_current` compares."""
     outputs = [result.bundle, checksum_path(result.bundle)]
     if result.parts is not None:
         outputs.append(result.bundle.with_name(result.bundle.name + ".parts.json"))
     document = {
-        "inputs": _inputs(source, name, allow_pickle, part_size),
+        "inputs": _inputs(source, name, allow_pickle, part_size, signing_key),
         "outputs": {str(p): list(dataclasses.astuple(Fingerprint.of(p.stat()))) for p in outputs},
         "sha256": result.sha256,
         "index_sha256": result.index_sha256,

@@ -28,6 +28,7 @@ from pipeline import __version__
 from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.build.verified import VerifiedStamps
 from pipeline.bundle.metadata import BundleExtras
+from pipeline.bundle.signature import sign, write_signature
 from pipeline.bundle.tar import MemberMismatch
 from pipeline.bundle.writer import PackageFile, conda_member, wheel_member, write_bundle
 from pipeline.errors import BundleError
@@ -142,6 +143,7 @@ def pack(
     fetcher: Fetcher | None = None,
     progress_stream: TextIO | None = None,
     warn: Callable[[str], None] | None = None,
+    signing_key: Path | None = None,
 ) -> PackResult:
     """Pack ``environment`` on ``platform`` of ``project_dir/pixi.lock`` into ``output``.
 
@@ -153,7 +155,8 @@ def pack(
     tar; a corrupt one is evicted, fetched again (counted as downloaded) and the tar rewritten.
     ``fetcher`` (default: a :class:`~pipeline.build.fetch.Fetcher` with default retries) does the
     downloads; ``warn`` gets one-line warnings (default: stderr; a given fetcher keeps its own);
-    ``progress_stream`` gets the progress lines (default: stderr).
+    ``progress_stream`` gets the progress lines (default: stderr). ``signing_key`` signs the
+    bundle's index (inside, and ``<bundle>.sig`` beside it: :mod:`pipeline.bundle.signature`).
 
     Raises LockError (unreadable lock, unknown environment or platform: the message lists what
     is available), BundleError (source packages, sdists without ``skip_sdists``, missing
@@ -230,7 +233,9 @@ def pack(
                 extras,
                 checks=checks,
                 progress_stream=progress_stream,
+                signer=(lambda data: sign(data, signing_key)) if signing_key else None,
             )
+            write_signature(tar.path, tar.signature)
             stamps.record(hashed, before)
             stamps.save()
             break

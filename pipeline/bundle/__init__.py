@@ -7,6 +7,8 @@
   checks
 - :mod:`~pipeline.bundle.index`: the index of every member (name, size, sha256) and the
   bundle's kind (``env``, ``model``), versioned; in every bundle this project writes
+- :mod:`~pipeline.bundle.signature`: the index signed with an SSH key and checked against an
+  ``allowed_signers`` file, with the host's ``ssh-keygen``
 - :mod:`~pipeline.bundle.parts`: bundles in parts (``<bundle>.parts.json``), and
   :class:`~pipeline.bundle.parts.BundleSource`, the one way a reader gets a bundle's bytes
   (one tar, or its parts in order as one stream)

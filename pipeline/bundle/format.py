@@ -41,10 +41,20 @@ INDEX_FORMAT = 1
 # The index's own sha256 (``sha256sum`` format), right after it in a model bundle: the index
 # is checked before anything it lists is trusted.
 INDEX_SUM_FILE = "infer-vllm-index.sha256"
+# The SSH signature of the index (:mod:`pipeline.bundle.signature`), when the bundle is signed.
+SIG_FILE = "infer-vllm-index.sig"
 # A model bundle: the index and its sha256, then the model's files under ``model/``.
 MODEL_DIR = "model"
 # Top-level names a bundle may hold; the reader skips anything else (never written).
-BUNDLE_NAMES = (METADATA_FILE, ENVIRONMENT_FILE, EXTRAS_FILE, INDEX_FILE, CHANNEL_DIR, PYPI_DIR)
+BUNDLE_NAMES = (
+    METADATA_FILE,
+    ENVIRONMENT_FILE,
+    EXTRAS_FILE,
+    INDEX_FILE,
+    SIG_FILE,
+    CHANNEL_DIR,
+    PYPI_DIR,
+)
 
 # Fixed tar member attributes: the bundle's bytes depend on its content only.
 TAR_MTIME = 0

@@ -234,6 +234,12 @@ class BundleSource:
         """A read-only, seekable file object over the whole bundle (for ``tarfile``)."""
         return io.BufferedReader(_SourceStream(self), buffer_size=CHUNK)
 
+    @property
+    def tar_path(self) -> Path:
+        """Where the bundle's tar is, or would be once joined (its ``.sig`` and ``.sha256``
+        are named after it)."""
+        return self.label.parent / self.parts.bundle if self.parts is not None else self.label
+
     def check_unchanged(self) -> None:
         """Refuse a bundle whose files were written to since :meth:`open` (ctime moves on
         every write): what was checked would not be what was copied."""
@@ -362,6 +368,7 @@ def write_parts(
     bundle_sha256: str,
     part_size: int,
     *,
+    signing_key: Path | None = None,
     progress_stream: TextIO | None = None,
 ) -> PartsFile:
     """Cut ``bundle`` into parts of ``part_size`` bytes (the last one shorter) beside it and
@@ -400,8 +407,12 @@ def write_parts(
     document = PartsFile(
         bundle=bundle.name, size=size, sha256=bundle_sha256, part_size=part_size, parts=parts
     )
+    data = (document.model_dump_json(indent=2) + "\n").encode()
+    from pipeline.bundle.signature import sign, write_signature
+
+    write_signature(parts_path(bundle), sign(data, signing_key) if signing_key else None)
     with atomic_output(parts_path(bundle)) as fh:
-        fh.write((document.model_dump_json(indent=2) + "\n").encode())
+        fh.write(data)
     progress.done(f"wrote {count} parts of {human_bytes(part_size)} and {parts_path(bundle).name}")
     return document
 

@@ -69,11 +69,13 @@ class TarMember:
 
 @dataclass(frozen=True)
 class TarResult:
-    """The written tar: its path, sha256 (hex) and size in bytes."""
+    """The written tar: its path, sha256 (hex) and size in bytes (and the index's signature
+    when the bundle writer signed it)."""
 
     path: Path
     sha256: str
     size: int
+    signature: bytes | None = None
 
 
 def member_order(name: str) -> tuple[str, ...]:

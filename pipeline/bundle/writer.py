@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,6 +46,7 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
+    SIG_FILE,
 )
 from pipeline.bundle.index import IndexedFile, index_json, make_index
 from pipeline.bundle.metadata import BundleExtras, extras_json, pixi_pack_json
@@ -122,6 +123,7 @@ def bundle_members(
     wheels: Sequence[PypiPackage],
     files: Iterable[PackageFile],
     extras: BundleExtras,
+    signer: Callable[[bytes], bytes] | None = None,
 ) -> list[TarMember]:
     """Every member of the bundle, in no particular order (the tar writer sorts them): the
     package ``files`` with their directories, ``pixi-pack.json`` (for ``extras.platform``),
@@ -168,7 +170,10 @@ def bundle_members(
         tool_version=extras.tool_version,
         source={"platform": extras.platform, "lock_sha256": extras.lock_sha256},
     )
-    members.append(TarMember.text(INDEX_FILE, index_json(index)))
+    index_bytes = index_json(index)
+    members.append(TarMember.text(INDEX_FILE, index_bytes))
+    if signer is not None:
+        members.append(TarMember.text(SIG_FILE, signer(index_bytes)))
     return members
 
 
@@ -194,12 +199,16 @@ def write_bundle(
     *,
     checks: Mapping[str, tuple[str, str]] | None = None,
     progress_stream: TextIO | None = None,
+    signer: Callable[[bytes], bytes] | None = None,
 ) -> TarResult:
     """Write the bundle of :func:`bundle_members` at ``output``, atomically and
     deterministically (:func:`pipeline.bundle.tar.write_tar`, which says what it raises;
-    ``checks`` are the package files to hash while they are copied)."""
-    members = bundle_members(conda, wheels, files, extras)
-    return write_tar(output, members, checks=checks, progress_stream=progress_stream)
+    ``checks`` are the package files to hash while they are copied; ``signer`` signs the
+    index: the result's ``signature``, also inside the tar)."""
+    members = bundle_members(conda, wheels, files, extras, signer)
+    result = write_tar(output, members, checks=checks, progress_stream=progress_stream)
+    signature = next((m.data for m in members if m.name == SIG_FILE), None)
+    return replace(result, signature=signature)
 
 
 __all__ = [

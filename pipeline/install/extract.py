@@ -75,11 +75,13 @@ from pipeline.bundle.format import (
     INDEX_FILE,
     METADATA_FILE,
     REPODATA_FILE,
+    SIG_FILE,
     checksum_path,
 )
 from pipeline.bundle.index import check_digests, check_listing, read_index
 from pipeline.bundle.metadata import BundleExtras, check_extras, check_metadata
 from pipeline.bundle.parts import BundleSource, is_parts_file, read_parts_file
+from pipeline.bundle.signature import check_signed, signature_path
 from pipeline.errors import BundleError
 from pipeline.fsutil import (
     CHUNK,
@@ -165,6 +167,7 @@ def extract_bundle(
     host: str | None = None,
     say: Callable[[str], None] | None = None,
     clock: PhaseClock | None = None,
+    trusted_signers: Path | None = None,
 ) -> ExtractResult:
     """Extract ``bundle`` into ``project_dir`` (see the module docstring for every step).
 
@@ -239,6 +242,20 @@ def extract_bundle(
                     f"{', '.join(BUNDLE_NAMES)} (first: {skipped[0]}); they are not extracted"
                 )
             by_name = {m.name: m for m in kept}
+            signer = check_signed(
+                _read(source, by_name, INDEX_FILE, bundle) if INDEX_FILE in by_name else None,
+                _read(source, by_name, SIG_FILE, bundle) if SIG_FILE in by_name else None,
+                signature_path(source.tar_path),
+                f"bundle {bundle}",
+                trusted_signers,
+            )
+            if signer is None:
+                warn(
+                    f"{bundle.name} was not checked for a signature "
+                    "(AUTO_INFER_VLLM_TRUSTED_SIGNERS is not set)"
+                )
+            else:
+                say(f"{bundle.name}: signed by {signer} ({trusted_signers})")
             if INDEX_FILE in by_name:
                 _check_index(source, kept, skipped, member_sha, bundle)
             if METADATA_FILE not in by_name:
@@ -367,7 +384,11 @@ def _check_index(
             f"bundle {bundle} holds {skipped[0]!r}, which its {INDEX_FILE} does not list: the "
             "bundle was changed after it was packed; refusing it"
         )
-    files = {m.name: m for m in kept if m.kind in ("file", "hardlink") and m.name != INDEX_FILE}
+    files = {
+        m.name: m
+        for m in kept
+        if m.kind in ("file", "hardlink") and m.name not in (INDEX_FILE, SIG_FILE)
+    }
     links = [m.name for m in kept if m.kind == "symlink"]
     if links:
         raise BundleError(

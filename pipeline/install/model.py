@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import __version__, reporting
 from pipeline.build.model import check_model_name
 from pipeline.bundle import reader
-from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR
+from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, MODEL_DIR, SIG_FILE
 from pipeline.bundle.index import (
     BundleIndex,
     check_digests,
@@ -60,6 +60,7 @@ from pipeline.bundle.index import (
     read_index,
 )
 from pipeline.bundle.parts import BundleSource, is_parts_file, read_parts_file
+from pipeline.bundle.signature import check_signed, signature_path
 from pipeline.errors import BundleError
 from pipeline.fsutil import (
     Fingerprint,
@@ -123,10 +124,14 @@ class ModelInstallResult:
 
 
 def install_models(
-    bundles: Sequence[Path], models_dir: Path, *, say: Callable[[str], None] | None = None
+    bundles: Sequence[Path],
+    models_dir: Path,
+    *,
+    say: Callable[[str], None] | None = None,
+    trusted_signers: Path | None = None,
 ) -> list[ModelInstallResult]:
     """Install each bundle in turn (:func:`install_model`); stops at the first failure."""
-    return [install_model(b, models_dir, say=say) for b in bundles]
+    return [install_model(b, models_dir, say=say, trusted_signers=trusted_signers) for b in bundles]
 
 
 def models_are_current(bundles: Sequence[Path], models_dir: Path) -> bool:
@@ -139,9 +144,15 @@ def models_are_current(bundles: Sequence[Path], models_dir: Path) -> bool:
 
 
 def install_model(
-    bundle: Path, models_dir: Path, *, say: Callable[[str], None] | None = None
+    bundle: Path,
+    models_dir: Path,
+    *,
+    say: Callable[[str], None] | None = None,
+    trusted_signers: Path | None = None,
 ) -> ModelInstallResult:
-    """Install one model bundle (see the module docstring for every step)."""
+    """Install one model bundle (see the module docstring for every step). With
+    ``trusted_signers`` (an ``allowed_signers`` file) the index must be signed by a key it
+    lists (:mod:`pipeline.bundle.signature`), checked before anything is written."""
     say = say or reporting.say
     bundle = Path(bundle).absolute()
     models_dir = Path(models_dir).absolute()
@@ -169,9 +180,27 @@ def install_model(
                 _check_index_sum(
                     reader.read_member(source, sum_member, bundle), index_bytes, bundle
                 )
+            sig = next(
+                (m for m in members if reader.normalize_name(m.name, bundle) == SIG_FILE), None
+            )
+            signer = check_signed(
+                index_bytes,
+                reader.read_member(source, sig, bundle) if sig is not None else None,
+                signature_path(source.tar_path),
+                f"bundle {bundle}",
+                trusted_signers,
+            )
+            if signer is None:
+                say(
+                    f"warning: {bundle.name} was not checked for a signature "
+                    "(AUTO_INFER_VLLM_TRUSTED_SIGNERS is not set)"
+                )
+            else:
+                say(f"{bundle.name}: signed by {signer} ({trusted_signers})")
             files, dirs = _check_members(members, bundle)
             files.pop(INDEX_FILE)
             files.pop(INDEX_SUM_FILE)
+            files.pop(SIG_FILE, None)
             name = check_model_name(index.name, f"the index of {bundle} names the model")
             with _blame_the_transfer(source):
                 check_listing(index, {n: m.size for n, m in files.items()}, dirs, bundle)
@@ -245,7 +274,7 @@ def _check_members(
         if raw.kind == "dir" and inside:
             dirs.append(name)
         elif raw.kind == "file" and (
-            name in (INDEX_FILE, INDEX_SUM_FILE) or (inside and name != MODEL_DIR)
+            name in (INDEX_FILE, INDEX_SUM_FILE, SIG_FILE) or (inside and name != MODEL_DIR)
         ):
             files[name] = reader.BundleMember(name, "file", raw.size, raw.offset, raw.mode)
         else:

@@ -220,6 +220,7 @@ def task_pack() -> Any:
             environment=settings.environment,
             platform=settings.platform,
             skip_sdists=settings.skip_sdists,
+            signing_key=settings.signing_key,
         )
         write_pack_stamp(result, stamp)
         reporting.say(result.summary())
@@ -247,6 +248,7 @@ def task_pack() -> Any:
                     "pixi_pack_version": PIXI_PACK_COMPAT_VERSION,
                     "extras_format": EXTRAS_FORMAT,
                     "index_format": INDEX_FORMAT,
+                    "signing_key": str(settings.signing_key or ""),
                 }
             ),
             tar_intact,
@@ -278,7 +280,12 @@ def task_pack() -> Any:
             from pipeline.bundle.parts import write_parts
             from pipeline.tasks.stamps import read_pack_sha256
 
-            written = write_parts(bundle, read_pack_sha256(stamp, bundle), part_size)
+            written = write_parts(
+                bundle,
+                read_pack_sha256(stamp, bundle),
+                part_size,
+                signing_key=settings.signing_key,
+            )
             reporting.say(f"{len(written.parts)} parts of {bundle.name} beside it")
 
         yield {
@@ -287,7 +294,11 @@ def task_pack() -> Any:
             "actions": [parts],
             "file_dep": [str(stamp)],
             "targets": [str(bundle.with_name(bundle.name + ".parts.json"))],
-            "uptodate": [config_changed({"part_size": part_size})],
+            "uptodate": [
+                config_changed(
+                    {"part_size": part_size, "signing_key": str(settings.signing_key or "")}
+                )
+            ],
             "verbosity": 2,
         }
 
@@ -335,6 +346,7 @@ def task_pack_model() -> TaskDict:
             bundle,
             settings.model_allow_pickle,
             settings.part_size,
+            settings.signing_key,
         )
 
     @reporting.action(interrupt="the bundle is replaced only when complete; run again")
@@ -363,14 +375,24 @@ def task_pack_model() -> TaskDict:
         else:
             source = Path(text)
         stamp = stamp_of(bundle)
-        allow, part_size = settings.model_allow_pickle, settings.part_size
-        if model_pack_is_current(stamp, source, name, bundle, allow, part_size):
+        allow, part_size, key = (
+            settings.model_allow_pickle,
+            settings.part_size,
+            settings.signing_key,
+        )
+        if model_pack_is_current(stamp, source, name, bundle, allow, part_size, key):
             reporting.say(f"{bundle.name} is up to date with {source}")
             return
         result = pack_model(
-            source, name, bundle, allow_pickle=allow, part_size=part_size, origin=origin
+            source,
+            name,
+            bundle,
+            allow_pickle=allow,
+            part_size=part_size,
+            origin=origin,
+            signing_key=key,
         )
-        write_model_stamp(stamp, result, source, name, allow, part_size)
+        write_model_stamp(stamp, result, source, name, allow, part_size, key)
         reporting.say(result.summary())
 
     return {

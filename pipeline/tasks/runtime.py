@@ -71,6 +71,7 @@ def task_extract() -> TaskDict:
             configured_sha256=settings.bundle_sha256,
             template_dir=settings.project,
             clock=_clock(),
+            trusted_signers=settings.trusted_signers,
         )
         reporting.say(result.summary())
 
@@ -181,7 +182,7 @@ def task_install_model() -> TaskDict:
                 "AUTO_INFER_VLLM_MODEL_BUNDLES is not set; set it to the model bundles to "
                 "install (tars or .parts.json files, separated by ':')"
             )
-        for result in install_models(bundles, models_dir):
+        for result in install_models(bundles, models_dir, trusted_signers=settings.trusted_signers):
             reporting.say(result.summary())
 
     return {
