@@ -203,6 +203,10 @@ VARIABLES: tuple[Variable, ...] = (
              "OpenSSH `allowed_signers` file: when set, `doit install` and `doit "
              "install-model` refuse a bundle not signed by a key it lists, before anything "
              "is extracted (docs/signing.md)."),
+    Variable("allow_pth", ("AUTO_INFER_VLLM_ALLOW_PTH",), _text, None,
+             "Packages (names separated by commas) whose `.pth` startup hooks a new "
+             "environment may hold; any other `.pth` file that runs code is refused before "
+             "the switch (setuptools' distutils shim is allowed by default)."),
     Variable("models_dir", ("AUTO_INFER_VLLM_MODELS_DIR",), _path, Path("/models"),
              "Where `doit install-model` puts each model: `<dir>/<name>/`."),
     Variable("serve_config", ("AUTO_INFER_VLLM_CONFIG",), _path, None,
@@ -278,6 +282,7 @@ class Settings:
     model_bundles: tuple[Path, ...] = ()
     signing_key: Path | None = None
     trusted_signers: Path | None = None
+    allow_pth: str | None = None
     models_dir: Path = Path("/models")
     # A secret (it holds API keys): kept out of repr, so out of logs and tracebacks.
     gateway_config: str | None = dataclasses.field(default=None, repr=False)

@@ -1066,3 +1066,57 @@ def test_a_project_dir_name_too_long_is_not_told_to_fix_permissions(tmp_path):
         frozen_install(project, "default", cache_dir=tmp_path / "c", facts=HOST, say=quiet)
     message = info.value.message
     assert "use a shorter path" in message and "permissions" not in message, message
+
+
+# ---- the install policy: startup hooks -----------------------------------------------------
+
+
+def hook_wheel(tmp_path: Path, marker: Path) -> Path:
+    """tinywheel with a `.pth` startup hook that writes ``marker`` (as LiteLLM 1.82.8's ran its
+    payload on every Python start)."""
+    hook = f"import os; open({str(marker)!r}, 'w').write('ran')\n".encode()
+    return build_wheel(tmp_path / "hook-wheel", extra={"tinywheel_hook.pth": hook})
+
+
+def test_a_pth_startup_hook_is_refused_before_anything_runs_python(tmp_path, kit: Kit, cache):
+    project = tmp_path / "project"
+    install(project, make_bundle(tmp_path / "a", kit), cache)
+    before = current_generation(project)
+    marker = tmp_path / "hook-ran"
+    bundle = make_bundle(tmp_path / "b", kit, wheel=hook_wheel(tmp_path, marker))
+    with pytest.raises(InstallError) as info:
+        install(project, bundle, cache)
+    message = info.value.message
+    assert "tinywheel ships tinywheel_hook.pth, a startup hook that runs code" in message
+    assert "AUTO_INFER_VLLM_ALLOW_PTH=tinywheel" in message and "\n" not in message
+    assert not marker.exists(), "refused before the verify ran Python in the new environment"
+    assert current_generation(project) == before and generations(project) == [before]
+
+
+def test_a_pth_hook_of_an_allowed_package_installs(tmp_path, kit: Kit, cache):
+    marker = tmp_path / "hook-ran"
+    bundle = make_bundle(tmp_path, kit, wheel=hook_wheel(tmp_path, marker))
+    result = install(tmp_path / "project", bundle, cache, allow_pth=["TinyWheel"])
+    assert result.installed and marker.exists(), "allowed: it runs, as the user asked"
+
+
+def test_the_policy_knows_the_owner_of_a_hook_and_passes_plain_path_files(tmp_path):
+    from pipeline.install.policy import check_startup_hooks, parse_allowed, startup_hooks
+
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    (site / "good-1.0.dist-info").mkdir(parents=True)
+    (site / "paths.pth").write_text("/opt/extra\n# import nothing\n")
+    (site / "distutils-precedence.pth").write_text("import os; var = 'x'\n")
+    (site / "good-1.0.dist-info" / "RECORD").write_text("distutils-precedence.pth,,\n")
+    (tmp_path / "conda-meta").mkdir()
+    (tmp_path / "conda-meta" / "evil-1-0.json").write_text(
+        json.dumps({"name": "evil", "files": ["lib/python3.11/site-packages/evil.pth"]})
+    )
+    (site / "evil.pth").write_text("\timport sys\nimport\tsys; print('x')\n")
+    hooks = {h.path.name: h.package for h in startup_hooks(tmp_path)}
+    assert hooks == {"distutils-precedence.pth": "good", "evil.pth": "evil"}
+    with pytest.raises(InstallError) as info:
+        check_startup_hooks(tmp_path, parse_allowed("good"))
+    assert "evil ships evil.pth" in info.value.message
+    allowed = check_startup_hooks(tmp_path, parse_allowed("good, evil"))
+    assert len(allowed) == 2

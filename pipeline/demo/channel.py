@@ -469,13 +469,19 @@ def add_wheel_record(files: dict[str, bytes], dist_info: str) -> None:
 
 
 def build_wheel(
-    out_dir: Path, *, name: str = "tinywheel", version: str = "0.1", init: bytes | None = None
+    out_dir: Path,
+    *,
+    name: str = "tinywheel",
+    version: str = "0.1",
+    init: bytes | None = None,
+    extra: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``<name>-<version>-py3-none-any.whl`` (default ``tinywheel-0.1``: module
     ``tinywheel``, console script ``tinywheel``) into ``out_dir`` and return its path.
 
     ``init`` replaces the module's ``__init__.py`` (tests make a wheel whose import fails, or
-    one that stands for a named distribution). Same bytes on every call."""
+    one that stands for a named distribution); ``extra`` adds files at the wheel's root (a
+    ``.pth`` startup hook). Same bytes on every call."""
     module = name.replace("-", "_")
     dist_info = f"{module}-{version}.dist-info"
     default_init = (
@@ -495,6 +501,7 @@ def build_wheel(
             b"Root-Is-Purelib: true\nTag: py3-none-any\n"
         ),
         f"{dist_info}/entry_points.txt": (f"[console_scripts]\n{name} = {module}:main\n".encode()),
+        **(extra or {}),
     }
     add_wheel_record(files, dist_info)
     out_dir.mkdir(parents=True, exist_ok=True)

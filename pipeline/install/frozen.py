@@ -23,6 +23,10 @@
    runs too), each then marked ``INSTALLER`` = ``uv-pixi``
    as pixi's own installer writes it, so that a later ``pixi run`` or ``pixi install`` there
    keeps them instead of reinstalling them (:func:`mark_wheels_as_pixis` cites pixi's source).
+4b. **Policy** (:mod:`pipeline.install.policy`): a ``.pth`` startup hook that runs code
+   (``import`` lines) is refused unless its package is allowed (``AUTO_INFER_VLLM_ALLOW_PTH``,
+   plus a reviewed default list); conda packages with link scripts are reported (never run).
+   Before the verify: nothing has run Python in the generation yet.
 5. **Activation script** ``<project>/activate-<env>.sh`` (source it: PATH, CONDA_PREFIX and the
    packages' ``etc/conda/activate.d`` scripts); it names the stable ``.pixi/envs/<env>`` path.
 6. **Runtime verify** inside the new generation (:mod:`pipeline.install.verify`):
@@ -58,7 +62,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +92,7 @@ from pipeline.install.layout import (
     write_install_record,
 )
 from pipeline.install.patch import patch_is_current
+from pipeline.install.policy import check_startup_hooks, link_scripts
 from pipeline.install.verify import PROBE_PREFIX, VERIFY_TIMEOUT, runtime_verify
 from pipeline.pixi.lockfile import LockedEnvironment
 from pipeline.procs import run_rattler_worker
@@ -185,8 +190,11 @@ def frozen_install(
     timeout: float = INSTALL_TIMEOUT,
     verify_timeout: float = VERIFY_TIMEOUT,
     clock: PhaseClock | None = None,
+    allow_pth: Iterable[str] = (),
 ) -> InstallResult:
     """Install ``environment`` of the extracted, patched project (see the module docstring).
+    ``allow_pth``: packages whose ``.pth`` startup hooks are allowed beyond the reviewed
+    defaults (:mod:`pipeline.install.policy`).
 
     ``cache_dir`` is rattler's package cache (``<rattler cache>/pkgs``); ``verify_command`` is
     ``AUTO_INFER_VLLM_VERIFY``; ``override_cuda`` / ``override_glibc`` are the
@@ -312,6 +320,16 @@ def frozen_install(
                             f"direct_url.json naming their file under {paths.pypi}; a `pixi run` "
                             "there would reinstall them"
                         )
+                # 4b. the install policy, before anything runs Python in the generation
+                check_startup_hooks(generation, allow_pth)
+                scripts = link_scripts(generation)
+                if scripts:
+                    say(
+                        f"note: {len(scripts)} conda package scripts were not run (this install "
+                        "never runs pre-link, post-link or pre-unlink scripts): "
+                        + ", ".join(f"{name} ({kind})" for name, kind in scripts)
+                    )
+                clock.lap("policy")
                 # 5. the activation script; 6. the runtime verify, inside the new generation
                 write_activation_script(paths, environment)
                 verify = runtime_verify(

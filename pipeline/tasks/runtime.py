@@ -126,6 +126,7 @@ def task_frozen_install() -> TaskDict:
     @reporting.action(interrupt=_SWITCHED_WHOLE)
     def run() -> None:
         from pipeline.install.frozen import frozen_install
+        from pipeline.install.policy import parse_allowed
 
         result = frozen_install(
             paths.root,
@@ -136,6 +137,7 @@ def task_frozen_install() -> TaskDict:
             override_glibc=settings.conda_override_glibc,
             environ=process_environ(),
             clock=_clock(),
+            allow_pth=parse_allowed(settings.allow_pth),
         )
         reporting.say(result.summary())
         if result.phases:
