@@ -237,7 +237,7 @@ def test_install_records_where_its_time_went_and_leaves_no_uv_cache(tmp_path, ki
     assert names == [
         *("bundle hash", "member checks", "extract", "lock check", "extract commit"),
         *("preflight", "package hashes", "conda link", "wheel install", "wheel marking"),
-        *("verify", "record + switch", "cache removal wait"),
+        *("policy", "verify", "record + switch", "cache removal wait"),
     ]
     assert all(p.wall >= 0 and p.cpu >= p.children >= 0 for p in result.phases)
     by_name = {p.name: p for p in result.phases}

@@ -156,6 +156,7 @@ def test_bundle_layout_is_pixi_packs(packed: PackResult, channel: LocalChannel):
         "environment.yml",
         "infer-vllm-bundle.json",
         "infer-vllm-index.json",
+        "infer-vllm-sbom.cdx.json",
         "pixi-pack.json",
         "pypi",
         "pypi/tinywheel-0.1-py3-none-any.whl",
@@ -290,6 +291,7 @@ def test_an_environment_without_noarch_or_wheels_has_no_such_directories(packed,
         "environment.yml",
         "infer-vllm-bundle.json",
         "infer-vllm-index.json",
+        "infer-vllm-sbom.cdx.json",
         "pixi-pack.json",
     ]
     assert "pip:" not in read_member(small.bundle, "environment.yml").decode()
@@ -708,3 +710,65 @@ def test_a_signed_env_bundle_extracts_with_its_signer_and_an_unsigned_one_is_ref
         packed.bundle, tmp_path / "p3", environment="default", say=said.append
     )
     assert "not checked for a signature" in " ".join(unchecked.warnings)
+
+
+# ---- the SBOM -------------------------------------------------------------------------------
+
+
+def cyclonedx_validator():
+    """A validator of the CycloneDX 1.6 JSON schema committed in tests/data/cyclonedx (its
+    README names the source), with the two schemas it references."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    folder = Path(__file__).parent / "data" / "cyclonedx"
+    schemas = {
+        name: json.loads((folder / name).read_text())
+        for name in (
+            "bom-1.6.SNAPSHOT.schema.json",
+            "spdx.SNAPSHOT.schema.json",
+            "jsf-0.82.SNAPSHOT.schema.json",
+        )
+    }
+    base = "http://cyclonedx.org/schema/"
+    registry = Registry().with_resources(
+        (base + name, Resource.from_contents(schema)) for name, schema in schemas.items()
+    )
+    bom = schemas["bom-1.6.SNAPSHOT.schema.json"]
+    return jsonschema.Draft7Validator(bom, registry=registry)
+
+
+def test_the_sbom_is_valid_cyclonedx_and_lists_exactly_the_lock(packed: PackResult, project):
+    from pipeline.bundle.sbom import sbom_path
+
+    inside = read_member(packed.bundle, "infer-vllm-sbom.cdx.json")
+    assert sbom_path(packed.bundle).read_bytes() == inside, "the same document beside it"
+    document = json.loads(inside)
+    errors = sorted(cyclonedx_validator().iter_errors(document), key=lambda e: list(e.path))
+    assert errors == [], errors[0].message if errors else ""
+    assert document["specVersion"] == "1.6"
+    locked = read_environment(project / "pixi.lock", "default", "linux-64")
+    expected = {(p.name, p.version, p.sha256) for p in locked.conda} | {
+        (w.name, w.version, w.sha256) for w in locked.pypi
+    }
+    listed = {(c["name"], c["version"], c["hashes"][0]["content"]) for c in document["components"]}
+    assert listed == expected
+    purls = {c["purl"] for c in document["components"]}
+    conda = next(p for p in purls if p.startswith("pkg:conda/tinytool@"))
+    assert "subdir=" in conda and "channel=" in conda and "build=" in conda
+    assert "pkg:pypi/tinywheel@0.1" in purls
+    # the same lock, the same document: the bundle stays reproducible
+    assert document["serialNumber"].startswith("urn:uuid:")
+
+
+def test_doit_sbom_summarizes_counts_and_licenses(packed: PackResult, tmp_path):
+    from conftest import doit_env, run_doit
+
+    env = doit_env(tmp_path / "state", AUTO_INFER_VLLM_BUNDLE_PATH=str(packed.bundle))
+    result = run_doit(["sbom"], env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"SBOM of {packed.bundle.name} ({packed.bundle}.cdx.json)"
+    assert re.match(r"\d+ packages: \d+ conda, 1 PyPI \(CycloneDX 1\.6\)", lines[1]), lines
+    assert lines[2].startswith("1 licenses: MIT (") or "licenses:" in lines[2]
+    assert "packages with no license" in lines[3]

@@ -27,11 +27,14 @@ from typing import Any, TextIO
 from pipeline import __version__
 from pipeline.build.fetch import Fetcher, FetchItem, FetchStats, conda_item, pypi_item
 from pipeline.build.verified import VerifiedStamps
+from pipeline.bundle.format import SBOM_FILE, SIG_FILE
 from pipeline.bundle.metadata import BundleExtras
+from pipeline.bundle.sbom import sbom_path
 from pipeline.bundle.signature import sign, write_signature
 from pipeline.bundle.tar import MemberMismatch
 from pipeline.bundle.writer import PackageFile, conda_member, wheel_member, write_bundle
 from pipeline.errors import BundleError
+from pipeline.fsutil import atomic_write_bytes
 from pipeline.pixi.lockfile import CondaPackage, LockedEnvironment, PypiPackage, read_environment
 from pipeline.progress import human_bytes
 
@@ -235,7 +238,8 @@ def pack(
                 progress_stream=progress_stream,
                 signer=(lambda data: sign(data, signing_key)) if signing_key else None,
             )
-            write_signature(tar.path, tar.signature)
+            write_signature(tar.path, tar.generated.get(SIG_FILE))
+            atomic_write_bytes(sbom_path(tar.path), tar.generated[SBOM_FILE])
             stamps.record(hashed, before)
             stamps.save()
             break

@@ -43,6 +43,8 @@ INDEX_FORMAT = 1
 INDEX_SUM_FILE = "infer-vllm-index.sha256"
 # The SSH signature of the index (:mod:`pipeline.bundle.signature`), when the bundle is signed.
 SIG_FILE = "infer-vllm-index.sig"
+# The environment bundle's CycloneDX SBOM (:mod:`pipeline.bundle.sbom`).
+SBOM_FILE = "infer-vllm-sbom.cdx.json"
 # A model bundle: the index and its sha256, then the model's files under ``model/``.
 MODEL_DIR = "model"
 # Top-level names a bundle may hold; the reader skips anything else (never written).
@@ -52,6 +54,7 @@ BUNDLE_NAMES = (
     EXTRAS_FILE,
     INDEX_FILE,
     SIG_FILE,
+    SBOM_FILE,
     CHANNEL_DIR,
     PYPI_DIR,
 )

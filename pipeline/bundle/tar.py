@@ -28,7 +28,7 @@ import tarfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -69,13 +69,13 @@ class TarMember:
 
 @dataclass(frozen=True)
 class TarResult:
-    """The written tar: its path, sha256 (hex) and size in bytes (and the index's signature
-    when the bundle writer signed it)."""
+    """The written tar: its path, sha256 (hex) and size in bytes, and the data of its generated
+    members by name (what the writer made rather than copied: metadata, index, SBOM...)."""
 
     path: Path
     sha256: str
     size: int
-    signature: bytes | None = None
+    generated: Mapping[str, bytes] = field(default_factory=dict)
 
 
 def member_order(name: str) -> tuple[str, ...]:
@@ -181,7 +181,8 @@ def write_tar(
     progress.done(
         f"wrote {output} ({human_bytes(total)}, {len(ordered)} members) in {progress.elapsed:.1f} s"
     )
-    return TarResult(path=output, sha256=digest, size=total)
+    generated = {m.name: m.data for m in ordered if m.data is not None}
+    return TarResult(path=output, sha256=digest, size=total, generated=generated)
 
 
 def _padding(size: int) -> int:

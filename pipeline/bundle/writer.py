@@ -8,6 +8,8 @@ members and writes them with :func:`pipeline.bundle.tar.write_tar`::
     environment.yml                    pixi-pack's text, byte for byte in its shape
     infer-vllm-bundle.json             our extras (tool, env, lock sha256, pixi.toml, pixi.lock)
     infer-vllm-index.json              every other file's name, size and sha256 (kind "env")
+    infer-vllm-sbom.cdx.json           the CycloneDX 1.6 SBOM of the locked packages
+    infer-vllm-index.sig               the index's SSH signature, when signed
     pixi-pack.json                     {"version": "1", "pixi-pack-version": ..., "platform": ...}
     pypi/<wheel>                       the locked wheels, when there are any
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,10 +48,12 @@ from pipeline.bundle.format import (
     METADATA_FILE,
     PYPI_DIR,
     REPODATA_FILE,
+    SBOM_FILE,
     SIG_FILE,
 )
 from pipeline.bundle.index import IndexedFile, index_json, make_index
 from pipeline.bundle.metadata import BundleExtras, extras_json, pixi_pack_json
+from pipeline.bundle.sbom import sbom_json
 from pipeline.bundle.tar import TarMember, TarResult, write_tar
 from pipeline.errors import BundleError
 from pipeline.fsutil import sha256_file
@@ -149,6 +153,21 @@ def bundle_members(
                 f"{CHANNEL_DIR}/{subdir}/{REPODATA_FILE}", repodata_json(subdir, in_subdir)
             )
         )
+    wheel_files = {Path(f.name).name: f.source for f in files_list if f.name.startswith(PYPI_DIR)}
+    members.append(
+        TarMember.text(
+            SBOM_FILE,
+            sbom_json(
+                conda,
+                wheels,
+                wheel_files,
+                environment=extras.environment,
+                platform=extras.platform,
+                lock_sha256=extras.lock_sha256,
+                tool_version=extras.tool_version,
+            ),
+        )
+    )
     known = {f.name: f.sha256 for f in files_list}
     entries = [
         IndexedFile(
@@ -206,9 +225,7 @@ def write_bundle(
     ``checks`` are the package files to hash while they are copied; ``signer`` signs the
     index: the result's ``signature``, also inside the tar)."""
     members = bundle_members(conda, wheels, files, extras, signer)
-    result = write_tar(output, members, checks=checks, progress_stream=progress_stream)
-    signature = next((m.data for m in members if m.name == SIG_FILE), None)
-    return replace(result, signature=signature)
+    return write_tar(output, members, checks=checks, progress_stream=progress_stream)
 
 
 __all__ = [

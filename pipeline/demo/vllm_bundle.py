@@ -33,7 +33,7 @@ from typing import Any
 
 import tomlkit
 
-from pipeline.bundle.format import INDEX_FILE, INDEX_FORMAT
+from pipeline.bundle.format import BUNDLE_NAMES, INDEX_FILE, INDEX_FORMAT
 from pipeline.errors import PipelineError, error_line
 from pipeline.settings import REPO_ROOT, Settings, load_settings, process_environ
 
@@ -200,8 +200,8 @@ def vllm_cache(settings: Settings, pip: PipSettings) -> VllmCache:
     """The cache dirs for this machine's manifest (its text with a placeholder channel)."""
     text = vllm_manifest("file:///<channel>/", pip)
     # The bundle's layout is part of the key: a cache packed before a layout change (the
-    # index, in index format 1) is another bundle, with other bytes.
-    text += f"\n# bundle layout: {INDEX_FILE} format {INDEX_FORMAT}\n"
+    # index, the SBOM) is another bundle, with other bytes.
+    text += f"\n# bundle layout: {' '.join(BUNDLE_NAMES)}; {INDEX_FILE} format {INDEX_FORMAT}\n"
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     root = settings.xdg_cache_home / "infer-vllm"
     return VllmCache(build_dir=root / f"vllm-bundle-{key}", cache_root=root, manifest_key=key)

@@ -8,6 +8,7 @@ container with a fresh doit database never tries to lock or pack.
   check-cache, pack-model
 - :mod:`pipeline.tasks.runtime`: extract, patch-channels, frozen-install, install,
   install-model, join-parts
+- :mod:`pipeline.tasks.sbom`: sbom (both roles)
 - :mod:`pipeline.tasks.serve`: plan, serve, status, stop, logs, clients, k8s
 - :mod:`pipeline.tasks.stamps`: the build tasks' stamp files (what stands for the tar)
 """
@@ -22,9 +23,9 @@ from pipeline.tasks.common import SETTINGS, doit_config
 
 def dodo_namespace() -> dict[str, Any]:
     """The task functions ``dodo.py`` exposes, by ``PIPELINE_ROLE``, plus ``DOIT_CONFIG``."""
-    from pipeline.tasks import build, runtime, serve
+    from pipeline.tasks import build, runtime, sbom, serve
 
-    namespace: dict[str, Any] = {"DOIT_CONFIG": doit_config(SETTINGS)}
+    namespace: dict[str, Any] = {"DOIT_CONFIG": doit_config(SETTINGS), **sbom.TASKS}
     if SETTINGS.role in (Role.ALL, Role.BUILD):
         namespace.update(build.TASKS)
     if SETTINGS.role in (Role.ALL, Role.RUNTIME):
