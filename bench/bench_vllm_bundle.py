@@ -29,6 +29,10 @@ Comparisons (A against B):
   inflated once with ``zipfile`` by 2 processes into one fresh folder (its ``site-packages``),
   reading the pack cache's copies of the wheels. Here both sides end with a ``sync`` inside
   their timing (the floor is "written", so ours must be too). Reported, no target.
+- ``trust``: ``doit install`` of a signed copy of the bundle with
+  ``AUTO_INFER_VLLM_TRUSTED_SIGNERS`` against ``doit install`` of the bundle without a trust
+  file, less its install-policy phase (both with ``AUTO_INFER_VLLM_VERIFY=none``): the cost of
+  signature verification and the install policy together. Target <= 1.05 (issue 20).
 - ``boot``: time to the first token from a fresh container state: ``doit install`` then
   ``doit serve`` (background) of ``model-configs/vllm-cpu-tiny.toml`` (``tiny-a`` only, the
   tests' tiny model, free port) until a chat completion answers; against vLLM's own start:
@@ -96,13 +100,14 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.demo import cpu_vllm, vllm_bundle  # noqa: E402
 from pipeline.demo.channel import build_channel, default_recipes, install_channel  # noqa: E402
+from pipeline.install.frozen import installed_record  # noqa: E402
 from pipeline.pixi.lockfile import read_environment  # noqa: E402
 from pipeline.procs import group_alive, kill_group, signal_group  # noqa: E402
 from pipeline.serve.state import StateStore  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.wheels import uv_binary  # noqa: E402
 
-COMPARISONS = ("install", "install-verify", "pack", "noop", "floor", "boot")
+COMPARISONS = ("install", "install-verify", "pack", "noop", "floor", "boot", "trust")
 TINY_CONFIG = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 KEY = "bench-boot-key"
 FIRST_TOKEN_TIMEOUT = 300.0
@@ -488,6 +493,66 @@ class Bench:
             f"the {len(self.wheel_files)} wheels inflate to {inflated / 2**30:.2f} GiB"
         )
         return alternate(comp, self.pairs, side_a, side_b)
+
+    def run_trust(self) -> Comparison:
+        """Issue 20's "signature verification and policy together against the same install
+        without them": A installs a signed copy of the bundle with a trust file; B the
+        unsigned bundle without one, and B's time less its own policy phase (read from its
+        install record: the policy cannot be switched off) is the "without". Both with
+        ``AUTO_INFER_VLLM_VERIFY=none`` (less noise)."""
+        comp = Comparison(
+            "trust",
+            "doit install, signed, AUTO_INFER_VLLM_TRUSTED_SIGNERS set",
+            "doit install, unsigned, no trust file, less its policy phase",
+            1.05,
+        )
+        work = self.fresh("trust")
+        key = work / "signing-key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key)],
+            work / "keygen.log")  # fmt: skip
+        kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+        allowed = work / "allowed_signers"
+        allowed.write_text(f"bench@build {kind} {blob}\n")
+        signed = work / "bundles" / "vllm-cpu.tar"
+        state = work / "build-state"
+        shutil.copytree(self.cache.build_dir / "build-state", state)
+        env = vllm_bundle.build_env(self.settings, self.cache.project, signed, state)
+        env["PIPELINE_SIGNING_KEY"] = str(key)
+        env["PIPELINE_SKIP_VERIFY"] = "1"
+        say("[trust] packing a signed copy of the bundle")
+        doit(["pack"], env, work / "doit.log")
+        policy: list[float] = []
+
+        def install(i: int, side: str, bundle: Path, trust: Path | None) -> float:
+            with self.workspace(f"trust-{side}{i}") as run_dir:
+                rt = vllm_bundle.runtime_env(
+                    bundle, run_dir / "project", run_dir / "state", run_dir / "rattler"
+                )
+                rt["AUTO_INFER_VLLM_VERIFY"] = "none"
+                if trust is not None:
+                    rt["AUTO_INFER_VLLM_TRUSTED_SIGNERS"] = str(trust)
+                drop_cache([bundle])
+                seconds = timed(lambda: doit(["install"], rt, run_dir / "doit.log"))
+                record = installed_record(run_dir / "project", "default")
+                spent = sum(p.wall for p in record.phases if p.name == "policy") if record else 0
+                if side == "b":
+                    policy.append(spent)
+                    return seconds - spent
+                return seconds
+
+        try:
+            alternate(
+                comp,
+                self.pairs,
+                lambda i: install(i, "a", signed, allowed),
+                lambda i: install(i, "b", self.bundle, None),
+            )
+        finally:
+            self.remove(work)
+        comp.notes.append(
+            f"the policy phase (startup hooks, link scripts) took {statistics.median(policy):.3f} s"
+        )
+        return comp
 
     def run_pack(self) -> Comparison:
         comp = Comparison(
@@ -886,6 +951,8 @@ def main() -> int:
                     got = bench.run_noop()
                 elif name == "floor":
                     got = [bench.run_floor()]
+                elif name == "trust":
+                    got = [bench.run_trust()]
                 else:
                     got = [bench.run_boot()]
                     overheads = bench.overheads
@@ -903,7 +970,7 @@ def main() -> int:
                 unmount_volume(left, root / f"{left.name}.img")
         shutil.rmtree(root, ignore_errors=True)
     print()
-    print("targets (issue 21):")
+    print("targets (issue 21; trust: issue 20):")
     for comp in results:
         check = comp.check()
         if check is not None:

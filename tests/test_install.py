@@ -1120,3 +1120,16 @@ def test_the_policy_knows_the_owner_of_a_hook_and_passes_plain_path_files(tmp_pa
     assert "evil ships evil.pth" in info.value.message
     allowed = check_startup_hooks(tmp_path, parse_allowed("good, evil"))
     assert len(allowed) == 2
+
+
+def test_conda_packages_with_link_scripts_are_reported(tmp_path):
+    from pipeline.install.policy import link_scripts
+
+    (tmp_path / "conda-meta").mkdir()
+    (tmp_path / "conda-meta" / "a-1-0.json").write_text(
+        json.dumps({"name": "a", "files": ["bin/.a-post-link.sh", "bin/a"]})
+    )
+    (tmp_path / "conda-meta" / "b-1-0.json").write_text(
+        json.dumps({"name": "b", "files": ["bin/b", "lib/x-link.so"]})
+    )
+    assert link_scripts(tmp_path) == [("a", "post-link")]

@@ -60,24 +60,39 @@ def parse_allowed(text: str | None) -> frozenset[str]:
     return frozenset(normalize(n) for n in re.split(r"[,\s]+", text or "") if n)
 
 
-def _owners(prefix: Path) -> dict[Path, str]:
-    """Every file a package of the environment lists, resolved, -> the package's name."""
+def _owners(prefix: Path, wanted: Iterable[Path]) -> dict[Path, str]:
+    """The package that lists each of the ``wanted`` files (resolved paths), where one does.
+    A package's list is parsed only when the text holds one of the wanted file names: an
+    environment has tens of thousands of listed files and a handful of ``.pth`` files."""
+    targets = {p.absolute() for p in wanted}
+    names = {p.name for p in targets}
     owners: dict[Path, str] = {}
+
+    def mentions(text: str) -> bool:
+        return any(name in text for name in names)
+
     for meta in sorted((prefix / "conda-meta").glob("*.json")):
         try:
-            record = json.loads(meta.read_text(encoding="utf-8"))
+            text = meta.read_text(encoding="utf-8")
+            if not mentions(text):
+                continue
+            record = json.loads(text)
         except (OSError, ValueError):
             continue
         name = str(record.get("name") or meta.stem)
         for rel in record.get("files") or []:
-            owners[(prefix / str(rel)).absolute()] = name
+            path = (prefix / str(rel)).absolute()
+            if path in targets:
+                owners[path] = name
     for record_file in prefix.glob("lib/python*/site-packages/*.dist-info/RECORD"):
         site = record_file.parent.parent
         name = record_file.parent.name.removesuffix(".dist-info").rsplit("-", 1)[0]
         try:
-            rows = csv.reader(io.StringIO(record_file.read_text(encoding="utf-8")))
-            for row in rows:
-                if row:
+            text = record_file.read_text(encoding="utf-8")
+            if not mentions(text):
+                continue
+            for row in csv.reader(io.StringIO(text)):
+                if row and (site / row[0]).absolute() in targets:
                     owners[(site / row[0]).absolute()] = name
         except (OSError, csv.Error, UnicodeDecodeError):
             continue
@@ -90,7 +105,7 @@ def startup_hooks(prefix: Path) -> list[StartupHook]:
     pth_files = sorted(prefix.glob("lib/python*/site-packages/*.pth"))
     if not pth_files:
         return found
-    owners = _owners(prefix)
+    owners = _owners(prefix, pth_files)
     for path in pth_files:
         try:
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -127,7 +142,10 @@ def link_scripts(prefix: Path) -> list[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     for meta in (prefix / "conda-meta").glob("*.json"):
         try:
-            record = json.loads(meta.read_text(encoding="utf-8"))
+            text = meta.read_text(encoding="utf-8")
+            if "-link." not in text and "-unlink." not in text:
+                continue
+            record = json.loads(text)
         except (OSError, ValueError):
             continue
         for rel in record.get("files") or []:
