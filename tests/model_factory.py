@@ -1,4 +1,5 @@
-"""Model directories for the model-bundle tests, laid out as the Hugging Face cache lays them out.
+"""Model directories for the model-bundle tests, laid out as the Hugging Face cache lays them out
+(and the one-line check of their refusals).
 
 ``huggingface_hub`` (``file_download.py``: ``_create_symlink``, ``_cache_commit_hash_for_specific_
 revision``) keeps a repo as ``models--<org>--<name>/`` with ``blobs/<etag>`` (an LFS file's etag
@@ -13,6 +14,10 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -56,3 +61,12 @@ def files_of(directory: Path) -> dict[str, bytes]:
 def cache_model_from(directory: Path, cache: Path, repo_id: str = "tiny-org/tiny-chat") -> Path:
     """The model in ``directory`` copied into a Hugging Face cache layout under ``cache``."""
     return hf_cache_model(cache, repo_id, files_of(directory))
+
+
+def one_line(exc: pytest.ExceptionInfo[PipelineError], *needles: str) -> str:
+    """The refusal's message, which must be one line holding every needle."""
+    message = exc.value.message
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, doit_env, run_doit
-from model_factory import COMMIT, hf_cache_model
+from model_factory import COMMIT, hf_cache_model, one_line
 
 from pipeline.build.model import pack_model, scan_model_dir
 from pipeline.bundle.format import INDEX_FILE, INDEX_SUM_FILE, parse_part_size
@@ -44,14 +44,6 @@ FILES = {
     "model-00002-of-00002.safetensors": os.urandom(900_000),
     "nested/extra.json": b"{}\n",
 }
-
-
-def one_line(exc: pytest.ExceptionInfo[BundleError], *needles: str) -> str:
-    message = exc.value.message
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import doit_env, run_doit
-from model_factory import hf_cache_model
+from model_factory import hf_cache_model, one_line
 
 from pipeline.build.model import pack_model
 from pipeline.bundle.format import SIG_FILE
@@ -57,14 +57,6 @@ def snapshot(tmp_path: Path) -> Path:
 def signed_bundle(tmp_path: Path, snapshot: Path, key: Path, tag: str = "a") -> Path:
     out = tmp_path / f"out-{key.name}-{tag}" / "tiny.model.tar"
     return pack_model(snapshot, "tiny", out, signing_key=key).bundle
-
-
-def one_line(exc: pytest.ExceptionInfo[BundleError], *needles: str) -> str:
-    message = exc.value.message
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def test_a_signed_model_bundle_installs_and_names_its_signer(tmp_path, snapshot, keys):

@@ -93,6 +93,18 @@ def sbom_json(
     from packageurl import PackageURL
 
     licenses = LicenseFactory()
+
+    def component(name: str, version: str, purl: PackageURL, sha256: str | None, text: Any):
+        return Component(
+            name=name,
+            version=version,
+            type=ComponentType.LIBRARY,
+            purl=purl,
+            bom_ref=purl.to_string(),
+            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=sha256)] if sha256 else [],
+            licenses=[licenses.make_from_string(text)] if isinstance(text, str) and text else [],
+        )
+
     components = []
     for pkg in conda:
         purl = PackageURL(
@@ -106,39 +118,14 @@ def sbom_json(
                 "type": "conda" if pkg.filename.endswith(".conda") else "tar.bz2",
             },
         )
-        text = pkg.repodata.get("license")
         components.append(
-            Component(
-                name=pkg.name,
-                version=pkg.version,
-                type=ComponentType.LIBRARY,
-                purl=purl,
-                bom_ref=purl.to_string(),
-                hashes=[HashType(alg=HashAlgorithm.SHA_256, content=pkg.sha256)]
-                if pkg.sha256
-                else [],
-                licenses=[licenses.make_from_string(text)]
-                if isinstance(text, str) and text
-                else [],
-            )
+            component(pkg.name, pkg.version, purl, pkg.sha256, pkg.repodata.get("license"))
         )
     for wheel in wheels:
         purl = PackageURL(type="pypi", name=wheel.name.lower(), version=wheel.version)
         file = wheel_files.get(wheel.filename)
         text = wheel_license(file) if file is not None else None
-        components.append(
-            Component(
-                name=wheel.name,
-                version=wheel.version,
-                type=ComponentType.LIBRARY,
-                purl=purl,
-                bom_ref=purl.to_string(),
-                hashes=[HashType(alg=HashAlgorithm.SHA_256, content=wheel.sha256)]
-                if wheel.sha256
-                else [],
-                licenses=[licenses.make_from_string(text)] if text else [],
-            )
-        )
+        components.append(component(wheel.name, wheel.version, purl, wheel.sha256, text))
     subject = Component(
         name=environment,
         version=lock_sha256[:12],
