@@ -158,6 +158,14 @@ VARIABLES: tuple[Variable, ...] = (
              "Also write the bundle in parts of this size (`4G`, `700M`: powers of 1024): "
              "`<bundle>.part-0001`... and `<bundle>.parts.json`, for `doit pack` and "
              "`doit pack-model`. Both installs take the parts file in place of the tar."),
+    Variable("base_bundle", ("PIPELINE_BASE_BUNDLE",), _path, None,
+             "The bundle (tar or `.parts.json`) that the container already has: `doit pack` "
+             "also writes a delta from it to the new bundle (`PIPELINE_DELTA`), holding only "
+             "the package files the base lacks."),
+    Variable("delta", ("PIPELINE_DELTA",), _path, None,
+             "The delta that `doit pack` writes with `PIPELINE_BASE_BUNDLE` (`.sha256` "
+             "beside it).",
+             default_doc="`bundles/<name>.delta.tar`"),
     Variable("signing_key", ("PIPELINE_SIGNING_KEY",), _path, None,
              "SSH private key (Ed25519, or any type `ssh-keygen -Y sign` takes; no "
              "passphrase, or its public key with the private one in ssh-agent) that signs "
@@ -187,9 +195,15 @@ VARIABLES: tuple[Variable, ...] = (
              "printed."),
     # ---- container: extract -> patch-channels -> frozen-install -> serve
     Variable("bundle_path", ("AUTO_INFER_VLLM_BUNDLE_PATH",), _path, None,
-             "Bundle tar to install in the container (default: `PIPELINE_BUNDLE`)."),
+             "Bundle to install in the container: a tar, its `.parts.json`, or a delta "
+             "(default: `PIPELINE_BUNDLE`)."),
     Variable("bundle_sha256", ("AUTO_INFER_VLLM_BUNDLE_SHA256",), _sha256, None,
-             "Expected sha256 of the bundle (default: the `<tar>.sha256` beside it)."),
+             "Expected sha256 of the bundle, or of the delta (default: the `<tar>.sha256` "
+             "beside it)."),
+    Variable("base_bundle_path", ("AUTO_INFER_VLLM_BASE_BUNDLE_PATH",), _path, None,
+             "The base bundle (tar or `.parts.json`) of a delta given in "
+             "`AUTO_INFER_VLLM_BUNDLE_PATH`; default: the project dir's installed "
+             "extraction, which must then be the delta's base."),
     Variable("pixi_project_dir", ("AUTO_INFER_VLLM_PIXI_PROJECT_DIR",), _path,
              Path("/hard/volume/workspace/vllm-pixi-offline"),
              "Where the bundle is extracted and its environment installed."),
@@ -271,6 +285,9 @@ class Settings:
     conda_override_glibc: str | None
     install_verify: str | None
     part_size: int | None = None
+    base_bundle: Path | None = None
+    delta: Path | None = None
+    base_bundle_path: Path | None = None
     model_source: str | None = None
     model_revision: str | None = None
     model_name: str | None = None

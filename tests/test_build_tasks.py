@@ -355,3 +355,44 @@ def test_an_error_line_is_one_line_and_may_name_its_program(capsys):
     assert error_line("port in use", "gateway") == "gateway: error: port in use"
     print_error("disk full")
     assert capsys.readouterr() == ("", "error: disk full\n")
+
+
+def test_pack_with_a_base_bundle_writes_a_delta_that_rebuilds_the_bundle(tmp_path, channel_url):
+    import shutil
+
+    from pipeline.bundle.delta import read_manifest
+
+    project = make_project(tmp_path / "proj", channel_url)
+    env = env_for(tmp_path, project, PIPELINE_SKIP_VERIFY="1")
+    bundle = tmp_path / "bundles" / "offline.tar"
+    assert run_doit(["pack"], env).returncode == 0
+    base = tmp_path / "base" / "offline.tar"
+    base.parent.mkdir()
+    for name in (bundle.name, bundle.name + ".sha256"):
+        shutil.copy(bundle.with_name(name), base.with_name(name))
+    # The project gains a package: the delta holds it and nothing else the base has.
+    make_project(project, channel_url)
+    text = (project / "pixi.toml").read_text()
+    (project / "pixi.toml").write_text(text.replace('tinydata = "*"', 'tinydata = "*"\npython = "*"'))
+    env = {**env, "PIPELINE_BASE_BUNDLE": str(base)}
+    first = run_doit(["pack"], env)
+    assert first.returncode == 0, first.stderr
+    assert ran(first, "pack:delta")
+    delta = tmp_path / "bundles" / "offline.delta.tar"
+    manifest = read_manifest(delta)
+    carried = [m.name for m in manifest.members if m.source == "delta"]
+    assert len(carried) == 1 and carried[0].startswith("channel/linux-64/python-"), carried
+    assert manifest.target.sha256 == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    again = run_doit(["pack"], env)
+    assert skipped(again, "pack:delta"), again.stderr
+    out = tmp_path / "rebuilt" / "offline.tar"
+    out.parent.mkdir()
+    rebuilt = run_doit(
+        ["rebuild-bundle", "--delta", str(delta), "--base", str(base), "--output", str(out)], env
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert out.read_bytes() == bundle.read_bytes()
+    wrong = run_doit(["rebuild-bundle", "--delta", str(bundle)], env)
+    assert wrong.returncode != 0
+    (line,) = error_lines(wrong)
+    assert "is not a delta" in line and "--delta" in line

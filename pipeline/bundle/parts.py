@@ -19,11 +19,12 @@ the tar byte for byte for tools that want one (pixi-unpack).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -110,7 +111,8 @@ def read_parts_file(path: Path) -> PartsFile:
 
 @dataclass
 class Segment:
-    """One file of a bundle's bytes: the tar itself, or one part."""
+    """One file of a bundle's bytes (the tar itself, or one part), or one range that is
+    checked as a whole (a bundle rebuilt from a delta: :mod:`pipeline.bundle.delta`)."""
 
     number: int  # 1-based; 0 for a whole tar
     path: Path
@@ -128,17 +130,52 @@ class Segment:
         return f"part {self.number} ({self.path.name})" if self.number else str(self.path)
 
 
-class BundleSource:
-    """A bundle's bytes, from one tar or from its parts in order, read as one file: positional
-    reads, in-kernel copies into other files, a file object for ``tarfile``. Each segment's
-    fingerprint is taken at open; :meth:`check_unchanged` refuses a bundle written to while it
-    was read. Use as a context manager (closes the files)."""
+@dataclass(frozen=True)
+class Piece:
+    """``size`` bytes of the bundle from ``start``: bytes of ``file`` from ``at``, or
+    ``data`` (generated: tar headers, decompressed members), or bytes of another
+    :class:`BundleSource` from ``at`` (a member of a base bundle in parts)."""
 
-    def __init__(self, label: Path, segments: Sequence[Segment], parts: PartsFile | None) -> None:
+    start: int
+    size: int
+    file: Segment | None = None
+    at: int = 0
+    data: bytes | None = None
+    source: BundleSource | None = None
+
+
+class BundleSource:
+    """A bundle's bytes, from one tar or from its parts in order (or pieced together from a
+    delta and its base), read as one file: positional reads, in-kernel copies into other
+    files, a file object for ``tarfile``. Each file's fingerprint is taken at open;
+    :meth:`check_unchanged` refuses a bundle written to while it was read. ``segments`` are
+    the ranges hashed and checked on their own (the tar, each part). Use as a context manager
+    (closes the files)."""
+
+    def __init__(
+        self,
+        label: Path,
+        segments: Sequence[Segment],
+        parts: PartsFile | None,
+        *,
+        pieces: Sequence[Piece] | None = None,
+        files: Sequence[Segment] | None = None,
+        nested: Sequence[BundleSource] = (),
+    ) -> None:
         self.label = label
         self.segments = list(segments)
         self.parts = parts
-        self.size = sum(s.size for s in self.segments)
+        # The files this source reads (their fds and fingerprints); the segments themselves
+        # for a tar or parts.
+        self.files = list(files) if files is not None else self.segments
+        self.pieces = (
+            list(pieces)
+            if pieces is not None
+            else [Piece(s.start, s.size, file=s) for s in self.segments]
+        )
+        self._starts = [p.start for p in self.pieces]
+        self.nested = list(nested)
+        self.size = sum(p.size for p in self.pieces)
         self.expected_from = str(label) if parts is not None else "none"
         self._copier = RangeCopier()
 
@@ -185,10 +222,12 @@ class BundleSource:
         return source
 
     def close(self) -> None:
-        for segment in self.segments:
+        for segment in self.files:
             if segment.fd >= 0:
                 os.close(segment.fd)
                 segment.fd = -1
+        for source in self.nested:
+            source.close()
 
     def __enter__(self) -> BundleSource:
         return self
@@ -197,26 +236,41 @@ class BundleSource:
         self.close()
 
     # -- reading
-    def _pieces(self, offset: int, size: int) -> Iterator[tuple[Segment, int, int]]:
-        """(segment, offset in it, count) covering ``size`` bytes from ``offset``."""
-        end = offset + size
-        for segment in self.segments:
-            if segment.end <= offset or segment.start >= end:
-                continue
-            lo = max(offset, segment.start)
-            hi = min(end, segment.end)
-            yield segment, lo - segment.start, hi - lo
+    def _pieces(self, offset: int, size: int) -> Iterator[tuple[Piece, int, int]]:
+        """(piece, offset in it, count) covering ``size`` bytes from ``offset``."""
+        end = min(offset + size, self.size)
+        index = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        while offset < end and index < len(self.pieces):
+            piece = self.pieces[index]
+            if piece.start + piece.size > offset:
+                count = min(end, piece.start + piece.size) - offset
+                yield piece, offset - piece.start, count
+                offset += count
+            index += 1
 
     def pread(self, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes from ``offset`` (fewer at the end)."""
-        chunks = [os.pread(s.fd, n, at) for s, at, n in self._pieces(offset, size)]
-        return b"".join(chunks)
+        pieces = list(self._pieces(offset, size))
+        if len(pieces) == 1 and pieces[0][0].file is not None:  # the common case: one read
+            piece, at, count = pieces[0]
+            assert piece.file is not None
+            return os.pread(piece.file.fd, count, piece.at + at)
+        view = memoryview(bytearray(max(0, min(size, self.size - offset))))
+        return bytes(view[: self.preadv(view, offset)])
 
     def preadv(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; the count read (short at the end)."""
         done = 0
-        for segment, at, count in self._pieces(offset, len(view)):
-            got = os.preadv(segment.fd, [view[done : done + count]], at)
+        for piece, at, count in self._pieces(offset, len(view)):
+            target = view[done : done + count]
+            if piece.data is not None:
+                target[:] = piece.data[at : at + count]
+                got = count
+            elif piece.source is not None:
+                got = piece.source.preadv(target, piece.at + at)
+            else:
+                assert piece.file is not None
+                got = os.preadv(piece.file.fd, [target], piece.at + at)
             done += got
             if got < count:
                 break
@@ -227,8 +281,18 @@ class BundleSource:
     ) -> None:
         """Write ``size`` bytes from ``offset`` at ``dst``'s position, in the kernel where it
         can (:class:`~pipeline.fsutil.RangeCopier`). Raises OSError."""
-        for segment, at, count in self._pieces(offset, size):
-            self._copier.copy(segment.fd, dst, at, count, progress)
+        for piece, at, count in self._pieces(offset, size):
+            if piece.data is not None:
+                view = memoryview(piece.data)[at : at + count]
+                while view:
+                    view = view[os.write(dst, view) :]
+                if progress is not None:
+                    progress(count)
+            elif piece.source is not None:
+                piece.source.copy_to(dst, piece.at + at, count, progress)
+            else:
+                assert piece.file is not None
+                self._copier.copy(piece.file.fd, dst, piece.at + at, count, progress)
 
     def stream(self) -> io.BufferedReader:
         """A read-only, seekable file object over the whole bundle (for ``tarfile``)."""
@@ -243,15 +307,17 @@ class BundleSource:
     def check_unchanged(self) -> None:
         """Refuse a bundle whose files were written to since :meth:`open` (ctime moves on
         every write): what was checked would not be what was copied."""
-        for segment in self.segments:
+        for segment in self.files:
             if Fingerprint.of(os.fstat(segment.fd)) != segment.fingerprint:
                 raise BundleError(
                     f"{segment.label()} changed while it was read; do not change a bundle "
                     "during an install: run it again"
                 )
+        for source in self.nested:
+            source.check_unchanged()
 
     def fingerprints(self) -> list[tuple[str, Fingerprint | None]]:
-        return [(str(s.path), s.fingerprint) for s in self.segments]
+        return [(str(s.path), s.fingerprint) for s in self.files]
 
     # -- the per-segment check
     def verify_segments(self) -> None:
@@ -267,7 +333,8 @@ class BundleSource:
             digest = hashlib.sha256()
             at = 0
             while at < segment.size:
-                got = os.preadv(segment.fd, [buffer[: min(len(buffer), segment.size - at)]], at)
+                want = min(len(buffer), segment.size - at)
+                got = self.preadv(buffer[:want], segment.start + at)
                 if got == 0:
                     break
                 digest.update(buffer[:got])
@@ -275,10 +342,14 @@ class BundleSource:
             digests.append(digest.hexdigest())
         self.check_digests(digests)
 
-    def check_digests(self, digests: Sequence[str]) -> str | None:
+    def check_digests(
+        self, digests: Sequence[str], member_sha: Mapping[int, str] | None = None
+    ) -> str | None:
         """Compare the segments' sha256 (from the one pass) with what is expected. Returns the
         bundle's sha256 when it is known (a tar's expected one, or the parts file's once every
-        part matches), else None. Raises BundleError naming every damaged part, or the tar."""
+        part matches), else None. Raises BundleError naming every damaged part, or the tar.
+        ``member_sha`` (the members' sha256 by data offset) lets a source pieced from several
+        files name the damaged one."""
         if self.parts is None:
             segment = self.segments[0]
             if segment.expected is not None and digests[0] != segment.expected:
@@ -488,6 +559,8 @@ def join_parts(parts_file: Path, *, progress_stream: TextIO | None = None) -> Pa
 __all__ = [
     "BundleSource",
     "PartsFile",
+    "Piece",
+    "Segment",
     "is_parts_file",
     "join_parts",
     "part_name",

@@ -67,6 +67,7 @@ from pipeline.bundle.contents import (
     read_repodata,
     synthesize_project,
 )
+from pipeline.bundle.delta import InstalledBase, is_delta, open_delta, read_manifest
 from pipeline.bundle.format import (
     BUNDLE_NAMES,
     CHANNEL_DIR,
@@ -168,8 +169,13 @@ def extract_bundle(
     say: Callable[[str], None] | None = None,
     clock: PhaseClock | None = None,
     trusted_signers: Path | None = None,
+    base_bundle: Path | None = None,
 ) -> ExtractResult:
     """Extract ``bundle`` into ``project_dir`` (see the module docstring for every step).
+
+    ``bundle`` may be a delta (:mod:`pipeline.bundle.delta`): the full bundle it describes is
+    read, pieced from the delta and its base: ``base_bundle`` (a tar or parts file), else the
+    project dir's installed extraction, which must be the delta's base.
 
     Idempotent: the same bundle again returns at once (``extracted`` False) without reading
     the tar. Blocks on the project's install lock, then for one read of the tar and one copy of
@@ -210,7 +216,18 @@ def extract_bundle(
             digest = read_extract_stamp(paths) or ""
             return ExtractResult(bundle, digest, extracted=False, reason="nothing changed")
         clock.begin()
-        source, expected_from = reader.open_bundle(bundle, configured_sha256)
+        if is_delta(bundle):
+            assert expected is not None  # the sha256 of the bundle the delta rebuilds
+            if _same_content(paths, expected, environment):
+                _refresh_bundle_stat(paths, bundle, st)
+                return ExtractResult(
+                    bundle, expected, extracted=False, reason="same content (tar stat refreshed)"
+                )
+            source, expected_from = open_delta_over_base(
+                bundle, paths, configured_sha256, base_bundle, warn
+            )
+        else:
+            source, expected_from = reader.open_bundle(bundle, configured_sha256)
         if expected is None:
             warn(
                 f"no expected sha256 for {bundle} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
@@ -226,7 +243,7 @@ def extract_bundle(
                 scan_error = exc
             say(f"checking {bundle.name} ({source.size / 1e6:.1f} MB)")
             digests, member_sha = reader.hash_pass(source, members)
-            digest = source.check_digests(digests) or digests[0]
+            digest = source.check_digests(digests, member_sha) or digests[0]
             clock.lap("bundle hash")
             if scan_error is not None:
                 raise scan_error
@@ -412,10 +429,40 @@ def _read(
 
 def _expected(bundle: Path, configured: str | None) -> str | None:
     """The sha256 the bundle must have, without reading it: the configured one, the
-    ``.sha256`` beside a tar, or the whole bundle's in a parts file."""
+    ``.sha256`` beside a tar, the whole bundle's in a parts file, or the one a delta
+    rebuilds."""
     if is_parts_file(bundle):
         return read_parts_file(bundle).sha256
+    if is_delta(bundle):
+        return read_manifest(bundle).target.sha256
     return reader.expected_sha256(bundle, configured)[0]
+
+
+def open_delta_over_base(
+    delta: Path,
+    paths: ProjectPaths,
+    configured: str | None,
+    base_bundle: Path | None,
+    warn: Callable[[str], None],
+) -> tuple[BundleSource, str]:
+    """The full bundle of ``delta`` over ``base_bundle``, else over the installed extraction
+    (only its files unchanged since they were extracted count)."""
+    if reader.expected_sha256(delta, configured)[0] is None:
+        warn(
+            f"no expected sha256 for the delta {delta} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
+            f"{checksum_path(delta).name} beside it): the bundle it rebuilds is checked only "
+            "against the sha256 the delta itself records"
+        )
+    installed = None
+    record = read_extract_record(paths)
+    if base_bundle is None and record is not None:
+        files: dict[str, tuple[Path, str]] = {}
+        for name, facts in record.files.items():
+            with contextlib.suppress(OSError):
+                if facts.matches((paths.root / name).lstat()):
+                    files[name] = (paths.root / name, facts.sha256)
+        installed = InstalledBase(f"the installed extraction in {paths.root}", record.sha256, files)
+    return open_delta(delta, configured, base_bundle=base_bundle, installed=installed)
 
 
 def _stale_reason(
@@ -730,5 +777,6 @@ __all__ = [
     "ExtractResult",
     "extract_bundle",
     "extract_is_current",
+    "open_delta_over_base",
     "previous_extraction_guard",
 ]

@@ -4,10 +4,10 @@
 ``PIPELINE_ROLE``: the runtime side (the container) has no task that produces a bundle, so a
 container with a fresh doit database never tries to lock or pack.
 
-- :mod:`pipeline.tasks.build`: lock, verify, pack (pack:tar, pack:sha256, pack:parts), sha256,
-  check-cache, pack-model
+- :mod:`pipeline.tasks.build`: lock, verify, pack (pack:tar, pack:sha256, pack:parts,
+  pack:delta), sha256, check-cache, pack-model
 - :mod:`pipeline.tasks.runtime`: extract, patch-channels, frozen-install, install,
-  install-model, join-parts
+  install-model, join-parts, rebuild-bundle
 - :mod:`pipeline.tasks.sbom`: sbom (both roles)
 - :mod:`pipeline.tasks.serve`: plan, serve, status, stop, logs, clients, k8s
 - :mod:`pipeline.tasks.stamps`: the build tasks' stamp files (what stands for the tar)

@@ -15,6 +15,8 @@ task               file_dep -> target                   notes
 ``check-cache``    getargs pack:tar's values             fails when the last pack downloaded
                                                          anything; always runs
 ``pack:parts``     pack stamp -> ``<tar>.parts.json``    only with ``PIPELINE_PART_SIZE``: the parts
+``pack:delta``     pack stamp -> ``PIPELINE_DELTA``      only with ``PIPELINE_BASE_BUNDLE``: the
+                   (+ .sha256, .sig)                     files the base lacks (a delta)
 ``pack-model``     the model's files -> model bundle     a stamp of the source files' fingerprints;
                    (+ .sha256, parts)                    a hub id is fetched first
 =================  ===================================  ==========================================
@@ -58,6 +60,7 @@ from typing import Any
 from doit.tools import config_changed
 
 from pipeline import __version__, reporting
+from pipeline.bundle.delta import DELTA_FORMAT
 from pipeline.bundle.format import (
     EXTRAS_FORMAT,
     INDEX_FORMAT,
@@ -301,6 +304,53 @@ def task_pack() -> Any:
             ],
             "verbosity": 2,
         }
+
+    if settings.base_bundle:
+        base = settings.base_bundle.absolute()
+        delta = delta_path(settings)
+
+        @reporting.action(interrupt="the delta is replaced only when complete; run again")
+        def write() -> None:
+            from pipeline.bundle.delta import write_delta
+            from pipeline.tasks.stamps import read_pack_sha256
+
+            result = write_delta(bundle, read_pack_sha256(stamp, bundle), base, delta)
+            reporting.say(result.summary())
+
+        yield {
+            "name": "delta",
+            "doc": "Write PIPELINE_DELTA: the package files PIPELINE_BASE_BUNDLE lacks.",
+            "actions": [write],
+            "file_dep": [str(stamp)],
+            "targets": [str(delta), str(checksum_path(delta))],
+            "uptodate": [
+                config_changed(
+                    {
+                        "base": str(base),
+                        "base_file": _file_facts(base),
+                        "delta_format": DELTA_FORMAT,
+                    }
+                )
+            ],
+            "verbosity": 2,
+        }
+
+
+def delta_path(settings: Settings) -> Path:
+    """``PIPELINE_DELTA``, else ``<bundle stem>.delta.tar`` beside the bundle."""
+    from pipeline.bundle.delta import default_delta_path
+
+    return (settings.delta or default_delta_path(bundle_path(settings))).absolute()
+
+
+def _file_facts(path: Path) -> str:
+    """A file's (size, mtime, inode) for ``config_changed``: a base replaced at the same path
+    writes the delta again, and nothing is read to know it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def model_source(settings: Settings) -> str:

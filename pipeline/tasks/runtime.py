@@ -1,5 +1,5 @@
 """doit tasks of the container side: extract -> patch-channels -> frozen-install, and `install`;
-install-model (the model bundles) and join-parts.
+install-model (the model bundles), join-parts and rebuild-bundle (a delta's full tar).
 
 No task here produces the bundle tar: the container has no pack task, so a fresh doit database
 never tries to lock or pack. Each stage has a target inside the project dir and an
@@ -72,6 +72,7 @@ def task_extract() -> TaskDict:
             template_dir=settings.project,
             clock=_clock(),
             trusted_signers=settings.trusted_signers,
+            base_bundle=settings.base_bundle_path,
         )
         reporting.say(result.summary())
 
@@ -235,6 +236,56 @@ def task_join_parts() -> TaskDict:
     }
 
 
+def task_rebuild_bundle() -> TaskDict:
+    """Write the full bundle tar that a delta and its base make, byte for byte."""
+    settings = SETTINGS
+
+    @reporting.action(interrupt="the tar appears only when complete; run it again")
+    def run(delta: str, base: str, output: str) -> None:
+        from pipeline.bundle.delta import is_delta, read_manifest, rebuild_bundle
+        from pipeline.errors import BundleError
+        from pipeline.install.extract import open_delta_over_base
+
+        path = Path(delta) if delta else settings.install_bundle
+        if not is_delta(path):
+            raise BundleError(
+                f"{path} is not a delta (a delta tar starts with its delta/ directory): pass "
+                "`doit rebuild-bundle --delta <name>.delta.tar`, or point "
+                "AUTO_INFER_VLLM_BUNDLE_PATH at one"
+            )
+        manifest = read_manifest(path)
+        target = Path(output) if output else path.parent / manifest.target.name
+        source, _ = open_delta_over_base(
+            path,
+            _paths(settings),
+            settings.bundle_sha256,
+            Path(base) if base else settings.base_bundle_path,
+            lambda message: reporting.say(f"warning: {message}"),
+        )
+        with source:
+            rebuild_bundle(source, target)
+        reporting.say(f"rebuilt {target} from {path.name} (and {target.name}.sha256)")
+
+    def param(name: str, help: str) -> dict[str, object]:
+        return {"name": name, "long": name, "type": str, "default": "", "help": help}
+
+    return {
+        "basename": "rebuild-bundle",
+        "actions": [run],
+        "params": [
+            param("delta", "the delta (default: AUTO_INFER_VLLM_BUNDLE_PATH)"),
+            param(
+                "base",
+                "its base bundle (default: AUTO_INFER_VLLM_BASE_BUNDLE_PATH, else the project "
+                "dir's installed extraction)",
+            ),
+            param("output", "the tar to write (default: the full bundle's name beside the delta)"),
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_extract": task_extract,
     "task_patch_channels": task_patch_channels,
@@ -242,4 +293,5 @@ TASKS: dict[str, Callable[[], TaskDict]] = {
     "task_install": task_install,
     "task_install_model": task_install_model,
     "task_join_parts": task_join_parts,
+    "task_rebuild_bundle": task_rebuild_bundle,
 }
