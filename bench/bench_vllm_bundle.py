@@ -33,6 +33,8 @@ Comparisons (A against B):
   ``AUTO_INFER_VLLM_TRUSTED_SIGNERS`` against ``doit install`` of the bundle without a trust
   file, less its install-policy phase (both with ``AUTO_INFER_VLLM_VERIFY=none``): the cost of
   signature verification and the install policy together. Target <= 1.05 (issue 20).
+- ``delta``: issue 20's three delta targets (delta size, install from a delta, rebuilding the
+  full tar): see :meth:`Bench.run_delta`.
 - ``boot``: time to the first token from a fresh container state: ``doit install`` then
   ``doit serve`` (background) of ``model-configs/vllm-cpu-tiny.toml`` (``tiny-a`` only, the
   tests' tiny model, free port) until a chat completion answers; against vLLM's own start:
@@ -78,6 +80,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import platform
@@ -107,7 +110,8 @@ from pipeline.serve.state import StateStore  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.wheels import uv_binary  # noqa: E402
 
-COMPARISONS = ("install", "install-verify", "pack", "noop", "floor", "boot", "trust")
+COMPARISONS = ("install", "install-verify", "pack", "noop", "floor", "boot", "trust", "delta")
+DELTA_WHEEL = ("transformers", "5.19.0.post1")  # the update: a transformers release
 TINY_CONFIG = REPO / "model-configs" / "vllm-cpu-tiny.toml"
 KEY = "bench-boot-key"
 FIRST_TOKEN_TIMEOUT = 300.0
@@ -276,21 +280,25 @@ class Comparison:
     a: list[float] = field(default_factory=list)
     b: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unit: str = "s"  # or "bytes"
 
     @property
     def ratios(self) -> list[float]:
         return [a / b for a, b in zip(self.a, self.b, strict=False)]
 
+    def _value(self, value: float) -> str:
+        return f"{value:.2f} s" if self.unit == "s" else f"{int(value)} bytes"
+
     def lines(self) -> list[str]:
         r = self.ratios
         out = [
-            f"{self.name}: {self.a_label}: median {statistics.median(self.a):.2f} s; "
-            f"{self.b_label}: median {statistics.median(self.b):.2f} s",
+            f"{self.name}: {self.a_label}: median {self._value(statistics.median(self.a))}; "
+            f"{self.b_label}: median {self._value(statistics.median(self.b))}",
             f"  ratio A/B over {len(r)} pairs: median {statistics.median(r):.2f} "
             f"(min {min(r):.2f}, max {max(r):.2f})"
             + (f"; target <= {self.target}" if self.target is not None else "; reported"),
-            f"  A: {' '.join(f'{t:.2f}' for t in self.a)}",
-            f"  B: {' '.join(f'{t:.2f}' for t in self.b)}",
+            f"  A: {' '.join(f'{t:.2f}' if self.unit == 's' else str(int(t)) for t in self.a)}",
+            f"  B: {' '.join(f'{t:.2f}' if self.unit == 's' else str(int(t)) for t in self.b)}",
         ]
         return out + [f"  {note}" for note in self.notes]
 
@@ -553,6 +561,117 @@ class Bench:
             f"the policy phase (startup hooks, link scripts) took {statistics.median(policy):.3f} s"
         )
         return comp
+
+    def run_delta(self) -> list[Comparison]:
+        """Issue 20's delta targets, for an update of the cached bundle: one wheel bumped
+        (:data:`DELTA_WHEEL`, re-versioned by :mod:`pipeline.demo.bump`) and the demo
+        ``python`` rebuilt, packed from a hard-linked copy of the warm pack cache, the delta
+        written from the cached bundle.
+
+        - ``delta-size``: the delta's bytes against the changed packages' bytes (one "pair":
+          the bytes do not vary). Target <= 1.02. Its share of the full bundle is noted.
+        - ``delta-install``: ``doit install`` of the delta with
+          ``AUTO_INFER_VLLM_BASE_BUNDLE_PATH`` (the cached bundle) against ``doit install`` of
+          the full new bundle, both with ``AUTO_INFER_VLLM_VERIFY=none``. Target <= 1.1.
+        - ``rebuild``: ``doit rebuild-bundle`` (the delta and the base to the full tar, its
+          sha256 checked) against ``tar cf`` of the same files (the full bundle's members,
+          extracted beforehand), both writing a new file. Target <= 1.25.
+        """
+        from pipeline.build.pack import pack
+        from pipeline.bundle.delta import write_delta
+        from pipeline.demo.bump import bump_project
+
+        # The build side in a plain dir beside the pack cache (hard links into it); each
+        # install on its own fresh file system, as everywhere here.
+        work = self.root / "delta-build"
+        work.mkdir()
+        try:
+            say(f"[delta] bumping {DELTA_WHEEL[0]} and python, packing the update")
+            bumped = bump_project(
+                self.cache.project, work / "project", *DELTA_WHEEL, self.settings.pack_cache
+            )
+            cache = work / "pack-cache"
+            run(["cp", "-al", str(self.settings.pack_cache), str(cache)], work / "cp.log")
+            quiet = io.StringIO()
+            new = pack(bumped.project, work / "new" / "vllm-cpu.tar", cache, progress_stream=quiet)
+            sha_file = new.bundle.with_name("vllm-cpu.tar.sha256")
+            sha_file.write_text(f"{new.sha256}  vllm-cpu.tar\n")
+            delta = work / "carried" / "vllm-cpu.delta.tar"
+            written = write_delta(new.bundle, new.sha256, self.bundle, delta, progress_stream=quiet)
+            size = Comparison(
+                "delta-size",
+                "the delta",
+                f"the changed packages ({bumped.wheel_new.name}, {bumped.python_new.name})",
+                1.02,
+                unit="bytes",
+            )
+            size.a.append(float(written.size))
+            size.b.append(float(bumped.changed_bytes()))
+            size.notes.append(
+                f"the delta is {100 * written.size / new.bundle_bytes:.2f}% of the full bundle "
+                f"({new.bundle_bytes} bytes); its fixed part (manifest, compressed index, lock, "
+                f"SBOM, headers) is {written.size - bumped.changed_bytes()} bytes"
+            )
+            install = Comparison(
+                "delta-install",
+                "doit install of the delta over the base bundle",
+                "doit install of the full new bundle",
+                1.1,
+            )
+
+            def install_side(i: int, side: str) -> float:
+                with self.workspace(f"delta-{side}{i}") as run_dir:
+                    bundle = delta if side == "a" else new.bundle
+                    rt = vllm_bundle.runtime_env(
+                        bundle, run_dir / "project", run_dir / "state", run_dir / "rattler"
+                    )
+                    rt["AUTO_INFER_VLLM_VERIFY"] = "none"
+                    inputs = [bundle]
+                    if side == "a":
+                        rt["AUTO_INFER_VLLM_BASE_BUNDLE_PATH"] = str(self.bundle)
+                        inputs.append(self.bundle)
+                    drop_cache(inputs)
+                    seconds = timed(lambda: doit(["install"], rt, run_dir / "doit.log"))
+                    record = installed_record(run_dir / "project", "default")
+                    if record is None or record.bundle_sha256 != new.sha256:
+                        raise RuntimeError(f"the {side} install did not install the new bundle")
+                    return seconds
+
+            alternate(install, self.pairs, lambda i: install_side(i, "a"),
+                      lambda i: install_side(i, "b"))  # fmt: skip
+            rebuild = Comparison(
+                "rebuild",
+                "doit rebuild-bundle (delta + base -> full tar, sha256 checked)",
+                "tar cf of the same files",
+                1.25,
+            )
+            files = work / "files"
+            files.mkdir()
+            run(["tar", "-xf", str(new.bundle), "-C", str(files)], work / "tar.log")
+            env = vllm_bundle.runtime_env(delta, work / "none", work / "state", work / "rc")
+            outputs = work / "out"
+            outputs.mkdir()
+
+            def rebuild_side(i: int, side: str) -> float:
+                out = outputs / f"{side}{i}.tar"
+                if side == "a":
+                    drop_cache([delta, self.bundle])
+                    argv = ["rebuild-bundle", "--base", str(self.bundle), "--output", str(out)]
+                    seconds = timed(lambda: doit(argv, env, work / "rebuild.log"))
+                    if out.with_name(out.name + ".sha256").read_text().split()[0] != new.sha256:
+                        raise RuntimeError("the rebuilt tar is not the full bundle")
+                else:
+                    drop_cache([files])
+                    argv = ["tar", "-cf", str(out), "-C", str(files), "."]
+                    seconds = timed(lambda: run(argv, work / "tar.log"))
+                out.unlink()
+                return seconds
+
+            alternate(rebuild, self.pairs, lambda i: rebuild_side(i, "a"),
+                      lambda i: rebuild_side(i, "b"))  # fmt: skip
+            return [size, install, rebuild]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def run_pack(self) -> Comparison:
         comp = Comparison(
@@ -953,6 +1072,8 @@ def main() -> int:
                     got = [bench.run_floor()]
                 elif name == "trust":
                     got = [bench.run_trust()]
+                elif name == "delta":
+                    got = bench.run_delta()
                 else:
                     got = [bench.run_boot()]
                     overheads = bench.overheads
@@ -970,7 +1091,7 @@ def main() -> int:
                 unmount_volume(left, root / f"{left.name}.img")
         shutil.rmtree(root, ignore_errors=True)
     print()
-    print("targets (issue 21; trust: issue 20):")
+    print("targets (issue 21; trust and delta: issue 20):")
     for comp in results:
         check = comp.check()
         if check is not None:

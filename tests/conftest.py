@@ -278,6 +278,7 @@ HEAVY_GROUPS = {
     "test_demo": "real-vllm-2",
     "test_container": "real-vllm-2",
     "test_vllm_bundle": "real-vllm-2",
+    "test_vllm_delta": "real-vllm-2",
     "test_serve_vllm": "real-vllm-2",
     # vLLM's parser only (20 s): beside the group with less measured time.
     "test_vllm_args_agree": "real-vllm-2",

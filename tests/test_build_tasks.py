@@ -373,7 +373,9 @@ def test_pack_with_a_base_bundle_writes_a_delta_that_rebuilds_the_bundle(tmp_pat
     # The project gains a package: the delta holds it and nothing else the base has.
     make_project(project, channel_url)
     text = (project / "pixi.toml").read_text()
-    (project / "pixi.toml").write_text(text.replace('tinydata = "*"', 'tinydata = "*"\npython = "*"'))
+    (project / "pixi.toml").write_text(
+        text.replace('tinydata = "*"', 'tinydata = "*"\npython = "*"')
+    )
     env = {**env, "PIPELINE_BASE_BUNDLE": str(base)}
     first = run_doit(["pack"], env)
     assert first.returncode == 0, first.stderr

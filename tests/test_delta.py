@@ -261,7 +261,10 @@ def test_a_delta_with_a_changed_manifest_is_refused(packs: Packs, tmp_path):
     """The manifest says another target size: refused before anything is read."""
     delta = tmp_path / "d" / packs.delta.name
     delta.parent.mkdir()
-    with tarfile.open(packs.delta) as src, tarfile.open(delta, "w", format=tarfile.GNU_FORMAT) as out:
+    with (
+        tarfile.open(packs.delta) as src,
+        tarfile.open(delta, "w", format=tarfile.GNU_FORMAT) as out,
+    ):
         for member in src.getmembers():
             data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
             if member.name == DELTA_FILE:
@@ -323,3 +326,11 @@ def _member(tar_path: Path, name: str) -> bytes:
         stream = tar.extractfile(name)
         assert stream is not None
         return stream.read()
+
+
+def test_doit_sbom_reads_the_sbom_a_delta_carries(packs: Packs):
+    from pipeline.bundle.sbom import read_bundle_sbom
+
+    document, where = read_bundle_sbom(packs.delta)
+    assert "inside the delta" in where
+    assert document == _member(packs.new.bundle, "infer-vllm-sbom.cdx.json")

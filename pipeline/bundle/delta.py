@@ -37,6 +37,7 @@ base).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import zlib
@@ -102,7 +103,13 @@ class DeltaMember(BaseModel):
     size: int = Field(ge=0, default=0)
     sha256: Sha256Hex | None = None
     source: Literal["delta", "zlib", "base"] | None = None
+    # Its name in the base when it differs (source "base"); else the same name.
     base_name: str | None = None
+
+    @property
+    def in_base(self) -> str:
+        """Its name in the base bundle (source "base")."""
+        return self.base_name or self.name
 
     @property
     def stored(self) -> str:
@@ -255,7 +262,7 @@ def write_delta(
                             size=member.size,
                             sha256=sha,
                             source="base",
-                            base_name=base_name,
+                            base_name=None if base_name == name else base_name,
                         )
                     else:
                         entry = DeltaMember(
@@ -293,7 +300,8 @@ def write_delta(
                     f"bundle {bundle} is not laid out as `doit pack` writes it (its size "
                     "differs from the one its members give); pack it again with this version"
                 )
-            document = (manifest.model_dump_json(indent=1, exclude_none=True) + "\n").encode()
+            # One member per line: readable, and small (no indentation).
+            document = _manifest_json(manifest)
             dirs = sorted({d for m in stored for d in _ancestors(m.name)})
             tar = write_tar(
                 output,
@@ -307,6 +315,13 @@ def write_delta(
     with atomic_output(checksum_path(output)) as fh:
         fh.write(f"{tar.sha256}  {output.name}\n".encode())
     return DeltaResult(output, tar.sha256, tar.size, manifest)
+
+
+def _manifest_json(manifest: DeltaFile) -> bytes:
+    head = manifest.model_dump(mode="json", exclude={"members"})
+    lines = [json.dumps(m.model_dump(mode="json", exclude_none=True)) for m in manifest.members]
+    text = json.dumps(head)[:-1] + ', "members": [\n' + ",\n".join(lines) + "\n]}\n"
+    return text.encode()
 
 
 def _ancestors(name: str) -> list[str]:
@@ -409,7 +424,7 @@ class DeltaSource(BundleSource):
             found = (member_sha or {}).get(offset)
             if found is not None and found != member.sha256:
                 where = (
-                    f"the base ({self.base_label}, as {member.base_name})"
+                    f"the base ({self.base_label}, as {member.in_base})"
                     if member.source == "base"
                     else f"the delta {self.delta}"
                 )
@@ -583,9 +598,8 @@ def _base_reader(
             )
         listed = {e.name: e for e in opened.index.files}
         for entry in needed:
-            assert entry.base_name is not None
-            have = listed.get(entry.base_name)
-            member = opened.members.get(entry.base_name)
+            have = listed.get(entry.in_base)
+            member = opened.members.get(entry.in_base)
             if (
                 have is None
                 or member is None
@@ -596,7 +610,7 @@ def _base_reader(
                 )
             ):
                 raise BundleError(
-                    f"base bundle {base_bundle} has no {entry.base_name} with sha256 "
+                    f"base bundle {base_bundle} has no {entry.in_base} with sha256 "
                     f"{entry.sha256}, which delta {delta.name} takes from it; it is not the "
                     "delta's base: install the full bundle"
                 )
@@ -604,8 +618,7 @@ def _base_reader(
         offsets = {name: m.offset for name, m in opened.members.items()}
 
         def from_bundle(entry: DeltaMember, pos: int) -> Piece:
-            assert entry.base_name is not None
-            at = offsets[entry.base_name]
+            at = offsets[entry.in_base]
             if source.parts is None:
                 return Piece(pos, entry.size, file=source.files[0], at=at)
             return Piece(pos, entry.size, source=source, at=at)
@@ -621,15 +634,14 @@ def _base_reader(
         raise _wrong_base(delta, manifest, installed.label, installed.sha256)
     opened_files: dict[str, Segment] = {}
     for entry in needed:
-        assert entry.base_name is not None
-        found = installed.files.get(entry.base_name)
+        found = installed.files.get(entry.in_base)
         if found is None or found[1] != entry.sha256:
             raise BundleError(
-                f"{installed.label} has no {entry.base_name} with sha256 {entry.sha256}, which "
+                f"{installed.label} has no {entry.in_base} with sha256 {entry.sha256}, which "
                 f"delta {delta.name} takes from its base; set AUTO_INFER_VLLM_BASE_BUNDLE_PATH "
                 "to the base bundle, or install the full bundle"
             )
-        if entry.base_name not in opened_files:
+        if entry.in_base not in opened_files:
             path = found[0]
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -642,11 +654,10 @@ def _base_reader(
                 0, path, 0, entry.size, entry.sha256, fd, Fingerprint.of(os.fstat(fd))
             )
             files.append(segment)
-            opened_files[entry.base_name] = segment
+            opened_files[entry.in_base] = segment
 
     def from_files(entry: DeltaMember, pos: int) -> Piece:
-        assert entry.base_name is not None
-        return Piece(pos, entry.size, file=opened_files[entry.base_name])
+        return Piece(pos, entry.size, file=opened_files[entry.in_base])
 
     return from_files, installed.label
 

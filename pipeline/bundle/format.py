@@ -13,7 +13,8 @@ An uncompressed tar, members sorted, fixed mtime/uid/gid/mode (same inputs, same
 
 A model bundle (``doit pack-model``) is the index and its sha256, then
 ``model/<the model's files>``.
-A bundle of any kind may travel in parts (:mod:`pipeline.bundle.parts`).
+A bundle of any kind may travel in parts (:mod:`pipeline.bundle.parts`), and an environment
+bundle as a delta from the one before it (:mod:`pipeline.bundle.delta`).
 
 Bundles from pixi-pack itself carry no extras file; the install side then takes ``pixi.toml``
 and ``pixi.lock`` from the ``vllm-pixi/`` template, or rebuilds what it needs from the channel.

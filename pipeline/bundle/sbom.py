@@ -181,8 +181,12 @@ def summary(document: Mapping[str, Any]) -> list[str]:
 
 
 def read_bundle_sbom(bundle: Path) -> tuple[bytes, str]:
-    """The SBOM of ``bundle`` (a tar or its parts file) and where it was read: the
-    ``<bundle>.cdx.json`` beside it, else the member inside. Raises BundleError."""
+    """The SBOM of ``bundle`` (a tar, its parts file or a delta) and where it was read: the
+    ``<bundle>.cdx.json`` beside it, else the member inside (a delta's, compressed). Raises
+    BundleError."""
+    import zlib
+
+    from pipeline.bundle.delta import DELTA_DIR, ZLIB_SUFFIX
     from pipeline.bundle.format import SBOM_FILE
     from pipeline.bundle.parts import BundleSource
     from pipeline.bundle.reader import read_member, scan_members
@@ -194,6 +198,16 @@ def read_bundle_sbom(bundle: Path) -> tuple[bytes, str]:
         for member in scan_members(source):
             if member.name.lstrip("./") == SBOM_FILE:
                 return read_member(source, member, bundle), f"{SBOM_FILE} inside it"
+            if member.name.lstrip("./") == f"{DELTA_DIR}/{SBOM_FILE}{ZLIB_SUFFIX}":
+                try:
+                    data = zlib.decompressobj().decompress(
+                        read_member(source, member, bundle), 64 << 20
+                    )
+                except zlib.error:
+                    raise BundleError(
+                        f"delta {bundle}: its SBOM is corrupt; copy it again"
+                    ) from None
+                return data, f"{SBOM_FILE} inside the delta"
     raise BundleError(
         f"bundle {bundle} has no SBOM ({SBOM_FILE}, or {beside.name} beside it): it was packed "
         "by pixi-pack or an older pipeline; pack it again with `doit pack`"
