@@ -38,9 +38,8 @@ def _env_files(project: Path) -> set[str]:
     }
 
 
-def test_a_delta_of_the_vllm_bundle_installs_over_its_base_as_the_full_bundle(
-    tmp_path: Path, vllm_project: Path
-):
+@pytest.mark.usefixtures("vllm_project")  # the cached build exists (else: its setup command)
+def test_a_delta_of_the_vllm_bundle_installs_over_its_base_as_the_full_bundle(tmp_path: Path):
     settings = load_settings()
     cache = vllm_bundle.vllm_cache(settings, vllm_bundle.read_pip_settings())
     netns = vllm_bundle.network_namespace_prefix()
@@ -79,7 +78,10 @@ def test_a_delta_of_the_vllm_bundle_installs_over_its_base_as_the_full_bundle(
     env_full = runtime(new.bundle, p_full, AUTO_INFER_VLLM_VERIFY="none")
     full = run_doit(["install"], env_full, timeout=900, prefix=netns)
     assert full.returncode == 0, full.stderr[-2000:]
-    from_delta, from_full = installed_record(p_delta, "default"), installed_record(p_full, "default")
+    from_delta, from_full = (
+        installed_record(p_delta, "default"),
+        installed_record(p_full, "default"),
+    )
     assert from_delta is not None and from_full is not None
     assert from_delta.bundle_sha256 == from_full.bundle_sha256 == new.sha256
     assert from_delta.lock_sha256 == from_full.lock_sha256
