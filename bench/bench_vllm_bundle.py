@@ -671,9 +671,8 @@ class Bench:
                       lambda i: rebuild_side(i, "b"))  # fmt: skip
             # doit's own start (dodo.py, the settings, the task list), part of A's time.
             startup = [timed(lambda: doit(["list"], env, work / "list.log")) for _ in range(3)]
-            rebuild.notes.append(
-                f"of A, doit's start-up alone (`doit list`) takes {statistics.median(startup):.2f} s"
-            )
+            median = statistics.median(startup)
+            rebuild.notes.append(f"of A, doit's start-up alone (`doit list`) takes {median:.2f} s")
             return [size, install, rebuild]
         finally:
             shutil.rmtree(work, ignore_errors=True)
