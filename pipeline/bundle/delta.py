@@ -52,10 +52,14 @@ from pipeline import __version__
 from pipeline.bundle import reader
 from pipeline.bundle.format import (
     CHANNEL_DIR,
+    DELTA_DIR,
+    DELTA_FILE,
+    DELTA_FORMAT,
     INDEX_FILE,
     PYPI_DIR,
     REPODATA_FILE,
     SIG_FILE,
+    ZLIB_SUFFIX,
     checksum_path,
 )
 from pipeline.bundle.index import BundleIndex, Sha256Hex, load_versioned, read_index
@@ -66,17 +70,7 @@ from pipeline.errors import BundleError
 from pipeline.fsutil import CHUNK, Fingerprint, atomic_output, os_error_text
 from pipeline.progress import Progress, human_bytes
 
-DELTA_FILE = "infer-vllm-delta.json"
-DELTA_FORMAT = 1
-DELTA_DIR = "delta"
-ZLIB_SUFFIX = ".zlib"
 _MAX_ZLIB = 256 << 20  # a generated member is a few hundred KB; a bomb is refused
-
-
-def default_delta_path(bundle: Path) -> Path:
-    """``bundles/<name>.delta.tar`` for ``bundles/<name>.tar``."""
-    stem = bundle.name[: -len(".tar")] if bundle.name.endswith(".tar") else bundle.name
-    return bundle.with_name(f"{stem}.delta.tar")
 
 
 # ---- the manifest ---------------------------------------------------------------------------
@@ -745,7 +739,6 @@ __all__ = [
     "DeltaSource",
     "InstalledBase",
     "carried",
-    "default_delta_path",
     "is_delta",
     "open_delta",
     "read_manifest",

@@ -46,6 +46,12 @@ INDEX_SUM_FILE = "infer-vllm-index.sha256"
 SIG_FILE = "infer-vllm-index.sig"
 # The environment bundle's CycloneDX SBOM (:mod:`pipeline.bundle.sbom`).
 SBOM_FILE = "infer-vllm-sbom.cdx.json"
+# A delta (:mod:`pipeline.bundle.delta`): its manifest, and the folder of what it carries
+# (the first member of its tar, which is how a delta is recognized).
+DELTA_FILE = "infer-vllm-delta.json"
+DELTA_FORMAT = 1
+DELTA_DIR = "delta"
+ZLIB_SUFFIX = ".zlib"
 # A model bundle: the index and its sha256, then the model's files under ``model/``.
 MODEL_DIR = "model"
 # Top-level names a bundle may hold; the reader skips anything else (never written).
@@ -60,6 +66,9 @@ BUNDLE_NAMES = (
     PYPI_DIR,
 )
 
+# Where `doit k8s` manifests expect the bundle inside the pod (``--bundle``'s default).
+DEFAULT_POD_BUNDLE = "/bundles/vllm-offline-bundle.tar"
+
 # Fixed tar member attributes: the bundle's bytes depend on its content only.
 TAR_MTIME = 0
 TAR_UID = TAR_GID = 0
@@ -70,6 +79,12 @@ TAR_DIR_MODE = 0o755
 def model_bundle_name(name: str) -> str:
     """The default file name of the model bundle of ``name``."""
     return f"{name}.model.tar"
+
+
+def default_delta_path(bundle: Path) -> Path:
+    """``PIPELINE_DELTA``'s default: ``bundles/<name>.delta.tar`` for ``bundles/<name>.tar``."""
+    stem = bundle.name[: -len(".tar")] if bundle.name.endswith(".tar") else bundle.name
+    return bundle.with_name(f"{stem}.delta.tar")
 
 
 def checksum_path(bundle: Path) -> Path:

@@ -186,8 +186,7 @@ def read_bundle_sbom(bundle: Path) -> tuple[bytes, str]:
     BundleError."""
     import zlib
 
-    from pipeline.bundle.delta import DELTA_DIR, ZLIB_SUFFIX
-    from pipeline.bundle.format import SBOM_FILE
+    from pipeline.bundle.format import DELTA_DIR, SBOM_FILE, ZLIB_SUFFIX
     from pipeline.bundle.parts import BundleSource
     from pipeline.bundle.reader import read_member, scan_members
 

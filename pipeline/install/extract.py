@@ -67,7 +67,7 @@ from pipeline.bundle.contents import (
     read_repodata,
     synthesize_project,
 )
-from pipeline.bundle.delta import InstalledBase, is_delta, open_delta, read_manifest
+from pipeline.bundle.delta import is_delta, read_manifest
 from pipeline.bundle.format import (
     BUNDLE_NAMES,
     CHANNEL_DIR,
@@ -91,6 +91,7 @@ from pipeline.fsutil import (
     os_error_text,
     os_errors_as,
 )
+from pipeline.install.base import open_delta_over_base
 from pipeline.install.layout import (
     BundleStat,
     ExtractRecord,
@@ -438,33 +439,6 @@ def _expected(bundle: Path, configured: str | None) -> str | None:
     return reader.expected_sha256(bundle, configured)[0]
 
 
-def open_delta_over_base(
-    delta: Path,
-    paths: ProjectPaths,
-    configured: str | None,
-    base_bundle: Path | None,
-    warn: Callable[[str], None],
-) -> tuple[BundleSource, str]:
-    """The full bundle of ``delta`` over ``base_bundle``, else over the installed extraction
-    (only its files unchanged since they were extracted count)."""
-    if reader.expected_sha256(delta, configured)[0] is None:
-        warn(
-            f"no expected sha256 for the delta {delta} (set AUTO_INFER_VLLM_BUNDLE_SHA256 or put "
-            f"{checksum_path(delta).name} beside it): the bundle it rebuilds is checked only "
-            "against the sha256 the delta itself records"
-        )
-    installed = None
-    record = read_extract_record(paths)
-    if base_bundle is None and record is not None:
-        files: dict[str, tuple[Path, str]] = {}
-        for name, facts in record.files.items():
-            with contextlib.suppress(OSError):
-                if facts.matches((paths.root / name).lstat()):
-                    files[name] = (paths.root / name, facts.sha256)
-        installed = InstalledBase(f"the installed extraction in {paths.root}", record.sha256, files)
-    return open_delta(delta, configured, base_bundle=base_bundle, installed=installed)
-
-
 def _stale_reason(
     paths: ProjectPaths, bundle: Path, expected: str | None, environment: str
 ) -> str | None:
@@ -777,6 +751,5 @@ __all__ = [
     "ExtractResult",
     "extract_bundle",
     "extract_is_current",
-    "open_delta_over_base",
     "previous_extraction_guard",
 ]

@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 
 from pipeline.errors import InstallError
 from pipeline.fsutil import Fingerprint, atomic_write_text, os_error_advice
-from pipeline.pixi.envs import pixi_env_prefix
+from pipeline.pixi import pixi_env_prefix
 from pipeline.timing import PhaseTime
 
 STATE_DIR = ".infer-vllm"

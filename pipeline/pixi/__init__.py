@@ -8,3 +8,12 @@
 - :mod:`~pipeline.pixi.locktext`: the text of ``pixi.lock``: its version, every line-level edit
 - :mod:`~pipeline.pixi.envs`: which environment runs a command, and how it is activated
 """
+
+from pathlib import Path
+
+
+def pixi_env_prefix(project_dir: Path, environment: str) -> Path:
+    """Where pixi (and our frozen install) puts an environment: ``.pixi/envs/<env>``. Here,
+    not in :mod:`~pipeline.pixi.envs`: every doit command names this path, and that module
+    loads py-rattler."""
+    return project_dir / ".pixi" / "envs" / environment

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.pixi import pixi_env_prefix
 from pipeline.pixi.locktext import read_lock_version
 from pipeline.procs import query
 
@@ -53,11 +54,6 @@ def host_platform() -> str:
     from rattler import Subdir
 
     return str(Subdir.current())
-
-
-def pixi_env_prefix(project_dir: Path, environment: str) -> Path:
-    """Where pixi (and our frozen install) puts an environment: ``.pixi/envs/<env>``."""
-    return project_dir / ".pixi" / "envs" / environment
 
 
 def prefix_runtime(prefix: Path, environ: Mapping[str, str], description: str) -> Runtime:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.bundle.format import DEFAULT_POD_BUNDLE
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.serve.config import Instance, Launcher, ServeConfig, parse_config
 
@@ -58,7 +59,7 @@ DEFAULT_PROJECT_DIR = f"{WORKSPACE}/vllm-pixi-offline"
 CONFIG_DIR = "/etc/infer-vllm"
 CONFIG_KEY = "serve.toml"
 CONFIG_FILE = f"{CONFIG_DIR}/{CONFIG_KEY}"
-DEFAULT_BUNDLE = "/bundles/vllm-offline-bundle.tar"
+DEFAULT_BUNDLE = DEFAULT_POD_BUNDLE
 # pods and StatefulSets append `-<group>-<index>`, and the StatefulSet's
 # controller-revision-hash label (`<statefulset>-<10 characters>`) must fit in 63.
 MAX_NAME = 45

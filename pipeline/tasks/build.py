@@ -60,12 +60,13 @@ from typing import Any
 from doit.tools import config_changed
 
 from pipeline import __version__, reporting
-from pipeline.bundle.delta import DELTA_FORMAT
 from pipeline.bundle.format import (
+    DELTA_FORMAT,
     EXTRAS_FORMAT,
     INDEX_FORMAT,
     PIXI_PACK_COMPAT_VERSION,
     checksum_path,
+    default_delta_path,
     model_bundle_name,
 )
 from pipeline.errors import BundleError
@@ -338,8 +339,6 @@ def task_pack() -> Any:
 
 def delta_path(settings: Settings) -> Path:
     """``PIPELINE_DELTA``, else ``<bundle stem>.delta.tar`` beside the bundle."""
-    from pipeline.bundle.delta import default_delta_path
-
     return (settings.delta or default_delta_path(bundle_path(settings))).absolute()
 
 

@@ -244,7 +244,7 @@ def task_rebuild_bundle() -> TaskDict:
     def run(delta: str, base: str, output: str) -> None:
         from pipeline.bundle.delta import is_delta, read_manifest, rebuild_bundle
         from pipeline.errors import BundleError
-        from pipeline.install.extract import open_delta_over_base
+        from pipeline.install.base import open_delta_over_base
 
         path = Path(delta) if delta else settings.install_bundle
         if not is_delta(path):

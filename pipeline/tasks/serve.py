@@ -268,7 +268,8 @@ def task_k8s() -> TaskDict:
         )
         k8s_command(SETTINGS, config or None, instance, options, output=output or None)
 
-    from pipeline.serve.k8s import DEFAULT_BUNDLE
+    # The constant, not pipeline.serve.k8s: every doit command defines this task.
+    from pipeline.bundle.format import DEFAULT_POD_BUNDLE as DEFAULT_BUNDLE
 
     def option(name: str, help_: str, default: str = "", **more: object) -> dict[str, object]:
         return {
