@@ -49,6 +49,7 @@ class Packs:
     base: PackResult
     new: PackResult
     other: PackResult  # the same lock without the wheel: neither base nor target
+    hooked: PackResult  # tinywheel 0.3, which ships a `.pth` startup hook
     delta: Path
     wheel: str  # the new wheel's member name
 
@@ -67,6 +68,8 @@ def packs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Packs]:
     root = tmp_path_factory.mktemp("delta")
     channel = build_channel(root / "channel")
     wheels = {v: build_wheel(channel.root / "wheels", version=v) for v in ("0.1", "0.2")}
+    hook = {"tinywheel_hook.pth": b"import os\n"}
+    wheels["0.3"] = build_wheel(channel.root / "wheels", version="0.3", extra=hook)
     with serve_directory(channel.root) as url:
         project = root / "project"
         write_pixi_toml(
@@ -85,9 +88,10 @@ def packs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Packs]:
             # what `doit pack` writes beside it (pack:sha256)
             out.with_name(out.name + ".sha256").write_text(f"{packed.sha256}  {out.name}\n")
     base, new = results["0.1"], results["0.2"]
+    del wheels["0.3"]
     delta = root / "bundle.delta.tar"
     write_delta(new.bundle, new.sha256, base.bundle, delta, progress_stream=QUIET)
-    yield Packs(base, new, results["none"], delta, f"pypi/{wheels['0.2'].name}")
+    yield Packs(base, new, results["none"], results["0.3"], delta, f"pypi/{wheels['0.2'].name}")
 
 
 def _extraction(project: Path) -> dict[str, str]:
@@ -334,3 +338,48 @@ def test_doit_sbom_reads_the_sbom_a_delta_carries(packs: Packs):
     document, where = read_bundle_sbom(packs.delta)
     assert "inside the delta" in where
     assert document == _member(packs.new.bundle, "infer-vllm-sbom.cdx.json")
+
+
+# ---- the switch: the base's files go only once the new environment runs -----------------------
+
+
+def test_a_refused_delta_install_puts_the_base_back_and_a_good_one_removes_its_old_files(
+    packs: Packs, tmp_path
+):
+    from pipeline.errors import InstallError
+    from pipeline.install.frozen import frozen_install
+    from pipeline.install.host import HostFacts
+    from pipeline.install.patch import patch_project
+
+    host = HostFacts(platform="linux-64", glibc="2.36", linux="6.1.0", cuda=None)
+    cache = tmp_path / "pkgs"
+
+    def install(bundle: Path) -> None:
+        extract_bundle(bundle, project, environment="default", say=quiet)
+        patch_project(project, "default", say=quiet)
+        frozen_install(project, "default", cache_dir=cache, facts=host, say=quiet)
+
+    project = tmp_path / "project"
+    install(packs.base.bundle)
+    paths = ProjectPaths.of(project)
+    running = paths.env_link("default").readlink()
+    base_lock = (project / "pixi.lock").read_bytes()
+    old_wheel = project / "pypi" / "tinywheel-0.1-py3-none-any.whl"
+    assert old_wheel.is_file()
+    # A delta whose new environment the install policy refuses (a startup hook): the running
+    # environment stays, and so do the base's files it runs from.
+    hooked = tmp_path / "hooked.delta.tar"
+    write_delta(packs.hooked.bundle, packs.hooked.sha256, packs.base.bundle, hooked,
+                progress_stream=QUIET)  # fmt: skip
+    with pytest.raises(InstallError) as exc:
+        install(hooked)
+    assert "startup hook" in exc.value.message
+    assert paths.env_link("default").readlink() == running
+    assert (project / "pixi.lock").read_bytes() == base_lock and old_wheel.is_file()
+    record = read_extract_record(paths)
+    assert record is not None and record.sha256 == packs.base.sha256
+    # The good delta, over the same installed base: switched in, then the old files go.
+    install(packs.delta)
+    assert paths.env_link("default").readlink() != running
+    assert not old_wheel.exists() and (project / packs.wheel).is_file()
+    assert not paths.previous.exists()

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.demo.channel import add_wheel_record, build_package, default_recipes
+from pipeline.demo.channel import add_wheel_record, build_package, default_recipes, write_wheel
 from pipeline.errors import PipelineError
 
 
@@ -52,15 +52,9 @@ def rewrap_wheel(wheel: Path, out_dir: Path, version: str) -> Path:
                 data = re.sub(rb"(?m)^Version: .*$", f"Version: {version}".encode(), data, count=1)
             files[member.replace(old_info + "/", new_info + "/", 1)] = data
     add_wheel_record(files, new_info)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / wheel.name.replace(f"{name}-{old}-", f"{name}-{version}-", 1)
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for member, data in files.items():
-            info = zipfile.ZipInfo(member, date_time=(2024, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, data)
-    return out
+    return write_wheel(
+        out_dir / wheel.name.replace(f"{name}-{old}-", f"{name}-{version}-", 1), files
+    )
 
 
 def _replace_entry(text: str, kind: str, old_url: str, new_url: str, fields: dict[str, str]) -> str:

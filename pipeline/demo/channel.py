@@ -504,8 +504,13 @@ def build_wheel(
         **(extra or {}),
     }
     add_wheel_record(files, dist_info)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{module}-{version}-py3-none-any.whl"
+    return write_wheel(out_dir / f"{module}-{version}-py3-none-any.whl", files)
+
+
+def write_wheel(out: Path, files: Mapping[str, bytes]) -> Path:
+    """Write ``files`` (member name -> bytes, in order, RECORD included) as the wheel ``out``:
+    fixed dates and modes, so the same files give the same bytes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for member, data in files.items():
             info = zipfile.ZipInfo(member, date_time=(2024, 1, 1, 0, 0, 0))
