@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import BundleError, PipelineError
-from pipeline.procs import query
 
 NAMESPACE = "infer-vllm-bundle"
 SIG_SUFFIX = ".sig"
@@ -54,6 +53,8 @@ def sign(data: bytes, key: Path) -> bytes:
             f"PIPELINE_SIGNING_KEY={key} is not a file; make a key with `ssh-keygen -t ed25519 "
             f"-f {key}` (see docs/signing.md)"
         )
+    from pipeline.procs import query  # here: it loads asyncio, and most readers never sign
+
     with tempfile.TemporaryDirectory(prefix="sign-") as tmp:
         message = Path(tmp) / "index"
         message.write_bytes(data)
@@ -80,6 +81,8 @@ def verify(data: bytes, signature: bytes, allowed_signers: Path, what: str) -> s
             f"AUTO_INFER_VLLM_TRUSTED_SIGNERS={allowed_signers} is not a file; write an "
             "allowed_signers file there (see docs/signing.md)"
         )
+    from pipeline.procs import query
+
     keygen = _ssh_keygen()
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         message = Path(tmp) / "index"
