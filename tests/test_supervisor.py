@@ -1383,3 +1383,38 @@ def test_a_state_file_without_probe_fields_still_reads_and_a_bad_one_is_named():
     assert (a.probe_at, a.probe_ok, a.probe_misses) == (None, None, 0)
     assert b.probe_ok is None
     assert state.problems == ["instance 'b': probe_ok: \"yes\" is not true, false or null; ignored"]
+
+
+def test_a_start_request_is_judged_by_the_state_written_after_it_was_taken(tmp_path):
+    """`doit serve` asking a running supervisor to start a failed instance: the supervisor
+    writes the new state, then removes the request. Its turn can fall between the command's
+    two looks; the command must then judge by a state read after the request was gone, not
+    by the one read before (which still showed the old failure: a flaky CI run)."""
+    from types import SimpleNamespace
+
+    from pipeline.serve.commands.serve import _start_under_running
+    from pipeline.serve.record import InstanceRecord
+
+    def state_with(value: str, reason: str | None = None) -> ServeState:
+        sup = SupervisorRecord(pid=os.getpid(), proc_start=None, session="s",
+                               mode="background", source="t", started_at=0)  # fmt: skip
+        record = InstanceRecord(name="a", state=InstanceState(value), reason=reason)
+        return ServeState(supervisor=sup, instances={"a": record})
+
+    failed = state_with("failed", "exited (exit code 3); gave up after 0 restarts")
+
+    class Racing(StateStore):
+        reads = 0
+
+        def read(self) -> ServeState | None:
+            self.reads += 1
+            if self.reads == 1:  # the old state, then the supervisor's whole turn
+                for request in self.requests_dir.iterdir():
+                    request.unlink()
+                return failed
+            return state_with("running")
+
+    store = Racing(tmp_path / "serve")
+    plan = SimpleNamespace(processes=[])
+    code = _start_under_running(plan, failed, store, ["a"], lambda _m: None, io.StringIO())  # type: ignore[arg-type]
+    assert code == 0 and store.reads == 2

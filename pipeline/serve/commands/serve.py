@@ -155,10 +155,14 @@ def _start_under_running(
     seen = {n: state.instances[n].state for n in to_start}
     current: ServeState | None = state
     while True:
+        # The requests first, then the state: the supervisor writes the state and only then
+        # removes the requests, so a state read after they are gone shows what it did. Read
+        # the other way round, a state written just before the removal was taken for the
+        # answer, and an instance still failed from before was reported as failed again.
+        taken = not any(path.exists() for path in requests)
         current = store.read()
         if current is None or current.supervisor.session != sup.session:
             return None
-        taken = not any(path.exists() for path in requests)
         if not taken and not supervisor_alive(current):
             return None
         if taken:
