@@ -669,11 +669,36 @@ class Bench:
 
             alternate(rebuild, self.pairs, lambda i: rebuild_side(i, "a"),
                       lambda i: rebuild_side(i, "b"))  # fmt: skip
+            # The same rebuild in this process: what the command costs without doit's start
+            # and its imports (reported, no target).
+            inproc = Comparison(
+                "rebuild-in-process",
+                "open_delta + rebuild_bundle in this process",
+                "tar cf of the same files",
+                None,
+            )
+
+            def in_process(i: int) -> float:
+                from pipeline.bundle.delta import open_delta, rebuild_bundle
+
+                out = outputs / f"p{i}.tar"
+                drop_cache([delta, self.bundle])
+
+                def go() -> None:
+                    source, _ = open_delta(delta, None, base_bundle=self.bundle)
+                    with source:
+                        rebuild_bundle(source, out, progress_stream=io.StringIO())
+
+                seconds = timed(go)
+                out.unlink()
+                return seconds
+
+            alternate(inproc, self.pairs, in_process, lambda i: rebuild_side(i, "b"))
             # doit's own start (dodo.py, the settings, the task list), part of A's time.
             startup = [timed(lambda: doit(["list"], env, work / "list.log")) for _ in range(3)]
             median = statistics.median(startup)
             rebuild.notes.append(f"of A, doit's start-up alone (`doit list`) takes {median:.2f} s")
-            return [size, install, rebuild]
+            return [size, install, rebuild, inproc]
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
