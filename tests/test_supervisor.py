@@ -871,7 +871,7 @@ def test_regression_serve_brings_back_a_failed_instance(settings, standin_prefix
                 "a": {
                     "port": free_port(),
                     "env": {
-                        "STANDIN_CRASH_AFTER": "0.3",
+                        "STANDIN_CRASH_AFTER": "1.0",
                         "STANDIN_CRASH_TIMES": "1",
                         "STANDIN_COUNTER": str(tmp_path / "starts"),
                     },
@@ -881,7 +881,15 @@ def test_regression_serve_brings_back_a_failed_instance(settings, standin_prefix
             control={"max_restarts": 0},
         ),
     )
-    serve_command(settings, str(config), os.environ)
+    try:
+        serve_command(settings, str(config), os.environ)
+    except ServeError as exc:
+        # a crashes a second after it listens: on a loaded machine that can be before the
+        # supervisor has seen it ready, and then this first `doit serve` reports it (CI saw
+        # it once, with 0.3 s). Either way a ends failed, which is what the test needs.
+        assert exc.message.startswith("failed to start: a (") and "still running: b" in (
+            exc.message
+        ), exc.message
     wait_for(
         lambda: read_state(settings).instances["a"].state is InstanceState.FAILED,
         timeout=20,
