@@ -39,9 +39,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
@@ -63,12 +62,12 @@ from pipeline.bundle.format import (
     checksum_path,
 )
 from pipeline.bundle.index import BundleIndex, Sha256Hex, load_versioned, read_index
-from pipeline.bundle.parts import BundleSource, Piece, Segment, is_parts_file
+from pipeline.bundle.parts import BundleSource, Piece, Segment, is_parts_file, write_source
 from pipeline.bundle.signature import write_signature
 from pipeline.bundle.tar import TarMember, tar_layout, write_tar
 from pipeline.errors import BundleError
-from pipeline.fsutil import CHUNK, Fingerprint, atomic_output, os_error_text
-from pipeline.progress import Progress, human_bytes
+from pipeline.fsutil import Fingerprint, atomic_output, os_error_text
+from pipeline.progress import human_bytes
 
 _MAX_ZLIB = 256 << 20  # a generated member is a few hundred KB; a bomb is refused
 
@@ -123,10 +122,6 @@ class DeltaFile(BaseModel):
     base: BundleRef
     target: BundleRef
     members: tuple[DeltaMember, ...]
-
-    def carried_bytes(self) -> int:
-        """The package bytes the delta carries as they are."""
-        return sum(m.size for m in self.members if m.source == "delta")
 
 
 # How a base member is read: a function of the member and its offset in the full bundle.
@@ -671,64 +666,10 @@ def rebuild_bundle(
     source: DeltaSource, output: Path, *, progress_stream: TextIO | None = None
 ) -> Path:
     """Write the full bundle that ``source`` pieces together at ``output`` (atomic), with
-    ``<output>.sha256``: copied in the kernel from the delta and the base while another
-    thread computes its sha256, which must be the recorded one (else nothing is left under
-    ``output``). Returns ``output``."""
-    progress = Progress(f"rebuild {output.name}", source.size, stream=progress_stream)
-    digest: list[str] = []
-    error: list[BaseException] = []
-    stop = threading.Event()
-
-    def hash_all() -> None:
-        try:
-            hasher = hashlib.sha256()
-            view = memoryview(bytearray(4 * CHUNK))
-            at = 0
-            while at < source.size and not stop.is_set():
-                got = source.preadv(view[: min(len(view), source.size - at)], at)
-                if got == 0:
-                    raise BundleError("a file of the delta or its base shrank while it was read")
-                hasher.update(view[:got])
-                at += got
-            digest.append(hasher.hexdigest())
-        except BaseException as exc:
-            error.append(exc)
-
-    try:
-        with atomic_output(output) as out:
-            out.flush()
-            thread = threading.Thread(target=hash_all, name="rebuild-sha256", daemon=True)
-            thread.start()
-            try:
-                source.copy_to(out.fileno(), 0, source.size, progress.update)
-            except BaseException:
-                stop.set()
-                raise
-            finally:
-                thread.join()
-            if error:
-                raise error[0]
-            source.check_digests(digest)
-            source.check_unchanged()
-    except OSError as exc:
-        progress.done(None)
-        raise BundleError(
-            f"cannot write {output} ({os_error_text(exc)}); free disk space there"
-        ) from None
-    except BaseException:
-        progress.done(None)
-        raise
-    with atomic_output(checksum_path(output)) as fh:
-        fh.write(f"{digest[0]}  {output.name}\n".encode())
-    progress.done(
-        f"rebuilt {output} ({human_bytes(source.size)}, sha256 {digest[0][:12]}, as recorded)"
-    )
+    ``<output>.sha256`` (:func:`~pipeline.bundle.parts.write_source`): its sha256 must be the
+    one the delta records, else nothing is left under ``output``. Returns ``output``."""
+    write_source(source, output, label=f"rebuild {output.name}", progress_stream=progress_stream)
     return output
-
-
-def carried(manifest: DeltaFile) -> Iterable[DeltaMember]:
-    """The package files the delta carries."""
-    return (m for m in manifest.members if m.source == "delta")
 
 
 __all__ = [
@@ -738,7 +679,6 @@ __all__ = [
     "DeltaResult",
     "DeltaSource",
     "InstalledBase",
-    "carried",
     "is_delta",
     "open_delta",
     "read_manifest",

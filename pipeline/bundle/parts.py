@@ -522,37 +522,77 @@ def _copy_hashing(
     return result[0]
 
 
+def write_source(
+    source: BundleSource, output: Path, *, label: str, progress_stream: TextIO | None = None
+) -> str:
+    """Write the bundle that ``source`` reads as one tar at ``output``, byte for byte, with
+    its ``.sha256``: copied in the kernel while another thread hashes each of the source's
+    segments from the same pages, which must be what they are expected to be
+    (:meth:`BundleSource.check_digests`; else nothing is left under ``output``). For
+    ``doit join-parts`` (a bundle's parts) and ``doit rebuild-bundle`` (a delta and its base).
+    Returns the bundle's sha256."""
+    progress = Progress(label, source.size, stream=progress_stream)
+    digests: list[str] = []
+    error: list[BaseException] = []
+    stop = threading.Event()
+
+    def hash_segments() -> None:
+        try:
+            view = memoryview(bytearray(4 * CHUNK))
+            for segment in source.segments:
+                digest = hashlib.sha256()
+                at = segment.start
+                while at < segment.end and not stop.is_set():
+                    got = source.preadv(view[: min(len(view), segment.end - at)], at)
+                    if got == 0:
+                        raise BundleError(
+                            f"{segment.label()} shrank while it was read; do not change it "
+                            "meanwhile"
+                        )
+                    digest.update(view[:got])
+                    at += got
+                digests.append(digest.hexdigest())
+        except BaseException as exc:
+            error.append(exc)
+
+    try:
+        with atomic_output(output) as out:
+            out.flush()
+            thread = threading.Thread(target=hash_segments, name="bundle-sha256", daemon=True)
+            thread.start()
+            try:
+                source.copy_to(out.fileno(), 0, source.size, progress.update)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                thread.join()
+            if error:
+                raise error[0]
+            digest = source.check_digests(digests) or digests[0]
+            source.check_unchanged()
+    except OSError as exc:
+        progress.done(None)
+        raise BundleError(
+            f"cannot write {output} ({os_error_text(exc)}); free disk space there"
+        ) from None
+    except BaseException:
+        progress.done(None)
+        raise
+    with atomic_output(checksum_path(output)) as fh:
+        fh.write(f"{digest}  {output.name}\n".encode())
+    progress.done(f"wrote {output} ({human_bytes(source.size)}, sha256 {digest[:12]})")
+    return digest
+
+
 def join_parts(parts_file: Path, *, progress_stream: TextIO | None = None) -> Path:
     """Rebuild the bundle tar from its parts beside the parts file, byte for byte, with its
-    ``.sha256``. Every part is checked while it is copied; a damaged one is named and nothing
-    is left under the tar's name. Returns the tar's path."""
+    ``.sha256`` (:func:`write_source`). Every part is checked while it is copied; a damaged
+    one is named and nothing is left under the tar's name. Returns the tar's path."""
     with BundleSource.open(parts_file) as source:
         assert source.parts is not None
         output = parts_file.parent / source.parts.bundle
-        progress = Progress(f"join {output.name}", source.size, stream=progress_stream)
-        digests: list[str] = []
-        try:
-            with atomic_output(output) as out:
-                out.flush()
-                for segment in source.segments:
-                    digests.append(
-                        _copy_hashing(
-                            RangeCopier(), segment.fd, out.fileno(), 0, segment.size, progress
-                        )
-                    )
-                source.check_digests(digests)
-                source.check_unchanged()
-        except OSError as exc:
-            progress.done(None)
-            raise BundleError(
-                f"cannot write {output} ({os_error_text(exc)}); free disk space there"
-            ) from None
-        except BaseException:
-            progress.done(None)
-            raise
-        with atomic_output(checksum_path(output)) as fh:
-            fh.write(f"{source.parts.sha256}  {output.name}\n".encode())
-        progress.done(f"joined {len(digests)} parts into {output} ({human_bytes(source.size)})")
+        write_source(source, output, label=f"join {output.name}", progress_stream=progress_stream)
         return output
 
 
@@ -567,4 +607,5 @@ __all__ = [
     "parts_path",
     "read_parts_file",
     "write_parts",
+    "write_source",
 ]
